@@ -1,0 +1,46 @@
+"""The machine-readable result of a run: status, seconds, metrics and artifact of every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flows.run_dir import read_status
+from stages import artifacts
+
+
+def run_report(run_dir: Path) -> dict[str, Any]:
+    """``{"run_id", "stages": {name: {"status", "seconds", "metrics", "artifact"}}}`` from disk only."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise artifacts.ArtifactError(f"{run_dir}: no such run")
+    stages: dict[str, Any] = {}
+    for stage, entry in read_status(run_dir).items():
+        folder = run_dir / stage
+        finished = artifacts.is_finished(folder) and entry["status"] in ("completed", "cached")
+        stages[stage] = {
+            "status": entry["status"],
+            "seconds": entry.get("seconds"),
+            "metrics": artifacts.read_manifest(folder)["metrics"] if finished else {},
+            "artifact": str(folder) if finished else None,
+        }
+        if "error" in entry:
+            stages[stage]["error"] = entry["error"]
+    return {"run_id": run_dir.name, "stages": stages}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short human summary: one line per stage with its headline metrics."""
+    lines = [f"run {report['run_id']}"]
+    for stage, entry in report["stages"].items():
+        metrics = entry["metrics"]
+        shown = ", ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in metrics.items()
+            if k in ("task_score_before", "task_score", "pair_accuracy", "reward_margin", "train_loss")
+        )
+        seconds = f"{entry['seconds']:.1f}s" if entry["seconds"] is not None else "-"
+        lines.append(f"  {stage:<7} {entry['status']:<10} {seconds:>8}  {shown or entry.get('error', '')}")
+        if entry["artifact"]:
+            lines.append(f"          artifact: {entry['artifact']}")
+    return "\n".join(lines)

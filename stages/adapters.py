@@ -1,0 +1,136 @@
+"""Named adapters on one frozen backbone: a registry of kinds, attach/load/save, and safe switching.
+
+Kinds: ``lora``; ``qlora`` (the same LoRA, on the nf4 4-bit backbone); ``ptuning_v2`` (PEFT prefix
+tuning: trained key/value prefixes on every layer). All adapters of one model share one kind, because
+PEFT cannot mix LoRA and prefix adapters in one ``PeftModel``.
+
+Switching goes only through ``active_adapter``, which restores the previous adapter in ``finally`` and
+re-applies ``requires_grad``: PEFT's ``set_adapter`` silently turns gradients off on every other
+adapter, which would drop e.g. the policy's gradients after a switch to the value adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stages import artifacts
+from stages.config import AdapterSection
+
+if TYPE_CHECKING:
+    from peft import PeftConfig, PeftModel
+    from transformers import PreTrainedModel
+
+
+def _lora(cfg: AdapterSection) -> "PeftConfig":
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _prefix(cfg: AdapterSection) -> "PeftConfig":
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+# kind -> (PEFT config builder, needs the 4-bit backbone)
+ADAPTER_KINDS: dict[str, tuple[Callable[[AdapterSection], "PeftConfig"], bool]] = {
+    "lora": (_lora, False),
+    "qlora": (_lora, True),
+    "ptuning_v2": (_prefix, False),
+}
+
+
+def needs_4bit(kind: str) -> bool:
+    return _registered(kind)[1]
+
+
+def _registered(kind: str) -> tuple[Callable[[AdapterSection], "PeftConfig"], bool]:
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"adapter.kind: unknown kind {kind!r}; choose one of {sorted(ADAPTER_KINDS)}")
+    return ADAPTER_KINDS[kind]
+
+
+def attach_adapter(base: "PreTrainedModel", cfg: AdapterSection, name: str) -> "PeftModel":
+    """Wrap the frozen base in a PeftModel with one new trainable adapter called ``name``."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    build, quantized = _registered(cfg.kind)
+    if quantized:
+        # Casts norms to fp32 and enables input grads; checkpointing off because CPU runs are tiny.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = get_peft_model(base, build(cfg), adapter_name=name)
+    set_trainable(model, [name])
+    return model
+
+
+def load_adapter(
+    model: "PreTrainedModel | PeftModel", folder: Path, name: str, backbone_fingerprint: str, trainable: bool = False
+) -> "PeftModel":
+    """Load a published adapter artifact under ``name``, refusing one trained on another backbone."""
+    from peft import PeftModel
+
+    manifest = artifacts.read_manifest(folder)
+    if manifest.get("backbone_fingerprint") != backbone_fingerprint:
+        raise artifacts.ArtifactError(
+            f"{folder}: adapter was trained on backbone {manifest.get('backbone_fingerprint')}, "
+            f"but this run's backbone is {backbone_fingerprint}"
+        )
+    path = str(Path(folder) / "adapter")
+    if isinstance(model, PeftModel):
+        model.load_adapter(path, adapter_name=name, is_trainable=trainable)
+    else:
+        model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=trainable)
+    return model
+
+
+def save_adapter(model: "PeftModel", name: str, dest: Path) -> None:
+    """Save one adapter as a standard PEFT folder (``PeftModel.from_pretrained(base, dest)`` loads it)."""
+    with tempfile.TemporaryDirectory(dir=Path(dest).parent) as tmp:
+        model.save_pretrained(tmp, selected_adapters=[name])
+        # PEFT nests every adapter not called "default" in a subfolder named after it.
+        source = Path(tmp) / name if name != "default" else Path(tmp)
+        shutil.copytree(source, dest)
+
+
+def adapter_of(model: "PeftModel", param_name: str) -> str | None:
+    """Which named adapter a parameter belongs to (None for base weights)."""
+    for name in model.peft_config:
+        if f".{name}." in param_name or param_name.endswith(f".{name}"):
+            return name
+    return None
+
+
+def set_trainable(model: "PeftModel", names: Iterable[str]) -> None:
+    """Exactly the adapters in ``names`` get gradients; every other adapter and the base do not."""
+    wanted = set(names)
+    for param_name, param in model.named_parameters():
+        owner = adapter_of(model, param_name)
+        if owner is not None:
+            param.requires_grad_(owner in wanted)
+
+
+@contextmanager
+def active_adapter(model: "PeftModel", name: str, trainable: Iterable[str] = ()) -> Iterator["PeftModel"]:
+    """Run the block with adapter ``name`` active; restore the previous one (and gradients) after."""
+    trainable = tuple(trainable)
+    previous = model.active_adapter
+    model.set_adapter(name)
+    set_trainable(model, trainable)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
+        set_trainable(model, trainable)
+
+
+def count_trainable(model: "PeftModel") -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,138 @@
+"""The one place a backbone is loaded: dtype, optional nf4 4-bit, frozen, verified, fingerprinted.
+
+``backbone_fingerprint`` identifies the base weights without importing torch (the flow needs it for
+cache keys); ``weights_digest`` hashes the loaded weights themselves, which tests use to prove that
+training an adapter never changed a byte of the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.config import BackboneSection
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BUILTIN_PREFIX = "builtin:"
+_SAMPLE_BYTES = 1 << 20  # weight files are fingerprinted by size plus their first and last MiB
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be found, loaded, or is not frozen."""
+
+
+@dataclass
+class Backbone:
+    model: "PreTrainedModel"
+    tokenizer: "PreTrainedTokenizerBase"
+    fingerprint: str
+
+
+def resolve_backbone(cfg: BackboneSection) -> str:
+    """A local folder for builtin/local backbones (building the built-in one on first use), else the hub id."""
+    if cfg.name.startswith(BUILTIN_PREFIX):
+        if cfg.name != "builtin:tiny":
+            raise BackboneError(f"backbone.name: unknown built-in backbone {cfg.name!r}; the only one is 'builtin:tiny'")
+        from stages.builtin_backbone import ensure_builtin_backbone
+
+        return str(ensure_builtin_backbone())
+    if Path(cfg.name).exists():
+        return str(Path(cfg.name).resolve())
+    return cfg.name
+
+
+def backbone_fingerprint(cfg: BackboneSection, quantized: bool) -> str:
+    """Digest of the base weights' identity plus how they are loaded (dtype, 4-bit)."""
+    location = resolve_backbone(cfg)
+    folder = Path(location) if Path(location).is_dir() else _local_snapshot(location, cfg.revision)
+    digest = hashlib.sha256(f"dtype={cfg.dtype};nf4={quantized}".encode())
+    if folder is None:  # not downloaded yet: the hub id and revision are all we can know
+        digest.update(f"hub:{location}@{cfg.revision or 'main'}".encode())
+        return digest.hexdigest()[:16]
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        digest.update(path.relative_to(folder).as_posix().encode() + str(path.stat().st_size).encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(_SAMPLE_BYTES))
+            if path.stat().st_size > 2 * _SAMPLE_BYTES:
+                handle.seek(-_SAMPLE_BYTES, 2)
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def _local_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # not in the local HF cache (or not a valid id): fingerprint by name
+        return None
+
+
+def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone:
+    """Load tokenizer and causal LM (fp32/bf16, or nf4 4-bit for QLoRA), frozen and verified frozen."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = resolve_backbone(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if quantize_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = "cpu" if not torch.cuda.is_available() else {"": 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except OSError as err:
+        raise BackboneError(f"backbone.name={cfg.name!r}: cannot load ({err})") from None
+    if tokenizer.pad_token is None:  # many hub models ship without one; generation needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    freeze(model)
+    return Backbone(model=model, tokenizer=tokenizer, fingerprint=backbone_fingerprint(cfg, quantize_4bit))
+
+
+def freeze(model: "torch.nn.Module") -> None:
+    """Turn off gradients on every base weight and check that it took."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    still = [name for name, p in model.named_parameters() if p.requires_grad]
+    if still:
+        raise BackboneError(f"backbone is not frozen: {still[:3]} still require gradients")
+
+
+def base_parameters(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+    """Base weights and buffers only, named as in the plain model (PEFT wrappers and adapters removed)."""
+    if hasattr(model, "get_base_model"):  # a PeftModel: look at the transformers model inside it
+        model = model.get_base_model()
+    adapter_markers = ("lora_", "modules_to_save")
+    state = model.state_dict(keep_vars=True)
+    return {
+        name.replace(".base_layer", ""): t for name, t in state.items() if not any(m in name for m in adapter_markers)
+    }
+
+
+def weights_digest(model: "torch.nn.Module") -> str:
+    """sha256 of the base weights' bytes; a PEFT wrapper around the same weights gives the same digest."""
+    import torch
+
+    digest = hashlib.sha256()
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, tensor in sorted(base_parameters(model).items()):
+        storage = (tensor.data_ptr(), tuple(tensor.shape))
+        if storage in seen:  # tied or aliased weights (PEFT's word_embeddings) count once
+            continue
+        seen.add(storage)
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(name.encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()

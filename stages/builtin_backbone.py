@@ -1,0 +1,144 @@
+"""The built-in default backbone: a tokenizer and a tiny Llama, pretrained on the task's corpus.
+
+No hub is reachable in CI, so the project builds its own real (if small) pretrained base model. The
+build is a pure function of ``TinySpec`` (seeded; torch runs deterministic kernels on CPU), is cached
+under ``$RLHF_HOME/backbones/`` by the digest of the spec and this file, and is published atomically.
+
+    python -m stages.builtin_backbone      # or: rlhf build-backbone
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stages import artifacts, paths
+from stages.task import Problem, pretraining_lines
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Every knob of the built-in backbone; its digest names the cached folder."""
+
+    seed: int = 0
+    max_operand: int = 19  # pretraining covers every sum a+b with a, b <= 19
+    vocab_size: int = 300
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    max_positions: int = 128
+    equations_per_line: int = 8
+    batch_size: int = 32
+    steps: int = 800  # ~2 min on 2 CPU cores; greedy accuracy on all sums reaches 100%
+    learning_rate: float = 3e-3
+
+    def digest(self) -> str:
+        # This module plus the corpus generator: editing the rest of stages/task.py keeps the cached build.
+        source = Path(__file__).read_text() + inspect.getsource(pretraining_lines) + inspect.getsource(Problem)
+        payload = (json.dumps(asdict(self), sort_keys=True) + source).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def builtin_dir(spec: TinySpec = TinySpec()) -> Path:
+    return paths.rlhf_home() / "backbones" / f"builtin-tiny-{spec.digest()}"
+
+
+def ensure_builtin_backbone(spec: TinySpec = TinySpec()) -> Path:
+    """Return the folder of the built backbone, building it first if no finished build exists."""
+    target = builtin_dir(spec)
+    if artifacts.is_finished(target):
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # two first runs at once build it once
+        if not artifacts.is_finished(target):
+            started = time.time()
+            with artifacts.staging(target) as tmp:
+                loss = _build(spec, tmp)
+                artifacts.publish(
+                    tmp, target, {"kind": "builtin-backbone", "spec": asdict(spec), "final_loss": loss,
+                                  "seconds": round(time.time() - started, 1)}
+                )
+    return target
+
+
+def _train_tokenizer(lines: list[str], spec: TinySpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    # Digits one by one: numbers stay compositional, which is what lets a tiny model learn to add.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+
+
+def _build(spec: TinySpec, out: Path) -> float:
+    """Train the tokenizer and pretrain the model; save both into ``out``. Returns the final loss."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec.seed)
+    # Each line ends in EOS, so the base knows the token (a real pretrained model does), but never right
+    # after an answer: stopping there is what SFT has to teach.
+    lines = [
+        line + EOS
+        for line in pretraining_lines(spec.max_operand, spec.seed, spec.steps * spec.batch_size, spec.equations_per_line)
+    ]
+    tokenizer = _train_tokenizer(lines[:20000], spec)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.learning_rate, total_steps=spec.steps)
+    model.train()
+    loss_value = math.nan
+    bar = tqdm(range(spec.steps), desc="pretraining built-in backbone", unit="step")
+    for step in bar:
+        batch = lines[step * spec.batch_size : (step + 1) * spec.batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # (B, T)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return loss_value
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    print(ensure_builtin_backbone())
+
+
+if __name__ == "__main__":
+    main()

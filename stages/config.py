@@ -1,0 +1,204 @@
+"""Typed, validated pipeline configuration.
+
+A config is YAML (``configs/default.yaml`` is the embedded default) plus ``--set key.path=value``
+overrides, validated into frozen pydantic models. Any unknown key, wrong type or bad value becomes one
+``ConfigError`` that names the file and the dotted key, so the CLI can print it and exit non-zero.
+
+Heavy libraries are never imported here: the CLI loads configs before deciding to start torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+StageName = Literal["sft", "reward", "rrhf", "ppo"]
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    stages: list[StageName] = Field(default_factory=lambda: ["sft"], min_length=1)
+    seed: int = 0
+    # Torch threads per stage process. 2 cores here; more threads than cores makes CPU training crawl.
+    threads: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> "RunSection":
+        order = ["sft", "reward", "rrhf", "ppo"]
+        positions = [order.index(s) for s in self.stages]
+        if positions != sorted(positions) or len(set(positions)) != len(positions):
+            raise ValueError(f"stages must be unique and in pipeline order {order}, got {self.stages}")
+        return self
+
+
+class BackboneSection(_Section):
+    # "builtin:tiny" (built and cached on first use), a hub id ("meta-llama/Llama-3.2-1B") or a local folder.
+    name: str = "builtin:tiny"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class AdapterSection(_Section):
+    kind: Literal["lora", "qlora", "ptuning_v2"] = "lora"
+    r: int = Field(default=8, ge=1)  # LoRA rank
+    alpha: int = Field(default=16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"  # LoRA targets; "all-linear" skips the LM head
+    num_virtual_tokens: int = Field(default=8, ge=1)  # P-tuning v2 prefix length, on every layer
+
+
+class TaskSection(_Section):
+    """The built-in verifiable task: two-number addition, checked exactly."""
+
+    seed: int = 1234
+    max_operand: int = Field(default=19, ge=2, le=999)
+    num_eval: int = Field(default=64, ge=1)
+    num_sft: int = Field(default=512, ge=1)
+    num_pairs: int = Field(default=512, ge=1)
+    # Share of SFT demonstrations whose answer is right. The rest are plausible mistakes (off by one,
+    # a forgotten carry), so SFT alone plateaus and RLHF has something to fix.
+    demo_accuracy: float = Field(default=0.6, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _enough_problems(self) -> "TaskSection":
+        total = (self.max_operand + 1) ** 2
+        if self.num_eval >= total:
+            raise ValueError(f"num_eval={self.num_eval} leaves no training problems out of {total}")
+        return self
+
+
+class DataSection(_Section):
+    # "builtin", a local .jsonl/.parquet file, or "hf:NAME[:SPLIT]". Formats: README "Data formats".
+    sft: str = "builtin"
+    preferences: str = "builtin"
+    eval: str = "builtin"
+
+
+class SFTSection(_Section):
+    max_steps: int = Field(default=150, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=2e-3, gt=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    max_length: int = Field(default=64, ge=8)
+    logging_steps: int = Field(default=10, ge=1)
+
+
+class EvalSection(_Section):
+    num_prompts: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=6, ge=1)
+    # Sampled, not greedy: task_score measures the policy RLHF optimises, not its mode.
+    temperature: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class PipelineConfig(_Section):
+    run: RunSection = RunSection()
+    backbone: BackboneSection = BackboneSection()
+    adapter: AdapterSection = AdapterSection()
+    task: TaskSection = TaskSection()
+    data: DataSection = DataSection()
+    sft: SFTSection = SFTSection()
+    eval: EvalSection = EvalSection()
+
+    def digest(self, *sections: str) -> str:
+        """sha256 of the named top-level sections (all of them when none are named)."""
+        names = sections or tuple(type(self).model_fields)
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def default_config_text() -> str:
+    return resources.files("configs").joinpath(DEFAULT_CONFIG_NAME).read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load the embedded default, then ``path`` on top, then ``--set`` overrides; validate once."""
+    source = "configs/default.yaml (embedded)"
+    data = _parse_yaml(default_config_text(), source)
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
+        data = _deep_merge(data, _parse_yaml(text, source))
+    for item in overrides:
+        _apply_override(data, item)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply ``key.path=value``; the value is parsed as YAML so numbers, lists and booleans work."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, for example --set sft.max_steps=20")
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {item!r}: {prefix} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from None
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "<top level>"
+        message = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in problem and problem["type"] not in ("missing",):
+            message += f" (got {problem['input']!r})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)

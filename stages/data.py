@@ -1,0 +1,108 @@
+"""Datasets as lists of validated records, from the built-in task, JSONL, Parquet or HF ``datasets``.
+
+Three kinds, each a flat record of non-empty strings:
+
+    sft          {"prompt": ..., "completion": ...}
+    preferences  {"prompt": ..., "chosen": ..., "rejected": ...}
+    eval         {"prompt": ..., "answer": ...}      (task_score: the response must equal the answer)
+
+A source is ``builtin``, a path ending in ``.jsonl`` / ``.parquet``, or ``hf:NAME[:SPLIT]``.
+A malformed row raises ``DataError`` naming the file and the line (JSONL) or row (Parquet, HF).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from stages import task
+from stages.config import TaskSection
+
+DataKind = Literal["sft", "preferences", "eval"]
+FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "completion"),
+    "preferences": ("prompt", "chosen", "rejected"),
+    "eval": ("prompt", "answer"),
+}
+Record = dict[str, str]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file and the line or row."""
+
+
+def load_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
+    """Load and validate every record of ``source`` for ``kind``."""
+    if source == "builtin":
+        builders = {"sft": task.sft_records, "preferences": task.preference_records, "eval": task.eval_records}
+        return builders[kind](task_cfg)
+    if source.startswith("hf:"):
+        return _validated(_hf_rows(source), kind, source, "row")
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"data.{kind}: {source}: no such file (expected builtin, a .jsonl/.parquet file or hf:NAME)")
+    if path.suffix == ".jsonl":
+        return _validated(_jsonl_rows(path), kind, source, "line")
+    if path.suffix == ".parquet":
+        return _validated(_parquet_rows(path), kind, source, "row")
+    raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+
+
+def dataset_digest(source: str, kind: DataKind, task_cfg: TaskSection) -> str:
+    """Content digest of a dataset (what the cache key uses): its validated records, in order."""
+    records = load_records(source, kind, task_cfg)
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonl_rows(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: cannot read Parquet file ({err})") from None
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _hf_rows(source: str):
+    import datasets
+
+    name, _, split = source.removeprefix("hf:").partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # offline, unknown name, unknown split: all one actionable message
+        raise DataError(f"{source}: cannot load HF dataset {name!r} split {split or 'train'!r} ({err})") from None
+    yield from enumerate(dataset, start=1)
+
+
+def _validated(rows, kind: DataKind, source: str, unit: str) -> list[Record]:
+    fields = FIELDS[kind]
+    records = []
+    for number, row in rows:
+        where = f"{source}: {unit} {number}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with keys {list(fields)}, got {type(row).__name__}")
+        missing = [f for f in fields if f not in row]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {missing}; {kind} rows need {list(fields)}")
+        for field in fields:
+            value = row[field]
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: {field!r} must be a non-empty string, got {value!r}")
+        records.append({field: row[field] for field in fields})
+    if not records:
+        raise DataError(f"{source}: no {kind} records")
+    return records

@@ -1,0 +1,77 @@
+"""Sampling responses and scoring a policy with the task's checker (``task_score`` in [0, 1])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from stages.config import EvalSection
+from stages.data import Record
+from stages.task import check
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Response:
+    text: str  # decoded response up to (not including) end-of-sequence
+    finished: bool  # the policy emitted end-of-sequence within the token budget
+
+
+def generate(
+    model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", prompts: list[str], *, max_new_tokens: int,
+    temperature: float, batch_size: int, seed: int, desc: str = "generating",
+) -> list[Response]:
+    """Sample one response per prompt (temperature sampling, no top-k/top-p), reproducibly from ``seed``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    tokenizer.padding_side = "left"  # decoder-only batches must end where generation starts
+    responses: list[Response] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
+                    top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )
+            responses.extend(_decode(out[:, batch.input_ids.shape[1] :], tokenizer))  # (B, new)
+    finally:
+        model.train(was_training)
+        torch.random.set_rng_state(generator_state)
+    return responses
+
+
+def _decode(new_tokens: "torch.Tensor", tokenizer: "PreTrainedTokenizerBase") -> list[Response]:
+    responses = []
+    for row in new_tokens.tolist():
+        finished = tokenizer.eos_token_id in row
+        kept = row[: row.index(tokenizer.eos_token_id)] if finished else row
+        responses.append(Response(tokenizer.decode(kept, skip_special_tokens=True), finished))
+    return responses
+
+
+def score_responses(responses: list[Response], answers: list[str]) -> float:
+    """Share of responses that stopped and whose text equals the reference answer."""
+    correct = sum(r.finished and check(r.text, a) for r, a in zip(responses, answers, strict=True))
+    return correct / len(answers)
+
+
+def task_score(
+    model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", records: list[Record], cfg: EvalSection,
+    seed: int, desc: str = "task_score",
+) -> float:
+    """Sample on the first ``cfg.num_prompts`` held-out prompts and apply the checker."""
+    records = records[: cfg.num_prompts]
+    responses = generate(
+        model, tokenizer, [r["prompt"] for r in records], max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=desc,
+    )
+    return score_responses(responses, [r["answer"] for r in records])

@@ -1,0 +1,78 @@
+"""The shared entry point of every stage module: parse, set up, train into a staging folder, publish.
+
+    python -m stages.sft --config runs/<id>/config.yaml --out runs/<id>/sft [--input reward=runs/<id>/reward]
+
+A stage function receives the validated config, an empty staging folder and its input artifacts, writes
+its files there and returns its metrics. The runner adds the provenance and publishes atomically, so an
+exception (or a kill) leaves no folder that a later run could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from stages import artifacts
+from stages.config import ConfigError, PipelineConfig, load_config
+from stages.data import DataError
+from stages.provenance import stage_provenance
+
+StageFn = Callable[[PipelineConfig, Path, dict[str, Path]], dict[str, Any]]
+# Errors that are the user's to fix: print one line, no traceback.
+USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError)
+
+
+def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+    """Run ``fn`` into a staging folder and publish it at ``out`` with its manifest; return the manifest."""
+    import torch
+
+    torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    provenance = stage_provenance(stage, cfg, inputs)
+    started = time.time()
+    with artifacts.staging(out) as tmp:
+        metrics = fn(cfg, tmp, inputs)
+        artifacts.write_json(tmp / "metrics.json", metrics)
+        manifest = {
+            **provenance,
+            "metrics": metrics,
+            "seconds": round(time.time() - started, 2),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        artifacts.publish(tmp, out, manifest)
+    return manifest
+
+
+def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage alone.")
+    parser.add_argument("--config", type=Path, help="YAML config (default: the embedded default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--out", type=Path, required=True, help="artifact folder to publish, e.g. runs/<id>/sft")
+    parser.add_argument("--input", dest="inputs", action="append", default=[], metavar="STAGE=FOLDER",
+                        help="an upstream artifact, e.g. sft=runs/<id>/sft")
+    return parser.parse_args(argv)
+
+
+def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
+    """``main()`` of a stage module: user errors become one line on stderr and exit status 2."""
+    args = parse_args(stage, argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        inputs = dict(_parse_input(item) for item in args.inputs)
+        manifest = execute(stage, fn, cfg, args.out, inputs)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{stage}: published {args.out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
+
+
+def _parse_input(item: str) -> tuple[str, Path]:
+    name, sep, folder = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--input {item!r}: expected STAGE=FOLDER")
+    return name, Path(folder)

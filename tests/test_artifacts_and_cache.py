@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from flows.cache import ArtifactCache
+from stages import artifacts
+
+
+def _publish(final: Path, content: str, key: str = "k1") -> Path:
+    with artifacts.staging(final) as tmp:
+        (tmp / "adapter").mkdir()
+        (tmp / "adapter" / "weights.bin").write_text(content)
+        return artifacts.publish(tmp, final, {"cache_key": key})
+
+
+def test_publish_writes_manifest_with_digest_and_leaves_no_temp(tmp_path: Path) -> None:
+    final = _publish(tmp_path / "sft", "abc")
+    manifest = artifacts.read_manifest(final)
+    assert manifest["artifact_digest"] == artifacts.tree_digest(final)
+    assert [p.name for p in tmp_path.iterdir()] == ["sft"]
+
+
+def test_failure_inside_staging_leaves_nothing(tmp_path: Path) -> None:
+    final = tmp_path / "sft"
+    with pytest.raises(RuntimeError, match="boom"):
+        with artifacts.staging(final) as tmp:
+            (tmp / "half-written.bin").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    assert not artifacts.is_finished(final)
+
+
+def test_folder_without_manifest_is_not_trusted(tmp_path: Path) -> None:
+    (tmp_path / "sft").mkdir()
+    assert not artifacts.is_finished(tmp_path / "sft")
+    with pytest.raises(artifacts.ArtifactError, match="not a finished artifact"):
+        artifacts.read_manifest(tmp_path / "sft")
+
+
+def test_republish_replaces_an_unfinished_folder(tmp_path: Path) -> None:
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "stale.bin").write_text("old")
+    final = _publish(tmp_path / "sft", "new")
+    assert not (final / "stale.bin").exists() and artifacts.is_finished(final)
+
+
+def test_tree_digest_changes_with_content(tmp_path: Path) -> None:
+    assert artifacts.tree_digest(_publish(tmp_path / "a", "x")) != artifacts.tree_digest(_publish(tmp_path / "b", "y"))
+
+
+def test_cache_store_lookup_restore(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path / "cache")
+    assert cache.lookup("k1") is None
+    cache.store("k1", _publish(tmp_path / "run1" / "sft", "abc", key="k1"))
+    restored = cache.restore("k1", tmp_path / "run2" / "sft")
+    assert (restored / "adapter" / "weights.bin").read_text() == "abc"
+    assert artifacts.read_manifest(restored)["cache_key"] == "k1"
+
+
+def test_cache_ignores_entries_whose_manifest_disagrees(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path / "cache")
+    _publish(tmp_path / "cache" / "k2", "abc", key="something-else")
+    assert cache.lookup("k2") is None
+    with pytest.raises(artifacts.ArtifactError):
+        cache.restore("k2", tmp_path / "dest")

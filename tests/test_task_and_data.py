@@ -1,0 +1,98 @@
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages import task
+from stages.config import TaskSection
+from stages.data import DataError, dataset_digest, load_records
+
+CFG = TaskSection()
+
+
+def test_checker_is_exact() -> None:
+    assert task.check("22", "22") and task.check(" 22 ", "22")
+    assert not task.check("23", "22") and not task.check("22;", "22") and not task.check("", "22")
+
+
+def test_demonstrations_are_imperfect_at_the_configured_rate() -> None:
+    demos = task.sft_records(CFG)
+    right = sum(eval(d["prompt"].rstrip("=")) == int(d["completion"]) for d in demos)
+    assert abs(right / len(demos) - CFG.demo_accuracy) < 0.07
+    assert right < len(demos)  # room for RLHF to improve
+
+
+def test_preferences_always_prefer_the_correct_answer() -> None:
+    for pair in task.preference_records(CFG):
+        truth = str(eval(pair["prompt"].rstrip("=")))
+        assert pair["chosen"] == truth and pair["rejected"] != truth
+
+
+def test_eval_prompts_are_held_out_and_generation_is_deterministic() -> None:
+    held_out = {r["prompt"] for r in task.eval_records(CFG)}
+    assert len(held_out) == CFG.num_eval
+    seen = {r["prompt"] for r in task.sft_records(CFG)} | {r["prompt"] for r in task.preference_records(CFG)}
+    assert not held_out & seen
+    assert task.sft_records(CFG) == task.sft_records(TaskSection())
+    assert task.sft_records(CFG) != task.sft_records(TaskSection(seed=CFG.seed + 1))
+
+
+def test_jsonl_and_parquet_load_the_same_records(tmp_path: Path) -> None:
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3", "extra": 1}]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    expected = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}]
+    assert load_records(str(jsonl), "preferences", CFG) == expected
+    assert load_records(str(parquet), "preferences", CFG) == expected
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (['{"prompt": "a", "completion": "b"}', "{oops"], "line 2: not valid JSON"),
+        (['{"prompt": "a"}'], "line 1: missing key(s) ['completion']"),
+        (['{"prompt": "a", "completion": ""}'], "line 1: 'completion' must be a non-empty string"),
+        (['{"prompt": "a", "completion": 3}'], "line 1: 'completion' must be a non-empty string"),
+        (['["prompt", "completion"]'], "line 1: expected an object"),
+        ([""], "no sft records"),
+    ],
+)
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], expected: str) -> None:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        load_records(str(path), "sft", CFG)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_malformed_parquet_row_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": None}]), path)
+    with pytest.raises(DataError, match=r"e.parquet: row 2: 'answer' must be a non-empty string"):
+        load_records(str(path), "eval", CFG)
+
+
+@pytest.mark.parametrize(("source", "expected"), [("missing.jsonl", "no such file"), ("data.csv", "unsupported file type")])
+def test_unusable_sources(tmp_path: Path, source: str, expected: str) -> None:
+    (tmp_path / "data.csv").write_text("prompt,completion\n")
+    with pytest.raises(DataError, match=expected):
+        load_records(str(tmp_path / source), "sft", CFG)
+
+
+def test_hf_source_failure_is_one_clear_error() -> None:
+    # No hub is reachable here: the error must still be ours, naming the source.
+    with pytest.raises(DataError, match="hf:no-such-org/no-such-dataset:train: cannot load HF dataset"):
+        load_records("hf:no-such-org/no-such-dataset:train", "sft", CFG)
+
+
+def test_dataset_digest_follows_content(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    first = dataset_digest(str(path), "sft", CFG)
+    path.write_text('{"prompt": "1+1=", "completion": "3"}\n')
+    assert dataset_digest(str(path), "sft", CFG) != first
+    assert dataset_digest("builtin", "sft", CFG) != dataset_digest("builtin", "sft", TaskSection(demo_accuracy=0.9))
