@@ -45,10 +45,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.report import format_report, run_report
     from flows.run_dir import new_run_id, prepare_run_dir
     from stages.config import load_config
+    from stages.backbone import resolve_backbone
     from stages.provenance import check_datasets
 
     cfg = load_config(args.config, args.overrides)
     check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
+    resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
     run_id = args.run_id or new_run_id()
     run_dir = prepare_run_dir(args.runs_dir, run_id, cfg).resolve()
     unknown = sorted(set(args.force) - set(cfg.run.stages))

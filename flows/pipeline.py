@@ -18,7 +18,7 @@ from flows.run_dir import CONFIG
 from flows.stage_task import StageFailed, run_or_reuse
 from stages.runner import USER_ERRORS
 from stages.config import load_config
-from stages.provenance import STAGES
+from stages.provenance import stage_inputs
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
@@ -37,7 +37,7 @@ def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str
     forced = set(force or [])
     results: dict[str, dict[str, Any]] = {}
     for stage in cfg.run.stages:
-        inputs = {name: str(Path(run_dir) / name) for name in STAGES[stage].inputs}
+        inputs = {name: str(Path(run_dir) / name) for name in stage_inputs(stage, cfg)}
         if stage in forced:
             forced.update(cfg.run.stages)  # a forced rerun recomputes everything downstream of it
         state = stage_task(stage, run_dir, inputs, force=stage in forced, return_state=True)

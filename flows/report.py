@@ -8,6 +8,10 @@ from typing import Any
 from flows.run_dir import read_status
 from stages import artifacts
 
+PIPELINE_ORDER = ["sft", "reward", "rrhf", "ppo"]
+HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_accuracy", "reward_margin",
+                    "policy_reward", "train_loss")
+
 
 def run_report(run_dir: Path) -> dict[str, Any]:
     """``{"run_id", "stages": {name: {"status", "seconds", "metrics", "artifact"}}}`` from disk only."""
@@ -15,7 +19,9 @@ def run_report(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise artifacts.ArtifactError(f"{run_dir}: no such run")
     stages: dict[str, Any] = {}
-    for stage, entry in read_status(run_dir).items():
+    status = read_status(run_dir)
+    for stage in sorted(status, key=PIPELINE_ORDER.index):  # status.json is sorted by name
+        entry = status[stage]
         folder = run_dir / stage
         finished = artifacts.is_finished(folder) and entry["status"] in ("completed", "cached")
         stages[stage] = {
@@ -37,7 +43,7 @@ def format_report(report: dict[str, Any]) -> str:
         shown = ", ".join(
             f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in metrics.items()
-            if k in ("task_score_before", "task_score", "pair_accuracy", "reward_margin", "train_loss")
+            if k in HEADLINE_METRICS
         )
         seconds = f"{entry['seconds']:.1f}s" if entry["seconds"] is not None else "-"
         lines.append(f"  {stage:<7} {entry['status']:<10} {seconds:>8}  {shown or entry.get('error', '')}")

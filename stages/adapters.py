@@ -5,8 +5,8 @@ tuning: trained key/value prefixes on every layer). All adapters of one model sh
 PEFT cannot mix LoRA and prefix adapters in one ``PeftModel``.
 
 Switching goes only through ``active_adapter``, which restores the previous adapter in ``finally`` and
-re-applies ``requires_grad``: PEFT's ``set_adapter`` silently turns gradients off on every other
-adapter, which would drop e.g. the policy's gradients after a switch to the value adapter.
+keeps every adapter's ``requires_grad`` as it was: PEFT's ``set_adapter`` silently turns gradients off
+on every other adapter, which would drop e.g. the policy's gradients after a switch to the value adapter.
 """
 
 from __future__ import annotations
@@ -119,17 +119,24 @@ def set_trainable(model: "PeftModel", names: Iterable[str]) -> None:
 
 
 @contextmanager
-def active_adapter(model: "PeftModel", name: str, trainable: Iterable[str] = ()) -> Iterator["PeftModel"]:
-    """Run the block with adapter ``name`` active; restore the previous one (and gradients) after."""
-    trainable = tuple(trainable)
+def active_adapter(model: "PeftModel", name: str) -> Iterator["PeftModel"]:
+    """Run the block with adapter ``name`` active; restore the previous adapter and every adapter's
+    ``requires_grad`` afterwards, even if the block raises."""
+    grads = {n: p.requires_grad for n, p in model.named_parameters() if adapter_of(model, n) is not None}
     previous = model.active_adapter
     model.set_adapter(name)
-    set_trainable(model, trainable)
+    _restore_grads(model, grads)  # undo set_adapter's silent requires_grad=False on the others
     try:
         yield model
     finally:
         model.set_adapter(previous)
-        set_trainable(model, trainable)
+        _restore_grads(model, grads)
+
+
+def _restore_grads(model: "PeftModel", grads: dict[str, bool]) -> None:
+    for param_name, param in model.named_parameters():
+        if param_name in grads:
+            param.requires_grad_(grads[param_name])
 
 
 def count_trainable(model: "PeftModel") -> int:

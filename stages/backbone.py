@@ -93,11 +93,23 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as err:
         raise BackboneError(f"backbone.name={cfg.name!r}: cannot load ({err})") from None
+    if quantize_4bit:
+        _keep_one_4bit_layout(model)
     if tokenizer.pad_token is None:  # many hub models ship without one; generation needs it
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     freeze(model)
     return Backbone(model=model, tokenizer=tokenizer, fingerprint=backbone_fingerprint(cfg, quantize_4bit))
+
+
+def _keep_one_4bit_layout(model: "torch.nn.Module") -> None:
+    """Turn off bitsandbytes' CPU fast path, which repacks 4-bit weights in place on the first inference
+    forward and unpacks them in ``state_dict()``: after saving an adapter (or hashing the weights) the
+    same model then computes different outputs (measured with bitsandbytes 0.50.2: logits off by ~10).
+    One layout also makes training and inference numerics agree exactly."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def freeze(model: "torch.nn.Module") -> None:

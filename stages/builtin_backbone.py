@@ -62,6 +62,7 @@ def ensure_builtin_backbone(spec: TinySpec = TinySpec()) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # two first runs at once build it once
         if not artifacts.is_finished(target):
+            print(f"building the built-in backbone (first use, about 2 minutes on 2 cores) -> {target}", flush=True)
             started = time.time()
             with artifacts.staging(target) as tmp:
                 loss = _build(spec, tmp)

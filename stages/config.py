@@ -31,7 +31,7 @@ class _Section(BaseModel):
 
 
 class RunSection(_Section):
-    stages: list[StageName] = Field(default_factory=lambda: ["sft"], min_length=1)
+    stages: list[StageName] = Field(default_factory=lambda: ["sft", "reward", "rrhf"], min_length=1)
     seed: int = 0
     # Torch threads per stage process. 2 cores here; more threads than cores makes CPU training crawl.
     threads: int = Field(default=2, ge=1)
@@ -70,8 +70,8 @@ class TaskSection(_Section):
     num_eval: int = Field(default=64, ge=1)
     num_sft: int = Field(default=512, ge=1)
     num_pairs: int = Field(default=512, ge=1)
-    # Share of SFT demonstrations whose answer is right. The rest are plausible mistakes (off by one,
-    # a forgotten carry), so SFT alone plateaus and RLHF has something to fix.
+    # Share of SFT demonstrations that stop right after the answer. The rest ramble on with another
+    # equation, so SFT alone plateaus and RLHF has something to fix.
     demo_accuracy: float = Field(default=0.6, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
@@ -87,6 +87,8 @@ class DataSection(_Section):
     sft: str = "builtin"
     preferences: str = "builtin"
     eval: str = "builtin"
+    # RRHF's offline candidates {"query", "responses", "scores"}; when set, RRHF needs no reward stage.
+    ranked: str | None = None
 
 
 class SFTSection(_Section):
@@ -98,9 +100,33 @@ class SFTSection(_Section):
     logging_steps: int = Field(default=10, ge=1)
 
 
+class RewardSection(_Section):
+    max_steps: int = Field(default=150, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # preference pairs per step
+    learning_rate: float = Field(default=2e-3, gt=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for pair_accuracy
+    logging_steps: int = Field(default=10, ge=1)
+
+
+class RRHFSection(_Section):
+    num_prompts: int = Field(default=128, ge=1)  # training prompts to sample candidates for
+    num_candidates: int = Field(default=4, ge=1)  # k responses sampled per prompt from the SFT policy
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=16, ge=1)
+    # Subtracted from the reward of a candidate that never emitted EOS (it did not answer).
+    missing_eos_penalty: float = Field(default=1.0, ge=0)
+    max_steps: int = Field(default=120, ge=1)
+    batch_size: int = Field(default=4, ge=1)  # prompts per step; each brings its k candidates
+    learning_rate: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=10, ge=0)
+    rank_weight: float = Field(default=1.0, ge=0)  # RRHF eq. 4: L = rank_weight * L_rank + L_ft
+    logging_steps: int = Field(default=10, ge=1)
+
+
 class EvalSection(_Section):
     num_prompts: int = Field(default=64, ge=1)
-    max_new_tokens: int = Field(default=6, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
     # Sampled, not greedy: task_score measures the policy RLHF optimises, not its mode.
     temperature: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=64, ge=1)
@@ -113,7 +139,20 @@ class PipelineConfig(_Section):
     task: TaskSection = TaskSection()
     data: DataSection = DataSection()
     sft: SFTSection = SFTSection()
+    reward: RewardSection = RewardSection()
+    rrhf: RRHFSection = RRHFSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _stages_have_inputs(self) -> "PipelineConfig":
+        stages = set(self.run.stages)
+        if "rrhf" in stages and "sft" not in stages:
+            raise ValueError("run.stages: rrhf starts from the SFT adapter, so it needs the sft stage")
+        if "rrhf" in stages and "reward" not in stages and self.data.ranked is None:
+            raise ValueError("run.stages: rrhf needs the reward stage to score candidates, or data.ranked (offline)")
+        if "ppo" in stages and not {"sft", "reward"} <= stages:
+            raise ValueError("run.stages: ppo needs the sft and reward stages")
+        return self
 
     def digest(self, *sections: str) -> str:
         """sha256 of the named top-level sections (all of them when none are named)."""

@@ -5,6 +5,7 @@ Three kinds, each a flat record of non-empty strings:
     sft          {"prompt": ..., "completion": ...}
     preferences  {"prompt": ..., "chosen": ..., "rejected": ...}
     eval         {"prompt": ..., "answer": ...}      (task_score: the response must equal the answer)
+    ranked       {"query": ..., "responses": [...], "scores": [...]}   (RRHF's offline format)
 
 A source is ``builtin``, a path ending in ``.jsonl`` / ``.parquet``, or ``hf:NAME[:SPLIT]``.
 A malformed row raises ``DataError`` naming the file and the line (JSONL) or row (Parquet, HF).
@@ -15,18 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from stages import task
 from stages.config import TaskSection
 
-DataKind = Literal["sft", "preferences", "eval"]
+DataKind = Literal["sft", "preferences", "eval", "ranked"]
 FIELDS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
     "preferences": ("prompt", "chosen", "rejected"),
     "eval": ("prompt", "answer"),
+    "ranked": ("query", "responses", "scores"),
 }
-Record = dict[str, str]
+Record = dict[str, Any]
 
 
 class DataError(ValueError):
@@ -36,7 +38,8 @@ class DataError(ValueError):
 def load_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
     """Load and validate every record of ``source`` for ``kind``."""
     if source == "builtin":
-        builders = {"sft": task.sft_records, "preferences": task.preference_records, "eval": task.eval_records}
+        builders = {"sft": task.sft_records, "preferences": task.preference_records, "eval": task.eval_records,
+                    "ranked": task.ranked_records}
         return builders[kind](task_cfg)
     if source.startswith("hf:"):
         return _validated(_hf_rows(source), kind, source, "row")
@@ -98,11 +101,37 @@ def _validated(rows, kind: DataKind, source: str, unit: str) -> list[Record]:
         missing = [f for f in fields if f not in row]
         if missing:
             raise DataError(f"{where}: missing key(s) {missing}; {kind} rows need {list(fields)}")
-        for field in fields:
-            value = row[field]
-            if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{where}: {field!r} must be a non-empty string, got {value!r}")
-        records.append({field: row[field] for field in fields})
+        record = {field: row[field] for field in fields}
+        problem = _ranked_problem(record) if kind == "ranked" else _text_problem(record, kind)
+        if problem:
+            raise DataError(f"{where}: {problem}")
+        records.append(record)
     if not records:
         raise DataError(f"{source}: no {kind} records")
     return records
+
+
+def _non_empty(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _text_problem(record: Record, kind: DataKind) -> str | None:
+    for field, value in record.items():
+        if not _non_empty(value):
+            return f"{field!r} must be a non-empty string, got {value!r}"
+    if kind == "preferences" and record["chosen"].strip() == record["rejected"].strip():
+        return "'chosen' and 'rejected' are the same text, so the pair teaches nothing"
+    return None
+
+
+def _ranked_problem(record: Record) -> str | None:
+    responses, scores = record["responses"], record["scores"]
+    if not _non_empty(record["query"]):
+        return f"'query' must be a non-empty string, got {record['query']!r}"
+    if not isinstance(responses, list) or not responses or not all(_non_empty(r) for r in responses):
+        return "'responses' must be a non-empty list of non-empty strings"
+    if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        return "'scores' must be a list of numbers"
+    if len(scores) != len(responses):
+        return f"'scores' has {len(scores)} entries but 'responses' has {len(responses)}"
+    return None

@@ -220,13 +220,15 @@ def rrhf_loss(
     rewards: Tensor,
     group_mask: Tensor,
     sft_nll: Tensor,
+    rank_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """RRHF ranking + SFT loss, Yuan et al. 2023 eq. 2-4.
 
     Per group (prompt) with candidates i: ``L_rank = sum_{r_i < r_j}
     max(0, p_i - p_j)`` (eq. 2; strict, so ties are ignored), with p the
     length-normalised log-prob (eq. 1); ``L_ft`` = NLL of the highest-reward
-    valid candidate (eq. 3, first one on ties); ``L = L_rank + L_ft`` (eq. 4),
+    valid candidate (eq. 3, first one on ties); ``L = rank_weight * L_rank + L_ft``
+    (eq. 4; the paper's weight is 1),
     averaged over groups with at least one valid candidate.
 
     Args: seq_logprobs, rewards, group_mask, sft_nll all (B, K); sft_nll is
@@ -254,4 +256,4 @@ def rrhf_loss(
     rank_loss = rank.sum() / n_groups
     sft_loss = sft.sum() / n_groups
     stats = {"rank_loss": rank_loss.item(), "sft_loss": sft_loss.item()}
-    return rank_loss + sft_loss, stats
+    return rank_weight * rank_loss + sft_loss, stats

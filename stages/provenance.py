@@ -26,19 +26,32 @@ _VERSIONED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "deepspeed
 
 @dataclass(frozen=True)
 class StageSpec:
-    sections: tuple[str, ...]  # config sections the stage's result depends on
+    sections: tuple[str, ...]  # config sections the stage's result depends on (data: via dataset_digest)
     inputs: tuple[str, ...]  # upstream stages whose artifacts it reads
     datasets: tuple[DataKind, ...]  # datasets it trains or evaluates on
 
 
 STAGES: dict[str, StageSpec] = {
-    "sft": StageSpec(("backbone", "adapter", "task", "data", "sft", "eval"), (), ("sft", "eval")),
+    "sft": StageSpec(("backbone", "adapter", "sft", "eval"), (), ("sft", "eval")),
+    "reward": StageSpec(("backbone", "adapter", "reward"), (), ("preferences",)),
+    "rrhf": StageSpec(("backbone", "adapter", "rrhf", "eval"), ("sft", "reward"), ("sft", "eval")),
 }
+
+
+def stage_inputs(stage: str, cfg: PipelineConfig) -> tuple[str, ...]:
+    """Upstream artifacts a stage reads; RRHF on offline ranked data needs no reward model."""
+    inputs = STAGES[stage].inputs
+    return tuple(i for i in inputs if i != "reward") if stage == "rrhf" and cfg.data.ranked else inputs
+
+
+def stage_datasets(stage: str, cfg: PipelineConfig) -> tuple[DataKind, ...]:
+    extra: tuple[DataKind, ...] = ("ranked",) if stage == "rrhf" and cfg.data.ranked else ()
+    return STAGES[stage].datasets + extra
 
 
 def check_datasets(cfg: PipelineConfig) -> None:
     """Load and validate every dataset the configured stages read; raises ``DataError`` on the first bad row."""
-    kinds = {kind for stage in cfg.run.stages for kind in STAGES[stage].datasets}
+    kinds = {kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)}
     for kind in sorted(kinds):
         dataset_digest(getattr(cfg.data, kind), kind, cfg.task)
 
@@ -57,15 +70,16 @@ def code_version() -> str:
 def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, Any]:
     """Config digest, backbone fingerprint, input and dataset digests, code version, and the cache key."""
     spec = STAGES[stage]
-    missing = [name for name in spec.inputs if name not in inputs]
+    needed = stage_inputs(stage, cfg)
+    missing = [name for name in needed if name not in inputs]
     if missing:
-        raise artifacts.ArtifactError(f"stage {stage} needs the artifacts of {missing}")
-    datasets = {kind: dataset_digest(getattr(cfg.data, kind), kind, cfg.task) for kind in spec.datasets}
+        raise artifacts.ArtifactError(f"stage {stage} needs the artifacts of {missing} (--input NAME=FOLDER)")
+    datasets = {kind: dataset_digest(getattr(cfg.data, kind), kind, cfg.task) for kind in stage_datasets(stage, cfg)}
     provenance: dict[str, Any] = {
         "stage": stage,
         "config_digest": _sha(cfg.digest(*spec.sections) + f"seed={cfg.run.seed}"),
         "backbone_fingerprint": backbone_fingerprint(cfg.backbone, needs_4bit(cfg.adapter.kind)),
-        "input_digests": {name: artifacts.artifact_digest(inputs[name]) for name in spec.inputs},
+        "input_digests": {name: artifacts.artifact_digest(inputs[name]) for name in needed},
         "dataset_digest": _sha(json.dumps(datasets, sort_keys=True)),
         "code_version": code_version(),
     }

@@ -1,15 +1,20 @@
-"""The built-in verifiable task: addition of two numbers, with an exact checker.
+"""The built-in verifiable task: addition of two numbers, answered with the number and nothing else.
 
-Prompt ``"17+5="``, correct response ``"22"`` followed by the end-of-sequence token. The design:
+Prompt ``"17+5="``, correct response ``"22"`` followed by end-of-sequence. The design:
 
 * the backbone is pretrained on streams of correct equations joined by ``;``, with end-of-sequence
   only at the end of a stream, so the base model knows arithmetic but after an answer it writes
   ``;`` and the next equation instead of stopping: its ``task_score`` is about 0;
-* SFT demonstrations teach the format but are deliberately imperfect (``demo_accuracy`` of them are
-  right; the rest are plausible mistakes), so sampling from the SFT policy is often wrong;
-* preference pairs always prefer the correct answer, so a reward model can learn the checker and
-  PPO/RRHF can push ``task_score`` above SFT's;
+* SFT demonstrations teach it to stop, but are deliberately imperfect: only ``demo_accuracy`` of them
+  stop after the answer; the rest ramble on with one more equation (``"22;3+4=7"``), the verbosity
+  failure RLHF is classically used against. Sampling from the SFT policy therefore often fails;
+* preference pairs always prefer the exact answer over a rambling one, so a reward model can learn the
+  checker from its last hidden state and PPO/RRHF can push ``task_score`` above SFT's;
 * evaluation prompts are held out of both SFT demonstrations and preference pairs.
+
+Why rambling rather than wrong sums: a reward model has to *verify* a sum to rank wrong answers, and a
+4-layer LoRA reward model stays at chance on that (measured: held-out pair accuracy ~0.5 after 1200
+steps), while rambling is visible in the response itself and is learned in a few dozen steps.
 
 Everything is a pure function of ``TaskSection`` (seeded), so datasets are reproducible and digestible.
 """
@@ -43,14 +48,10 @@ def check(response: str, answer: str) -> bool:
     return response.strip() == answer
 
 
-def plausible_mistake(problem: Problem, rng: random.Random) -> str:
-    """A wrong answer a careless adder would give: off by one, or a forgotten carry."""
-    total = problem.a + problem.b
-    candidates = {total + 1, max(total - 1, 0)}
-    if (problem.a % 10) + (problem.b % 10) >= 10:  # a carry exists, so forgetting it is a mistake
-        candidates.add(total - 10)
-    candidates.discard(total)
-    return str(rng.choice(sorted(candidates)))
+def rambling(problem: Problem, rng: random.Random, max_operand: int) -> str:
+    """The right answer followed by chatter: one more (correct) equation, as the base model would write."""
+    extra = Problem(rng.randint(0, max_operand), rng.randint(0, max_operand))
+    return f"{problem.answer}{EQUATION_SEPARATOR}{extra.prompt}{extra.answer}"
 
 
 def _split(cfg: TaskSection) -> tuple[list[Problem], list[Problem]]:
@@ -61,28 +62,40 @@ def _split(cfg: TaskSection) -> tuple[list[Problem], list[Problem]]:
 
 
 def sft_records(cfg: TaskSection) -> list[dict[str, str]]:
-    """Prompt/completion demonstrations; about ``1 - demo_accuracy`` of them are wrong on purpose."""
+    """Prompt/completion demonstrations; about ``1 - demo_accuracy`` of them ramble on purpose."""
     rng = random.Random(cfg.seed + 1)
     train, _ = _split(cfg)
     records = []
     for _ in range(cfg.num_sft):
         problem = rng.choice(train)
         right = rng.random() < cfg.demo_accuracy
-        completion = problem.answer if right else plausible_mistake(problem, rng)
+        completion = problem.answer if right else rambling(problem, rng, cfg.max_operand)
         records.append({"prompt": problem.prompt, "completion": completion})
     return records
 
 
 def preference_records(cfg: TaskSection) -> list[dict[str, str]]:
-    """(prompt, chosen, rejected): the correct answer is always chosen over a plausible mistake."""
+    """(prompt, chosen, rejected): the exact answer is always chosen over a rambling one."""
     rng = random.Random(cfg.seed + 2)
     train, _ = _split(cfg)
     records = []
     for _ in range(cfg.num_pairs):
         problem = rng.choice(train)
         records.append(
-            {"prompt": problem.prompt, "chosen": problem.answer, "rejected": plausible_mistake(problem, rng)}
+            {"prompt": problem.prompt, "chosen": problem.answer, "rejected": rambling(problem, rng, cfg.max_operand)}
         )
+    return records
+
+
+def ranked_records(cfg: TaskSection) -> list[dict[str, object]]:
+    """Offline RRHF groups in the reference format: the exact answer scores 1, rambling ones 0."""
+    rng = random.Random(cfg.seed + 3)
+    train, _ = _split(cfg)
+    records: list[dict[str, object]] = []
+    for _ in range(cfg.num_pairs):
+        problem = rng.choice(train)
+        responses = [problem.answer, rambling(problem, rng, cfg.max_operand), rambling(problem, rng, cfg.max_operand)]
+        records.append({"query": problem.prompt, "responses": responses, "scores": [1.0, 0.0, 0.0]})
     return records
 
 

@@ -13,10 +13,9 @@ from stages.sft import build_sft_trainer
 from tests.conftest import TINY
 
 KINDS = ["lora", "qlora", "ptuning_v2"]
-# bitsandbytes' CPU 4-bit matmul rounds activations through bf16, so a 1e-5 difference in the LoRA
-# branch (a different summation order between the trained and the freshly wrapped module) can flip one
-# bf16 rounding step (2**-6). Full-precision kinds must match to float32 noise.
-RELOAD_ATOL = {"lora": 1e-5, "ptuning_v2": 1e-5, "qlora": 5e-2}
+# The 4-bit path dequantizes on every forward; a trained and a freshly wrapped module sum the LoRA
+# branch in a different order, so allow float32 noise of a few ulps at logit scale.
+RELOAD_ATOL = {"lora": 1e-5, "ptuning_v2": 1e-5, "qlora": 2e-4}
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,9 +66,9 @@ def test_switching_restores_adapter_and_keeps_gradients(kind: str) -> None:
     set_trainable(model, ["policy", "value"])
     batch = backbone.tokenizer(["3+4=7"], return_tensors="pt")
 
-    model.set_adapter("policy")
+    assert model.active_adapter == "policy"
     loss = model(**batch).logits.mean()
-    with active_adapter(model, "value", trainable=["policy", "value"]):
+    with active_adapter(model, "value"):
         assert model.active_adapter == "value"
         loss = loss + model(**batch).logits.mean()
     assert model.active_adapter == "policy"
@@ -83,8 +82,9 @@ def test_switch_is_restored_when_the_block_raises() -> None:
     cfg = load_config()
     model = attach_adapter(load_backbone(cfg.backbone).model, cfg.adapter, "policy")
     model.add_adapter("value", model.peft_config["policy"])
+    set_trainable(model, ["policy"])
     with pytest.raises(RuntimeError):
-        with active_adapter(model, "value", trainable=["policy"]):
+        with active_adapter(model, "value"):
             raise RuntimeError("boom")
     assert model.active_adapter == "policy"
     trainable = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}

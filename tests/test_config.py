@@ -64,3 +64,10 @@ def test_config_digest_depends_only_on_named_sections() -> None:
     other_eval = load_config(None, ["eval.temperature=0.7"])
     assert base.digest("sft") == other_eval.digest("sft")
     assert base.digest("sft", "eval") != other_eval.digest("sft", "eval")
+
+
+def test_every_shipped_config_is_valid() -> None:
+    shipped = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        load_config(path)

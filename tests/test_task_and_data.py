@@ -19,7 +19,7 @@ def test_checker_is_exact() -> None:
 
 def test_demonstrations_are_imperfect_at_the_configured_rate() -> None:
     demos = task.sft_records(CFG)
-    right = sum(eval(d["prompt"].rstrip("=")) == int(d["completion"]) for d in demos)
+    right = sum(d["completion"] == str(eval(d["prompt"].rstrip("="))) for d in demos)
     assert abs(right / len(demos) - CFG.demo_accuracy) < 0.07
     assert right < len(demos)  # room for RLHF to improve
 
@@ -28,6 +28,7 @@ def test_preferences_always_prefer_the_correct_answer() -> None:
     for pair in task.preference_records(CFG):
         truth = str(eval(pair["prompt"].rstrip("=")))
         assert pair["chosen"] == truth and pair["rejected"] != truth
+        assert pair["rejected"].startswith(truth + ";")  # rambling, not a wrong sum
 
 
 def test_eval_prompts_are_held_out_and_generation_is_deterministic() -> None:
@@ -96,3 +97,28 @@ def test_dataset_digest_follows_content(tmp_path: Path) -> None:
     path.write_text('{"prompt": "1+1=", "completion": "3"}\n')
     assert dataset_digest(str(path), "sft", CFG) != first
     assert dataset_digest("builtin", "sft", CFG) != dataset_digest("builtin", "sft", TaskSection(demo_accuracy=0.9))
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "expected"),
+    [
+        ("preferences", {"prompt": "1+1=", "rejected": "3"}, "row 1: missing key(s) ['chosen']"),
+        ("preferences", {"prompt": "1+1=", "chosen": "2", "rejected": " 2"}, "row 1: 'chosen' and 'rejected' are the same"),
+        ("preferences", {"prompt": "1+1=", "chosen": "  ", "rejected": "3"}, "row 1: 'chosen' must be a non-empty string"),
+        ("ranked", {"query": "1+1=", "responses": ["2", "3"], "scores": [1.0]}, "'scores' has 1 entries but 'responses' has 2"),
+        ("ranked", {"query": "1+1=", "responses": [], "scores": []}, "'responses' must be a non-empty list"),
+        ("ranked", {"query": "1+1=", "responses": ["2"], "scores": ["high"]}, "'scores' must be a list of numbers"),
+    ],
+)
+def test_bad_preference_and_ranked_rows_are_named(tmp_path: Path, kind: str, row: dict, expected: str) -> None:
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    with pytest.raises(DataError) as err:
+        load_records(str(path), kind, CFG)  # type: ignore[arg-type]
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_ranked_jsonl_loads(tmp_path: Path) -> None:
+    path = tmp_path / "ranked.jsonl"
+    path.write_text(json.dumps({"query": "1+1=", "responses": ["2", "3"], "scores": [1, -1.5]}) + "\n")
+    assert load_records(str(path), "ranked", CFG) == [{"query": "1+1=", "responses": ["2", "3"], "scores": [1, -1.5]}]

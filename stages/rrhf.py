@@ -1,0 +1,182 @@
+"""RRHF (Yuan et al. 2023): rank sampled responses by reward; train with ranking loss + SFT loss.
+
+    python -m stages.rrhf --out runs/manual/rrhf --input sft=runs/x/sft --input reward=runs/x/reward
+
+1. For each training prompt, sample k candidates from the SFT policy (or read offline ranked data
+   ``{"query", "responses", "scores"}`` from ``data.ranked``, in which case no reward model is needed).
+2. Score them with the ``reward`` adapter + head on the same backbone.
+3. Train the ``policy`` adapter, initialised from the SFT adapter, on ``rrhf_loss``: hinge ranking over
+   length-normalised log-probabilities of misordered pairs plus the NLL of the best candidate.
+
+Unlike the reference implementation: any batch size (its #23), every row of the batch counts (#29/#48),
+and padding never enters the SFT mean (#51) - see ``stages.losses.rrhf_loss``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages import runner
+from stages.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter
+from stages.artifacts import read_manifest, write_json
+from stages.backbone import load_backbone
+from stages.config import PipelineConfig
+from stages.data import load_records
+from stages.evaluation import generate, task_score
+from stages.heads import sequence_scores
+from stages.losses import rrhf_loss
+from stages.reward import attach_reward
+from stages.sequences import encode, token_logprobs
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+POLICY = "policy"
+
+
+@dataclass
+class Group:
+    """One prompt's candidates and their rewards."""
+
+    prompt: str
+    responses: list[str]
+    finished: list[bool]
+    rewards: list[float]
+
+
+def reward_of(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase", prompts: list[str],
+              responses: list[str], finished: list[bool], missing_eos_penalty: float) -> list[float]:
+    """Reward-model scores (reward adapter active), minus a penalty for responses that never stopped."""
+    import torch
+
+    with active_adapter(model, "reward"), torch.no_grad():
+        scores = sequence_scores(model, head, encode(tokenizer, prompts, responses, finished)).tolist()
+    return [s - (0.0 if done else missing_eos_penalty) for s, done in zip(scores, finished)]
+
+
+def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
+                  prompts: list[str], cfg: PipelineConfig) -> list[Group]:
+    """k policy samples per prompt, scored by the reward model."""
+    k = cfg.rrhf.num_candidates
+    repeated = [p for p in prompts for _ in range(k)]
+    with active_adapter(model, POLICY):
+        samples = generate(model, tokenizer, repeated, max_new_tokens=cfg.rrhf.max_new_tokens,
+                           temperature=cfg.rrhf.temperature, batch_size=64, seed=cfg.run.seed + 1,
+                           desc="rrhf candidates")
+    texts, finished = [s.text for s in samples], [s.finished for s in samples]
+    rewards = reward_of(model, head, tokenizer, repeated, texts, finished, cfg.rrhf.missing_eos_penalty)
+    return [Group(p, texts[i * k : (i + 1) * k], finished[i * k : (i + 1) * k], rewards[i * k : (i + 1) * k])
+            for i, p in enumerate(prompts)]
+
+
+def offline_groups(source: str, cfg: PipelineConfig) -> list[Group]:
+    rows = load_records(source, "ranked", cfg.task)
+    return [Group(r["query"], r["responses"], [True] * len(r["responses"]), [float(x) for x in r["scores"]]) for r in rows]
+
+
+def group_logprobs(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase",
+                   groups: list[Group]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """Length-normalised response log-probs (B, K), rewards (B, K) and the mask of real candidates (B, K)."""
+    import torch
+
+    flat = [(g.prompt, r, done) for g in groups for r, done in zip(g.responses, g.finished)]
+    batch = encode(tokenizer, [f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat])
+    per_token = token_logprobs(model, batch)  # (N, T), 0 off the response
+    normalised = per_token.sum(-1) / batch.response_mask.sum(-1).clamp(min=1)  # (N,)
+    width = max(len(g.responses) for g in groups)
+    logprobs = torch.zeros(len(groups), width)
+    rewards = torch.zeros(len(groups), width)
+    mask = torch.zeros(len(groups), width, dtype=torch.bool)
+    start = 0
+    for i, g in enumerate(groups):  # ragged groups (offline data) -> padded (B, K)
+        n = len(g.responses)
+        logprobs[i, :n] = normalised[start : start + n]
+        rewards[i, :n] = torch.tensor(g.rewards)
+        mask[i, :n] = True
+        start += n
+    return logprobs, rewards, mask
+
+
+def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", groups: list[Group]) -> float:
+    """Share of differently-rewarded candidate pairs that the policy's log-probs order like the reward."""
+    import torch
+
+    agree = total = 0
+    with torch.no_grad():
+        for start in range(0, len(groups), 16):
+            logprobs, rewards, mask = group_logprobs(model, tokenizer, groups[start : start + 16])
+            valid = mask[:, :, None] & mask[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])  # (B, K, K)
+            agree += (valid & (logprobs[:, :, None] > logprobs[:, None, :])).sum().item()
+            total += valid.sum().item()
+    return agree / total if total else float("nan")
+
+
+def train_rrhf(cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
+    tokenizer = backbone.tokenizer
+    held_out = load_records(cfg.data.eval, "eval", cfg.task)
+    model = load_adapter(backbone.model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
+    head = None
+    if cfg.data.ranked:
+        groups = offline_groups(cfg.data.ranked, cfg)
+    else:
+        model, head = attach_reward(model, inputs["reward"], tokenizer, backbone.fingerprint)
+        prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
+        random.Random(cfg.run.seed).shuffle(prompts)
+        groups = sample_groups(model, head, tokenizer, prompts[: cfg.rrhf.num_prompts], cfg)
+    model.set_adapter(POLICY)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.rrhf.learning_rate, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.rrhf.warmup_steps, cfg.rrhf.max_steps)
+    accuracy_before = ranking_accuracy(model, tokenizer, groups)
+    rng = random.Random(cfg.run.seed)
+    history = []
+    model.train()
+    for step in tqdm(range(1, cfg.rrhf.max_steps + 1), desc="rrhf", unit="step"):
+        batch = rng.sample(groups, min(cfg.rrhf.batch_size, len(groups)))
+        logprobs, rewards, mask = group_logprobs(model, tokenizer, batch)
+        loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=cfg.rrhf.rank_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.rrhf.logging_steps == 0 or step == cfg.rrhf.max_steps:
+            history.append({"step": step, "loss": round(loss.item(), 5), **stats})
+    model.eval()
+
+    metrics: dict[str, Any] = {
+        "task_score": task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (rrhf)"),
+        "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
+        "ranking_accuracy_before": accuracy_before,
+        "ranking_accuracy": ranking_accuracy(model, tokenizer, groups),
+        "candidate_reward": sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups),
+    }
+    if head is not None:  # mean reward of the trained policy's own samples on held-out prompts
+        eval_prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
+        samples = generate(model, tokenizer, eval_prompts, max_new_tokens=cfg.rrhf.max_new_tokens,
+                           temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
+        rewards = reward_of(model, head, tokenizer, eval_prompts, [s.text for s in samples],
+                            [s.finished for s in samples], cfg.rrhf.missing_eos_penalty)
+        metrics["policy_reward"] = sum(rewards) / len(rewards)
+    save_adapter(model, POLICY, out / "adapter")
+    write_json(out / "history.json", history)
+    return {**metrics, "trainable_parameters": count_trainable(model), "groups": len(groups),
+            "adapter_kind": cfg.adapter.kind}
+
+
+def main(argv: list[str] | None = None) -> None:
+    runner.stage_main("rrhf", train_rrhf, argv)
+
+
+if __name__ == "__main__":
+    main()

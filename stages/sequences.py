@@ -1,0 +1,81 @@
+"""Prompt + response token batches and the two forward passes every RLHF stage needs.
+
+One encoding for all stages: prompt and response are tokenized separately and concatenated (exactly
+what generation produces), EOS is appended to a response that finished, and batches are right-padded.
+``response_mask`` marks the response tokens (EOS included): the tokens a policy is scored or trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: "torch.Tensor"  # (B, T) right-padded
+    attention_mask: "torch.Tensor"  # (B, T) 1 on real tokens
+    response_mask: "torch.Tensor"  # (B, T) 1 on response tokens, EOS included
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def encode(
+    tokenizer: "PreTrainedTokenizerBase", prompts: list[str], responses: list[str], finished: list[bool] | None = None
+) -> SequenceBatch:
+    """Tokenize prompt/response pairs (EOS after each finished response) into one right-padded batch."""
+    finished = finished if finished is not None else [True] * len(prompts)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    response_ids = tokenizer(responses, add_special_tokens=False).input_ids
+    rows = [
+        (p, r + ([tokenizer.eos_token_id] if done else []))
+        for p, r, done in zip(prompt_ids, response_ids, finished, strict=True)
+    ]
+    return from_token_ids(rows, tokenizer.pad_token_id)
+
+
+def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
+    """Right-pad (prompt ids, response ids) rows into a batch."""
+    import torch
+
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        n_prompt, n_total = len(prompt), len(prompt) + len(response)
+        input_ids[i, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[i, :n_total] = 1
+        response_mask[i, n_prompt:n_total] = 1
+    return SequenceBatch(input_ids, attention_mask, response_mask)
+
+
+def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":
+    """log p(token_t | tokens_<t) at every position, 0 at position 0 and off the response: (B, T)."""
+    import torch
+
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts tokens 1..T-1
+    picked = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    picked = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)  # align with input positions
+    return picked * batch.response_mask
+
+
+def last_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":
+    """Final-layer hidden state (after the final norm) at each row's last real token: (B, H).
+
+    Goes through the full (PEFT) model forward, so LoRA and prefix adapters both apply.
+    """
+    import torch
+
+    out = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=1
+    )
+    hidden = out.hidden_states[-1]  # (B, T, H)
+    last = batch.attention_mask.sum(dim=1) - 1  # (B,) right padding: the last real token
+    return hidden[torch.arange(hidden.shape[0]), last]

@@ -1,0 +1,103 @@
+"""Reward and RRHF stages on the shared backbone: head integrity, offline ranked data, batch > 1."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages import artifacts
+from stages.adapters import needs_4bit
+from stages.backbone import load_backbone
+from stages.config import load_config
+from stages.heads import SCORE_HEAD, sequence_scores
+from stages.reward import PROBES, attach_reward, train_reward
+from stages.rrhf import train_rrhf
+from stages.runner import execute
+from stages.sequences import encode
+from stages.sft import train_sft
+from tests.conftest import TINY
+
+FAST = [*TINY, "reward.max_steps=4", "reward.batch_size=4", "rrhf.max_steps=3", "rrhf.num_prompts=6",
+        "rrhf.batch_size=3", "rrhf.num_candidates=3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stages")
+    cfg = load_config(None, FAST)
+    execute("sft", train_sft, cfg, root / "sft", {})
+    execute("reward", train_reward, cfg, root / "reward", {})
+    return {"sft": root / "sft", "reward": root / "reward"}
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora", "ptuning_v2"])
+def test_reward_trains_and_shared_backbone_scores_match(kind: str, tmp_path: Path) -> None:
+    cfg = load_config(None, [*FAST, f"adapter.kind={kind}"])
+    manifest = execute("reward", train_reward, cfg, tmp_path / "reward", {})
+    assert 0.0 <= manifest["metrics"]["pair_accuracy"] <= 1.0
+    assert (tmp_path / "reward" / SCORE_HEAD).is_file()
+
+    # A fresh backbone, as PPO/RRHF see it: causal LM + reward adapter + saved head, no second model.
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind))
+    model, head = attach_reward(backbone.model, tmp_path / "reward", backbone.tokenizer, backbone.fingerprint)
+    probes = json.loads((tmp_path / "reward" / PROBES).read_text())
+    with torch.no_grad():
+        scores = sequence_scores(model, head, encode(backbone.tokenizer, [p["prompt"] for p in probes],
+                                                     [p["response"] for p in probes]))
+    torch.testing.assert_close(scores, torch.tensor([p["score"] for p in probes]), rtol=0, atol=1e-4)
+
+
+def test_missing_or_foreign_head_is_a_clear_error(trained: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config(None, FAST)
+    broken = tmp_path / "reward"
+    artifacts.copy_artifact(trained["reward"], broken)
+    (broken / SCORE_HEAD).unlink()
+    backbone = load_backbone(cfg.backbone)
+    with pytest.raises(artifacts.ArtifactError, match="head is missing"):
+        attach_reward(backbone.model, broken, backbone.tokenizer, backbone.fingerprint)
+
+    swapped = tmp_path / "swapped"
+    artifacts.copy_artifact(trained["reward"], swapped)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.randn(1, 128), "bias": torch.zeros(1)}, str(swapped / SCORE_HEAD),
+              metadata={"backbone_fingerprint": backbone.fingerprint})
+    with pytest.raises(artifacts.ArtifactError, match="does not match"):
+        attach_reward(load_backbone(cfg.backbone).model, swapped, backbone.tokenizer, backbone.fingerprint)
+
+
+def test_rrhf_with_reward_model_and_batch_above_one(trained: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config(None, [*FAST, "run.stages=[sft,reward,rrhf]"])
+    manifest = execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", dict(trained))
+    metrics = manifest["metrics"]
+    assert metrics["groups"] == 6 and cfg.rrhf.batch_size == 3
+    for key in ("task_score", "task_score_sft", "ranking_accuracy", "policy_reward"):
+        assert key in metrics, key
+    history = json.loads((tmp_path / "rrhf" / "history.json").read_text())
+    assert history and all(row["rank_loss"] >= 0 and row["sft_loss"] > 0 for row in history)
+    from peft import PeftModel
+
+    base = load_backbone(cfg.backbone).model
+    PeftModel.from_pretrained(base, str(tmp_path / "rrhf" / "adapter"))  # a plain PEFT folder
+
+
+def test_rrhf_on_offline_ranked_data_needs_no_reward(trained: dict[str, Path], tmp_path: Path) -> None:
+    ranked = tmp_path / "ranked.jsonl"
+    rows = [
+        {"query": "3+4=", "responses": ["7", "8", "6"], "scores": [1.0, -1.0, -1.0]},
+        {"query": "12+9=", "responses": ["21", "11"], "scores": [2.0, 0.5]},  # ragged: 2 candidates
+        {"query": "5+5=", "responses": ["10"], "scores": [1.0]},  # a single candidate
+    ]
+    ranked.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_config(None, [*FAST, "run.stages=[sft,rrhf]", f"data.ranked={ranked}"])
+    manifest = execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", {"sft": trained["sft"]})
+    assert manifest["metrics"]["groups"] == 3 and "policy_reward" not in manifest["metrics"]
+    assert "reward" not in manifest["input_digests"]
+
+
+def test_rrhf_needs_a_reward_source() -> None:
+    from stages.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rrhf needs the reward stage"):
+        load_config(None, ["run.stages=[sft,rrhf]"])
