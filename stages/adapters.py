@@ -85,11 +85,24 @@ def load_adapter(
             f"but this run's backbone is {backbone_fingerprint}"
         )
     path = str(Path(folder) / "adapter")
+    # PEFT refuses to load a prompt-learning adapter as trainable; load it frozen and unfreeze it below.
+    as_trainable = trainable and not _is_prompt_learning(path)
     if isinstance(model, PeftModel):
-        model.load_adapter(path, adapter_name=name, is_trainable=trainable)
+        model.load_adapter(path, adapter_name=name, is_trainable=as_trainable)
     else:
-        model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=trainable)
+        model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=as_trainable)
+    if trainable:
+        model.peft_config[name].inference_mode = False
+        for param_name, param in model.named_parameters():
+            if adapter_of(model, param_name) == name:
+                param.requires_grad_(True)
     return model
+
+
+def _is_prompt_learning(path: str) -> bool:
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(path).is_prompt_learning
 
 
 def save_adapter(model: "PeftModel", name: str, dest: Path) -> None:

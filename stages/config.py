@@ -31,7 +31,7 @@ class _Section(BaseModel):
 
 
 class RunSection(_Section):
-    stages: list[StageName] = Field(default_factory=lambda: ["sft", "reward", "rrhf"], min_length=1)
+    stages: list[StageName] = Field(default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
     seed: int = 0
     # Torch threads per stage process. 2 cores here; more threads than cores makes CPU training crawl.
     threads: int = Field(default=2, ge=1)
@@ -124,6 +124,29 @@ class RRHFSection(_Section):
     logging_steps: int = Field(default=10, ge=1)
 
 
+class PPOSection(_Section):
+    updates: int = Field(default=40, ge=1)  # rollout + optimisation rounds
+    rollout_prompts: int = Field(default=32, ge=1)  # prompts sampled per update
+    ppo_epochs: int = Field(default=2, ge=1)  # passes over each rollout
+    minibatch_size: int = Field(default=16, ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=5e-4, gt=0)  # policy and value adapters and the value head
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    clip_range: float = Field(default=0.2, gt=0)  # policy ratio clip (PPO eq. 7)
+    clip_range_value: float = Field(default=0.2, gt=0)
+    value_coef: float = Field(default=0.5, ge=0)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    kl_controller: Literal["adaptive", "fixed"] = "adaptive"
+    kl_coef: float = Field(default=0.2, gt=0)  # initial (adaptive) or constant (fixed) KL coefficient
+    kl_target: float = Field(default=0.5, gt=0)  # adaptive: target KL per response (Ziegler et al. 2019)
+    kl_horizon: int = Field(default=200, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=16, ge=1)
+    missing_eos_penalty: float = Field(default=1.0, ge=0)
+    checkpoint_every: int = Field(default=5, ge=1)  # updates between resumable checkpoints
+
+
 class EvalSection(_Section):
     num_prompts: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=16, ge=1)
@@ -141,6 +164,7 @@ class PipelineConfig(_Section):
     sft: SFTSection = SFTSection()
     reward: RewardSection = RewardSection()
     rrhf: RRHFSection = RRHFSection()
+    ppo: PPOSection = PPOSection()
     eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")

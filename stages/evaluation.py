@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 class Response:
     text: str  # decoded response up to (not including) end-of-sequence
     finished: bool  # the policy emitted end-of-sequence within the token budget
+    prompt_ids: tuple[int, ...] = ()  # the prompt's tokens, padding removed
+    token_ids: tuple[int, ...] = ()  # the response's tokens, EOS included when finished
 
 
 def generate(
@@ -42,19 +44,24 @@ def generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
                     top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 )
-            responses.extend(_decode(out[:, batch.input_ids.shape[1] :], tokenizer))  # (B, new)
+            responses.extend(_decode(batch.input_ids, batch.attention_mask, out[:, batch.input_ids.shape[1] :], tokenizer))
     finally:
         model.train(was_training)
         torch.random.set_rng_state(generator_state)
     return responses
 
 
-def _decode(new_tokens: "torch.Tensor", tokenizer: "PreTrainedTokenizerBase") -> list[Response]:
+def _decode(prompt_ids: "torch.Tensor", prompt_mask: "torch.Tensor", new_tokens: "torch.Tensor",
+            tokenizer: "PreTrainedTokenizerBase") -> list[Response]:
     responses = []
-    for row in new_tokens.tolist():
+    for prompt, keep, row in zip(prompt_ids.tolist(), prompt_mask.tolist(), new_tokens.tolist()):
         finished = tokenizer.eos_token_id in row
         kept = row[: row.index(tokenizer.eos_token_id)] if finished else row
-        responses.append(Response(tokenizer.decode(kept, skip_special_tokens=True), finished))
+        responses.append(Response(
+            text=tokenizer.decode(kept, skip_special_tokens=True), finished=finished,
+            prompt_ids=tuple(t for t, k in zip(prompt, keep) if k),
+            token_ids=tuple(kept + [tokenizer.eos_token_id] if finished else kept),
+        ))
     return responses
 
 

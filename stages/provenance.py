@@ -35,6 +35,7 @@ STAGES: dict[str, StageSpec] = {
     "sft": StageSpec(("backbone", "adapter", "sft", "eval"), (), ("sft", "eval")),
     "reward": StageSpec(("backbone", "adapter", "reward"), (), ("preferences",)),
     "rrhf": StageSpec(("backbone", "adapter", "rrhf", "eval"), ("sft", "reward"), ("sft", "eval")),
+    "ppo": StageSpec(("backbone", "adapter", "ppo", "eval"), ("sft", "reward"), ("sft", "eval")),
 }
 
 

@@ -73,7 +73,8 @@ def evaluate_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreT
     return {"pair_accuracy": (margin > 0).float().mean().item(), "reward_margin": margin.mean().item()}
 
 
-def train_reward(cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
+    out = ctx.staging
     import torch
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -154,6 +155,16 @@ def attach_reward(model: "PeftModel | torch.nn.Module", folder: Path, tokenizer:
             f"stage computed (tolerance {PROBE_TOLERANCE}); the head or adapter does not match"
         )
     return model, head
+
+
+def reward_of(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase", prompts: list[str],
+              responses: list[str], finished: list[bool], missing_eos_penalty: float) -> list[float]:
+    """Reward-model scores (reward adapter active), minus a penalty for responses that never stopped."""
+    import torch
+
+    with active_adapter(model, ADAPTER_NAME), torch.no_grad():
+        scores = sequence_scores(model, head, encode(tokenizer, prompts, responses, finished)).tolist()
+    return [s - (0.0 if done else missing_eos_penalty) for s, done in zip(scores, finished)]
 
 
 def main(argv: list[str] | None = None) -> None:

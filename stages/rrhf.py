@@ -26,9 +26,8 @@ from stages.backbone import load_backbone
 from stages.config import PipelineConfig
 from stages.data import load_records
 from stages.evaluation import generate, task_score
-from stages.heads import sequence_scores
 from stages.losses import rrhf_loss
-from stages.reward import attach_reward
+from stages.reward import attach_reward, reward_of
 from stages.sequences import encode, token_logprobs
 
 if TYPE_CHECKING:
@@ -47,16 +46,6 @@ class Group:
     responses: list[str]
     finished: list[bool]
     rewards: list[float]
-
-
-def reward_of(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase", prompts: list[str],
-              responses: list[str], finished: list[bool], missing_eos_penalty: float) -> list[float]:
-    """Reward-model scores (reward adapter active), minus a penalty for responses that never stopped."""
-    import torch
-
-    with active_adapter(model, "reward"), torch.no_grad():
-        scores = sequence_scores(model, head, encode(tokenizer, prompts, responses, finished)).tolist()
-    return [s - (0.0 if done else missing_eos_penalty) for s, done in zip(scores, finished)]
 
 
 def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
@@ -116,7 +105,8 @@ def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", g
     return agree / total if total else float("nan")
 
 
-def train_rrhf(cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
+    out, inputs = ctx.staging, ctx.inputs
     import torch
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup

@@ -2,8 +2,9 @@
 
     python -m stages.sft --config runs/<id>/config.yaml --out runs/<id>/sft [--input reward=runs/<id>/reward]
 
-A stage function receives the validated config, an empty staging folder and its input artifacts, writes
-its files there and returns its metrics. The runner adds the provenance and publishes atomically, so an
+A stage function receives the validated config and a ``StageContext`` (an empty staging folder, the
+final location, its input artifacts, its cache key), writes its files into the staging folder and
+returns its metrics. The runner adds the provenance and publishes atomically, so an
 exception (or a kill) leaves no folder that a later run could mistake for a finished one.
 """
 
@@ -13,6 +14,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,17 @@ from stages.config import ConfigError, PipelineConfig, load_config
 from stages.data import DataError
 from stages.provenance import stage_provenance
 
-StageFn = Callable[[PipelineConfig, Path, dict[str, Path]], dict[str, Any]]
+@dataclass(frozen=True)
+class StageContext:
+    """Where a stage writes and what it reads."""
+
+    staging: Path  # empty folder to write the artifact into; published at ``final`` on success
+    final: Path  # where the artifact will appear (resumable state may live beside it)
+    inputs: dict[str, Path]  # upstream artifacts by stage name
+    cache_key: str  # this run's key: checkpoints are only resumed by a run with the same key
+
+
+StageFn = Callable[[PipelineConfig, StageContext], dict[str, Any]]
 # Errors that are the user's to fix: print one line, no traceback.
 USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError)
 
@@ -36,7 +48,7 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
     provenance = stage_provenance(stage, cfg, inputs)
     started = time.time()
     with artifacts.staging(out) as tmp:
-        metrics = fn(cfg, tmp, inputs)
+        metrics = fn(cfg, StageContext(tmp, Path(out), inputs, provenance["cache_key"]))
         artifacts.write_json(tmp / "metrics.json", metrics)
         manifest = {
             **provenance,

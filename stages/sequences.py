@@ -57,13 +57,35 @@ def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Sequ
 
 def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":
     """log p(token_t | tokens_<t) at every position, 0 at position 0 and off the response: (B, T)."""
+    return token_logprobs_and_entropy(model, batch)[0]
+
+
+def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Per-token log-probs of the actual tokens and entropies of the predicted distributions: (B, T) each,
+    aligned with ``input_ids`` (position t scores token t from the logits at t-1), 0 off the response."""
     import torch
 
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts tokens 1..T-1
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V) predicts tokens 1..T-1
     picked = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    picked = torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)  # align with input positions
-    return picked * batch.response_mask
+    entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T-1)
+    return _align(picked, batch), _align(entropy, batch)
+
+
+def token_values(model: "torch.nn.Module", head: "torch.nn.Linear", batch: SequenceBatch) -> "torch.Tensor":
+    """Value head on the hidden state that predicts each token (position t uses hidden t-1): (B, T)."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, H)
+    return _align(head(hidden.to(head.weight.dtype)).squeeze(-1), batch)
+
+
+def _align(shifted: "torch.Tensor", batch: SequenceBatch) -> "torch.Tensor":
+    """(B, T-1) values for tokens 1..T-1 -> (B, T) aligned with input positions, zero off the response."""
+    import torch
+
+    aligned = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)
+    return aligned * batch.response_mask
 
 
 def last_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":

@@ -47,7 +47,8 @@ def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", 
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(demos), processing_class=tokenizer)
 
 
-def train_sft(cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any]:
+def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
+    out = ctx.staging
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
     demos = load_records(cfg.data.sft, "sft", cfg.task)

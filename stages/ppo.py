@@ -1,0 +1,223 @@
+"""PPO with policy, reference, reward and value as adapters on ONE copy of the frozen backbone.
+
+    python -m stages.ppo --out runs/x/ppo --input sft=runs/x/sft --input reward=runs/x/reward
+
+Adapters (all of the configured kind, on one PeftModel around one backbone):
+    reference  the SFT adapter, frozen          policy  starts from SFT, trained
+    reward     the RM adapter + score head, frozen   value   starts from the RM, trained, + value head
+
+Each update: sample responses with the policy (KV cache, left padding, EOS); score them without
+gradients (reference log-probs, reward, values); shape per-token rewards with the KL penalty (score on
+the last token); GAE + whitening; then PPO epochs over minibatches of the clipped policy and value
+losses. The losses and GAE are the pure functions of ``stages.losses``. A checkpoint every
+``ppo.checkpoint_every`` updates lets a killed run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages import runner
+from stages.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.artifacts import read_manifest, write_json
+from stages.backbone import load_backbone
+from stages.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from stages.config import PipelineConfig
+from stages.data import load_records
+from stages.evaluation import generate, task_score
+from stages.heads import save_head, sequence_scores
+from stages.kl_control import build_kl_controller
+from stages.losses import gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from stages.reward import attach_reward, reward_of
+from stages.sequences import SequenceBatch, from_token_ids, token_logprobs, token_logprobs_and_entropy, token_values
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+REFERENCE, POLICY, REWARD, VALUE = "reference", "policy", "reward", "value"
+TRAINABLE = [POLICY, VALUE]
+VALUE_HEAD = "value_head.safetensors"
+
+
+@dataclass
+class Actors:
+    """The one model (four adapters) and the two small heads."""
+
+    model: "PeftModel"
+    tokenizer: "PreTrainedTokenizerBase"
+    reward_head: "torch.nn.Linear"
+    value_head: "torch.nn.Linear"
+    fingerprint: str
+
+
+@dataclass
+class Rollout:
+    input_ids: "torch.Tensor"  # (B, T)
+    attention_mask: "torch.Tensor"  # (B, T)
+    response_mask: "torch.Tensor"  # (B, T)
+    old_logprobs: "torch.Tensor"  # (B, T)
+    old_values: "torch.Tensor"  # (B, T)
+    advantages: "torch.Tensor"  # (B, T) whitened
+    returns: "torch.Tensor"  # (B, T)
+
+    def select(self, index: "torch.Tensor") -> "Rollout":
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @property
+    def batch(self) -> SequenceBatch:
+        return SequenceBatch(self.input_ids, self.attention_mask, self.response_mask)
+
+
+def build_actors(cfg: PipelineConfig, inputs: dict[str, Path]) -> Actors:
+    """One backbone; reference + policy from SFT, reward + value from the RM; value head from the score head."""
+    import copy
+
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
+    fp = backbone.fingerprint
+    model = load_adapter(backbone.model, inputs["sft"], REFERENCE, fp)
+    model = load_adapter(model, inputs["sft"], POLICY, fp, trainable=True)
+    model, reward_head = attach_reward(model, inputs["reward"], backbone.tokenizer, fp)
+    model = load_adapter(model, inputs["reward"], VALUE, fp, trainable=True)
+    value_head = copy.deepcopy(reward_head).requires_grad_(True)
+    model.set_adapter(POLICY)
+    set_trainable(model, TRAINABLE)  # after set_adapter, which would silently freeze the value adapter
+    return Actors(model, backbone.tokenizer, reward_head, value_head, fp)
+
+
+def collect_rollout(actors: Actors, prompts: list[str], cfg: PipelineConfig, kl_coef: float,
+                    seed: int) -> tuple[Rollout, dict[str, float]]:
+    """Sample with the policy, then score without gradients and compute advantages."""
+    import torch
+
+    model, ppo = actors.model, cfg.ppo
+    with active_adapter(model, POLICY):
+        samples = generate(model, actors.tokenizer, prompts, max_new_tokens=ppo.max_new_tokens,
+                           temperature=ppo.temperature, batch_size=64, seed=seed, desc="rollout")
+    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], actors.tokenizer.pad_token_id)
+    finished = torch.tensor([s.finished for s in samples])
+    with torch.no_grad():
+        with active_adapter(model, POLICY):
+            logprobs = token_logprobs(model, batch)
+        with active_adapter(model, REFERENCE):
+            ref_logprobs = token_logprobs(model, batch)
+        with active_adapter(model, REWARD):
+            scores = sequence_scores(model, actors.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
+        with active_adapter(model, VALUE):
+            values = token_values(model, actors.value_head, batch)
+    mask = batch.response_mask
+    rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
+    rollout = Rollout(batch.input_ids, batch.attention_mask, mask, logprobs, values,
+                      masked_whiten(advantages, mask), returns)
+    stats = {"score": scores.mean().item(), "kl": kl.sum(-1).mean().item(), "kl_coef": kl_coef,
+             "finished": finished.float().mean().item(), "response_length": mask.sum(-1).float().mean().item()}
+    return rollout, stats
+
+
+def ppo_update(actors: Actors, rollout: Rollout, optimizer: "torch.optim.Optimizer", params: list,
+               cfg: PipelineConfig, generator: "torch.Generator") -> dict[str, float]:
+    """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping."""
+    import torch
+
+    ppo, model = cfg.ppo, actors.model
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(ppo.ppo_epochs):
+        order = torch.randperm(rollout.input_ids.shape[0], generator=generator)
+        for i, start in enumerate(range(0, len(order), ppo.minibatch_size)):
+            mb = rollout.select(order[start : start + ppo.minibatch_size])
+            with active_adapter(model, POLICY):
+                logprobs, entropy = token_logprobs_and_entropy(model, mb.batch)
+            policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages,
+                                                        mb.response_mask, ppo.clip_range)
+            with active_adapter(model, VALUE):
+                values = token_values(model, actors.value_head, mb.batch)
+            value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
+                                                     ppo.clip_range_value)
+            ((policy_loss + ppo.value_coef * value_loss) / ppo.gradient_accumulation).backward()
+            if (i + 1) % ppo.gradient_accumulation == 0 or start + ppo.minibatch_size >= len(order):
+                torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                          "entropy": masked_mean(entropy, mb.response_mask).item(), **policy_stats, **value_stats}
+            for key, value in step_stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+    return {key: value / steps for key, value in totals.items()}
+
+
+def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
+    out, inputs = ctx.staging, ctx.inputs
+    import torch
+    from tqdm.auto import tqdm
+
+    actors = build_actors(cfg, inputs)
+    model, ppo = actors.model, cfg.ppo
+    params = [p for p in model.parameters() if p.requires_grad] + list(actors.value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=ppo.learning_rate, weight_decay=0.0)
+    kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
+    prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
+    held_out = load_records(cfg.data.eval, "eval", cfg.task)
+
+    root, key = checkpoint_root(ctx.final), ctx.cache_key
+    history: list[dict[str, float]] = []
+    start = 0
+    if (found := latest_checkpoint(root, key)) is not None:
+        tensors, state = load_checkpoint(found, model, TRAINABLE)
+        actors.value_head.load_state_dict(tensors["value_head"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        start, history = state["update"], state["history"]
+        print(f"ppo: resuming from update {start} ({found})", flush=True)
+    generator = torch.Generator().manual_seed(cfg.run.seed + start)
+    model.train()
+    for update in tqdm(range(start + 1, ppo.updates + 1), desc="ppo", unit="update", initial=start, total=ppo.updates):
+        batch_prompts = random.Random(cfg.run.seed + update).sample(prompts, min(ppo.rollout_prompts, len(prompts)))
+        rollout, stats = collect_rollout(actors, batch_prompts, cfg, kl_ctl.value, seed=cfg.run.seed + update)
+        stats.update(ppo_update(actors, rollout, optimizer, params, cfg, generator))
+        kl_ctl.update(stats["kl"], n_steps=len(batch_prompts))
+        history.append({"update": update, **{k: round(v, 5) for k, v in stats.items()}})
+        if update % ppo.checkpoint_every == 0 and update < ppo.updates:
+            save_checkpoint(root, update, key, model, TRAINABLE,
+                            {"value_head": actors.value_head.state_dict(), "optimizer": optimizer.state_dict()},
+                            {"update": update, "kl_controller": kl_ctl.state_dict(), "history": history})
+    model.eval()
+    metrics = _evaluate(actors, held_out, cfg)
+    metrics["task_score_sft"] = read_manifest(inputs["sft"])["metrics"]["task_score"]
+
+    save_adapter(model, POLICY, out / "adapter")
+    save_adapter(model, VALUE, out / "value")
+    save_head(actors.value_head, out / VALUE_HEAD, actors.fingerprint)
+    write_json(out / "history.json", history)
+    if root.exists():  # keep the last checkpoint with the artifact, as a record of how it was resumed
+        shutil.move(str(root), str(out / "checkpoints"))
+    return {**metrics, "updates": ppo.updates, "resumed_from_update": start,
+            "final_kl_coef": kl_ctl.value, "trainable_parameters": count_trainable(model), "adapter_kind": cfg.adapter.kind}
+
+
+def _evaluate(actors: Actors, held_out: list, cfg: PipelineConfig) -> dict[str, float]:
+    """Held-out task_score of the policy and the mean reward of its held-out samples."""
+    model, tokenizer = actors.model, actors.tokenizer
+    with active_adapter(model, POLICY):
+        score = task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (ppo)")
+        prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
+        samples = generate(model, tokenizer, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
+                           temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
+    rewards = reward_of(model, actors.reward_head, tokenizer, prompts, [s.text for s in samples],
+                        [s.finished for s in samples], cfg.ppo.missing_eos_penalty)
+    return {"task_score": score, "policy_reward": sum(rewards) / len(rewards)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    runner.stage_main("ppo", train_ppo, argv)
+
+
+if __name__ == "__main__":
+    main()
