@@ -92,7 +92,7 @@ def build_actors(cfg: PipelineConfig, inputs: dict[str, Path]) -> Actors:
 
 def collect_rollout(actors: Actors, prompts: list[str], cfg: PipelineConfig, kl_coef: float,
                     seed: int) -> tuple[Rollout, dict[str, float]]:
-    """Sample with the policy, then score without gradients and compute advantages."""
+    """Sample with the policy, then score the samples (``score_rollout``)."""
     import torch
 
     model, ppo = actors.model, cfg.ppo
@@ -100,7 +100,15 @@ def collect_rollout(actors: Actors, prompts: list[str], cfg: PipelineConfig, kl_
         samples = generate(model, actors.tokenizer, prompts, max_new_tokens=ppo.max_new_tokens,
                            temperature=ppo.temperature, batch_size=64, seed=seed, desc="rollout")
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], actors.tokenizer.pad_token_id)
-    finished = torch.tensor([s.finished for s in samples])
+    return score_rollout(actors, batch, torch.tensor([s.finished for s in samples]), cfg, kl_coef)
+
+
+def score_rollout(actors: Actors, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
+                  kl_coef: float) -> tuple[Rollout, dict[str, float]]:
+    """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``."""
+    import torch
+
+    model, ppo = actors.model, cfg.ppo
     with torch.no_grad():
         with active_adapter(model, POLICY):
             logprobs = token_logprobs(model, batch)
@@ -110,6 +118,14 @@ def collect_rollout(actors: Actors, prompts: list[str], cfg: PipelineConfig, kl_
             scores = sequence_scores(model, actors.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
         with active_adapter(model, VALUE):
             values = token_values(model, actors.value_head, batch)
+    return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef)
+
+
+def shape_rollout(batch: SequenceBatch, finished: "torch.Tensor", scores: "torch.Tensor", logprobs: "torch.Tensor",
+                  ref_logprobs: "torch.Tensor", values: "torch.Tensor", cfg: PipelineConfig,
+                  kl_coef: float) -> tuple[Rollout, dict[str, float]]:
+    """KL-penalised per-token rewards (score on the last token), GAE and whitened advantages."""
+    ppo = cfg.ppo
     mask = batch.response_mask
     rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
