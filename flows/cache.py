@@ -26,10 +26,18 @@ class ArtifactCache:
         return entry
 
     def store(self, key: str, artifact: Path) -> Path:
-        """Remember a freshly published artifact under its key (first writer wins)."""
+        """Remember a freshly published artifact under its key (first writer wins).
+
+        Two runs finishing the same stage at once serialise on a lock file; readers never see a partial
+        entry because the entry appears by rename, manifest included.
+        """
+        from filelock import FileLock
+
         entry = self.root / key
-        if self.lookup(key) is None:
-            artifacts.copy_artifact(artifact, entry)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(entry) + ".lock"):
+            if self.lookup(key) is None:
+                artifacts.copy_artifact(artifact, entry)
         return entry
 
     def restore(self, key: str, dest: Path) -> Path:

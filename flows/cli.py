@@ -7,6 +7,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stages.config import PipelineConfig
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -35,47 +39,141 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print machine-readable JSON")
     report.set_defaults(handler=_cmd_report)
 
+    stage = commands.add_parser("stage", help="rerun one stage of a run from its upstream artifacts, then what follows")
+    stage.add_argument("name", choices=["sft", "reward", "rrhf", "ppo"])
+    stage.add_argument("--run", dest="run_id", required=True, help="the run whose artifacts and config to use")
+    stage.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="change the run's config first (the previous config is kept as config.<n>.yaml)")
+    stage.add_argument("--force", action="store_true", help="recompute the stage even if its cache key is unchanged")
+    stage.set_defaults(handler=_cmd_stage)
+
+    serve = commands.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")
+    _add_config_args(serve)
+    serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (nightly at 03:00)')
+    serve.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+    serve.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    serve.set_defaults(handler=_cmd_serve)
+
+    runs = commands.add_parser("runs", help="list runs: id, status, stages, start time, duration")
+    runs.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    runs.set_defaults(handler=_cmd_runs)
+
     build = commands.add_parser("build-backbone", help="build (or find) the built-in tiny backbone and print its folder")
     build.set_defaults(handler=_cmd_build_backbone)
     return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flows.prefect_env import configure_prefect
-    from flows.report import format_report, run_report
     from flows.run_dir import new_run_id, prepare_run_dir
     from stages.config import load_config
-    from stages.backbone import resolve_backbone
-    from stages.provenance import check_datasets
 
     cfg = load_config(args.config, args.overrides)
-    check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
-    resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
+    _preflight(cfg)
     run_id = args.run_id or new_run_id()
     run_dir = prepare_run_dir(args.runs_dir, run_id, cfg).resolve()
     unknown = sorted(set(args.force) - set(cfg.run.stages))
     if unknown:
         raise _usage_error(f"--force {unknown}: not among this run's stages {cfg.run.stages}")
+    return _run_flow(run_dir, cfg.run.stages, args.force, args.runs_dir)
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from flows.run_dir import CONFIG, update_run_config
+    from stages.config import load_config
+
+    run_dir = (args.runs_dir / args.run_id).resolve()
+    if not (run_dir / CONFIG).is_file():
+        raise _usage_error(f"{run_dir}: no such run (see `rlhf runs`)")
+    cfg = load_config(run_dir / CONFIG, args.overrides)
+    if args.name not in cfg.run.stages:
+        raise _usage_error(f"stage {args.name} is not in run {args.run_id}'s stages {cfg.run.stages}")
+    _preflight(cfg)
+    update_run_config(run_dir, cfg)
+    return _run_flow(run_dir, cfg.run.stages, [args.name] if args.force else [], args.runs_dir)
+
+
+def _preflight(cfg: "PipelineConfig") -> None:
+    from stages.backbone import resolve_backbone
+    from stages.provenance import check_datasets
+
+    check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
+    resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
+
+
+def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path) -> int:
+    from flows.prefect_env import configure_prefect
+    from flows.report import format_report, run_report
+    from flows.report_html import write_report_html
+
     configure_prefect()
     from flows.pipeline import pipeline
 
-    print(f"run {run_id}: stages {cfg.run.stages} -> {run_dir}", flush=True)
+    print(f"run {run_dir.name}: stages {stages} -> {run_dir}", flush=True)
     try:
-        state = pipeline(str(run_dir), force=args.force, return_state=True)
+        state = pipeline(str(run_dir), force=force, return_state=True)
     finally:
-        print("\n" + format_report(run_report(run_dir)))
-    print(f"\nresults: {run_dir}   (rlhf report {run_id} --runs-dir {args.runs_dir} --json)")
+        report = run_report(run_dir)
+        print("\n" + format_report(report))
+        html = write_report_html(report, run_dir)
+    print(f"\nresults: {run_dir}\nreport:  {html}   (rlhf report {run_dir.name} --runs-dir {runs_dir} --json)")
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 1
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from stages.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fail now on a bad config, not at 03:00
+    _preflight(cfg)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _usage_error("rlhf serve needs a Prefect server: run `prefect server start` and export "
+                           "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Schedules)")
+    from flows.pipeline import ACCELERATOR_TAG, scheduled_run
+
+    _limit_concurrency(ACCELERATOR_TAG, 1)
+    parameters = {"config": str(args.config.resolve()) if args.config else None, "overrides": args.overrides,
+                  "runs_dir": str(args.runs_dir.resolve())}
+    print(f"serving deployment rlhf-scheduled/{args.name} on cron {args.cron!r}; trigger now with "
+          f"`prefect deployment run rlhf-scheduled/{args.name}`", flush=True)
+    scheduled_run.serve(name=args.name, cron=args.cron, parameters=parameters)
+    return 0
+
+
+def _limit_concurrency(tag: str, limit: int) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from flows.report import format_report, run_report
 
     report = run_report(args.runs_dir / args.run_id)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from flows.report_html import write_report_html
+
+    print(format_report(report))
+    print(f"report: {write_report_html(report, args.runs_dir / args.run_id)}")
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from flows.report import list_runs
+
+    rows = list_runs(args.runs_dir)
+    print(f"{'run':<28} {'status':<10} {'started':<20} {'seconds':>8}  stages")
+    for row in rows:
+        print(f"{row['run_id']:<28} {row['status']:<10} {row['started']:<20} {row['seconds']:>8.1f}  {','.join(row['stages'])}")
+    if not rows:
+        print(f"(no runs in {args.runs_dir})")
     return 0
 
 

@@ -35,6 +35,27 @@ def run_report(run_dir: Path) -> dict[str, Any]:
     return {"run_id": run_dir.name, "stages": stages}
 
 
+def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per run folder: id, overall status, stages, start time (UTC) and summed stage seconds."""
+    from datetime import datetime, timezone
+
+    from flows.run_dir import CONFIG
+
+    rows = []
+    for run_dir in sorted(Path(runs_dir).glob(f"*/{CONFIG}")):
+        run_dir = run_dir.parent
+        status = read_status(run_dir)
+        states = {entry["status"] for entry in status.values()}
+        overall = next((s for s in ("failed", "running") if s in states), "completed" if status else "pending")
+        started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, timezone.utc)
+        rows.append({
+            "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=PIPELINE_ORDER.index),
+            "started": started.strftime("%Y-%m-%d %H:%M:%S"),
+            "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
+        })
+    return sorted(rows, key=lambda row: row["started"])
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A short human summary: one line per stage with its headline metrics."""
     lines = [f"run {report['run_id']}"]

@@ -37,6 +37,19 @@ def prepare_run_dir(runs_dir: Path, run_id: str, cfg: PipelineConfig) -> Path:
     return run_dir
 
 
+def update_run_config(run_dir: Path, cfg: PipelineConfig) -> None:
+    """Replace a run's config (for ``rlhf stage --set``), keeping every previous one as config.<n>.yaml."""
+    current = Path(run_dir) / CONFIG
+    text = cfg.to_yaml()
+    if current.read_text() == text:
+        return
+    n = len(list(Path(run_dir).glob("config.*.yaml"))) + 1
+    current.replace(Path(run_dir) / f"config.{n}.yaml")
+    tmp = current.with_name(f".{CONFIG}.tmp")
+    tmp.write_text(text)
+    tmp.replace(current)
+
+
 def read_status(run_dir: Path) -> dict[str, dict[str, Any]]:
     path = Path(run_dir) / STATUS
     return json.loads(path.read_text()) if path.is_file() else {}

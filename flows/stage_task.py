@@ -35,7 +35,9 @@ def run_or_reuse(stage: str, run_dir: Path, inputs: dict[str, Path], force: bool
     try:
         key = stage_provenance(stage, cfg, inputs)["cache_key"]
         cache = ArtifactCache()
-        if not force and cache.lookup(key) is not None:
+        if not force and artifacts.is_finished(out) and artifacts.read_manifest(out).get("cache_key") == key:
+            status = "cached"  # this run already holds the finished artifact (a resumed or repeated run)
+        elif not force and cache.lookup(key) is not None:
             cache.restore(key, out)
             status = "cached"
         else:

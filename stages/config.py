@@ -155,6 +155,13 @@ class EvalSection(_Section):
     batch_size: int = Field(default=64, ge=1)
 
 
+class TrackingSection(_Section):
+    backend: Literal["wandb", "none"] = "wandb"
+    # Explicit, so nothing waits on a network: offline writes runs/<id>/wandb (upload with `wandb sync`).
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "rlhf-chain"
+
+
 class PipelineConfig(_Section):
     run: RunSection = RunSection()
     backbone: BackboneSection = BackboneSection()
@@ -166,6 +173,7 @@ class PipelineConfig(_Section):
     rrhf: RRHFSection = RRHFSection()
     ppo: PPOSection = PPOSection()
     eval: EvalSection = EvalSection()
+    tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
     def _stages_have_inputs(self) -> "PipelineConfig":

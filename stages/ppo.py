@@ -148,15 +148,18 @@ def ppo_update(actors: Actors, rollout: Rollout, optimizer: "torch.optim.Optimiz
         order = torch.randperm(rollout.input_ids.shape[0], generator=generator)
         for i, start in enumerate(range(0, len(order), ppo.minibatch_size)):
             mb = rollout.select(order[start : start + ppo.minibatch_size])
+            # Each adapter's loss is backpropagated as soon as it exists, so only one autograd graph over
+            # the shared backbone is alive at a time (same gradients as one backward of the sum).
             with active_adapter(model, POLICY):
                 logprobs, entropy = token_logprobs_and_entropy(model, mb.batch)
             policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages,
                                                         mb.response_mask, ppo.clip_range)
+            (policy_loss / ppo.gradient_accumulation).backward()
             with active_adapter(model, VALUE):
                 values = token_values(model, actors.value_head, mb.batch)
             value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
                                                      ppo.clip_range_value)
-            ((policy_loss + ppo.value_coef * value_loss) / ppo.gradient_accumulation).backward()
+            (ppo.value_coef * value_loss / ppo.gradient_accumulation).backward()
             if (i + 1) % ppo.gradient_accumulation == 0 or start + ppo.minibatch_size >= len(order):
                 torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
                 optimizer.step()

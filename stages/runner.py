@@ -11,6 +11,7 @@ exception (or a kill) leaves no folder that a later run could mistake for a fini
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from typing import Any
 from stages import artifacts
 from stages.config import ConfigError, PipelineConfig, load_config
 from stages.data import DataError
-from stages.provenance import stage_provenance
+from stages.provenance import stage_datasets, stage_provenance
+from stages.tracking import start_tracking
 
 @dataclass(frozen=True)
 class StageContext:
@@ -46,10 +48,16 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
     torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
     provenance = stage_provenance(stage, cfg, inputs)
+    datasets = {kind: getattr(cfg.data, kind) for kind in stage_datasets(stage, cfg)}
+    tracker = start_tracking(cfg, stage, Path(out).resolve().parent, datasets)  # active during training
     started = time.time()
     with artifacts.staging(out) as tmp:
         metrics = fn(cfg, StageContext(tmp, Path(out), inputs, provenance["cache_key"]))
         artifacts.write_json(tmp / "metrics.json", metrics)
+        if stage != "sft":  # SFT's curves reach W&B through the HF trainer's own reporting
+            history = tmp / "history.json"
+            rows = json.loads(history.read_text()) if history.is_file() else []
+            tracker.log_history(rows, step_key="update" if stage == "ppo" else "step")
         manifest = {
             **provenance,
             "metrics": metrics,
@@ -57,6 +65,7 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         artifacts.publish(tmp, out, manifest)
+    tracker.finish(metrics, Path(out), inputs)
     return manifest
 
 

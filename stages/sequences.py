@@ -62,13 +62,21 @@ def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Ten
 
 def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Per-token log-probs of the actual tokens and entropies of the predicted distributions: (B, T) each,
-    aligned with ``input_ids`` (position t scores token t from the logits at t-1), 0 off the response."""
+    aligned with ``input_ids`` (position t scores token t from the logits at t-1), 0 off the response.
+
+    Only the positions that can predict a response token get logits (``logits_to_keep``), and the
+    entropy is computed without gradients: the (B, T, V) tensors are the largest in a PPO step.
+    """
     import torch
 
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V) predicts tokens 1..T-1
-    picked = logprobs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T-1)
+    width = batch.input_ids.shape[1]
+    first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
+    keep = width - max(first - 1, 0)  # logits at positions first-1 .. T-1
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, keep-1, V) predicts the last keep-1 tokens
+    picked = logprobs.gather(-1, batch.input_ids[:, width - keep + 1 :, None]).squeeze(-1)  # (B, keep-1)
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, keep-1), logged only
     return _align(picked, batch), _align(entropy, batch)
 
 
@@ -81,10 +89,11 @@ def token_values(model: "torch.nn.Module", head: "torch.nn.Linear", batch: Seque
 
 
 def _align(shifted: "torch.Tensor", batch: SequenceBatch) -> "torch.Tensor":
-    """(B, T-1) values for tokens 1..T-1 -> (B, T) aligned with input positions, zero off the response."""
+    """(B, k) values for the last k tokens -> (B, T) aligned with input positions, zero off the response."""
     import torch
 
-    aligned = torch.cat([torch.zeros_like(shifted[:, :1]), shifted], dim=1)
+    pad = batch.input_ids.shape[1] - shifted.shape[1]
+    aligned = torch.cat([torch.zeros_like(shifted[:, :1]).expand(-1, pad), shifted], dim=1)
     return aligned * batch.response_mask
 
 

@@ -16,7 +16,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # A few steps and prompts: enough to prove behaviour, small enough for a 2-core CI machine.
-TINY = ["sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32", "task.num_pairs=32"]
+TINY = ["sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32", "task.num_pairs=32",
+        "reward.max_steps=4", "reward.batch_size=4", "reward.logging_steps=1", "ppo.updates=2",
+        "ppo.rollout_prompts=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
+        "rrhf.max_steps=3", "rrhf.num_prompts=6", "rrhf.batch_size=3", "rrhf.num_candidates=3", "rrhf.logging_steps=1"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,7 +36,8 @@ def rlhf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real ``rlhf`` console script in a child process, as a user would."""
     rlhf = Path(sys.executable).parent / "rlhf"
-    return subprocess.run([str(rlhf), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([str(rlhf), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

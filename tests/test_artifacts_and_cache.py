@@ -63,3 +63,15 @@ def test_cache_ignores_entries_whose_manifest_disagrees(tmp_path: Path) -> None:
     assert cache.lookup("k2") is None
     with pytest.raises(artifacts.ArtifactError):
         cache.restore("k2", tmp_path / "dest")
+
+
+def test_concurrent_cache_stores_publish_one_whole_entry(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = [_publish(tmp_path / f"run{i}" / "sft", "same", key="k3") for i in range(4)]
+    cache = ArtifactCache(tmp_path / "cache")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda src: cache.store("k3", src), sources))
+    entry = cache.lookup("k3")
+    assert entry is not None and (entry / "adapter" / "weights.bin").read_text() == "same"
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == ["k3"]

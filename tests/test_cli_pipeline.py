@@ -34,6 +34,8 @@ def test_run_twice_second_is_cached_and_report_is_machine_readable(tmp_path: Pat
         assert field in manifest, field
     assert (Path(sft["artifact"]) / "adapter" / "adapter_config.json").is_file()
 
+    _check_wandb_offline_runs(tmp_path / "runs" / "first")
+
     second = run_cli("run", *SETS, "--run-id", "second", "--runs-dir", "runs", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     cached = json.loads(run_cli("report", "second", "--json", cwd=tmp_path).stdout)["stages"]["sft"]
@@ -42,9 +44,58 @@ def test_run_twice_second_is_cached_and_report_is_machine_readable(tmp_path: Pat
     assert artifacts.artifact_digest(Path(cached["artifact"])) == manifest["artifact_digest"]
     assert cached["metrics"] == sft["metrics"]
 
-    forced = run_cli("run", *SETS, "--run-id", "third", "--runs-dir", "runs", "--force", "sft", cwd=tmp_path)
+    forced = run_cli("run", *SETS, "--run-id", "third", "--runs-dir", "runs", "--force", "reward", cwd=tmp_path)
     assert forced.returncode == 0, forced.stderr[-3000:]
-    assert json.loads(run_cli("report", "third", "--json", cwd=tmp_path).stdout)["stages"]["sft"]["status"] == "completed"
+    stages = json.loads(run_cli("report", "third", "--json", cwd=tmp_path).stdout)["stages"]
+    # a forced stage recomputes what follows it, and nothing before it
+    assert [stages[s]["status"] for s in ("sft", "reward", "ppo")] == ["cached", "completed", "completed"]
+
+
+def _check_wandb_offline_runs(run_dir: Path) -> None:
+    """Read every stage's offline W&B run back with `wandb leet inspect`: group, job type, metrics, lineage."""
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    seen = {}
+    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
+        records = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(folder)],
+                                 capture_output=True, text=True, check=True).stdout.splitlines()
+        run = next(json.loads(line)["run"] for line in records if '"type":"run"' in line)
+        summary = json.loads(subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(folder)],
+                                            capture_output=True, text=True, check=True).stdout)
+        assert run["run_group"] == run_dir.name and summary["state"] == "finished"
+        seen[run["job_type"]] = summary
+    assert set(seen) == {"sft", "reward", "ppo"}
+    assert "task_score" in seen["sft"]["summary"] and "train/loss" in seen["sft"]["summary"]  # HF reporting
+    assert "pair_accuracy" in seen["reward"]["summary"] and "reward/loss" in seen["reward"]["summary"]
+    assert "ppo/score" in seen["ppo"]["summary"] and "task_score" in seen["ppo"]["summary"]
+    lineage = seen["ppo"]["config"]["lineage"]
+    assert lineage["sft"] == f"{run_dir.name}-sft-adapter:latest" and lineage["reward"].endswith("-reward-adapter:latest")
+
+
+def test_ppo_only_change_reuses_upstream_and_stage_rerun(tmp_path: Path) -> None:
+    assert run_cli("run", *SETS, "--run-id", "base", cwd=tmp_path).returncode == 0
+    changed = run_cli("run", *SETS, "--set", "ppo.learning_rate=0.0001", "--set", "tracking.backend=none",
+                      "--run-id", "lr", cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    stages = json.loads(run_cli("report", "lr", "--json", cwd=tmp_path).stdout)["stages"]
+    assert [stages[s]["status"] for s in ("sft", "reward", "ppo")] == ["cached", "cached", "completed"]
+    assert not (tmp_path / "runs" / "lr" / "wandb").exists(), "tracking.backend=none must write nothing"
+
+    html = (tmp_path / "runs" / "lr" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5  # SFT loss, RM accuracy/loss, PPO reward/KL/entropy, scores
+    assert "PPO KL to reference" in html and "held-out task_score per stage" in html
+
+    rerun = run_cli("stage", "ppo", "--run", "base", "--set", "ppo.clip_range=0.1", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    stages = json.loads(run_cli("report", "base", "--json", cwd=tmp_path).stdout)["stages"]
+    assert [stages[s]["status"] for s in ("sft", "reward", "ppo")] == ["cached", "cached", "completed"]
+    assert (tmp_path / "runs" / "base" / "config.1.yaml").is_file()
+    assert "clip_range: 0.1" in (tmp_path / "runs" / "base" / "config.yaml").read_text()
+
+    forced = run_cli("stage", "ppo", "--run", "base", "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and "ppo     completed" in forced.stdout
+
+    listing = run_cli("runs", cwd=tmp_path).stdout
+    assert "base" in listing and "lr" in listing and "completed" in listing
 
 
 def test_bad_config_is_one_clear_error_and_creates_no_run(tmp_path: Path) -> None:

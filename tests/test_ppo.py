@@ -20,8 +20,7 @@ from stages.runner import execute
 from stages.sft import train_sft
 from tests.conftest import TINY
 
-FAST = [*TINY, "reward.max_steps=4", "reward.batch_size=4", "ppo.updates=2", "ppo.rollout_prompts=4",
-        "ppo.minibatch_size=2", "ppo.ppo_epochs=1", "ppo.checkpoint_every=1", "ppo.max_new_tokens=8"]
+FAST = [*TINY, "ppo.checkpoint_every=1"]
 
 
 def _upstream(kind: str, root: Path) -> dict[str, Path]:

@@ -18,8 +18,7 @@ from stages.sequences import encode
 from stages.sft import train_sft
 from tests.conftest import TINY
 
-FAST = [*TINY, "reward.max_steps=4", "reward.batch_size=4", "rrhf.max_steps=3", "rrhf.num_prompts=6",
-        "rrhf.batch_size=3", "rrhf.num_candidates=3"]
+FAST = TINY
 
 
 @pytest.fixture(scope="module")

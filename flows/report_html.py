@@ -1,0 +1,104 @@
+"""``runs/<id>/report.html``: one self-contained page with every stage's curves and the task scores.
+
+Plots come from each stage's ``history.json`` and metrics; images are embedded as base64 PNG so the
+file can be mailed or attached to a Prefect artifact as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+# (stage, history key, title): the curves a reader looks for first
+CURVES = [
+    ("sft", "loss", "SFT loss"),
+    ("reward", "accuracy", "reward model accuracy (train batches)"),
+    ("reward", "loss", "reward model loss"),
+    ("ppo", "score", "PPO reward (mean score of rollouts)"),
+    ("ppo", "kl", "PPO KL to reference (per response)"),
+    ("ppo", "entropy", "PPO policy entropy"),
+    ("rrhf", "loss", "RRHF loss"),
+]
+X_KEYS = ("step", "update")
+
+
+def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
+    """Render the report of ``rlhf report`` with its plots into ``run_dir/report.html``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    figures = [_curve(run_dir, stage, key, title) for stage, key, title in CURVES]
+    figures.append(_task_scores(report))
+    rows = "".join(
+        f"<tr><td>{html.escape(stage)}</td><td>{entry['status']}</td><td>{entry['seconds']}</td>"
+        f"<td><code>{html.escape(json.dumps(entry['metrics']))}</code></td></tr>"
+        for stage, entry in report["stages"].items()
+    )
+    images = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
+                     f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>run {html.escape(report['run_id'])}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em}"
+        "td{padding:.3em 1em;border-bottom:1px solid #ddd;vertical-align:top}</style></head><body>"
+        f"<h1>run {html.escape(report['run_id'])}</h1><table><tr><th>stage</th><th>status</th><th>seconds</th>"
+        f"<th>metrics</th></tr>{rows}</table>{images}</body></html>"
+    )
+    out = Path(run_dir) / "report.html"
+    tmp = out.with_name(".report.html.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
+
+
+def _history(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / stage / "history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _curve(run_dir: Path, stage: str, key: str, title: str) -> tuple[str, str | None]:
+    rows = [r for r in _history(run_dir, stage) if key in r]
+    if not rows:
+        return title, None
+    x_key = next((k for k in X_KEYS if k in rows[0]), None)
+    xs = [r[x_key] for r in rows] if x_key else list(range(len(rows)))
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(xs, [r[key] for r in rows], marker=".")
+    ax.set_title(title)
+    ax.set_xlabel(x_key or "logged step")
+    return title, _png(fig)
+
+
+def _task_scores(report: dict[str, Any]) -> tuple[str, str | None]:
+    bars: dict[str, float] = {}
+    for stage, entry in report["stages"].items():
+        metrics = entry["metrics"]
+        if stage == "sft" and "task_score_before" in metrics:
+            bars["base"] = metrics["task_score_before"]
+        if "task_score" in metrics:
+            bars[stage] = metrics["task_score"]
+    title = "held-out task_score per stage"
+    if not bars:
+        return title, None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(list(bars), list(bars.values()), color="#4c72b0")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    return title, _png(fig)
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,103 @@
+"""Against a real local Prefect server (as `prefect server start` serves the UI): the flow run, its task
+runs and the stage artifacts are readable through Prefect's own client."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+SETS = [arg for item in TINY for arg in ("--set", item)]
+READ_BACK = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
+
+async def main():
+    async with get_client() as client:
+        run = next(r for r in await client.read_flow_runs() if r.name.endswith("/served"))
+        only = FlowRunFilter(id={"any_": [run.id]})
+        tasks = await client.read_task_runs(flow_run_filter=only)
+        artifacts = await client.read_artifacts(flow_run_filter=only)
+        print(json.dumps({"state": run.state.type.value, "tasks": {t.name: t.state.type.value for t in tasks},
+                          "artifacts": {a.key: a.type for a in artifacts if a.key}}))
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path):
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-server"), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_ENABLED": "false"}
+    prefect = Path(sys.executable).parent / "prefect"
+    server = subprocess.Popen([str(prefect), "server", "start"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "prefect server did not start"
+            time.sleep(1)
+    yield api
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
+
+
+def test_runs_and_artifacts_are_readable_from_a_real_server(prefect_server: str, tmp_path: Path) -> None:
+    env = {"PREFECT_API_URL": prefect_server}
+    result = run_cli("run", *SETS, "--run-id", "served", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    read = subprocess.run([sys.executable, "-c", READ_BACK], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert read.returncode == 0, read.stderr[-2000:]
+    seen = json.loads(read.stdout.strip().splitlines()[-1])
+    assert seen["state"] == "COMPLETED"
+    assert seen["tasks"] == {"sft": "COMPLETED", "reward": "COMPLETED", "ppo": "COMPLETED"}
+    for stage in ("sft", "reward", "ppo"):
+        assert seen["artifacts"][f"{stage}-metrics"] == "table"
+        assert seen["artifacts"][f"{stage}-artifact"] == "markdown"
+
+
+def test_served_deployment_runs_when_triggered(prefect_server: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    rlhf = Path(sys.executable).parent / "rlhf"
+    serve = subprocess.Popen([str(rlhf), "serve", "--cron", "0 3 * * *", "--name", "nightly", *SETS,
+                              "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        prefect = Path(sys.executable).parent / "prefect"
+        deadline = time.time() + 180
+        while True:  # the deployment exists once serve has registered it
+            listed = subprocess.run([str(prefect), "deployment", "ls"], env=env, capture_output=True, text=True)
+            if "nightly" in listed.stdout:
+                break
+            assert serve.poll() is None and time.time() < deadline, "rlhf serve did not register its deployment"
+            time.sleep(2)
+        triggered = subprocess.run([str(prefect), "deployment", "run", "rlhf-scheduled/nightly", "--watch",
+                                    "--watch-timeout", "900"], env=env, capture_output=True, text=True, timeout=960)
+        assert triggered.returncode == 0, triggered.stdout[-3000:] + triggered.stderr[-3000:]
+        assert "Completed" in triggered.stdout + triggered.stderr
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+    runs = [p for p in (tmp_path / "runs").iterdir() if (p / "ppo" / "manifest.json").is_file()]
+    assert len(runs) == 1, "the triggered run should have finished every stage"
