@@ -80,7 +80,8 @@ def run_ours(size: str, updates: int) -> float:
     model.set_adapter(POLICY)
     set_trainable(model, ["policy", "value"])
     hidden = base.config.hidden_size
-    actors = Actors(model, None, new_head(hidden, 0), new_head(hidden, 1).requires_grad_(True), "bench")  # type: ignore[arg-type]
+    value_head = new_head(hidden, 1).requires_grad_(True)
+    actors = Actors(model, None, new_head(hidden, 0), value_head, "bench")  # type: ignore[arg-type]  # no tokenizer
     params = [p for p in model.parameters() if p.requires_grad] + list(actors.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     cfg = load_config(None, ["ppo.minibatch_size=4"])
@@ -114,7 +115,8 @@ def run_separate(size: str, updates: int) -> float:
     value_model = _llama(size, seed=0).train()  # trained in full, as TRL's last PPO did
     hidden = policy_base.config.hidden_size
     reward_head, value_head = new_head(hidden, 0), new_head(hidden, 1)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_model.parameters()) + list(value_head.parameters())
+    params = [p for p in policy.parameters() if p.requires_grad]
+    params += list(value_model.parameters()) + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     cfg = load_config(None, ["ppo.minibatch_size=4"])
     generator = torch.Generator().manual_seed(0)

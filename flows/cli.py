@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from stages.config import PipelineConfig
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     runs.set_defaults(handler=_cmd_runs)
 
-    build = commands.add_parser("build-backbone", help="build (or find) the built-in tiny backbone and print its folder")
+    build = commands.add_parser("build-backbone", help="build (or find) the built-in backbone; print its folder")
     build.set_defaults(handler=_cmd_build_backbone)
     return parser
 
@@ -68,6 +70,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flows.run_dir import new_run_id, prepare_run_dir
     from stages.config import load_config
 
+    server_ready = _boot_prefect()
     cfg = load_config(args.config, args.overrides)
     _preflight(cfg)
     run_id = args.run_id or new_run_id()
@@ -75,13 +78,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.force) - set(cfg.run.stages))
     if unknown:
         raise _usage_error(f"--force {unknown}: not among this run's stages {cfg.run.stages}")
-    return _run_flow(run_dir, cfg.run.stages, args.force, args.runs_dir)
+    return _run_flow(run_dir, cfg.run.stages, args.force, args.runs_dir, server_ready)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
     from flows.run_dir import CONFIG, update_run_config
     from stages.config import load_config
 
+    server_ready = _boot_prefect()
     run_dir = (args.runs_dir / args.run_id).resolve()
     if not (run_dir / CONFIG).is_file():
         raise _usage_error(f"{run_dir}: no such run (see `rlhf runs`)")
@@ -90,7 +94,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         raise _usage_error(f"stage {args.name} is not in run {args.run_id}'s stages {cfg.run.stages}")
     _preflight(cfg)
     update_run_config(run_dir, cfg)
-    return _run_flow(run_dir, cfg.run.stages, [args.name] if args.force else [], args.runs_dir)
+    return _run_flow(run_dir, cfg.run.stages, [args.name] if args.force else [], args.runs_dir, server_ready)
+
+
+def _boot_prefect() -> Callable[[], None]:
+    from flows.prefect_env import configure_prefect, start_server_early
+
+    configure_prefect()
+    return start_server_early()
 
 
 def _preflight(cfg: "PipelineConfig") -> None:
@@ -101,22 +112,25 @@ def _preflight(cfg: "PipelineConfig") -> None:
     resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
 
 
-def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path) -> int:
-    from flows.prefect_env import configure_prefect
-    from flows.report import format_report, run_report
-    from flows.report_html import write_report_html
-
-    configure_prefect()
+def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path,
+              server_ready: Callable[[], None]) -> int:
     from flows.pipeline import pipeline
+    from flows.report import format_report, run_report
 
     print(f"run {run_dir.name}: stages {stages} -> {run_dir}", flush=True)
+    server_ready()
     try:
         state = pipeline(str(run_dir), force=force, return_state=True)
     finally:
         report = run_report(run_dir)
         print("\n" + format_report(report))
-        html = write_report_html(report, run_dir)
-    print(f"\nresults: {run_dir}\nreport:  {html}   (rlhf report {run_dir.name} --runs-dir {runs_dir} --json)")
+    print(f"\nresults: {run_dir}")
+    if any(entry["status"] != "cached" for entry in report["stages"].values()):
+        from flows.report_html import write_report_html
+
+        print(f"report:  {write_report_html(report, run_dir)}")
+    else:  # nothing new was trained: keep the all-cached path fast, render on demand
+        print(f"report:  every stage came from the cache; `rlhf report {run_dir.name} --runs-dir {runs_dir}` renders it")
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 1
@@ -171,7 +185,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     rows = list_runs(args.runs_dir)
     print(f"{'run':<28} {'status':<10} {'started':<20} {'seconds':>8}  stages")
     for row in rows:
-        print(f"{row['run_id']:<28} {row['status']:<10} {row['started']:<20} {row['seconds']:>8.1f}  {','.join(row['stages'])}")
+        stages = ",".join(row["stages"])
+        print(f"{row['run_id']:<28} {row['status']:<10} {row['started']:<20} {row['seconds']:>8.1f}  {stages}")
     if not rows:
         print(f"(no runs in {args.runs_dir})")
     return 0

@@ -54,7 +54,8 @@ def load_head(path: Path, hidden_size: int, backbone_fingerprint: str) -> "torch
             f"{path}: head belongs to backbone {metadata.get('backbone_fingerprint')}, not {backbone_fingerprint}"
         )
     if set(tensors) != {"weight", "bias"} or tuple(tensors["weight"].shape) != (1, hidden_size):
-        raise ArtifactError(f"{path}: expected a Linear({hidden_size}, 1) head, found {({k: tuple(v.shape) for k, v in tensors.items()})}")
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        raise ArtifactError(f"{path}: expected a Linear({hidden_size}, 1) head, found {found}")
     head = torch.nn.Linear(hidden_size, 1)
     head.load_state_dict(tensors)
     head.requires_grad_(False)

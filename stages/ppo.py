@@ -31,7 +31,9 @@ from stages.data import load_records
 from stages.evaluation import generate, task_score
 from stages.heads import save_head, sequence_scores
 from stages.kl_control import build_kl_controller
-from stages.losses import gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from stages.losses import (
+    gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
+)
 from stages.reward import attach_reward, reward_of
 from stages.sequences import SequenceBatch, from_token_ids, token_logprobs, token_logprobs_and_entropy, token_values
 
@@ -173,10 +175,10 @@ def ppo_update(actors: Actors, rollout: Rollout, optimizer: "torch.optim.Optimiz
 
 
 def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    out, inputs = ctx.staging, ctx.inputs
     import torch
     from tqdm.auto import tqdm
 
+    out, inputs = ctx.staging, ctx.inputs
     actors = build_actors(cfg, inputs)
     model, ppo = actors.model, cfg.ppo
     params = [p for p in model.parameters() if p.requires_grad] + list(actors.value_head.parameters())
@@ -218,7 +220,8 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if root.exists():  # keep the last checkpoint with the artifact, as a record of how it was resumed
         shutil.move(str(root), str(out / "checkpoints"))
     return {**metrics, "updates": ppo.updates, "resumed_from_update": start,
-            "final_kl_coef": kl_ctl.value, "trainable_parameters": count_trainable(model), "adapter_kind": cfg.adapter.kind}
+            "final_kl_coef": kl_ctl.value, "trainable_parameters": count_trainable(model),
+            "adapter_kind": cfg.adapter.kind}
 
 
 def _evaluate(actors: Actors, held_out: list, cfg: PipelineConfig) -> dict[str, float]:

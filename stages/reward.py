@@ -26,6 +26,7 @@ from stages.config import PipelineConfig
 from stages.data import Record, load_records
 from stages.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
 from stages.losses import pairwise_reward_loss
+from stages.optim import Optimizer
 from stages.sequences import encode
 
 if TYPE_CHECKING:
@@ -74,19 +75,17 @@ def evaluate_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreT
 
 
 def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    out = ctx.staging
     import torch
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
+    out = ctx.staging
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
     train, held = split_pairs(load_records(cfg.data.preferences, "preferences", cfg.task), cfg.reward.eval_fraction)
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.reward.learning_rate, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.reward.warmup_steps, cfg.reward.max_steps)
+    optimizer = Optimizer(params, cfg.reward.learning_rate, cfg.reward.warmup_steps, cfg.reward.max_steps)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     order: list[int] = []
     history = []
@@ -98,11 +97,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         del order[: cfg.reward.batch_size]
         chosen, rejected = score_pairs(model, head, tokenizer, batch)
         loss = pairwise_reward_loss(chosen, rejected)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step(loss)
         if step % cfg.reward.logging_steps == 0 or step == cfg.reward.max_steps:
             accuracy = (chosen > rejected).float().mean().item()
             history.append({"step": step, "loss": round(loss.item(), 5), "accuracy": accuracy})

@@ -27,6 +27,7 @@ from stages.config import PipelineConfig
 from stages.data import load_records
 from stages.evaluation import generate, task_score
 from stages.losses import rrhf_loss
+from stages.optim import Optimizer
 from stages.reward import attach_reward, reward_of
 from stages.sequences import encode, token_logprobs
 
@@ -106,11 +107,9 @@ def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", g
 
 
 def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    out, inputs = ctx.staging, ctx.inputs
-    import torch
     from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
+    out, inputs = ctx.staging, ctx.inputs
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
@@ -124,9 +123,8 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         random.Random(cfg.run.seed).shuffle(prompts)
         groups = sample_groups(model, head, tokenizer, prompts[: cfg.rrhf.num_prompts], cfg)
     model.set_adapter(POLICY)
-    params = [p for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.rrhf.learning_rate, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.rrhf.warmup_steps, cfg.rrhf.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = Optimizer(params, cfg.rrhf.learning_rate, cfg.rrhf.warmup_steps, cfg.rrhf.max_steps)
     accuracy_before = ranking_accuracy(model, tokenizer, groups)
     rng = random.Random(cfg.run.seed)
     history = []
@@ -135,11 +133,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         batch = rng.sample(groups, min(cfg.rrhf.batch_size, len(groups)))
         logprobs, rewards, mask = group_logprobs(model, tokenizer, batch)
         loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=cfg.rrhf.rank_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step(loss)
         if step % cfg.rrhf.logging_steps == 0 or step == cfg.rrhf.max_steps:
             history.append({"step": step, "loss": round(loss.item(), 5), **stats})
     model.eval()

@@ -39,7 +39,8 @@ def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", 
         output_dir=scratch, max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
         learning_rate=cfg.sft.learning_rate, warmup_steps=cfg.sft.warmup_steps, lr_scheduler_type="cosine",
         logging_steps=cfg.sft.logging_steps, max_length=cfg.sft.max_length, completion_only_loss=True,
-        save_strategy="no", report_to="wandb" if cfg.tracking.backend == "wandb" else "none", use_cpu=True, seed=cfg.run.seed, dataloader_num_workers=0,
+        save_strategy="no", report_to="wandb" if cfg.tracking.backend == "wandb" else "none", use_cpu=True,
+        seed=cfg.run.seed, dataloader_num_workers=0,
         # TRL defaults to bf16 autocast, and accelerate leaves the autocast wrapper on model.forward after
         # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
         bf16=False, fp16=False, gradient_checkpointing=False,
