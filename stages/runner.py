@@ -26,6 +26,7 @@ from stages.data import DataError
 from stages.provenance import stage_datasets, stage_provenance
 from stages.tracking import start_tracking
 
+
 @dataclass(frozen=True)
 class StageContext:
     """Where a stage writes and what it reads."""

@@ -10,7 +10,6 @@ writes ``adapter/`` (a standard PEFT folder), ``history.json`` (the training log
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages import runner
