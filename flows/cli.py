@@ -117,11 +117,20 @@ def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path
     from flows.pipeline import pipeline
     from flows.report import format_report, run_report
 
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run_dir / ".running.lock"))
+    try:
+        lock.acquire(timeout=0)  # released by the OS if this process dies, so a killed run can be rerun
+    except Timeout:
+        raise _usage_error(f"run {run_dir.name} is already running in another process; "
+                           "wait for it or choose another --run-id") from None
     print(f"run {run_dir.name}: stages {stages} -> {run_dir}", flush=True)
     server_ready()
     try:
         state = pipeline(str(run_dir), force=force, return_state=True)
     finally:
+        lock.release()
         report = run_report(run_dir)
         print("\n" + format_report(report))
     print(f"\nresults: {run_dir}")

@@ -11,6 +11,7 @@ on every other adapter, which would drop e.g. the policy's gradients after a swi
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -112,6 +113,16 @@ def save_adapter(model: "PeftModel", name: str, dest: Path) -> None:
         # PEFT nests every adapter not called "default" in a subfolder named after it.
         source = Path(tmp) / name if name != "default" else Path(tmp)
         shutil.copytree(source, dest)
+    _sort_target_modules(Path(dest) / "adapter_config.json")
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in hash order: sort it so equal adapters are equal bytes
+    (artifact digests, and so downstream cache keys, must not depend on PYTHONHASHSEED)."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def adapter_of(model: "PeftModel", param_name: str) -> str | None:
