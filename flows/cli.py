@@ -24,6 +24,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stages.config import STAGE_ORDER  # pydantic + yaml only: --help stays fast
+
     parser = argparse.ArgumentParser(prog="rlhf", description="SFT -> reward model -> PPO/RRHF on one frozen backbone.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_cmd_report)
 
     stage = commands.add_parser("stage", help="rerun one stage of a run from its upstream artifacts, then what follows")
-    stage.add_argument("name", choices=["sft", "reward", "rrhf", "ppo"])
+    stage.add_argument("name", choices=STAGE_ORDER)
     stage.add_argument("--run", dest="run_id", required=True, help="the run whose artifacts and config to use")
     stage.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",

@@ -7,8 +7,8 @@ from typing import Any
 
 from flows.run_dir import read_status
 from stages import artifacts
+from stages.config import STAGE_ORDER
 
-PIPELINE_ORDER = ["sft", "reward", "rrhf", "ppo"]
 HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_accuracy", "reward_margin",
                     "policy_reward", "train_loss")
 
@@ -20,7 +20,7 @@ def run_report(run_dir: Path) -> dict[str, Any]:
         raise artifacts.ArtifactError(f"{run_dir}: no such run")
     stages: dict[str, Any] = {}
     status = read_status(run_dir)
-    for stage in sorted(status, key=PIPELINE_ORDER.index):  # status.json is sorted by name
+    for stage in sorted(status, key=STAGE_ORDER.index):  # status.json is sorted by name
         entry = status[stage]
         folder = run_dir / stage
         finished = artifacts.is_finished(folder) and entry["status"] in ("completed", "cached")
@@ -49,7 +49,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         overall = next((s for s in ("failed", "running") if s in states), "completed" if status else "pending")
         started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, timezone.utc)
         rows.append({
-            "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=PIPELINE_ORDER.index),
+            "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=STAGE_ORDER.index),
             "started": started.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
         })

@@ -13,12 +13,13 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 StageName = Literal["sft", "reward", "rrhf", "ppo"]
+STAGE_ORDER: tuple[str, ...] = get_args(StageName)  # the pipeline order, for sorting and CLI choices
 DEFAULT_CONFIG_NAME = "default.yaml"
 
 
@@ -38,7 +39,7 @@ class RunSection(_Section):
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> "RunSection":
-        order = ["sft", "reward", "rrhf", "ppo"]
+        order = list(STAGE_ORDER)
         positions = [order.index(s) for s in self.stages]
         if positions != sorted(positions) or len(set(positions)) != len(positions):
             raise ValueError(f"stages must be unique and in pipeline order {order}, got {self.stages}")

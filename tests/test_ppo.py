@@ -1,6 +1,7 @@
 """PPO on one backbone: every kind runs, gradients reach both trainable adapters, nothing else moves,
 the base is held once, and a killed run resumes from its last checkpoint."""
 
+import json
 import os
 import signal
 import subprocess
@@ -110,4 +111,4 @@ def test_killed_ppo_resumes_from_its_last_checkpoint(lora_inputs: dict[str, Path
     assert f"ppo: resuming from update {saved}" in rerun.stdout + rerun.stderr
     manifest = artifacts.read_manifest(out)
     assert manifest["metrics"]["resumed_from_update"] == saved >= 2
-    assert [row["update"] for row in __import__("json").loads((out / "history.json").read_text())] == list(range(1, 41))
+    assert [row["update"] for row in json.loads((out / "history.json").read_text())] == list(range(1, 41))
