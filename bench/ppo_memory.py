@@ -70,7 +70,7 @@ def run_ours(size: str, updates: int) -> float:
     from stages.backbone import freeze
     from stages.config import load_config
     from stages.heads import new_head
-    from stages.ppo import POLICY, Actors, ppo_update, score_rollout
+    from stages.ppo import POLICY, Actors, ppo_optimizer, ppo_update, score_rollout
 
     base = _llama(size, seed=0)
     freeze(base)
@@ -82,16 +82,15 @@ def run_ours(size: str, updates: int) -> float:
     hidden = base.config.hidden_size
     value_head = new_head(hidden, 1).requires_grad_(True)
     actors = Actors(model, None, new_head(hidden, 0), value_head, "bench")  # type: ignore[arg-type]  # no tokenizer
-    params = [p for p in model.parameters() if p.requires_grad] + list(actors.value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    cfg = load_config(None, ["ppo.minibatch_size=4"])
+    cfg = load_config(None, ["ppo.minibatch_size=4", "ppo.learning_rate=1e-5"])
+    optimizer = ppo_optimizer(actors, cfg)
     generator = torch.Generator().manual_seed(0)
 
     def one_update() -> None:
         with active_adapter(model, POLICY):
             batch, finished = _sample(model, base.config.vocab_size, generator)
         rollout, _ = score_rollout(actors, batch, finished, cfg, kl_coef=0.1)
-        ppo_update(actors, rollout, optimizer, params, cfg, generator)
+        ppo_update(actors, rollout, optimizer, cfg, generator)
 
     return _timed(one_update, updates)
 

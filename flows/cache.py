@@ -2,7 +2,8 @@
 
 A stage's cache key (``stages.provenance``) digests everything its result depends on, so a hit is
 reused as is: the cached folder is hard-linked into the new run's stage folder. Entries are written
-and restored atomically and an entry without a manifest is never trusted.
+and restored atomically; an entry without a manifest, or with a file that no longer matches its
+manifest digest, is never trusted.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ class ArtifactCache:
         entry = self.root / key
         if not artifacts.is_finished(entry):
             return None
-        if artifacts.read_manifest(entry).get("cache_key") != key:  # corrupt or hand-edited: ignore it
+        try:
+            # Every file is checked against its manifest digest: a garbled entry is a miss, so the stage runs
+            # again and ``store`` replaces the entry, instead of restoring a broken adapter into every run.
+            manifest = artifacts.verify(entry)
+        except artifacts.ArtifactError as err:
+            print(f"warning: ignoring cache entry {entry}: {err}", flush=True)
+            return None
+        if manifest.get("cache_key") != key:  # hand-edited or misplaced: ignore it
             return None
         return entry
 

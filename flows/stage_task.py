@@ -1,13 +1,15 @@
 """One stage of a run: reuse the cached artifact when the key matches, else launch the stage module.
 
 Stages run as ``python -m stages.<name>`` in a child process (the same command a user can run by hand),
-so the flow process never imports torch and a crashed stage cannot corrupt the flow's state. The child's
-output is streamed to the terminal (progress bars included) and kept in ``<run>/logs/<stage>.log``.
+or as ``accelerate launch ... -m stages.<name>`` for a stage with ``launcher: accelerate``, so the flow
+process never imports torch and a crashed stage cannot corrupt the flow's state. The child's output is
+streamed to the terminal and the Prefect log (progress bars included) and kept in ``<run>/logs/<stage>.log``.
 """
 
 from __future__ import annotations
 
 import codecs
+import re
 import subprocess
 import sys
 import time
@@ -17,8 +19,12 @@ from typing import Any
 from flows.cache import ArtifactCache
 from flows.run_dir import CONFIG, record_status
 from stages import artifacts
-from stages.config import load_config
+from stages.config import PipelineConfig, load_config
+from stages.launch import accelerate_command, launch_env
 from stages.provenance import stage_provenance
+
+# The line that explains a failure: our own one-line errors, else the last exception of any rank.
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?(error: |([\w.]+(Error|Exception|Interrupt)|NonFiniteLoss)(: |$))")
 
 
 class StageFailed(RuntimeError):
@@ -35,13 +41,13 @@ def run_or_reuse(stage: str, run_dir: Path, inputs: dict[str, Path], force: bool
     try:
         key = stage_provenance(stage, cfg, inputs)["cache_key"]
         cache = ArtifactCache()
-        if not force and artifacts.is_finished(out) and artifacts.read_manifest(out).get("cache_key") == key:
+        if not force and _holds_intact(out, key):
             status = "cached"  # this run already holds the finished artifact (a resumed or repeated run)
         elif not force and cache.lookup(key) is not None:
             cache.restore(key, out)
             status = "cached"
         else:
-            launch_stage(stage, run_dir, inputs)
+            launch_stage(stage, run_dir, inputs, cfg)
             cache.store(key, out)
             status = "completed"
     except BaseException as err:  # a kill (KeyboardInterrupt) is recorded too, then re-raised
@@ -53,33 +59,111 @@ def run_or_reuse(stage: str, run_dir: Path, inputs: dict[str, Path], force: bool
     return {"status": status, "seconds": seconds, "metrics": manifest["metrics"], "artifact": str(out)}
 
 
-def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path]) -> None:
-    """Run ``python -m stages.<stage>`` for this run, streaming and logging its output."""
-    command = [
-        sys.executable, "-m", f"stages.{stage}", "--config", str(run_dir / CONFIG), "--out", str(run_dir / stage),
-        *(f"--input={name}={path}" for name, path in inputs.items()),
-    ]
+def _holds_intact(out: Path, key: str) -> bool:
+    """The run's own artifact is finished, of this key, and byte for byte what was published."""
+    if not artifacts.is_finished(out) or artifacts.read_manifest(out).get("cache_key") != key:
+        return False
+    try:
+        artifacts.verify(out)
+    except artifacts.ArtifactError as err:
+        print(f"warning: {err}; running the stage again", flush=True)
+        return False
+    return True
+
+
+def stage_command(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: PipelineConfig) -> list[str]:
+    """The command that runs one stage of this run: ``python -m`` or ``accelerate launch -m``."""
+    args = ["--config", str(run_dir / CONFIG), "--out", str(run_dir / stage),
+            *(f"--input={name}={path}" for name, path in inputs.items())]
+    if cfg.launcher(stage) == "accelerate":
+        return accelerate_command(stage, cfg, args)
+    return [sys.executable, "-m", f"stages.{stage}", *args]
+
+
+def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: PipelineConfig) -> None:
+    """Run the stage's command, streaming its output to the terminal (and Prefect's log) and to its log file."""
+    command = stage_command(stage, run_dir, inputs, cfg)
+    env = launch_env(cfg) if cfg.launcher(stage) == "accelerate" else None
     log_path = run_dir / "logs" / f"{stage}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    to_prefect = PrefectLines()
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_terminate_with_parent)
         try:
             assert process.stdout is not None
             # read1 returns whatever is available, so "\r" progress-bar updates show as they happen.
             for chunk in iter(lambda: process.stdout.read1(65536), b""):
                 log.write(chunk)
-                sys.stdout.write(decoder.decode(chunk))
+                text = decoder.decode(chunk)
+                sys.stdout.write(text)
                 sys.stdout.flush()
+                to_prefect.feed(text)
             code = process.wait()
+            to_prefect.feed("\n")
         except BaseException:
-            process.terminate()  # never leave an orphaned trainer behind
-            process.wait()
+            _stop(process)  # never leave an orphaned trainer (or its ranks) behind
             raise
     if code != 0:
-        raise StageFailed(f"stage {stage} failed (exit status {code}): {_last_line(log_path)} [log: {log_path}]")
+        raise StageFailed(f"stage {stage} failed (exit status {code}): {failure_line(log_path)} [log: {log_path}]")
 
 
-def _last_line(log_path: Path) -> str:
+class PrefectLines:
+    """Forwards the stage's finished output lines to the Prefect run log (the UI's task log), and only
+    there: the terminal already shows them. A progress bar's redraws collapse to its last state."""
+
+    def __init__(self) -> None:
+        import logging
+
+        from prefect.context import TaskRunContext
+
+        self.pending = ""
+        self.logger: logging.Logger | None = None
+        if TaskRunContext.get() is not None:  # not when a stage is launched outside a flow
+            from prefect.logging.handlers import APILogHandler
+
+            self.logger = logging.getLogger("rlhf.stage_output")
+            if not self.logger.handlers:
+                self.logger.addHandler(APILogHandler())
+                self.logger.propagate = False
+                self.logger.setLevel(logging.INFO)
+
+    def feed(self, text: str) -> None:
+        if self.logger is None:
+            return
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            redraws = [part.strip() for part in line.split("\r") if part.strip()]
+            if redraws:
+                self.logger.info(redraws[-1])
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (``accelerate launch`` forwards it to every rank), then SIGKILL if it lingers."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _terminate_with_parent() -> None:
+    """In the child: get SIGTERM when the flow process dies, even by ``kill -9``, so no trainer is orphaned
+    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere a no-op)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def failure_line(log_path: Path) -> str:
+    """The most telling line of a failed stage's log: its error, else its last line."""
     lines = [line.strip() for line in log_path.read_text(errors="replace").replace("\r", "\n").splitlines()]
-    return next((line for line in reversed(lines) if line), "no output")
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if _ERROR_LINE.match(line) and "ChildFailedError" not in line]
+    return errors[-1] if errors else (lines[-1] if lines else "no output")

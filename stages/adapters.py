@@ -76,10 +76,12 @@ def attach_adapter(base: "PreTrainedModel", cfg: AdapterSection, name: str) -> "
 def load_adapter(
     model: "PreTrainedModel | PeftModel", folder: Path, name: str, backbone_fingerprint: str, trainable: bool = False
 ) -> "PeftModel":
-    """Load a published adapter artifact under ``name``, refusing one trained on another backbone."""
+    """Load a published adapter artifact under ``name``, refusing one trained on another backbone and one
+    whose ``adapter/`` files changed after publishing (a truncated or garbled file is named here, rather
+    than failing as a safetensors traceback inside PEFT). Heads are checked by ``heads.load_head``."""
     from peft import PeftModel
 
-    manifest = artifacts.read_manifest(folder)
+    manifest = artifacts.verify(folder, under="adapter")
     if manifest.get("backbone_fingerprint") != backbone_fingerprint:
         raise artifacts.ArtifactError(
             f"{folder}: adapter was trained on backbone {manifest.get('backbone_fingerprint')}, "
@@ -108,8 +110,13 @@ def _is_prompt_learning(path: str) -> bool:
 
 def save_adapter(model: "PeftModel", name: str, dest: Path) -> None:
     """Save one adapter as a standard PEFT folder (``PeftModel.from_pretrained(base, dest)`` loads it)."""
+    from safetensors import SafetensorError
+
     with tempfile.TemporaryDirectory(dir=Path(dest).parent) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[name])
+        try:
+            model.save_pretrained(tmp, selected_adapters=[name])
+        except SafetensorError as err:  # a full disk arrives as a Rust error; give it back its errno
+            raise artifacts.storage_error(err, Path(dest) / "adapter_model.safetensors") from err
         # PEFT nests every adapter not called "default" in a subfolder named after it.
         source = Path(tmp) / name if name != "default" else Path(tmp)
         shutil.copytree(source, dest)

@@ -8,10 +8,12 @@ training an adapter never changed a byte of the backbone.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stages.artifacts import ArtifactError
 from stages.config import BackboneSection
 
 if TYPE_CHECKING:
@@ -22,8 +24,12 @@ BUILTIN_PREFIX = "builtin:"
 _SAMPLE_BYTES = 1 << 20  # weight files are fingerprinted by size plus their first and last MiB
 
 
-class BackboneError(RuntimeError):
-    """A backbone that cannot be found, loaded, or is not frozen."""
+class BackboneError(ArtifactError):
+    """A backbone that cannot be found, loaded, or is not frozen.
+
+    An ``ArtifactError`` because the backbone is the input artifact of every stage: a missing one is the
+    user's to fix, so the CLI and the stage runner print it as one line and exit with status 2.
+    """
 
 
 @dataclass
@@ -43,7 +49,32 @@ def resolve_backbone(cfg: BackboneSection) -> str:
         return str(ensure_builtin_backbone())
     if Path(cfg.name).exists():
         return str(Path(cfg.name).resolve())
+    _check_hub_id(cfg)
     return cfg.name
+
+
+def _check_hub_id(cfg: BackboneSection) -> None:
+    """Fail now, in one line, on a name that can only be a missing folder or an unreachable hub model;
+    otherwise the first sign would be a hub client traceback inside a stage process."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(cfg.name)
+    except HFValidationError:
+        raise BackboneError(
+            f"backbone.name={cfg.name!r}: no such folder, and not a hub id (NAME or ORG/NAME)"
+        ) from None
+    if _hub_offline() and _local_snapshot(cfg.name, cfg.revision) is None:
+        revision = f" at revision {cfg.revision!r}" if cfg.revision else ""
+        raise BackboneError(
+            f"backbone.name={cfg.name!r}: not a local folder, and not in the local HF cache{revision} while "
+            f"HF_HUB_OFFLINE=1; download it first (`hf download {cfg.name}`) or point backbone.name at a folder"
+        )
+
+
+def _hub_offline() -> bool:
+    # Read at call time (huggingface_hub reads it once, at import), with the values huggingface_hub accepts.
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def backbone_fingerprint(cfg: BackboneSection, quantized: bool) -> str:
@@ -91,11 +122,14 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except OSError as err:
-        raise BackboneError(f"backbone.name={cfg.name!r}: cannot load ({err})") from None
+    except OSError as err:  # hub and file errors span several lines; the first one says what went wrong
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneError(f"backbone.name={cfg.name!r}: cannot load from {location} ({reason})") from None
     if quantize_4bit:
         _keep_one_4bit_layout(model)
-    if tokenizer.pad_token is None:  # many hub models ship without one; generation needs it
+    if tokenizer.pad_token is None:  # many hub models ship without one; batching and generation need it
+        if tokenizer.eos_token is None:
+            raise BackboneError(f"backbone.name={cfg.name!r}: the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     freeze(model)

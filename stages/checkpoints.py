@@ -1,9 +1,11 @@
-"""Resumable training checkpoints for long stages (PPO), kept beside the stage's future artifact.
+"""Resumable checkpoints of our training loops (reward, RRHF, PPO), kept beside the stage's future artifact.
 
-``runs/<id>/.ppo.checkpoints/update-00010/`` holds the trainable adapters, extra tensors (value head,
-optimizer), RNG states and a JSON state (update index, KL controller, history). Each checkpoint is
+``runs/<id>/.reward.checkpoints/step-000040/`` holds the trainable adapters (PEFT folders), extra
+tensors (heads), the optimizer (``stages.optim.Optimizer.save``: a local state file or the DeepSpeed
+engine's partitions), every rank's RNG state and a JSON state (step, history, ...). Each checkpoint is
 published atomically with a manifest naming the stage's cache key, so a rerun resumes only from a
-finished checkpoint of the *same* stage configuration.
+finished checkpoint of the *same* stage configuration, and a checkpoint cut short by a kill is ignored.
+SFT checkpoints are the HF Trainer's own (``.sft.checkpoints/checkpoint-N``), see ``stages.sft``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 from stages import artifacts
 from stages.adapters import save_adapter
+from stages.distributed import LOCAL, Distributed
+from stages.heads import load_head, save_head
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
 
+    from stages.optim import Optimizer
+
 STATE = "state.json"
-TENSORS = "tensors.pt"
+PREFIX = "step-"
 
 
 def checkpoint_root(out: Path) -> Path:
@@ -28,43 +35,80 @@ def checkpoint_root(out: Path) -> Path:
     return Path(out).parent / f".{Path(out).name}.checkpoints"
 
 
-def save_checkpoint(root: Path, update: int, cache_key: str, model: "PeftModel", adapters: list[str],
-                    tensors: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write checkpoint ``update`` atomically, then drop older ones."""
-    import torch
+class Checkpointer:
+    """Saves and restores one stage's training state: its trainable adapters, heads and optimizer."""
 
-    final = Path(root) / f"update-{update:05d}"
-    with artifacts.staging(final) as tmp:
-        for name in adapters:
-            save_adapter(model, name, tmp / name)
-        rng = {"torch": torch.random.get_rng_state()}
-        torch.save({**tensors, "rng": rng}, tmp / TENSORS)
-        artifacts.write_json(tmp / STATE, state)
-        artifacts.publish(tmp, final, {"kind": "checkpoint", "update": update, "cache_key": cache_key})
-    for older in Path(root).glob("update-*"):
-        if older != final:
-            shutil.rmtree(older, ignore_errors=True)
-    return final
+    def __init__(self, final: Path, cache_key: str, optimizer: "Optimizer", model: "PeftModel", adapters: list[str],
+                 heads: dict[str, "torch.nn.Linear"], fingerprint: str, dist: Distributed = LOCAL) -> None:
+        self.root = checkpoint_root(final)
+        self.cache_key, self.optimizer, self.dist = cache_key, optimizer, dist
+        self.model, self.adapters, self.heads, self.fingerprint = model, adapters, heads, fingerprint
+
+    def resume(self) -> dict[str, Any] | None:
+        """Restore the newest finished checkpoint of this cache key; return its JSON state (None: start fresh)."""
+        import torch
+
+        folder = latest_checkpoint(self.root, self.cache_key)
+        if folder is None:
+            return None
+        self.optimizer.load(folder)  # under DeepSpeed this restores the trainable weights too
+        if self.dist.deepspeed is None:
+            load_adapter_weights(folder, self.model, self.adapters)
+            for name, head in self.heads.items():
+                head.load_state_dict(load_head(folder / f"{name}.safetensors", head.in_features, self.fingerprint).state_dict())
+        rng = torch.load(folder / f"rng-{self.dist.rank}.pt", weights_only=True)
+        torch.random.set_rng_state(rng["torch"])
+        print(f"resuming from {folder}", flush=True)
+        return json.loads((folder / STATE).read_text())
+
+    def maybe_save(self, step: int, every: int, total: int, state: dict[str, Any]) -> None:
+        """Checkpoint every ``every`` steps (not after the last: the artifact follows at once)."""
+        if step % every == 0 and step < total:
+            self.save(step, state)
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically (every rank takes part), then drop older ones."""
+        import torch
+
+        final = self.root / f"{PREFIX}{step:06d}"
+        tmp = self.root / f".{final.name}.partial"  # one name all ranks agree on
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        self.optimizer.save(tmp)
+        torch.save({"torch": torch.random.get_rng_state()}, tmp / f"rng-{self.dist.rank}.pt")
+        if self.dist.is_main:
+            if self.dist.deepspeed is None:  # DeepSpeed's own checkpoint already holds the trainable weights
+                for name in self.adapters:
+                    save_adapter(self.model, name, tmp / name)
+                for name, head in self.heads.items():
+                    save_head(head, tmp / f"{name}.safetensors", self.fingerprint)
+            artifacts.write_json(tmp / STATE, {**state, "step": step})
+        self.dist.barrier()
+        if self.dist.is_main:
+            artifacts.publish(tmp, final, {"kind": "checkpoint", "step": step, "cache_key": self.cache_key})
+            for older in self.root.glob(f"{PREFIX}*"):
+                if older != final:
+                    shutil.rmtree(older, ignore_errors=True)
+        self.dist.barrier()
+        return final
 
 
 def latest_checkpoint(root: Path, cache_key: str) -> Path | None:
     """The newest finished checkpoint written by a run with this cache key, if any."""
     found = [
-        folder for folder in Path(root).glob("update-*")
+        folder for folder in Path(root).glob(f"{PREFIX}*")
         if artifacts.is_finished(folder) and artifacts.read_manifest(folder).get("cache_key") == cache_key
     ]
-    return max(found, key=lambda f: artifacts.read_manifest(f)["update"], default=None)
+    return max(found, key=lambda f: artifacts.read_manifest(f)["step"], default=None)
 
 
-def load_checkpoint(folder: Path, model: "PeftModel", adapters: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the adapters' weights in place; return (extra tensors, JSON state). RNG state is restored."""
-    import torch
+def load_adapter_weights(folder: Path, model: "PeftModel", names: list[str]) -> None:
+    """Load the checkpoint's copy of each named adapter into the model in place."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    for name in adapters:
-        weights = load_file(str(Path(folder) / name / "adapter_model.safetensors"))
-        set_peft_model_state_dict(model, weights, adapter_name=name)
-    tensors = torch.load(Path(folder) / TENSORS, weights_only=True)
-    torch.random.set_rng_state(tensors.pop("rng")["torch"])
-    return tensors, json.loads((Path(folder) / STATE).read_text())
+    for name in names:
+        set_peft_model_state_dict(model, load_file(str(Path(folder) / name / "adapter_model.safetensors")),
+                                  adapter_name=name)

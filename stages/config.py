@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 StageName = Literal["sft", "reward", "rrhf", "ppo"]
 STAGE_ORDER: tuple[str, ...] = get_args(StageName)  # the pipeline order, for sorting and CLI choices
 DEFAULT_CONFIG_NAME = "default.yaml"
+Launcher = Literal["local", "accelerate"]  # in this process, or `accelerate launch` over distributed.*
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")  # infra/deepspeed/<name>.json
 
 
 class ConfigError(ValueError):
@@ -93,24 +95,36 @@ class DataSection(_Section):
 
 
 class SFTSection(_Section):
+    launcher: Launcher = "local"
     max_steps: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=2e-3, gt=0)
     warmup_steps: int = Field(default=10, ge=0)
     max_length: int = Field(default=64, ge=8)
     logging_steps: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
+
+    @model_validator(mode="after")
+    def _checkpoints_follow_logs(self) -> "SFTSection":
+        if self.checkpoint_every % self.logging_steps:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of logging_steps="
+                             f"{self.logging_steps}, so a NaN loss is caught before a checkpoint saves its weights")
+        return self
 
 
 class RewardSection(_Section):
+    launcher: Launcher = "local"
     max_steps: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)  # preference pairs per step
     learning_rate: float = Field(default=2e-3, gt=0)
     warmup_steps: int = Field(default=10, ge=0)
     eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for pair_accuracy
     logging_steps: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
 
 
 class RRHFSection(_Section):
+    launcher: Launcher = "local"
     num_prompts: int = Field(default=128, ge=1)  # training prompts to sample candidates for
     num_candidates: int = Field(default=4, ge=1)  # k responses sampled per prompt from the SFT policy
     temperature: float = Field(default=1.0, gt=0)
@@ -123,9 +137,11 @@ class RRHFSection(_Section):
     warmup_steps: int = Field(default=10, ge=0)
     rank_weight: float = Field(default=1.0, ge=0)  # RRHF eq. 4: L = rank_weight * L_rank + L_ft
     logging_steps: int = Field(default=10, ge=1)
+    checkpoint_every: int = Field(default=40, ge=1)  # steps between resumable checkpoints
 
 
 class PPOSection(_Section):
+    launcher: Launcher = "local"
     updates: int = Field(default=40, ge=1)  # rollout + optimisation rounds
     rollout_prompts: int = Field(default=32, ge=1)  # prompts sampled per update
     ppo_epochs: int = Field(default=2, ge=1)  # passes over each rollout
@@ -146,6 +162,29 @@ class PPOSection(_Section):
     max_new_tokens: int = Field(default=16, ge=1)
     missing_eos_penalty: float = Field(default=1.0, ge=0)
     checkpoint_every: int = Field(default=5, ge=1)  # updates between resumable checkpoints
+
+
+class DistributedSection(_Section):
+    """How stages with ``launcher: accelerate`` run: DeepSpeed ZeRO through ``accelerate launch``."""
+
+    deepspeed: str = "zero2"  # a preset (zero2 | zero3 | zero3_offload) or the path of a DeepSpeed JSON
+    num_processes: int = Field(default=2, ge=1)  # in total, over all machines
+    num_machines: int = Field(default=1, ge=1)
+    main_process_ip: str | None = None  # needed when num_machines > 1 (the machine running the flow)
+    main_process_port: int | None = Field(default=None, ge=1, le=65535)  # None: a free port (one machine only)
+    threads_per_process: int = Field(default=1, ge=1)  # OMP threads per rank; more than cores/ranks crawls
+    # Seconds the launch waits for every machine to join before failing the stage (never an endless hang).
+    join_timeout_s: int = Field(default=600, ge=1)
+
+    @model_validator(mode="after")
+    def _multi_node_needs_address(self) -> "DistributedSection":
+        if self.num_machines > 1 and not (self.main_process_ip and self.main_process_port):
+            raise ValueError("num_machines > 1 needs main_process_ip and main_process_port (the machine running the flow)")
+        if self.num_processes < self.num_machines:
+            raise ValueError(f"num_processes={self.num_processes} is fewer than num_machines={self.num_machines}")
+        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
+            raise ValueError(f"choose a preset {list(DEEPSPEED_PRESETS)} or the path of a .json file, got {self.deepspeed!r}")
+        return self
 
 
 class EvalSection(_Section):
@@ -174,6 +213,7 @@ class PipelineConfig(_Section):
     rrhf: RRHFSection = RRHFSection()
     ppo: PPOSection = PPOSection()
     eval: EvalSection = EvalSection()
+    distributed: DistributedSection = DistributedSection()
     tracking: TrackingSection = TrackingSection()
 
     @model_validator(mode="after")
@@ -186,6 +226,9 @@ class PipelineConfig(_Section):
         if "ppo" in stages and not {"sft", "reward"} <= stages:
             raise ValueError("run.stages: ppo needs the sft and reward stages")
         return self
+
+    def launcher(self, stage: str) -> str:
+        return getattr(self, stage).launcher
 
     def digest(self, *sections: str) -> str:
         """sha256 of the named top-level sections (all of them when none are named)."""
@@ -270,7 +313,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
-        elif "input" in problem and problem["type"] not in ("missing",):
-            message += f" (got {problem['input']!r})"
+        elif "input" in problem and problem["type"] != "missing" and not isinstance(problem["input"], dict):
+            message += f" (got {problem['input']!r})"  # not for cross-field checks: their input is a whole section
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)

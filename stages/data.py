@@ -1,6 +1,6 @@
 """Datasets as lists of validated records, from the built-in task, JSONL, Parquet or HF ``datasets``.
 
-Three kinds, each a flat record of non-empty strings:
+Four kinds, each a flat record of non-empty strings (ranked: lists):
 
     sft          {"prompt": ..., "completion": ...}
     preferences  {"prompt": ..., "chosen": ..., "rejected": ...}
@@ -8,18 +8,24 @@ Three kinds, each a flat record of non-empty strings:
     ranked       {"query": ..., "responses": [...], "scores": [...]}   (RRHF's offline format)
 
 A source is ``builtin``, a path ending in ``.jsonl`` / ``.parquet``, or ``hf:NAME[:SPLIT]``.
-A malformed row raises ``DataError`` naming the file and the line (JSONL) or row (Parquet, HF).
+A malformed row raises ``DataError`` naming the file and the line (JSONL) or row (Parquet, HF); so do
+bytes that are not UTF-8 and a dataset without records. ``measure_lengths`` counts records over a
+token budget, which needs the stage's tokenizer (docs/errors.md says what each stage does with them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from stages import task
 from stages.config import TaskSection
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DataKind = Literal["sft", "preferences", "eval", "ranked"]
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -59,9 +65,74 @@ def dataset_digest(source: str, kind: DataKind, task_cfg: TaskSection) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class LengthReport:
+    """Records of one dataset that exceed a token budget; record numbers count from 1 in file order."""
+
+    source: str
+    kind: DataKind
+    max_tokens: int
+    total: int
+    too_long: tuple[int, ...]  # prompt + longest response (+ EOS) is over the budget
+    no_room: tuple[int, ...]  # the prompt alone fills the budget: truncation leaves no response token
+
+    def warning(self) -> str | None:
+        """One line for the stage's log, or None when every record fits."""
+        if not self.too_long:
+            return None
+        shown = ", ".join(str(n) for n in self.too_long[:5]) + (", ..." if len(self.too_long) > 5 else "")
+        return (f"{self.source}: {len(self.too_long)} of {self.total} {self.kind} records are longer than "
+                f"{self.max_tokens} tokens (records {shown}); "
+                f"{len(self.no_room)} of them have no room for the response")
+
+
+def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenizer: "PreTrainedTokenizerBase",
+                    max_tokens: int) -> LengthReport:
+    """Count the records longer than ``max_tokens``, tokenized the way the stage that reads them does.
+
+    SFT rows are measured as TRL's SFTTrainer tokenizes them (``prompt + completion + eos`` in one call,
+    special tokens included), which truncates to ``sft.max_length`` keeping the start and drops a row whose
+    prompt alone fills it. The other kinds are measured as ``stages.sequences.encode`` builds them (prompt,
+    then response, then EOS). A dataset in which no record has room for a response is a ``DataError``.
+    """
+    too_long, no_room = [], []
+    for number, record in enumerate(records, start=1):
+        prompt_len, total_len = _token_lengths(record, kind, tokenizer)
+        if total_len > max_tokens:
+            too_long.append(number)
+        if prompt_len >= max_tokens:
+            no_room.append(number)
+    report = LengthReport(source, kind, max_tokens, len(records), tuple(too_long), tuple(no_room))
+    if records and len(no_room) == len(records):
+        raise DataError(f"{source}: every {kind} record's prompt is at least {max_tokens} tokens long, "
+                        "so no response token fits; shorten the prompts or raise the maximum length")
+    return report
+
+
+def _token_lengths(record: Record, kind: DataKind, tokenizer: "PreTrainedTokenizerBase") -> tuple[int, int]:
+    """(prompt tokens, prompt + longest response + EOS tokens) of one record."""
+    if kind == "sft":
+        text = record["prompt"] + record["completion"] + tokenizer.eos_token
+        return len(tokenizer(record["prompt"]).input_ids), len(tokenizer(text).input_ids)
+    if kind == "ranked":
+        prompt, responses = record["query"], list(record["responses"])
+    else:
+        prompt, responses = record["prompt"], [record[field] for field in FIELDS[kind][1:]]
+    prompt_len = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    longest = max(len(ids) for ids in tokenizer(responses, add_special_tokens=False).input_ids)
+    return prompt_len, prompt_len + longest + 1
+
+
 def _jsonl_rows(path: Path):
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    # Bytes, decoded line by line: a file that is not UTF-8 (Latin-1, UTF-16 from an editor) then fails on
+    # the line that holds the bad byte, instead of a UnicodeDecodeError from deep inside the file reader.
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = f"byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line"
+                raise DataError(f"{path}: line {number}: not valid UTF-8 ({bad}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -24,9 +24,12 @@ class Response:
 
 def generate(
     model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", prompts: list[str], *, max_new_tokens: int,
-    temperature: float, batch_size: int, seed: int, desc: str = "generating",
+    temperature: float, batch_size: int, seed: int, desc: str = "generating", synced: bool = False,
 ) -> list[Response]:
-    """Sample one response per prompt (temperature sampling, no top-k/top-p), reproducibly from ``seed``."""
+    """Sample one response per prompt (temperature sampling, no top-k/top-p), reproducibly from ``seed``.
+
+    ``synced``: every rank of a ZeRO-3 job runs the same generation, in lockstep (``synced_gpus``).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -43,6 +46,7 @@ def generate(
                 out = model.generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
                     top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=synced,
                 )
             responses.extend(_decode(batch.input_ids, batch.attention_mask, out[:, batch.input_ids.shape[1] :], tokenizer))
     finally:
@@ -73,12 +77,12 @@ def score_responses(responses: list[Response], answers: list[str]) -> float:
 
 def task_score(
     model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", records: list[Record], cfg: EvalSection,
-    seed: int, desc: str = "task_score",
+    seed: int, desc: str = "task_score", synced: bool = False,
 ) -> float:
     """Sample on the first ``cfg.num_prompts`` held-out prompts and apply the checker."""
     records = records[: cfg.num_prompts]
     responses = generate(
         model, tokenizer, [r["prompt"] for r in records], max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=desc,
+        temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=desc, synced=synced,
     )
     return score_responses(responses, [r["answer"] for r in records])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.artifacts import ArtifactError
+from stages.artifacts import ArtifactError, storage_error
 from stages.sequences import SequenceBatch, last_hidden_states
 
 if TYPE_CHECKING:
@@ -32,23 +32,30 @@ def new_head(hidden_size: int, seed: int) -> "torch.nn.Linear":
 
 
 def save_head(head: "torch.nn.Linear", path: Path, backbone_fingerprint: str) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()}
-    save_file(tensors, str(path), metadata={"backbone_fingerprint": backbone_fingerprint})
+    try:
+        save_file(tensors, str(path), metadata={"backbone_fingerprint": backbone_fingerprint})
+    except SafetensorError as err:  # a full disk arrives as a Rust error; give it back its errno
+        raise storage_error(err, path) from err
 
 
 def load_head(path: Path, hidden_size: int, backbone_fingerprint: str) -> "torch.nn.Linear":
     """Load a saved head; missing file, wrong shape or another backbone's head are errors."""
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: score/value head is missing; the artifact is incomplete, rerun its stage")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except SafetensorError as err:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({err}); rerun the stage that wrote it") from None
     if metadata.get("backbone_fingerprint") != backbone_fingerprint:
         raise ArtifactError(
             f"{path}: head belongs to backbone {metadata.get('backbone_fingerprint')}, not {backbone_fingerprint}"

@@ -16,7 +16,6 @@ losses. The losses and GAE are the pure functions of ``stages.losses``. A checkp
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,15 +24,18 @@ from stages import runner
 from stages.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.artifacts import read_manifest, write_json
 from stages.backbone import load_backbone
-from stages.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from stages.checkpoints import Checkpointer
 from stages.config import PipelineConfig
 from stages.data import load_records
+from stages.distributed import LOCAL, Distributed
 from stages.evaluation import generate, task_score
 from stages.heads import save_head, sequence_scores
 from stages.kl_control import build_kl_controller
 from stages.losses import (
     gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
 )
+from stages.optim import Optimizer
+from stages.probes import save_probe
 from stages.reward import attach_reward, reward_of
 from stages.sequences import SequenceBatch, from_token_ids, token_logprobs, token_logprobs_and_entropy, token_values
 
@@ -138,8 +140,19 @@ def shape_rollout(batch: SequenceBatch, finished: "torch.Tensor", scores: "torch
     return rollout, stats
 
 
-def ppo_update(actors: Actors, rollout: Rollout, optimizer: "torch.optim.Optimizer", params: list,
-               cfg: PipelineConfig, generator: "torch.Generator") -> dict[str, float]:
+def ppo_optimizer(actors: Actors, cfg: PipelineConfig, dist: Distributed = LOCAL) -> Optimizer:
+    """AdamW (constant learning rate) over the policy and value adapters and the value head."""
+    import torch
+
+    ppo = cfg.ppo
+    return Optimizer(torch.nn.ModuleDict({"model": actors.model, "value_head": actors.value_head}), ppo.learning_rate,
+                     warmup_steps=0, total_steps=ppo.updates, max_grad_norm=ppo.max_grad_norm, schedule="constant",
+                     gradient_accumulation=ppo.gradient_accumulation, micro_batch_size=ppo.minibatch_size, dist=dist,
+                     bf16=cfg.backbone.dtype == "bfloat16")
+
+
+def ppo_update(actors: Actors, rollout: Rollout, optimizer: Optimizer, cfg: PipelineConfig,
+               generator: "torch.Generator") -> dict[str, float]:
     """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping."""
     import torch
 
@@ -148,24 +161,28 @@ def ppo_update(actors: Actors, rollout: Rollout, optimizer: "torch.optim.Optimiz
     steps = 0
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(rollout.input_ids.shape[0], generator=generator)
-        for i, start in enumerate(range(0, len(order), ppo.minibatch_size)):
+        for start in range(0, len(order), ppo.minibatch_size):
             mb = rollout.select(order[start : start + ppo.minibatch_size])
-            # Each adapter's loss is backpropagated as soon as it exists, so only one autograd graph over
-            # the shared backbone is alive at a time (same gradients as one backward of the sum).
             with active_adapter(model, POLICY):
                 logprobs, entropy = token_logprobs_and_entropy(model, mb.batch)
             policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages,
                                                         mb.response_mask, ppo.clip_range)
-            (policy_loss / ppo.gradient_accumulation).backward()
+            optimizer.check_finite(policy_loss, "ppo policy loss")
+            if optimizer.engine is None:
+                # Locally each adapter's loss is backpropagated as soon as it exists, so only one autograd
+                # graph over the shared backbone is alive at a time (same gradients as one backward of the
+                # sum). DeepSpeed updates inside its backward, so there the two losses share one backward.
+                optimizer.backward(policy_loss)
             with active_adapter(model, VALUE):
                 values = token_values(model, actors.value_head, mb.batch)
             value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
                                                      ppo.clip_range_value)
-            (ppo.value_coef * value_loss / ppo.gradient_accumulation).backward()
-            if (i + 1) % ppo.gradient_accumulation == 0 or start + ppo.minibatch_size >= len(order):
-                torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if optimizer.engine is None:
+                optimizer.check_finite(value_loss, "ppo value loss")
+                optimizer.backward(ppo.value_coef * value_loss)
+                optimizer.finish_micro_step(boundary=start + ppo.minibatch_size >= len(order))
+            else:
+                optimizer.step(policy_loss + ppo.value_coef * value_loss, what="ppo loss")
             step_stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                           "entropy": masked_mean(entropy, mb.response_mask).item(), **policy_stats, **value_stats}
             for key, value in step_stats.items():
@@ -178,49 +195,46 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
 
-    out, inputs = ctx.staging, ctx.inputs
+    out, inputs, dist = ctx.staging, ctx.inputs, ctx.dist
     actors = build_actors(cfg, inputs)
     model, ppo = actors.model, cfg.ppo
-    params = [p for p in model.parameters() if p.requires_grad] + list(actors.value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=ppo.learning_rate, weight_decay=0.0)
+    trainable = count_trainable(model)
+    optimizer = ppo_optimizer(actors, cfg, dist)
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
     prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
 
-    root, key = checkpoint_root(ctx.final), ctx.cache_key
-    history: list[dict[str, float]] = []
-    start = 0
-    if (found := latest_checkpoint(root, key)) is not None:
-        tensors, state = load_checkpoint(found, model, TRAINABLE)
-        actors.value_head.load_state_dict(tensors["value_head"])
-        optimizer.load_state_dict(tensors["optimizer"])
+    checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, TRAINABLE,
+                                {"value_head": actors.value_head}, actors.fingerprint, dist)
+    state = checkpointer.resume()
+    start, history = (state["step"], state["history"]) if state else (0, [])
+    if state:
         kl_ctl.load_state_dict(state["kl_controller"])
-        start, history = state["update"], state["history"]
-        print(f"ppo: resuming from update {start} ({found})", flush=True)
-    generator = torch.Generator().manual_seed(cfg.run.seed + start)
+    generator = torch.Generator().manual_seed(cfg.run.seed + start + 1000 * dist.rank)
     model.train()
     for update in tqdm(range(start + 1, ppo.updates + 1), desc="ppo", unit="update", initial=start, total=ppo.updates):
-        batch_prompts = random.Random(cfg.run.seed + update).sample(prompts, min(ppo.rollout_prompts, len(prompts)))
-        rollout, stats = collect_rollout(actors, batch_prompts, cfg, kl_ctl.value, seed=cfg.run.seed + update)
-        stats.update(ppo_update(actors, rollout, optimizer, params, cfg, generator))
-        kl_ctl.update(stats["kl"], n_steps=len(batch_prompts))
+        # Every rank draws the same global sample of prompts and rolls out its own share of it.
+        drawn = random.Random(cfg.run.seed + update).sample(prompts, min(ppo.rollout_prompts * dist.world_size, len(prompts)))
+        batch_prompts = dist.shard(drawn)
+        rollout, stats = collect_rollout(actors, batch_prompts, cfg, kl_ctl.value, seed=cfg.run.seed + update + 1000 * dist.rank)
+        stats.update(ppo_update(actors, rollout, optimizer, cfg, generator))
+        stats = {key: dist.mean(value) for key, value in stats.items()}  # one KL (and coefficient) on every rank
+        kl_ctl.update(stats["kl"], n_steps=len(drawn))
         history.append({"update": update, **{k: round(v, 5) for k, v in stats.items()}})
-        if update % ppo.checkpoint_every == 0 and update < ppo.updates:
-            save_checkpoint(root, update, key, model, TRAINABLE,
-                            {"value_head": actors.value_head.state_dict(), "optimizer": optimizer.state_dict()},
-                            {"update": update, "kl_controller": kl_ctl.state_dict(), "history": history})
+        checkpointer.maybe_save(update, ppo.checkpoint_every, ppo.updates,
+                                {"history": history, "kl_controller": kl_ctl.state_dict()})
     model.eval()
     metrics = _evaluate(actors, held_out, cfg)
     metrics["task_score_sft"] = read_manifest(inputs["sft"])["metrics"]["task_score"]
 
+    with active_adapter(model, POLICY):
+        save_probe(model, actors.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     save_adapter(model, VALUE, out / "value")
     save_head(actors.value_head, out / VALUE_HEAD, actors.fingerprint)
     write_json(out / "history.json", history)
-    if root.exists():  # keep the last checkpoint with the artifact, as a record of how it was resumed
-        shutil.move(str(root), str(out / "checkpoints"))
     return {**metrics, "updates": ppo.updates, "resumed_from_update": start,
-            "final_kl_coef": kl_ctl.value, "trainable_parameters": count_trainable(model),
+            "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
             "adapter_kind": cfg.adapter.kind}
 
 

@@ -19,6 +19,7 @@ from stages.adapters import needs_4bit
 from stages.backbone import backbone_fingerprint
 from stages.config import PipelineConfig
 from stages.data import DataKind, dataset_digest
+from stages.launch import launch_identity
 
 # Libraries whose version changes numerics enough to invalidate cached results.
 _VERSIONED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "deepspeed")
@@ -79,6 +80,7 @@ def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -
     provenance: dict[str, Any] = {
         "stage": stage,
         "config_digest": _sha(cfg.digest(*spec.sections) + f"seed={cfg.run.seed}"),
+        "launch": launch_identity(stage, cfg),
         "backbone_fingerprint": backbone_fingerprint(cfg.backbone, needs_4bit(cfg.adapter.kind)),
         "input_digests": {name: artifacts.artifact_digest(inputs[name]) for name in needed},
         "dataset_digest": _sha(json.dumps(datasets, sort_keys=True)),

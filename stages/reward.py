@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,10 @@ from stages import runner
 from stages.adapters import active_adapter, attach_adapter, count_trainable, load_adapter, needs_4bit, save_adapter
 from stages.artifacts import ArtifactError, write_json
 from stages.backbone import load_backbone
+from stages.checkpoints import Checkpointer
 from stages.config import PipelineConfig
-from stages.data import Record, load_records
+from stages.data import Record, load_records, measure_lengths
+from stages.distributed import gathered
 from stages.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
 from stages.losses import pairwise_reward_loss
 from stages.optim import Optimizer
@@ -78,35 +81,43 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     import torch
     from tqdm.auto import tqdm
 
-    out = ctx.staging
+    out, dist, rm = ctx.staging, ctx.dist, cfg.reward
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
-    train, held = split_pairs(load_records(cfg.data.preferences, "preferences", cfg.task), cfg.reward.eval_fraction)
+    pairs = load_records(cfg.data.preferences, "preferences", cfg.task)
+    context = backbone.model.config.max_position_embeddings
+    if dist.is_main and (warning := measure_lengths(pairs, "preferences", cfg.data.preferences, tokenizer, context).warning()):
+        print(f"warning: {warning}; pairs are scored whole, past the backbone's {context}-token context", flush=True)
+    train, held = split_pairs(pairs, rm.eval_fraction)
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed)
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = Optimizer(params, cfg.reward.learning_rate, cfg.reward.warmup_steps, cfg.reward.max_steps)
-    generator = torch.Generator().manual_seed(cfg.run.seed)
-    order: list[int] = []
-    history = []
+    trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
+    optimizer = Optimizer(torch.nn.ModuleDict({"model": model, "head": head}), rm.learning_rate, rm.warmup_steps,
+                          rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
+    checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [ADAPTER_NAME], {"score_head": head},
+                                backbone.fingerprint, dist)
+    state = checkpointer.resume() or {"step": 0, "history": []}
+    start, history = state["step"], state["history"]
+    batches = pair_batches(len(train), rm.batch_size * dist.world_size, cfg.run.seed)
+    for _ in range(start):  # the batches the checkpointed steps already used
+        next(batches)
     model.train()
-    for step in tqdm(range(1, cfg.reward.max_steps + 1), desc="reward", unit="step"):
-        if len(order) < cfg.reward.batch_size:  # a fresh shuffled epoch
-            order += torch.randperm(len(train), generator=generator).tolist()
-        batch = [train[i] for i in order[: cfg.reward.batch_size]]
-        del order[: cfg.reward.batch_size]
+    for step in tqdm(range(start + 1, rm.max_steps + 1), desc="reward", unit="step", initial=start, total=rm.max_steps):
+        batch = dist.shard([train[i] for i in next(batches)])  # every rank draws the global batch, trains its share
         chosen, rejected = score_pairs(model, head, tokenizer, batch)
         loss = pairwise_reward_loss(chosen, rejected)
-        optimizer.step(loss)
-        if step % cfg.reward.logging_steps == 0 or step == cfg.reward.max_steps:
-            accuracy = (chosen > rejected).float().mean().item()
-            history.append({"step": step, "loss": round(loss.item(), 5), "accuracy": accuracy})
+        optimizer.step(loss, what=f"reward loss at step {step}")
+        if step % rm.logging_steps == 0 or step == rm.max_steps:
+            accuracy = dist.mean((chosen > rejected).float().mean().item())
+            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), "accuracy": accuracy})
+        checkpointer.maybe_save(step, rm.checkpoint_every, rm.max_steps, {"history": history})
     model.eval()
     metrics = evaluate_pairs(model, head, tokenizer, held)
     probes = _probe_scores(model, head, tokenizer, held[:8])
 
-    save_adapter(model, ADAPTER_NAME, out / "adapter")
-    save_head(head, out / SCORE_HEAD, backbone.fingerprint)
+    with gathered(dist, optimizer.module):
+        save_adapter(model, ADAPTER_NAME, out / "adapter")
+        save_head(head, out / SCORE_HEAD, backbone.fingerprint)
     write_json(out / PROBES, probes)
     write_json(out / "history.json", history)
     return {
@@ -114,9 +125,23 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         "train_loss": history[-1]["loss"],
         "train_pairs": len(train),
         "eval_pairs": len(held),
-        "trainable_parameters": count_trainable(model) + sum(p.numel() for p in head.parameters()),
+        "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
+        "resumed_from_step": start,
     }
+
+
+def pair_batches(count: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Indices of successive batches: shuffled epochs, batches may straddle two epochs."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += torch.randperm(count, generator=generator).tolist()
+        yield order[:batch_size]
+        del order[:batch_size]
 
 
 def _probe_scores(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",

@@ -15,18 +15,20 @@ and padding never enters the SFT mean (#51) - see ``stages.losses.rrhf_loss``.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages import runner
-from stages.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter
+from stages.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.artifacts import read_manifest, write_json
 from stages.backbone import load_backbone
+from stages.checkpoints import Checkpointer
 from stages.config import PipelineConfig
 from stages.data import load_records
 from stages.evaluation import generate, task_score
 from stages.losses import rrhf_loss
 from stages.optim import Optimizer
+from stages.probes import save_probe
 from stages.reward import attach_reward, reward_of
 from stages.sequences import encode, token_logprobs
 
@@ -108,53 +110,65 @@ def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", g
 def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    out, inputs = ctx.staging, ctx.inputs
+    out, inputs, dist, rr = ctx.staging, ctx.inputs, ctx.dist, cfg.rrhf
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
     model = load_adapter(backbone.model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
     head = None
-    if cfg.data.ranked:
-        groups = offline_groups(cfg.data.ranked, cfg)
-    else:
+    if not cfg.data.ranked:
         model, head = attach_reward(model, inputs["reward"], tokenizer, backbone.fingerprint)
+    model.set_adapter(POLICY)
+    set_trainable(model, [POLICY])
+    optimizer = Optimizer(model, rr.learning_rate, rr.warmup_steps, rr.max_steps, micro_batch_size=rr.batch_size,
+                          dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
+    checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [POLICY], {}, backbone.fingerprint, dist)
+    state = checkpointer.resume()
+    if state is not None:  # the candidates are part of the state: resuming never resamples them
+        groups = [Group(**g) for g in state["groups"]]
+    elif cfg.data.ranked:
+        groups = dist.shard(offline_groups(cfg.data.ranked, cfg))
+    else:
         prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
         random.Random(cfg.run.seed).shuffle(prompts)
-        groups = sample_groups(model, head, tokenizer, prompts[: cfg.rrhf.num_prompts], cfg)
-    model.set_adapter(POLICY)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = Optimizer(params, cfg.rrhf.learning_rate, cfg.rrhf.warmup_steps, cfg.rrhf.max_steps)
-    accuracy_before = ranking_accuracy(model, tokenizer, groups)
-    rng = random.Random(cfg.run.seed)
-    history = []
+        groups = sample_groups(model, head, tokenizer, dist.shard(prompts[: rr.num_prompts]), cfg)
+    state = state or {"step": 0, "history": [], "accuracy_before": dist.mean(ranking_accuracy(model, tokenizer, groups))}
+    start, history = state["step"], state["history"]
+    rng = random.Random(cfg.run.seed + dist.rank)
+    batch_size = min(rr.batch_size, len(groups))
+    for _ in range(start):  # the batches the checkpointed steps already used
+        rng.sample(groups, batch_size)
     model.train()
-    for step in tqdm(range(1, cfg.rrhf.max_steps + 1), desc="rrhf", unit="step"):
-        batch = rng.sample(groups, min(cfg.rrhf.batch_size, len(groups)))
-        logprobs, rewards, mask = group_logprobs(model, tokenizer, batch)
-        loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=cfg.rrhf.rank_weight)
-        optimizer.step(loss)
-        if step % cfg.rrhf.logging_steps == 0 or step == cfg.rrhf.max_steps:
-            history.append({"step": step, "loss": round(loss.item(), 5), **stats})
+    for step in tqdm(range(start + 1, rr.max_steps + 1), desc="rrhf", unit="step", initial=start, total=rr.max_steps):
+        logprobs, rewards, mask = group_logprobs(model, tokenizer, rng.sample(groups, batch_size))
+        loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=rr.rank_weight)
+        optimizer.step(loss, what=f"rrhf loss at step {step}")
+        if step % rr.logging_steps == 0 or step == rr.max_steps:
+            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), **stats})
+        checkpointer.maybe_save(step, rr.checkpoint_every, rr.max_steps,
+                                {"history": history, "accuracy_before": state["accuracy_before"],
+                                 "groups": [asdict(g) for g in groups]})
     model.eval()
 
     metrics: dict[str, Any] = {
         "task_score": task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (rrhf)"),
         "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
-        "ranking_accuracy_before": accuracy_before,
-        "ranking_accuracy": ranking_accuracy(model, tokenizer, groups),
-        "candidate_reward": sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups),
+        "ranking_accuracy_before": state["accuracy_before"],
+        "ranking_accuracy": dist.mean(ranking_accuracy(model, tokenizer, groups)),
+        "candidate_reward": dist.mean(sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups)),
     }
     if head is not None:  # mean reward of the trained policy's own samples on held-out prompts
         eval_prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
-        samples = generate(model, tokenizer, eval_prompts, max_new_tokens=cfg.rrhf.max_new_tokens,
+        samples = generate(model, tokenizer, eval_prompts, max_new_tokens=rr.max_new_tokens,
                            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
         rewards = reward_of(model, head, tokenizer, eval_prompts, [s.text for s in samples],
-                            [s.finished for s in samples], cfg.rrhf.missing_eos_penalty)
+                            [s.finished for s in samples], rr.missing_eos_penalty)
         metrics["policy_reward"] = sum(rewards) / len(rewards)
+    save_probe(model, tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
-    return {**metrics, "trainable_parameters": count_trainable(model), "groups": len(groups),
-            "adapter_kind": cfg.adapter.kind}
+    return {**metrics, "trainable_parameters": count_trainable(model), "groups": dist.mean(len(groups)) * dist.world_size,
+            "adapter_kind": cfg.adapter.kind, "resumed_from_step": start}
 
 
 def main(argv: list[str] | None = None) -> None:

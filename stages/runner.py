@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from stages import artifacts
+from stages.checkpoints import checkpoint_root
 from stages.config import ConfigError, PipelineConfig, load_config
 from stages.data import DataError
+from stages.distributed import LOCAL, Distributed, setup_distributed
+from stages.optim import NonFiniteLoss
 from stages.provenance import stage_datasets, stage_provenance
-from stages.tracking import start_tracking
+from stages.tracking import NoTracker, start_tracking
 
 
 @dataclass(frozen=True)
@@ -35,37 +40,48 @@ class StageContext:
     final: Path  # where the artifact will appear (resumable state may live beside it)
     inputs: dict[str, Path]  # upstream artifacts by stage name
     cache_key: str  # this run's key: checkpoints are only resumed by a run with the same key
+    dist: Distributed = LOCAL  # this process's rank when launched by accelerate; only the main rank publishes
 
 
 StageFn = Callable[[PipelineConfig, StageContext], dict[str, Any]]
 # Errors that are the user's to fix: print one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError)
+USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError, NonFiniteLoss)
 
 
-def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any]:
-    """Run ``fn`` into a staging folder and publish it at ``out`` with its manifest; return the manifest."""
+def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any] | None:
+    """Run ``fn`` into a staging folder and publish it at ``out`` with its manifest; return the manifest
+    (None on the ranks that do not publish).
+
+    Under ``launcher: accelerate`` every rank trains; only the main rank tracks, writes and publishes
+    (the other ranks write into scratch folders that are thrown away).
+    """
     import torch
 
-    torch.set_num_threads(cfg.run.threads)
+    dist = setup_distributed(cfg, stage)
+    torch.set_num_threads(cfg.run.threads if dist is LOCAL else cfg.distributed.threads_per_process)
     torch.manual_seed(cfg.run.seed)
     provenance = stage_provenance(stage, cfg, inputs)
     datasets = {kind: getattr(cfg.data, kind) for kind in stage_datasets(stage, cfg)}
-    tracker = start_tracking(cfg, stage, Path(out).resolve().parent, datasets)  # active during training
+    tracker = start_tracking(cfg, stage, Path(out).resolve().parent, datasets) if dist.is_main else NoTracker()
     started = time.time()
-    with artifacts.staging(out) as tmp:
-        metrics = fn(cfg, StageContext(tmp, Path(out), inputs, provenance["cache_key"]))
-        artifacts.write_json(tmp / "metrics.json", metrics)
-        if stage != "sft":  # SFT's curves reach W&B through the HF trainer's own reporting
-            history = tmp / "history.json"
-            rows = json.loads(history.read_text()) if history.is_file() else []
-            tracker.log_history(rows, step_key="update" if stage == "ppo" else "step")
+    with artifacts.staging(out) if dist.is_main else tempfile.TemporaryDirectory() as tmp:
+        metrics = fn(cfg, StageContext(Path(tmp), Path(out), inputs, provenance["cache_key"], dist))
         manifest = {
             **provenance,
             "metrics": metrics,
+            "engine": {"name": dist.engine, "world_size": dist.world_size},
             "seconds": round(time.time() - started, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if not dist.is_main:
+            return None
+        artifacts.write_json(Path(tmp) / "metrics.json", metrics)
+        if stage != "sft":  # SFT's curves reach W&B through the HF trainer's own reporting
+            history = Path(tmp) / "history.json"
+            rows = json.loads(history.read_text()) if history.is_file() else []
+            tracker.log_history(rows, step_key="update" if stage == "ppo" else "step")
         artifacts.publish(tmp, out, manifest)
+    shutil.rmtree(checkpoint_root(out), ignore_errors=True)  # the artifact supersedes its checkpoints
     tracker.finish(metrics, Path(out), inputs)
     return manifest
 
@@ -90,7 +106,8 @@ def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{stage}: published {args.out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
+    if manifest is not None:
+        print(f"{stage}: published {args.out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
 
 
 def _parse_input(item: str) -> tuple[str, Path]:

@@ -5,20 +5,29 @@
 Reads the frozen backbone, attaches one adapter of the configured kind, measures ``task_score`` of the
 base, trains with TRL's ``SFTTrainer`` (loss on completion tokens only), measures ``task_score`` again and
 writes ``adapter/`` (a standard PEFT folder), ``history.json`` (the training log) and the metrics.
+
+Checkpoints are the HF Trainer's own, every ``sft.checkpoint_every`` steps, in ``.sft.checkpoints/``
+beside the artifact, tagged with the stage's cache key; a rerun resumes from the newest complete one.
+Under ``launcher: accelerate`` the Trainer runs on the DeepSpeed engine (``distributed.deepspeed``).
 """
 
 from __future__ import annotations
 
-import tempfile
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages import runner
 from stages.adapters import attach_adapter, count_trainable, needs_4bit, save_adapter
 from stages.artifacts import write_json
 from stages.backbone import load_backbone
+from stages.checkpoints import checkpoint_root
 from stages.config import PipelineConfig
-from stages.data import Record, load_records
+from stages.data import LengthReport, Record, load_records, measure_lengths
+from stages.distributed import Distributed, filled_deepspeed_config, gathered, synced_generation
 from stages.evaluation import task_score
+from stages.optim import NonFiniteLoss
+from stages.probes import save_probe
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -28,40 +37,102 @@ if TYPE_CHECKING:
 ADAPTER_NAME = "sft"
 
 
+KEY_FILE = "cache_key"
+
+
 def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", demos: list[Record],
-                      cfg: PipelineConfig, scratch: str) -> "SFTTrainer":
+                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> "SFTTrainer":
     """TRL's SFTTrainer on prompt/completion records; loss on completion tokens only (EOS appended by TRL)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    sft = cfg.sft
+    if dist.deepspeed is not None:  # the Trainer joins the gloo/DeepSpeed state stages.distributed set up
+        launch: dict[str, Any] = {
+            "deepspeed": filled_deepspeed_config(dist, micro_batch_size=sft.batch_size, gradient_accumulation=1,
+                                                 max_grad_norm=1.0, bf16=cfg.backbone.dtype == "bfloat16"),
+            "use_cpu": False, "accelerator_config": {"use_configured_state": True},
+        }
+    else:
+        launch = {"use_cpu": True}
     args = SFTConfig(
-        output_dir=scratch, max_steps=cfg.sft.max_steps, per_device_train_batch_size=cfg.sft.batch_size,
-        learning_rate=cfg.sft.learning_rate, warmup_steps=cfg.sft.warmup_steps, lr_scheduler_type="cosine",
-        logging_steps=cfg.sft.logging_steps, max_length=cfg.sft.max_length, completion_only_loss=True,
-        save_strategy="no", report_to="wandb" if cfg.tracking.backend == "wandb" else "none", use_cpu=True,
-        seed=cfg.run.seed, dataloader_num_workers=0,
+        output_dir=str(checkpoints), max_steps=sft.max_steps, per_device_train_batch_size=sft.batch_size,
+        learning_rate=sft.learning_rate, warmup_steps=sft.warmup_steps, lr_scheduler_type="cosine",
+        logging_steps=sft.logging_steps, max_length=sft.max_length, completion_only_loss=True,
+        save_strategy="steps", save_steps=sft.checkpoint_every, save_total_limit=1, max_grad_norm=1.0,
+        report_to="wandb" if cfg.tracking.backend == "wandb" and dist.is_main else "none",
+        seed=cfg.run.seed, dataloader_num_workers=0, disable_tqdm=not dist.is_main,
         # TRL defaults to bf16 autocast, and accelerate leaves the autocast wrapper on model.forward after
         # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
-        bf16=False, fp16=False, gradient_checkpointing=False,
+        bf16=False, fp16=False, gradient_checkpointing=False, **launch,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(demos), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(demos), processing_class=tokenizer)
+    if trainer.is_deepspeed_enabled != (dist.deepspeed is not None):  # e.g. use_cpu=True silently means DDP
+        raise RuntimeError(f"the Trainer's engine is not the configured one ({dist.engine})")
+    trainer.add_callback(_stop_on_non_finite_loss())
+    return trainer
+
+
+def _stop_on_non_finite_loss() -> Any:
+    """Raise at the first logged NaN/inf loss. ``checkpoint_every`` is a multiple of ``logging_steps``
+    (config validation), so a non-finite loss is seen before any checkpoint could save its weights."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise NonFiniteLoss(f"sft loss is {loss} at step {state.global_step}: stopped; the last checkpoint "
+                                    "is kept (lower sft.learning_rate, or check the data)")
+
+    return StopOnNonFiniteLoss()
+
+
+def resumable_checkpoint(root: Path, cache_key: str) -> str | None:
+    """The newest complete Trainer checkpoint of a run with this cache key; stale ones are removed."""
+    key_file = root / KEY_FILE
+    if key_file.is_file() and key_file.read_text() != cache_key:
+        shutil.rmtree(root)  # another configuration's progress: never resume from it
+    root.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(cache_key)
+    # trainer_state.json is the last file the Trainer writes into a checkpoint, so a kill mid-save is skipped.
+    complete = [c for c in root.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    newest = max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+    return str(newest) if newest else None
+
+
+def _warn_if_too_long(report: LengthReport, dist: Distributed) -> None:
+    if dist.is_main and (warning := report.warning()):
+        print(f"warning: {warning}; TRL keeps the first sft.max_length tokens (a cut demo loses its EOS) and "
+              "drops a demo with no room for its completion", flush=True)
 
 
 def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    out = ctx.staging
+    out, dist = ctx.staging, ctx.dist
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
     demos = load_records(cfg.data.sft, "sft", cfg.task)
+    _warn_if_too_long(measure_lengths(demos, "sft", cfg.data.sft, tokenizer, cfg.sft.max_length), dist)
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
 
     score_before = task_score(backbone.model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
-    with tempfile.TemporaryDirectory() as scratch:  # trainer state stays out of the artifact
-        trainer = build_sft_trainer(model, tokenizer, demos, cfg, scratch)
-        result = trainer.train()
-    score_after = task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)")
+    trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
+    root = checkpoint_root(ctx.final)
+    resume = resumable_checkpoint(root, ctx.cache_key) if dist.is_main else None
+    resume = dist.gather([resume])[0]  # the main rank decides, every rank resumes from the same step
+    if resume:
+        print(f"sft: resuming from {resume}", flush=True)
+    trainer = build_sft_trainer(model, tokenizer, demos, cfg, root, dist)
+    result = trainer.train(resume_from_checkpoint=resume)
+    score_after = task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)",
+                             synced=synced_generation(dist))
 
-    save_adapter(model, ADAPTER_NAME, out / "adapter")
+    save_probe(model, tokenizer, out)  # every rank: a ZeRO-3 forward needs them all
+    with gathered(dist, model):
+        save_adapter(model, ADAPTER_NAME, out / "adapter")
     tokenizer.save_pretrained(out / "tokenizer")
     history = [row for row in trainer.state.log_history if "loss" in row]
     write_json(out / "history.json", history)
@@ -69,9 +140,11 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "task_score_before": score_before,
         "task_score": score_after,
         "train_loss": round(result.training_loss, 4),
+        "train_seconds": round(result.metrics["train_runtime"], 2),
         "final_loss": history[-1]["loss"] if history else None,
-        "trainable_parameters": count_trainable(model),
+        "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
     }
 
 

@@ -41,3 +41,29 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | Non
     rlhf = Path(sys.executable).parent / "rlhf"
     return subprocess.run([str(rlhf), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
+    """Local SFT and reward artifacts, for tests of the stages that consume them (PPO, RRHF)."""
+    from stages.config import load_config
+    from stages.reward import train_reward
+    from stages.runner import execute
+    from stages.sft import train_sft
+
+    cfg = load_config(None, overrides)
+    execute("sft", train_sft, cfg, root / "sft", {})
+    execute("reward", train_reward, cfg, root / "reward", {})
+    return {"sft": root / "sft", "reward": root / "reward"}
+
+
+def stage_command(stage: str, out: Path, overrides: list[str], inputs: dict[str, Path] | None = None) -> list[str]:
+    """``python -m stages.<stage>`` (or its ``accelerate launch``, per the config) as the flow would run it."""
+    from stages.config import load_config
+    from stages.launch import accelerate_command
+
+    args = ["--out", str(out), *(f"--input={k}={v}" for k, v in (inputs or {}).items()),
+            *(a for item in overrides for a in ("--set", item))]
+    cfg = load_config(None, overrides)
+    if cfg.launcher(stage) == "accelerate":
+        return accelerate_command(stage, cfg, args)
+    return [sys.executable, "-m", f"stages.{stage}", *args]

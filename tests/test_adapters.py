@@ -9,6 +9,7 @@ from stages.adapters import active_adapter, attach_adapter, needs_4bit, save_ada
 from stages.backbone import load_backbone, weights_digest
 from stages.config import load_config
 from stages.data import load_records
+from stages.distributed import LOCAL
 from stages.sft import build_sft_trainer
 from tests.conftest import TINY
 
@@ -32,7 +33,7 @@ def test_sft_trains_only_the_adapter_and_reloads_exactly(kind: str, tmp_path: Pa
     assert initial, "the adapter must have trainable parameters"
 
     demos = load_records("builtin", "sft", cfg.task)
-    build_sft_trainer(model, backbone.tokenizer, demos, cfg, str(tmp_path / "scratch")).train()
+    build_sft_trainer(model, backbone.tokenizer, demos, cfg, tmp_path / "checkpoints", LOCAL).train()
 
     after = dict(model.named_parameters())
     changed = [n for n, p in initial.items() if not torch.equal(p, after[n].detach())]

@@ -1,34 +1,22 @@
 """PPO on one backbone: every kind runs, gradients reach both trainable adapters, nothing else moves,
-the base is held once, and a killed run resumes from its last checkpoint."""
+and the base is held once. (Kill and resume: tests/test_resume.py.)"""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from stages import artifacts
 from stages.backbone import base_parameters, load_backbone, weights_digest
 from stages.config import load_config
-from stages.ppo import POLICY, REFERENCE, REWARD, VALUE, build_actors, collect_rollout, ppo_update, train_ppo
-from stages.reward import train_reward
+from stages.ppo import POLICY, REFERENCE, REWARD, VALUE, build_actors, collect_rollout, ppo_optimizer, ppo_update, train_ppo
 from stages.runner import execute
-from stages.sft import train_sft
-from tests.conftest import TINY
+from tests.conftest import TINY, train_upstream
 
 FAST = [*TINY, "ppo.checkpoint_every=1"]
 
 
 def _upstream(kind: str, root: Path) -> dict[str, Path]:
-    cfg = load_config(None, [*FAST, f"adapter.kind={kind}"])
-    execute("sft", train_sft, cfg, root / "sft", {})
-    execute("reward", train_reward, cfg, root / "reward", {})
-    return {"sft": root / "sft", "reward": root / "reward"}
+    return train_upstream(root, [*FAST, f"adapter.kind={kind}"])
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +53,8 @@ def test_update_trains_policy_and_value_only_on_one_backbone(lora_inputs: dict[s
     for p in params:
         p.register_post_accumulate_grad_hook(lambda t: got_grad.add(id(t)) if t.grad.abs().sum() > 0 else None)
     rollout, _ = collect_rollout(actors, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    ppo_update(actors, rollout, optimizer, params, cfg, torch.Generator().manual_seed(0))
+    ppo_update(actors, rollout, ppo_optimizer(actors, load_config(None, [*FAST, "ppo.learning_rate=0.01"])), cfg,
+               torch.Generator().manual_seed(0))
 
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(id(p), "value_head") for p in params if id(p) not in got_grad]
@@ -88,27 +76,3 @@ def test_update_trains_policy_and_value_only_on_one_backbone(lora_inputs: dict[s
     assert sum(unique.values()) == sum(single_unique.values())
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert adapters == 4 * sum(v.numel() for v in _snapshot(model, POLICY).values())
-
-
-def test_killed_ppo_resumes_from_its_last_checkpoint(lora_inputs: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "ppo"
-    sets = [*FAST, "ppo.updates=40", "ppo.checkpoint_every=2"]
-    command = [sys.executable, "-m", "stages.ppo", "--out", str(out), f"--input=sft={lora_inputs['sft']}",
-               f"--input=reward={lora_inputs['reward']}", *[a for s in sets for a in ("--set", s)]]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoints = out.parent / ".ppo.checkpoints"
-    deadline = time.time() + 300
-    while not any(artifacts.is_finished(p) for p in checkpoints.glob("update-*")):
-        assert process.poll() is None and time.time() < deadline, "PPO ended before its first checkpoint"
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # a hard kill, as an OOM killer or a preemption would
-    process.wait()
-    assert not artifacts.is_finished(out)
-    saved = max(artifacts.read_manifest(p)["update"] for p in checkpoints.glob("update-*") if artifacts.is_finished(p))
-
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"ppo: resuming from update {saved}" in rerun.stdout + rerun.stderr
-    manifest = artifacts.read_manifest(out)
-    assert manifest["metrics"]["resumed_from_update"] == saved >= 2
-    assert [row["update"] for row in json.loads((out / "history.json").read_text())] == list(range(1, 41))

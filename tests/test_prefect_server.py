@@ -19,7 +19,7 @@ SETS = [arg for item in TINY for arg in ("--set", item)]
 READ_BACK = """
 import asyncio, json
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter
+from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 
 async def main():
     async with get_client() as client:
@@ -27,8 +27,10 @@ async def main():
         only = FlowRunFilter(id={"any_": [run.id]})
         tasks = await client.read_task_runs(flow_run_filter=only)
         artifacts = await client.read_artifacts(flow_run_filter=only)
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [run.id]}))
         print(json.dumps({"state": run.state.type.value, "tasks": {t.name: t.state.type.value for t in tasks},
-                          "artifacts": {a.key: a.type for a in artifacts if a.key}}))
+                          "artifacts": {a.key: a.type for a in artifacts if a.key},
+                          "logs": [log.message for log in logs]}))
 asyncio.run(main())
 """
 
@@ -75,6 +77,8 @@ def test_runs_and_artifacts_are_readable_from_a_real_server(prefect_server: str,
     for stage in ("sft", "reward", "ppo"):
         assert seen["artifacts"][f"{stage}-metrics"] == "table"
         assert seen["artifacts"][f"{stage}-artifact"] == "markdown"
+        # the stage process's own output reached the task's log in the UI
+        assert any(line.startswith(f"{stage}: published ") for line in seen["logs"]), seen["logs"][-20:]
 
 
 def test_served_deployment_runs_when_triggered(prefect_server: str, tmp_path: Path) -> None:

@@ -1,0 +1,150 @@
+"""The stage process's place in a run: one local process, or one rank of an ``accelerate launch`` job.
+
+Every stage asks the same questions - am I the main rank (who writes files and logs), which share of
+the data is mine, what do the other ranks see - and gets the trivial answers when it runs locally, so
+stage code has no ``if distributed`` around its ordinary work.
+
+On a CPU-only machine accelerate does not pick a backend for DeepSpeed by itself (its state says one
+process even though DeepSpeed formed a group of two), and ``TrainingArguments(use_cpu=True)`` silently
+turns DeepSpeed into plain DDP. Initialising accelerate's shared state with the ``gloo`` backend first
+gives a real ZeRO engine on every rank; ``launched_engine`` records which engine ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from stages.config import ConfigError, PipelineConfig
+from stages.launch import is_distributed_process, load_deepspeed_config, zero_stage
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    deepspeed: dict[str, Any] | None = None  # the resolved DeepSpeed config; None for the local launcher
+    engine: str = "local"  # what actually trained: "local" or "deepspeed-zero<N>"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.deepspeed) if self.deepspeed is not None else 0
+
+    def shard(self, items: list[T]) -> list[T]:
+        """This rank's share of ``items`` (every rank sees the same list in the same order)."""
+        return items[self.rank :: self.world_size]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the ranks."""
+        if self.world_size == 1:
+            return value
+        import torch
+        import torch.distributed
+
+        tensor = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tensor.item() / self.world_size
+
+    def gather(self, values: list[T]) -> list[T]:
+        """Every rank's ``values`` concatenated in rank order, on every rank."""
+        if self.world_size == 1:
+            return list(values)
+        import torch.distributed
+
+        gathered: list[list[T]] = [[] for _ in range(self.world_size)]
+        torch.distributed.all_gather_object(gathered, list(values))
+        return [value for part in gathered for value in part]
+
+
+LOCAL = Distributed()
+
+
+def setup_distributed(cfg: PipelineConfig, stage: str) -> Distributed:
+    """Join the launched job for a stage with ``launcher: accelerate``; a local stage gets ``LOCAL``."""
+    if cfg.launcher(stage) == "local":
+        return LOCAL
+    if not is_distributed_process():
+        raise ConfigError(
+            f"{stage}.launcher: accelerate, but this process was not started by `accelerate launch`; run the "
+            f"stage through `rlhf run`/`rlhf stage`, or set {stage}.launcher=local"
+        )
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(backend=None if torch.cuda.is_available() else "gloo")
+    config = load_deepspeed_config(cfg.distributed)
+    dist = Distributed(rank=state.process_index, world_size=state.num_processes, deepspeed=config,
+                       engine=f"deepspeed-zero{zero_stage(config)}")
+    _validate_deepspeed_config(dist, cfg)
+    return dist
+
+
+def _validate_deepspeed_config(dist: Distributed, cfg: PipelineConfig) -> None:
+    """Let DeepSpeed parse the config now, so a bad key is one line naming it, not a trace from every rank."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    from stages.launch import deepspeed_config_path
+
+    source = f"distributed.deepspeed: {deepspeed_config_path(cfg.distributed)}"
+    try:
+        DeepSpeedConfig(filled_deepspeed_config(dist, micro_batch_size=1, gradient_accumulation=1, max_grad_norm=1.0,
+                                                bf16=False))
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{source}: DeepSpeed rejects it: {problems}") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{source}: DeepSpeed rejects it: {err}") from None
+
+
+def filled_deepspeed_config(dist: Distributed, *, micro_batch_size: int, gradient_accumulation: int,
+                            max_grad_norm: float, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config with its ``"auto"`` values resolved from the stage's own settings."""
+    assert dist.deepspeed is not None
+    config = dict(dist.deepspeed)
+    resolved = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": gradient_accumulation,
+                "gradient_clipping": max_grad_norm}
+    for key, value in resolved.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
+    for precision, enabled in (("bf16", bf16), ("fp16", False)):
+        section = dict(config.get(precision) or {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = enabled
+        config[precision] = section
+    return config
+
+
+def synced_generation(dist: Distributed) -> bool:
+    """ZeRO-3 shards the weights generation needs: every rank must take part in every forward."""
+    return dist.zero_stage == 3
+
+
+@contextmanager
+def gathered(dist: Distributed, module: "torch.nn.Module") -> Iterator[None]:
+    """Under ZeRO-3, make the trainable weights whole on every rank for the block (to save them)."""
+    if dist.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for p in module.parameters() if p.requires_grad], modifier_rank=None):
+        yield

@@ -1,0 +1,121 @@
+"""Kill and resume: a stage killed with SIGKILL after a checkpoint resumes from it on the next run and
+ends with the full history, for every stage kind."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stages import artifacts
+from stages.checkpoints import checkpoint_root
+from stages.config import load_config
+from stages.launch import launch_env
+from tests.conftest import TINY, stage_command, train_upstream
+
+# Long enough that the first checkpoint comes well before the end; kill as soon as it exists.
+LONG = {
+    "sft": ["sft.max_steps=60", "sft.checkpoint_every=4"],
+    "reward": ["reward.max_steps=100", "reward.checkpoint_every=5"],
+    "rrhf": ["rrhf.max_steps=100", "rrhf.checkpoint_every=5"],
+    "ppo": ["ppo.updates=40", "ppo.checkpoint_every=2"],
+}
+HISTORY_STEP = {"sft": "step", "reward": "step", "rrhf": "step", "ppo": "update"}
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return train_upstream(tmp_path_factory.mktemp("upstream"), [*TINY, "tracking.backend=none"])
+
+
+def _finished_checkpoint(stage: str, out: Path) -> Path | None:
+    root = checkpoint_root(out)
+    if stage == "sft":  # the HF Trainer's checkpoints: complete once trainer_state.json is written
+        done = [c for c in root.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    else:
+        done = [c for c in root.glob("step-*") if artifacts.is_finished(c)]
+    return max(done, default=None)
+
+
+@pytest.mark.parametrize(("stage", "launch"), [
+    ("sft", []), ("reward", []), ("rrhf", []), ("ppo", []),
+    ("reward", ["reward.launcher=accelerate", "distributed.deepspeed=zero2"]),  # every rank's ZeRO partition
+], ids=["sft", "reward", "rrhf", "ppo", "reward-zero2"])
+def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], upstream: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / stage
+    sets = [*TINY, "tracking.backend=none", *LONG[stage], *launch]
+    inputs = {name: upstream[name] for name in {"rrhf": ["sft", "reward"], "ppo": ["sft", "reward"]}.get(stage, [])}
+    command = stage_command(stage, out, sets, inputs)
+    env = launch_env(load_config(None, sets))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env=env)
+    deadline = time.time() + 300
+    while _finished_checkpoint(stage, out) is None:
+        assert process.poll() is None and time.time() < deadline, f"{stage} ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # a hard kill, as an OOM killer or a preemption would
+    process.wait()
+    assert not artifacts.is_finished(out)
+    saved = int(_finished_checkpoint(stage, out).name.rsplit("-", 1)[1])
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    manifest = artifacts.read_manifest(out)
+    resumed = manifest["metrics"]["resumed_from_update" if stage == "ppo" else "resumed_from_step"]
+    assert resumed >= saved > 0
+    total = int(next(s for s in LONG[stage] if "max_steps" in s or "updates" in s).split("=")[1])
+    steps = [row[HISTORY_STEP[stage]] for row in json.loads((out / "history.json").read_text())]
+    assert steps[-1] == total and steps == sorted(set(steps))  # one unbroken history, no step twice
+    assert not checkpoint_root(out).exists()  # the published artifact supersedes its checkpoints
+
+
+def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
+    """``kill -9`` of the flow process itself, right after SFT was published: ``rlhf resume`` keeps SFT and
+    finishes the chain (the reward stage it was running dies with it: no orphaned trainer)."""
+    from tests.conftest import run_cli
+
+    rlhf = Path(sys.executable).parent / "rlhf"
+    sets = [a for s in [*TINY, "tracking.backend=none", "reward.max_steps=400"] for a in ("--set", s)]
+    process = subprocess.Popen([str(rlhf), "run", "--run-id", "killed", *sets], cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "killed"
+    deadline = time.time() + 300
+    while not (run_dir / "logs" / "reward.log").is_file():
+        assert process.poll() is None and time.time() < deadline, "the run ended before its reward stage"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    time.sleep(2)
+    assert artifacts.is_finished(run_dir / "sft") and not artifacts.is_finished(run_dir / "reward")
+    orphans = subprocess.run(["pgrep", "-f", f"stages.reward.*{run_dir}"], capture_output=True, text=True).stdout
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # Prefect's temporary server, which the kill left behind
+    assert not orphans.strip(), "the reward trainer outlived the flow that started it"
+
+    resumed = run_cli("resume", "killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["sft"]["status"] == "cached" and status["reward"]["status"] == "completed"
+    assert status["ppo"]["status"] == "completed"
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
+    """A learning rate of 1e8 blows the reward model up within a few steps: the stage stops with one line
+    before the update that would poison the weights, and its last good checkpoint stays for a resume."""
+    out = tmp_path / "reward"
+    sets = [*TINY, "tracking.backend=none", "reward.max_steps=30", "reward.checkpoint_every=1",
+            "reward.learning_rate=1e8"]
+    result = subprocess.run(stage_command("reward", out, sets), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: reward loss at step ") and (" is nan " in error or " is inf " in error), error
+    failed_step = int(error.split("at step ")[1].split()[0])
+    assert not out.exists()
+    kept = _finished_checkpoint("reward", out)
+    assert kept is not None and artifacts.read_manifest(kept)["step"] == failed_step - 1
