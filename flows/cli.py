@@ -23,6 +23,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one key, e.g. --set sft.max_steps=20 (repeatable)")
 
 
+def _add_skip_memory_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-memory-check", action="store_true",
+                        help="run even if a stage's estimated peak memory exceeds what is available (see rlhf plan)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stages.config import STAGE_ORDER  # pydantic + yaml only: --help stays fast
 
@@ -35,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where run folders go (default: runs/)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="recompute STAGE (and everything after it) even if cached")
+    _add_skip_memory_check(run)
     run.set_defaults(handler=_cmd_run)
 
     report = commands.add_parser("report", help="show a run's stages, metrics and artifacts")
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="change the run's config first (the previous config is kept as config.<n>.yaml)")
     stage.add_argument("--force", action="store_true", help="recompute the stage even if its cache key is unchanged")
+    _add_skip_memory_check(stage)
     stage.set_defaults(handler=_cmd_stage)
 
     serve = commands.add_parser("serve", help="serve the pipeline as a Prefect deployment on a cron schedule")
@@ -58,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
     serve.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     serve.set_defaults(handler=_cmd_serve)
+
+    plan = commands.add_parser("plan", help="estimate each stage's peak memory and compare it with what is available")
+    _add_config_args(plan)
+    plan.add_argument("--json", action="store_true", help="print machine-readable JSON (sizes in bytes)")
+    plan.set_defaults(handler=_cmd_plan)
+
+    resume = commands.add_parser("resume", help="finish a killed or failed run: finished stages are kept, "
+                                                "an interrupted one resumes from its last checkpoint")
+    resume.add_argument("run_id")
+    resume.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    _add_skip_memory_check(resume)
+    resume.set_defaults(handler=_cmd_resume)
 
     runs = commands.add_parser("runs", help="list runs: id, status, stages, start time, duration")
     runs.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
@@ -74,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     server_ready = _boot_prefect()
     cfg = load_config(args.config, args.overrides)
-    _preflight(cfg)
+    _preflight(cfg, memory_stages=None if args.skip_memory_check else cfg.run.stages)
     run_id = args.run_id or new_run_id()
     run_dir = prepare_run_dir(args.runs_dir, run_id, cfg).resolve()
     unknown = sorted(set(args.force) - set(cfg.run.stages))
@@ -94,9 +113,24 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / CONFIG, args.overrides)
     if args.name not in cfg.run.stages:
         raise _usage_error(f"stage {args.name} is not in run {args.run_id}'s stages {cfg.run.stages}")
-    _preflight(cfg)
+    rerun = cfg.run.stages[cfg.run.stages.index(args.name):]  # the stage and everything after it
+    _preflight(cfg, memory_stages=None if args.skip_memory_check else rerun)
     update_run_config(run_dir, cfg)
     return _run_flow(run_dir, cfg.run.stages, [args.name] if args.force else [], args.runs_dir, server_ready)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    """The same as ``rlhf run --run-id ID`` with the run's own config: every stage is looked up by its key."""
+    from flows.run_dir import CONFIG
+    from stages.config import load_config
+
+    server_ready = _boot_prefect()
+    run_dir = (args.runs_dir / args.run_id).resolve()
+    if not (run_dir / CONFIG).is_file():
+        raise _usage_error(f"{run_dir}: no such run (see `rlhf runs`)")
+    cfg = load_config(run_dir / CONFIG)
+    _preflight(cfg, memory_stages=None if args.skip_memory_check else cfg.run.stages)
+    return _run_flow(run_dir, cfg.run.stages, [], args.runs_dir, server_ready)
 
 
 def _boot_prefect() -> Callable[[], None]:
@@ -106,12 +140,19 @@ def _boot_prefect() -> Callable[[], None]:
     return start_server_early()
 
 
-def _preflight(cfg: "PipelineConfig") -> None:
+def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) -> None:
     from stages.backbone import resolve_backbone
+    from stages.launch import check_launch
     from stages.provenance import check_datasets
 
+    for stage in cfg.run.stages:
+        check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
     check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
     resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
+    if memory_stages:  # and a stage that would run out of memory is refused now, not minutes into the run
+        from flows.memory_check import check_memory
+
+        check_memory(cfg, memory_stages)
 
 
 def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path,
@@ -187,6 +228,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     print(format_report(report))
     print(f"report: {write_report_html(report, args.runs_dir / args.run_id)}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from flows.memory_check import format_plan, plan_json, plan_memory
+    from stages.config import load_config
+
+    plan = plan_memory(load_config(args.config, args.overrides))
+    print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan))
     return 0
 
 

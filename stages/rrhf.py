@@ -167,7 +167,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_probe(model, tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
-    return {**metrics, "trainable_parameters": count_trainable(model), "groups": dist.mean(len(groups)) * dist.world_size,
+    return {**metrics, "trainable_parameters": count_trainable(model), "groups": sum(dist.gather([len(groups)])),
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": start}
 
 

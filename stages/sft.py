@@ -35,9 +35,7 @@ if TYPE_CHECKING:
     from trl import SFTTrainer
 
 ADAPTER_NAME = "sft"
-
-
-KEY_FILE = "cache_key"
+KEY_FILE = "cache_key"  # in .sft.checkpoints/: whose progress the Trainer checkpoints there are
 
 
 def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", demos: list[Record],

@@ -1,0 +1,215 @@
+"""What the memory plan reads from files and from the machine: the backbone's shape (config.json, never
+the weights), the token lengths of the configured datasets, the ZeRO setup of a DeepSpeed JSON, and
+the memory available now. Torch is imported only to ask a CUDA device for its free memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stages.backbone import resolve_backbone
+from stages.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
+from stages.data import load_records
+from stages.memory_plan import DTYPE_BYTES, DataShape, Device, ModelShape, Parallel
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
+# What the presets say, for an install without infra/ (a wheel): stage, offload optimizer, offload params.
+PRESET_FALLBACK = {"zero2": (2, False, False), "zero3": (3, False, False), "zero3_offload": (3, True, True)}
+# BOS before a prompt and EOS after a response: tokenizers may add them on top of the text's tokens.
+SPECIAL_TOKENS = 2
+
+
+def read_model_shape(cfg: PipelineConfig) -> ModelShape:
+    """The backbone's shape from its config.json: a local folder (the built-in backbone is built first if
+    needed) or a hub id already in the local HF cache. Raises ``ConfigError`` naming backbone.name."""
+    location = resolve_backbone(cfg.backbone)
+    if Path(location).is_dir():
+        path = Path(location) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"backbone.name={cfg.backbone.name!r}: {location} has no config.json")
+        config = json.loads(path.read_text())
+        config = config.get("text_config", config)  # a vision-language model's language half
+    else:
+        config = _hub_config(cfg)
+    return shape_from_config(config, cfg.backbone.name)
+
+
+def _hub_config(cfg: PipelineConfig) -> dict[str, Any]:
+    from transformers import AutoConfig  # only for hub ids: it imports torch
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.backbone.name, revision=cfg.backbone.revision, local_files_only=True,
+                                            trust_remote_code=cfg.backbone.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"backbone.name={cfg.backbone.name!r}: no config.json in the local Hugging Face cache, so its memory "
+            f"cannot be planned (download it: `huggingface-cli download {cfg.backbone.name} config.json`, or use "
+            f"--skip-memory-check) ({err.__class__.__name__})"
+        ) from None
+    return config.get_text_config().to_dict()
+
+
+def shape_from_config(config: dict[str, Any], name: str) -> ModelShape:
+    """A ``ModelShape`` from a config.json dict, with transformers' defaults for the keys it may omit."""
+    def first(*keys: str, default: Any = None) -> Any:
+        found = next((config[k] for k in keys if config.get(k) is not None), default)
+        if found is None:
+            raise ConfigError(f"backbone.name={name!r}: config.json has none of {list(keys)}; the memory plan "
+                              "knows decoder-only configs with Llama-style keys (use --skip-memory-check)")
+        return found
+
+    hidden = int(first("hidden_size", "n_embd", "d_model"))
+    heads = int(first("num_attention_heads", "n_head"))
+    gated = "intermediate_size" in config  # Llama-family configs; GPT-2 style ones say n_inner
+    return ModelShape(
+        vocab_size=int(first("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+        num_layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
+        num_heads=heads,
+        num_kv_heads=int(first("num_key_value_heads", default=heads)),
+        head_dim=int(first("head_dim", default=hidden // heads)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),  # transformers' default
+        gated_mlp=gated,
+        checkpoint_dtype=_checkpoint_dtype(config),
+    )
+
+
+def _checkpoint_dtype(config: dict[str, Any]) -> str:
+    """What the weight files hold: transformers 5 writes "dtype", older versions "torch_dtype"."""
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return dtype if dtype in DTYPE_BYTES else "float32"
+
+
+def read_data_shape(cfg: PipelineConfig) -> DataShape:
+    """Token counts of the datasets the configured stages read, with the backbone's tokenizer (its
+    tokenizer.json, without transformers) or, if it has none here, UTF-8 bytes: an upper bound for
+    byte-level BPE and byte-fallback tokenizers. Each length counts BOS and EOS on top."""
+    count = _token_counter(cfg)
+    stages = set(cfg.run.stages)
+    generative = bool(stages - {"reward"})  # sft, rrhf and ppo read the demonstrations' prompts and eval
+    demos = load_records(cfg.data.sft, "sft", cfg.task) if generative else []
+    prompts = count(sorted({r["prompt"] for r in demos}))
+    pairs = load_records(cfg.data.preferences, "preferences", cfg.task) if "reward" in stages else []
+    responses = [max(c, r) for c, r in zip(count([p["chosen"] for p in pairs]), count([p["rejected"] for p in pairs]))]
+    evals = load_records(cfg.data.eval, "eval", cfg.task) if generative else []
+    ranked = load_records(cfg.data.ranked, "ranked", cfg.task) if cfg.data.ranked and "rrhf" in stages else []
+    queries = count([r["query"] for r in ranked])
+    return DataShape(
+        demos=len(demos),
+        demo_tokens=_longest(_sums(count([r["prompt"] for r in demos]), count([r["completion"] for r in demos]))),
+        prompts=len(prompts),
+        prompt_tokens=_longest(prompts),
+        prompt_tokens_min=min(prompts, default=0) + SPECIAL_TOKENS,
+        pairs=len(pairs),
+        pair_tokens=_longest(_sums(count([p["prompt"] for p in pairs]), responses)),
+        eval_prompts=len(evals),
+        eval_prompt_tokens=_longest(count([r["prompt"] for r in evals])),
+        ranked_groups=len(ranked),
+        ranked_candidates=max((len(r["responses"]) for r in ranked), default=0),
+        ranked_tokens=_longest([q + max(count(r["responses"])) for q, r in zip(queries, ranked)]),
+    )
+
+
+def _sums(a: list[int], b: list[int]) -> list[int]:
+    return [x + y for x, y in zip(a, b)]
+
+
+def _longest(lengths: list[int]) -> int:
+    return max(lengths, default=0) + SPECIAL_TOKENS
+
+
+def _token_counter(cfg: PipelineConfig) -> Callable[[list[str]], list[int]]:
+    """texts -> token counts, from the backbone's tokenizer.json when one is here."""
+    path = _tokenizer_file(cfg)
+    if path is None:
+        return lambda texts: [len(t.encode()) for t in texts]
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    return lambda texts: [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def _tokenizer_file(cfg: PipelineConfig) -> Path | None:
+    location = resolve_backbone(cfg.backbone)
+    if Path(location).is_dir():
+        path = Path(location) / "tokenizer.json"
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(location, "tokenizer.json", revision=cfg.backbone.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def read_parallel(cfg: PipelineConfig, stage: str) -> Parallel:
+    """One local process, or the ZeRO setup of ``distributed.deepspeed`` for a stage launched with
+    accelerate (ranks on this machine: the processes spread evenly over the machines)."""
+    if cfg.launcher(stage) != "accelerate":
+        return Parallel()
+    dist = cfg.distributed
+    zero_stage, offload_optimizer, offload_params = read_zero_config(dist.deepspeed)
+    return Parallel(launched=True, zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
+                    world_size=dist.num_processes, local_ranks=-(-dist.num_processes // dist.num_machines))
+
+
+def read_zero_config(deepspeed: str) -> tuple[int, bool, bool]:
+    """(zero stage, optimizer offloaded, params offloaded) of a preset name or a DeepSpeed JSON path."""
+    path = DEEPSPEED_DIR / f"{deepspeed}.json" if deepspeed in DEEPSPEED_PRESETS else Path(deepspeed).expanduser()
+    if not path.is_file():
+        if deepspeed in PRESET_FALLBACK:
+            return PRESET_FALLBACK[deepspeed]
+        raise ConfigError(f"distributed.deepspeed: {deepspeed}: no such file")
+    try:
+        zero = json.loads(path.read_text()).get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise ConfigError(f"distributed.deepspeed: {path}: no readable zero_optimization.stage ({err})") from None
+
+    def offloaded(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")
+
+    return stage, offloaded("offload_optimizer"), offloaded("offload_param")
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device is visible; torch is imported only where an NVIDIA driver is."""
+    if not Path("/proc/driver/nvidia/version").exists() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def stage_device(cfg: PipelineConfig, stage: str, cuda: bool) -> Device:
+    """Where a stage's model lives, as the code places it: a local stage trains on the CPU even where
+    CUDA is (SFT passes ``use_cpu=True``; the other stages never move the model), except that the QLoRA
+    loader puts the 4-bit backbone on GPU 0; DeepSpeed's engine moves its module to the rank's GPU."""
+    if cuda and (cfg.launcher(stage) == "accelerate" or cfg.adapter.kind == "qlora"):
+        return "cuda"
+    return "cpu"
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host RAM available now (MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def available_gpu_memory() -> int:
+    """Free bytes on the current CUDA device."""
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0])
