@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.random_backbone import random_llama  # noqa: E402
 
 INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "rrhf": ("sft", "reward")}
 # Few steps, everything that sizes memory left at the default.
@@ -46,26 +46,9 @@ CASES: list[tuple[str, str, tuple[str, ...]]] = [
     ("llama-34m", "reward", ("adapter.kind=qlora",)),
     ("llama-34m", "reward", ("adapter.kind=ptuning_v2",)),
 ]
-LLAMA = {"num_hidden_layers": 8, "hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8}
+LLAMA = {"layers": 8, "hidden": 512, "intermediate": 2048, "heads": 8}  # about 34M parameters
 MiB = 1 << 20
 TARGET = 0.30
-
-
-def random_llama(folder: Path, builtin: Path) -> Path:
-    """An 8 x 512 random-init Llama with the built-in tokenizer (the vocabulary the data is written in)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    ref = LlamaConfig.from_pretrained(builtin)
-    config = LlamaConfig(vocab_size=ref.vocab_size, num_key_value_heads=LLAMA["num_attention_heads"],
-                         max_position_embeddings=ref.max_position_embeddings, tie_word_embeddings=True,
-                         pad_token_id=ref.pad_token_id, bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id,
-                         **LLAMA)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(builtin / name, folder / name)
-    return folder
 
 
 def run_stage(stage: str, config: Path, out: Path, inputs: Path, env: dict[str, str]) -> tuple[int, float]:
@@ -120,7 +103,7 @@ def main() -> None:
         builtin = ensure_builtin_backbone()
         backbones = {"builtin": "builtin:tiny"}
         if "llama-34m" in chosen:
-            backbones["llama-34m"] = str(random_llama(work / "llama-34m-backbone", builtin))
+            backbones["llama-34m"] = str(random_llama(work / "llama-34m-backbone", builtin, **LLAMA))
         print(f"{'backbone':<10} {'stage':<7} {'settings':<42} {'peak phase (plan)':<20} {'plan MiB':>8} "
               f"{'RSS MiB':>8} {'ratio':>6} {'s':>5}", flush=True)
         ratios = [bench_case(n, label, backbones[label], stage, overrides, work, env)

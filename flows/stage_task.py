@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -89,6 +90,7 @@ def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipeli
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     to_prefect = PrefectLines()
     with log_path.open("wb") as log:
+        log.write(f"$ {shlex.join(command)}\n".encode())  # how to rerun (or join, on another machine) by hand
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                    preexec_fn=_terminate_with_parent)
         try:
@@ -101,7 +103,7 @@ def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipeli
                 sys.stdout.flush()
                 to_prefect.feed(text)
             code = process.wait()
-            to_prefect.feed("\n")
+            to_prefect.close()
         except BaseException:
             _stop(process)  # never leave an orphaned trainer (or its ranks) behind
             raise
@@ -128,6 +130,12 @@ class PrefectLines:
                 self.logger.addHandler(APILogHandler())
                 self.logger.propagate = False
                 self.logger.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        """Send the last line and wait until every line reached the server (5 s at most)."""
+        self.feed("\n")
+        for handler in self.logger.handlers if self.logger else ():
+            handler.flush()
 
     def feed(self, text: str) -> None:
         if self.logger is None:

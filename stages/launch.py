@@ -103,7 +103,7 @@ def launch_env(cfg: PipelineConfig) -> dict[str, str]:
 
 def is_distributed_process() -> bool:
     """True inside a rank started by ``accelerate launch`` / torchrun."""
-    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) >= 1 and "MASTER_ADDR" in os.environ
+    return "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def _free_port() -> int:
