@@ -66,7 +66,8 @@ def prefect_server(tmp_path: Path):
 
 def test_runs_and_artifacts_are_readable_from_a_real_server(prefect_server: str, tmp_path: Path) -> None:
     env = {"PREFECT_API_URL": prefect_server}
-    result = run_cli("run", *SETS, "--run-id", "served", cwd=tmp_path, env=env)
+    # a seed no other test uses: every stage runs (a cached stage has no process output to forward)
+    result = run_cli("run", *SETS, "--set", "run.seed=11", "--run-id", "served", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     read = subprocess.run([sys.executable, "-c", READ_BACK], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **env})
