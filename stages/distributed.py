@@ -7,7 +7,7 @@ stage code has no ``if distributed`` around its ordinary work.
 On a CPU-only machine accelerate does not pick a backend for DeepSpeed by itself (its state says one
 process even though DeepSpeed formed a group of two), and ``TrainingArguments(use_cpu=True)`` silently
 turns DeepSpeed into plain DDP. Initialising accelerate's shared state with the ``gloo`` backend first
-gives a real ZeRO engine on every rank; ``launched_engine`` records which engine ran.
+gives a real ZeRO engine on every rank; ``Distributed.engine`` names it in every manifest.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from stages.config import ConfigError, PipelineConfig
-from stages.launch import is_distributed_process, load_deepspeed_config, zero_stage
+from stages.launch import deepspeed_config_path, is_distributed_process, load_deepspeed_config, zero_stage
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,11 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     deepspeed: dict[str, Any] | None = None  # the resolved DeepSpeed config; None for the local launcher
-    engine: str = "local"  # what actually trained: "local" or "deepspeed-zero<N>"
+
+    @property
+    def engine(self) -> str:
+        """What trains: "local" or "deepspeed-zero<N>"."""
+        return "local" if self.deepspeed is None else f"deepspeed-zero{self.zero_stage}"
 
     @property
     def is_main(self) -> bool:
@@ -89,9 +93,8 @@ def setup_distributed(cfg: PipelineConfig, stage: str) -> Distributed:
     from accelerate import PartialState
 
     state = PartialState(backend=None if torch.cuda.is_available() else "gloo")
-    config = load_deepspeed_config(cfg.distributed)
-    dist = Distributed(rank=state.process_index, world_size=state.num_processes, deepspeed=config,
-                       engine=f"deepspeed-zero{zero_stage(config)}")
+    dist = Distributed(rank=state.process_index, world_size=state.num_processes,
+                       deepspeed=load_deepspeed_config(cfg.distributed))
     _validate_deepspeed_config(dist, cfg)
     return dist
 
@@ -100,8 +103,6 @@ def _validate_deepspeed_config(dist: Distributed, cfg: PipelineConfig) -> None:
     """Let DeepSpeed parse the config now, so a bad key is one line naming it, not a trace from every rank."""
     from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
-
-    from stages.launch import deepspeed_config_path
 
     source = f"distributed.deepspeed: {deepspeed_config_path(cfg.distributed)}"
     try:

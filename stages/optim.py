@@ -35,7 +35,6 @@ class Optimizer:
         import torch
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-        self.dist = dist
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm

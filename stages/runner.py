@@ -66,6 +66,8 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
     started = time.time()
     with artifacts.staging(out) if dist.is_main else tempfile.TemporaryDirectory() as tmp:
         metrics = fn(cfg, StageContext(Path(tmp), Path(out), inputs, provenance["cache_key"], dist))
+        if not dist.is_main:
+            return None
         manifest = {
             **provenance,
             "metrics": metrics,
@@ -73,8 +75,6 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
             "seconds": round(time.time() - started, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        if not dist.is_main:
-            return None
         artifacts.write_json(Path(tmp) / "metrics.json", metrics)
         if stage != "sft":  # SFT's curves reach W&B through the HF trainer's own reporting
             history = Path(tmp) / "history.json"

@@ -7,7 +7,6 @@ must reproduce the logits the training job recorded when it saved it (``probe_lo
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -97,15 +96,13 @@ def test_rrhf_under_zero2(upstream: dict[str, Path], tmp_path: Path) -> None:
 def test_a_config_deepspeed_rejects_fails_the_stage_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2, "bogus": 1}}))
-    started = time.time()
     result = run_cli("run", "--run-id", "bad-ds", "--set", "run.stages=[sft]", "--set", "sft.launcher=accelerate",
                      "--set", f"distributed.deepspeed={bad}", *(a for s in DS for a in ("--set", s)),
                      cwd=tmp_path, timeout=LIMIT_S)
     assert result.returncode == 1, result.stdout[-3000:]
     assert f"stage sft failed (exit status 1): error: distributed.deepspeed: {bad}: DeepSpeed rejects it: bogus" \
         in result.stderr, result.stderr[-2000:]
-    assert not artifacts.is_finished(tmp_path / "runs" / "bad-ds" / "sft")
-    assert time.time() - started < LIMIT_S
+    assert not artifacts.is_finished(tmp_path / "runs" / "bad-ds" / "sft")  # (run_cli's timeout is the time bound)
 
 
 def test_a_launch_whose_machines_never_join_fails_instead_of_hanging(tmp_path: Path) -> None:
