@@ -68,6 +68,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
         seconds = f"{entry['seconds']:.1f}s" if entry["seconds"] is not None else "-"
         lines.append(f"  {stage:<7} {entry['status']:<10} {seconds:>8}  {shown or entry.get('error', '')}")
+        for warning in metrics.get("warnings", []):
+            lines.append(f"          WARNING: {warning}")
         if entry["artifact"]:
             lines.append(f"          artifact: {entry['artifact']}")
     return "\n".join(lines)

@@ -38,13 +38,16 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
         f"<td><code>{html.escape(json.dumps(entry['metrics']))}</code></td></tr>"
         for stage, entry in report["stages"].items()
     )
+    warnings = "".join(f"<p class='warning'>WARNING: {html.escape(w)}</p>"
+                       for entry in report["stages"].values() for w in entry["metrics"].get("warnings", []))
     images = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
                      f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>run {html.escape(report['run_id'])}</title>"
         "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em}"
-        "td{padding:.3em 1em;border-bottom:1px solid #ddd;vertical-align:top}</style></head><body>"
-        f"<h1>run {html.escape(report['run_id'])}</h1><table><tr><th>stage</th><th>status</th><th>seconds</th>"
+        "td{padding:.3em 1em;border-bottom:1px solid #ddd;vertical-align:top}"
+        ".warning{background:#fdd;border:2px solid #c00;padding:.5em;font-weight:bold}</style></head><body>"
+        f"<h1>run {html.escape(report['run_id'])}</h1>{warnings}<table><tr><th>stage</th><th>status</th><th>seconds</th>"
         f"<th>metrics</th></tr>{rows}</table>{images}</body></html>"
     )
     out = Path(run_dir) / "report.html"

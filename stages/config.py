@@ -98,7 +98,7 @@ class SFTSection(_Section):
     launcher: Launcher = "local"
     max_steps: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    learning_rate: float = Field(default=2e-3, gt=0)
+    learning_rate: float = Field(default=2e-3, ge=0)  # 0 trains nothing: allowed, warned about
     warmup_steps: int = Field(default=10, ge=0)
     max_length: int = Field(default=64, ge=8)
     logging_steps: int = Field(default=10, ge=1)
@@ -116,7 +116,7 @@ class RewardSection(_Section):
     launcher: Launcher = "local"
     max_steps: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)  # preference pairs per step
-    learning_rate: float = Field(default=2e-3, gt=0)
+    learning_rate: float = Field(default=2e-3, ge=0)  # 0 trains nothing: allowed, warned about
     warmup_steps: int = Field(default=10, ge=0)
     eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for pair_accuracy
     logging_steps: int = Field(default=10, ge=1)
@@ -133,7 +133,7 @@ class RRHFSection(_Section):
     missing_eos_penalty: float = Field(default=1.0, ge=0)
     max_steps: int = Field(default=120, ge=1)
     batch_size: int = Field(default=4, ge=1)  # prompts per step; each brings its k candidates
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, ge=0)  # 0 trains nothing: allowed, warned about
     warmup_steps: int = Field(default=10, ge=0)
     rank_weight: float = Field(default=1.0, ge=0)  # RRHF eq. 4: L = rank_weight * L_rank + L_ft
     logging_steps: int = Field(default=10, ge=1)
@@ -147,7 +147,7 @@ class PPOSection(_Section):
     ppo_epochs: int = Field(default=2, ge=1)  # passes over each rollout
     minibatch_size: int = Field(default=16, ge=1)
     gradient_accumulation: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=5e-4, gt=0)  # policy and value adapters and the value head
+    learning_rate: float = Field(default=5e-4, ge=0)  # 0: warned about; policy and value adapters and the value head
     max_grad_norm: float = Field(default=1.0, gt=0)
     clip_range: float = Field(default=0.2, gt=0)  # policy ratio clip (PPO eq. 7)
     clip_range_value: float = Field(default=0.2, gt=0)

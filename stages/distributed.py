@@ -66,6 +66,27 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 
+    def total(self, tensor: "torch.Tensor") -> "torch.Tensor":
+        """The sum of ``tensor`` over the ranks (a new tensor; ``tensor`` itself is left as it is)."""
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed
+
+        summed = tensor.detach().clone()
+        torch.distributed.all_reduce(summed)
+        return summed
+
+    def share_of_global_mean(self, count: "torch.Tensor") -> float:
+        """Factor turning this rank's mean over its ``count`` items into its part of the global mean.
+
+        DeepSpeed averages the ranks' gradients; a rank's mean over its own tokens, times this factor
+        (``count * world_size / global count``), makes that average the gradient of the mean over every
+        rank's tokens - what one process would compute on the whole global batch. 1.0 locally.
+        """
+        if self.world_size == 1:
+            return 1.0
+        return float(count) * self.world_size / max(float(self.total(count.float())), 1.0)
+
     def gather(self, values: list[T]) -> list[T]:
         """Every rank's ``values`` concatenated in rank order, on every rank."""
         if self.world_size == 1:
@@ -106,8 +127,13 @@ def _validate_deepspeed_config(dist: Distributed, cfg: PipelineConfig) -> None:
 
     source = f"distributed.deepspeed: {deepspeed_config_path(cfg.distributed)}"
     try:
-        DeepSpeedConfig(filled_deepspeed_config(dist, micro_batch_size=1, gradient_accumulation=1, max_grad_norm=1.0,
-                                                bf16=False))
+        def pinned_or(key: str, default: Any) -> Any:  # the stage's own values are checked when it builds its engine
+            return default if dist.deepspeed.get(key, "auto") == "auto" else dist.deepspeed[key]
+
+        DeepSpeedConfig(filled_deepspeed_config(
+            dist, micro_batch_size=pinned_or("train_micro_batch_size_per_gpu", 1),
+            gradient_accumulation=pinned_or("gradient_accumulation_steps", 1),
+            max_grad_norm=pinned_or("gradient_clipping", 1.0), bf16=False))
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{source}: DeepSpeed rejects it: {problems}") from None
@@ -117,14 +143,25 @@ def _validate_deepspeed_config(dist: Distributed, cfg: PipelineConfig) -> None:
 
 def filled_deepspeed_config(dist: Distributed, *, micro_batch_size: int, gradient_accumulation: int,
                             max_grad_norm: float, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed config with its ``"auto"`` values resolved from the stage's own settings."""
+    """The DeepSpeed config with its ``"auto"`` values resolved from the stage's own settings.
+
+    A value the JSON pins must equal the stage's: our loops (and the HF Trainer) feed the engine their
+    own batches, divide the loss by their own accumulation and log their own clipping, so a differing
+    pinned value would silently train differently from ``launcher: local``.
+
+    Raises:
+        ConfigError: a pinned value differs from the stage setting it stands for (named in the message).
+    """
     assert dist.deepspeed is not None
     config = dict(dist.deepspeed)
     resolved = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": gradient_accumulation,
                 "gradient_clipping": max_grad_norm}
     for key, value in resolved.items():
-        if config.get(key, "auto") == "auto":
-            config[key] = value
+        pinned = config.get(key, "auto")
+        if pinned != "auto" and pinned != value:
+            raise ConfigError(f"distributed.deepspeed: {key} is {pinned!r} in the DeepSpeed config, but the stage "
+                              f"uses {value!r}; set it to \"auto\" (the stage's own setting decides)")
+        config[key] = value
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
     for precision, enabled in (("bf16", bf16), ("fp16", False)):
         section = dict(config.get(precision) or {})

@@ -10,6 +10,8 @@ Shape legend: B = batch, T = response length, K = candidates per prompt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,16 +53,22 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
+                  total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalise ``values`` to unit (unbiased, masked) variance.
 
     With ``shift_mean=False`` the original mean is kept, which is what PPO
     reward whitening wants (the sign of the reward carries information).
     Off-mask positions are set to 0 so padding never leaks downstream.
+    ``total`` sums a scalar over every rank of a distributed job (default: this process only), so each
+    rank whitens its share of a global batch with the global batch's mean and variance.
     """
+    total = total or (lambda t: t)
     mask = mask.to(values.dtype)
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask, unbiased=True)
+    count = total(mask.sum())
+    mean = total((values * mask).sum()) / count.clamp(min=1)
+    var = total(((values - mean) ** 2 * mask).sum()) / count.clamp(min=1)
+    var = var * count / (count - 1).clamp(min=1)  # Bessel, as masked_var
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -1,10 +1,15 @@
 """The optimiser of our own training loops (reward, RRHF, PPO): AdamW, warmup + cosine, clipping,
 gradient accumulation, a finite-loss guard, and checkpointable state - locally or on a DeepSpeed engine.
 
-``step(loss)`` is one micro-step. Locally it backpropagates ``loss / accumulation`` and updates every
-``accumulation`` micro-steps. Under ``launcher: accelerate`` the trainable module is wrapped by a
-DeepSpeed engine through accelerate, which does the same (accumulation, clipping, AdamW, schedule) with
-ZeRO-partitioned gradients and optimizer state; DeepSpeed updates inside ``backward``.
+``step(loss)`` is one micro-step; every ``accumulation`` micro-steps (or at an explicit ``boundary``)
+it updates the weights. Locally it backpropagates ``loss / accumulation`` and steps AdamW. Under
+``launcher: accelerate`` the trainable module is wrapped by a DeepSpeed engine (prepared by accelerate),
+which reduces ZeRO-partitioned gradients, clips and steps; we drive it directly - ``backward`` then
+``step`` with the accumulation boundary set by us - and we step the learning-rate schedule ourselves and
+write its value into the optimizer the engine actually steps. accelerate's ``backward`` must not be used
+here: it marks every micro-step a boundary (no accumulation), and the schedule it hands back for a
+non-DeepSpeed scheduler is never stepped by the engine, so a warmup schedule kept the learning rate at
+exactly 0 for the whole run (docs/architecture.md, "How our loops drive DeepSpeed").
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 LOCAL_STATE = "optimizer.pt"
+SCHEDULE_STATE = "schedule.pt"  # under DeepSpeed: our schedule, which the engine's checkpoint does not hold
 ENGINE_TAG = "engine"
 
 
@@ -27,7 +33,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Optimizer:
-    """AdamW over the trainable parameters of ``module`` with linear warmup then cosine decay."""
+    """AdamW over the trainable parameters of ``module`` with linear warmup then cosine decay (or constant).
+
+    The schedule follows the HF Trainer's convention: update ``n`` (0-based) uses
+    ``learning_rate * schedule(n)``, so with warmup the first update has learning rate 0.
+    ``applied_lr`` is the learning rate the last update really used, read back from the optimizer that
+    stepped (the engine's, under DeepSpeed): the loops log it, so a schedule that never moves is visible.
+    """
 
     def __init__(self, module: "torch.nn.Module", learning_rate: float, warmup_steps: int, total_steps: int,
                  max_grad_norm: float = 1.0, *, gradient_accumulation: int = 1, micro_batch_size: int = 1,
@@ -40,6 +52,9 @@ class Optimizer:
         self.max_grad_norm = max_grad_norm
         self.accumulation = gradient_accumulation
         self.micro_steps = 0
+        self.updates = 0
+        self.applied_lr = 0.0
+        self.dist = dist
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
         self.schedule = (get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
                          if schedule == "cosine" else get_constant_schedule_with_warmup(self.optimizer, warmup_steps))
@@ -50,19 +65,29 @@ class Optimizer:
             config = filled_deepspeed_config(dist, micro_batch_size=micro_batch_size,
                                              gradient_accumulation=gradient_accumulation,
                                              max_grad_norm=max_grad_norm, bf16=bf16)
-            self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
-            self.engine, self.optimizer, self.schedule = self.accelerator.prepare(module, self.optimizer, self.schedule)
+            accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+            # Only the module and the optimizer go to the engine; the schedule stays ours (module docstring).
+            self.engine, _ = accelerator.prepare(module, self.optimizer)
             if type(self.engine).__name__ != "DeepSpeedEngine":  # never train on something else by accident
                 raise RuntimeError(f"accelerate prepared a {type(self.engine).__name__}, not the configured {dist.engine}")
 
-    def step(self, loss: "torch.Tensor", what: str = "loss") -> None:
-        """One micro-step; refuses a non-finite loss before it touches any weight."""
+    def step(self, loss: "torch.Tensor", what: str = "loss", *, boundary: bool = False) -> None:
+        """One micro-step of ``loss`` (refused if not finite, before it touches any weight); updates after
+        ``accumulation`` micro-steps, or now if ``boundary`` (e.g. the last minibatch of a PPO epoch)."""
         self.check_finite(loss, what)
-        if self.engine is not None:
-            self.accelerator.backward(loss)  # DeepSpeed: scales by 1/accumulation, updates at the boundary
+        if self.engine is None:
+            self.backward(loss)
+            self.finish_micro_step(boundary)
             return
-        self.backward(loss)
-        self.finish_micro_step()
+        self.micro_steps += 1
+        update = boundary or self.micro_steps % self.accumulation == 0
+        self.engine.set_gradient_accumulation_boundary(update)  # before backward: ZeRO reduces at the boundary
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps, as the local path does
+        if update:
+            self._set_engine_lr()
+        self.engine.step()  # clips, steps AdamW and zeroes the gradients only at the boundary
+        if update:
+            self._after_update()
 
     def backward(self, loss: "torch.Tensor") -> None:
         """Local only: accumulate the gradient of one of several losses of this micro-step."""
@@ -77,8 +102,23 @@ class Optimizer:
             return
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
-        self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._after_update()
+
+    def _stepping_param_groups(self) -> list[dict]:
+        """The param groups of the optimizer that really updates the weights (ZeRO's wraps ours or a copy)."""
+        return self.engine.optimizer.param_groups if self.engine is not None else self.optimizer.param_groups
+
+    def _set_engine_lr(self) -> None:
+        """Write our schedule's learning rate into the engine's optimizer (with ``offload_optimizer`` and
+        ``zero_force_ds_cpu_optimizer``, accelerate swaps in DeepSpeed's CPU Adam, which ours never reaches)."""
+        for group, lr in zip(self._stepping_param_groups(), self.schedule.get_last_lr(), strict=False):
+            group["lr"] = lr
+
+    def _after_update(self) -> None:
+        self.applied_lr = float(self._stepping_param_groups()[0]["lr"])
+        self.schedule.step()
+        self.updates += 1
         self.micro_steps = 0
 
     def check_finite(self, loss: "torch.Tensor", what: str) -> None:
@@ -93,16 +133,22 @@ class Optimizer:
 
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+            if self.dist.is_main:
+                torch.save({"schedule": self.schedule.state_dict(), "updates": self.updates},
+                           Path(folder) / SCHEDULE_STATE)
         else:
-            torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()},
-                       Path(folder) / LOCAL_STATE)
+            torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                        "updates": self.updates}, Path(folder) / LOCAL_STATE)
 
     def load(self, folder: Path) -> None:
         import torch
 
         if self.engine is not None:
-            self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_module_strict=False)
+            self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_module_strict=False,
+                                        load_lr_scheduler_states=False)
+            state = torch.load(Path(folder) / SCHEDULE_STATE, weights_only=True)
         else:
             state = torch.load(Path(folder) / LOCAL_STATE, weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule.load_state_dict(state["schedule"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.updates = state.get("updates", 0)

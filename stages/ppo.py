@@ -31,6 +31,7 @@ from stages.distributed import LOCAL, Distributed
 from stages.evaluation import generate, task_score
 from stages.heads import save_head, sequence_scores
 from stages.kl_control import build_kl_controller
+from stages.learning_check import LearningCheck
 from stages.losses import (
     gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
 )
@@ -95,7 +96,7 @@ def build_actors(cfg: PipelineConfig, inputs: dict[str, Path]) -> Actors:
 
 
 def collect_rollout(actors: Actors, prompts: list[str], cfg: PipelineConfig, kl_coef: float,
-                    seed: int) -> tuple[Rollout, dict[str, float]]:
+                    seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
     """Sample with the policy, then score the samples (``score_rollout``)."""
     import torch
 
@@ -104,11 +105,11 @@ def collect_rollout(actors: Actors, prompts: list[str], cfg: PipelineConfig, kl_
         samples = generate(model, actors.tokenizer, prompts, max_new_tokens=ppo.max_new_tokens,
                            temperature=ppo.temperature, batch_size=64, seed=seed, desc="rollout")
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], actors.tokenizer.pad_token_id)
-    return score_rollout(actors, batch, torch.tensor([s.finished for s in samples]), cfg, kl_coef)
+    return score_rollout(actors, batch, torch.tensor([s.finished for s in samples]), cfg, kl_coef, dist)
 
 
 def score_rollout(actors: Actors, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
-                  kl_coef: float) -> tuple[Rollout, dict[str, float]]:
+                  kl_coef: float, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
     """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``."""
     import torch
 
@@ -122,19 +123,20 @@ def score_rollout(actors: Actors, batch: SequenceBatch, finished: "torch.Tensor"
             scores = sequence_scores(model, actors.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
         with active_adapter(model, VALUE):
             values = token_values(model, actors.value_head, batch)
-    return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef)
+    return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef, dist)
 
 
 def shape_rollout(batch: SequenceBatch, finished: "torch.Tensor", scores: "torch.Tensor", logprobs: "torch.Tensor",
                   ref_logprobs: "torch.Tensor", values: "torch.Tensor", cfg: PipelineConfig,
-                  kl_coef: float) -> tuple[Rollout, dict[str, float]]:
-    """KL-penalised per-token rewards (score on the last token), GAE and whitened advantages."""
+                  kl_coef: float, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
+    """KL-penalised per-token rewards (score on the last token), GAE and advantages whitened over the
+    global batch (every rank's share of it under DeepSpeed)."""
     ppo = cfg.ppo
     mask = batch.response_mask
     rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
     rollout = Rollout(batch.input_ids, batch.attention_mask, mask, logprobs, values,
-                      masked_whiten(advantages, mask), returns)
+                      masked_whiten(advantages, mask, total=dist.total), returns)
     stats = {"score": scores.mean().item(), "kl": kl.sum(-1).mean().item(), "kl_coef": kl_coef,
              "finished": finished.float().mean().item(), "response_length": mask.sum(-1).float().mean().item()}
     return rollout, stats
@@ -152,8 +154,12 @@ def ppo_optimizer(actors: Actors, cfg: PipelineConfig, dist: Distributed = LOCAL
 
 
 def ppo_update(actors: Actors, rollout: Rollout, optimizer: Optimizer, cfg: PipelineConfig,
-               generator: "torch.Generator") -> dict[str, float]:
-    """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping."""
+               generator: "torch.Generator", dist: Distributed = LOCAL) -> dict[str, float]:
+    """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping.
+
+    Under DeepSpeed each rank's token means are weighted by its share of the minibatch's tokens, so the
+    averaged gradient (and the logged losses, averaged over ranks) are those of the global minibatch.
+    """
     import torch
 
     ppo, model = cfg.ppo, actors.model
@@ -177,13 +183,15 @@ def ppo_update(actors: Actors, rollout: Rollout, optimizer: Optimizer, cfg: Pipe
                 values = token_values(model, actors.value_head, mb.batch)
             value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
                                                      ppo.clip_range_value)
+            boundary = start + ppo.minibatch_size >= len(order)  # the epoch's last minibatch always updates
+            share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally
             if optimizer.engine is None:
                 optimizer.check_finite(value_loss, "ppo value loss")
                 optimizer.backward(ppo.value_coef * value_loss)
-                optimizer.finish_micro_step(boundary=start + ppo.minibatch_size >= len(order))
+                optimizer.finish_micro_step(boundary)
             else:
-                optimizer.step(policy_loss + ppo.value_coef * value_loss, what="ppo loss")
-            step_stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                optimizer.step(share * (policy_loss + ppo.value_coef * value_loss), what="ppo loss", boundary=boundary)
+            step_stats = {"policy_loss": share * policy_loss.item(), "value_loss": share * value_loss.item(),
                           "entropy": masked_mean(entropy, mb.response_mask).item(), **policy_stats, **value_stats}
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -199,6 +207,7 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     actors = build_actors(cfg, inputs)
     model, ppo = actors.model, cfg.ppo
     trainable = count_trainable(model)
+    learning = LearningCheck(torch.nn.ModuleDict({"model": model, "value_head": actors.value_head}), dist)
     optimizer = ppo_optimizer(actors, cfg, dist)
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
     prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
@@ -216,11 +225,13 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         # Every rank draws the same global sample of prompts and rolls out its own share of it.
         drawn = random.Random(cfg.run.seed + update).sample(prompts, min(ppo.rollout_prompts * dist.world_size, len(prompts)))
         batch_prompts = dist.shard(drawn)
-        rollout, stats = collect_rollout(actors, batch_prompts, cfg, kl_ctl.value, seed=cfg.run.seed + update + 1000 * dist.rank)
-        stats.update(ppo_update(actors, rollout, optimizer, cfg, generator))
+        rollout, stats = collect_rollout(actors, batch_prompts, cfg, kl_ctl.value,
+                                         seed=cfg.run.seed + update + 1000 * dist.rank, dist=dist)
+        stats.update(ppo_update(actors, rollout, optimizer, cfg, generator, dist))
         stats = {key: dist.mean(value) for key, value in stats.items()}  # one KL (and coefficient) on every rank
         kl_ctl.update(stats["kl"], n_steps=len(drawn))
-        history.append({"update": update, **{k: round(v, 5) for k, v in stats.items()}})
+        history.append({"update": update, **{k: round(v, 5) for k, v in stats.items()},
+                        "learning_rate": optimizer.applied_lr})
         checkpointer.maybe_save(update, ppo.checkpoint_every, ppo.updates,
                                 {"history": history, "kl_controller": kl_ctl.state_dict()})
     model.eval()
@@ -233,7 +244,8 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_adapter(model, VALUE, out / "value")
     save_head(actors.value_head, out / VALUE_HEAD, actors.fingerprint)
     write_json(out / "history.json", history)
-    return {**metrics, "updates": ppo.updates, "resumed_from_update": start,
+    # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
+    return {**metrics, "warnings": learning.warnings("ppo", []), "updates": ppo.updates, "resumed_from_update": start,
             "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
             "adapter_kind": cfg.adapter.kind}
 

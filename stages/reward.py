@@ -27,6 +27,7 @@ from stages.checkpoints import Checkpointer
 from stages.config import PipelineConfig
 from stages.data import Record, load_records, measure_lengths
 from stages.distributed import gathered
+from stages.learning_check import LearningCheck
 from stages.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
 from stages.losses import pairwise_reward_loss
 from stages.optim import Optimizer
@@ -92,7 +93,9 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed)
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
-    optimizer = Optimizer(torch.nn.ModuleDict({"model": model, "head": head}), rm.learning_rate, rm.warmup_steps,
+    trained = torch.nn.ModuleDict({"model": model, "head": head})
+    learning = LearningCheck(trained, dist)
+    optimizer = Optimizer(trained, rm.learning_rate, rm.warmup_steps,
                           rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [ADAPTER_NAME], {"score_head": head},
                                 backbone.fingerprint, dist)
@@ -109,7 +112,8 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         optimizer.step(loss, what=f"reward loss at step {step}")
         if step % rm.logging_steps == 0 or step == rm.max_steps:
             accuracy = dist.mean((chosen > rejected).float().mean().item())
-            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), "accuracy": accuracy})
+            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), "accuracy": accuracy,
+                            "learning_rate": optimizer.applied_lr})
         checkpointer.maybe_save(step, rm.checkpoint_every, rm.max_steps, {"history": history})
     model.eval()
     metrics = evaluate_pairs(model, head, tokenizer, held)
@@ -120,8 +124,10 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         save_head(head, out / SCORE_HEAD, backbone.fingerprint)
     write_json(out / PROBES, probes)
     write_json(out / "history.json", history)
+    losses = [row["loss"] for row in history]
     return {
         **metrics,
+        "warnings": learning.warnings("reward", losses, sum(row["step"] <= rm.warmup_steps for row in history)),
         "train_loss": history[-1]["loss"],
         "train_pairs": len(train),
         "eval_pairs": len(held),

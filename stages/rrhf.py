@@ -26,6 +26,7 @@ from stages.checkpoints import Checkpointer
 from stages.config import PipelineConfig
 from stages.data import load_records
 from stages.evaluation import generate, task_score
+from stages.learning_check import LearningCheck
 from stages.losses import rrhf_loss
 from stages.optim import Optimizer
 from stages.probes import save_probe
@@ -120,6 +121,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         model, head = attach_reward(model, inputs["reward"], tokenizer, backbone.fingerprint)
     model.set_adapter(POLICY)
     set_trainable(model, [POLICY])
+    learning = LearningCheck(model, dist)
     optimizer = Optimizer(model, rr.learning_rate, rr.warmup_steps, rr.max_steps, micro_batch_size=rr.batch_size,
                           dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [POLICY], {}, backbone.fingerprint, dist)
@@ -127,24 +129,27 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if state is not None:  # the candidates are part of the state: resuming never resamples them
         groups = [Group(**g) for g in state["groups"]]
     elif cfg.data.ranked:
-        groups = dist.shard(offline_groups(cfg.data.ranked, cfg))
-    else:
+        groups = offline_groups(cfg.data.ranked, cfg)
+    else:  # each rank samples candidates for its share of the prompts; then every rank holds all groups
         prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
         random.Random(cfg.run.seed).shuffle(prompts)
-        groups = sample_groups(model, head, tokenizer, dist.shard(prompts[: rr.num_prompts]), cfg)
-    state = state or {"step": 0, "history": [], "accuracy_before": dist.mean(ranking_accuracy(model, tokenizer, groups))}
+        groups = dist.gather(sample_groups(model, head, tokenizer, dist.shard(prompts[: rr.num_prompts]), cfg))
+    state = state or {"step": 0, "history": [], "accuracy_before": ranking_accuracy(model, tokenizer, groups)}
     start, history = state["step"], state["history"]
-    rng = random.Random(cfg.run.seed + dist.rank)
-    batch_size = min(rr.batch_size, len(groups))
+    # Every rank draws the same global batch (batch_size per rank) and trains its share, as reward does.
+    rng = random.Random(cfg.run.seed)
+    batch_size = min(rr.batch_size * dist.world_size, len(groups))
     for _ in range(start):  # the batches the checkpointed steps already used
         rng.sample(groups, batch_size)
     model.train()
     for step in tqdm(range(start + 1, rr.max_steps + 1), desc="rrhf", unit="step", initial=start, total=rr.max_steps):
-        logprobs, rewards, mask = group_logprobs(model, tokenizer, rng.sample(groups, batch_size))
+        logprobs, rewards, mask = group_logprobs(model, tokenizer, dist.shard(rng.sample(groups, batch_size)))
         loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=rr.rank_weight)
         optimizer.step(loss, what=f"rrhf loss at step {step}")
         if step % rr.logging_steps == 0 or step == rr.max_steps:
-            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), **stats})
+            stats = {key: dist.mean(value) for key, value in stats.items()}
+            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), "learning_rate": optimizer.applied_lr,
+                            **stats})
         checkpointer.maybe_save(step, rr.checkpoint_every, rr.max_steps,
                                 {"history": history, "accuracy_before": state["accuracy_before"],
                                  "groups": [asdict(g) for g in groups]})
@@ -154,8 +159,8 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "task_score": task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (rrhf)"),
         "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
         "ranking_accuracy_before": state["accuracy_before"],
-        "ranking_accuracy": dist.mean(ranking_accuracy(model, tokenizer, groups)),
-        "candidate_reward": dist.mean(sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups)),
+        "ranking_accuracy": ranking_accuracy(model, tokenizer, groups),
+        "candidate_reward": sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups),
     }
     if head is not None:  # mean reward of the trained policy's own samples on held-out prompts
         eval_prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
@@ -167,7 +172,9 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_probe(model, tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
-    return {**metrics, "trainable_parameters": count_trainable(model), "groups": sum(dist.gather([len(groups)])),
+    warnings = learning.warnings("rrhf", [row["loss"] for row in history],
+                                 sum(row["step"] <= rr.warmup_steps for row in history))
+    return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": start}
 
 

@@ -1,33 +1,60 @@
-"""The acceptance numbers on the built-in task, with the shipped configs, through the real CLI.
+"""The quality bar, for every shipped config, on the built-in task, through the real CLI.
 
-Deterministic (fixed seeds, CPU kernels), and the margins are wide (measured: PPO +0.25 and RRHF +0.17
-over SFT), so a failure here means a real regression in a stage, not noise.
+Every file in ``configs/`` that runs a chain must, end to end:
+- SFT: lift held-out ``task_score`` above the base model's;
+- reward: reach held-out ``pair_accuracy`` >= 0.9;
+- PPO / RRHF: gain >= 0.10 ``task_score`` over its SFT.
+A stage that finishes but learns nothing (issues 18 and 19: DeepSpeed reward, P-tuning v2 SFT) fails
+here. A config that cannot meet the bar must say why in its header and be listed in ``EXEMPT``.
+
+Deterministic (fixed seeds, CPU kernels), and the margins are wide, so a failure here means a real
+regression, not noise. The configs share one ``RLHF_HOME``: the default runs first, and the RRHF
+variants reuse its SFT (and reward) from the cache, as a user's iterations would.
 """
 
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, run_cli
+
+CONFIGS = sorted(REPO.glob("configs/*.yaml"), key=lambda path: (path.name != "default.yaml", path.name))
+EXEMPT: dict[str, str] = {}  # config file name -> why it cannot meet the bar on the built-in task
+GAIN = 0.10
 
 
 def _report(run_id: str, cwd: Path) -> dict:
     return json.loads(run_cli("report", run_id, "--json", cwd=cwd).stdout)["stages"]
 
 
-def test_default_chain_and_rrhf_variant_beat_sft(tmp_path: Path) -> None:
-    ppo_run = run_cli("run", "--run-id", "ppo", cwd=tmp_path, timeout=1200)
-    assert ppo_run.returncode == 0, ppo_run.stdout[-3000:] + ppo_run.stderr[-3000:]
-    stages = _report("ppo", tmp_path)
-    sft, reward, ppo = (stages[s]["metrics"] for s in ("sft", "reward", "ppo"))
-    assert sft["task_score_before"] < 0.05 < sft["task_score"]
-    assert reward["pair_accuracy"] >= 0.9
-    assert ppo["task_score"] >= sft["task_score"] + 0.10, (ppo["task_score"], sft["task_score"])
+def test_every_config_in_configs_is_checked() -> None:
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "ptuning_v2.yaml", "qlora.yaml", "deepspeed-zero2.yaml",
+                                         "sft-reward-rrhf.yaml", "sft-rrhf-offline.yaml"}
+    assert set(EXEMPT) <= {p.name for p in CONFIGS}
+    for name, reason in EXEMPT.items():
+        assert reason.split()[0].lower() in (REPO / "configs" / name).read_text().lower(), f"{name}: header says why"
 
-    rrhf_run = run_cli("run", "--config", str(REPO / "configs" / "sft-reward-rrhf.yaml"), "--run-id", "rrhf",
-                       cwd=tmp_path, timeout=1200)
-    assert rrhf_run.returncode == 0, rrhf_run.stderr[-3000:]
-    stages = _report("rrhf", tmp_path)
-    assert stages["sft"]["status"] == "cached" and stages["reward"]["status"] == "cached"
-    rrhf = stages["rrhf"]["metrics"]
-    assert rrhf["task_score_sft"] == sft["task_score"]
-    assert rrhf["task_score"] >= sft["task_score"] + 0.10, (rrhf["task_score"], sft["task_score"])
+
+@pytest.mark.parametrize("config", [p.name for p in CONFIGS])
+def test_shipped_config_meets_the_quality_bar(config: str, tmp_path: Path) -> None:
+    if config in EXEMPT:
+        pytest.skip(f"{config} is exempt: {EXEMPT[config]}")
+    run_id = config.removesuffix(".yaml")
+    run = run_cli("run", "--config", str(REPO / "configs" / config), "--run-id", run_id, cwd=tmp_path, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stages = _report(run_id, tmp_path)
+    metrics = {stage: entry["metrics"] for stage, entry in stages.items()}
+    figures = {stage: {k: v for k, v in m.items() if k in ("task_score_before", "task_score", "pair_accuracy")}
+               for stage, m in metrics.items()}
+    print(f"{config}: {figures}")  # the closing note's table: pytest -s shows it
+    for stage, m in metrics.items():
+        assert m.get("warnings", []) == [], (stage, m["warnings"])
+    sft = metrics["sft"]
+    assert sft["task_score"] > sft["task_score_before"], (config, sft)
+    if "reward" in metrics:
+        assert metrics["reward"]["pair_accuracy"] >= 0.9, (config, metrics["reward"])
+    for policy in ("ppo", "rrhf"):
+        if policy in metrics:
+            assert metrics[policy]["task_score_sft"] == sft["task_score"]
+            assert metrics[policy]["task_score"] >= sft["task_score"] + GAIN, (config, policy, metrics[policy])
