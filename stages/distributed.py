@@ -67,9 +67,9 @@ class Distributed:
         return tensor.item() / self.world_size
 
     def total(self, tensor: "torch.Tensor") -> "torch.Tensor":
-        """The sum of ``tensor`` over the ranks (a new tensor; ``tensor`` itself is left as it is)."""
+        """The sum of ``tensor`` over the ranks, detached (``tensor`` itself is never modified)."""
         if self.world_size == 1:
-            return tensor
+            return tensor.detach()
         import torch.distributed
 
         summed = tensor.detach().clone()
@@ -126,10 +126,10 @@ def _validate_deepspeed_config(dist: Distributed, cfg: PipelineConfig) -> None:
     from pydantic import ValidationError
 
     source = f"distributed.deepspeed: {deepspeed_config_path(cfg.distributed)}"
-    try:
-        def pinned_or(key: str, default: Any) -> Any:  # the stage's own values are checked when it builds its engine
-            return default if dist.deepspeed.get(key, "auto") == "auto" else dist.deepspeed[key]
+    def pinned_or(key: str, default: Any) -> Any:  # the stage's own values are checked when it builds its engine
+        return default if dist.deepspeed.get(key, "auto") == "auto" else dist.deepspeed[key]
 
+    try:
         DeepSpeedConfig(filled_deepspeed_config(
             dist, micro_batch_size=pinned_or("train_micro_batch_size_per_gpu", 1),
             gradient_accumulation=pinned_or("gradient_accumulation_steps", 1),

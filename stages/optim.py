@@ -52,7 +52,6 @@ class Optimizer:
         self.max_grad_norm = max_grad_norm
         self.accumulation = gradient_accumulation
         self.micro_steps = 0
-        self.updates = 0
         self.applied_lr = 0.0
         self.dist = dist
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
@@ -118,7 +117,6 @@ class Optimizer:
     def _after_update(self) -> None:
         self.applied_lr = float(self._stepping_param_groups()[0]["lr"])
         self.schedule.step()
-        self.updates += 1
         self.micro_steps = 0
 
     def check_finite(self, loss: "torch.Tensor", what: str) -> None:
@@ -134,13 +132,14 @@ class Optimizer:
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder), tag=ENGINE_TAG, exclude_frozen_parameters=True)
             if self.dist.is_main:
-                torch.save({"schedule": self.schedule.state_dict(), "updates": self.updates},
+                torch.save({"schedule": self.schedule.state_dict(), "applied_lr": self.applied_lr},
                            Path(folder) / SCHEDULE_STATE)
         else:
             torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                        "updates": self.updates}, Path(folder) / LOCAL_STATE)
+                        "applied_lr": self.applied_lr}, Path(folder) / LOCAL_STATE)
 
     def load(self, folder: Path) -> None:
+        """Restore what ``save`` wrote (checkpoints are keyed by code version: never an older layout)."""
         import torch
 
         if self.engine is not None:
@@ -151,4 +150,4 @@ class Optimizer:
             state = torch.load(Path(folder) / LOCAL_STATE, weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        self.updates = state.get("updates", 0)
+        self.applied_lr = state["applied_lr"]  # the next logged row may come before the next update

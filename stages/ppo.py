@@ -177,7 +177,8 @@ def ppo_update(actors: Actors, rollout: Rollout, optimizer: Optimizer, cfg: Pipe
             if optimizer.engine is None:
                 # Locally each adapter's loss is backpropagated as soon as it exists, so only one autograd
                 # graph over the shared backbone is alive at a time (same gradients as one backward of the
-                # sum). DeepSpeed updates inside its backward, so there the two losses share one backward.
+                # sum). ZeRO reduces each parameter's gradient once per micro-step, during the backward,
+                # so there the two losses share one backward.
                 optimizer.backward(policy_loss)
             with active_adapter(model, VALUE):
                 values = token_values(model, actors.value_head, mb.batch)
@@ -207,7 +208,8 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     actors = build_actors(cfg, inputs)
     model, ppo = actors.model, cfg.ppo
     trainable = count_trainable(model)
-    learning = LearningCheck(torch.nn.ModuleDict({"model": model, "value_head": actors.value_head}), dist)
+    learning = LearningCheck(torch.nn.ModuleDict({"model": model, "value_head": actors.value_head}), dist,
+                             stage="ppo", adapter_kind=cfg.adapter.kind, learning_rate=ppo.learning_rate)
     optimizer = ppo_optimizer(actors, cfg, dist)
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
     prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
@@ -245,7 +247,7 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_head(actors.value_head, out / VALUE_HEAD, actors.fingerprint)
     write_json(out / "history.json", history)
     # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
-    return {**metrics, "warnings": learning.warnings("ppo", []), "updates": ppo.updates, "resumed_from_update": start,
+    return {**metrics, "warnings": learning.warnings([]), "updates": ppo.updates, "resumed_from_update": start,
             "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
             "adapter_kind": cfg.adapter.kind}
 

@@ -27,8 +27,8 @@ from stages.checkpoints import Checkpointer
 from stages.config import PipelineConfig
 from stages.data import Record, load_records, measure_lengths
 from stages.distributed import gathered
-from stages.learning_check import LearningCheck
 from stages.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
+from stages.learning_check import LearningCheck
 from stages.losses import pairwise_reward_loss
 from stages.optim import Optimizer
 from stages.sequences import encode
@@ -94,7 +94,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed)
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
     trained = torch.nn.ModuleDict({"model": model, "head": head})
-    learning = LearningCheck(trained, dist)
+    learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind, learning_rate=rm.learning_rate)
     optimizer = Optimizer(trained, rm.learning_rate, rm.warmup_steps,
                           rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [ADAPTER_NAME], {"score_head": head},
@@ -124,10 +124,9 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         save_head(head, out / SCORE_HEAD, backbone.fingerprint)
     write_json(out / PROBES, probes)
     write_json(out / "history.json", history)
-    losses = [row["loss"] for row in history]
     return {
         **metrics,
-        "warnings": learning.warnings("reward", losses, sum(row["step"] <= rm.warmup_steps for row in history)),
+        "warnings": learning.warnings(history, rm.warmup_steps),
         "train_loss": history[-1]["loss"],
         "train_pairs": len(train),
         "eval_pairs": len(held),

@@ -23,7 +23,7 @@ from stages.adapters import active_adapter, count_trainable, load_adapter, needs
 from stages.artifacts import read_manifest, write_json
 from stages.backbone import load_backbone
 from stages.checkpoints import Checkpointer
-from stages.config import PipelineConfig
+from stages.config import ConfigError, PipelineConfig
 from stages.data import load_records
 from stages.evaluation import generate, task_score
 from stages.learning_check import LearningCheck
@@ -109,6 +109,7 @@ def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", g
 
 
 def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
+    import torch
     from tqdm.auto import tqdm
 
     out, inputs, dist, rr = ctx.staging, ctx.inputs, ctx.dist, cfg.rrhf
@@ -121,7 +122,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         model, head = attach_reward(model, inputs["reward"], tokenizer, backbone.fingerprint)
     model.set_adapter(POLICY)
     set_trainable(model, [POLICY])
-    learning = LearningCheck(model, dist)
+    learning = LearningCheck(model, dist, stage="rrhf", adapter_kind=cfg.adapter.kind, learning_rate=rr.learning_rate)
     optimizer = Optimizer(model, rr.learning_rate, rr.warmup_steps, rr.max_steps, micro_batch_size=rr.batch_size,
                           dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [POLICY], {}, backbone.fingerprint, dist)
@@ -138,18 +139,23 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     start, history = state["step"], state["history"]
     # Every rank draws the same global batch (batch_size per rank) and trains its share, as reward does.
     rng = random.Random(cfg.run.seed)
+    if len(groups) < dist.world_size:
+        raise ConfigError(f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "
+                          "raise rrhf.num_prompts (or add ranked rows) or lower distributed.num_processes")
     batch_size = min(rr.batch_size * dist.world_size, len(groups))
     for _ in range(start):  # the batches the checkpointed steps already used
         rng.sample(groups, batch_size)
     model.train()
     for step in tqdm(range(start + 1, rr.max_steps + 1), desc="rrhf", unit="step", initial=start, total=rr.max_steps):
-        logprobs, rewards, mask = group_logprobs(model, tokenizer, dist.shard(rng.sample(groups, batch_size)))
+        shard = dist.shard(rng.sample(groups, batch_size))
+        logprobs, rewards, mask = group_logprobs(model, tokenizer, shard)
         loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=rr.rank_weight)
-        optimizer.step(loss, what=f"rrhf loss at step {step}")
+        share = dist.share_of_global_mean(torch.tensor(len(shard)))  # unequal shards: weigh per group, 1.0 locally
+        optimizer.step(share * loss, what=f"rrhf loss at step {step}")
         if step % rr.logging_steps == 0 or step == rr.max_steps:
-            stats = {key: dist.mean(value) for key, value in stats.items()}
-            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), "learning_rate": optimizer.applied_lr,
-                            **stats})
+            stats = {key: dist.mean(share * value) for key, value in stats.items()}
+            history.append({"step": step, "loss": round(dist.mean(share * loss.item()), 5),
+                            "learning_rate": optimizer.applied_lr, **stats})
         checkpointer.maybe_save(step, rr.checkpoint_every, rr.max_steps,
                                 {"history": history, "accuracy_before": state["accuracy_before"],
                                  "groups": [asdict(g) for g in groups]})
@@ -172,9 +178,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_probe(model, tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
-    warnings = learning.warnings("rrhf", [row["loss"] for row in history],
-                                 sum(row["step"] <= rr.warmup_steps for row in history))
-    return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
+    return {**metrics, "warnings": learning.warnings(history, rr.warmup_steps), "trainable_parameters": count_trainable(model), "groups": len(groups),
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": start}
 
 

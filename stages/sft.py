@@ -119,7 +119,7 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     score_before = task_score(backbone.model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
     trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
-    learning = LearningCheck(model, dist)
+    learning = LearningCheck(model, dist, stage="sft", adapter_kind=cfg.adapter.kind, learning_rate=cfg.sft.learning_rate)
     root = checkpoint_root(ctx.final)
     resume = resumable_checkpoint(root, ctx.cache_key) if dist.is_main else None
     resume = dist.gather([resume])[0]  # the main rank decides, every rank resumes from the same step
@@ -136,9 +136,8 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     tokenizer.save_pretrained(out / "tokenizer")
     history = [row for row in trainer.state.log_history if "loss" in row]
     write_json(out / "history.json", history)
-    warmup_logged = sum(row["step"] <= cfg.sft.warmup_steps for row in history)
     return {
-        "warnings": learning.warnings("sft", [row["loss"] for row in history], warmup_logged),
+        "warnings": learning.warnings(history, cfg.sft.warmup_steps),
         "task_score_before": score_before,
         "task_score": score_after,
         "train_loss": round(result.training_loss, 4),

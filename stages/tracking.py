@@ -61,9 +61,10 @@ class WandbTracker:
         try:
             self._log_lineage(artifact, inputs)
             self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-            for warning in metrics.get("warnings", []):  # W&B shows alerts on the run page, offline too after sync
-                self.run.alert(title=f"{self._stage}: no learning", text=warning, level=self._wandb.AlertLevel.WARN)
             self.run.summary["warnings"] = "; ".join(metrics.get("warnings", []))
+            for warning in metrics.get("warnings", []):  # W&B shows alerts on the run page, offline too after sync
+                self.run.alert(title=f"{self._stage}: training warning", text=warning,
+                               level=self._wandb.AlertLevel.WARN)
         except Exception as err:  # tracking must never fail a finished stage
             print(f"warning: W&B logging failed for {self._stage}: {err}", flush=True)
         finally:

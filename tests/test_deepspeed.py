@@ -54,10 +54,20 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return train_upstream(tmp_path_factory.mktemp("upstream"), DS)
 
 
+SFT_CURVE = [*DS, "sft.max_steps=12", "sft.warmup_steps=2", "sft.checkpoint_every=12"]
+
+
+@pytest.fixture(scope="module")
+def local_sft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _run_local("sft", tmp_path_factory.mktemp("local") / "sft", [*SFT_CURVE, "sft.batch_size=32"])
+
+
 @pytest.mark.parametrize("preset", ["zero2", "zero3"])
-def test_sft_under_deepspeed(preset: str, tmp_path: Path) -> None:
-    sets = [*DS, "sft.launcher=accelerate", f"distributed.deepspeed={preset}", "tracking.backend=wandb"]
+def test_sft_under_deepspeed_trains_exactly_as_locally(preset: str, local_sft: Path, tmp_path: Path) -> None:
+    sets = [*SFT_CURVE, "sft.batch_size=16", "sft.launcher=accelerate", f"distributed.deepspeed={preset}",
+            "tracking.backend=wandb"]
     _launch("sft", tmp_path / "sft", sets)
+    _assert_same_curve_and_learned(local_sft, tmp_path / "sft")
     _assert_reloads_with_plain_peft(tmp_path / "sft")
     _assert_one_wandb_run(tmp_path / "wandb", "sft")
 
@@ -195,3 +205,26 @@ def test_a_pinned_deepspeed_value_that_differs_from_the_stage_is_refused() -> No
         filled_deepspeed_config(dist, micro_batch_size=8, gradient_accumulation=1, max_grad_norm=1.0, bf16=False)
     filled = filled_deepspeed_config(dist, micro_batch_size=8, gradient_accumulation=4, max_grad_norm=1.0, bf16=False)
     assert filled["gradient_accumulation_steps"] == 4 and filled["train_micro_batch_size_per_gpu"] == 8
+
+
+def test_the_optimizer_accumulates_and_schedules_on_the_engine_as_locally(tmp_path: Path) -> None:
+    """Gradient accumulation, an explicit early boundary and a warmup schedule, on a fixed problem: the
+    engine must apply exactly the local updates (accelerate's own backward did neither)."""
+    from stages.launch import INFRA, _free_port
+
+    cfg = load_config(None, DS)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(INFRA / "accelerate" / "zero2.yaml"),
+               "--deepspeed_config_file", str(INFRA / "deepspeed" / "zero2.json"), "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "tests.optimizer_probe",
+               str(tmp_path / "engine.json"), str(INFRA / "deepspeed" / "zero2.json")]
+    result = subprocess.run(command, env=launch_env(cfg), capture_output=True, text=True, timeout=LIMIT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    local = subprocess.run([sys.executable, "-m", "tests.optimizer_probe", str(tmp_path / "local.json")],
+                           capture_output=True, text=True, timeout=LIMIT_S)
+    assert local.returncode == 0, local.stderr[-3000:]
+    engine, reference = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("engine", "local"))
+    assert [r["applied_lr"] for r in engine] == pytest.approx([r["applied_lr"] for r in reference], rel=1e-6)
+    # 4 updates; the first at learning rate 0 (warmup, the HF convention), so 4 distinct weight states.
+    assert len({tuple(r["weights"]) for r in reference}) == 4
+    for mine, theirs in zip(engine, reference):
+        assert mine["weights"] == pytest.approx(theirs["weights"], abs=1e-5), (mine, theirs)

@@ -73,6 +73,20 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
     steps = [row[HISTORY_STEP[stage]] for row in json.loads((out / "history.json").read_text())]
     assert steps[-1] == total and steps == sorted(set(steps))  # one unbroken history, no step twice
     assert not checkpoint_root(out).exists()  # the published artifact supersedes its checkpoints
+    if stage in ("reward", "rrhf"):  # the resumed schedule goes on where it stopped, on every launcher
+        _assert_follows_the_schedule(json.loads((out / "history.json").read_text()),
+                                     getattr(load_config(None, sets), stage))
+
+
+def _assert_follows_the_schedule(history: list[dict], section: object) -> None:
+    """Update n (step n + 1) uses learning_rate x schedule(n): warmup then cosine, as the HF Trainer."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=section.learning_rate)
+    factor = get_cosine_schedule_with_warmup(dummy, section.warmup_steps, section.max_steps).lr_lambdas[0]
+    for row in history:
+        assert row["learning_rate"] == pytest.approx(section.learning_rate * factor(row["step"] - 1), rel=1e-6), row
 
 
 def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
