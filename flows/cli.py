@@ -29,7 +29,7 @@ def _add_skip_memory_check(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stages.config import STAGE_ORDER  # pydantic + yaml only: --help stays fast
+    from stages.registry import STAGE_ORDER  # pure data: --help stays fast
 
     parser = argparse.ArgumentParser(prog="rlhf", description="SFT -> reward model -> PPO/RRHF on one frozen backbone.")
     commands = parser.add_subparsers(dest="command", required=True)

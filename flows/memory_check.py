@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.config import ConfigError, PipelineConfig
-from stages.launch import SAMPLING_STAGES
+from stages.registry import spec
 from stages.memory_plan import Estimate, estimate, stage_workload
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -84,7 +84,7 @@ def suggestion(cfg: PipelineConfig, est: Estimate) -> str:
     options = ["backbone.dtype=bfloat16"] if cfg.backbone.dtype == "float32" else []
     if est.device == "cuda" and cfg.adapter.kind != "qlora":  # on the CPU a 4-bit backbone saves no RAM
         options.append("adapter.kind=qlora (a 4-bit backbone)")
-    if est.stage not in SAMPLING_STAGES:  # ZeRO-3 is refused for stages that sample (stages.launch)
+    if not spec(est.stage).samples_while_training:  # ZeRO-3 is refused for stages that sample (stages.launch)
         offload = "zero3_offload with more processes" if est.device == "cuda" else "zero3 over more machines"
         options.append(f"{est.stage}.launcher=accelerate with distributed.deepspeed={offload}")
     return "set " + ", or ".join(options) if options else "use a smaller backbone or a machine with more memory"

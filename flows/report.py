@@ -7,7 +7,7 @@ from typing import Any
 
 from flows.run_dir import read_status
 from stages import artifacts
-from stages.config import STAGE_ORDER
+from stages.registry import STAGE_ORDER
 
 HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_accuracy", "reward_margin",
                     "policy_reward", "train_loss")

@@ -13,17 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-# (stage, history key, title): the curves a reader looks for first
-CURVES = [
-    ("sft", "loss", "SFT loss"),
-    ("reward", "accuracy", "reward model accuracy (train batches)"),
-    ("reward", "loss", "reward model loss"),
-    ("ppo", "score", "PPO reward (mean score of rollouts)"),
-    ("ppo", "kl", "PPO KL to reference (per response)"),
-    ("ppo", "entropy", "PPO policy entropy"),
-    ("rrhf", "loss", "RRHF loss"),
-]
-X_KEYS = ("step", "update")
+from stages.registry import STAGES
+
+# (stage, history key, title): the curves each stage declares in the registry, in pipeline order
+CURVES = [(stage.name, curve.key, curve.title) for stage in STAGES for curve in stage.curves]
+X_KEYS = tuple(dict.fromkeys(stage.step_key for stage in STAGES))
 
 
 def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:

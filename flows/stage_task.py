@@ -23,6 +23,7 @@ from stages import artifacts
 from stages.config import PipelineConfig, load_config
 from stages.launch import accelerate_command, launch_env
 from stages.provenance import stage_provenance
+from stages.registry import spec
 
 # The line that explains a failure: our own one-line errors, else the last exception of any rank.
 _ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?(error: |([\w.]+(Error|Exception|Interrupt)|NonFiniteLoss)(: |$))")
@@ -78,7 +79,7 @@ def stage_command(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipel
             *(f"--input={name}={path}" for name, path in inputs.items())]
     if cfg.launcher(stage) == "accelerate":
         return accelerate_command(stage, cfg, args)
-    return [sys.executable, "-m", f"stages.{stage}", *args]
+    return [sys.executable, "-m", spec(stage).module, *args]
 
 
 def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: PipelineConfig) -> None:

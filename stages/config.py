@@ -13,13 +13,14 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-StageName = Literal["sft", "reward", "rrhf", "ppo"]
-STAGE_ORDER: tuple[str, ...] = get_args(StageName)  # the pipeline order, for sorting and CLI choices
+from stages.registry import STAGE_ORDER, missing_inputs
+
+StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the registry's stages, in pipeline order
 DEFAULT_CONFIG_NAME = "default.yaml"
 Launcher = Literal["local", "accelerate"]  # in this process, or `accelerate launch` over distributed.*
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")  # infra/deepspeed/<name>.json
@@ -218,13 +219,8 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _stages_have_inputs(self) -> "PipelineConfig":
-        stages = set(self.run.stages)
-        if "rrhf" in stages and "sft" not in stages:
-            raise ValueError("run.stages: rrhf starts from the SFT adapter, so it needs the sft stage")
-        if "rrhf" in stages and "reward" not in stages and self.data.ranked is None:
-            raise ValueError("run.stages: rrhf needs the reward stage to score candidates, or data.ranked (offline)")
-        if "ppo" in stages and not {"sft", "reward"} <= stages:
-            raise ValueError("run.stages: ppo needs the sft and reward stages")
+        if problems := missing_inputs(self.run.stages, self):
+            raise ValueError(f"run.stages: {'; '.join(problems)}")
         return self
 
     def launcher(self, stage: str) -> str:

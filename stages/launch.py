@@ -16,9 +16,9 @@ from typing import Any
 
 from stages.adapters import needs_4bit
 from stages.config import DEEPSPEED_PRESETS, ConfigError, DistributedSection, PipelineConfig
+from stages.registry import spec
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
-SAMPLING_STAGES = ("rrhf", "ppo")  # stages that generate from the policy while they train
 
 
 def deepspeed_config_path(dist: DistributedSection) -> Path:
@@ -54,7 +54,7 @@ def check_launch(stage: str, cfg: PipelineConfig) -> None:
     if cfg.launcher(stage) == "local":
         return
     stage_of_zero = zero_stage(load_deepspeed_config(cfg.distributed))
-    if stage_of_zero == 3 and stage in SAMPLING_STAGES:
+    if stage_of_zero == 3 and spec(stage).samples_while_training:
         raise ConfigError(
             f"{stage}.launcher: accelerate with ZeRO-3 ({cfg.distributed.deepspeed}) is not supported: {stage} samples "
             "from the policy every step, and ZeRO-3 shards the weights generation reads, so every token would "
@@ -92,7 +92,7 @@ def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], m
     ]
     if dist.main_process_ip:
         command += ["--main_process_ip", dist.main_process_ip]
-    return [*command, "-m", f"stages.{stage}", *stage_args]
+    return [*command, "-m", spec(stage).module, *stage_args]
 
 
 def launch_env(cfg: PipelineConfig) -> dict[str, str]:

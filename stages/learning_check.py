@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from stages.distributed import LOCAL, Distributed, gathered
+from stages.registry import spec
 
 if TYPE_CHECKING:
     import torch
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 FLAT_LOSS_RTOL = 1e-3
 SOLVED_LOSS = 1e-3  # a loss already this close to 0 has nothing left to move: not judged
 WINDOW = 3  # logged losses averaged at each end
-# Below these a P-tuning v2 prefix barely moves (docs/architecture.md, "P-tuning v2 learning rates"):
-# on the built-in task SFT at 0.002 or 0.02 ended at task_score 0.0 with a loss that still drifted.
-PREFIX_MIN_LR = {"sft": 0.05, "reward": 0.01, "rrhf": 0.01, "ppo": 0.001}
 
 
 class LearningCheck:
@@ -97,7 +95,7 @@ def _flat_loss(losses: list[float]) -> str | None:
 
 
 def _prefix_rate_warning(stage: str, adapter_kind: str, learning_rate: float | None) -> str | None:
-    floor = PREFIX_MIN_LR.get(stage, 0.0)
+    floor = spec(stage).prefix_min_learning_rate  # on the built-in task SFT at 0.002 or 0.02 ended at 0.0
     if adapter_kind != "ptuning_v2" or learning_rate is None or not 0 < learning_rate < floor:
         return None
     return (f"{stage}: adapter.kind=ptuning_v2 at {stage}.learning_rate={learning_rate:g}: a prefix needs about "

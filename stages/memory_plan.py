@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stages.config import AdapterSection, PipelineConfig
+from stages.registry import spec
 
 MiB = 1 << 20
 Device = Literal["cpu", "cuda"]
@@ -72,9 +73,6 @@ TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 # stages/rrhf.py), the reward stage's held-out scoring (stages/reward.py), RRHF's ranking accuracy.
 GENERATION_BATCH, REWARD_EVAL_PAIRS, RANKING_GROUPS = 64, 64, 16
 
-# Peak RSS of a stage process's imports, before its model loads (python, torch, transformers, peft,
-# tokenizers: measured 398 MiB; SFT adds trl and datasets: 510 MiB), plus its own modules and data.
-PROCESS_OVERHEAD = {"sft": 520 * MiB, "reward": 410 * MiB, "rrhf": 410 * MiB, "ppo": 410 * MiB}
 DEEPSPEED_IMPORT = 25 * MiB  # `import deepspeed` on top, per rank
 LAUNCHER_PROCESS = 230 * MiB  # the `accelerate launch` parent, once per machine
 # The CUDA context of one process on its GPU (kernels, cuBLAS workspace). Not measured here (no GPU
@@ -282,7 +280,7 @@ def estimate(workload: Workload, shape: ModelShape, dtype: str, adapter: Adapter
 
     peak = max(workload.phases, key=lambda phase: sum(transient(phase)))
     activations, logits, kv = transient(peak)
-    process = PROCESS_OVERHEAD[workload.stage] + (DEEPSPEED_IMPORT if parallel.launched else 0)
+    process = spec(workload.stage).import_overhead_mib * MiB + (DEEPSPEED_IMPORT if parallel.launched else 0)
     overhead, host = (process, 0) if device == "cpu" else (CUDA_CONTEXT, process + offloaded)
     return Estimate(
         stage=workload.stage, device=device, peak_phase=peak.name, ranks=parallel.local_ranks, weights=weights,

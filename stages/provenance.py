@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -20,35 +19,20 @@ from stages.backbone import backbone_fingerprint
 from stages.config import PipelineConfig
 from stages.data import DataKind, dataset_digest
 from stages.launch import launch_identity
+from stages.registry import spec
 
 # Libraries whose version changes numerics enough to invalidate cached results.
 _VERSIONED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "deepspeed")
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    sections: tuple[str, ...]  # config sections the stage's result depends on (data: via dataset_digest)
-    inputs: tuple[str, ...]  # upstream stages whose artifacts it reads
-    datasets: tuple[DataKind, ...]  # datasets it trains or evaluates on
-
-
-STAGES: dict[str, StageSpec] = {
-    "sft": StageSpec(("backbone", "adapter", "sft", "eval"), (), ("sft", "eval")),
-    "reward": StageSpec(("backbone", "adapter", "reward"), (), ("preferences",)),
-    "rrhf": StageSpec(("backbone", "adapter", "rrhf", "eval"), ("sft", "reward"), ("sft", "eval")),
-    "ppo": StageSpec(("backbone", "adapter", "ppo", "eval"), ("sft", "reward"), ("sft", "eval")),
-}
-
-
 def stage_inputs(stage: str, cfg: PipelineConfig) -> tuple[str, ...]:
-    """Upstream artifacts a stage reads; RRHF on offline ranked data needs no reward model."""
-    inputs = STAGES[stage].inputs
-    return tuple(i for i in inputs if i != "reward") if stage == "rrhf" and cfg.data.ranked else inputs
+    """Upstream artifacts a stage reads (the registry's; e.g. RRHF on offline ranked data needs no reward)."""
+    return spec(stage).needed_inputs(cfg)
 
 
 def stage_datasets(stage: str, cfg: PipelineConfig) -> tuple[DataKind, ...]:
-    extra: tuple[DataKind, ...] = ("ranked",) if stage == "rrhf" and cfg.data.ranked else ()
-    return STAGES[stage].datasets + extra
+    """``data.*`` kinds a stage reads (the registry's)."""
+    return spec(stage).needed_datasets(cfg)  # type: ignore[return-value]
 
 
 def check_datasets(cfg: PipelineConfig) -> None:
@@ -71,7 +55,6 @@ def code_version() -> str:
 
 def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, Any]:
     """Config digest, backbone fingerprint, input and dataset digests, code version, and the cache key."""
-    spec = STAGES[stage]
     needed = stage_inputs(stage, cfg)
     missing = [name for name in needed if name not in inputs]
     if missing:
@@ -79,7 +62,7 @@ def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -
     datasets = {kind: dataset_digest(getattr(cfg.data, kind), kind, cfg.task) for kind in stage_datasets(stage, cfg)}
     provenance: dict[str, Any] = {
         "stage": stage,
-        "config_digest": _sha(cfg.digest(*spec.sections) + f"seed={cfg.run.seed}"),
+        "config_digest": _sha(cfg.digest(*spec(stage).sections) + f"seed={cfg.run.seed}"),
         "launch": launch_identity(stage, cfg),
         "backbone_fingerprint": backbone_fingerprint(cfg.backbone, needs_4bit(cfg.adapter.kind)),
         "input_digests": {name: artifacts.artifact_digest(inputs[name]) for name in needed},

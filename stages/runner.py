@@ -29,6 +29,7 @@ from stages.data import DataError
 from stages.distributed import LOCAL, Distributed, setup_distributed
 from stages.optim import NonFiniteLoss
 from stages.provenance import stage_datasets, stage_provenance
+from stages.registry import spec
 from stages.tracking import NoTracker, start_tracking
 
 
@@ -79,7 +80,7 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
         if stage != "sft":  # SFT's curves reach W&B through the HF trainer's own reporting
             history = Path(tmp) / "history.json"
             rows = json.loads(history.read_text()) if history.is_file() else []
-            tracker.log_history(rows, step_key="update" if stage == "ppo" else "step")
+            tracker.log_history(rows, step_key=spec(stage).step_key)
         artifacts.publish(tmp, out, manifest)
     shutil.rmtree(checkpoint_root(out), ignore_errors=True)  # the artifact supersedes its checkpoints
     tracker.finish(metrics, Path(out), inputs)
@@ -87,7 +88,7 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
 
 
 def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage alone.")
+    parser = argparse.ArgumentParser(prog=f"python -m {spec(stage).module}", description=f"Run the {stage} stage alone.")
     parser.add_argument("--config", type=Path, help="YAML config (default: the embedded default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", type=Path, required=True, help="artifact folder to publish, e.g. runs/<id>/sft")

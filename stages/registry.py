@@ -1,0 +1,105 @@
+"""The stage registry: everything that is specific to a stage, declared once.
+
+The pipeline order and the ``run.stages`` choices, the config's dependency checks, provenance and the
+cache key, the ZeRO-3 launch refusal, the CLI's ``rlhf stage`` choices, W&B's step axis and the
+report's curves all read this table; ``tests/test_registry.py`` checks that no other module spells out
+the stage list. Adding a stage: a recipe module ``stages/<name>.py`` with ``main()``, a config section
+``<name>`` and one entry here (docs/architecture.md, "How to add a stage").
+
+Pure data: no torch, no pydantic, so ``rlhf --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A history key the HTML report plots, with its title."""
+
+    key: str
+    title: str
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the chain.
+
+    ``inputs`` are the upstream stages whose artifacts it reads. ``unless_data`` makes an input
+    optional: ``{"reward": "ranked"}`` reads the ``ranked`` dataset instead of the reward model when
+    ``data.ranked`` is set (RRHF on offline candidates). ``datasets`` are the ``data.*`` kinds it
+    always reads; ``sections`` the config sections its result depends on (its cache key).
+    """
+
+    name: str
+    sections: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    unless_data: dict[str, str] = field(default_factory=dict)
+    datasets: tuple[str, ...] = ()
+    step_key: str = "step"  # the history's x axis ("update" for PPO)
+    samples_while_training: bool = False  # generates from the policy every step: refused under ZeRO-3
+    # Below this a P-tuning v2 prefix barely learns (docs/architecture.md, "P-tuning v2 learning rates").
+    prefix_min_learning_rate: float = 0.0
+    # Peak RSS of the stage process's imports before its model loads, for the memory plan (python,
+    # torch, transformers, peft, tokenizers: measured 398 MiB; SFT adds trl and datasets: 510 MiB).
+    import_overhead_mib: int = 410
+    curves: tuple[Curve, ...] = ()
+
+    @property
+    def module(self) -> str:
+        """The recipe module the flow launches as ``python -m <module>``."""
+        return f"stages.{self.name}"
+
+    def needed_inputs(self, cfg: Any) -> tuple[str, ...]:
+        """Upstream artifacts this stage reads under ``cfg`` (an optional one only without its data)."""
+        return tuple(i for i in self.inputs if not self._replaced(i, cfg))
+
+    def _replaced(self, upstream: str, cfg: Any) -> bool:
+        kind = self.unless_data.get(upstream)
+        return kind is not None and getattr(cfg.data, kind) is not None
+
+    def needed_datasets(self, cfg: Any) -> tuple[str, ...]:
+        """``data.*`` kinds this stage reads under ``cfg``."""
+        replacing = tuple(kind for kind in self.unless_data.values() if getattr(cfg.data, kind) is not None)
+        return self.datasets + replacing
+
+
+_GENERATIVE = ("backbone", "adapter")  # every stage's result depends on these sections
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("sft", (*_GENERATIVE, "sft", "eval"), datasets=("sft", "eval"), prefix_min_learning_rate=0.05,
+              import_overhead_mib=520, curves=(Curve("loss", "SFT loss"),)),
+    StageSpec("reward", (*_GENERATIVE, "reward"), datasets=("preferences",), prefix_min_learning_rate=0.01,
+              curves=(Curve("accuracy", "reward model accuracy (train batches)"), Curve("loss", "reward model loss"))),
+    StageSpec("rrhf", (*_GENERATIVE, "rrhf", "eval"), inputs=("sft", "reward"), unless_data={"reward": "ranked"},
+              datasets=("sft", "eval"), samples_while_training=True, prefix_min_learning_rate=0.01,
+              curves=(Curve("loss", "RRHF loss"),)),
+    StageSpec("ppo", (*_GENERATIVE, "ppo", "eval"), inputs=("sft", "reward"), datasets=("sft", "eval"),
+              step_key="update", samples_while_training=True, prefix_min_learning_rate=0.001,
+              curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
+                      Curve("entropy", "PPO policy entropy"))),
+)
+STAGE_ORDER: tuple[str, ...] = tuple(spec.name for spec in STAGES)  # the pipeline order
+_BY_NAME = {spec.name: spec for spec in STAGES}
+
+
+def spec(name: str) -> StageSpec:
+    """The declaration of stage ``name``; KeyError names the known stages."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGE_ORDER)}") from None
+
+
+def missing_inputs(stages: list[str], cfg: Any) -> list[str]:
+    """One message per configured stage whose upstream stages are not configured (empty when fine)."""
+    problems = []
+    for name in stages:
+        stage = spec(name)
+        for needed in stage.needed_inputs(cfg):
+            if needed not in stages:
+                instead = f", or data.{stage.unless_data[needed]}" if needed in stage.unless_data else ""
+                problems.append(f"{name} needs the {needed} stage (it reads its artifact){instead}")
+    return problems
