@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The developer's inner loop: the unit tier only (pure tests, no training), under a minute.
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m unit $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .rlhf runs

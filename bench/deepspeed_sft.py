@@ -28,8 +28,8 @@ SIZE = {"layers": 10, "hidden": 640, "intermediate": 1728, "heads": 10}
 
 
 def run(label: str, sets: list[str], work: Path, env: dict[str, str]) -> dict[str, float]:
-    from stages.config import load_config
-    from stages.launch import accelerate_command, launch_env
+    from flows.launch import accelerate_command, launch_env
+    from stages.io.config import load_config
 
     out = work / label / "sft"
     args = ["--out", str(out), *(a for s in sets for a in ("--set", s))]
@@ -48,7 +48,7 @@ def run(label: str, sets: list[str], work: Path, env: dict[str, str]) -> dict[st
 
 
 def main() -> None:
-    from stages.builtin_backbone import ensure_builtin_backbone
+    from stages.model.builtin_backbone import ensure_builtin_backbone
 
     builtin = ensure_builtin_backbone()
     with tempfile.TemporaryDirectory(prefix="ds-bench-") as tmp:

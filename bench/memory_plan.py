@@ -70,7 +70,7 @@ def bench_case(number: int, label: str, backbone: str, stage: str, overrides: tu
                env: dict[str, str]) -> float:
     """Plan and run one stage; print its row and return estimate / measured."""
     from flows.memory_check import plan_memory
-    from stages.config import load_config
+    from stages.io.config import load_config
 
     cfg = load_config(None, [*FEW_STEPS, f"backbone.name={backbone}", *overrides])
     config = work / f"case-{number}.yaml"
@@ -98,7 +98,7 @@ def main() -> None:
         (REPO / ".rlhf" / "backbones").mkdir(parents=True, exist_ok=True)
         (work / "home" / "backbones").symlink_to(REPO / ".rlhf" / "backbones", target_is_directory=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-        from stages.builtin_backbone import ensure_builtin_backbone
+        from stages.model.builtin_backbone import ensure_builtin_backbone
 
         builtin = ensure_builtin_backbone()
         backbones = {"builtin": "builtin:tiny"}

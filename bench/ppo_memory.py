@@ -52,7 +52,7 @@ def _sample(policy, vocab: int, generator):
     """Fixed-length sampling (EOS suppressed) so both layouts see the same shapes."""
     import torch
 
-    from stages.sequences import from_token_ids
+    from stages.model.sequences import from_token_ids
 
     prompts = torch.randint(3, vocab, (BATCH, PROMPT), generator=generator)
     with torch.no_grad():
@@ -66,11 +66,11 @@ def run_ours(size: str, updates: int) -> float:
     import torch
     from peft import get_peft_model
 
-    from stages.adapters import active_adapter, set_trainable
-    from stages.backbone import freeze
-    from stages.config import load_config
-    from stages.heads import new_head
-    from stages.ppo import POLICY, Actors, ppo_optimizer, ppo_update, score_rollout
+    from stages.io.config import load_config
+    from stages.model.adapters import active_adapter, set_trainable
+    from stages.model.backbone import freeze
+    from stages.model.heads import new_head
+    from stages.ppo import POLICY, PPOModels, ppo_update, ppo_updater, score_rollout
 
     base = _llama(size, seed=0)
     freeze(base)
@@ -81,16 +81,16 @@ def run_ours(size: str, updates: int) -> float:
     set_trainable(model, ["policy", "value"])
     hidden = base.config.hidden_size
     value_head = new_head(hidden, 1).requires_grad_(True)
-    actors = Actors(model, None, new_head(hidden, 0), value_head, "bench")  # type: ignore[arg-type]  # no tokenizer
+    models = PPOModels(model, None, new_head(hidden, 0), value_head, "bench")  # type: ignore[arg-type]  # no tokenizer
     cfg = load_config(None, ["ppo.minibatch_size=4", "ppo.learning_rate=1e-5"])
-    optimizer = ppo_optimizer(actors, cfg)
+    updater = ppo_updater(models, cfg)
     generator = torch.Generator().manual_seed(0)
 
     def one_update() -> None:
         with active_adapter(model, POLICY):
             batch, finished = _sample(model, base.config.vocab_size, generator)
-        rollout, _ = score_rollout(actors, batch, finished, cfg, kl_coef=0.1)
-        ppo_update(actors, rollout, optimizer, cfg, generator)
+        rollout, _ = score_rollout(models, batch, finished, cfg, kl_coef=0.1)
+        ppo_update(models, rollout, updater, cfg, generator)
 
     return _timed(one_update, updates)
 
@@ -99,12 +99,12 @@ def run_separate(size: str, updates: int) -> float:
     import torch
     from peft import get_peft_model
 
-    from stages.backbone import freeze
-    from stages.config import load_config
-    from stages.heads import new_head, sequence_scores
-    from stages.losses import ppo_policy_loss, ppo_value_loss
+    from stages.io.config import load_config
+    from stages.model.backbone import freeze
+    from stages.model.heads import new_head, sequence_scores
+    from stages.model.sequences import token_logprobs, token_logprobs_and_entropy, token_values
+    from stages.objectives.losses import ppo_policy_loss, ppo_value_loss
     from stages.ppo import shape_rollout
-    from stages.sequences import token_logprobs, token_logprobs_and_entropy, token_values
 
     policy_base = _llama(size, seed=0)
     freeze(policy_base)

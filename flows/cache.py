@@ -1,6 +1,6 @@
 """Content-addressed cache of finished stage artifacts: ``$RLHF_HOME/cache/<cache_key>/``.
 
-A stage's cache key (``stages.provenance``) digests everything its result depends on, so a hit is
+A stage's cache key (``stages.io.provenance``) digests everything its result depends on, so a hit is
 reused as is: the cached folder is hard-linked into the new run's stage folder. Entries are written
 and restored atomically; an entry without a manifest, or with a file that no longer matches its
 manifest digest, is never trusted.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import artifacts, paths
+from stages.io import artifacts, paths
 
 
 class ArtifactCache:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from stages.config import PipelineConfig
+    from stages.io.config import PipelineConfig
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from flows.run_dir import new_run_id, prepare_run_dir
-    from stages.config import load_config
+    from stages.io.config import load_config
 
     server_ready = _boot_prefect()
     cfg = load_config(args.config, args.overrides)
@@ -104,7 +104,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_stage(args: argparse.Namespace) -> int:
     from flows.run_dir import CONFIG, update_run_config
-    from stages.config import load_config
+    from stages.io.config import load_config
 
     server_ready = _boot_prefect()
     run_dir = (args.runs_dir / args.run_id).resolve()
@@ -122,7 +122,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     """The same as ``rlhf run --run-id ID`` with the run's own config: every stage is looked up by its key."""
     from flows.run_dir import CONFIG
-    from stages.config import load_config
+    from stages.io.config import load_config
 
     server_ready = _boot_prefect()
     run_dir = (args.runs_dir / args.run_id).resolve()
@@ -141,9 +141,9 @@ def _boot_prefect() -> Callable[[], None]:
 
 
 def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) -> None:
-    from stages.backbone import resolve_backbone
-    from stages.launch import check_launch
-    from stages.provenance import check_datasets
+    from stages.io.deepspeed_config import check_launch
+    from stages.io.provenance import check_datasets
+    from stages.model.backbone import resolve_backbone
 
     for stage in cfg.run.stages:
         check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
@@ -157,10 +157,10 @@ def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) ->
 
 def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path,
               server_ready: Callable[[], None]) -> int:
+    from filelock import FileLock, Timeout
+
     from flows.pipeline import pipeline
     from flows.report import format_report, run_report
-
-    from filelock import FileLock, Timeout
 
     lock = FileLock(str(run_dir / ".running.lock"))
     try:
@@ -192,14 +192,15 @@ def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from stages.config import load_config
+    from stages.io.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fail now on a bad config, not at 03:00
     _preflight(cfg)
     if not os.environ.get("PREFECT_API_URL"):
         raise _usage_error("rlhf serve needs a Prefect server: run `prefect server start` and export "
                            "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Schedules)")
-    from flows.pipeline import ACCELERATOR_TAG, scheduled_run
+    from flows.pipeline import scheduled_run
+    from flows.stage_task import ACCELERATOR_TAG
 
     _limit_concurrency(ACCELERATOR_TAG, 1)
     parameters = {"config": str(args.config.resolve()) if args.config else None, "overrides": args.overrides,
@@ -233,7 +234,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from flows.memory_check import format_plan, plan_json, plan_memory
-    from stages.config import load_config
+    from stages.io.config import load_config
 
     plan = plan_memory(load_config(args.config, args.overrides))
     print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan))
@@ -254,14 +255,14 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_backbone(args: argparse.Namespace) -> int:
-    from stages.builtin_backbone import ensure_builtin_backbone
+    from stages.model.builtin_backbone import ensure_builtin_backbone
 
     print(ensure_builtin_backbone())
     return 0
 
 
 def _usage_error(message: str) -> Exception:
-    from stages.config import ConfigError
+    from stages.io.config import ConfigError
 
     return ConfigError(message)
 
@@ -269,7 +270,7 @@ def _usage_error(message: str) -> Exception:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flows.stage_task import StageFailed
-    from stages.runner import USER_ERRORS
+    from stages.training.runner import USER_ERRORS
 
     try:
         return args.handler(args)

@@ -1,4 +1,4 @@
-"""The memory preflight: estimate every stage's peak (``stages.memory_plan``), compare it with what this
+"""The memory preflight: estimate every stage's peak (``stages.memory.plan``), compare it with what this
 machine has free now, print it (``rlhf plan``) or refuse a run that would not fit (``rlhf run``/``stage``).
 
 Refusing is a ``ConfigError``: one line, exit status 2, with the change most likely to make it fit.
@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stages.config import ConfigError, PipelineConfig
+from stages.io.config import ConfigError, PipelineConfig
+from stages.memory.plan import Estimate, estimate, stage_workload
 from stages.registry import spec
-from stages.memory_plan import Estimate, estimate, stage_workload
 
 MiB, GiB = 1 << 20, 1 << 30
 COLUMNS = ("weights", "adapters_optimizer", "activations", "logits", "kv_cache", "overhead")
@@ -41,9 +41,14 @@ class MemoryPlan:
 def plan_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> MemoryPlan:
     """Estimates for ``stages`` (default: the run's), from the config, the backbone's config.json and the
     data's token lengths, and what this machine has available now."""
-    from stages.memory_inputs import (
-        available_gpu_memory, available_host_memory, cuda_available, read_data_shape, read_model_shape,
-        read_parallel, stage_device,
+    from stages.memory.inputs import (
+        available_gpu_memory,
+        available_host_memory,
+        cuda_available,
+        read_data_shape,
+        read_model_shape,
+        read_parallel,
+        stage_device,
     )
 
     shape, data, cuda = read_model_shape(cfg), read_data_shape(cfg), cuda_available()
@@ -84,7 +89,7 @@ def suggestion(cfg: PipelineConfig, est: Estimate) -> str:
     options = ["backbone.dtype=bfloat16"] if cfg.backbone.dtype == "float32" else []
     if est.device == "cuda" and cfg.adapter.kind != "qlora":  # on the CPU a 4-bit backbone saves no RAM
         options.append("adapter.kind=qlora (a 4-bit backbone)")
-    if not spec(est.stage).samples_while_training:  # ZeRO-3 is refused for stages that sample (stages.launch)
+    if not spec(est.stage).samples_while_training:  # ZeRO-3 is refused for stages that sample (stages.io.deepspeed_config)
         offload = "zero3_offload with more processes" if est.device == "cuda" else "zero3 over more machines"
         options.append(f"{est.stage}.launcher=accelerate with distributed.deepspeed={offload}")
     return "set " + ", or ".join(options) if options else "use a smaller backbone or a machine with more memory"

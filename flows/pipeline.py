@@ -2,7 +2,7 @@
 
 Only paths and small dicts cross between tasks, never models: Prefect cannot hash tensors, and the
 stage processes own all the heavy state. Prefect's own result caching is off (``NO_CACHE``): our cache
-key (``stages.provenance``) covers what Prefect cannot see, such as the backbone and dataset digests.
+key (``stages.io.provenance``) covers what Prefect cannot see, such as the backbone and dataset digests.
 """
 
 from __future__ import annotations
@@ -10,47 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.states import Failed, State
 
 from flows.run_dir import CONFIG
-from flows.stage_task import StageFailed, run_or_reuse
-from stages.runner import USER_ERRORS
-from stages.config import load_config
-from stages.provenance import stage_inputs
+from flows.stage_task import stage_task
+from stages.io.config import load_config
+from stages.io.provenance import stage_inputs
 
 
-# Tag-based concurrency limit: `rlhf serve` sets it to 1, so two scheduled runs never train at once.
-ACCELERATOR_TAG = "rlhf-accelerator"
+def _run_id() -> str:
+    """The flow run's name in Prefect's UI: the run id (the run folder's name), not its whole path."""
+    from prefect.runtime import flow_run
+
+    return Path(flow_run.parameters["run_dir"]).name
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{stage}", tags=[ACCELERATOR_TAG])
-def stage_task(stage: str, run_dir: str, inputs: dict[str, str], force: bool = False) -> dict[str, Any] | State:
-    try:
-        result = run_or_reuse(stage, Path(run_dir), {k: Path(v) for k, v in inputs.items()}, force=force)
-    except (StageFailed, *USER_ERRORS) as err:
-        # An expected failure with its own clear message: fail the task without a Prefect traceback.
-        return Failed(message=str(err))
-    publish_stage_artifacts(stage, Path(run_dir), result)
-    return result
-
-
-def publish_stage_artifacts(stage: str, run_dir: Path, result: dict[str, Any]) -> None:
-    """A table of the stage's metrics and a note linking its folder and the run report, in Prefect's UI."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    rows = [{"metric": name, "value": value} for name, value in result["metrics"].items()]
-    create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage}: {result['status']}")
-    create_markdown_artifact(
-        key=f"{stage}-artifact",
-        markdown=(f"**{stage}** {result['status']} in {result['seconds']:.1f}s\n\n"
-                  f"- artifact: `{result['artifact']}`\n- report: `{run_dir / 'report.html'}`\n"),
-        description=f"where the {stage} adapter is",
-    )
-
-
-@flow(name="rlhf-pipeline", flow_run_name="{run_dir}")
+@flow(name="rlhf-pipeline", flow_run_name=_run_id)
 def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str, Any]] | State:
     """Run every configured stage of the run in ``run_dir``; return each stage's result."""
     cfg = load_config(Path(run_dir) / CONFIG)

@@ -10,7 +10,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from stages import paths
+from stages.io import paths
 
 
 def configure_prefect() -> None:

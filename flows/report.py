@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.run_dir import read_status
-from stages import artifacts
+from stages.io import artifacts
 from stages.registry import STAGE_ORDER
 
 HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_accuracy", "reward_margin",

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stages import artifacts
-from stages.config import ConfigError, PipelineConfig
+from stages.io import artifacts
+from stages.io.config import ConfigError, PipelineConfig
 
 CONFIG = "config.yaml"
 STATUS = "status.json"

@@ -1,4 +1,5 @@
-"""One stage of a run: reuse the cached artifact when the key matches, else launch the stage module.
+"""One stage of a run, as a Prefect task: reuse the cached artifact when the key matches, else launch the
+stage module.
 
 Stages run as ``python -m stages.<name>`` in a child process (the same command a user can run by hand),
 or as ``accelerate launch ... -m stages.<name>`` for a stage with ``launcher: accelerate``, so the flow
@@ -9,6 +10,7 @@ streamed to the terminal and the Prefect log (progress bars included) and kept i
 from __future__ import annotations
 
 import codecs
+import os
 import re
 import shlex
 import subprocess
@@ -17,16 +19,51 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
+
 from flows.cache import ArtifactCache
+from flows.launch import accelerate_command, launch_env
 from flows.run_dir import CONFIG, record_status
-from stages import artifacts
-from stages.config import PipelineConfig, load_config
-from stages.launch import accelerate_command, launch_env
-from stages.provenance import stage_provenance
+from stages.io import artifacts
+from stages.io.config import PipelineConfig, load_config
+from stages.io.progress import PROGRESS_ENV
+from stages.io.provenance import stage_provenance
 from stages.registry import spec
+from stages.training.runner import USER_ERRORS
 
 # The line that explains a failure: our own one-line errors, else the last exception of any rank.
 _ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?(error: |([\w.]+(Error|Exception|Interrupt)|NonFiniteLoss)(: |$))")
+
+
+# Tag-based concurrency limit: `rlhf serve` sets it to 1, so two scheduled runs never train at once.
+ACCELERATOR_TAG = "rlhf-accelerator"
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{stage}", tags=[ACCELERATOR_TAG])
+def stage_task(stage: str, run_dir: str, inputs: dict[str, str], force: bool = False) -> dict[str, Any] | State:
+    try:
+        result = run_or_reuse(stage, Path(run_dir), {k: Path(v) for k, v in inputs.items()}, force=force)
+    except (StageFailed, *USER_ERRORS) as err:
+        # An expected failure with its own clear message: fail the task without a Prefect traceback.
+        return Failed(message=str(err))
+    publish_stage_artifacts(stage, Path(run_dir), result)
+    return result
+
+
+def publish_stage_artifacts(stage: str, run_dir: Path, result: dict[str, Any]) -> None:
+    """A table of the stage's metrics and a note linking its folder and the run report, in Prefect's UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    rows = [{"metric": name, "value": value} for name, value in result["metrics"].items()]
+    create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage}: {result['status']}")
+    create_markdown_artifact(
+        key=f"{stage}-artifact",
+        markdown=(f"**{stage}** {result['status']} in {result['seconds']:.1f}s\n\n"
+                  f"- artifact: `{result['artifact']}`\n- report: `{run_dir / 'report.html'}`\n"),
+        description=f"where the {stage} adapter is",
+    )
 
 
 class StageFailed(RuntimeError):
@@ -85,7 +122,9 @@ def stage_command(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipel
 def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: PipelineConfig) -> None:
     """Run the stage's command, streaming its output to the terminal (and Prefect's log) and to its log file."""
     command = stage_command(stage, run_dir, inputs, cfg)
-    env = launch_env(cfg) if cfg.launcher(stage) == "accelerate" else None
+    env = launch_env(cfg) if cfg.launcher(stage) == "accelerate" else dict(os.environ)
+    # The child writes into a pipe: tell it whether a person watches (bars) or a file reads (plain lines).
+    env.setdefault(PROGRESS_ENV, "bars" if sys.stdout.isatty() else "lines")
     log_path = run_dir / "logs" / f"{stage}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -9,7 +9,7 @@ Adapters (all of the configured kind, on one PeftModel around one backbone):
 Each update: sample responses with the policy (KV cache, left padding, EOS); score them without
 gradients (reference log-probs, reward, values); shape per-token rewards with the KL penalty (score on
 the last token); GAE + whitening; then PPO epochs over minibatches of the clipped policy and value
-losses. The losses and GAE are the pure functions of ``stages.losses``. A checkpoint every
+losses. The losses and GAE are the pure functions of ``stages.objectives.losses``. A checkpoint every
 ``ppo.checkpoint_every`` updates lets a killed run resume where it stopped.
 """
 
@@ -20,25 +20,39 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages import runner
-from stages.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
-from stages.artifacts import read_manifest, write_json
-from stages.backbone import load_backbone
-from stages.checkpoints import Checkpointer
-from stages.config import PipelineConfig
-from stages.data import load_records
-from stages.distributed import LOCAL, Distributed
-from stages.evaluation import generate, task_score
-from stages.heads import save_head, sequence_scores
-from stages.kl_control import build_kl_controller
-from stages.learning_check import LearningCheck
-from stages.losses import (
-    gae_advantages, kl_penalized_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss,
+from stages.io.artifacts import read_manifest, write_json
+from stages.io.config import PipelineConfig
+from stages.io.data import load_records
+from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
+from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.backbone import load_backbone
+from stages.model.generation import generate
+from stages.model.heads import save_head, sequence_scores
+from stages.model.probes import save_probe
+from stages.model.sequences import (
+    SequenceBatch,
+    from_token_ids,
+    token_logprobs,
+    token_logprobs_and_entropy,
+    token_values,
 )
-from stages.optim import Optimizer
-from stages.probes import save_probe
+from stages.objectives.kl_control import build_kl_controller
+from stages.objectives.losses import (
+    gae_advantages,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from stages.reward import attach_reward, reward_of
-from stages.sequences import SequenceBatch, from_token_ids, token_logprobs, token_logprobs_and_entropy, token_values
+from stages.training import runner
+from stages.training.checkpoints import Checkpointer
+from stages.training.distributed import LOCAL, Distributed
+from stages.training.evaluation import task_score
+from stages.training.learning_check import LearningCheck
+from stages.training.loop import TrainingLoop
+from stages.training.updater import Updater
 
 if TYPE_CHECKING:
     import torch
@@ -48,11 +62,13 @@ if TYPE_CHECKING:
 REFERENCE, POLICY, REWARD, VALUE = "reference", "policy", "reward", "value"
 TRAINABLE = [POLICY, VALUE]
 VALUE_HEAD = "value_head.safetensors"
+GENERATION_BATCH = 64  # rollout prompts sampled at once (a memory bound, not a hyper-parameter)
 
 
 @dataclass
-class Actors:
-    """The one model (four adapters) and the two small heads."""
+class PPOModels:
+    """What PPO runs on: one model holding the four adapters (reference, policy, reward, value) and the
+    two small heads. Not RL's "actor": the policy is only one adapter of it."""
 
     model: "PeftModel"
     tokenizer: "PreTrainedTokenizerBase"
@@ -79,7 +95,7 @@ class Rollout:
         return SequenceBatch(self.input_ids, self.attention_mask, self.response_mask)
 
 
-def build_actors(cfg: PipelineConfig, inputs: dict[str, Path]) -> Actors:
+def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     """One backbone; reference + policy from SFT, reward + value from the RM; value head from the score head."""
     import copy
 
@@ -92,37 +108,37 @@ def build_actors(cfg: PipelineConfig, inputs: dict[str, Path]) -> Actors:
     value_head = copy.deepcopy(reward_head).requires_grad_(True)
     model.set_adapter(POLICY)
     set_trainable(model, TRAINABLE)  # after set_adapter, which would silently freeze the value adapter
-    return Actors(model, backbone.tokenizer, reward_head, value_head, fp)
+    return PPOModels(model, backbone.tokenizer, reward_head, value_head, fp)
 
 
-def collect_rollout(actors: Actors, prompts: list[str], cfg: PipelineConfig, kl_coef: float,
+def collect_rollout(models: PPOModels, prompts: list[str], cfg: PipelineConfig, kl_coef: float,
                     seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
     """Sample with the policy, then score the samples (``score_rollout``)."""
     import torch
 
-    model, ppo = actors.model, cfg.ppo
+    model, ppo = models.model, cfg.ppo
     with active_adapter(model, POLICY):
-        samples = generate(model, actors.tokenizer, prompts, max_new_tokens=ppo.max_new_tokens,
-                           temperature=ppo.temperature, batch_size=64, seed=seed, desc="rollout")
-    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], actors.tokenizer.pad_token_id)
-    return score_rollout(actors, batch, torch.tensor([s.finished for s in samples]), cfg, kl_coef, dist)
+        samples = generate(model, models.tokenizer, prompts, max_new_tokens=ppo.max_new_tokens,
+                           temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
+    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], models.tokenizer.pad_token_id)
+    return score_rollout(models, batch, torch.tensor([s.finished for s in samples]), cfg, kl_coef, dist)
 
 
-def score_rollout(actors: Actors, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
+def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
                   kl_coef: float, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
     """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``."""
     import torch
 
-    model, ppo = actors.model, cfg.ppo
+    model, ppo = models.model, cfg.ppo
     with torch.no_grad():
         with active_adapter(model, POLICY):
             logprobs = token_logprobs(model, batch)
         with active_adapter(model, REFERENCE):
             ref_logprobs = token_logprobs(model, batch)
         with active_adapter(model, REWARD):
-            scores = sequence_scores(model, actors.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
+            scores = sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
         with active_adapter(model, VALUE):
-            values = token_values(model, actors.value_head, batch)
+            values = token_values(model, models.value_head, batch)
     return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef, dist)
 
 
@@ -142,56 +158,46 @@ def shape_rollout(batch: SequenceBatch, finished: "torch.Tensor", scores: "torch
     return rollout, stats
 
 
-def ppo_optimizer(actors: Actors, cfg: PipelineConfig, dist: Distributed = LOCAL) -> Optimizer:
+def ppo_updater(models: PPOModels, cfg: PipelineConfig, dist: Distributed = LOCAL) -> Updater:
     """AdamW (constant learning rate) over the policy and value adapters and the value head."""
     import torch
 
     ppo = cfg.ppo
-    return Optimizer(torch.nn.ModuleDict({"model": actors.model, "value_head": actors.value_head}), ppo.learning_rate,
+    return Updater(torch.nn.ModuleDict({"model": models.model, "value_head": models.value_head}), ppo.learning_rate,
                      warmup_steps=0, total_steps=ppo.updates, max_grad_norm=ppo.max_grad_norm, schedule="constant",
                      gradient_accumulation=ppo.gradient_accumulation, micro_batch_size=ppo.minibatch_size, dist=dist,
                      bf16=cfg.backbone.dtype == "bfloat16")
 
 
-def ppo_update(actors: Actors, rollout: Rollout, optimizer: Optimizer, cfg: PipelineConfig,
+def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: PipelineConfig,
                generator: "torch.Generator", dist: Distributed = LOCAL) -> dict[str, float]:
     """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping.
 
     Under DeepSpeed each rank's token means are weighted by its share of the minibatch's tokens, so the
     averaged gradient (and the logged losses, averaged over ranks) are those of the global minibatch.
+    ``generator`` draws the minibatch order (a sampler of the training loop: resumed exactly).
     """
     import torch
 
-    ppo, model = cfg.ppo, actors.model
+    ppo, model = cfg.ppo, models.model
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(rollout.input_ids.shape[0], generator=generator)
         for start in range(0, len(order), ppo.minibatch_size):
             mb = rollout.select(order[start : start + ppo.minibatch_size])
+            share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally
             with active_adapter(model, POLICY):
                 logprobs, entropy = token_logprobs_and_entropy(model, mb.batch)
             policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages,
                                                         mb.response_mask, ppo.clip_range)
-            optimizer.check_finite(policy_loss, "ppo policy loss")
-            if optimizer.engine is None:
-                # Locally each adapter's loss is backpropagated as soon as it exists, so only one autograd
-                # graph over the shared backbone is alive at a time (same gradients as one backward of the
-                # sum). ZeRO reduces each parameter's gradient once per micro-step, during the backward,
-                # so there the two losses share one backward.
-                optimizer.backward(policy_loss)
+            updater.add_loss(share * policy_loss, "ppo policy loss")  # locally its graph is freed here
             with active_adapter(model, VALUE):
-                values = token_values(model, actors.value_head, mb.batch)
+                values = token_values(model, models.value_head, mb.batch)
             value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
                                                      ppo.clip_range_value)
-            boundary = start + ppo.minibatch_size >= len(order)  # the epoch's last minibatch always updates
-            share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally
-            if optimizer.engine is None:
-                optimizer.check_finite(value_loss, "ppo value loss")
-                optimizer.backward(ppo.value_coef * value_loss)
-                optimizer.finish_micro_step(boundary)
-            else:
-                optimizer.step(share * (policy_loss + ppo.value_coef * value_loss), what="ppo loss", boundary=boundary)
+            updater.add_loss(share * ppo.value_coef * value_loss, "ppo value loss")
+            updater.finish_micro_step(boundary=start + ppo.minibatch_size >= len(order))  # an epoch ends on an update
             step_stats = {"policy_loss": share * policy_loss.item(), "value_loss": share * value_loss.item(),
                           "entropy": masked_mean(entropy, mb.response_mask).item(), **policy_stats, **value_stats}
             for key, value in step_stats.items():
@@ -202,67 +208,91 @@ def ppo_update(actors: Actors, rollout: Rollout, optimizer: Optimizer, cfg: Pipe
 
 def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     import torch
-    from tqdm.auto import tqdm
 
     out, inputs, dist = ctx.staging, ctx.inputs, ctx.dist
-    actors = build_actors(cfg, inputs)
-    model, ppo = actors.model, cfg.ppo
+    models = build_models(cfg, inputs)
+    model, ppo = models.model, cfg.ppo
     trainable = count_trainable(model)
-    learning = LearningCheck(torch.nn.ModuleDict({"model": model, "value_head": actors.value_head}), dist,
+    learning = LearningCheck(torch.nn.ModuleDict({"model": model, "value_head": models.value_head}), dist,
                              stage="ppo", adapter_kind=cfg.adapter.kind, learning_rate=ppo.learning_rate)
-    optimizer = ppo_optimizer(actors, cfg, dist)
+    updater = ppo_updater(models, cfg, dist)
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
     prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
 
-    checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, TRAINABLE,
-                                {"value_head": actors.value_head}, actors.fingerprint, dist)
-    state = checkpointer.resume()
-    start, history = (state["step"], state["history"]) if state else (0, [])
-    if state:
+    checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, TRAINABLE,
+                                {"value_head": models.value_head}, models.fingerprint, dist)
+    minibatch_order = torch.Generator().manual_seed(cfg.run.seed + 1000 * dist.rank)
+    loop = TrainingLoop(checkpointer, desc="ppo", total=ppo.updates, log_every=1, checkpoint_every=ppo.checkpoint_every,
+                        samplers={"minibatch_order": minibatch_order}, step_key="update")
+    if state := loop.resume():
         kl_ctl.load_state_dict(state["kl_controller"])
-    generator = torch.Generator().manual_seed(cfg.run.seed + start + 1000 * dist.rank)
-    model.train()
-    for update in tqdm(range(start + 1, ppo.updates + 1), desc="ppo", unit="update", initial=start, total=ppo.updates):
+
+    def train_step(update: int, log: bool) -> dict[str, float]:
         # Every rank draws the same global sample of prompts and rolls out its own share of it.
         drawn = random.Random(cfg.run.seed + update).sample(prompts, min(ppo.rollout_prompts * dist.world_size, len(prompts)))
-        batch_prompts = dist.shard(drawn)
-        rollout, stats = collect_rollout(actors, batch_prompts, cfg, kl_ctl.value,
+        rollout, stats = collect_rollout(models, dist.shard(drawn), cfg, kl_ctl.value,
                                          seed=cfg.run.seed + update + 1000 * dist.rank, dist=dist)
-        stats.update(ppo_update(actors, rollout, optimizer, cfg, generator, dist))
+        stats.update(ppo_update(models, rollout, updater, cfg, minibatch_order, dist))
         stats = {key: dist.mean(value) for key, value in stats.items()}  # one KL (and coefficient) on every rank
         kl_ctl.update(stats["kl"], n_steps=len(drawn))
-        history.append({"update": update, **{k: round(v, 5) for k, v in stats.items()},
-                        "learning_rate": optimizer.applied_lr})
-        checkpointer.maybe_save(update, ppo.checkpoint_every, ppo.updates,
-                                {"history": history, "kl_controller": kl_ctl.state_dict()})
+        return {k: round(v, 5) for k, v in stats.items()}
+
+    model.train()
+    history = loop.run(train_step, lambda: {"kl_controller": kl_ctl.state_dict()})
     model.eval()
-    metrics = _evaluate(actors, held_out, cfg)
+    metrics = _evaluate(models, held_out, cfg)
     metrics["task_score_sft"] = read_manifest(inputs["sft"])["metrics"]["task_score"]
 
     with active_adapter(model, POLICY):
-        save_probe(model, actors.tokenizer, out)
+        save_probe(model, models.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     save_adapter(model, VALUE, out / "value")
-    save_head(actors.value_head, out / VALUE_HEAD, actors.fingerprint)
+    save_head(models.value_head, out / VALUE_HEAD, models.fingerprint)
     write_json(out / "history.json", history)
     # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
-    return {**metrics, "warnings": learning.warnings([]), "updates": ppo.updates, "resumed_from_update": start,
+    return {**metrics, "warnings": learning.warnings([]), "updates": ppo.updates, "resumed_from_update": loop.start,
             "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
             "adapter_kind": cfg.adapter.kind}
 
 
-def _evaluate(actors: Actors, held_out: list, cfg: PipelineConfig) -> dict[str, float]:
+def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig) -> dict[str, float]:
     """Held-out task_score of the policy and the mean reward of its held-out samples."""
-    model, tokenizer = actors.model, actors.tokenizer
+    model, tokenizer = models.model, models.tokenizer
     with active_adapter(model, POLICY):
         score = task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (ppo)")
         prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
         samples = generate(model, tokenizer, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
                            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-    rewards = reward_of(model, actors.reward_head, tokenizer, prompts, [s.text for s in samples],
+    rewards = reward_of(model, models.reward_head, tokenizer, prompts, [s.text for s in samples],
                         [s.finished for s in samples], cfg.ppo.missing_eos_penalty)
     return {"task_score": score, "policy_reward": sum(rewards) / len(rewards)}
+
+
+
+def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
+    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
+    ppo = cfg.ppo
+    rollout = min(ppo.rollout_prompts, data.prompts)
+    tokens = data.prompt_tokens + ppo.max_new_tokens
+    # token_logprobs computes logits from the first response position of the batch on.
+    keep = min(tokens, ppo.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
+    minibatch = min(ppo.minibatch_size, rollout)
+    evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
+    phases = (
+        Phase("rollout sampling", "generate", min(GENERATION_BATCH, rollout), tokens, min(GENERATION_BATCH, rollout),
+              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
+        Phase("rollout scoring", "forward", rollout, tokens, rollout * keep, hidden_states=True,
+              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
+        # Locally the policy's graph is freed before the value forward; DeepSpeed takes both in one backward.
+        Phase("train step", "train", minibatch, tokens, minibatch * keep, graphs=2 if parallel.launched else 1,
+              knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
+        evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
+        Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + ppo.max_new_tokens, evaluated,
+              hidden_states=True, knobs=("eval.num_prompts", "ppo.max_new_tokens")),
+    )
+    # reference + reward frozen, policy + value trained; the value head trained, the reward head frozen
+    return Workload("ppo", 2, 2, phases, trainable_heads=1, frozen_heads=1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,10 +1,11 @@
 """The stage registry: everything that is specific to a stage, declared once.
 
 The pipeline order and the ``run.stages`` choices, the config's dependency checks, provenance and the
-cache key, the ZeRO-3 launch refusal, the CLI's ``rlhf stage`` choices, W&B's step axis and the
-report's curves all read this table; ``tests/test_registry.py`` checks that no other module spells out
-the stage list. Adding a stage: a recipe module ``stages/<name>.py`` with ``main()``, a config section
-``<name>`` and one entry here (docs/architecture.md, "How to add a stage").
+cache key (with the stage's own code version), the launcher, the ZeRO-3 launch refusal, ``rlhf plan``
+(the recipe's ``memory_workload``), the CLI's ``rlhf stage`` choices, W&B's step axis and the report's
+curves all read this table; ``tests/test_registry.py`` checks that no other module spells out the
+stage list. Adding a stage: a recipe module with ``main()`` and ``memory_workload()``, a config section
+and one entry here (docs/architecture.md, "How to add a stage").
 
 Pure data: no torch, no pydantic, so ``rlhf --help`` stays instant.
 """
@@ -46,11 +47,18 @@ class StageSpec:
     # torch, transformers, peft, tokenizers: measured 398 MiB; SFT adds trl and datasets: 510 MiB).
     import_overhead_mib: int = 410
     curves: tuple[Curve, ...] = ()
+    # The recipe the flow launches as ``python -m <module>``: ``main()`` trains and publishes, and
+    # ``memory_workload(cfg, data, parallel)`` declares its memory phases (default ``stages.<name>``).
+    recipe: str | None = None
 
     @property
     def module(self) -> str:
-        """The recipe module the flow launches as ``python -m <module>``."""
-        return f"stages.{self.name}"
+        return self.recipe or f"stages.{self.name}"
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change what the stage computes: they enter its code version (cache key)."""
+        return {"name": self.name, "module": self.module, "sections": list(self.sections), "inputs": list(self.inputs),
+                "unless_data": self.unless_data, "datasets": list(self.datasets)}
 
     def needed_inputs(self, cfg: Any) -> tuple[str, ...]:
         """Upstream artifacts this stage reads under ``cfg`` (an optional one only without its data)."""

@@ -15,23 +15,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages import runner
-from stages.adapters import active_adapter, attach_adapter, count_trainable, load_adapter, needs_4bit, save_adapter
-from stages.artifacts import ArtifactError, write_json
-from stages.backbone import load_backbone
-from stages.checkpoints import Checkpointer
-from stages.config import PipelineConfig
-from stages.data import Record, load_records, measure_lengths
-from stages.distributed import gathered
-from stages.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
-from stages.learning_check import LearningCheck
-from stages.losses import pairwise_reward_loss
-from stages.optim import Optimizer
-from stages.sequences import encode
+from stages.io.artifacts import ArtifactError, write_json
+from stages.io.config import PipelineConfig
+from stages.io.data import Record, load_records, measure_lengths
+from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
+from stages.model.adapters import (
+    active_adapter,
+    attach_adapter,
+    count_trainable,
+    load_adapter,
+    needs_4bit,
+    save_adapter,
+)
+from stages.model.backbone import load_backbone
+from stages.model.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
+from stages.model.sequences import encode
+from stages.objectives.losses import pairwise_reward_loss
+from stages.training import runner
+from stages.training.checkpoints import Checkpointer
+from stages.training.distributed import gathered
+from stages.training.learning_check import LearningCheck
+from stages.training.loop import TrainingLoop
+from stages.training.updater import Updater
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +49,7 @@ if TYPE_CHECKING:
 ADAPTER_NAME = "reward"
 PROBES = "probe_scores.json"
 PROBE_TOLERANCE = 1e-4
+EVAL_PAIRS = 64  # held-out pairs scored at once (a memory bound, not a hyper-parameter)
 
 
 def split_pairs(pairs: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
@@ -65,7 +74,7 @@ def score_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrai
 
 
 def evaluate_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
-                   pairs: list[Record], batch_size: int = 64) -> dict[str, float]:
+                   pairs: list[Record], batch_size: int = EVAL_PAIRS) -> dict[str, float]:
     import torch
 
     chosen, rejected = [], []
@@ -80,7 +89,6 @@ def evaluate_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreT
 
 def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     import torch
-    from tqdm.auto import tqdm
 
     out, dist, rm = ctx.staging, ctx.dist, cfg.reward
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
@@ -95,31 +103,31 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
     trained = torch.nn.ModuleDict({"model": model, "head": head})
     learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind, learning_rate=rm.learning_rate)
-    optimizer = Optimizer(trained, rm.learning_rate, rm.warmup_steps,
-                          rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
-    checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [ADAPTER_NAME], {"score_head": head},
+    updater = Updater(trained, rm.learning_rate, rm.warmup_steps,
+                      rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
+    checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [ADAPTER_NAME], {"score_head": head},
                                 backbone.fingerprint, dist)
-    state = checkpointer.resume() or {"step": 0, "history": []}
-    start, history = state["step"], state["history"]
-    batches = pair_batches(len(train), rm.batch_size * dist.world_size, cfg.run.seed)
-    for _ in range(start):  # the batches the checkpointed steps already used
-        next(batches)
-    model.train()
-    for step in tqdm(range(start + 1, rm.max_steps + 1), desc="reward", unit="step", initial=start, total=rm.max_steps):
-        batch = dist.shard([train[i] for i in next(batches)])  # every rank draws the global batch, trains its share
+    batches = EpochBatches(len(train), rm.batch_size * dist.world_size, cfg.run.seed)
+    loop = TrainingLoop(checkpointer, desc="reward", total=rm.max_steps, log_every=rm.logging_steps,
+                        checkpoint_every=rm.checkpoint_every, samplers={"batches": batches})
+    loop.resume()
+
+    def train_step(step: int, log: bool) -> dict[str, float] | None:
+        batch = dist.shard([train[i] for i in batches.next()])  # every rank draws the global batch, trains its share
         chosen, rejected = score_pairs(model, head, tokenizer, batch)
         loss = pairwise_reward_loss(chosen, rejected)
-        optimizer.step(loss, what=f"reward loss at step {step}")
-        if step % rm.logging_steps == 0 or step == rm.max_steps:
-            accuracy = dist.mean((chosen > rejected).float().mean().item())
-            history.append({"step": step, "loss": round(dist.mean(loss.item()), 5), "accuracy": accuracy,
-                            "learning_rate": optimizer.applied_lr})
-        checkpointer.maybe_save(step, rm.checkpoint_every, rm.max_steps, {"history": history})
+        updater.step(loss, what=f"reward loss at step {step}")
+        if not log:
+            return None
+        return {"loss": round(dist.mean(loss.item()), 5), "accuracy": dist.mean((chosen > rejected).float().mean().item())}
+
+    model.train()
+    history = loop.run(train_step)
     model.eval()
     metrics = evaluate_pairs(model, head, tokenizer, held)
     probes = _probe_scores(model, head, tokenizer, held[:8])
 
-    with gathered(dist, optimizer.module):
+    with gathered(dist, updater.module):
         save_adapter(model, ADAPTER_NAME, out / "adapter")
         save_head(head, out / SCORE_HEAD, backbone.fingerprint)
     write_json(out / PROBES, probes)
@@ -132,21 +140,35 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         "eval_pairs": len(held),
         "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
-        "resumed_from_step": start,
+        "resumed_from_step": loop.start,
     }
 
 
-def pair_batches(count: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Indices of successive batches: shuffled epochs, batches may straddle two epochs."""
-    import torch
+class EpochBatches:
+    """Indices of successive batches of ``batch_size`` out of ``count`` items: shuffled epochs, and a batch
+    may straddle two epochs. Its state (generator and the rest of the epoch) resumes exactly."""
 
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            order += torch.randperm(count, generator=generator).tolist()
-        yield order[:batch_size]
-        del order[:batch_size]
+    def __init__(self, count: int, batch_size: int, seed: int) -> None:
+        import torch
+
+        self.count, self.batch_size = count, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        import torch
+
+        if len(self.order) < self.batch_size:
+            self.order += torch.randperm(self.count, generator=self.generator).tolist()
+        batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])
 
 
 def _probe_scores(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
@@ -190,6 +212,16 @@ def reward_of(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTraine
     with active_adapter(model, ADAPTER_NAME), torch.no_grad():
         scores = sequence_scores(model, head, encode(tokenizer, prompts, responses, finished)).tolist()
     return [s - (0.0 if done else missing_eos_penalty) for s, done in zip(scores, finished)]
+
+
+
+def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
+    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
+    rows = 2 * min(cfg.reward.batch_size, data.pairs)  # chosen and rejected in one forward
+    train = Phase("train step", "train", rows, data.pair_tokens, rows, knobs=("reward.batch_size",))
+    held = 2 * min(EVAL_PAIRS, data.pairs)
+    scoring = Phase("held-out scoring", "forward", held, data.pair_tokens, held, hidden_states=True)
+    return Workload("reward", 1, 0, (train, scoring), trainable_heads=1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@
    length-normalised log-probabilities of misordered pairs plus the NLL of the best candidate.
 
 Unlike the reference implementation: any batch size (its #23), every row of the batch counts (#29/#48),
-and padding never enters the SFT mean (#51) - see ``stages.losses.rrhf_loss``.
+and padding never enters the SFT mean (#51) - see ``stages.objectives.losses.rrhf_loss``.
 """
 
 from __future__ import annotations
@@ -18,20 +18,23 @@ import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from stages import runner
-from stages.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
-from stages.artifacts import read_manifest, write_json
-from stages.backbone import load_backbone
-from stages.checkpoints import Checkpointer
-from stages.config import ConfigError, PipelineConfig
-from stages.data import load_records
-from stages.evaluation import generate, task_score
-from stages.learning_check import LearningCheck
-from stages.losses import rrhf_loss
-from stages.optim import Optimizer
-from stages.probes import save_probe
+from stages.io.artifacts import read_manifest, write_json
+from stages.io.config import ConfigError, PipelineConfig
+from stages.io.data import load_records
+from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
+from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.backbone import load_backbone
+from stages.model.generation import generate
+from stages.model.probes import save_probe
+from stages.model.sequences import encode, token_logprobs
+from stages.objectives.losses import rrhf_loss
 from stages.reward import attach_reward, reward_of
-from stages.sequences import encode, token_logprobs
+from stages.training import runner
+from stages.training.checkpoints import Checkpointer
+from stages.training.evaluation import task_score
+from stages.training.learning_check import LearningCheck
+from stages.training.loop import TrainingLoop
+from stages.training.updater import Updater
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 POLICY = "policy"
+# Memory bounds, not hyper-parameters: prompts sampled at once, groups scored at once for ranking accuracy.
+GENERATION_BATCH, RANKING_GROUPS = 64, 16
 
 
 @dataclass
@@ -58,7 +63,7 @@ def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTr
     repeated = [p for p in prompts for _ in range(k)]
     with active_adapter(model, POLICY):
         samples = generate(model, tokenizer, repeated, max_new_tokens=cfg.rrhf.max_new_tokens,
-                           temperature=cfg.rrhf.temperature, batch_size=64, seed=cfg.run.seed + 1,
+                           temperature=cfg.rrhf.temperature, batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1,
                            desc="rrhf candidates")
     texts, finished = [s.text for s in samples], [s.finished for s in samples]
     rewards = reward_of(model, head, tokenizer, repeated, texts, finished, cfg.rrhf.missing_eos_penalty)
@@ -100,8 +105,8 @@ def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", g
 
     agree = total = 0
     with torch.no_grad():
-        for start in range(0, len(groups), 16):
-            logprobs, rewards, mask = group_logprobs(model, tokenizer, groups[start : start + 16])
+        for start in range(0, len(groups), RANKING_GROUPS):
+            logprobs, rewards, mask = group_logprobs(model, tokenizer, groups[start : start + RANKING_GROUPS])
             valid = mask[:, :, None] & mask[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])  # (B, K, K)
             agree += (valid & (logprobs[:, :, None] > logprobs[:, None, :])).sum().item()
             total += valid.sum().item()
@@ -110,7 +115,6 @@ def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", g
 
 def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     import torch
-    from tqdm.auto import tqdm
 
     out, inputs, dist, rr = ctx.staging, ctx.inputs, ctx.dist, cfg.rrhf
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
@@ -123,10 +127,13 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     model.set_adapter(POLICY)
     set_trainable(model, [POLICY])
     learning = LearningCheck(model, dist, stage="rrhf", adapter_kind=cfg.adapter.kind, learning_rate=rr.learning_rate)
-    optimizer = Optimizer(model, rr.learning_rate, rr.warmup_steps, rr.max_steps, micro_batch_size=rr.batch_size,
-                          dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
-    checkpointer = Checkpointer(ctx.final, ctx.cache_key, optimizer, model, [POLICY], {}, backbone.fingerprint, dist)
-    state = checkpointer.resume()
+    updater = Updater(model, rr.learning_rate, rr.warmup_steps, rr.max_steps, micro_batch_size=rr.batch_size,
+                      dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
+    checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [POLICY], {}, backbone.fingerprint, dist)
+    draws = random.Random(cfg.run.seed)  # every rank draws the same global batch and trains its share, as reward does
+    loop = TrainingLoop(checkpointer, desc="rrhf", total=rr.max_steps, log_every=rr.logging_steps,
+                        checkpoint_every=rr.checkpoint_every, samplers={"draws": draws})
+    state = loop.resume()
     if state is not None:  # the candidates are part of the state: resuming never resamples them
         groups = [Group(**g) for g in state["groups"]]
     elif cfg.data.ranked:
@@ -135,36 +142,32 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
         random.Random(cfg.run.seed).shuffle(prompts)
         groups = dist.gather(sample_groups(model, head, tokenizer, dist.shard(prompts[: rr.num_prompts]), cfg))
-    state = state or {"step": 0, "history": [], "accuracy_before": ranking_accuracy(model, tokenizer, groups)}
-    start, history = state["step"], state["history"]
-    # Every rank draws the same global batch (batch_size per rank) and trains its share, as reward does.
-    rng = random.Random(cfg.run.seed)
+    accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenizer, groups)
     if len(groups) < dist.world_size:
         raise ConfigError(f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "
                           "raise rrhf.num_prompts (or add ranked rows) or lower distributed.num_processes")
     batch_size = min(rr.batch_size * dist.world_size, len(groups))
-    for _ in range(start):  # the batches the checkpointed steps already used
-        rng.sample(groups, batch_size)
-    model.train()
-    for step in tqdm(range(start + 1, rr.max_steps + 1), desc="rrhf", unit="step", initial=start, total=rr.max_steps):
-        shard = dist.shard(rng.sample(groups, batch_size))
+
+    def train_step(step: int, log: bool) -> dict[str, float] | None:
+        shard = dist.shard(draws.sample(groups, batch_size))
         logprobs, rewards, mask = group_logprobs(model, tokenizer, shard)
         loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=rr.rank_weight)
         share = dist.share_of_global_mean(torch.tensor(len(shard)))  # unequal shards: weigh per group, 1.0 locally
-        optimizer.step(share * loss, what=f"rrhf loss at step {step}")
-        if step % rr.logging_steps == 0 or step == rr.max_steps:
-            stats = {key: dist.mean(share * value) for key, value in stats.items()}
-            history.append({"step": step, "loss": round(dist.mean(share * loss.item()), 5),
-                            "learning_rate": optimizer.applied_lr, **stats})
-        checkpointer.maybe_save(step, rr.checkpoint_every, rr.max_steps,
-                                {"history": history, "accuracy_before": state["accuracy_before"],
-                                 "groups": [asdict(g) for g in groups]})
+        updater.step(share * loss, what=f"rrhf loss at step {step}")
+        if not log:
+            return None
+        return {"loss": round(dist.mean(share * loss.item()), 5),
+                **{key: dist.mean(share * value) for key, value in stats.items()}}
+
+    model.train()
+    history = loop.run(train_step, lambda: {"accuracy_before": accuracy_before,
+                                            "groups": [asdict(g) for g in groups]})
     model.eval()
 
     metrics: dict[str, Any] = {
         "task_score": task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (rrhf)"),
         "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
-        "ranking_accuracy_before": state["accuracy_before"],
+        "ranking_accuracy_before": accuracy_before,
         "ranking_accuracy": ranking_accuracy(model, tokenizer, groups),
         "candidate_reward": sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups),
     }
@@ -179,7 +182,38 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
     return {**metrics, "warnings": learning.warnings(history, rr.warmup_steps), "trainable_parameters": count_trainable(model), "groups": len(groups),
-            "adapter_kind": cfg.adapter.kind, "resumed_from_step": start}
+            "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start}
+
+
+
+def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
+    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
+    rrhf, online = cfg.rrhf, cfg.data.ranked is None
+    if online:  # each rank samples candidates for its share of the prompts
+        groups, k = -(-min(rrhf.num_prompts, data.prompts) // parallel.world_size), rrhf.num_candidates
+        tokens = data.prompt_tokens + rrhf.max_new_tokens
+        keep = min(tokens, rrhf.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
+    else:
+        groups, k, tokens = -(-data.ranked_groups // parallel.world_size), data.ranked_candidates, data.ranked_tokens
+        keep = tokens
+    rows, ranked = min(rrhf.batch_size, groups) * k, min(RANKING_GROUPS, groups) * k
+    phases = [
+        Phase("train step", "train", rows, tokens, rows * keep, knobs=("rrhf.batch_size", "rrhf.num_candidates")),
+        Phase("ranking accuracy", "forward", ranked, tokens, ranked * keep, knobs=("rrhf.num_candidates",)),
+        evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
+    ]
+    if online:  # k candidates per prompt, all scored in one forward (reward_of); the same for evaluation
+        candidates = groups * k
+        evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
+        phases += [
+            Phase("candidate sampling", "generate", min(GENERATION_BATCH, candidates), tokens,
+                  min(GENERATION_BATCH, candidates), knobs=("rrhf.num_candidates", "rrhf.max_new_tokens")),
+            Phase("candidate scoring", "forward", candidates, tokens, candidates, hidden_states=True,
+                  knobs=("rrhf.num_prompts", "rrhf.num_candidates")),
+            Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + rrhf.max_new_tokens,
+                  evaluated, hidden_states=True, knobs=("eval.num_prompts", "rrhf.max_new_tokens")),
+        ]
+    return Workload("rrhf", 1, 1 if online else 0, tuple(phases), frozen_heads=1 if online else 0)
 
 
 def main(argv: list[str] | None = None) -> None:

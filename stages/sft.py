@@ -17,24 +17,29 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages import runner
-from stages.adapters import attach_adapter, count_trainable, needs_4bit, save_adapter
-from stages.artifacts import write_json
-from stages.backbone import load_backbone
-from stages.checkpoints import checkpoint_root
-from stages.config import PipelineConfig
-from stages.data import LengthReport, Record, load_records, measure_lengths
-from stages.distributed import Distributed, filled_deepspeed_config, gathered, synced_generation
-from stages.evaluation import task_score
-from stages.learning_check import LearningCheck
-from stages.optim import NonFiniteLoss
-from stages.probes import save_probe
+from stages.io.artifacts import write_json
+from stages.io.config import PipelineConfig
+from stages.io.data import LengthReport, Record, load_records, measure_lengths
+from stages.io.progress import progress_mode
+from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
+from stages.model.adapters import attach_adapter, count_trainable, needs_4bit, save_adapter
+from stages.model.backbone import load_backbone
+from stages.model.probes import save_probe
+from stages.training import runner
+from stages.training.checkpoints import checkpoint_root
+from stages.training.distributed import Distributed, filled_deepspeed_config, gathered, synced_generation
+from stages.training.evaluation import task_score
+from stages.training.learning_check import LearningCheck
+from stages.training.updater import NonFiniteLoss
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
     from trl import SFTTrainer
 
+# TRL's SFTTrainer scores tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): it never
+# holds more than a tile of 4096 tokens x 32768 vocabulary entries.
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 ADAPTER_NAME = "sft"
 KEY_FILE = "cache_key"  # in .sft.checkpoints/: whose progress the Trainer checkpoints there are
 
@@ -46,7 +51,7 @@ def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", 
     from trl import SFTConfig, SFTTrainer
 
     sft = cfg.sft
-    if dist.deepspeed is not None:  # the Trainer joins the gloo/DeepSpeed state stages.distributed set up
+    if dist.deepspeed is not None:  # the Trainer joins the gloo/DeepSpeed state stages.training.distributed set up
         launch: dict[str, Any] = {
             "deepspeed": filled_deepspeed_config(dist, micro_batch_size=sft.batch_size, gradient_accumulation=1,
                                                  max_grad_norm=1.0, bf16=cfg.backbone.dtype == "bfloat16"),
@@ -60,7 +65,7 @@ def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", 
         logging_steps=sft.logging_steps, max_length=sft.max_length, completion_only_loss=True,
         save_strategy="steps", save_steps=sft.checkpoint_every, save_total_limit=1, max_grad_norm=1.0,
         report_to="wandb" if cfg.tracking.backend == "wandb" and dist.is_main else "none",
-        seed=cfg.run.seed, dataloader_num_workers=0, disable_tqdm=not dist.is_main,
+        seed=cfg.run.seed, dataloader_num_workers=0, disable_tqdm=progress_mode() != "bars",
         # TRL defaults to bf16 autocast, and accelerate leaves the autocast wrapper on model.forward after
         # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
         bf16=False, fp16=False, gradient_checkpointing=False, **launch,
@@ -147,6 +152,16 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
     }
+
+
+
+def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
+    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
+    rows = min(cfg.sft.batch_size, data.demos)  # the data loader's last batch is never larger than the data
+    tokens = min(cfg.sft.max_length, data.demo_tokens)  # TRL truncates at max_length, pads to the longest row
+    train = Phase("train step", "train", rows, tokens, min(rows * tokens, TRL_TOKEN_CHUNK), TRL_VOCAB_CHUNK,
+                  knobs=("sft.batch_size", "sft.max_length"))
+    return Workload("sft", 1, 0, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens")))
 
 
 def main(argv: list[str] | None = None) -> None:

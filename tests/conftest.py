@@ -22,6 +22,28 @@ TINY = ["sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.nu
         "rrhf.max_steps=3", "rrhf.num_prompts=6", "rrhf.batch_size=3", "rrhf.num_candidates=3", "rrhf.logging_steps=1"]
 
 
+# Tests by speed (pyproject's markers). ``make test-fast`` runs the unit tier, ``make test`` (CI) all.
+TIERS = {
+    "unit": ("test_losses", "test_kl_control", "test_config", "test_registry", "test_task_and_data",
+             "test_distributed_math", "test_sequences", "test_artifacts_and_cache", "test_memory_plan"),
+    "stage": ("test_adapters", "test_learning_check", "test_learning_per_kind", "test_ppo", "test_reward_rrhf",
+              "test_deepspeed"),
+    "e2e": ("test_cli_pipeline", "test_bad_inputs", "test_concurrency_and_secrets", "test_prefect_server",
+            "test_resume"),
+    "quality": ("test_quality",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its file's tier; a test file in no tier is an error, not a silent omission."""
+    tier_of = {module: tier for tier, modules in TIERS.items() for module in modules}
+    for item in items:
+        module = item.path.stem
+        if module not in tier_of:
+            raise pytest.UsageError(f"tests/{module}.py is in no tier: add it to TIERS in tests/conftest.py")
+        item.add_marker(tier_of[module])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def rlhf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("rlhf_home")
@@ -45,10 +67,10 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | Non
 
 def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
     """Local SFT and reward artifacts, for tests of the stages that consume them (PPO, RRHF)."""
-    from stages.config import load_config
+    from stages.io.config import load_config
     from stages.reward import train_reward
-    from stages.runner import execute
     from stages.sft import train_sft
+    from stages.training.runner import execute
 
     cfg = load_config(None, overrides)
     execute("sft", train_sft, cfg, root / "sft", {})
@@ -58,8 +80,8 @@ def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
 
 def stage_command(stage: str, out: Path, overrides: list[str], inputs: dict[str, Path] | None = None) -> list[str]:
     """``python -m stages.<stage>`` (or its ``accelerate launch``, per the config) as the flow would run it."""
-    from stages.config import load_config
-    from stages.launch import accelerate_command
+    from flows.launch import accelerate_command
+    from stages.io.config import load_config
 
     args = ["--out", str(out), *(f"--input={k}={v}" for k, v in (inputs or {}).items()),
             *(a for item in overrides for a in ("--set", item))]

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.adapters import active_adapter, attach_adapter, needs_4bit, save_adapter, set_trainable
-from stages.backbone import load_backbone, weights_digest
-from stages.config import load_config
-from stages.data import load_records
-from stages.distributed import LOCAL
+from stages.io.config import load_config
+from stages.io.data import load_records
+from stages.model.adapters import active_adapter, attach_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.backbone import load_backbone, weights_digest
 from stages.sft import build_sft_trainer
+from stages.training.distributed import LOCAL
 from tests.conftest import TINY
 
 KINDS = ["lora", "qlora", "ptuning_v2"]
@@ -94,7 +94,7 @@ def test_switch_is_restored_when_the_block_raises() -> None:
 
 
 def test_backbone_is_frozen_and_fingerprint_is_stable() -> None:
-    from stages.backbone import backbone_fingerprint
+    from stages.model.backbone import backbone_fingerprint
 
     cfg = load_config()
     backbone = load_backbone(cfg.backbone)

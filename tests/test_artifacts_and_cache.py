@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from flows.cache import ArtifactCache
-from stages import artifacts
+from stages.io import artifacts
 
 
 def _publish(final: Path, content: str, key: str = "k1") -> Path:

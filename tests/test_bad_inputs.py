@@ -25,12 +25,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cache import ArtifactCache
-from stages import artifacts
-from stages.backbone import BackboneError, load_backbone, resolve_backbone
-from stages.config import BackboneSection, TaskSection, load_config
-from stages.data import DataError, load_records, measure_lengths
-from stages.provenance import check_datasets
-from stages.runner import USER_ERRORS
+from stages.io import artifacts
+from stages.io.config import BackboneSection, TaskSection, load_config
+from stages.io.data import DataError, load_records, measure_lengths
+from stages.io.provenance import check_datasets
+from stages.model.backbone import BackboneError, load_backbone, resolve_backbone
+from stages.training.runner import USER_ERRORS
 from tests.conftest import TINY, run_cli
 
 SETS = [arg for item in TINY for arg in ("--set", item)]
@@ -139,7 +139,7 @@ def test_no_record_with_room_for_a_response_is_a_data_error(tokenizer) -> None:
 def test_preference_pairs_are_never_truncated(tokenizer) -> None:
     """The reward model (and PPO/RRHF scoring) encodes prompt + response whole; ``measure_lengths`` counts
     the pairs longer than the backbone's context (128 positions for the built-in one)."""
-    from stages.sequences import encode
+    from stages.model.sequences import encode
 
     long_pair = {"prompt": "1+" * 70 + "1=", "chosen": "71", "rejected": "71;1+1=2"}
     short_pair = {"prompt": "1+1=", "chosen": "2", "rejected": "2;1+1=2"}
@@ -215,7 +215,7 @@ def test_tokenizer_without_pad_or_eos_token_is_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def adapter_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A published (untrained) LoRA adapter artifact of the built-in backbone, and that backbone's fingerprint."""
-    from stages.adapters import attach_adapter, save_adapter
+    from stages.model.adapters import attach_adapter, save_adapter
 
     cfg = load_config()
     backbone = load_backbone(cfg.backbone)
@@ -234,7 +234,7 @@ def _copy(artifact: Path, tmp_path: Path) -> Path:
 
 
 def test_adapter_from_another_backbone_is_refused(adapter_artifact: tuple[Path, str]) -> None:
-    from stages.adapters import load_adapter
+    from stages.model.adapters import load_adapter
 
     folder, fingerprint = adapter_artifact
     other = "0123456789abcdef"
@@ -246,7 +246,7 @@ def test_adapter_from_another_backbone_is_refused(adapter_artifact: tuple[Path, 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
 def test_corrupted_adapter_file_is_named(adapter_artifact: tuple[Path, str], tmp_path: Path, damage: str) -> None:
-    from stages.adapters import load_adapter
+    from stages.model.adapters import load_adapter
 
     folder, fingerprint = adapter_artifact
     copy = _copy(folder, tmp_path)
@@ -268,7 +268,7 @@ def test_corrupted_adapter_file_is_named(adapter_artifact: tuple[Path, str], tmp
 
 
 def test_intact_adapter_copy_still_loads(adapter_artifact: tuple[Path, str], tmp_path: Path) -> None:
-    from stages.adapters import load_adapter
+    from stages.model.adapters import load_adapter
 
     folder, fingerprint = adapter_artifact
     model = load_adapter(load_backbone(BackboneSection()).model, _copy(folder, tmp_path), "sft", fingerprint)
@@ -278,7 +278,7 @@ def test_intact_adapter_copy_still_loads(adapter_artifact: tuple[Path, str], tmp
 def test_truncated_score_head_is_named(tmp_path: Path) -> None:
     import torch
 
-    from stages.heads import load_head, save_head
+    from stages.model.heads import load_head, save_head
 
     path = tmp_path / "score_head.safetensors"
     save_head(torch.nn.Linear(128, 1), path, "fp")
@@ -337,7 +337,7 @@ def _limit_file_size(max_bytes: int) -> Callable[[], None]:
 def test_manifest_write_failure_publishes_nothing(tmp_path: Path) -> None:
     # The manifest is the last file written: the limit applies only once the other files are in place.
     script = (
-        "import resource, signal, sys\nfrom pathlib import Path\nfrom stages import artifacts\n"
+        "import resource, signal, sys\nfrom pathlib import Path\nfrom stages.io import artifacts\n"
         "final = Path(sys.argv[1])\n"
         "try:\n"
         "    with artifacts.staging(final) as tmp:\n"

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages import artifacts
+from stages.io import artifacts
 from tests.conftest import TINY, run_cli
 
 SETS = [arg for item in TINY for arg in ("--set", item)]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import ConfigError, PipelineConfig, load_config
+from stages.io.config import ConfigError, PipelineConfig, load_config
 
 
 def test_embedded_default_matches_the_typed_defaults() -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import artifacts
-from stages.config import load_config
-from stages.launch import launch_env
-from stages.probes import PROBE_FILE
+from flows.launch import launch_env
+from stages.io import artifacts
+from stages.io.config import load_config
+from stages.model.probes import PROBE_FILE
 from tests.conftest import TINY, run_cli, stage_command, train_upstream
 
 LIMIT_S = 600  # every launch is time-bound: a failure must end the process, never hang it
@@ -39,7 +39,7 @@ def _assert_reloads_with_plain_peft(artifact: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from stages.builtin_backbone import ensure_builtin_backbone
+    from stages.model.builtin_backbone import ensure_builtin_backbone
 
     base = AutoModelForCausalLM.from_pretrained(ensure_builtin_backbone(), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, artifact / "adapter").eval()
@@ -128,7 +128,7 @@ def local_reward(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("preset", ["zero2", "zero3", "zero3_offload"])
 def test_reward_under_deepspeed_trains_exactly_as_locally(preset: str, local_reward: Path, tmp_path: Path) -> None:
-    from stages.backbone import load_backbone
+    from stages.model.backbone import load_backbone
     from stages.reward import attach_reward
 
     sets = [*REWARD_CURVE, "reward.batch_size=4", "reward.launcher=accelerate", f"distributed.deepspeed={preset}"]
@@ -197,8 +197,8 @@ def test_sampling_stages_under_zero3_are_refused_before_launch(tmp_path: Path) -
 
 
 def test_a_pinned_deepspeed_value_that_differs_from_the_stage_is_refused() -> None:
-    from stages.config import ConfigError
-    from stages.distributed import Distributed, filled_deepspeed_config
+    from stages.io.config import ConfigError
+    from stages.training.distributed import Distributed, filled_deepspeed_config
 
     dist = Distributed(rank=0, world_size=2, deepspeed={"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}})
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps is 4 in the DeepSpeed config, but the stage uses 1"):
@@ -207,19 +207,19 @@ def test_a_pinned_deepspeed_value_that_differs_from_the_stage_is_refused() -> No
     assert filled["gradient_accumulation_steps"] == 4 and filled["train_micro_batch_size_per_gpu"] == 8
 
 
-def test_the_optimizer_accumulates_and_schedules_on_the_engine_as_locally(tmp_path: Path) -> None:
+def test_the_updater_accumulates_and_schedules_on_the_engine_as_locally(tmp_path: Path) -> None:
     """Gradient accumulation, an explicit early boundary and a warmup schedule, on a fixed problem: the
     engine must apply exactly the local updates (accelerate's own backward did neither)."""
-    from stages.launch import INFRA, _free_port
+    from flows.launch import INFRA, _free_port
 
     cfg = load_config(None, DS)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(INFRA / "accelerate" / "zero2.yaml"),
                "--deepspeed_config_file", str(INFRA / "deepspeed" / "zero2.json"), "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "tests.optimizer_probe",
+               "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "tests.updater_probe",
                str(tmp_path / "engine.json"), str(INFRA / "deepspeed" / "zero2.json")]
     result = subprocess.run(command, env=launch_env(cfg), capture_output=True, text=True, timeout=LIMIT_S)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    local = subprocess.run([sys.executable, "-m", "tests.optimizer_probe", str(tmp_path / "local.json")],
+    local = subprocess.run([sys.executable, "-m", "tests.updater_probe", str(tmp_path / "local.json")],
                            capture_output=True, text=True, timeout=LIMIT_S)
     assert local.returncode == 0, local.stderr[-3000:]
     engine, reference = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("engine", "local"))

@@ -7,8 +7,8 @@ import torch
 import torch.distributed
 import torch.multiprocessing
 
-from stages.distributed import Distributed
-from stages.losses import masked_mean, masked_whiten
+from stages.objectives.losses import masked_mean, masked_whiten
+from stages.training.distributed import Distributed
 
 ROWS = slice(0, 2), slice(2, 7)  # rank 0 holds 2 rows, rank 1 holds 5: uneven on purpose
 

@@ -1,4 +1,4 @@
-"""Tests for stages.kl_control (Ziegler et al. 2019 sec 2.2 adaptive KL)."""
+"""Tests for stages.objectives.kl_control (Ziegler et al. 2019 sec 2.2 adaptive KL)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages.kl_control import (
+from stages.objectives.kl_control import (
     AdaptiveKLController,
     FixedKLController,
     KLController,

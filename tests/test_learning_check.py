@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.learning_check import LearningCheck
+from stages.training.learning_check import LearningCheck
 from tests.conftest import TINY, run_cli
 
 

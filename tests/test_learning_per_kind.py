@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.config import PipelineConfig, load_config
-from stages.ppo import build_actors, collect_rollout, ppo_optimizer, ppo_update
+from stages.io.config import PipelineConfig, load_config
+from stages.ppo import build_models, collect_rollout, ppo_update, ppo_updater
 from stages.reward import train_reward
 from stages.rrhf import train_rrhf
-from stages.runner import execute
 from stages.sft import train_sft
+from stages.training.runner import execute
 from tests.conftest import REPO, TINY
 
 PRESET = {"lora": None, "qlora": REPO / "configs" / "qlora.yaml", "ptuning_v2": REPO / "configs" / "ptuning_v2.yaml"}
@@ -68,12 +68,12 @@ def test_ppo_improves_its_objective_on_a_fixed_rollout(trained: tuple[PipelineCo
     clipped surrogate (the policy moves toward positive advantages) and the value loss."""
     cfg, runs = trained
     cfg = load_config(PRESET[cfg.adapter.kind], [*LEARN, "ppo.rollout_prompts=8", "ppo.minibatch_size=8"])
-    actors = build_actors(cfg, {"sft": runs["root"] / "sft", "reward": runs["root"] / "reward"})
-    rollout, _ = collect_rollout(actors, [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10),
+    models = build_models(cfg, {"sft": runs["root"] / "sft", "reward": runs["root"] / "reward"})
+    rollout, _ = collect_rollout(models, [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10),
                                                                  (11, 12), (13, 4), (15, 6)]],
                                  cfg, kl_coef=0.2, seed=0)
-    optimizer, generator = ppo_optimizer(actors, cfg), torch.Generator().manual_seed(0)
-    stats = [ppo_update(actors, rollout, optimizer, cfg, generator) for _ in range(8)]
+    updater, generator = ppo_updater(models, cfg), torch.Generator().manual_seed(0)
+    stats = [ppo_update(models, rollout, updater, cfg, generator) for _ in range(8)]
     policy, value = [s["policy_loss"] for s in stats], [s["value_loss"] for s in stats]
     # Frozen weights keep both exactly where they start (the surrogate at ~0, float noise ~1e-8): a move
     # of 0.005 (policy) and 1% (value) in 16 optimizer steps is learning, at every kind's preset rate.

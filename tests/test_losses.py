@@ -1,4 +1,4 @@
-"""Hand-computed checks for stages.losses.
+"""Hand-computed checks for stages.objectives.losses.
 
 Every expected number below is written out (with the arithmetic in a
 comment) so a regression in any formula makes the test fail.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from stages.losses import (
+from stages.objectives.losses import (
     gae_advantages,
     kl_penalized_rewards,
     masked_mean,

@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import AdapterSection, load_config
-from stages.memory_plan import (
-    DTYPE_BYTES, NF4_BYTES_PER_PARAM, DataShape, Device, Estimate, ModelShape, Parallel, adapter_parameters, estimate,
-    stage_workload, weights_bytes,
+from stages.io.config import AdapterSection, load_config
+from stages.memory.plan import (
+    DTYPE_BYTES,
+    NF4_BYTES_PER_PARAM,
+    DataShape,
+    Device,
+    Estimate,
+    ModelShape,
+    Parallel,
+    adapter_parameters,
+    estimate,
+    stage_workload,
+    weights_bytes,
 )
 from tests.conftest import run_cli
 
@@ -41,9 +50,9 @@ def test_parameter_and_adapter_counts_match_the_real_models() -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from stages.adapters import ADAPTER_KINDS
-    from stages.backbone import resolve_backbone
-    from stages.memory_inputs import read_model_shape
+    from stages.memory.inputs import read_model_shape
+    from stages.model.adapters import ADAPTER_KINDS
+    from stages.model.backbone import resolve_backbone
 
     cfg = load_config()
     shape = read_model_shape(cfg)
@@ -123,7 +132,7 @@ def test_offload_moves_optimizer_state_and_params_off_the_gpu() -> None:
 
 
 def test_zero_config_is_read_from_the_presets_and_a_json_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages import memory_inputs
+    from stages.memory import inputs as memory_inputs
 
     assert memory_inputs.read_zero_config("zero2") == (2, False, False)
     assert memory_inputs.read_zero_config("zero3_offload") == (3, True, True)
@@ -135,8 +144,8 @@ def test_zero_config_is_read_from_the_presets_and_a_json_path(tmp_path: Path, mo
 
 
 def test_shape_errors_name_the_backbone() -> None:
-    from stages.config import ConfigError
-    from stages.memory_inputs import shape_from_config
+    from stages.io.config import ConfigError
+    from stages.memory.inputs import shape_from_config
 
     gqa = shape_from_config({"vocab_size": 10, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                              "num_attention_heads": 4, "num_key_value_heads": 2, "dtype": "bfloat16"}, "x")
@@ -193,7 +202,7 @@ def test_skip_memory_check_gets_past_the_preflight(tmp_path: Path) -> None:
 
 
 def test_stage_device_follows_where_the_code_puts_the_model() -> None:
-    from stages.memory_inputs import stage_device
+    from stages.memory.inputs import stage_device
 
     cfg = load_config(None, ["reward.launcher=accelerate"])
     assert stage_device(cfg, "sft", cuda=True) == "cpu"  # a local stage trains on the CPU even where CUDA is

@@ -6,10 +6,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.backbone import base_parameters, load_backbone, weights_digest
-from stages.config import load_config
-from stages.ppo import POLICY, REFERENCE, REWARD, VALUE, build_actors, collect_rollout, ppo_optimizer, ppo_update, train_ppo
-from stages.runner import execute
+from stages.io.config import load_config
+from stages.model.backbone import base_parameters, load_backbone, weights_digest
+from stages.ppo import (
+    POLICY,
+    REFERENCE,
+    REWARD,
+    VALUE,
+    build_models,
+    collect_rollout,
+    ppo_update,
+    ppo_updater,
+    train_ppo,
+)
+from stages.training.runner import execute
 from tests.conftest import TINY, train_upstream
 
 FAST = [*TINY, "ppo.checkpoint_every=1"]
@@ -41,19 +51,19 @@ def _snapshot(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
 
 def test_update_trains_policy_and_value_only_on_one_backbone(lora_inputs: dict[str, Path]) -> None:
     cfg = load_config(None, FAST)
-    actors = build_actors(cfg, lora_inputs)
-    model = actors.model
+    models = build_models(cfg, lora_inputs)
+    model = models.model
     frozen = {name: _snapshot(model, name) for name in (REFERENCE, REWARD)}
     trained = {name: _snapshot(model, name) for name in (POLICY, VALUE)}
-    head_before = actors.value_head.weight.detach().clone()
+    head_before = models.value_head.weight.detach().clone()
     base_before = weights_digest(model)
 
-    params = [p for p in model.parameters() if p.requires_grad] + list(actors.value_head.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(models.value_head.parameters())
     got_grad: set[int] = set()
     for p in params:
         p.register_post_accumulate_grad_hook(lambda t: got_grad.add(id(t)) if t.grad.abs().sum() > 0 else None)
-    rollout, _ = collect_rollout(actors, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
-    ppo_update(actors, rollout, ppo_optimizer(actors, load_config(None, [*FAST, "ppo.learning_rate=0.01"])), cfg,
+    rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
+    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"])), cfg,
                torch.Generator().manual_seed(0))
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -66,7 +76,7 @@ def test_update_trains_policy_and_value_only_on_one_backbone(lora_inputs: dict[s
     for name, before in trained.items():
         after = _snapshot(model, name)
         assert any(not torch.equal(before[k], after[k]) for k in before), f"{name} adapter did not train"
-    assert not torch.equal(head_before, actors.value_head.weight)
+    assert not torch.equal(head_before, models.value_head.weight)
     assert weights_digest(model) == base_before
 
     # One copy of the base: the unique storages behind the base weights hold exactly one backbone.

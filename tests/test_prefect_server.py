@@ -23,7 +23,7 @@ from prefect.client.schemas.filters import FlowRunFilter, LogFilter
 
 async def main():
     async with get_client() as client:
-        run = next(r for r in await client.read_flow_runs() if r.name.endswith("/served"))
+        run = next(r for r in await client.read_flow_runs() if r.name == "served")
         only = FlowRunFilter(id={"any_": [run.id]})
         tasks = await client.read_task_runs(flow_run_filter=only)
         artifacts = await client.read_artifacts(flow_run_filter=only)

@@ -1,12 +1,14 @@
 """The stage registry is the one place that lists the stages; everything else derives from it."""
 
 import re
+import shutil
 import typing
 from pathlib import Path
 
 import pytest
 
-from stages.config import ConfigError, StageName, load_config
+from stages.io.config import ConfigError, StageName, load_config
+from stages.io.provenance import code_files, code_version
 from stages.registry import STAGE_ORDER, STAGES, missing_inputs, spec
 from tests.conftest import REPO
 
@@ -15,14 +17,13 @@ _NAMES = "|".join(STAGE_ORDER)
 STAGE_LIST = re.compile(rf"""["']({_NAMES})["'](:[^,\n]+)?\s*,\s*["']({_NAMES})["']""")
 # What may still name several stages outside the registry, and why.
 ALLOWED = {
-    ("stages/config.py", '["sft", "reward", "ppo"]'): "the default chain: a config value, not the stage list",
-    ("stages/memory_plan.py", '{"sft": _sft, "reward": _reward'): "memory phases: move into the registry (issue 12)",
+    ("stages/io/config.py", '["sft", "reward", "ppo"]'): "the default chain: a config value, not the stage list",
 }
 
 
 def test_no_other_module_spells_out_the_stage_list() -> None:
     found = []
-    for path in sorted([*REPO.glob("stages/*.py"), *REPO.glob("flows/*.py")]):
+    for path in sorted([*REPO.glob("stages/**/*.py"), *REPO.glob("flows/*.py")]):
         relative = str(path.relative_to(REPO))
         if relative == "stages/registry.py":
             continue
@@ -45,8 +46,37 @@ def test_config_choices_order_and_dependencies_come_from_the_registry() -> None:
 
 
 def test_every_stage_has_a_recipe_module_and_a_config_section() -> None:
-    from stages.config import PipelineConfig
+    from stages.io.config import PipelineConfig
 
     for stage in STAGES:
         assert (REPO / Path(*stage.module.split("."))).with_suffix(".py").is_file(), stage.module
         assert stage.name in PipelineConfig.model_fields and stage.name in stage.sections
+
+
+def test_each_stage_is_versioned_by_its_own_code(tmp_path: Path) -> None:
+    """Editing RRHF's recipe leaves SFT, reward and PPO cached; editing a loss invalidates exactly the
+    stages that import it (SFT trains with TRL's loss, not ours)."""
+    copy = tmp_path / "stages"
+    shutil.copytree(REPO / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def versions() -> dict[str, str]:
+        code_version.cache_clear()
+        return {stage.name: code_version(stage.name, copy) for stage in STAGES}
+
+    files = {stage.name: {str(f.relative_to(copy)) for f in code_files(stage.module, copy)} for stage in STAGES}
+    assert "objectives/losses.py" not in files["sft"] and "registry.py" not in files["sft"]
+    assert {"reward.py", "objectives/losses.py", "training/loop.py", "model/adapters.py"} <= files["ppo"]
+    assert "rrhf.py" not in files["ppo"] | files["reward"] | files["sft"]
+
+    before = versions()
+    assert len(set(before.values())) == len(before)  # no two stages share a version
+    with (copy / "rrhf.py").open("a") as recipe:
+        recipe.write("\n# an edit\n")
+    after_recipe = versions()
+    assert {s for s in before if before[s] != after_recipe[s]} == {"rrhf"}
+    with (copy / "objectives" / "losses.py").open("a") as losses:
+        losses.write("\n# an edit\n")
+    after_loss = versions()
+    assert {s for s in before if after_recipe[s] != after_loss[s]} == {"reward", "rrhf", "ppo"}
+    code_version.cache_clear()
+    assert versions() == after_loss  # a digest of the files, not of when it was taken

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import artifacts
-from stages.checkpoints import checkpoint_root
-from stages.config import load_config
-from stages.launch import launch_env
+from flows.launch import launch_env
+from stages.io import artifacts
+from stages.io.config import load_config
+from stages.training.checkpoints import checkpoint_root
 from tests.conftest import TINY, stage_command, train_upstream
 
 # Long enough that the first checkpoint comes well before the end; kill as soon as it exists.
@@ -73,6 +73,13 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
     steps = [row[HISTORY_STEP[stage]] for row in json.loads((out / "history.json").read_text())]
     assert steps[-1] == total and steps == sorted(set(steps))  # one unbroken history, no step twice
     assert not checkpoint_root(out).exists()  # the published artifact supersedes its checkpoints
+    if stage != "sft" and not launch:  # exact replay: the resumed run draws the batches an uninterrupted one does
+        straight = tmp_path / f"{stage}-uninterrupted"
+        run = subprocess.run(stage_command(stage, straight, sets, inputs), capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        expected = json.loads((straight / "history.json").read_text())
+        assert json.loads((out / "history.json").read_text()) == [pytest.approx(row, rel=1e-6) for row in expected]
     if stage in ("reward", "rrhf"):  # the resumed schedule goes on where it stopped, on every launcher
         _assert_follows_the_schedule(json.loads((out / "history.json").read_text()),
                                      getattr(load_config(None, sets), stage))

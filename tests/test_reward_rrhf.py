@@ -6,16 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages import artifacts
-from stages.adapters import needs_4bit
-from stages.backbone import load_backbone
-from stages.config import load_config
-from stages.heads import SCORE_HEAD, sequence_scores
+from stages.io import artifacts
+from stages.io.config import load_config
+from stages.model.adapters import needs_4bit
+from stages.model.backbone import load_backbone
+from stages.model.heads import SCORE_HEAD, sequence_scores
+from stages.model.sequences import encode
 from stages.reward import PROBES, attach_reward, train_reward
 from stages.rrhf import train_rrhf
-from stages.runner import execute
-from stages.sequences import encode
 from stages.sft import train_sft
+from stages.training.runner import execute
 from tests.conftest import TINY
 
 FAST = TINY
@@ -96,7 +96,7 @@ def test_rrhf_on_offline_ranked_data_needs_no_reward(trained: dict[str, Path], t
 
 
 def test_rrhf_needs_a_reward_source() -> None:
-    from stages.config import ConfigError
+    from stages.io.config import ConfigError
 
     with pytest.raises(ConfigError, match="rrhf needs the reward stage"):
         load_config(None, ["run.stages=[sft,rrhf]"])

@@ -2,9 +2,9 @@
 
 import torch
 
-from stages.backbone import load_backbone
-from stages.config import load_config
-from stages.sequences import encode, token_logprobs_and_entropy
+from stages.io.config import load_config
+from stages.model.backbone import load_backbone
+from stages.model.sequences import encode, token_logprobs_and_entropy
 
 
 def test_trimmed_logprobs_match_full_computation() -> None:

@@ -5,39 +5,39 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import task
-from stages.config import TaskSection
-from stages.data import DataError, dataset_digest, load_records
+from stages.io import arithmetic
+from stages.io.config import TaskSection
+from stages.io.data import DataError, dataset_digest, load_records
 
 CFG = TaskSection()
 
 
 def test_checker_is_exact() -> None:
-    assert task.check("22", "22") and task.check(" 22 ", "22")
-    assert not task.check("23", "22") and not task.check("22;", "22") and not task.check("", "22")
+    assert arithmetic.check("22", "22") and arithmetic.check(" 22 ", "22")
+    assert not arithmetic.check("23", "22") and not arithmetic.check("22;", "22") and not arithmetic.check("", "22")
 
 
 def test_demonstrations_are_imperfect_at_the_configured_rate() -> None:
-    demos = task.sft_records(CFG)
+    demos = arithmetic.sft_records(CFG)
     right = sum(d["completion"] == str(eval(d["prompt"].rstrip("="))) for d in demos)
     assert abs(right / len(demos) - CFG.demo_accuracy) < 0.07
     assert right < len(demos)  # room for RLHF to improve
 
 
 def test_preferences_always_prefer_the_correct_answer() -> None:
-    for pair in task.preference_records(CFG):
+    for pair in arithmetic.preference_records(CFG):
         truth = str(eval(pair["prompt"].rstrip("=")))
         assert pair["chosen"] == truth and pair["rejected"] != truth
         assert pair["rejected"].startswith(truth + ";")  # rambling, not a wrong sum
 
 
 def test_eval_prompts_are_held_out_and_generation_is_deterministic() -> None:
-    held_out = {r["prompt"] for r in task.eval_records(CFG)}
+    held_out = {r["prompt"] for r in arithmetic.eval_records(CFG)}
     assert len(held_out) == CFG.num_eval
-    seen = {r["prompt"] for r in task.sft_records(CFG)} | {r["prompt"] for r in task.preference_records(CFG)}
+    seen = {r["prompt"] for r in arithmetic.sft_records(CFG)} | {r["prompt"] for r in arithmetic.preference_records(CFG)}
     assert not held_out & seen
-    assert task.sft_records(CFG) == task.sft_records(TaskSection())
-    assert task.sft_records(CFG) != task.sft_records(TaskSection(seed=CFG.seed + 1))
+    assert arithmetic.sft_records(CFG) == arithmetic.sft_records(TaskSection())
+    assert arithmetic.sft_records(CFG) != arithmetic.sft_records(TaskSection(seed=CFG.seed + 1))
 
 
 def test_jsonl_and_parquet_load_the_same_records(tmp_path: Path) -> None:

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stages.backbone import resolve_backbone
-from stages.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
-from stages.data import load_records
-from stages.memory_plan import DTYPE_BYTES, DataShape, Device, ModelShape, Parallel
+from stages.io.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
+from stages.io.data import load_records
+from stages.io.deepspeed_config import INFRA
+from stages.memory.plan import DTYPE_BYTES, DataShape, Device, ModelShape, Parallel
+from stages.model.backbone import resolve_backbone
 
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
+DEEPSPEED_DIR = INFRA / "deepspeed"
 # What the presets say, for an install without infra/ (a wheel): stage, offload optimizer, offload params.
 PRESET_FALLBACK = {"zero2": (2, False, False), "zero3": (3, False, False), "zero3_offload": (3, True, True)}
 # BOS before a prompt and EOS after a response: tokenizers may add them on top of the text's tokens.

@@ -4,7 +4,7 @@ No hub is reachable in CI, so the project builds its own real (if small) pretrai
 build is a pure function of ``TinySpec`` (seeded; torch runs deterministic kernels on CPU), is cached
 under ``$RLHF_HOME/backbones/`` by the digest of the spec and this file, and is published atomically.
 
-    python -m stages.builtin_backbone      # or: rlhf build-backbone
+    python -m stages.model.builtin_backbone      # or: rlhf build-backbone
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages import artifacts, paths
-from stages.task import Problem, pretraining_lines
+from stages.io import artifacts, paths
+from stages.io.arithmetic import Problem, pretraining_lines
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -42,7 +42,7 @@ class TinySpec:
     learning_rate: float = 3e-3
 
     def digest(self) -> str:
-        # This module plus the corpus generator: editing the rest of stages/task.py keeps the cached build.
+        # This module plus the corpus generator: editing the rest of stages/io/arithmetic.py keeps the cached build.
         source = Path(__file__).read_text() + inspect.getsource(pretraining_lines) + inspect.getsource(Problem)
         payload = (json.dumps(asdict(self), sort_keys=True) + source).encode()
         return hashlib.sha256(payload).hexdigest()[:16]

@@ -22,15 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from stages import artifacts
-from stages.checkpoints import checkpoint_root
-from stages.config import ConfigError, PipelineConfig, load_config
-from stages.data import DataError
-from stages.distributed import LOCAL, Distributed, setup_distributed
-from stages.optim import NonFiniteLoss
-from stages.provenance import stage_datasets, stage_provenance
+from stages.io import artifacts
+from stages.io.config import ConfigError, PipelineConfig, load_config
+from stages.io.data import DataError
+from stages.io.provenance import stage_datasets, stage_provenance
 from stages.registry import spec
-from stages.tracking import NoTracker, start_tracking
+from stages.training.checkpoints import checkpoint_root
+from stages.training.distributed import LOCAL, Distributed, setup_distributed
+from stages.training.tracking import NoTracker, start_tracking
+from stages.training.updater import NonFiniteLoss
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from stages.distributed import LOCAL, Distributed, gathered
 from stages.registry import spec
+from stages.training.distributed import LOCAL, Distributed, gathered
 
 if TYPE_CHECKING:
     import torch

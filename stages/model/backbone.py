@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.artifacts import ArtifactError
-from stages.config import BackboneSection
+from stages.io.artifacts import ArtifactError
+from stages.io.config import BackboneSection
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ def resolve_backbone(cfg: BackboneSection) -> str:
     if cfg.name.startswith(BUILTIN_PREFIX):
         if cfg.name != "builtin:tiny":
             raise BackboneError(f"backbone.name: unknown built-in backbone {cfg.name!r}; the only one is 'builtin:tiny'")
-        from stages.builtin_backbone import ensure_builtin_backbone
+        from stages.model.builtin_backbone import ensure_builtin_backbone
 
         return str(ensure_builtin_backbone())
     if Path(cfg.name).exists():

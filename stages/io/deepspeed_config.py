@@ -1,8 +1,9 @@
-"""How a stage is started: in this process (``launcher: local``) or by ``accelerate launch`` on DeepSpeed.
+"""The DeepSpeed config a stage runs under (``launcher: accelerate``): reading and checking it, the
+launches that are refused, and what of it enters the cache key.
 
-This module is pure (no torch): the flow uses it to build the launch command and the cache key, the
-stage uses it to read the DeepSpeed config it was started with. Presets live in ``infra/deepspeed/``
-(the JSON DeepSpeed reads) and ``infra/accelerate/`` (the accelerate config the flow launches with).
+Pure (no torch): the flow checks launches and computes cache keys with it, the stage reads the config
+it was started with. Presets are package data in ``infra/deepspeed/`` (the JSON DeepSpeed reads) and
+``infra/accelerate/`` (the accelerate config ``flows.launch`` launches with).
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from stages.adapters import needs_4bit
-from stages.config import DEEPSPEED_PRESETS, ConfigError, DistributedSection, PipelineConfig
+import infra
+from stages.io.config import DEEPSPEED_PRESETS, ConfigError, DistributedSection, PipelineConfig
+from stages.model.adapters import needs_4bit
 from stages.registry import spec
 
-INFRA = Path(__file__).resolve().parents[1] / "infra"
+INFRA = Path(infra.__file__).resolve().parent  # package data, so a wheel install finds the presets
 
 
 def deepspeed_config_path(dist: DistributedSection) -> Path:
@@ -77,39 +78,6 @@ def launch_identity(stage: str, cfg: PipelineConfig) -> dict[str, Any]:
             "world_size": cfg.distributed.num_processes}
 
 
-def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], machine_rank: int = 0) -> list[str]:
-    """``accelerate launch`` of ``python -m stages.<stage>`` with the configured DeepSpeed preset."""
-    dist = cfg.distributed
-    check_launch(stage, cfg)  # fail before launching anything
-    preset = dist.deepspeed if dist.deepspeed in DEEPSPEED_PRESETS else "zero2"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(INFRA / "accelerate" / f"{preset}.yaml"),
-        "--deepspeed_config_file", str(deepspeed_config_path(dist)),
-        "--num_processes", str(dist.num_processes), "--num_machines", str(dist.num_machines),
-        "--machine_rank", str(machine_rank), "--main_process_port", str(dist.main_process_port or _free_port()),
-        "--rdzv_conf", f"timeout={dist.join_timeout_s}",
-    ]
-    if dist.main_process_ip:
-        command += ["--main_process_ip", dist.main_process_ip]
-    return [*command, "-m", spec(stage).module, *stage_args]
-
-
-def launch_env(cfg: PipelineConfig) -> dict[str, str]:
-    """Environment for the ranks: one thread budget each (more threads than cores makes CPU ranks crawl)."""
-    threads = str(cfg.distributed.threads_per_process)
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-
-
 def is_distributed_process() -> bool:
     """True inside a rank started by ``accelerate launch`` / torchrun."""
     return "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def _free_port() -> int:
-    """A port nothing listens on now, so concurrent single-machine launches never collide on 29500."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

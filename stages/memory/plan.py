@@ -3,11 +3,11 @@
 A stage's peak is what it holds all along (the process itself, the backbone's weights, its adapters
 with their gradients and AdamW moments) plus the largest of what its phases hold for a moment: a
 training step (autograd activations + logits), a forward pass without gradients (hidden states +
-logits) or sampling (KV cache + next-token logits). ``stage_workload`` reads the phases off each stage's
-code; the per-token constants below were measured on this stack and say how. ZeRO (stages with
+logits) or sampling (KV cache + next-token logits). Each recipe declares its phases beside its code
+(``memory_workload``); the per-token constants below were measured on this stack and say how. ZeRO (stages with
 ``launcher: accelerate``) divides what it partitions by the number of ranks.
 
-Pure arithmetic on dataclasses: no torch and no files (``stages.memory_inputs`` reads those), so the
+Pure arithmetic on dataclasses: no torch and no files (``stages.memory.inputs`` reads those), so the
 CLI can plan before deciding to start anything heavy.
 """
 
@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from stages.config import AdapterSection, PipelineConfig
+from stages.io.config import AdapterSection, PipelineConfig
 from stages.registry import spec
 
 MiB = 1 << 20
@@ -66,12 +66,6 @@ HEAP_RETENTION: dict[str, float] = {"cpu": 2.0, "cuda": 1.0}
 # exp() for the entropy, and a gradient (or, when sampling, the temperature-scaled scores and probs).
 LOGIT_COPIES = 4
 LOGIT_BYTES = 4
-# TRL's SFTTrainer scores tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): it never
-# holds more than a tile of 4096 tokens x 32768 vocabulary entries.
-TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
-# Fixed batch sizes in the code: generation for PPO rollouts and RRHF candidates (stages/ppo.py,
-# stages/rrhf.py), the reward stage's held-out scoring (stages/reward.py), RRHF's ranking accuracy.
-GENERATION_BATCH, REWARD_EVAL_PAIRS, RANKING_GROUPS = 64, 64, 16
 
 DEEPSPEED_IMPORT = 25 * MiB  # `import deepspeed` on top, per rank
 LAUNCHER_PROCESS = 230 * MiB  # the `accelerate launch` parent, once per machine
@@ -311,82 +305,15 @@ def _adapter_state_bytes(workload: Workload, shape: ModelShape, adapter: Adapter
 
 def stage_workload(stage: str, cfg: PipelineConfig, data: DataShape, parallel: Parallel = Parallel()) -> Workload:
     """The phases of one rank of ``stage`` as its code runs them, sized from the config and the data's
-    lengths. Batch sizes are per rank (each rank trains its share of a global batch of batch x ranks)."""
-    builders = {"sft": _sft, "reward": _reward, "ppo": _ppo, "rrhf": _rrhf}
-    return builders[stage](cfg, data, parallel)
+    lengths: the recipe's own ``memory_workload`` (beside the code it describes, so the two change
+    together). Batch sizes are per rank (each rank trains its share of a global batch of batch x ranks)."""
+    from importlib import import_module
+
+    return import_module(spec(stage).module).memory_workload(cfg, data, parallel)
 
 
-def _task_score(cfg: PipelineConfig, data: DataShape, max_new_tokens: int, knob: str) -> Phase:
-    """Sampling held-out prompts (stages.evaluation.generate), ``eval.batch_size`` at a time."""
+def evaluation_sampling(cfg: PipelineConfig, data: DataShape, max_new_tokens: int, knob: str) -> Phase:
+    """Sampling held-out prompts (stages.model.generation.generate), ``eval.batch_size`` at a time."""
     rows = min(cfg.eval.batch_size, cfg.eval.num_prompts, data.eval_prompts)
     return Phase("evaluation sampling", "generate", rows, data.eval_prompt_tokens + max_new_tokens, rows,
                  knobs=("eval.batch_size", knob))
-
-
-def _sft(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    rows = min(cfg.sft.batch_size, data.demos)  # the data loader's last batch is never larger than the data
-    tokens = min(cfg.sft.max_length, data.demo_tokens)  # TRL truncates at max_length, pads to the longest row
-    train = Phase("train step", "train", rows, tokens, min(rows * tokens, TRL_TOKEN_CHUNK), TRL_VOCAB_CHUNK,
-                  knobs=("sft.batch_size", "sft.max_length"))
-    return Workload("sft", 1, 0, (train, _task_score(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens")))
-
-
-def _reward(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    rows = 2 * min(cfg.reward.batch_size, data.pairs)  # chosen and rejected in one forward
-    train = Phase("train step", "train", rows, data.pair_tokens, rows, knobs=("reward.batch_size",))
-    held = 2 * min(REWARD_EVAL_PAIRS, data.pairs)
-    scoring = Phase("held-out scoring", "forward", held, data.pair_tokens, held, hidden_states=True)
-    return Workload("reward", 1, 0, (train, scoring), trainable_heads=1)
-
-
-def _ppo(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    ppo = cfg.ppo
-    rollout = min(ppo.rollout_prompts, data.prompts)
-    tokens = data.prompt_tokens + ppo.max_new_tokens
-    # token_logprobs computes logits from the first response position of the batch on.
-    keep = min(tokens, ppo.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
-    minibatch = min(ppo.minibatch_size, rollout)
-    evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
-    phases = (
-        Phase("rollout sampling", "generate", min(GENERATION_BATCH, rollout), tokens, min(GENERATION_BATCH, rollout),
-              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
-        Phase("rollout scoring", "forward", rollout, tokens, rollout * keep, hidden_states=True,
-              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
-        # Locally the policy's graph is freed before the value forward; DeepSpeed takes both in one backward.
-        Phase("train step", "train", minibatch, tokens, minibatch * keep, graphs=2 if parallel.launched else 1,
-              knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
-        _task_score(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
-        Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + ppo.max_new_tokens, evaluated,
-              hidden_states=True, knobs=("eval.num_prompts", "ppo.max_new_tokens")),
-    )
-    # reference + reward frozen, policy + value trained; the value head trained, the reward head frozen
-    return Workload("ppo", 2, 2, phases, trainable_heads=1, frozen_heads=1)
-
-
-def _rrhf(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    rrhf, online = cfg.rrhf, cfg.data.ranked is None
-    if online:  # each rank samples candidates for its share of the prompts
-        groups, k = -(-min(rrhf.num_prompts, data.prompts) // parallel.world_size), rrhf.num_candidates
-        tokens = data.prompt_tokens + rrhf.max_new_tokens
-        keep = min(tokens, rrhf.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
-    else:
-        groups, k, tokens = -(-data.ranked_groups // parallel.world_size), data.ranked_candidates, data.ranked_tokens
-        keep = tokens
-    rows, ranked = min(rrhf.batch_size, groups) * k, min(RANKING_GROUPS, groups) * k
-    phases = [
-        Phase("train step", "train", rows, tokens, rows * keep, knobs=("rrhf.batch_size", "rrhf.num_candidates")),
-        Phase("ranking accuracy", "forward", ranked, tokens, ranked * keep, knobs=("rrhf.num_candidates",)),
-        _task_score(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
-    ]
-    if online:  # k candidates per prompt, all scored in one forward (reward_of); the same for evaluation
-        candidates = groups * k
-        evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
-        phases += [
-            Phase("candidate sampling", "generate", min(GENERATION_BATCH, candidates), tokens,
-                  min(GENERATION_BATCH, candidates), knobs=("rrhf.num_candidates", "rrhf.max_new_tokens")),
-            Phase("candidate scoring", "forward", candidates, tokens, candidates, hidden_states=True,
-                  knobs=("rrhf.num_prompts", "rrhf.num_candidates")),
-            Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + rrhf.max_new_tokens,
-                  evaluated, hidden_states=True, knobs=("eval.num_prompts", "rrhf.max_new_tokens")),
-        ]
-    return Workload("rrhf", 1, 1 if online else 0, tuple(phases), frozen_heads=1 if online else 0)

@@ -1,7 +1,7 @@
 """KL-coefficient controllers for PPO-based RLHF.
 
 The KL coefficient ``beta`` scales the per-token penalty
-``-beta * (log pi - log pi_ref)`` (see ``stages.losses.kl_penalized_rewards``).
+``-beta * (log pi - log pi_ref)`` (see ``stages.objectives.losses.kl_penalized_rewards``).
 A fixed beta is the simplest choice; the adaptive controller of Ziegler et al.
 2019 (sec 2.2) steers the measured KL towards a target instead.
 """

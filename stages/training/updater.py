@@ -1,4 +1,4 @@
-"""The optimiser of our own training loops (reward, RRHF, PPO): AdamW, warmup + cosine, clipping,
+"""The parameter updates of our own training loops (reward, RRHF, PPO): AdamW, warmup + cosine, clipping,
 gradient accumulation, a finite-loss guard, and checkpointable state - locally or on a DeepSpeed engine.
 
 ``step(loss)`` is one micro-step; every ``accumulation`` micro-steps (or at an explicit ``boundary``)
@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.distributed import LOCAL, Distributed, filled_deepspeed_config
+from stages.training.distributed import LOCAL, Distributed, filled_deepspeed_config
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,7 @@ class NonFiniteLoss(RuntimeError):
     """A NaN or infinite loss: training stops before the update, so the last checkpoint stays good."""
 
 
-class Optimizer:
+class Updater:
     """AdamW over the trainable parameters of ``module`` with linear warmup then cosine decay (or constant).
 
     The schedule follows the HF Trainer's convention: update ``n`` (0-based) uses
@@ -58,6 +58,7 @@ class Optimizer:
         self.schedule = (get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
                          if schedule == "cosine" else get_constant_schedule_with_warmup(self.optimizer, warmup_steps))
         self.engine = None
+        self._pending: "torch.Tensor | None" = None  # DeepSpeed: this micro-step's losses, summed
         if dist.deepspeed is not None:
             from accelerate import Accelerator, DeepSpeedPlugin
 
@@ -73,36 +74,42 @@ class Optimizer:
     def step(self, loss: "torch.Tensor", what: str = "loss", *, boundary: bool = False) -> None:
         """One micro-step of ``loss`` (refused if not finite, before it touches any weight); updates after
         ``accumulation`` micro-steps, or now if ``boundary`` (e.g. the last minibatch of a PPO epoch)."""
+        self.add_loss(loss, what)
+        self.finish_micro_step(boundary)
+
+    def add_loss(self, loss: "torch.Tensor", what: str = "loss") -> None:
+        """One of several losses of this micro-step (PPO's policy and value losses), refused if not finite.
+
+        Locally its gradient is taken at once, so only one autograd graph over the shared backbone is
+        alive at a time (the same gradients as one backward of the sum). ZeRO reduces each parameter's
+        gradient once per micro-step, during the backward, so under DeepSpeed the losses are summed and
+        take one backward in ``finish_micro_step``.
+        """
         self.check_finite(loss, what)
         if self.engine is None:
-            self.backward(loss)
-            self.finish_micro_step(boundary)
-            return
-        self.micro_steps += 1
-        update = boundary or self.micro_steps % self.accumulation == 0
-        self.engine.set_gradient_accumulation_boundary(update)  # before backward: ZeRO reduces at the boundary
-        self.engine.backward(loss)  # divides by gradient_accumulation_steps, as the local path does
-        if update:
-            self._set_engine_lr()
-        self.engine.step()  # clips, steps AdamW and zeroes the gradients only at the boundary
-        if update:
-            self._after_update()
-
-    def backward(self, loss: "torch.Tensor") -> None:
-        """Local only: accumulate the gradient of one of several losses of this micro-step."""
-        (loss / self.accumulation).backward()
+            (loss / self.accumulation).backward()
+        else:
+            self._pending = loss if self._pending is None else self._pending + loss
 
     def finish_micro_step(self, boundary: bool = False) -> None:
-        """Local only: update after ``accumulation`` micro-steps (or at an explicit boundary)."""
+        """End the micro-step; update after ``accumulation`` micro-steps (or at an explicit ``boundary``)."""
         import torch
 
         self.micro_steps += 1
-        if self.micro_steps % self.accumulation and not boundary:
-            return
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._after_update()
+        update = boundary or self.micro_steps % self.accumulation == 0
+        if self.engine is not None:
+            loss, self._pending = self._pending, None
+            self.engine.set_gradient_accumulation_boundary(update)  # before backward: ZeRO reduces at the boundary
+            self.engine.backward(loss)  # divides by gradient_accumulation_steps, as the local path does
+            if update:
+                self._set_engine_lr()
+            self.engine.step()  # clips, steps AdamW and zeroes the gradients only at the boundary
+        elif update:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if update:
+            self._after_update()
 
     def _stepping_param_groups(self) -> list[dict]:
         """The param groups of the optimizer that really updates the weights (ZeRO's wraps ours or a copy)."""

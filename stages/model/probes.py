@@ -19,8 +19,7 @@ PROBE_TEXTS = ("3+4=", "12+19=", "7+0=7", "Hello, world")
 
 
 def probe_inputs(tokenizer: "PreTrainedTokenizerBase") -> dict[str, "torch.Tensor"]:
-    tokenizer.padding_side = "right"
-    batch = tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True)
+    batch = tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True, padding_side="right")
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
 

@@ -1,8 +1,9 @@
 """Resumable checkpoints of our training loops (reward, RRHF, PPO), kept beside the stage's future artifact.
 
 ``runs/<id>/.reward.checkpoints/step-000040/`` holds the trainable adapters (PEFT folders), extra
-tensors (heads), the optimizer (``stages.optim.Optimizer.save``: a local state file or the DeepSpeed
-engine's partitions), every rank's RNG state and a JSON state (step, history, ...). Each checkpoint is
+tensors (heads), the optimizer (``Updater.save``: a local state file or the DeepSpeed engine's
+partitions), every rank's random state (torch's global generator and the loop's own batch samplers,
+so batches replay exactly after a resume) and a JSON state (step, history, ...). Each checkpoint is
 published atomically with a manifest naming the stage's cache key, so a rerun resumes only from a
 finished checkpoint of the *same* stage configuration, and a checkpoint cut short by a kill is ignored.
 SFT checkpoints are the HF Trainer's own (``.sft.checkpoints/checkpoint-N``), see ``stages.sft``.
@@ -11,22 +12,25 @@ SFT checkpoints are the HF Trainer's own (``.sft.checkpoints/checkpoint-N``), se
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages import artifacts
-from stages.adapters import save_adapter
-from stages.distributed import LOCAL, Distributed
-from stages.heads import load_head, save_head
+from stages.io import artifacts
+from stages.model.adapters import save_adapter
+from stages.model.heads import load_head, save_head
+from stages.training.distributed import LOCAL, Distributed
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-    from stages.optim import Optimizer
+    from stages.training.updater import Updater
 
 STATE = "state.json"
+# What draws a loop's batches: a torch.Generator, a random.Random, or an object with state_dict().
+Sampler = Any
 PREFIX = "step-"
 
 
@@ -38,35 +42,39 @@ def checkpoint_root(out: Path) -> Path:
 class Checkpointer:
     """Saves and restores one stage's training state: its trainable adapters, heads and optimizer."""
 
-    def __init__(self, final: Path, cache_key: str, optimizer: "Optimizer", model: "PeftModel", adapters: list[str],
+    def __init__(self, final: Path, cache_key: str, updater: "Updater", model: "PeftModel", adapters: list[str],
                  heads: dict[str, "torch.nn.Linear"], fingerprint: str, dist: Distributed = LOCAL) -> None:
         self.root = checkpoint_root(final)
-        self.cache_key, self.optimizer, self.dist = cache_key, optimizer, dist
+        self.cache_key, self.updater, self.dist = cache_key, updater, dist
         self.model, self.adapters, self.heads, self.fingerprint = model, adapters, heads, fingerprint
 
-    def resume(self) -> dict[str, Any] | None:
-        """Restore the newest finished checkpoint of this cache key; return its JSON state (None: start fresh)."""
+    def resume(self, samplers: dict[str, Sampler] | None = None) -> dict[str, Any] | None:
+        """Restore the newest finished checkpoint of this cache key, ``samplers`` included (in place);
+        return its JSON state (None: start fresh)."""
         import torch
 
         folder = latest_checkpoint(self.root, self.cache_key)
         if folder is None:
             return None
-        self.optimizer.load(folder)  # under DeepSpeed this restores the trainable weights too
+        self.updater.load(folder)  # under DeepSpeed this restores the trainable weights too
         if self.dist.deepspeed is None:
             load_adapter_weights(folder, self.model, self.adapters)
             for name, head in self.heads.items():
                 head.load_state_dict(load_head(folder / f"{name}.safetensors", head.in_features, self.fingerprint).state_dict())
         rng = torch.load(folder / f"rng-{self.dist.rank}.pt", weights_only=True)
         torch.random.set_rng_state(rng["torch"])
+        for name, sampler in (samplers or {}).items():
+            restore_sampler(sampler, rng["samplers"][name])
         print(f"resuming from {folder}", flush=True)
         return json.loads((folder / STATE).read_text())
 
-    def maybe_save(self, step: int, every: int, total: int, state: dict[str, Any]) -> None:
+    def maybe_save(self, step: int, every: int, total: int, state: dict[str, Any],
+                   samplers: dict[str, Sampler] | None = None) -> None:
         """Checkpoint every ``every`` steps (not after the last: the artifact follows at once)."""
         if step % every == 0 and step < total:
-            self.save(step, state)
+            self.save(step, state, samplers)
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], samplers: dict[str, Sampler] | None = None) -> Path:
         """Write checkpoint ``step`` atomically (every rank takes part), then drop older ones."""
         import torch
 
@@ -76,8 +84,10 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
-        self.optimizer.save(tmp)
-        torch.save({"torch": torch.random.get_rng_state()}, tmp / f"rng-{self.dist.rank}.pt")
+        self.updater.save(tmp)
+        torch.save({"torch": torch.random.get_rng_state(),
+                    "samplers": {name: sampler_state(s) for name, s in (samplers or {}).items()}},
+                   tmp / f"rng-{self.dist.rank}.pt")
         if self.dist.is_main:
             if self.dist.deepspeed is None:  # DeepSpeed's own checkpoint already holds the trainable weights
                 for name in self.adapters:
@@ -112,3 +122,26 @@ def load_adapter_weights(folder: Path, model: "PeftModel", names: list[str]) -> 
     for name in names:
         set_peft_model_state_dict(model, load_file(str(Path(folder) / name / "adapter_model.safetensors")),
                                   adapter_name=name)
+
+
+def sampler_state(sampler: Sampler) -> Any:
+    """The state a sampler resumes from: torch.Generator and random.Random, or ``state_dict()``."""
+    import torch
+
+    if isinstance(sampler, torch.Generator):
+        return sampler.get_state()
+    if isinstance(sampler, random.Random):
+        return sampler.getstate()
+    return sampler.state_dict()
+
+
+def restore_sampler(sampler: Sampler, state: Any) -> None:
+    """Put ``sampler`` back where ``sampler_state`` found it."""
+    import torch
+
+    if isinstance(sampler, torch.Generator):
+        sampler.set_state(state)
+    elif isinstance(sampler, random.Random):
+        sampler.setstate(state)
+    else:
+        sampler.load_state_dict(state)

@@ -1,8 +1,8 @@
-"""``stages.optim.Optimizer`` on a fixed problem, run by ``tests/test_deepspeed.py`` twice: as 2 ranks of
+"""``stages.training.updater.Updater`` on a fixed problem, run by ``tests/test_deepspeed.py`` twice: as 2 ranks of
 an ``accelerate launch`` on DeepSpeed, and in one local process. Both must apply the same updates:
 gradient accumulation (2), an explicit early boundary, a warmup + cosine schedule.
 
-    python -m tests.optimizer_probe OUT.json [DEEPSPEED.json]
+    python -m tests.updater_probe OUT.json [DEEPSPEED.json]
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from stages.distributed import LOCAL, Distributed
-from stages.optim import Optimizer
+from stages.training.distributed import LOCAL, Distributed
+from stages.training.updater import Updater
 
 GLOBAL_BATCH = 8
 MICRO_STEPS = 7
@@ -26,15 +26,15 @@ def trace(dist: Distributed) -> list[dict]:
     module = torch.nn.Linear(4, 1)
     inputs = torch.randn(MICRO_STEPS, GLOBAL_BATCH, 4, generator=torch.Generator().manual_seed(1))
     targets = inputs.sum(-1, keepdim=True)
-    optimizer = Optimizer(module, 0.05, warmup_steps=1, total_steps=4, gradient_accumulation=2,
-                          micro_batch_size=GLOBAL_BATCH // dist.world_size, dist=dist)
+    updater = Updater(module, 0.05, warmup_steps=1, total_steps=4, gradient_accumulation=2,
+                      micro_batch_size=GLOBAL_BATCH // dist.world_size, dist=dist)
     rows = []
     for micro in range(MICRO_STEPS):
         mine = slice(dist.rank, None, dist.world_size)  # this rank's share of the global batch
         loss = torch.nn.functional.mse_loss(module(inputs[micro, mine]), targets[micro, mine])
-        optimizer.step(loss, boundary=micro == EARLY_BOUNDARY)
+        updater.step(loss, boundary=micro == EARLY_BOUNDARY)
         weights = torch.cat([p.detach().flatten() for p in module.parameters()])
-        rows.append({"weights": weights.tolist(), "applied_lr": optimizer.applied_lr})
+        rows.append({"weights": weights.tolist(), "applied_lr": updater.applied_lr})
     return rows
 
 

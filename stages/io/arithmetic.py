@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from stages.config import TaskSection
+from stages.io.config import TaskSection
 
 EQUATION_SEPARATOR = ";"
 

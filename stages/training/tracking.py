@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from stages.config import PipelineConfig
+from stages.io.config import PipelineConfig
 
 
 class Tracker(Protocol):

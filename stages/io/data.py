@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stages import task
-from stages.config import TaskSection
+from stages.io import arithmetic
+from stages.io.config import TaskSection
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -44,8 +44,8 @@ class DataError(ValueError):
 def load_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
     """Load and validate every record of ``source`` for ``kind``."""
     if source == "builtin":
-        builders = {"sft": task.sft_records, "preferences": task.preference_records, "eval": task.eval_records,
-                    "ranked": task.ranked_records}
+        builders = {"sft": arithmetic.sft_records, "preferences": arithmetic.preference_records, "eval": arithmetic.eval_records,
+                    "ranked": arithmetic.ranked_records}
         return builders[kind](task_cfg)
     if source.startswith("hf:"):
         return _validated(_hf_rows(source), kind, source, "row")
@@ -92,7 +92,7 @@ def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenize
 
     SFT rows are measured as TRL's SFTTrainer tokenizes them (``prompt + completion + eos`` in one call,
     special tokens included), which truncates to ``sft.max_length`` keeping the start and drops a row whose
-    prompt alone fills it. The other kinds are measured as ``stages.sequences.encode`` builds them (prompt,
+    prompt alone fills it. The other kinds are measured as ``stages.model.sequences.encode`` builds them (prompt,
     then response, then EOS). A dataset in which no record has room for a response is a ``DataError``.
     """
     too_long, no_room = [], []

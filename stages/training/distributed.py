@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from stages.config import ConfigError, PipelineConfig
-from stages.launch import deepspeed_config_path, is_distributed_process, load_deepspeed_config, zero_stage
+from stages.io.config import ConfigError, PipelineConfig
+from stages.io.deepspeed_config import deepspeed_config_path, is_distributed_process, load_deepspeed_config, zero_stage
 
 if TYPE_CHECKING:
     import torch

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.artifacts import ArtifactError, storage_error
-from stages.sequences import SequenceBatch, last_hidden_states
+from stages.io.artifacts import ArtifactError, storage_error
+from stages.model.sequences import SequenceBatch, last_hidden_states
 
 if TYPE_CHECKING:
     import torch

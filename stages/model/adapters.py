@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages import artifacts
-from stages.config import AdapterSection
+from stages.io import artifacts
+from stages.io.config import AdapterSection
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel

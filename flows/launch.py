@@ -1,0 +1,44 @@
+"""The command lines that start a stage: ``python -m <recipe>`` locally, or ``accelerate launch`` of
+it on DeepSpeed ZeRO (``launcher: accelerate``), with the thread budget each rank gets."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from stages.io.config import DEEPSPEED_PRESETS, PipelineConfig
+from stages.io.deepspeed_config import INFRA, check_launch, deepspeed_config_path
+from stages.registry import spec
+
+
+def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], machine_rank: int = 0) -> list[str]:
+    """``accelerate launch`` of ``python -m stages.<stage>`` with the configured DeepSpeed preset."""
+    dist = cfg.distributed
+    check_launch(stage, cfg)  # fail before launching anything
+    preset = dist.deepspeed if dist.deepspeed in DEEPSPEED_PRESETS else "zero2"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(INFRA / "accelerate" / f"{preset}.yaml"),
+        "--deepspeed_config_file", str(deepspeed_config_path(dist)),
+        "--num_processes", str(dist.num_processes), "--num_machines", str(dist.num_machines),
+        "--machine_rank", str(machine_rank), "--main_process_port", str(dist.main_process_port or _free_port()),
+        "--rdzv_conf", f"timeout={dist.join_timeout_s}",
+    ]
+    if dist.main_process_ip:
+        command += ["--main_process_ip", dist.main_process_ip]
+    return [*command, "-m", spec(stage).module, *stage_args]
+
+
+def launch_env(cfg: PipelineConfig) -> dict[str, str]:
+    """Environment for the ranks: one thread budget each (more threads than cores makes CPU ranks crawl)."""
+    threads = str(cfg.distributed.threads_per_process)
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def _free_port() -> int:
+    """A port nothing listens on now, so concurrent single-machine launches never collide on 29500."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

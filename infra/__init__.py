@@ -1,0 +1,1 @@
+"""Deployment presets shipped as package data: DeepSpeed JSON, accelerate configs, prefect.yaml."""

@@ -1,0 +1,1 @@
+"""Torch-free I/O: the config, datasets, artifacts and their provenance, DeepSpeed config files."""

@@ -1,0 +1,1 @@
+"""Pure math of training objectives: losses and KL control (torch only, no models)."""

@@ -1,0 +1,65 @@
+"""The resumable training loop of our own stages (reward, RRHF, PPO, and the stages to come).
+
+A recipe gives one function, ``train_step(step, log) -> row | None``, and the loop does the rest:
+
+* resume from the newest checkpoint of the same cache key (adapters, heads, updater, every rank's
+  torch RNG and the loop's *samplers*, the objects that draw its batches), so the batches after a
+  resume are exactly those an uninterrupted run draws;
+* a progress bar (``stages.io.progress``), starting at the resumed step;
+* the history: at every ``log_every`` steps and at the last, ``train_step`` returns a row of metrics
+  (every rank computes it: its values may be reduced over ranks), and the loop adds the step and the
+  learning rate the update really used;
+* a checkpoint every ``checkpoint_every`` steps, with the history and the recipe's own state.
+
+SFT is the exception: TRL's SFTTrainer brings its own loop and checkpoints (``stages.sft``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stages.io.progress import progress
+from stages.training.checkpoints import Checkpointer, Sampler
+
+Row = dict[str, Any]
+TrainStep = Callable[[int, bool], "Row | None"]  # (1-based step, log this step?) -> history row
+
+
+class TrainingLoop:
+    """Steps ``start + 1 .. total`` of one stage, resumable; see the module docstring.
+
+    ``samplers`` draw the batches (torch.Generator, random.Random, or objects with ``state_dict``):
+    they are restored by ``resume`` and saved, per rank, with every checkpoint.
+    """
+
+    def __init__(self, checkpointer: Checkpointer, *, desc: str, total: int, log_every: int, checkpoint_every: int,
+                 samplers: dict[str, Sampler] | None = None, step_key: str = "step") -> None:
+        self.checkpointer, self.desc, self.total = checkpointer, desc, total
+        self.log_every, self.checkpoint_every, self.step_key = log_every, checkpoint_every, step_key
+        self.samplers = samplers or {}
+        self.start = 0  # steps done before this process: the resumed checkpoint's
+        self.history: list[Row] = []
+
+    def resume(self) -> dict[str, Any] | None:
+        """Restore the newest checkpoint, if any; return the recipe's saved state (None: a fresh start)."""
+        state = self.checkpointer.resume(self.samplers)
+        if state is not None:
+            self.start, self.history = state["step"], state["history"]
+        return state
+
+    def run(self, train_step: TrainStep, saved_state: Callable[[], dict[str, Any]] = dict) -> list[Row]:
+        """Run the remaining steps; return the whole history (the resumed part included).
+
+        ``saved_state()`` is what the recipe keeps in each checkpoint besides the history (JSON).
+        """
+        updater = self.checkpointer.updater
+        for step in progress(range(self.start + 1, self.total + 1), desc=self.desc, unit=self.step_key,
+                             initial=self.start, total=self.total):
+            log = step % self.log_every == 0 or step == self.total
+            row = train_step(step, log)
+            if log and row is not None:
+                self.history.append({self.step_key: step, **row, "learning_rate": updater.applied_lr})
+            self.checkpointer.maybe_save(step, self.checkpoint_every, self.total,
+                                         {"history": self.history, **saved_state()}, self.samplers)
+        return self.history
