@@ -230,7 +230,8 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
 
     def train_step(update: int, log: bool) -> dict[str, float]:
         # Every rank draws the same global sample of prompts and rolls out its own share of it.
-        drawn = random.Random(cfg.run.seed + update).sample(prompts, min(ppo.rollout_prompts * dist.world_size, len(prompts)))
+        count = min(ppo.rollout_prompts * dist.world_size, len(prompts))
+        drawn = random.Random(cfg.run.seed + update).sample(prompts, count)
         rollout, stats = collect_rollout(models, dist.shard(drawn), cfg, kl_ctl.value,
                                          seed=cfg.run.seed + update + 1000 * dist.rank, dist=dist)
         stats.update(ppo_update(models, rollout, updater, cfg, minibatch_order, dist))

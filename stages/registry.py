@@ -5,7 +5,9 @@ cache key (with the stage's own code version), the launcher, the ZeRO-3 launch r
 (the recipe's ``memory_workload``), the CLI's ``rlhf stage`` choices, W&B's step axis and the report's
 curves all read this table; ``tests/test_registry.py`` checks that no other module spells out the
 stage list. Adding a stage: a recipe module with ``main()`` and ``memory_workload()``, a config section
-and one entry here (docs/architecture.md, "How to add a stage").
+and one entry here (docs/architecture.md, "How to add a stage"). Another package can add a stage
+without touching this one: an entry point in the ``rlhf.stages`` group naming its ``StageSpec``, whose
+``settings`` names its config section (``PLUGIN_GROUP``).
 
 Pure data: no torch, no pydantic, so ``rlhf --help`` stays instant.
 """
@@ -50,6 +52,9 @@ class StageSpec:
     # The recipe the flow launches as ``python -m <module>``: ``main()`` trains and publishes, and
     # ``memory_workload(cfg, data, parallel)`` declares its memory phases (default ``stages.<name>``).
     recipe: str | None = None
+    # A plugin stage's config section, "module:Class": a pydantic model (extra="forbid", frozen) with a
+    # ``launcher`` field. Built-in stages' sections are fields of ``stages.io.config.PipelineConfig``.
+    settings: str | None = None
 
     @property
     def module(self) -> str:
@@ -76,7 +81,7 @@ class StageSpec:
 
 _GENERATIVE = ("backbone", "adapter")  # every stage's result depends on these sections
 
-STAGES: tuple[StageSpec, ...] = (
+BUILTIN: tuple[StageSpec, ...] = (
     StageSpec("sft", (*_GENERATIVE, "sft", "eval"), datasets=("sft", "eval"), prefix_min_learning_rate=0.05,
               import_overhead_mib=520, curves=(Curve("loss", "SFT loss"),)),
     StageSpec("reward", (*_GENERATIVE, "reward"), datasets=("preferences",), prefix_min_learning_rate=0.01,
@@ -89,6 +94,27 @@ STAGES: tuple[StageSpec, ...] = (
               curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
                       Curve("entropy", "PPO policy entropy"))),
 )
+PLUGIN_GROUP = "rlhf.stages"
+
+
+def plugin_stages() -> tuple[StageSpec, ...]:
+    """Stages that installed packages add through the ``rlhf.stages`` entry-point group, by name; each
+    entry point names a ``StageSpec`` of the same name, in a module light enough to import here."""
+    from importlib.metadata import entry_points
+
+    found = []
+    for point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda p: p.name):
+        stage = point.load()
+        if not isinstance(stage, StageSpec) or stage.name != point.name or stage.settings is None:
+            raise TypeError(f"entry point {point.name} = {point.value} ({PLUGIN_GROUP}): expected a StageSpec named "
+                            f"{point.name!r} with its settings (its config section)")
+        if any(stage.name == builtin.name for builtin in BUILTIN):
+            raise TypeError(f"entry point {point.value} ({PLUGIN_GROUP}): stage {stage.name!r} is built in")
+        found.append(stage)
+    return tuple(found)
+
+
+STAGES: tuple[StageSpec, ...] = BUILTIN + plugin_stages()  # plugins run after the built-in stages
 STAGE_ORDER: tuple[str, ...] = tuple(spec.name for spec in STAGES)  # the pipeline order
 _BY_NAME = {spec.name: spec for spec in STAGES}
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from stages.io.artifacts import ArtifactError, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import Record, load_records, measure_lengths
-from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
+from stages.memory.plan import DataShape, Parallel, Phase, Workload
 from stages.model.adapters import (
     active_adapter,
     attach_adapter,
@@ -102,7 +102,8 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed)
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
     trained = torch.nn.ModuleDict({"model": model, "head": head})
-    learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind, learning_rate=rm.learning_rate)
+    learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind,
+                             learning_rate=rm.learning_rate)
     updater = Updater(trained, rm.learning_rate, rm.warmup_steps,
                       rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [ADAPTER_NAME], {"score_head": head},
@@ -119,7 +120,8 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         updater.step(loss, what=f"reward loss at step {step}")
         if not log:
             return None
-        return {"loss": round(dist.mean(loss.item()), 5), "accuracy": dist.mean((chosen > rejected).float().mean().item())}
+        accuracy = (chosen > rejected).float().mean().item()
+        return {"loss": round(dist.mean(loss.item()), 5), "accuracy": dist.mean(accuracy)}
 
     model.train()
     history = loop.run(train_step)

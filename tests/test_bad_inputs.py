@@ -400,13 +400,31 @@ def _pid_writing(out: Path) -> int:
     raise AssertionError(f"no process writes {out}")
 
 
+def _pause_before_publishing(folder: Path) -> Path:
+    """A ``sitecustomize`` (imported by every Python process started with ``folder`` on its path) that
+    makes the rename publishing a finished reward artifact wait, so the test can kill the stage with the
+    manifest written and the artifact not yet in place: the fault is injected here, not in the product."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "_replace = os.replace\n"
+        "def _slow_replace(src, dst, *args, **kwargs):\n"
+        "    if '.reward.tmp-' in os.fspath(src) and os.path.isfile(os.path.join(src, 'manifest.json')):\n"
+        "        time.sleep(600)\n"
+        "    return _replace(src, dst, *args, **kwargs)\n"
+        "os.replace = _slow_replace\n"
+    )
+    return folder
+
+
 def test_kill_during_publish_leaves_no_trusted_folder_and_rerun_finishes(tmp_path: Path) -> None:
     # A seed no other test uses, so the stage cannot come from the session's cache: it must really run.
     # TINY's reward.max_steps is below reward.checkpoint_every, so the artifact is the only thing published.
     args = ["run", *SETS, "--set", "run.stages=[reward]", "--set", "run.seed=17", "--set", "tracking.backend=none",
             "--run-id", "killed"]
     run_dir = tmp_path / "runs" / "killed"
-    env = {**os.environ, artifacts.PAUSE_BEFORE_RENAME_ENV: "600"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_pause_before_publishing(tmp_path / "inject")),
+                                                         os.environ.get("PYTHONPATH", "")])}
     with (tmp_path / "first.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the run
         cli = subprocess.Popen([str(Path(sys.executable).parent / "rlhf"), *args], cwd=tmp_path, env=env,
                                stdout=log, stderr=subprocess.STDOUT, text=True)

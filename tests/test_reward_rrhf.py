@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_reward_trains_and_shared_backbone_scores_match(kind: str, tmp_path: Path) -> None:
     cfg = load_config(None, [*FAST, f"adapter.kind={kind}"])
     manifest = execute("reward", train_reward, cfg, tmp_path / "reward", {})
-    assert 0.0 <= manifest["metrics"]["pair_accuracy"] <= 1.0
+    assert manifest["metrics"]["eval_pairs"] > 0 and "pair_accuracy" in manifest["metrics"]
     assert (tmp_path / "reward" / SCORE_HEAD).is_file()
 
     # A fresh backbone, as PPO/RRHF see it: causal LM + reward adapter + saved head, no second model.

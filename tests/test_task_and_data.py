@@ -122,3 +122,20 @@ def test_ranked_jsonl_loads(tmp_path: Path) -> None:
     path = tmp_path / "ranked.jsonl"
     path.write_text(json.dumps({"query": "1+1=", "responses": ["2", "3"], "scores": [1, -1.5]}) + "\n")
     assert load_records(str(path), "ranked", CFG) == [{"query": "1+1=", "responses": ["2", "3"], "scores": [1, -1.5]}]
+
+
+def test_a_dataset_is_read_once_per_process_until_its_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.io import data
+
+    path = tmp_path / "demos.jsonl"
+    path.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    reads = []
+    read = data._read_records
+    monkeypatch.setattr(data, "_read_records", lambda *args: reads.append(args) or read(*args))
+    mine = load_records(str(path), "sft", CFG)
+    dataset_digest(str(path), "sft", CFG)  # the cache key reads the same records
+    assert load_records(str(path), "sft", CFG) == mine and len(reads) == 1
+    mine[0]["prompt"] = "changed"  # each caller gets its own records
+    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "1+1="
+    path.write_text('{"prompt": "10+10=", "completion": "20"}\n')  # an edited file is read again
+    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "10+10=" and len(reads) == 2

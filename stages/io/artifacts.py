@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +24,6 @@ from typing import Any
 MANIFEST = "manifest.json"
 # errno values meaning "storage refused the write": the user's to fix (free space, raise a limit), not a bug.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
-# Tests only: seconds to sleep in ``publish`` with the manifest written and the rename not yet done, so a
-# test can SIGKILL a stage at the worst moment (tests/test_bad_inputs.py). Unset in normal use.
-PAUSE_BEFORE_RENAME_ENV = "RLHF_TEST_PAUSE_BEFORE_RENAME"
 
 
 class ArtifactError(RuntimeError):
@@ -138,22 +134,12 @@ def publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> Path:
     tmp, final = Path(tmp), Path(final)
     manifest = {**manifest, "artifact_digest": tree_digest(tmp), "files": file_digests(tmp)}
     write_json(tmp / MANIFEST, manifest)
-    _pause_for_fault_injection()
     if final.exists():  # an unfinished or superseded folder: move it aside, then drop it
         trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
     return final
-
-
-def _pause_for_fault_injection() -> None:
-    """Tests only: the staging folder now holds a manifest but ``final`` does not exist yet; a test sets
-    ``RLHF_TEST_PAUSE_BEFORE_RENAME`` to kill the process here and prove no later run trusts the leftover."""
-    seconds = os.environ.get(PAUSE_BEFORE_RENAME_ENV)
-    if seconds:
-        print(f"{PAUSE_BEFORE_RENAME_ENV}: pausing {seconds}s before the rename", flush=True)
-        time.sleep(float(seconds))
 
 
 def _artifact_files(folder: Path) -> list[Path]:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from stages.registry import STAGE_ORDER, missing_inputs
+from stages.registry import STAGE_ORDER, STAGES, missing_inputs
 
 StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the registry's stages, in pipeline order
 DEFAULT_CONFIG_NAME = "default.yaml"
@@ -234,6 +234,24 @@ class PipelineConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _with_plugin_sections(base: type[PipelineConfig]) -> type[PipelineConfig]:
+    """``base`` plus one section per plugin stage (its ``StageSpec.settings`` model, at its defaults)."""
+    from importlib import import_module
+
+    from pydantic import create_model
+
+    sections: dict[str, Any] = {}
+    for stage in STAGES:
+        if stage.settings is not None:
+            module, _, name = stage.settings.partition(":")
+            model = getattr(import_module(module), name)
+            sections[stage.name] = (model, model())
+    return create_model("PipelineConfig", __base__=base, **sections) if sections else base
+
+
+PipelineConfig = _with_plugin_sections(PipelineConfig)  # type: ignore[misc]
 
 
 def default_config_text() -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,10 +43,33 @@ class DataError(ValueError):
 
 
 def load_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
-    """Load and validate every record of ``source`` for ``kind``."""
+    """Load and validate every record of ``source`` for ``kind`` (fresh dicts, the caller's to change).
+
+    Once per process while the file is unchanged: the CLI's checks, the memory plan, each cache key and
+    the stage's own training all read the same datasets.
+    """
+    return [dict(record) for record in _cached_records(source, kind, task_cfg, _file_stamp(source))]
+
+
+def _file_stamp(source: str) -> tuple[int, int] | None:
+    """(modification time, size) of a dataset file, so an edited file is read again; None otherwise."""
+    try:
+        stat = Path(source).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@lru_cache(maxsize=16)
+def _cached_records(source: str, kind: DataKind, task_cfg: TaskSection, stamp: tuple[int, int] | None
+                    ) -> tuple[Record, ...]:
+    return tuple(_read_records(source, kind, task_cfg))
+
+
+def _read_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
     if source == "builtin":
-        builders = {"sft": arithmetic.sft_records, "preferences": arithmetic.preference_records, "eval": arithmetic.eval_records,
-                    "ranked": arithmetic.ranked_records}
+        builders = {"sft": arithmetic.sft_records, "preferences": arithmetic.preference_records,
+                    "eval": arithmetic.eval_records, "ranked": arithmetic.ranked_records}
         return builders[kind](task_cfg)
     if source.startswith("hf:"):
         return _validated(_hf_rows(source), kind, source, "row")

@@ -50,63 +50,71 @@ def code_version(stage: str, package_dir: Path | None = None) -> str:
     recipe's package it imports, transitively (``code_files``); its registry entry; and the pinned
     numeric libraries. Editing RRHF's recipe leaves SFT cached, editing a loss invalidates the stages
     that import it. The registry file itself is left out (adding a stage changes no other stage's key):
-    the entry's fields stand in for it. ``package_dir``: see ``code_files``."""
+    the entry's fields stand in for it. ``package_dir`` replaces where ``stages`` is read from (tests)."""
     entry = spec(stage)
     digest = hashlib.sha256(json.dumps(entry.identity(), sort_keys=True).encode())
-    root = package_dir or Path(_package_dir(entry.module.split(".")[0]))
-    for path in code_files(entry.module, root):
-        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    roots = {"stages": package_dir or _source_root("stages")}
+    top = entry.module.split(".")[0]
+    roots.setdefault(top, _source_root(top))  # a plugin's recipe lives in a package (or file) of its own
+    for name, path in code_files(entry.module, roots).items():
+        digest.update(name.encode() + path.read_bytes())
     for name in _VERSIONED:
         digest.update(f"{name}=={metadata.version(name)}".encode())
     return digest.hexdigest()[:16]
 
 
-def code_files(module: str, package_dir: Path | None = None) -> list[Path]:
-    """The file of ``module`` and of every module of its top-level package that it imports, directly or
-    through others, read statically (``ast``: imports inside functions count; nothing is executed, so the
-    flow never imports torch for this). ``package_dir`` overrides where that package lives (tests).
+def code_files(module: str, roots: dict[str, Path]) -> dict[str, Path]:
+    """``{module name: file}`` of ``module`` and of every module it imports from the packages in
+    ``roots`` (top-level name -> its source: a package folder, or a one-file module), directly or through
+    others. Read statically (``ast``: imports inside functions count; nothing runs, so the flow never
+    imports torch for this). The registry is left out (``code_version``).
 
     Raises ``ModuleNotFoundError`` when ``module`` itself has no file.
     """
-    top = module.split(".")[0]
-    root = package_dir or Path(_package_dir(top))
     files: dict[str, Path] = {}
     todo = [module]
     while todo:
         name = todo.pop()
         if name in files or name == REGISTRY_MODULE:
             continue
-        path = _module_file(root, name.split(".")[1:])
+        path = _module_file(roots, name)
         if path is None:
             if name == module:
-                raise ModuleNotFoundError(f"{module}: no such module under {root}")
+                raise ModuleNotFoundError(f"{module}: no such module in {sorted(map(str, roots.values()))}")
             continue  # a name imported from a module (``from stages.io.config import ConfigError``)
         files[name] = path
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
-                todo += [alias.name for alias in node.names if alias.name.split(".")[0] == top]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == top:
+                todo += [alias.name for alias in node.names if alias.name.split(".")[0] in roots]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in roots:
                 todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-    return sorted(files.values())
+    return dict(sorted(files.items()))
 
 
 REGISTRY_MODULE = "stages.registry"
 
 
-def _package_dir(top: str) -> str:
+def _source_root(top: str) -> Path:
+    """Where top-level package (its folder) or module (its file) ``top`` lives, found without importing it."""
     found = find_spec(top)
-    if found is None or not found.submodule_search_locations:
-        raise ModuleNotFoundError(f"{top}: not an importable package")
-    return list(found.submodule_search_locations)[0]
+    if found is None or found.origin is None and not found.submodule_search_locations:
+        raise ModuleNotFoundError(f"{top}: not importable")
+    if found.submodule_search_locations:
+        return Path(list(found.submodule_search_locations)[0])
+    return Path(found.origin)
 
 
-def _module_file(root: Path, parts: list[str]) -> Path | None:
-    """``root/a/b.py`` or ``root/a/b/__init__.py`` for module ``<top>.a.b``; the package itself for no parts."""
+def _module_file(roots: dict[str, Path], name: str) -> Path | None:
+    """The file of module ``name`` under ``roots``: ``a/b.py`` or ``a/b/__init__.py``; None if it is not one."""
+    top, *parts = name.split(".")
+    root = roots.get(top)
+    if root is None:
+        return None
+    if root.is_file():  # a one-file module: nothing below it
+        return None if parts else root
     base = root.joinpath(*parts)
-    for candidate in (base.with_suffix(".py") if parts else None, base / "__init__.py"):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    return None
+    candidates = ([base.with_suffix(".py")] if parts else []) + [base / "__init__.py"]
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, Any]:
