@@ -269,7 +269,7 @@ def _usage_error(message: str) -> Exception:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flows.stage_task import StageFailed
+    from flows.launch import StageFailed
     from stages.training.runner import USER_ERRORS
 
     try:

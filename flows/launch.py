@@ -11,8 +11,12 @@ from stages.io.deepspeed_config import INFRA, check_launch, deepspeed_config_pat
 from stages.registry import spec
 
 
+class StageFailed(RuntimeError):
+    """A stage process exited non-zero; the message carries its last lines and the log's path."""
+
+
 def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], machine_rank: int = 0) -> list[str]:
-    """``accelerate launch`` of ``python -m stages.<stage>`` with the configured DeepSpeed preset."""
+    """``accelerate launch`` of ``python -m <recipe>`` with the configured DeepSpeed preset."""
     dist = cfg.distributed
     check_launch(stage, cfg)  # fail before launching anything
     preset = dist.deepspeed if dist.deepspeed in DEEPSPEED_PRESETS else "zero2"

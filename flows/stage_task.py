@@ -1,8 +1,8 @@
 """One stage of a run, as a Prefect task: reuse the cached artifact when the key matches, else launch the
 stage module.
 
-Stages run as ``python -m stages.<name>`` in a child process (the same command a user can run by hand),
-or as ``accelerate launch ... -m stages.<name>`` for a stage with ``launcher: accelerate``, so the flow
+Stages run as ``python -m <recipe>`` in a child process (the same command a user can run by hand),
+or as ``accelerate launch ... -m <recipe>`` for a stage with ``launcher: accelerate``, so the flow
 process never imports torch and a crashed stage cannot corrupt the flow's state. The child's output is
 streamed to the terminal and the Prefect log (progress bars included) and kept in ``<run>/logs/<stage>.log``.
 """
@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
 from flows.cache import ArtifactCache
-from flows.launch import accelerate_command, launch_env
+from flows.launch import StageFailed, accelerate_command, launch_env
 from flows.run_dir import CONFIG, record_status
 from stages.io import artifacts
 from stages.io.config import PipelineConfig, load_config
@@ -64,10 +64,6 @@ def publish_stage_artifacts(stage: str, run_dir: Path, result: dict[str, Any]) -
                   f"- artifact: `{result['artifact']}`\n- report: `{run_dir / 'report.html'}`\n"),
         description=f"where the {stage} adapter is",
     )
-
-
-class StageFailed(RuntimeError):
-    """A stage process exited non-zero; the message carries its last lines and the log's path."""
 
 
 def run_or_reuse(stage: str, run_dir: Path, inputs: dict[str, Path], force: bool = False) -> dict[str, Any]:

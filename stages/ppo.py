@@ -270,7 +270,6 @@ def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig) -> dict[st
     return {"task_score": score, "policy_reward": sum(rewards) / len(rewards)}
 
 
-
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     ppo = cfg.ppo

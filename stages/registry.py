@@ -99,12 +99,19 @@ PLUGIN_GROUP = "rlhf.stages"
 
 def plugin_stages() -> tuple[StageSpec, ...]:
     """Stages that installed packages add through the ``rlhf.stages`` entry-point group, by name; each
-    entry point names a ``StageSpec`` of the same name, in a module light enough to import here."""
+    entry point names a ``StageSpec`` of the same name. Its module is imported while this registry loads:
+    at its top it may import ``stages.registry`` and pydantic only (the recipe's other imports go inside
+    its functions, as in the built-in recipes)."""
     from importlib.metadata import entry_points
 
     found = []
     for point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda p: p.name):
-        stage = point.load()
+        try:
+            stage = point.load()
+        except ImportError as err:  # most often a spec module that imports stages.* beyond this registry
+            raise ImportError(f"entry point {point.name} = {point.value} ({PLUGIN_GROUP}): {err}; the module that "
+                              "holds the StageSpec is imported while this registry loads, so it may import "
+                              "stages.registry and pydantic, not other stages.* modules at its top") from err
         if not isinstance(stage, StageSpec) or stage.name != point.name or stage.settings is None:
             raise TypeError(f"entry point {point.name} = {point.value} ({PLUGIN_GROUP}): expected a StageSpec named "
                             f"{point.name!r} with its settings (its config section)")

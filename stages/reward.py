@@ -216,7 +216,6 @@ def reward_of(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTraine
     return [s - (0.0 if done else missing_eos_penalty) for s, done in zip(scores, finished)]
 
 
-
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     rows = 2 * min(cfg.reward.batch_size, data.pairs)  # chosen and rejected in one forward

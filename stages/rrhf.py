@@ -185,7 +185,6 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start}
 
 
-
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     rrhf, online = cfg.rrhf, cfg.data.ranked is None

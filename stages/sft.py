@@ -154,7 +154,6 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     }
 
 
-
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     rows = min(cfg.sft.batch_size, data.demos)  # the data loader's last batch is never larger than the data

@@ -12,7 +12,7 @@ def test_a_log_gets_plain_lines_without_cursor_movements(monkeypatch: pytest.Mon
     monkeypatch.setattr(progress_module, "LINE_EVERY_S", 0.0)  # a line at every step
     assert list(progress(range(3), desc="reward", unit="step", initial=2, total=5)) == [0, 1, 2]
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(" (")[0] for line in lines] == ["reward: 3/5 steps", "reward: 4/5 steps", "reward: 5/5 steps"]
+    assert [line.split(" (")[0] for line in lines] == ["reward: step 3/5", "reward: step 4/5", "reward: step 5/5"]
     monkeypatch.setattr(progress_module, "LINE_EVERY_S", 3600.0)
     assert list(progress(range(4), desc="rollout", unit="batch", leave=False)) == [0, 1, 2, 3]
     assert capsys.readouterr().err == ""  # a short inner loop leaves nothing behind

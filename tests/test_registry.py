@@ -68,6 +68,7 @@ def test_each_stage_is_versioned_by_its_own_code(tmp_path: Path) -> None:
     assert "objectives/losses.py" not in files["sft"] and "registry.py" not in files["sft"]
     assert {"reward.py", "objectives/losses.py", "training/loop.py", "model/adapters.py"} <= files["ppo"]
     assert "rrhf.py" not in files["ppo"] | files["reward"] | files["sft"]
+    assert not any(f.startswith("memory/") or f == "io/progress.py" for f in files["ppo"])  # no effect on results
 
     before = versions()
     assert len(set(before.values())) == len(before)  # no two stages share a version
@@ -81,3 +82,29 @@ def test_each_stage_is_versioned_by_its_own_code(tmp_path: Path) -> None:
     assert {s for s in before if after_recipe[s] != after_loss[s]} == {"reward", "rrhf", "ppo"}
     code_version.cache_clear()
     assert versions() == after_loss  # a digest of the files, not of when it was taken
+
+
+def test_code_files_follow_relative_imports_and_package_inits(tmp_path: Path) -> None:
+    """A plugin package's recipe: relative imports, a parent package's __init__, and the stages it uses."""
+    package = tmp_path / "plugin"
+    (package / "inner").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "inner" / "__init__.py").write_text("from . import helper\n")
+    (package / "inner" / "helper.py").write_text("from ..shared import VALUE\n")
+    (package / "shared.py").write_text("VALUE = 1\n")
+    (package / "inner" / "recipe.py").write_text("from .helper import x\nfrom stages.objectives import losses\n")
+    files = code_files("plugin.inner.recipe", {"plugin": package, "stages": REPO / "stages"})
+    assert set(files) == {"plugin", "plugin.inner", "plugin.inner.recipe", "plugin.inner.helper", "plugin.shared",
+                          "stages", "stages.objectives", "stages.objectives.losses"}
+
+
+def test_a_plugin_stage_cannot_shadow_a_config_section_or_lack_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.io import config
+    from stages.registry import StageSpec
+
+    monkeypatch.setattr(config, "STAGES", (StageSpec("eval", ("eval",), settings="stages.io.config:EvalSection"),))
+    with pytest.raises(TypeError, match="the config already has a 'eval'"):
+        config._with_plugin_sections(config.PipelineConfig)
+    monkeypatch.setattr(config, "STAGES", (StageSpec("toy", ("toy",), settings="stages.io.config:EvalSection"),))
+    with pytest.raises(TypeError, match="must name a pydantic model with a launcher field"):
+        config._with_plugin_sections(config.PipelineConfig)

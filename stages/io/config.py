@@ -244,10 +244,16 @@ def _with_plugin_sections(base: type[PipelineConfig]) -> type[PipelineConfig]:
 
     sections: dict[str, Any] = {}
     for stage in STAGES:
-        if stage.settings is not None:
-            module, _, name = stage.settings.partition(":")
-            model = getattr(import_module(module), name)
-            sections[stage.name] = (model, model())
+        if stage.settings is None:
+            continue
+        if stage.name in base.model_fields or hasattr(base, stage.name):
+            raise TypeError(f"plugin stage {stage.name!r}: the config already has a {stage.name!r}; choose another name")
+        module, _, name = stage.settings.partition(":")
+        model = getattr(import_module(module), name, None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel) and "launcher" in model.model_fields):
+            raise TypeError(f"plugin stage {stage.name!r}: settings {stage.settings!r} must name a pydantic model "
+                            "with a launcher field")
+        sections[stage.name] = (model, model())
     return create_model("PipelineConfig", __base__=base, **sections) if sections else base
 
 

@@ -15,6 +15,7 @@ token budget, which needs the stage's tokenizer (docs/errors.md says what each s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def load_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Rec
     Once per process while the file is unchanged: the CLI's checks, the memory plan, each cache key and
     the stage's own training all read the same datasets.
     """
-    return [dict(record) for record in _cached_records(source, kind, task_cfg, _file_stamp(source))]
+    return copy.deepcopy(list(_cached_records(source, kind, task_cfg, _file_stamp(source))))
 
 
 def _file_stamp(source: str) -> tuple[int, int] | None:

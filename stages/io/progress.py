@@ -57,6 +57,5 @@ def _plain_lines(iterable: Iterable[T], desc: str, unit: str, total: int | None,
         if now - last >= LINE_EVERY_S or (leave and done == total):
             of = f"/{total}" if total is not None else ""
             rate = (done - initial) / max(now - started, 1e-9)
-            print(f"{desc}: {done}{of} {unit}s ({rate:.2f} {unit}/s, {now - started:.0f}s)", file=sys.stderr,
-                  flush=True)
+            print(f"{desc}: {unit} {done}{of} ({rate:.2f}/s, {now - started:.0f}s)", file=sys.stderr, flush=True)
             last = now

@@ -50,7 +50,7 @@ def code_version(stage: str, package_dir: Path | None = None) -> str:
     recipe's package it imports, transitively (``code_files``); its registry entry; and the pinned
     numeric libraries. Editing RRHF's recipe leaves SFT cached, editing a loss invalidates the stages
     that import it. The registry file itself is left out (adding a stage changes no other stage's key):
-    the entry's fields stand in for it. ``package_dir`` replaces where ``stages`` is read from (tests)."""
+    the entry's fields stand in for it; so are the memory plan and progress output (``NOT_RESULTS``). ``package_dir`` replaces where ``stages`` is read from (tests)."""
     entry = spec(stage)
     digest = hashlib.sha256(json.dumps(entry.identity(), sort_keys=True).encode())
     roots = {"stages": package_dir or _source_root("stages")}
@@ -67,7 +67,8 @@ def code_files(module: str, roots: dict[str, Path]) -> dict[str, Path]:
     """``{module name: file}`` of ``module`` and of every module it imports from the packages in
     ``roots`` (top-level name -> its source: a package folder, or a one-file module), directly or through
     others. Read statically (``ast``: imports inside functions count; nothing runs, so the flow never
-    imports torch for this). The registry is left out (``code_version``).
+    imports torch for this). Relative imports are resolved, ancestor packages' ``__init__`` files count, and
+    ``NOT_RESULTS`` are left out.
 
     Raises ``ModuleNotFoundError`` when ``module`` itself has no file.
     """
@@ -75,7 +76,7 @@ def code_files(module: str, roots: dict[str, Path]) -> dict[str, Path]:
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in files or name == REGISTRY_MODULE:
+        if name in files or _left_out(name):
             continue
         path = _module_file(roots, name)
         if path is None:
@@ -83,15 +84,33 @@ def code_files(module: str, roots: dict[str, Path]) -> dict[str, Path]:
                 raise ModuleNotFoundError(f"{module}: no such module in {sorted(map(str, roots.values()))}")
             continue  # a name imported from a module (``from stages.io.config import ConfigError``)
         files[name] = path
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo += [package.rsplit(".", depth)[0] for depth in range(package.count(".") + 1)]  # its __init__ files run
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names if alias.name.split(".")[0] in roots]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] in roots:
-                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(node, package)
+                if base.split(".")[0] in roots:
+                    todo += [base, *(f"{base}.{alias.name}" for alias in node.names)]
     return dict(sorted(files.items()))
 
 
-REGISTRY_MODULE = "stages.registry"
+# Modules that cannot change what a stage computes, left out of every code version: the registry (its
+# entry stands in), the memory plan (estimates only) and progress output.
+NOT_RESULTS = ("stages.registry", "stages.memory", "stages.io.progress")
+
+
+def _left_out(name: str) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in NOT_RESULTS)
+
+
+def _absolute(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module of ``from <module> import ...``, relative ones resolved against ``package``."""
+    if node.level == 0:
+        return node.module or ""
+    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+    return f"{parent}.{node.module}" if node.module else parent
 
 
 def _source_root(top: str) -> Path:

@@ -18,8 +18,6 @@ from stages.memory.plan import DTYPE_BYTES, DataShape, Device, ModelShape, Paral
 from stages.model.backbone import resolve_backbone
 
 DEEPSPEED_DIR = INFRA / "deepspeed"
-# What the presets say, for an install without infra/ (a wheel): stage, offload optimizer, offload params.
-PRESET_FALLBACK = {"zero2": (2, False, False), "zero3": (3, False, False), "zero3_offload": (3, True, True)}
 # BOS before a prompt and EOS after a response: tokenizers may add them on top of the text's tokens.
 SPECIAL_TOKENS = 2
 
@@ -161,8 +159,6 @@ def read_zero_config(deepspeed: str) -> tuple[int, bool, bool]:
     """(zero stage, optimizer offloaded, params offloaded) of a preset name or a DeepSpeed JSON path."""
     path = DEEPSPEED_DIR / f"{deepspeed}.json" if deepspeed in DEEPSPEED_PRESETS else Path(deepspeed).expanduser()
     if not path.is_file():
-        if deepspeed in PRESET_FALLBACK:
-            return PRESET_FALLBACK[deepspeed]
         raise ConfigError(f"distributed.deepspeed: {deepspeed}: no such file")
     try:
         zero = json.loads(path.read_text()).get("zero_optimization", {})

@@ -39,8 +39,12 @@ def generate(
     model.eval()
     # HF sampling draws from the global generators: seed a fork of them, so the caller's streams go on as before.
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    on_cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU, unforked
+        if on_cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         try:
             for start in progress(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
                 # Left padding: decoder-only batches must end where generation starts.

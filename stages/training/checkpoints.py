@@ -40,7 +40,8 @@ def checkpoint_root(out: Path) -> Path:
 
 
 class Checkpointer:
-    """Saves and restores one stage's training state: its trainable adapters, heads and optimizer."""
+    """Saves and restores one stage's training state: its trainable adapters, heads and updater, and per
+    rank the CPU torch generator and the training loop's samplers (``save``/``resume`` take them)."""
 
     def __init__(self, final: Path, cache_key: str, updater: "Updater", model: "PeftModel", adapters: list[str],
                  heads: dict[str, "torch.nn.Linear"], fingerprint: str, dist: Distributed = LOCAL) -> None:

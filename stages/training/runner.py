@@ -99,6 +99,7 @@ def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
 
 def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     """``main()`` of a stage module: user errors become one line on stderr and exit status 2."""
+    quiet_other_ranks()
     args = parse_args(stage, argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -109,6 +110,16 @@ def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
         sys.exit(2)
     if manifest is not None:
         print(f"{stage}: published {args.out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
+
+
+def quiet_other_ranks() -> None:
+    """On ranks other than the main one of an ``accelerate launch``, libraries' own tqdm bars (datasets,
+    weight loading) stay silent: one progress display per stage. Called first thing in a stage process,
+    before anything imports tqdm (which reads ``TQDM_DISABLE`` when it is imported)."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _parse_input(item: str) -> tuple[str, Path]:

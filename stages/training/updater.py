@@ -85,7 +85,11 @@ class Updater:
         gradient once per micro-step, during the backward, so under DeepSpeed the losses are summed and
         take one backward in ``finish_micro_step``.
         """
-        self.check_finite(loss, what)
+        try:
+            self.check_finite(loss, what)
+        except NonFiniteLoss:
+            self._pending = None  # nothing of this micro-step reaches the weights
+            raise
         if self.engine is None:
             (loss / self.accumulation).backward()
         else:
@@ -99,6 +103,8 @@ class Updater:
         update = boundary or self.micro_steps % self.accumulation == 0
         if self.engine is not None:
             loss, self._pending = self._pending, None
+            if loss is None:
+                raise RuntimeError("finish_micro_step without a loss: call add_loss first")
             self.engine.set_gradient_accumulation_boundary(update)  # before backward: ZeRO reduces at the boundary
             self.engine.backward(loss)  # divides by gradient_accumulation_steps, as the local path does
             if update:
