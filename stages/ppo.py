@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import load_records
+from stages.io.data import load_records, measure_lengths, rollout_prompts, source_name
+from stages.io.formats import Prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
@@ -36,6 +37,7 @@ from stages.model.sequences import (
     token_logprobs_and_entropy,
     token_values,
 )
+from stages.model.tokenization import Tokenization
 from stages.objectives.kl_control import build_kl_controller
 from stages.objectives.losses import (
     gae_advantages,
@@ -57,7 +59,6 @@ from stages.training.updater import Updater
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
 
 REFERENCE, POLICY, REWARD, VALUE = "reference", "policy", "reward", "value"
 TRAINABLE = [POLICY, VALUE]
@@ -71,7 +72,7 @@ class PPOModels:
     two small heads. Not RL's "actor": the policy is only one adapter of it."""
 
     model: "PeftModel"
-    tokenizer: "PreTrainedTokenizerBase"
+    tokenization: Tokenization
     reward_head: "torch.nn.Linear"
     value_head: "torch.nn.Linear"
     fingerprint: str
@@ -101,26 +102,28 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
 
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     fp = backbone.fingerprint
+    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, fp)
     model = load_adapter(model, inputs["sft"], POLICY, fp, trainable=True)
-    model, reward_head = attach_reward(model, inputs["reward"], backbone.tokenizer, fp)
+    model, reward_head = attach_reward(model, inputs["reward"], tokenization, fp)
     model = load_adapter(model, inputs["reward"], VALUE, fp, trainable=True)
     value_head = copy.deepcopy(reward_head).requires_grad_(True)
     model.set_adapter(POLICY)
     set_trainable(model, TRAINABLE)  # after set_adapter, which would silently freeze the value adapter
-    return PPOModels(model, backbone.tokenizer, reward_head, value_head, fp)
+    return PPOModels(model, tokenization, reward_head, value_head, fp)
 
 
-def collect_rollout(models: PPOModels, prompts: list[str], cfg: PipelineConfig, kl_coef: float,
+def collect_rollout(models: PPOModels, prompts: list[Prompt], cfg: PipelineConfig, kl_coef: float,
                     seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
-    """Sample with the policy, then score the samples (``score_rollout``)."""
+    """Sample with the policy, then score the sampled ids (``score_rollout``)."""
     import torch
 
-    model, ppo = models.model, cfg.ppo
+    model, ppo, tokenization = models.model, cfg.ppo, models.tokenization
     with active_adapter(model, POLICY):
-        samples = generate(model, models.tokenizer, prompts, max_new_tokens=ppo.max_new_tokens,
-                           temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
-    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], models.tokenizer.pad_token_id)
+        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts],
+                           max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
+                           batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
+    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id)
     return score_rollout(models, batch, torch.tensor([s.finished for s in samples]), cfg, kl_coef, dist)
 
 
@@ -217,8 +220,12 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                              stage="ppo", adapter_kind=cfg.adapter.kind, learning_rate=ppo.learning_rate)
     updater = ppo_updater(models, cfg, dist)
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
-    prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
+    prompts = rollout_prompts(cfg.data, cfg.task)
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
+    context = model.get_base_model().config.max_position_embeddings
+    measure_lengths([{"prompt": p} for p in prompts], "prompts", source_name(cfg.data.prompts or cfg.data.sft),
+                    models.tokenization, context)  # a conversational prompt without a template fails here
+    measure_lengths(held_out, "eval", source_name(cfg.data.eval), models.tokenization, context)
 
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, TRAINABLE,
                                 {"value_head": models.value_head}, models.fingerprint, dist)
@@ -246,7 +253,7 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     metrics["task_score_sft"] = read_manifest(inputs["sft"])["metrics"]["task_score"]
 
     with active_adapter(model, POLICY):
-        save_probe(model, models.tokenizer, out)
+        save_probe(model, models.tokenization.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     save_adapter(model, VALUE, out / "value")
     save_head(models.value_head, out / VALUE_HEAD, models.fingerprint)
@@ -259,14 +266,13 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
 
 def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig) -> dict[str, float]:
     """Held-out task_score of the policy and the mean reward of its held-out samples."""
-    model, tokenizer = models.model, models.tokenizer
+    model, tokenization = models.model, models.tokenization
     with active_adapter(model, POLICY):
-        score = task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (ppo)")
-        prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
-        samples = generate(model, tokenizer, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
+        score = task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (ppo)")
+        prompts = [tokenization.prompt_ids(r["prompt"]) for r in held_out[: cfg.eval.num_prompts]]
+        samples = generate(model, tokenization, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
                            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-    rewards = reward_of(model, models.reward_head, tokenizer, prompts, [s.text for s in samples],
-                        [s.finished for s in samples], cfg.ppo.missing_eos_penalty)
+    rewards = reward_of(model, models.reward_head, samples, tokenization.pad_id, cfg.ppo.missing_eos_penalty)
     return {"task_score": score, "policy_reward": sum(rewards) / len(rewards)}
 
 

@@ -41,6 +41,7 @@ class StageSpec:
     inputs: tuple[str, ...] = ()
     unless_data: dict[str, str] = field(default_factory=dict)
     datasets: tuple[str, ...] = ()
+    optional_datasets: tuple[str, ...] = ()  # read when configured (``data.prompts``: PPO/RRHF rollouts)
     step_key: str = "step"  # the history's x axis ("update" for PPO)
     samples_while_training: bool = False  # generates from the policy every step: refused under ZeRO-3
     # Below this a P-tuning v2 prefix barely learns (docs/architecture.md, "P-tuning v2 learning rates").
@@ -63,7 +64,8 @@ class StageSpec:
     def identity(self) -> dict[str, Any]:
         """The fields that change what the stage computes: they enter its code version (cache key)."""
         return {"name": self.name, "module": self.module, "sections": list(self.sections), "inputs": list(self.inputs),
-                "unless_data": self.unless_data, "datasets": list(self.datasets)}
+                "unless_data": self.unless_data, "datasets": list(self.datasets),
+                "optional_datasets": list(self.optional_datasets)}
 
     def needed_inputs(self, cfg: Any) -> tuple[str, ...]:
         """Upstream artifacts this stage reads under ``cfg`` (an optional one only without its data)."""
@@ -75,8 +77,8 @@ class StageSpec:
 
     def needed_datasets(self, cfg: Any) -> tuple[str, ...]:
         """``data.*`` kinds this stage reads under ``cfg``."""
-        replacing = tuple(kind for kind in self.unless_data.values() if getattr(cfg.data, kind) is not None)
-        return self.datasets + replacing
+        configured = (*self.unless_data.values(), *self.optional_datasets)
+        return self.datasets + tuple(kind for kind in configured if getattr(cfg.data, kind) is not None)
 
 
 _GENERATIVE = ("backbone", "adapter")  # every stage's result depends on these sections
@@ -87,9 +89,11 @@ BUILTIN: tuple[StageSpec, ...] = (
     StageSpec("reward", (*_GENERATIVE, "reward"), datasets=("preferences",), prefix_min_learning_rate=0.01,
               curves=(Curve("accuracy", "reward model accuracy (train batches)"), Curve("loss", "reward model loss"))),
     StageSpec("rrhf", (*_GENERATIVE, "rrhf", "eval"), inputs=("sft", "reward"), unless_data={"reward": "ranked"},
-              datasets=("sft", "eval"), samples_while_training=True, prefix_min_learning_rate=0.01,
+              datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
+              prefix_min_learning_rate=0.01,
               curves=(Curve("loss", "RRHF loss"),)),
     StageSpec("ppo", (*_GENERATIVE, "ppo", "eval"), inputs=("sft", "reward"), datasets=("sft", "eval"),
+              optional_datasets=("prompts",),
               step_key="update", samples_while_training=True, prefix_min_learning_rate=0.001,
               curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
                       Curve("entropy", "PPO policy entropy"))),

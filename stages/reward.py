@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import ArtifactError, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import Record, load_records, measure_lengths
+from stages.io.data import Record, load_records, measure_lengths, source_name
+from stages.io.formats import prompt_key
 from stages.memory.plan import DataShape, Parallel, Phase, Workload
 from stages.model.adapters import (
     active_adapter,
@@ -32,7 +33,8 @@ from stages.model.adapters import (
 )
 from stages.model.backbone import load_backbone
 from stages.model.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
-from stages.model.sequences import encode
+from stages.model.sequences import from_token_ids
+from stages.model.tokenization import Tokenization
 from stages.objectives.losses import pairwise_reward_loss
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
@@ -44,7 +46,9 @@ from stages.training.updater import Updater
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
+
+    from stages.model.generation import Response
+    from stages.model.sequences import SequenceBatch
 
 ADAPTER_NAME = "reward"
 PROBES = "probe_scores.json"
@@ -54,8 +58,8 @@ EVAL_PAIRS = 64  # held-out pairs scored at once (a memory bound, not a hyper-pa
 
 def split_pairs(pairs: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
     """Hold out whole prompts (by a hash of the prompt), so held-out accuracy measures generalisation."""
-    def held_out(prompt: str) -> bool:
-        return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 1000 < eval_fraction * 1000
+    def held_out(prompt: Any) -> bool:
+        return int(hashlib.sha256(prompt_key(prompt).encode()).hexdigest()[:8], 16) % 1000 < eval_fraction * 1000
 
     train = [p for p in pairs if not held_out(p["prompt"])]
     held = [p for p in pairs if held_out(p["prompt"])]
@@ -64,23 +68,28 @@ def split_pairs(pairs: list[Record], eval_fraction: float) -> tuple[list[Record]
     return train, held
 
 
-def score_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
+def preference_batch(tokenization: Tokenization, pairs: list[Record]) -> "SequenceBatch":
+    """The B chosen rows, then the B rejected rows, of preference pairs: (2B, T)."""
+    prompts = [p["prompt"] for p in pairs]
+    return tokenization.batch(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+
+
+def score_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
                 pairs: list[Record]) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(chosen scores, rejected scores), each (B,), in one forward over both sides."""
-    prompts = [p["prompt"] for p in pairs]
-    batch = encode(tokenizer, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    batch = preference_batch(tokenization, pairs)
     scores = sequence_scores(model, head, batch)  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def evaluate_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
+def evaluate_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
                    pairs: list[Record], batch_size: int = EVAL_PAIRS) -> dict[str, float]:
     import torch
 
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            c, r = score_pairs(model, head, tokenizer, pairs[start : start + batch_size])
+            c, r = score_pairs(model, head, tokenization, pairs[start : start + batch_size])
             chosen.append(c)
             rejected.append(r)
     margin = torch.cat(chosen) - torch.cat(rejected)
@@ -92,10 +101,11 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
 
     out, dist, rm = ctx.staging, ctx.dist, cfg.reward
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenizer = backbone.tokenizer
+    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
     pairs = load_records(cfg.data.preferences, "preferences", cfg.task)
     context = backbone.model.config.max_position_embeddings
-    if dist.is_main and (warning := measure_lengths(pairs, "preferences", cfg.data.preferences, tokenizer, context).warning()):
+    lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)
+    if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; pairs are scored whole, past the backbone's {context}-token context", flush=True)
     train, held = split_pairs(pairs, rm.eval_fraction)
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
@@ -115,7 +125,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
 
     def train_step(step: int, log: bool) -> dict[str, float] | None:
         batch = dist.shard([train[i] for i in batches.next()])  # every rank draws the global batch, trains its share
-        chosen, rejected = score_pairs(model, head, tokenizer, batch)
+        chosen, rejected = score_pairs(model, head, tokenization, batch)
         loss = pairwise_reward_loss(chosen, rejected)
         updater.step(loss, what=f"reward loss at step {step}")
         if not log:
@@ -126,8 +136,8 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     model.train()
     history = loop.run(train_step)
     model.eval()
-    metrics = evaluate_pairs(model, head, tokenizer, held)
-    probes = _probe_scores(model, head, tokenizer, held[:8])
+    metrics = evaluate_pairs(model, head, tokenization, held)
+    probes = _probe_scores(model, head, tokenization, held[:8])
 
     with gathered(dist, updater.module):
         save_adapter(model, ADAPTER_NAME, out / "adapter")
@@ -173,29 +183,39 @@ class EpochBatches:
         self.order = list(state["order"])
 
 
-def _probe_scores(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
+def _probe_scores(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
                   pairs: list[Record]) -> list[dict[str, Any]]:
+    """Held-out (prompt, response) texts with the ids they were scored on and their scores."""
     import torch
 
     probes = [{"prompt": p["prompt"], "response": p[side]} for p in pairs for side in ("chosen", "rejected")]
+    rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
     with torch.no_grad():
-        scores = sequence_scores(model, head, encode(tokenizer, [p["prompt"] for p in probes],
-                                                     [p["response"] for p in probes]))
-    return [{**probe, "score": score} for probe, score in zip(probes, scores.tolist())]
+        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id))
+    return [{**probe, "ids": prompt + response, "score": score}
+            for probe, (prompt, response), score in zip(probes, rows, scores.tolist())]
 
 
-def attach_reward(model: "PeftModel | torch.nn.Module", folder: Path, tokenizer: "PreTrainedTokenizerBase",
+def attach_reward(model: "PeftModel | torch.nn.Module", folder: Path, tokenization: Tokenization,
                   backbone_fingerprint: str) -> tuple["PeftModel", "torch.nn.Linear"]:
     """Load a reward artifact onto the shared backbone as adapter ``reward`` plus its head, and prove it
-    scores the reward stage's probe texts exactly as the reward stage did."""
+    scores the reward stage's probe texts exactly as the reward stage did: the same token ids (the
+    tokenization contract holds across the two stages), then the same scores."""
     import torch
 
     model = load_adapter(model, folder, ADAPTER_NAME, backbone_fingerprint)
     head = load_head(Path(folder) / SCORE_HEAD, model.get_base_model().config.hidden_size, backbone_fingerprint)
     probes = json.loads((Path(folder) / PROBES).read_text())
+    rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
+    changed = [p for p, (prompt, response) in zip(probes, rows) if p["ids"] != prompt + response]
+    if changed:
+        raise ArtifactError(
+            f"{folder}: this stage tokenizes the reward model's probe text {changed[0]['prompt']!r} + "
+            f"{changed[0]['response']!r} into other ids than the reward stage did; the tokenizer or "
+            "data.chat_template differs between the stages, so the rewards would be wrong"
+        )
     with active_adapter(model, ADAPTER_NAME), torch.no_grad():
-        batch = encode(tokenizer, [p["prompt"] for p in probes], [p["response"] for p in probes])
-        scores = sequence_scores(model, head, batch)
+        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id))
     expected = torch.tensor([p["score"] for p in probes])
     worst = (scores - expected).abs().max().item()
     if worst > PROBE_TOLERANCE:
@@ -206,14 +226,16 @@ def attach_reward(model: "PeftModel | torch.nn.Module", folder: Path, tokenizer:
     return model, head
 
 
-def reward_of(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase", prompts: list[str],
-              responses: list[str], finished: list[bool], missing_eos_penalty: float) -> list[float]:
-    """Reward-model scores (reward adapter active), minus a penalty for responses that never stopped."""
+def reward_of(model: "PeftModel", head: "torch.nn.Linear", samples: list["Response"], pad_id: int,
+              missing_eos_penalty: float) -> list[float]:
+    """Reward-model scores of sampled responses, on the ids that were sampled (reward adapter active),
+    minus a penalty for responses that never stopped."""
     import torch
 
+    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id)
     with active_adapter(model, ADAPTER_NAME), torch.no_grad():
-        scores = sequence_scores(model, head, encode(tokenizer, prompts, responses, finished)).tolist()
-    return [s - (0.0 if done else missing_eos_penalty) for s, done in zip(scores, finished)]
+        scores = sequence_scores(model, head, batch).tolist()
+    return [score - (0.0 if s.finished else missing_eos_penalty) for score, s in zip(scores, samples)]
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import ConfigError, PipelineConfig
-from stages.io.data import load_records
+from stages.io.data import load_records, measure_lengths, rollout_prompts, source_name
+from stages.io.formats import Prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
 from stages.model.generation import generate
 from stages.model.probes import save_probe
-from stages.model.sequences import encode, token_logprobs
+from stages.model.sequences import from_token_ids, token_logprobs
+from stages.model.tokenization import Tokenization
 from stages.objectives.losses import rrhf_loss
 from stages.reward import attach_reward, reward_of
 from stages.training import runner
@@ -39,7 +41,6 @@ from stages.training.updater import Updater
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
 
 POLICY = "policy"
 # Memory bounds, not hyper-parameters: prompts sampled at once, groups scored at once for ranking accuracy.
@@ -48,41 +49,45 @@ GENERATION_BATCH, RANKING_GROUPS = 64, 16
 
 @dataclass
 class Group:
-    """One prompt's candidates and their rewards."""
+    """One prompt's candidates, their token ids (what is trained on) and their rewards."""
 
-    prompt: str
-    responses: list[str]
+    prompt: Prompt
+    responses: list[str]  # texts, for logs
     finished: list[bool]
     rewards: list[float]
+    response_ids: list[list[int]]  # the sampled ids (end token included when finished), or the contract's
 
 
-def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenizer: "PreTrainedTokenizerBase",
-                  prompts: list[str], cfg: PipelineConfig) -> list[Group]:
-    """k policy samples per prompt, scored by the reward model."""
+def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
+                  prompts: list[Prompt], cfg: PipelineConfig) -> list[Group]:
+    """k policy samples per prompt, scored by the reward model on the ids that were sampled."""
     k = cfg.rrhf.num_candidates
-    repeated = [p for p in prompts for _ in range(k)]
     with active_adapter(model, POLICY):
-        samples = generate(model, tokenizer, repeated, max_new_tokens=cfg.rrhf.max_new_tokens,
-                           temperature=cfg.rrhf.temperature, batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1,
-                           desc="rrhf candidates")
-    texts, finished = [s.text for s in samples], [s.finished for s in samples]
-    rewards = reward_of(model, head, tokenizer, repeated, texts, finished, cfg.rrhf.missing_eos_penalty)
-    return [Group(p, texts[i * k : (i + 1) * k], finished[i * k : (i + 1) * k], rewards[i * k : (i + 1) * k])
-            for i, p in enumerate(prompts)]
+        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts for _ in range(k)],
+                           max_new_tokens=cfg.rrhf.max_new_tokens, temperature=cfg.rrhf.temperature,
+                           batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1, desc="rrhf candidates")
+    rewards = reward_of(model, head, samples, tokenization.pad_id, cfg.rrhf.missing_eos_penalty)
+    groups = []
+    for i, prompt in enumerate(prompts):
+        mine = samples[i * k : (i + 1) * k]
+        groups.append(Group(prompt, [s.text for s in mine], [s.finished for s in mine], rewards[i * k : (i + 1) * k],
+                            [list(s.token_ids) for s in mine]))
+    return groups
 
 
-def offline_groups(source: str, cfg: PipelineConfig) -> list[Group]:
-    rows = load_records(source, "ranked", cfg.task)
-    return [Group(r["query"], r["responses"], [True] * len(r["responses"]), [float(x) for x in r["scores"]]) for r in rows]
+def offline_groups(records: list[dict[str, Any]], tokenization: Tokenization) -> list[Group]:
+    """Groups of ``data.ranked`` rows, each response tokenized by the contract (all finished)."""
+    return [Group(r["query"], r["responses"], [True] * len(r["responses"]), [float(x) for x in r["scores"]],
+                  [tokenization.response_ids(r["query"], text) for text in r["responses"]]) for r in records]
 
 
-def group_logprobs(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase",
+def group_logprobs(model: "PeftModel", tokenization: Tokenization,
                    groups: list[Group]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     """Length-normalised response log-probs (B, K), rewards (B, K) and the mask of real candidates (B, K)."""
     import torch
 
-    flat = [(g.prompt, r, done) for g in groups for r, done in zip(g.responses, g.finished)]
-    batch = encode(tokenizer, [f[0] for f in flat], [f[1] for f in flat], [f[2] for f in flat])
+    rows = [(tokenization.prompt_ids(g.prompt), ids) for g in groups for ids in g.response_ids]
+    batch = from_token_ids(rows, tokenization.pad_id)
     per_token = token_logprobs(model, batch)  # (N, T), 0 off the response
     normalised = per_token.sum(-1) / batch.response_mask.sum(-1).clamp(min=1)  # (N,)
     width = max(len(g.responses) for g in groups)
@@ -99,14 +104,14 @@ def group_logprobs(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase",
     return logprobs, rewards, mask
 
 
-def ranking_accuracy(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", groups: list[Group]) -> float:
+def ranking_accuracy(model: "PeftModel", tokenization: Tokenization, groups: list[Group]) -> float:
     """Share of differently-rewarded candidate pairs that the policy's log-probs order like the reward."""
     import torch
 
     agree = total = 0
     with torch.no_grad():
         for start in range(0, len(groups), RANKING_GROUPS):
-            logprobs, rewards, mask = group_logprobs(model, tokenizer, groups[start : start + RANKING_GROUPS])
+            logprobs, rewards, mask = group_logprobs(model, tokenization, groups[start : start + RANKING_GROUPS])
             valid = mask[:, :, None] & mask[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])  # (B, K, K)
             agree += (valid & (logprobs[:, :, None] > logprobs[:, None, :])).sum().item()
             total += valid.sum().item()
@@ -118,12 +123,14 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
 
     out, inputs, dist, rr = ctx.staging, ctx.inputs, ctx.dist, cfg.rrhf
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenizer = backbone.tokenizer
+    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
+    context = backbone.model.config.max_position_embeddings
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
+    measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
     model = load_adapter(backbone.model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
     head = None
     if not cfg.data.ranked:
-        model, head = attach_reward(model, inputs["reward"], tokenizer, backbone.fingerprint)
+        model, head = attach_reward(model, inputs["reward"], tokenization, backbone.fingerprint)
     model.set_adapter(POLICY)
     set_trainable(model, [POLICY])
     learning = LearningCheck(model, dist, stage="rrhf", adapter_kind=cfg.adapter.kind, learning_rate=rr.learning_rate)
@@ -137,12 +144,16 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if state is not None:  # the candidates are part of the state: resuming never resamples them
         groups = [Group(**g) for g in state["groups"]]
     elif cfg.data.ranked:
-        groups = offline_groups(cfg.data.ranked, cfg)
+        ranked = load_records(cfg.data.ranked, "ranked", cfg.task)
+        measure_lengths(ranked, "ranked", source_name(cfg.data.ranked), tokenization, context)
+        groups = offline_groups(ranked, tokenization)
     else:  # each rank samples candidates for its share of the prompts; then every rank holds all groups
-        prompts = sorted({r["prompt"] for r in load_records(cfg.data.sft, "sft", cfg.task)})
+        prompts = rollout_prompts(cfg.data, cfg.task)
+        measure_lengths([{"prompt": p} for p in prompts], "prompts", source_name(cfg.data.prompts or cfg.data.sft),
+                        tokenization, context)
         random.Random(cfg.run.seed).shuffle(prompts)
-        groups = dist.gather(sample_groups(model, head, tokenizer, dist.shard(prompts[: rr.num_prompts]), cfg))
-    accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenizer, groups)
+        groups = dist.gather(sample_groups(model, head, tokenization, dist.shard(prompts[: rr.num_prompts]), cfg))
+    accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenization, groups)
     if len(groups) < dist.world_size:
         raise ConfigError(f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "
                           "raise rrhf.num_prompts (or add ranked rows) or lower distributed.num_processes")
@@ -150,7 +161,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
 
     def train_step(step: int, log: bool) -> dict[str, float] | None:
         shard = dist.shard(draws.sample(groups, batch_size))
-        logprobs, rewards, mask = group_logprobs(model, tokenizer, shard)
+        logprobs, rewards, mask = group_logprobs(model, tokenization, shard)
         loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=rr.rank_weight)
         share = dist.share_of_global_mean(torch.tensor(len(shard)))  # unequal shards: weigh per group, 1.0 locally
         updater.step(share * loss, what=f"rrhf loss at step {step}")
@@ -165,20 +176,19 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     model.eval()
 
     metrics: dict[str, Any] = {
-        "task_score": task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (rrhf)"),
+        "task_score": task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (rrhf)"),
         "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
         "ranking_accuracy_before": accuracy_before,
-        "ranking_accuracy": ranking_accuracy(model, tokenizer, groups),
+        "ranking_accuracy": ranking_accuracy(model, tokenization, groups),
         "candidate_reward": sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups),
     }
     if head is not None:  # mean reward of the trained policy's own samples on held-out prompts
-        eval_prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
-        samples = generate(model, tokenizer, eval_prompts, max_new_tokens=rr.max_new_tokens,
+        eval_prompts = [tokenization.prompt_ids(r["prompt"]) for r in held_out[: cfg.eval.num_prompts]]
+        samples = generate(model, tokenization, eval_prompts, max_new_tokens=rr.max_new_tokens,
                            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-        rewards = reward_of(model, head, tokenizer, eval_prompts, [s.text for s in samples],
-                            [s.finished for s in samples], rr.missing_eos_penalty)
+        rewards = reward_of(model, head, samples, tokenization.pad_id, rr.missing_eos_penalty)
         metrics["policy_reward"] = sum(rewards) / len(rewards)
-    save_probe(model, tokenizer, out)
+    save_probe(model, tokenization.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
     return {**metrics, "warnings": learning.warnings(history, rr.warmup_steps), "trainable_parameters": count_trainable(model), "groups": len(groups),

@@ -6,6 +6,10 @@ Reads the frozen backbone, attaches one adapter of the configured kind, measures
 base, trains with TRL's ``SFTTrainer`` (loss on completion tokens only), measures ``task_score`` again and
 writes ``adapter/`` (a standard PEFT folder), ``history.json`` (the training log) and the metrics.
 
+SFTTrainer gets the demonstrations pre-tokenized by the tokenization contract (``input_ids`` plus
+``completion_mask``, a format TRL accepts), so SFT trains on exactly the ids the reward model, the RL
+stages and evaluation use for the same (prompt, completion): chat template, BOS and end token included.
+
 Checkpoints are the HF Trainer's own, every ``sft.checkpoint_every`` steps, in ``.sft.checkpoints/``
 beside the artifact, tagged with the stage's cache key; a rerun resumes from the newest complete one.
 Under ``launcher: accelerate`` the Trainer runs on the DeepSpeed engine (``distributed.deepspeed``).
@@ -19,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import LengthReport, Record, load_records, measure_lengths
+from stages.io.data import LengthReport, Record, load_records, measure_lengths, source_name
 from stages.io.progress import progress_mode
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import attach_adapter, count_trainable, needs_4bit, save_adapter
 from stages.model.backbone import load_backbone
 from stages.model.probes import save_probe
+from stages.model.tokenization import Tokenization
 from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, filled_deepspeed_config, gathered, synced_generation
@@ -34,7 +39,6 @@ from stages.training.updater import NonFiniteLoss
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
     from trl import SFTTrainer
 
 # TRL's SFTTrainer scores tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): it never
@@ -44,9 +48,19 @@ ADAPTER_NAME = "sft"
 KEY_FILE = "cache_key"  # in .sft.checkpoints/: whose progress the Trainer checkpoints there are
 
 
-def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", demos: list[Record],
+def tokenized_demos(demos: list[Record], tokenization: Tokenization) -> list[dict[str, list[int]]]:
+    """Demonstrations in TRL's pre-tokenized format: ``input_ids`` (prompt ids then completion ids with its
+    end token, ``Tokenization.pair``) and ``completion_mask`` (1 on the completion's tokens)."""
+    rows = []
+    for demo in demos:
+        prompt, completion = tokenization.pair(demo["prompt"], demo["completion"])
+        rows.append({"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)})
+    return rows
+
+
+def build_sft_trainer(model: "PeftModel", tokenization: Tokenization, demos: list[Record],
                       cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> "SFTTrainer":
-    """TRL's SFTTrainer on prompt/completion records; loss on completion tokens only (EOS appended by TRL)."""
+    """TRL's SFTTrainer on the contract's ids of the demonstrations; loss on completion tokens only."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -70,7 +84,8 @@ def build_sft_trainer(model: "PeftModel", tokenizer: "PreTrainedTokenizerBase", 
         # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
         bf16=False, fp16=False, gradient_checkpointing=False, **launch,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(demos), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
+                         processing_class=tokenization.tokenizer)
     if trainer.is_deepspeed_enabled != (dist.deepspeed is not None):  # e.g. use_cpu=True silently means DDP
         raise RuntimeError(f"the Trainer's engine is not the configured one ({dist.engine})")
     trainer.add_callback(_stop_on_non_finite_loss())
@@ -117,11 +132,13 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, dist = ctx.staging, ctx.dist
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
+    tokenization = Tokenization.of(tokenizer, cfg.data.chat_template)
     demos = load_records(cfg.data.sft, "sft", cfg.task)
-    _warn_if_too_long(measure_lengths(demos, "sft", cfg.data.sft, tokenizer, cfg.sft.max_length), dist)
+    _warn_if_too_long(measure_lengths(demos, "sft", source_name(cfg.data.sft), tokenization, cfg.sft.max_length), dist)
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
+    measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, backbone.model.config.max_position_embeddings)
 
-    score_before = task_score(backbone.model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
+    score_before = task_score(backbone.model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
     trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
     learning = LearningCheck(model, dist, stage="sft", adapter_kind=cfg.adapter.kind, learning_rate=cfg.sft.learning_rate)
@@ -130,9 +147,9 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     resume = dist.gather([resume])[0]  # the main rank decides, every rank resumes from the same step
     if resume:
         print(f"sft: resuming from {resume}", flush=True)
-    trainer = build_sft_trainer(model, tokenizer, demos, cfg, root, dist)
+    trainer = build_sft_trainer(model, tokenization, demos, cfg, root, dist)
     result = trainer.train(resume_from_checkpoint=resume)
-    score_after = task_score(model, tokenizer, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)",
+    score_after = task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)",
                              synced=synced_generation(dist))
 
     save_probe(model, tokenizer, out)  # every rank: a ZeRO-3 forward needs them all

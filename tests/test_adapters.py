@@ -9,6 +9,7 @@ from stages.io.config import load_config
 from stages.io.data import load_records
 from stages.model.adapters import active_adapter, attach_adapter, needs_4bit, save_adapter, set_trainable
 from stages.model.backbone import load_backbone, weights_digest
+from stages.model.tokenization import Tokenization
 from stages.sft import build_sft_trainer
 from stages.training.distributed import LOCAL
 from tests.conftest import TINY
@@ -34,7 +35,7 @@ def test_sft_trains_only_the_adapter_and_reloads_exactly(kind: str, tmp_path: Pa
     assert initial, "the adapter must have trainable parameters"
 
     demos = load_records("builtin", "sft", cfg.task)
-    build_sft_trainer(model, backbone.tokenizer, demos, cfg, tmp_path / "checkpoints", LOCAL).train()
+    build_sft_trainer(model, Tokenization.of(backbone.tokenizer), demos, cfg, tmp_path / "checkpoints", LOCAL).train()
 
     after = dict(model.named_parameters())
     changed = [n for n, p in initial.items() if not torch.equal(p, after[n].detach())]

@@ -75,6 +75,25 @@ def test_cli_non_utf8_data_is_one_line_exit_2_and_no_run(tmp_path: Path) -> None
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("sets", "message"), [
+    (["data.sft=EXAMPLES/sft-messages.jsonl"], "data.sft hold conversational rows, but the tokenizer of "
+     "backbone.name='builtin:tiny' has no chat template; use a chat model (builtin:tiny-chat is the built-in one) "
+     "or plain-string data"),
+    (["data.chat_template=always"], "data.chat_template=always, but the tokenizer of backbone.name='builtin:tiny' "
+     "has no chat template; use a chat model (builtin:tiny-chat is the built-in one) or plain-string data"),
+    (["backbone.name=builtin:tiny-chat", "data.eval=EXAMPLES/eval-conversational.jsonl", "data.chat_template=never"],
+     "data.eval hold conversational rows, which need the chat template, but data.chat_template=never"),
+])
+def test_conversational_data_without_a_chat_template_fails_before_the_run(tmp_path: Path, sets: list[str],
+                                                                         message: str) -> None:
+    examples = str(Path(__file__).resolve().parents[1] / "examples" / "data")
+    args = [arg for s in sets for arg in ("--set", s.replace("EXAMPLES", examples))]
+    result = run_cli("run", *args, "--run-id", "template", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_empty_prompt_is_named(tmp_path: Path) -> None:
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "", "completion": "2"}\n')
@@ -100,12 +119,21 @@ def tokenizer():
     return load_backbone(BackboneSection()).tokenizer
 
 
-def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tokenization(tokenizer):
+    from stages.model.tokenization import Tokenization
+
+    return Tokenization.of(tokenizer)
+
+
+def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tokenization, tmp_path: Path) -> None:
     """What TRL 1.16's SFTTrainer does with rows over ``max_length``, with the arguments stages/sft.py gives it
     (``max_length=sft.max_length``, ``completion_only_loss=True``, default ``truncation_mode='keep_start'``),
     and that ``measure_lengths`` counts exactly those rows."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+
+    from stages.sft import tokenized_demos
 
     demos = [
         {"prompt": "1+1=", "completion": "2"},  # 4 + 1 + EOS = 6 tokens: fits in 8
@@ -116,36 +144,35 @@ def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tmp_pat
     model = load_backbone(BackboneSection()).model
     args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, completion_only_loss=True, report_to="none",
                      use_cpu=True, bf16=False, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(demos), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
+                         processing_class=tokenizer)
     rows = [row["input_ids"] for row in trainer.train_dataset]
     assert len(rows) == 2, "TRL drops a row whose completion is truncated away entirely"
     assert sorted(len(r) for r in rows) == [6, max_length]
     cut = next(r for r in rows if len(r) == max_length)
     assert tokenizer.eos_token_id not in cut, "a truncated demonstration no longer ends with EOS"
 
-    report = measure_lengths(demos, "sft", "demos.jsonl", tokenizer, max_length)
+    report = measure_lengths(demos, "sft", "demos.jsonl", tokenization, max_length)
     assert (report.total, report.too_long, report.no_room) == (3, (2, 3), (3,))
     assert report.warning() == ("demos.jsonl: 2 of 3 sft records are longer than 8 tokens (records 2, 3); "
                                 "1 of them have no room for the response")
-    assert measure_lengths(demos[:1], "sft", "demos.jsonl", tokenizer, max_length).warning() is None
+    assert measure_lengths(demos[:1], "sft", "demos.jsonl", tokenization, max_length).warning() is None
 
 
-def test_no_record_with_room_for_a_response_is_a_data_error(tokenizer) -> None:
+def test_no_record_with_room_for_a_response_is_a_data_error(tokenization) -> None:
     demos = [{"prompt": "1+" * 10 + "1=", "completion": "11"}] * 2
     with pytest.raises(DataError, match="demos.jsonl: every sft record's prompt is at least 8 tokens long"):
-        measure_lengths(demos, "sft", "demos.jsonl", tokenizer, 8)
+        measure_lengths(demos, "sft", "demos.jsonl", tokenization, 8)
 
 
-def test_preference_pairs_are_never_truncated(tokenizer) -> None:
+def test_preference_pairs_are_never_truncated(tokenization) -> None:
     """The reward model (and PPO/RRHF scoring) encodes prompt + response whole; ``measure_lengths`` counts
     the pairs longer than the backbone's context (128 positions for the built-in one)."""
-    from stages.model.sequences import encode
-
     long_pair = {"prompt": "1+" * 70 + "1=", "chosen": "71", "rejected": "71;1+1=2"}
     short_pair = {"prompt": "1+1=", "chosen": "2", "rejected": "2;1+1=2"}
-    batch = encode(tokenizer, [long_pair["prompt"]], [long_pair["rejected"]])
+    batch = tokenization.batch([long_pair["prompt"]], [long_pair["rejected"]])
     assert batch.input_ids.shape[1] == 142 + 8 + 1  # prompt + response + EOS, nothing cut
-    report = measure_lengths([short_pair, long_pair], "preferences", "pairs.jsonl", tokenizer, 128)
+    report = measure_lengths([short_pair, long_pair], "preferences", "pairs.jsonl", tokenization, 128)
     assert (report.too_long, report.no_room) == ((2,), (2,))
 
 
@@ -159,7 +186,7 @@ def test_preference_pairs_are_never_truncated(tokenizer) -> None:
         ("./models/mine", "backbone.name='./models/mine': no such folder, and not a hub id (NAME or ORG/NAME)"),
         ("no-such-org/no-such-model", "backbone.name='no-such-org/no-such-model': not a local folder, and not in the "
                                       "local HF cache while HF_HUB_OFFLINE=1; download it first"),
-        ("builtin:huge", "backbone.name: unknown built-in backbone 'builtin:huge'; the only one is 'builtin:tiny'"),
+        ("builtin:huge", "backbone.name: unknown built-in backbone 'builtin:huge'; choose one of ['builtin:tiny', 'builtin:tiny-chat']"),
     ],
 )
 def test_missing_backbone_is_one_user_error(name: str, expected: str) -> None:

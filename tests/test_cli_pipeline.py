@@ -111,7 +111,7 @@ def test_bad_data_names_the_line_and_leaves_no_artifact(tmp_path: Path) -> None:
     data.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')
     result = run_cli("run", *SETS, "--set", f"data.sft={data}", "--run-id", "baddata", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert f"{data}: line 2: missing key(s) ['completion']" in result.stderr
+    assert f"{data}: line 2: fits no sft format" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists(), "bad data must fail before any run folder is written"
 

@@ -16,6 +16,7 @@ from flows.launch import launch_env
 from stages.io import artifacts
 from stages.io.config import load_config
 from stages.model.probes import PROBE_FILE
+from stages.model.tokenization import Tokenization
 from tests.conftest import TINY, run_cli, stage_command, train_upstream
 
 LIMIT_S = 600  # every launch is time-bound: a failure must end the process, never hang it
@@ -135,7 +136,7 @@ def test_reward_under_deepspeed_trains_exactly_as_locally(preset: str, local_rew
     _launch("reward", tmp_path / "reward", sets)
     _assert_same_curve_and_learned(local_reward, tmp_path / "reward")
     backbone = load_backbone(load_config(None, DS).backbone)
-    attach_reward(backbone.model, tmp_path / "reward", backbone.tokenizer, backbone.fingerprint)  # re-scores its probes
+    attach_reward(backbone.model, tmp_path / "reward", Tokenization.of(backbone.tokenizer), backbone.fingerprint)  # re-scores its probes
 
 
 def test_rrhf_under_zero2_trains_exactly_as_locally(upstream: dict[str, Path], tmp_path: Path) -> None:

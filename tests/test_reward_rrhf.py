@@ -11,7 +11,7 @@ from stages.io.config import load_config
 from stages.model.adapters import needs_4bit
 from stages.model.backbone import load_backbone
 from stages.model.heads import SCORE_HEAD, sequence_scores
-from stages.model.sequences import encode
+from stages.model.tokenization import Tokenization
 from stages.reward import PROBES, attach_reward, train_reward
 from stages.rrhf import train_rrhf
 from stages.sft import train_sft
@@ -39,10 +39,10 @@ def test_reward_trains_and_shared_backbone_scores_match(kind: str, tmp_path: Pat
 
     # A fresh backbone, as PPO/RRHF see it: causal LM + reward adapter + saved head, no second model.
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind))
-    model, head = attach_reward(backbone.model, tmp_path / "reward", backbone.tokenizer, backbone.fingerprint)
+    model, head = attach_reward(backbone.model, tmp_path / "reward", Tokenization.of(backbone.tokenizer), backbone.fingerprint)
     probes = json.loads((tmp_path / "reward" / PROBES).read_text())
     with torch.no_grad():
-        scores = sequence_scores(model, head, encode(backbone.tokenizer, [p["prompt"] for p in probes],
+        scores = sequence_scores(model, head, Tokenization.of(backbone.tokenizer).batch([p["prompt"] for p in probes],
                                                      [p["response"] for p in probes]))
     torch.testing.assert_close(scores, torch.tensor([p["score"] for p in probes]), rtol=0, atol=1e-4)
 
@@ -54,7 +54,7 @@ def test_missing_or_foreign_head_is_a_clear_error(trained: dict[str, Path], tmp_
     (broken / SCORE_HEAD).unlink()
     backbone = load_backbone(cfg.backbone)
     with pytest.raises(artifacts.ArtifactError, match="head is missing"):
-        attach_reward(backbone.model, broken, backbone.tokenizer, backbone.fingerprint)
+        attach_reward(backbone.model, broken, Tokenization.of(backbone.tokenizer), backbone.fingerprint)
 
     swapped = tmp_path / "swapped"
     artifacts.copy_artifact(trained["reward"], swapped)
@@ -63,7 +63,23 @@ def test_missing_or_foreign_head_is_a_clear_error(trained: dict[str, Path], tmp_
     save_file({"weight": torch.randn(1, 128), "bias": torch.zeros(1)}, str(swapped / SCORE_HEAD),
               metadata={"backbone_fingerprint": backbone.fingerprint})
     with pytest.raises(artifacts.ArtifactError, match="does not match"):
-        attach_reward(load_backbone(cfg.backbone).model, swapped, backbone.tokenizer, backbone.fingerprint)
+        attach_reward(load_backbone(cfg.backbone).model, swapped, Tokenization.of(backbone.tokenizer), backbone.fingerprint)
+
+
+def test_reward_artifact_tokenized_differently_is_refused(trained: dict[str, Path]) -> None:
+    """A later stage whose tokenizer puts BOS in front (the reward stage's did not) would score other ids
+    than the reward model was trained on: refused before any reward is computed."""
+    import copy
+
+    from tokenizers import processors
+
+    backbone = load_backbone(load_config(None, FAST).backbone)
+    tokenizer = copy.deepcopy(backbone.tokenizer)
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    with pytest.raises(artifacts.ArtifactError, match="into other ids than the reward stage did; the tokenizer or "
+                                                      "data.chat_template differs"):
+        attach_reward(backbone.model, trained["reward"], Tokenization.of(tokenizer), backbone.fingerprint)
 
 
 def test_rrhf_with_reward_model_and_batch_above_one(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -4,12 +4,13 @@ import torch
 
 from stages.io.config import load_config
 from stages.model.backbone import load_backbone
-from stages.model.sequences import encode, token_logprobs_and_entropy
+from stages.model.sequences import token_logprobs_and_entropy
+from stages.model.tokenization import Tokenization
 
 
 def test_trimmed_logprobs_match_full_computation() -> None:
     backbone = load_backbone(load_config().backbone)
-    batch = encode(backbone.tokenizer, ["3+4=", "12+19=", "1+1="], ["7", "31;2+2=4", "2"], [True, False, True])
+    batch = Tokenization.of(backbone.tokenizer).batch(["3+4=", "12+19=", "1+1="], ["7", "31;2+2=4", "2"], [True, False, True])
     logprobs, entropy = token_logprobs_and_entropy(backbone.model, batch)
 
     with torch.no_grad():

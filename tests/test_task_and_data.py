@@ -55,7 +55,7 @@ def test_jsonl_and_parquet_load_the_same_records(tmp_path: Path) -> None:
     ("lines", "expected"),
     [
         (['{"prompt": "a", "completion": "b"}', "{oops"], "line 2: not valid JSON"),
-        (['{"prompt": "a"}'], "line 1: missing key(s) ['completion']"),
+        (['{"prompt": "a"}'], "line 1: fits no sft format; expected prompt-completion ['prompt', 'completion']"),
         (['{"prompt": "a", "completion": ""}'], "line 1: 'completion' must be a non-empty string"),
         (['{"prompt": "a", "completion": 3}'], "line 1: 'completion' must be a non-empty string"),
         (['["prompt", "completion"]'], "line 1: expected an object"),
@@ -102,12 +102,12 @@ def test_dataset_digest_follows_content(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kind", "row", "expected"),
     [
-        ("preferences", {"prompt": "1+1=", "rejected": "3"}, "row 1: missing key(s) ['chosen']"),
+        ("preferences", {"prompt": "1+1=", "rejected": "3"}, "row 1: fits no preferences format"),
         ("preferences", {"prompt": "1+1=", "chosen": "2", "rejected": " 2"}, "row 1: 'chosen' and 'rejected' are the same"),
         ("preferences", {"prompt": "1+1=", "chosen": "  ", "rejected": "3"}, "row 1: 'chosen' must be a non-empty string"),
         ("ranked", {"query": "1+1=", "responses": ["2", "3"], "scores": [1.0]}, "'scores' has 1 entries but 'responses' has 2"),
         ("ranked", {"query": "1+1=", "responses": [], "scores": []}, "'responses' must be a non-empty list"),
-        ("ranked", {"query": "1+1=", "responses": ["2"], "scores": ["high"]}, "'scores' must be a list of numbers"),
+        ("ranked", {"query": "1+1=", "responses": ["2"], "scores": ["high"]}, "'scores' must hold finite numbers"),
     ],
 )
 def test_bad_preference_and_ranked_rows_are_named(tmp_path: Path, kind: str, row: dict, expected: str) -> None:

@@ -99,6 +99,12 @@ def ranked_records(cfg: TaskSection) -> list[dict[str, object]]:
     return records
 
 
+def prompt_records(cfg: TaskSection) -> list[dict[str, str]]:
+    """The training problems' prompts (``data.prompts: builtin``), none held out for evaluation."""
+    train, _ = _split(cfg)
+    return [{"prompt": p.prompt} for p in train]
+
+
 def eval_records(cfg: TaskSection) -> list[dict[str, str]]:
     """Held-out prompts with their reference answers."""
     _, held_out = _split(cfg)

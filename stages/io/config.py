@@ -86,13 +86,28 @@ class TaskSection(_Section):
         return self
 
 
+class DataSource(_Section):
+    """A dataset whose columns have other names: ``{source: x.jsonl, columns: {prompt: question}}`` reads
+    the file's ``question`` column as the format's ``prompt``."""
+
+    source: str
+    columns: dict[str, str] = Field(default_factory=dict)  # the format's key -> the file's column
+
+
+DataRef = str | DataSource  # "builtin", a .jsonl/.parquet path or "hf:NAME[:SPLIT]", or a DataSource
+
+
 class DataSection(_Section):
-    # "builtin", a local .jsonl/.parquet file, or "hf:NAME[:SPLIT]". Formats: README "Data formats".
-    sft: str = "builtin"
-    preferences: str = "builtin"
-    eval: str = "builtin"
+    # Formats of each kind: stages/io/formats.py and README "Data formats".
+    sft: DataRef = "builtin"
+    preferences: DataRef = "builtin"
+    eval: DataRef = "builtin"
+    # Prompts the RL stages (PPO, RRHF) roll out on; None: the SFT demonstrations' prompts.
+    prompts: DataRef | None = None
     # RRHF's offline candidates {"query", "responses", "scores"}; when set, RRHF needs no reward stage.
-    ranked: str | None = None
+    ranked: DataRef | None = None
+    # Plain-string data through the tokenizer's chat template: auto (only conversational data), always, never.
+    chat_template: Literal["auto", "always", "never"] = "auto"
 
 
 class SFTSection(_Section):
@@ -274,7 +289,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             text = Path(path).read_text()
         except OSError as err:
             raise ConfigError(f"{source}: cannot read config: {err.strerror}") from None
-        data = _deep_merge(data, _parse_yaml(text, source))
+        data = _deep_merge(data, _relative_to(Path(path).parent, _parse_yaml(text, source)))
     for item in overrides:
         _apply_override(data, item)
     if overrides:
@@ -283,6 +298,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+
+
+DATA_KINDS = ("sft", "preferences", "eval", "prompts", "ranked")
+
+
+def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A config file's relative dataset paths, resolved from its own folder when the file is there (as
+    ``configs/chat.yaml`` names ``../examples/data/...``); otherwise left to the working directory."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return data
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("source"), str):
+            return {**value, "source": resolved(value["source"])}
+        if not isinstance(value, str) or value == "builtin" or value.startswith("hf:") or Path(value).is_absolute():
+            return value
+        beside = folder / value
+        return str(beside.resolve()) if beside.is_file() else value
+
+    return {**data, "data": {key: resolved(v) if key in DATA_KINDS else v for key, v in section.items()}}
 
 
 def _parse_yaml(text: str, source: str) -> dict[str, Any]:

@@ -1,16 +1,20 @@
 """Datasets as lists of validated records, from the built-in task, JSONL, Parquet or HF ``datasets``.
 
-Four kinds, each a flat record of non-empty strings (ranked: lists):
+Five kinds; each accepts the formats of ``stages.io.formats`` (TRL's names: prompt-completion,
+language modeling, explicit and implicit prompt preferences, prompt-only, ...) and yields one record
+shape per kind, with standard (string) or conversational (message list) prompts:
 
     sft          {"prompt": ..., "completion": ...}
     preferences  {"prompt": ..., "chosen": ..., "rejected": ...}
     eval         {"prompt": ..., "answer": ...}      (task_score: the response must equal the answer)
+    prompts      {"prompt": ...}                      (PPO/RRHF rollouts; default: the SFT prompts)
     ranked       {"query": ..., "responses": [...], "scores": [...]}   (RRHF's offline format)
 
-A source is ``builtin``, a path ending in ``.jsonl`` / ``.parquet``, or ``hf:NAME[:SPLIT]``.
-A malformed row raises ``DataError`` naming the file and the line (JSONL) or row (Parquet, HF); so do
-bytes that are not UTF-8 and a dataset without records. ``measure_lengths`` counts records over a
-token budget, which needs the stage's tokenizer (docs/errors.md says what each stage does with them).
+A source is ``builtin``, a path ending in ``.jsonl`` / ``.parquet``, or ``hf:NAME[:SPLIT]``, optionally
+with a column mapping (``DataSource``). A malformed row raises ``DataError`` naming the file and the line
+(JSONL) or row (Parquet, HF) and the formats it could have been; so do bytes that are not UTF-8 and a
+dataset without records. ``measure_lengths`` counts records over a token budget, tokenized by the
+stage's ``stages.model.tokenization.Tokenization`` (docs/errors.md says what each stage does with them).
 """
 
 from __future__ import annotations
@@ -24,18 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from stages.io import arithmetic
-from stages.io.config import TaskSection
+from stages.io.config import DataRef, DataSource, TaskSection
+from stages.io.formats import FormatError, Prompt, prompt_key, to_record
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from stages.model.tokenization import Tokenization
 
-DataKind = Literal["sft", "preferences", "eval", "ranked"]
-FIELDS: dict[str, tuple[str, ...]] = {
-    "sft": ("prompt", "completion"),
-    "preferences": ("prompt", "chosen", "rejected"),
-    "eval": ("prompt", "answer"),
-    "ranked": ("query", "responses", "scores"),
-}
+DataKind = Literal["sft", "preferences", "eval", "prompts", "ranked"]
 Record = dict[str, Any]
 
 
@@ -43,13 +42,34 @@ class DataError(ValueError):
     """A dataset that cannot be used; the message names the file and the line or row."""
 
 
-def load_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
-    """Load and validate every record of ``source`` for ``kind`` (fresh dicts, the caller's to change).
+def load_records(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
+    """Load and validate every record of ``ref`` for ``kind`` (fresh dicts, the caller's to change).
 
     Once per process while the file is unchanged: the CLI's checks, the memory plan, each cache key and
     the stage's own training all read the same datasets.
     """
-    return copy.deepcopy(list(_cached_records(source, kind, task_cfg, _file_stamp(source))))
+    source = ref.source if isinstance(ref, DataSource) else ref
+    columns = tuple(sorted(ref.columns.items())) if isinstance(ref, DataSource) else ()
+    return copy.deepcopy(list(_cached_records(source, columns, kind, task_cfg, _file_stamp(source))))
+
+
+def source_name(ref: DataRef) -> str:
+    """The file (or builtin, or hf: name) a dataset reference reads, for messages."""
+    return ref.source if isinstance(ref, DataSource) else ref
+
+
+def rollout_prompts(data: Any, task_cfg: TaskSection) -> list[Prompt]:
+    """The distinct prompts PPO and RRHF roll out on, in a fixed order: ``data.prompts``, or by default
+    the SFT demonstrations' prompts. ``data`` is the config's ``data`` section."""
+    if data.prompts is not None:
+        records, source = load_records(data.prompts, "prompts", task_cfg), source_name(data.prompts)
+    else:
+        records, source = [r for r in load_records(data.sft, "sft", task_cfg) if r["prompt"]], source_name(data.sft)
+        if not records:
+            raise DataError(f"data.sft: {source}: language-modeling rows have no prompts to roll out on; "
+                            "set data.prompts (prompt-only rows)")
+    unique = {prompt_key(r["prompt"]): r["prompt"] for r in records}
+    return [unique[key] for key in sorted(unique)]
 
 
 def _file_stamp(source: str) -> tuple[int, int] | None:
@@ -62,31 +82,32 @@ def _file_stamp(source: str) -> tuple[int, int] | None:
 
 
 @lru_cache(maxsize=16)
-def _cached_records(source: str, kind: DataKind, task_cfg: TaskSection, stamp: tuple[int, int] | None
-                    ) -> tuple[Record, ...]:
-    return tuple(_read_records(source, kind, task_cfg))
+def _cached_records(source: str, columns: tuple[tuple[str, str], ...], kind: DataKind, task_cfg: TaskSection,
+                    stamp: tuple[int, int] | None) -> tuple[Record, ...]:
+    return tuple(_read_records(source, dict(columns), kind, task_cfg))
 
 
-def _read_records(source: str, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
+def _read_records(source: str, columns: dict[str, str], kind: DataKind, task_cfg: TaskSection) -> list[Record]:
     if source == "builtin":
         builders = {"sft": arithmetic.sft_records, "preferences": arithmetic.preference_records,
-                    "eval": arithmetic.eval_records, "ranked": arithmetic.ranked_records}
+                    "eval": arithmetic.eval_records, "prompts": arithmetic.prompt_records,
+                    "ranked": arithmetic.ranked_records}
         return builders[kind](task_cfg)
     if source.startswith("hf:"):
-        return _validated(_hf_rows(source), kind, source, "row")
+        return _validated(_hf_rows(source), kind, source, "row", columns)
     path = Path(source)
     if not path.is_file():
         raise DataError(f"data.{kind}: {source}: no such file (expected builtin, a .jsonl/.parquet file or hf:NAME)")
     if path.suffix == ".jsonl":
-        return _validated(_jsonl_rows(path), kind, source, "line")
+        return _validated(_jsonl_rows(path), kind, source, "line", columns)
     if path.suffix == ".parquet":
-        return _validated(_parquet_rows(path), kind, source, "row")
+        return _validated(_parquet_rows(path), kind, source, "row", columns)
     raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def dataset_digest(source: str, kind: DataKind, task_cfg: TaskSection) -> str:
+def dataset_digest(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> str:
     """Content digest of a dataset (what the cache key uses): its validated records, in order."""
-    records = load_records(source, kind, task_cfg)
+    records = load_records(ref, kind, task_cfg)
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -111,18 +132,21 @@ class LengthReport:
                 f"{len(self.no_room)} of them have no room for the response")
 
 
-def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenizer: "PreTrainedTokenizerBase",
+def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenization: "Tokenization",
                     max_tokens: int) -> LengthReport:
-    """Count the records longer than ``max_tokens``, tokenized the way the stage that reads them does.
+    """Count the records longer than ``max_tokens``, tokenized by the stage's contract (prompt ids, then
+    the longest response's ids with its end token), which every stage trains and scores on.
 
-    SFT rows are measured as TRL's SFTTrainer tokenizes them (``prompt + completion + eos`` in one call,
-    special tokens included), which truncates to ``sft.max_length`` keeping the start and drops a row whose
-    prompt alone fills it. The other kinds are measured as ``stages.model.sequences.encode`` builds them (prompt,
-    then response, then EOS). A dataset in which no record has room for a response is a ``DataError``.
+    SFT truncates to ``sft.max_length`` keeping the start and drops a row whose prompt alone fills it.
+    A dataset in which no record has room for a response is a ``DataError``; so is conversational data
+    (or ``data.chat_template: always``) with a tokenizer that has no chat template.
     """
     too_long, no_room = [], []
     for number, record in enumerate(records, start=1):
-        prompt_len, total_len = _token_lengths(record, kind, tokenizer)
+        try:
+            prompt_len, total_len = _token_lengths(record, kind, tokenization)
+        except ValueError as err:  # TokenizationError: the template cannot render this record
+            raise DataError(f"{source}: record {number}: {err}") from None
         if total_len > max_tokens:
             too_long.append(number)
         if prompt_len >= max_tokens:
@@ -134,18 +158,18 @@ def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenize
     return report
 
 
-def _token_lengths(record: Record, kind: DataKind, tokenizer: "PreTrainedTokenizerBase") -> tuple[int, int]:
-    """(prompt tokens, prompt + longest response + EOS tokens) of one record."""
-    if kind == "sft":
-        text = record["prompt"] + record["completion"] + tokenizer.eos_token
-        return len(tokenizer(record["prompt"]).input_ids), len(tokenizer(text).input_ids)
+RESPONSE_FIELDS = {"sft": ("completion",), "preferences": ("chosen", "rejected"), "eval": ("answer",), "prompts": ()}
+
+
+def _token_lengths(record: Record, kind: DataKind, tokenization: "Tokenization") -> tuple[int, int]:
+    """(prompt tokens, prompt + longest response + end token) of one record."""
     if kind == "ranked":
         prompt, responses = record["query"], list(record["responses"])
     else:
-        prompt, responses = record["prompt"], [record[field] for field in FIELDS[kind][1:]]
-    prompt_len = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-    longest = max(len(ids) for ids in tokenizer(responses, add_special_tokens=False).input_ids)
-    return prompt_len, prompt_len + longest + 1
+        prompt, responses = record["prompt"], [record[field] for field in RESPONSE_FIELDS[kind]]
+    prompt_len = len(tokenization.prompt_ids(prompt))
+    longest = max((len(tokenization.response_ids(prompt, r)) for r in responses), default=0)
+    return prompt_len, prompt_len + longest
 
 
 def _jsonl_rows(path: Path):
@@ -187,47 +211,25 @@ def _hf_rows(source: str):
     yield from enumerate(dataset, start=1)
 
 
-def _validated(rows, kind: DataKind, source: str, unit: str) -> list[Record]:
-    fields = FIELDS[kind]
+def _validated(rows, kind: DataKind, source: str, unit: str, columns: dict[str, str]) -> list[Record]:
     records = []
     for number, row in rows:
-        where = f"{source}: {unit} {number}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with keys {list(fields)}, got {type(row).__name__}")
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise DataError(f"{where}: missing key(s) {missing}; {kind} rows need {list(fields)}")
-        record = {field: row[field] for field in fields}
-        problem = _ranked_problem(record) if kind == "ranked" else _text_problem(record, kind)
-        if problem:
-            raise DataError(f"{where}: {problem}")
-        records.append(record)
+        try:
+            records.append(to_record(_renamed(row, columns), kind))
+        except FormatError as err:
+            raise DataError(f"{source}: {unit} {number}: {err}") from None
     if not records:
         raise DataError(f"{source}: no {kind} records")
     return records
 
 
-def _non_empty(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _text_problem(record: Record, kind: DataKind) -> str | None:
-    for field, value in record.items():
-        if not _non_empty(value):
-            return f"{field!r} must be a non-empty string, got {value!r}"
-    if kind == "preferences" and record["chosen"].strip() == record["rejected"].strip():
-        return "'chosen' and 'rejected' are the same text, so the pair teaches nothing"
-    return None
-
-
-def _ranked_problem(record: Record) -> str | None:
-    responses, scores = record["responses"], record["scores"]
-    if not _non_empty(record["query"]):
-        return f"'query' must be a non-empty string, got {record['query']!r}"
-    if not isinstance(responses, list) or not responses or not all(_non_empty(r) for r in responses):
-        return "'responses' must be a non-empty list of non-empty strings"
-    if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
-        return "'scores' must be a list of numbers"
-    if len(scores) != len(responses):
-        return f"'scores' has {len(scores)} entries but 'responses' has {len(responses)}"
-    return None
+def _renamed(row: Any, columns: dict[str, str]) -> Any:
+    """The row with each mapped column under the format's key (``DataSource.columns``)."""
+    if not columns or not isinstance(row, dict):
+        return row
+    missing = [column for column in columns.values() if column not in row]
+    if missing:
+        raise FormatError(f"no column(s) {missing} (data.*.columns maps them); the row has keys {sorted(row)}")
+    renamed = {key: value for key, value in row.items() if key not in columns.values()}
+    renamed.update({key: row[column] for key, column in columns.items()})
+    return renamed

@@ -17,10 +17,11 @@ from typing import Any
 
 from stages.io import artifacts
 from stages.io.config import PipelineConfig
-from stages.io.data import DataKind, dataset_digest
+from stages.io.data import DataError, DataKind, dataset_digest, load_records
 from stages.io.deepspeed_config import launch_identity
+from stages.io.formats import is_conversational
 from stages.model.adapters import needs_4bit
-from stages.model.backbone import backbone_fingerprint
+from stages.model.backbone import backbone_fingerprint, has_chat_template
 from stages.registry import spec
 
 # Libraries whose version changes numerics enough to invalidate cached results.
@@ -38,10 +39,22 @@ def stage_datasets(stage: str, cfg: PipelineConfig) -> tuple[DataKind, ...]:
 
 
 def check_datasets(cfg: PipelineConfig) -> None:
-    """Load and validate every dataset the configured stages read; raises ``DataError`` on the first bad row."""
+    """Load and validate every dataset the configured stages read; raises ``DataError`` on the first bad
+    row, and on conversational data (or ``data.chat_template: always``) for a tokenizer without a template."""
     kinds = {kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)}
+    conversational = []
     for kind in sorted(kinds):
         dataset_digest(getattr(cfg.data, kind), kind, cfg.task)
+        records = load_records(getattr(cfg.data, kind), kind, cfg.task)
+        if any(is_conversational(r.get("prompt", r.get("query"))) for r in records):
+            conversational.append(f"data.{kind}")
+    if (conversational or cfg.data.chat_template == "always") and has_chat_template(cfg.backbone) is False:
+        why = f"{', '.join(conversational)} hold conversational rows" if conversational else "data.chat_template=always"
+        raise DataError(f"{why}, but the tokenizer of backbone.name={cfg.backbone.name!r} has no chat template; "
+                        "use a chat model (builtin:tiny-chat is the built-in one) or plain-string data")
+    if conversational and cfg.data.chat_template == "never":
+        raise DataError(f"{', '.join(conversational)} hold conversational rows, which need the chat template, "
+                        "but data.chat_template=never")
 
 
 @lru_cache(maxsize=None)
@@ -145,7 +158,8 @@ def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -
     datasets = {kind: dataset_digest(getattr(cfg.data, kind), kind, cfg.task) for kind in stage_datasets(stage, cfg)}
     provenance: dict[str, Any] = {
         "stage": stage,
-        "config_digest": _sha(cfg.digest(*spec(stage).sections) + f"seed={cfg.run.seed}"),
+        "config_digest": _sha(cfg.digest(*spec(stage).sections) + f"seed={cfg.run.seed}"
+                              f";chat_template={cfg.data.chat_template}"),
         "launch": launch_identity(stage, cfg),
         "backbone_fingerprint": backbone_fingerprint(cfg.backbone, needs_4bit(cfg.adapter.kind)),
         "input_digests": {name: artifacts.artifact_digest(inputs[name]) for name in needed},

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUILTIN_PREFIX = "builtin:"
+# The default simple tokenizer, and the same weights with a chat model's tokenizer (stages.model.builtin_backbone).
+BUILTIN_NAMES = ("builtin:tiny", "builtin:tiny-chat")
 _SAMPLE_BYTES = 1 << 20  # weight files are fingerprinted by size plus their first and last MiB
 
 
@@ -42,15 +44,30 @@ class Backbone:
 def resolve_backbone(cfg: BackboneSection) -> str:
     """A local folder for builtin/local backbones (building the built-in one on first use), else the hub id."""
     if cfg.name.startswith(BUILTIN_PREFIX):
-        if cfg.name != "builtin:tiny":
-            raise BackboneError(f"backbone.name: unknown built-in backbone {cfg.name!r}; the only one is 'builtin:tiny'")
+        if cfg.name not in BUILTIN_NAMES:
+            raise BackboneError(f"backbone.name: unknown built-in backbone {cfg.name!r}; choose one of {list(BUILTIN_NAMES)}")
         from stages.model.builtin_backbone import ensure_builtin_backbone
 
-        return str(ensure_builtin_backbone())
+        return str(ensure_builtin_backbone(chat=cfg.name == "builtin:tiny-chat"))
     if Path(cfg.name).exists():
         return str(Path(cfg.name).resolve())
     _check_hub_id(cfg)
     return cfg.name
+
+
+def has_chat_template(cfg: BackboneSection) -> bool | None:
+    """Whether the backbone's tokenizer has a chat template, read from its files without loading it;
+    None when its files are not here (a hub id not downloaded yet)."""
+    import json
+
+    location = resolve_backbone(cfg)
+    folder = Path(location) if Path(location).is_dir() else _local_snapshot(location, cfg.revision)
+    if folder is None:
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return bool(config.is_file() and json.loads(config.read_text()).get("chat_template"))
 
 
 def _check_hub_id(cfg: BackboneSection) -> None:

@@ -1,8 +1,16 @@
-"""The built-in default backbone: a tokenizer and a tiny Llama, pretrained on the task's corpus.
+"""The built-in backbones: a tokenizer and a tiny Llama, pretrained on the task's corpus.
 
 No hub is reachable in CI, so the project builds its own real (if small) pretrained base model. The
 build is a pure function of ``TinySpec`` (seeded; torch runs deterministic kernels on CPU), is cached
 under ``$RLHF_HOME/backbones/`` by the digest of the spec and this file, and is published atomically.
+
+Two names share the one set of weights:
+
+* ``builtin:tiny`` (the default): a simple tokenizer that adds no BOS, has a pad token and no chat template;
+* ``builtin:tiny-chat``: the same vocabulary packaged like a modern chat model's tokenizer (Llama-3,
+  Qwen): it adds BOS, has no pad token, and has a chat template with special role tokens whose assistant
+  turns end with ``<|end|>``, not EOS. A quarter of the pretraining streams are rendered in that
+  template, so the base model knows it, as a real chat model does.
 
     python -m stages.model.builtin_backbone      # or: rlhf build-backbone
 """
@@ -22,6 +30,13 @@ from stages.io import artifacts, paths
 from stages.io.arithmetic import Problem, pretraining_lines
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+# The chat variant's template: BOS as text (as Llama-3's does), then role token, content, end of turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,7 @@ class TinySpec:
     batch_size: int = 32
     steps: int = 800  # ~2 min on 2 CPU cores; greedy accuracy on all sums reaches 100%
     learning_rate: float = 3e-3
+    chat_every: int = 4  # every 4th pretraining stream is a chat conversation (CHAT_TEMPLATE)
 
     def digest(self) -> str:
         # This module plus the corpus generator: editing the rest of stages/io/arithmetic.py keeps the cached build.
@@ -48,15 +64,18 @@ class TinySpec:
         return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def builtin_dir(spec: TinySpec = TinySpec()) -> Path:
-    return paths.rlhf_home() / "backbones" / f"builtin-tiny-{spec.digest()}"
+def builtin_dir(spec: TinySpec = TinySpec(), chat: bool = False) -> Path:
+    return paths.rlhf_home() / "backbones" / f"builtin-tiny{'-chat' if chat else ''}-{spec.digest()}"
 
 
-def ensure_builtin_backbone(spec: TinySpec = TinySpec()) -> Path:
-    """Return the folder of the built backbone, building it first if no finished build exists."""
-    target = builtin_dir(spec)
+def ensure_builtin_backbone(spec: TinySpec = TinySpec(), chat: bool = False) -> Path:
+    """Return the folder of the built backbone (``chat``: its chat-tokenizer variant), building it first
+    if no finished build exists."""
+    target = builtin_dir(spec, chat)
     if artifacts.is_finished(target):
         return target
+    if chat:
+        return _package_chat_variant(ensure_builtin_backbone(spec), target)
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +92,38 @@ def ensure_builtin_backbone(spec: TinySpec = TinySpec()) -> Path:
     return target
 
 
+def chat_stream(line: str) -> str:
+    """A pretraining stream as one chat conversation, exactly as CHAT_TEMPLATE renders it: the first
+    equation's prompt is the user turn, the rest of the stream the assistant's (tests check the match)."""
+    prompt, _, rest = line.partition("=")
+    return f"{BOS}{USER}{prompt}={END_OF_TURN}{ASSISTANT}{rest}{END_OF_TURN}"
+
+
+def _package_chat_variant(base: Path, target: Path) -> Path:
+    """The base weights (hard links) with the chat-model tokenizer; published atomically."""
+    import os
+    import shutil
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    with artifacts.staging(target) as tmp:
+        for path in base.iterdir():
+            if path.name in ("config.json", "generation_config.json") or path.suffix == ".safetensors":
+                try:
+                    os.link(path, tmp / path.name)
+                except OSError:  # another file system
+                    shutil.copy2(path, tmp / path.name)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tokenizer.bos_token_id)])
+        tokenizer.pad_token = None
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(tmp)
+        artifacts.publish(tmp, target, {"kind": "builtin-backbone", "variant": "chat", "base": base.name})
+    return target
+
+
 def _train_tokenizer(lines: list[str], spec: TinySpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -84,11 +135,12 @@ def _train_tokenizer(lines: list[str], spec: TinySpec):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size, special_tokens=[PAD, BOS, EOS],
+        vocab_size=spec.vocab_size, special_tokens=[PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END_OF_TURN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(lines, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   extra_special_tokens=[SYSTEM, USER, ASSISTANT, END_OF_TURN])
 
 
 def _build(spec: TinySpec, out: Path) -> float:
@@ -98,12 +150,11 @@ def _build(spec: TinySpec, out: Path) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(spec.seed)
-    # Each line ends in EOS, so the base knows the token (a real pretrained model does), but never right
-    # after an answer: stopping there is what SFT has to teach.
-    lines = [
-        line + EOS
-        for line in pretraining_lines(spec.max_operand, spec.seed, spec.steps * spec.batch_size, spec.equations_per_line)
-    ]
+    # Each line ends in EOS (a chat line in END_OF_TURN), so the base knows the token (a real pretrained
+    # model does), but never right after an answer: stopping there is what SFT has to teach.
+    streams = pretraining_lines(spec.max_operand, spec.seed, spec.steps * spec.batch_size, spec.equations_per_line)
+    lines = [chat_stream(line) if n % spec.chat_every == spec.chat_every - 1 else line + EOS
+             for n, line in enumerate(streams)]
     tokenizer = _train_tokenizer(lines[:20000], spec)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,

@@ -1,4 +1,8 @@
-"""Sampling responses from the active adapter: KV cache, left padding, temperature, EOS.
+"""Sampling responses from the active adapter: KV cache, left padding, temperature, end tokens.
+
+Prompts come in as token ids from ``stages.model.tokenization.Tokenization`` and responses go out as the
+sampled ids (end token included when the response finished), so every stage scores and trains on
+exactly the tokens that were sampled, never a re-tokenization of their decoded text.
 
 No global state leaks out: the caller's RNG stream is restored after a seeded generation
 (``torch.random.fork_rng``), and the tokenizer's own ``padding_side`` is never changed.
@@ -13,22 +17,24 @@ from stages.io.progress import progress
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
+
+    from stages.model.tokenization import Tokenization
 
 
 @dataclass(frozen=True)
 class Response:
-    text: str  # decoded response up to (not including) end-of-sequence
-    finished: bool  # the policy emitted end-of-sequence within the token budget
+    text: str  # decoded response up to (not including) its end token
+    finished: bool  # the policy emitted an end token (EOS or the template's end of turn) within the budget
     prompt_ids: tuple[int, ...] = ()  # the prompt's tokens, padding removed
-    token_ids: tuple[int, ...] = ()  # the response's tokens, EOS included when finished
+    token_ids: tuple[int, ...] = ()  # the response's tokens, the end token included when finished
 
 
 def generate(
-    model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", prompts: list[str], *, max_new_tokens: int,
+    model: "torch.nn.Module", tokenization: "Tokenization", prompts: list[list[int]], *, max_new_tokens: int,
     temperature: float, batch_size: int, seed: int, desc: str = "generating", synced: bool = False,
 ) -> list[Response]:
-    """Sample one response per prompt (temperature sampling, no top-k/top-p), reproducibly from ``seed``.
+    """Sample one response per prompt (token ids, ``Tokenization.prompt_ids``) by temperature sampling
+    (no top-k/top-p), reproducibly from ``seed``; a response ends at any of ``tokenization.stop_ids``.
 
     ``synced``: every rank of a ZeRO-3 job runs the same generation, in lockstep (``synced_gpus``).
     """
@@ -47,31 +53,40 @@ def generate(
                 torch.cuda.manual_seed(seed)
         try:
             for start in progress(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-                # Left padding: decoder-only batches must end where generation starts.
-                batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                                  padding_side="left")
+                input_ids, attention_mask = left_padded(prompts[start : start + batch_size], tokenization.pad_id)
                 with torch.no_grad():
                     out = model.generate(
-                        **batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                        top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        synced_gpus=synced,
+                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                        pad_token_id=tokenization.pad_id, eos_token_id=list(tokenization.stop_ids), synced_gpus=synced,
                     )
-                new_tokens = out[:, batch.input_ids.shape[1] :]
-                responses.extend(_decode(batch.input_ids, batch.attention_mask, new_tokens, tokenizer))
+                new_tokens = out[:, input_ids.shape[1] :].cpu()
+                responses.extend(_responses(prompts[start : start + batch_size], new_tokens, tokenization))
         finally:
             model.train(was_training)
     return responses
 
 
-def _decode(prompt_ids: "torch.Tensor", prompt_mask: "torch.Tensor", new_tokens: "torch.Tensor",
-            tokenizer: "PreTrainedTokenizerBase") -> list[Response]:
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(input_ids, attention_mask), each (B, T): decoder-only batches must end where generation starts."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+def _responses(prompts: list[list[int]], new_tokens: "torch.Tensor", tokenization: "Tokenization") -> list[Response]:
+    stops = set(tokenization.stop_ids)
     responses = []
-    for prompt, keep, row in zip(prompt_ids.tolist(), prompt_mask.tolist(), new_tokens.tolist()):
-        finished = tokenizer.eos_token_id in row
-        kept = row[: row.index(tokenizer.eos_token_id)] if finished else row
-        responses.append(Response(
-            text=tokenizer.decode(kept, skip_special_tokens=True), finished=finished,
-            prompt_ids=tuple(t for t, k in zip(prompt, keep) if k),
-            token_ids=tuple(kept + [tokenizer.eos_token_id] if finished else kept),
-        ))
+    for prompt, row in zip(prompts, new_tokens.tolist()):
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        kept = row if end is None else row[: end + 1]  # the end token is part of the response
+        responses.append(Response(text=tokenization.text(kept if end is None else kept[:-1]), finished=end is not None,
+                                  prompt_ids=tuple(prompt), token_ids=tuple(kept)))
     return responses

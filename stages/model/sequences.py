@@ -1,8 +1,8 @@
 """Prompt + response token batches and the two forward passes every RLHF stage needs.
 
-One encoding for all stages: prompt and response are tokenized separately and concatenated (exactly
-what generation produces), EOS is appended to a response that finished, and batches are right-padded.
-``response_mask`` marks the response tokens (EOS included): the tokens a policy is scored or trained on.
+The ids come from the tokenization contract (``stages.model.tokenization``: prompt ids then response
+ids, the end token included when a response finished); batches are right-padded. ``response_mask``
+marks the response tokens (end token included): the tokens a policy is scored or trained on.
 """
 
 from __future__ import annotations
@@ -12,31 +12,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
 class SequenceBatch:
     input_ids: "torch.Tensor"  # (B, T) right-padded
     attention_mask: "torch.Tensor"  # (B, T) 1 on real tokens
-    response_mask: "torch.Tensor"  # (B, T) 1 on response tokens, EOS included
+    response_mask: "torch.Tensor"  # (B, T) 1 on response tokens, the end token included
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
-
-
-def encode(
-    tokenizer: "PreTrainedTokenizerBase", prompts: list[str], responses: list[str], finished: list[bool] | None = None
-) -> SequenceBatch:
-    """Tokenize prompt/response pairs (EOS after each finished response) into one right-padded batch."""
-    finished = finished if finished is not None else [True] * len(prompts)
-    prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
-    response_ids = tokenizer(responses, add_special_tokens=False).input_ids
-    rows = [
-        (p, r + ([tokenizer.eos_token_id] if done else []))
-        for p, r, done in zip(prompt_ids, response_ids, finished, strict=True)
-    ]
-    return from_token_ids(rows, tokenizer.pad_token_id)
 
 
 def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:

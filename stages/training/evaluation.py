@@ -12,7 +12,8 @@ from stages.model.generation import Response, generate
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
+
+    from stages.model.tokenization import Tokenization
 
 
 def score_responses(responses: list[Response], answers: list[str]) -> float:
@@ -22,13 +23,15 @@ def score_responses(responses: list[Response], answers: list[str]) -> float:
 
 
 def task_score(
-    model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", records: list[Record], cfg: EvalSection,
+    model: "torch.nn.Module", tokenization: "Tokenization", records: list[Record], cfg: EvalSection,
     seed: int, desc: str = "task_score", synced: bool = False,
 ) -> float:
-    """Sample on the first ``cfg.num_prompts`` held-out prompts and apply the checker."""
+    """Sample on the first ``cfg.num_prompts`` held-out prompts (rendered by the tokenization contract,
+    with the chat template's generation prompt where it applies) and apply the checker to the text
+    before each response's end token."""
     records = records[: cfg.num_prompts]
     responses = generate(
-        model, tokenizer, [r["prompt"] for r in records], max_new_tokens=cfg.max_new_tokens,
+        model, tokenization, [tokenization.prompt_ids(r["prompt"]) for r in records], max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=desc, synced=synced,
     )
     return score_responses(responses, [r["answer"] for r in records])

@@ -26,6 +26,7 @@ from stages.io import artifacts
 from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import DataError
 from stages.io.provenance import stage_datasets, stage_provenance
+from stages.model.tokenization import TokenizationError
 from stages.registry import spec
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import LOCAL, Distributed, setup_distributed
@@ -46,7 +47,7 @@ class StageContext:
 
 StageFn = Callable[[PipelineConfig, StageContext], dict[str, Any]]
 # Errors that are the user's to fix: print one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError, NonFiniteLoss)
+USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError, NonFiniteLoss, TokenizationError)
 
 
 def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any] | None:

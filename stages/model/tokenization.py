@@ -1,0 +1,146 @@
+"""The tokenization contract: how (prompt, response) becomes token ids, the same in every stage.
+
+SFT training, reward training and scoring, PPO/RRHF rollouts and scoring, and evaluation all take
+their ids from one ``Tokenization``, and generation is fed its prompt ids and returns ids in its shape,
+so a reward model scores exactly the tokens a policy sampled and SFT trained on.
+
+The rules:
+
+* **Prompt.** A conversational prompt (messages), or any prompt under ``data.chat_template: always``, is
+  rendered by the tokenizer's chat template with the generation prompt; a standard prompt is its text.
+  The text is tokenized without special tokens, then BOS is put in front if the tokenizer adds one and
+  the text did not already start with it (templates that write ``{{ bos_token }}`` do): once, never twice.
+* **Response.** Its text tokenized without special tokens, then, if the response finished, its end
+  token: the template's end of an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...) for a templated
+  prompt, EOS otherwise; once (a response text that already ends with it gets no second one).
+* **Boundary.** The ids are the prompt's ids followed by the response's ids, never the tokens of the
+  joined string: a prompt's trailing whitespace stays a token of the prompt, and a response never
+  merges into the prompt's last token. That is what generation produces (it continues the prompt ids).
+* **Padding.** The tokenizer's pad token, or EOS when it has none (``load_backbone``); sequences are
+  padded by length (``attention_mask``), so a real EOS is never masked out of labels or scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from stages.io.formats import Prompt, is_conversational
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from stages.model.sequences import SequenceBatch
+
+ChatTemplateUse = Literal["auto", "always", "never"]
+_PROBE_PROMPT, _PROBE_RESPONSE = "PROMPT", "RESPONSE"  # rendered once to find the template's end of turn
+
+
+class TokenizationError(ValueError):
+    """Data the tokenizer cannot render as configured (conversational data without a chat template)."""
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """The contract for one tokenizer and one ``data.chat_template`` setting (module docstring)."""
+
+    tokenizer: "PreTrainedTokenizerBase"
+    chat_template: ChatTemplateUse
+    bos_id: int | None  # put in front of every prompt: the tokenizer adds BOS
+    eos_id: int
+    pad_id: int
+    turn_end_id: int | None  # the chat template's end of an assistant turn; None without a template
+
+    @classmethod
+    def of(cls, tokenizer: "PreTrainedTokenizerBase", chat_template: ChatTemplateUse = "auto") -> "Tokenization":
+        """Read the tokenizer's conventions. Raises ``TokenizationError`` for ``always`` without a template."""
+        if tokenizer.eos_token_id is None:
+            raise TokenizationError("the tokenizer has no EOS token, so no response can end")
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template == "always" and not has_template:
+            raise TokenizationError("data.chat_template=always, but the tokenizer has no chat template")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(tokenizer, chat_template, _added_bos(tokenizer), tokenizer.eos_token_id, pad,
+                   _turn_end(tokenizer) if has_template else None)
+
+    def templated(self, prompt: Prompt) -> bool:
+        """Whether ``prompt`` (and its responses) go through the chat template."""
+        if is_conversational(prompt):
+            if self.turn_end_id is None:
+                raise TokenizationError("conversational data needs a chat template, and the tokenizer has none; "
+                                        "use a chat model's tokenizer or plain-string data")
+            if self.chat_template == "never":
+                raise TokenizationError("conversational data needs the chat template, but data.chat_template=never")
+            return True
+        return self.chat_template == "always"
+
+    def stop_id(self, prompt: Prompt) -> int:
+        """The token that ends a finished response to ``prompt``."""
+        return self.turn_end_id if self.templated(prompt) else self.eos_id  # type: ignore[return-value]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every token that ends a response (generation stops at any of them)."""
+        return (self.eos_id,) if self.turn_end_id in (None, self.eos_id) else (self.eos_id, self.turn_end_id)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt, BOS included where the tokenizer adds one (once)."""
+        if self.templated(prompt):
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = prompt
+        ids = self._ids(text)
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def response_ids(self, prompt: Prompt, response: str, finished: bool = True) -> list[int]:
+        """Token ids of a response to ``prompt``, with its end token when ``finished`` (once)."""
+        ids = self._ids(response)
+        stop = self.stop_id(prompt)
+        return ids + [stop] if finished and ids[-1:] != [stop] else ids
+
+    def pair(self, prompt: Prompt, response: str, finished: bool = True) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids): the one encoding of a (prompt, response) in every stage."""
+        return self.prompt_ids(prompt), self.response_ids(prompt, response, finished)
+
+    def batch(self, prompts: list[Prompt], responses: list[str], finished: list[bool] | None = None) -> "SequenceBatch":
+        """A right-padded batch of (prompt, response) pairs (``stages.model.sequences.SequenceBatch``)."""
+        from stages.model.sequences import from_token_ids
+
+        finished = finished if finished is not None else [True] * len(prompts)
+        rows = [self.pair(p, r, done) for p, r, done in zip(prompts, responses, finished, strict=True)]
+        return from_token_ids(rows, self.pad_id)
+
+    def text(self, response_ids: list[int] | tuple[int, ...]) -> str:
+        """A response's text: its ids decoded, without the end token and other special tokens."""
+        return self.tokenizer.decode(list(response_ids), skip_special_tokens=True)
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+
+def _added_bos(tokenizer: "PreTrainedTokenizerBase") -> int | None:
+    """BOS's id if the tokenizer puts BOS in front of a text by itself, else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True).input_ids
+    without = tokenizer("a", add_special_tokens=False).input_ids
+    return bos if with_special[:1] == [bos] and without[:1] != [bos] else None
+
+
+def _turn_end(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """The token the chat template writes right after an assistant message: the first token of what
+    follows a probe response, if it is a special token; else EOS."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": _PROBE_PROMPT},
+                                      {"role": "assistant", "content": _PROBE_RESPONSE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as err:  # a template that refuses the probe conversation: say so in one line
+        raise TokenizationError(f"the tokenizer's chat template cannot render a user/assistant exchange ({err})") from None
+    after = text[text.rfind(_PROBE_RESPONSE) + len(_PROBE_RESPONSE):]
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return ids[0] if ids and ids[0] in special else tokenizer.eos_token_id
