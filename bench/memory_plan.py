@@ -33,9 +33,9 @@ FEW_STEPS = ["sft.max_steps=3", "reward.max_steps=3", "ppo.updates=1", "rrhf.max
              "run.stages=[sft,reward,rrhf,ppo]", "run.threads=1"]
 # (backbone, stage, overrides): the default chain on both backbones, RRHF on the built-in one, then the
 # larger Llama with the settings that move the estimate most: 4x batches, bf16, QLoRA, P-tuning v2.
-# RRHF re-tokenizes its decoded samples, and a random-init model samples byte soup whose text re-encodes
-# to ~1.8x as many tokens as it sampled (U+FFFD replacement characters), so its lengths say nothing about
-# a trained model's: RRHF is benched on the built-in (trained) backbone only.
+# RRHF trains on its candidates' sampled ids, and a random-init model samples max_new_tokens of byte soup
+# that never stops, so its lengths say nothing about a trained model's: RRHF is benched on the built-in
+# (trained) backbone only.
 CASES: list[tuple[str, str, tuple[str, ...]]] = [
     *(("builtin", stage, ()) for stage in ("sft", "reward", "ppo", "rrhf")),
     *(("llama-34m", stage, ()) for stage in ("sft", "reward", "ppo")),

@@ -6,7 +6,8 @@ Adapters (all of the configured kind, on one PeftModel around one backbone):
     reference  the SFT adapter, frozen          policy  starts from SFT, trained
     reward     the RM adapter + score head, frozen   value   starts from the RM, trained, + value head
 
-Each update: sample responses with the policy (KV cache, left padding, EOS); score them without
+Each update: sample responses with the policy from the tokenization contract's prompt ids (KV cache,
+left padding, stopping at EOS or the chat template's end of turn); score the sampled ids without
 gradients (reference log-probs, reward, values); shape per-token rewards with the KL penalty (score on
 the last token); GAE + whitening; then PPO epochs over minibatches of the clipped policy and value
 losses. The losses and GAE are the pure functions of ``stages.objectives.losses``. A checkpoint every
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import load_records, measure_lengths, rollout_prompts, source_name
+from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
@@ -220,11 +221,9 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                              stage="ppo", adapter_kind=cfg.adapter.kind, learning_rate=ppo.learning_rate)
     updater = ppo_updater(models, cfg, dist)
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
-    prompts = rollout_prompts(cfg.data, cfg.task)
-    held_out = load_records(cfg.data.eval, "eval", cfg.task)
     context = model.get_base_model().config.max_position_embeddings
-    measure_lengths([{"prompt": p} for p in prompts], "prompts", source_name(cfg.data.prompts or cfg.data.sft),
-                    models.tokenization, context)  # a conversational prompt without a template fails here
+    prompts = load_rollout_prompts(cfg.data, cfg.task, models.tokenization, context)
+    held_out = load_records(cfg.data.eval, "eval", cfg.task)
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), models.tokenization, context)
 
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, TRAINABLE,

@@ -5,7 +5,8 @@
 Why not TRL's RewardTrainer: it needs an ``AutoModelForSequenceClassification``, a second object around
 the backbone. Our reward is the causal LM's own final hidden state at the last token (reward adapter
 active) through a ``Linear(hidden, 1)`` head, the exact path PPO and RRHF score with later on the one
-shared backbone. The loop is small: encode pairs, score both sides, ``pairwise_reward_loss``, step.
+shared backbone. The loop is small: the tokenization contract's ids of both sides of each pair (the
+ids PPO and RRHF later score), score them, ``pairwise_reward_loss``, step.
 
 Artifact: ``adapter/`` (PEFT), ``score_head.safetensors``, ``probe_scores.json`` (scores of held-out
 texts, which every later stage re-computes to prove the head it loaded is the one trained here).

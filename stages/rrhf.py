@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import ConfigError, PipelineConfig
-from stages.io.data import load_records, measure_lengths, rollout_prompts, source_name
+from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
@@ -55,6 +55,7 @@ class Group:
     responses: list[str]  # texts, for logs
     finished: list[bool]
     rewards: list[float]
+    prompt_ids: list[int]  # the contract's (rendered once, not at every step)
     response_ids: list[list[int]]  # the sampled ids (end token included when finished), or the contract's
 
 
@@ -62,8 +63,9 @@ def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tok
                   prompts: list[Prompt], cfg: PipelineConfig) -> list[Group]:
     """k policy samples per prompt, scored by the reward model on the ids that were sampled."""
     k = cfg.rrhf.num_candidates
+    prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     with active_adapter(model, POLICY):
-        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts for _ in range(k)],
+        samples = generate(model, tokenization, [ids for ids in prompt_ids for _ in range(k)],
                            max_new_tokens=cfg.rrhf.max_new_tokens, temperature=cfg.rrhf.temperature,
                            batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1, desc="rrhf candidates")
     rewards = reward_of(model, head, samples, tokenization.pad_id, cfg.rrhf.missing_eos_penalty)
@@ -71,14 +73,15 @@ def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tok
     for i, prompt in enumerate(prompts):
         mine = samples[i * k : (i + 1) * k]
         groups.append(Group(prompt, [s.text for s in mine], [s.finished for s in mine], rewards[i * k : (i + 1) * k],
-                            [list(s.token_ids) for s in mine]))
+                            prompt_ids[i], [list(s.token_ids) for s in mine]))
     return groups
 
 
 def offline_groups(records: list[dict[str, Any]], tokenization: Tokenization) -> list[Group]:
     """Groups of ``data.ranked`` rows, each response tokenized by the contract (all finished)."""
     return [Group(r["query"], r["responses"], [True] * len(r["responses"]), [float(x) for x in r["scores"]],
-                  [tokenization.response_ids(r["query"], text) for text in r["responses"]]) for r in records]
+                  tokenization.prompt_ids(r["query"]), [tokenization.response_ids(r["query"], t) for t in r["responses"]])
+            for r in records]
 
 
 def group_logprobs(model: "PeftModel", tokenization: Tokenization,
@@ -86,7 +89,7 @@ def group_logprobs(model: "PeftModel", tokenization: Tokenization,
     """Length-normalised response log-probs (B, K), rewards (B, K) and the mask of real candidates (B, K)."""
     import torch
 
-    rows = [(tokenization.prompt_ids(g.prompt), ids) for g in groups for ids in g.response_ids]
+    rows = [(g.prompt_ids, ids) for g in groups for ids in g.response_ids]
     batch = from_token_ids(rows, tokenization.pad_id)
     per_token = token_logprobs(model, batch)  # (N, T), 0 off the response
     normalised = per_token.sum(-1) / batch.response_mask.sum(-1).clamp(min=1)  # (N,)
@@ -148,9 +151,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         measure_lengths(ranked, "ranked", source_name(cfg.data.ranked), tokenization, context)
         groups = offline_groups(ranked, tokenization)
     else:  # each rank samples candidates for its share of the prompts; then every rank holds all groups
-        prompts = rollout_prompts(cfg.data, cfg.task)
-        measure_lengths([{"prompt": p} for p in prompts], "prompts", source_name(cfg.data.prompts or cfg.data.sft),
-                        tokenization, context)
+        prompts = load_rollout_prompts(cfg.data, cfg.task, tokenization, context)
         random.Random(cfg.run.seed).shuffle(prompts)
         groups = dist.gather(sample_groups(model, head, tokenization, dist.shard(prompts[: rr.num_prompts]), cfg))
     accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenization, groups)

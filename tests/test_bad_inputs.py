@@ -83,6 +83,10 @@ def test_cli_non_utf8_data_is_one_line_exit_2_and_no_run(tmp_path: Path) -> None
      "has no chat template; use a chat model (builtin:tiny-chat is the built-in one) or plain-string data"),
     (["backbone.name=builtin:tiny-chat", "data.eval=EXAMPLES/eval-conversational.jsonl", "data.chat_template=never"],
      "data.eval hold conversational rows, which need the chat template, but data.chat_template=never"),
+    (["backbone.name=builtin:tiny-chat", "data.preferences=EXAMPLES/preferences-ultrafeedback.jsonl"],
+     "data.preferences hold conversational prompts and data.eval, data.sft plain-string ones: under "
+     "data.chat_template=auto only the conversational ones go through the chat template, so the stages would see "
+     "the same task in two formats; set data.chat_template: always, or make the datasets agree"),
 ])
 def test_conversational_data_without_a_chat_template_fails_before_the_run(tmp_path: Path, sets: list[str],
                                                                          message: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stages.io.config import DataSource, TaskSection, load_config
-from stages.io.data import DataError, load_records, rollout_prompts
+from stages.io.data import DataError, load_records, load_rollout_prompts
 from stages.io.formats import FORMATS
 from tests.conftest import REPO
 
@@ -65,13 +65,35 @@ def test_column_mapping_renames_columns_and_names_a_missing_one(tmp_path: Path) 
     assert cfg.data.preferences == ref
 
 
+def test_a_mapping_to_keys_no_format_reads_is_a_config_error() -> None:
+    from stages.io.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data: Value error, preferences.columns: \['promt'\] are not "
+                                          r"keys of any preferences format"):
+        load_config(None, ["data.preferences={source: x.jsonl, columns: {promt: question}}"])
+    with pytest.raises(ConfigError, match="sft.columns: the builtin dataset has no columns to map"):
+        load_config(None, ["data.sft={source: builtin, columns: {prompt: q}}"])
+
+
+def test_null_columns_count_as_absent(tmp_path: Path) -> None:
+    """Parquet and HF rows carry every column of their table: a text row with null prompt/completion."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "1+1=", "completion": "2", "text": None},
+                                         {"prompt": None, "completion": None, "text": "1+2=3"}]), path)
+    assert load_records(str(path), "sft", TASK) == [{"prompt": "1+1=", "completion": "2"},
+                                                    {"prompt": "", "completion": "1+2=3"}]
+
+
 def test_config_file_dataset_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "p.jsonl").write_text('{"prompt": "1+1="}\n')
     (tmp_path / "run.yaml").write_text("data:\n  prompts: data/p.jsonl\n  sft: builtin\n")
     cfg = load_config(tmp_path / "run.yaml")
     assert cfg.data.prompts == str((tmp_path / "data" / "p.jsonl").resolve())
-    assert rollout_prompts(cfg.data, cfg.task) == ["1+1="]
+    assert load_rollout_prompts(cfg.data, cfg.task) == ["1+1="]
 
 
 @pytest.mark.parametrize(("kind", "row", "message"), [
@@ -89,6 +111,9 @@ def test_config_file_dataset_paths_are_relative_to_the_file(tmp_path: Path) -> N
                      "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
      "line 1: 'chosen' and 'rejected' share no first message"),
     ("preferences", {"chosen": USER, "rejected": "x"}, "line 1: 'chosen' and 'rejected' must both be strings or both"),
+    ("preferences", {"chosen": USER + [{"role": "assistant", "content": "7"}],
+                     "rejected": USER + [{"role": "assistant", "content": "7"}]}, "line 1: 'chosen' and 'rejected' "
+     "are the same messages"),
     ("preferences", {"prompt": "1+1=", "chosen": "2", "rejected": "3", "score_chosen": float("nan")},
      "line 1: 'score_chosen' must hold finite numbers"),
     ("preferences", {"prompt": "q", "rejected": "3"}, "line 1: fits no preferences format"),
@@ -114,9 +139,9 @@ def test_every_format_is_documented_in_the_readme_with_its_example() -> None:
 def test_language_modeling_text_has_no_rollout_prompts_unless_data_prompts_is_set() -> None:
     cfg = load_config(None, [f"data.sft={EXAMPLES / 'sft-text.jsonl'}"])
     with pytest.raises(DataError, match="language-modeling rows have no prompts to roll out on; set data.prompts"):
-        rollout_prompts(cfg.data, cfg.task)
+        load_rollout_prompts(cfg.data, cfg.task)
     cfg = load_config(None, [f"data.sft={EXAMPLES / 'sft-text.jsonl'}", f"data.prompts={EXAMPLES / 'prompts.jsonl'}"])
-    assert len(rollout_prompts(cfg.data, cfg.task)) == 5
+    assert len(load_rollout_prompts(cfg.data, cfg.task)) == 5
 
 
 def test_hf_datasets_splits_load_through_the_same_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,7 +73,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], e
 def test_malformed_parquet_row_is_named(tmp_path: Path) -> None:
     path = tmp_path / "e.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": None}]), path)
-    with pytest.raises(DataError, match=r"e.parquet: row 2: 'answer' must be a non-empty string"):
+    with pytest.raises(DataError, match=r"e.parquet: row 2: fits no eval format; expected prompt-answer"):
         load_records(str(path), "eval", CFG)
 
 

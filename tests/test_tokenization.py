@@ -65,6 +65,9 @@ def test_the_chat_tokenizer_bos_once_template_and_end_of_turn(backbones) -> None
     assert tok.response_ids("3+4=", "7</s>") == tok.response_ids("3+4=", "7")
     always = Tokenization.of(tokenizer, "always")
     assert always.pair("3+4=", "7") == (prompt, response)
+    assert always.pair("", "3+4=7") == tok.pair("", "3+4=7")  # language-modeling text has no turns: plain
+    # A response text ending in EOS under the template: that EOS ends it, no turn end after it.
+    assert _tokens(tok, tok.response_ids(USER, "7</s>")) == ["7", "</s>"]
     with pytest.raises(TokenizationError, match="data.chat_template=never"):
         Tokenization.of(tokenizer, "never").prompt_ids(USER)
 
@@ -76,8 +79,12 @@ def test_the_chat_template_renders_what_the_backbone_was_pretrained_on(backbones
     assert tokenizer.apply_chat_template(messages, tokenize=False) == chat_stream("3+4=7;1+1=2;")
 
 
-@pytest.mark.parametrize(("template", "prompt_end", "end"), [(CHATML, "<|im_start|>assistant\n", "<|im_end|>"),
-                                                           (LLAMA2, " [/INST]", "</s>")])
+@pytest.mark.parametrize(("template", "prompt_end", "end"), [
+    (CHATML, "<|im_start|>assistant\n", "<|im_end|>"),
+    (CHATML.replace("{{ m['content'] }}<|im_end|>", "{{ m['content'] }}\n<|im_end|>"), "<|im_start|>assistant\n",
+     "<|im_end|>"),  # text between the content and the end token: the end token is still found
+    (LLAMA2, " [/INST]", "</s>"),
+])
 def test_hub_style_templates_end_turns_where_the_template_does(backbones, template: str, prompt_end: str,
                                                                end: str) -> None:
     """ChatML (Qwen) ends an assistant turn with a special token of its own; Llama-2 with EOS."""
@@ -108,6 +115,30 @@ def test_the_boundary_prompt_then_response_ids_never_the_joined_string(backbones
     if response == "istant":
         joined = plain(prompt + response, add_special_tokens=False).input_ids
         assert _tokens(tok, joined)[-1] == "assistant" and prompt_ids + response_ids != bos + joined + [tok.eos_id]
+
+
+def test_the_template_decides_bos_and_its_refusals_are_one_line_errors(backbones) -> None:
+    """The chat tokenizer adds BOS to plain text; a template that writes none gets none (as
+    ``apply_chat_template(tokenize=True)`` and TRL do), and a template's raise_exception is a user error."""
+    tokenizer = backbones["builtin:tiny-chat"].tokenizer.__class__.from_pretrained(
+        backbones["builtin:tiny-chat"].tokenizer.name_or_path)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "").replace(
+        "{% for message in messages %}", "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}")
+    tok = Tokenization.of(tokenizer)
+    assert _tokens(tok, tok.prompt_ids(USER))[:2] == ["<|user|>", "3"]
+    assert tok.prompt_ids("3+4=")[0] == tok.bos_id
+    with pytest.raises(TokenizationError, match="the chat template refuses these messages .*System role not supported"):
+        tok.prompt_ids([{"role": "system", "content": "be brief"}, *USER])
+
+
+def test_special_tokens_in_a_response_are_kept_in_its_text(backbones) -> None:
+    """``<|assistant|>7`` is not the answer ``7``: the checker sees the special token."""
+    from stages.io.arithmetic import check
+
+    tok = Tokenization.of(backbones["builtin:tiny-chat"].tokenizer)
+    ids = tok.tokenizer.convert_tokens_to_ids(["<|assistant|>", "7"])
+    assert tok.text(ids) == "<|assistant|>7" and not check(tok.text(ids), "7")
 
 
 def _force(model: torch.nn.Module, targets: list[int]):

@@ -24,6 +24,7 @@ StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the registry's s
 DEFAULT_CONFIG_NAME = "default.yaml"
 Launcher = Literal["local", "accelerate"]  # in this process, or `accelerate launch` over distributed.*
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")  # infra/deepspeed/<name>.json
+DATA_KINDS = ("sft", "preferences", "eval", "prompts", "ranked")  # the data.* datasets
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,22 @@ class DataSection(_Section):
     ranked: DataRef | None = None
     # Plain-string data through the tokenizer's chat template: auto (only conversational data), always, never.
     chat_template: Literal["auto", "always", "never"] = "auto"
+
+    @model_validator(mode="after")
+    def _columns_name_format_keys(self) -> "DataSection":
+        from stages.io.formats import format_keys
+
+        for kind in DATA_KINDS:
+            ref = getattr(self, kind)
+            if not isinstance(ref, DataSource) or not ref.columns:
+                continue
+            if ref.source == "builtin":
+                raise ValueError(f"{kind}.columns: the builtin dataset has no columns to map")
+            unknown = sorted(set(ref.columns) - format_keys(kind))
+            if unknown:
+                raise ValueError(f"{kind}.columns: {unknown} are not keys of any {kind} format; "
+                                 f"map these: {sorted(format_keys(kind))}")
+        return self
 
 
 class SFTSection(_Section):
@@ -298,9 +315,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-
-
-DATA_KINDS = ("sft", "preferences", "eval", "prompts", "ranked")
 
 
 def _relative_to(folder: Path, data: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from stages.io import arithmetic
 from stages.io.config import DataRef, DataSource, TaskSection
-from stages.io.formats import FormatError, Prompt, prompt_key, to_record
+from stages.io.formats import RESPONSE_FIELDS, FormatError, Prompt, prompt_key, to_record
 
 if TYPE_CHECKING:
     from stages.model.tokenization import Tokenization
@@ -48,28 +48,37 @@ def load_records(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> list[Re
     Once per process while the file is unchanged: the CLI's checks, the memory plan, each cache key and
     the stage's own training all read the same datasets.
     """
-    source = ref.source if isinstance(ref, DataSource) else ref
+    source = source_name(ref)
     columns = tuple(sorted(ref.columns.items())) if isinstance(ref, DataSource) else ()
     return copy.deepcopy(list(_cached_records(source, columns, kind, task_cfg, _file_stamp(source))))
 
 
 def source_name(ref: DataRef) -> str:
-    """The file (or builtin, or hf: name) a dataset reference reads, for messages."""
+    """The file (or ``builtin``, or ``hf:`` name) a dataset reference reads, with or without a column
+    mapping: what messages name."""
     return ref.source if isinstance(ref, DataSource) else ref
 
 
-def rollout_prompts(data: Any, task_cfg: TaskSection) -> list[Prompt]:
+def load_rollout_prompts(data: Any, task_cfg: TaskSection, tokenization: "Tokenization | None" = None,
+                         max_tokens: int = 0) -> list[Prompt]:
     """The distinct prompts PPO and RRHF roll out on, in a fixed order: ``data.prompts``, or by default
-    the SFT demonstrations' prompts. ``data`` is the config's ``data`` section."""
+    the SFT demonstrations' prompts (``data`` is the config's ``data`` section). Given the stage's
+    ``tokenization``, each is rendered once, so a prompt the tokenizer cannot render fails here
+    (``measure_lengths``: "record N" counts the sorted distinct prompts)."""
+    ref = data.prompts if data.prompts is not None else data.sft
     if data.prompts is not None:
-        records, source = load_records(data.prompts, "prompts", task_cfg), source_name(data.prompts)
+        records = load_records(ref, "prompts", task_cfg)
     else:
-        records, source = [r for r in load_records(data.sft, "sft", task_cfg) if r["prompt"]], source_name(data.sft)
+        records = [r for r in load_records(ref, "sft", task_cfg) if r["prompt"]]
         if not records:
-            raise DataError(f"data.sft: {source}: language-modeling rows have no prompts to roll out on; "
+            raise DataError(f"data.sft: {source_name(ref)}: language-modeling rows have no prompts to roll out on; "
                             "set data.prompts (prompt-only rows)")
     unique = {prompt_key(r["prompt"]): r["prompt"] for r in records}
-    return [unique[key] for key in sorted(unique)]
+    prompts = [unique[key] for key in sorted(unique)]
+    if tokenization is not None:
+        measure_lengths([{"prompt": p} for p in prompts], "prompts", f"{source_name(ref)} (distinct prompts, sorted)",
+                        tokenization, max_tokens)
+    return prompts
 
 
 def _file_stamp(source: str) -> tuple[int, int] | None:
@@ -156,9 +165,6 @@ def measure_lengths(records: list[Record], kind: DataKind, source: str, tokeniza
         raise DataError(f"{source}: every {kind} record's prompt is at least {max_tokens} tokens long, "
                         "so no response token fits; shorten the prompts or raise the maximum length")
     return report
-
-
-RESPONSE_FIELDS = {"sft": ("completion",), "preferences": ("chosen", "rejected"), "eval": ("answer",), "prompts": ()}
 
 
 def _token_lengths(record: Record, kind: DataKind, tokenization: "Tokenization") -> tuple[int, int]:

@@ -37,6 +37,8 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True)
 class Format:
+    """One accepted row shape of a kind of data."""
+
     name: str  # TRL's name for it
     keys: tuple[str, ...]  # a row with these keys is read in this format
     example: str  # one row, for the README and for error messages
@@ -60,16 +62,25 @@ FORMATS: dict[str, tuple[Format, ...]] = {
                       '{"query": "3+4=", "responses": ["7", "7;1+1=2"], "scores": [1.0, 0.0]}'),),
 }
 SCORE_KEYS = ("score_chosen", "score_rejected")  # UltraFeedback-binarized's ratings, kept when present
+# The record fields that hold responses (what follows the prompt), per kind.
+RESPONSE_FIELDS = {"sft": ("completion",), "preferences": ("chosen", "rejected"), "eval": ("answer",), "prompts": ()}
+
+
+def format_keys(kind: str) -> set[str]:
+    """Every key some format of ``kind`` reads (what a column mapping may name)."""
+    return {key for f in FORMATS[kind] for key in f.keys} | (set(SCORE_KEYS) if kind == "preferences" else set())
 
 
 def to_record(row: Any, kind: str) -> dict[str, Any]:
-    """The record of ``row`` in the first format of ``kind`` whose keys it has; ``FormatError`` otherwise."""
+    """The record of ``row`` in the first format of ``kind`` whose keys it has; ``FormatError`` otherwise.
+    A key whose value is null counts as absent (Parquet and HF rows have every column of their table)."""
     formats = FORMATS[kind]
     if not isinstance(row, dict):
         raise FormatError(f"expected an object, got {type(row).__name__}; {_expected(kind)}")
-    chosen = next((f for f in formats if all(k in row for k in f.keys)), None)
+    present = {key for key, value in row.items() if value is not None}
+    chosen = next((f for f in formats if present.issuperset(f.keys)), None)
     if chosen is None:
-        raise FormatError(f"fits no {kind} format; {_expected(kind)}; the row has keys {sorted(row)}")
+        raise FormatError(f"fits no {kind} format; {_expected(kind)}; the row has keys {sorted(present)}")
     return _READERS[(kind, chosen.name)](row)
 
 
@@ -78,6 +89,7 @@ def _expected(kind: str) -> str:
 
 
 def is_conversational(prompt: Prompt) -> bool:
+    """Whether a prompt is a message list (which goes through the chat template) rather than a string."""
     return isinstance(prompt, list)
 
 
@@ -127,6 +139,8 @@ def _implicit_preference(row: dict[str, Any]) -> dict[str, Any]:
         prompt, chosen, rejected = _split_shared_text(_string(chosen, "chosen"), _string(rejected, "rejected"))
     elif isinstance(chosen, list) and isinstance(rejected, list):
         chosen, rejected = _message_list(chosen, "chosen"), _message_list(rejected, "rejected")
+        if chosen == rejected:
+            raise FormatError("'chosen' and 'rejected' are the same messages, so the pair teaches nothing")
         shared = 0
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1

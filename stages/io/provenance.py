@@ -40,14 +40,19 @@ def stage_datasets(stage: str, cfg: PipelineConfig) -> tuple[DataKind, ...]:
 
 def check_datasets(cfg: PipelineConfig) -> None:
     """Load and validate every dataset the configured stages read; raises ``DataError`` on the first bad
-    row, and on conversational data (or ``data.chat_template: always``) for a tokenizer without a template."""
+    row, and when the chain's prompts cannot all be tokenized one way: conversational data (or
+    ``data.chat_template: always``) for a tokenizer without a template, conversational data under
+    ``never``, or, under ``auto``, conversational prompts in one dataset and plain ones in another (the
+    reward model would be trained on templated text and score plain rollouts, or the reverse)."""
     kinds = {kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)}
-    conversational = []
+    conversational, plain = [], []
     for kind in sorted(kinds):
         dataset_digest(getattr(cfg.data, kind), kind, cfg.task)
-        records = load_records(getattr(cfg.data, kind), kind, cfg.task)
-        if any(is_conversational(r.get("prompt", r.get("query"))) for r in records):
+        prompts = [r.get("prompt", r.get("query")) for r in load_records(getattr(cfg.data, kind), kind, cfg.task)]
+        if any(is_conversational(p) for p in prompts):
             conversational.append(f"data.{kind}")
+        if any(p and not is_conversational(p) for p in prompts):  # "" is language-modeling text: no turns
+            plain.append(f"data.{kind}")
     if (conversational or cfg.data.chat_template == "always") and has_chat_template(cfg.backbone) is False:
         why = f"{', '.join(conversational)} hold conversational rows" if conversational else "data.chat_template=always"
         raise DataError(f"{why}, but the tokenizer of backbone.name={cfg.backbone.name!r} has no chat template; "
@@ -55,6 +60,11 @@ def check_datasets(cfg: PipelineConfig) -> None:
     if conversational and cfg.data.chat_template == "never":
         raise DataError(f"{', '.join(conversational)} hold conversational rows, which need the chat template, "
                         "but data.chat_template=never")
+    if conversational and plain and cfg.data.chat_template == "auto":
+        raise DataError(f"{', '.join(conversational)} hold conversational prompts and {', '.join(plain)} plain-string "
+                        "ones: under data.chat_template=auto only the conversational ones go through the chat "
+                        "template, so the stages would see the same task in two formats; set data.chat_template: "
+                        "always, or make the datasets agree")
 
 
 @lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.io.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
-from stages.io.data import load_records, rollout_prompts
+from stages.io.data import load_records, load_rollout_prompts
 from stages.io.deepspeed_config import INFRA
 from stages.io.formats import Prompt, prompt_text
 from stages.memory.plan import DTYPE_BYTES, DataShape, Device, ModelShape, Parallel
@@ -97,35 +97,38 @@ def read_data_shape(cfg: PipelineConfig) -> DataShape:
     stages = set(cfg.run.stages)
     generative = bool(stages - {"reward"})  # sft, rrhf and ppo read the demonstrations' prompts and eval
     demos = load_records(cfg.data.sft, "sft", cfg.task) if generative else []
+    always = cfg.data.chat_template == "always"
     rolls_out = any("prompts" in spec(stage).optional_datasets for stage in stages)  # the registry's RL stages
     rolled_out = rolls_out and (cfg.data.prompts is not None or any(r["prompt"] for r in demos))
-    prompts = _prompt_counts(count, rollout_prompts(cfg.data, cfg.task) if rolled_out else [])
+    prompts = _prompt_counts(count, always, load_rollout_prompts(cfg.data, cfg.task) if rolled_out else [])
     pairs = load_records(cfg.data.preferences, "preferences", cfg.task) if "reward" in stages else []
     responses = [max(c, r) for c, r in zip(count([p["chosen"] for p in pairs]), count([p["rejected"] for p in pairs]))]
     evals = load_records(cfg.data.eval, "eval", cfg.task) if generative else []
     ranked = load_records(cfg.data.ranked, "ranked", cfg.task) if cfg.data.ranked and "rrhf" in stages else []
-    queries = _prompt_counts(count, [r["query"] for r in ranked])
+    queries = _prompt_counts(count, always, [r["query"] for r in ranked])
     return DataShape(
         demos=len(demos),
-        demo_tokens=_longest(_sums(_prompt_counts(count, [r["prompt"] for r in demos]),
+        demo_tokens=_longest(_sums(_prompt_counts(count, always, [r["prompt"] for r in demos]),
                                    count([r["completion"] for r in demos]))),
         prompts=len(prompts),
         prompt_tokens=_longest(prompts),
         prompt_tokens_min=min(prompts, default=0) + SPECIAL_TOKENS,
         pairs=len(pairs),
-        pair_tokens=_longest(_sums(_prompt_counts(count, [p["prompt"] for p in pairs]), responses)),
+        pair_tokens=_longest(_sums(_prompt_counts(count, always, [p["prompt"] for p in pairs]), responses)),
         eval_prompts=len(evals),
-        eval_prompt_tokens=_longest(_prompt_counts(count, [r["prompt"] for r in evals])),
+        eval_prompt_tokens=_longest(_prompt_counts(count, always, [r["prompt"] for r in evals])),
         ranked_groups=len(ranked),
         ranked_candidates=max((len(r["responses"]) for r in ranked), default=0),
         ranked_tokens=_longest([q + max(count(r["responses"])) for q, r in zip(queries, ranked)]),
     )
 
 
-def _prompt_counts(count: Callable[[list[str]], list[int]], prompts: list[Prompt]) -> list[int]:
-    """Token counts of prompts; a conversational one's words plus the template allowance per message."""
+def _prompt_counts(count: Callable[[list[str]], list[int]], always: bool, prompts: list[Prompt]) -> list[int]:
+    """Token counts of prompts: a templated one's words plus the template allowance per message (a string
+    prompt is one user message under ``data.chat_template: always``)."""
     texts = count([prompt_text(p) for p in prompts])
-    return [n + (TEMPLATE_TOKENS_PER_MESSAGE * len(p) if isinstance(p, list) else 0) for n, p in zip(texts, prompts)]
+    messages = [len(p) if isinstance(p, list) else int(always and bool(p)) for p in prompts]
+    return [n + TEMPLATE_TOKENS_PER_MESSAGE * m for n, m in zip(texts, messages)]
 
 
 def _sums(a: list[int], b: list[int]) -> list[int]:

@@ -6,13 +6,16 @@ so a reward model scores exactly the tokens a policy sampled and SFT trained on.
 
 The rules:
 
-* **Prompt.** A conversational prompt (messages), or any prompt under ``data.chat_template: always``, is
-  rendered by the tokenizer's chat template with the generation prompt; a standard prompt is its text.
-  The text is tokenized without special tokens, then BOS is put in front if the tokenizer adds one and
-  the text did not already start with it (templates that write ``{{ bos_token }}`` do): once, never twice.
+* **Prompt.** A conversational prompt (messages), or any non-empty prompt under ``data.chat_template:
+  always``, is rendered by the tokenizer's chat template with the generation prompt and tokenized
+  without special tokens: the template decides about BOS (Llama-3's writes ``{{ bos_token }}``, Qwen's
+  none), exactly as ``apply_chat_template(tokenize=True)`` and TRL do. A standard prompt is its text,
+  tokenized without special tokens, with BOS in front if the tokenizer adds one by itself. Either way
+  BOS appears once, never twice.
 * **Response.** Its text tokenized without special tokens, then, if the response finished, its end
   token: the template's end of an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...) for a templated
-  prompt, EOS otherwise; once (a response text that already ends with it gets no second one).
+  prompt, EOS otherwise; once (a response text that already ends with an end token gets no second).
+  Generation stops at either end token; the one it emitted stays in the sampled ids that are scored.
 * **Boundary.** The ids are the prompt's ids followed by the response's ids, never the tokens of the
   joined string: a prompt's trailing whitespace stays a token of the prompt, and a response never
   merges into the prompt's last token. That is what generation produces (it continues the prompt ids).
@@ -60,19 +63,19 @@ class Tokenization:
         if chat_template == "always" and not has_template:
             raise TokenizationError("data.chat_template=always, but the tokenizer has no chat template")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(tokenizer, chat_template, _added_bos(tokenizer), tokenizer.eos_token_id, pad,
-                   _turn_end(tokenizer) if has_template else None)
+        turn_end = _turn_end(tokenizer) if has_template and chat_template != "never" else None
+        return cls(tokenizer, chat_template, _added_bos(tokenizer), tokenizer.eos_token_id, pad, turn_end)
 
     def templated(self, prompt: Prompt) -> bool:
         """Whether ``prompt`` (and its responses) go through the chat template."""
         if is_conversational(prompt):
+            if self.chat_template == "never":
+                raise TokenizationError("conversational data needs the chat template, but data.chat_template=never")
             if self.turn_end_id is None:
                 raise TokenizationError("conversational data needs a chat template, and the tokenizer has none; "
                                         "use a chat model's tokenizer or plain-string data")
-            if self.chat_template == "never":
-                raise TokenizationError("conversational data needs the chat template, but data.chat_template=never")
             return True
-        return self.chat_template == "always"
+        return self.chat_template == "always" and prompt != ""  # language-modeling text has no turns
 
     def stop_id(self, prompt: Prompt) -> int:
         """The token that ends a finished response to ``prompt``."""
@@ -84,22 +87,24 @@ class Tokenization:
         return (self.eos_id,) if self.turn_end_id in (None, self.eos_id) else (self.eos_id, self.turn_end_id)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt, BOS included where the tokenizer adds one (once)."""
-        if self.templated(prompt):
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        """Token ids of a prompt: the template's rendering, or the text with BOS where the tokenizer adds one.
+        Raises ``TokenizationError`` when the template refuses the messages (roles that do not alternate)."""
+        if not self.templated(prompt):
+            ids = self._ids(prompt)  # type: ignore[arg-type]
+            return [self.bos_id] + ids if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = prompt
-        ids = self._ids(text)
-        if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id] + ids
-        return ids
+        except Exception as err:  # jinja2's raise_exception: not a ValueError, and a one-line user error here
+            raise TokenizationError(f"the chat template refuses these messages ({err})") from None
+        return self._ids(text)
 
     def response_ids(self, prompt: Prompt, response: str, finished: bool = True) -> list[int]:
-        """Token ids of a response to ``prompt``, with its end token when ``finished`` (once)."""
+        """Token ids of a response to ``prompt``, with its end token when ``finished``; a text that already
+        ends with an end token (EOS or the template's) gets no second one."""
         ids = self._ids(response)
-        stop = self.stop_id(prompt)
-        return ids + [stop] if finished and ids[-1:] != [stop] else ids
+        ends = bool(ids) and ids[-1] in self.stop_ids
+        return ids + [self.stop_id(prompt)] if finished and not ends else ids
 
     def pair(self, prompt: Prompt, response: str, finished: bool = True) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids): the one encoding of a (prompt, response) in every stage."""
@@ -114,8 +119,9 @@ class Tokenization:
         return from_token_ids(rows, self.pad_id)
 
     def text(self, response_ids: list[int] | tuple[int, ...]) -> str:
-        """A response's text: its ids decoded, without the end token and other special tokens."""
-        return self.tokenizer.decode(list(response_ids), skip_special_tokens=True)
+        """A response's text: its ids decoded, special tokens included (a sampled ``<|assistant|>7`` is not
+        the answer ``7``); the caller leaves out the end token."""
+        return self.tokenizer.decode(list(response_ids), skip_special_tokens=False)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
@@ -132,15 +138,17 @@ def _added_bos(tokenizer: "PreTrainedTokenizerBase") -> int | None:
 
 
 def _turn_end(tokenizer: "PreTrainedTokenizerBase") -> int:
-    """The token the chat template writes right after an assistant message: the first token of what
-    follows a probe response, if it is a special token; else EOS."""
+    """The token that ends an assistant turn in the chat template: the first special token written after
+    a probe response (``<|im_end|>`` after ChatML's content, even behind a newline); EOS for a template
+    that writes none there. Raises ``TokenizationError`` for a template that cannot render an exchange."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": _PROBE_PROMPT},
                                       {"role": "assistant", "content": _PROBE_RESPONSE}]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as err:  # a template that refuses the probe conversation: say so in one line
         raise TokenizationError(f"the tokenizer's chat template cannot render a user/assistant exchange ({err})") from None
-    after = text[text.rfind(_PROBE_RESPONSE) + len(_PROBE_RESPONSE):]
-    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+    at = text.rfind(_PROBE_RESPONSE)
+    after = text[at + len(_PROBE_RESPONSE):] if at >= 0 else ""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else tokenizer.eos_token_id
+    ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
+    return next((i for i in ids if i in special), tokenizer.eos_token_id)
