@@ -49,7 +49,7 @@ class Tokenization:
 
     tokenizer: "PreTrainedTokenizerBase"
     chat_template: ChatTemplateUse
-    bos_id: int | None  # put in front of every prompt: the tokenizer adds BOS
+    bos_id: int | None  # put in front of a standard prompt: the tokenizer adds BOS by itself
     eos_id: int
     pad_id: int
     turn_end_id: int | None  # the chat template's end of an assistant turn; None without a template
