@@ -143,12 +143,14 @@ def _boot_prefect() -> Callable[[], None]:
 def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) -> None:
     from stages.io.deepspeed_config import check_launch
     from stages.io.provenance import check_datasets
+    from stages.model.adapters import check_target_modules
     from stages.model.backbone import resolve_backbone
 
     for stage in cfg.run.stages:
         check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
     check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
-    resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
+    location = resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
+    check_target_modules(cfg.adapter, location, cfg.backbone.revision, cfg.backbone.trust_remote_code)
     if memory_stages:  # and a stage that would run out of memory is refused now, not minutes into the run
         from flows.memory_check import check_memory
 
@@ -223,7 +225,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     report = run_report(args.runs_dir / args.run_id)
     if args.json:
-        print(json.dumps(report, indent=2))
+        from stages.io.artifacts import strict_json
+
+        print(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return 0
     from flows.report_html import write_report_html
 

@@ -134,11 +134,11 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tens
     import torch
 
     model, ppo = models.model, cfg.ppo
-    with torch.no_grad():
+    with torch.no_grad():  # at the sampling temperature: the distributions the tokens came from
         with active_adapter(model, POLICY):
-            logprobs = token_logprobs(model, batch)
+            logprobs = token_logprobs(model, batch, ppo.temperature)
         with active_adapter(model, REFERENCE):
-            ref_logprobs = token_logprobs(model, batch)
+            ref_logprobs = token_logprobs(model, batch, ppo.temperature)
         with active_adapter(model, REWARD):
             scores = sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
         with active_adapter(model, VALUE):
@@ -192,7 +192,7 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
             mb = rollout.select(order[start : start + ppo.minibatch_size])
             share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally
             with active_adapter(model, POLICY):
-                logprobs, entropy = token_logprobs_and_entropy(model, mb.batch)
+                logprobs, entropy = token_logprobs_and_entropy(model, mb.batch, ppo.temperature)
             policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages,
                                                         mb.response_mask, ppo.clip_range)
             updater.add_loss(share * policy_loss, "ppo policy loss")  # locally its graph is freed here
@@ -245,9 +245,11 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         kl_ctl.update(stats["kl"], n_steps=len(drawn))
         return {k: round(v, 5) for k, v in stats.items()}
 
-    model.train()
-    history = loop.run(train_step, lambda: {"kl_controller": kl_ctl.state_dict()})
+    # Dropout stays off throughout, in scoring and in the PPO epochs (TRL's PPO: disable_dropout=True): with it,
+    # the policy trained would not be the one that sampled, so update 1's ratio would not be 1 and the KL
+    # penalty of a policy equal to its reference would not be 0 (issue 14, fault 2).
     model.eval()
+    history = loop.run(train_step, lambda: {"kl_controller": kl_ctl.state_dict()})
     metrics = _evaluate(models, held_out, cfg)
     metrics["task_score_sft"] = read_manifest(inputs["sft"])["metrics"]["task_score"]
 

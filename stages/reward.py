@@ -14,15 +14,13 @@ texts, which every later stage re-computes to prove the head it loaded is the on
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import ArtifactError, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import Record, load_records, measure_lengths, source_name
-from stages.io.formats import prompt_key
+from stages.io.data import Record, load_records, measure_lengths, source_name, split_by_prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload
 from stages.model.adapters import (
     active_adapter,
@@ -55,18 +53,6 @@ ADAPTER_NAME = "reward"
 PROBES = "probe_scores.json"
 PROBE_TOLERANCE = 1e-4
 EVAL_PAIRS = 64  # held-out pairs scored at once (a memory bound, not a hyper-parameter)
-
-
-def split_pairs(pairs: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
-    """Hold out whole prompts (by a hash of the prompt), so held-out accuracy measures generalisation."""
-    def held_out(prompt: Any) -> bool:
-        return int(hashlib.sha256(prompt_key(prompt).encode()).hexdigest()[:8], 16) % 1000 < eval_fraction * 1000
-
-    train = [p for p in pairs if not held_out(p["prompt"])]
-    held = [p for p in pairs if held_out(p["prompt"])]
-    if not train or not held:
-        raise ArtifactError(f"reward.eval_fraction={eval_fraction} leaves {len(train)} train / {len(held)} held-out pairs")
-    return train, held
 
 
 def preference_batch(tokenization: Tokenization, pairs: list[Record]) -> "SequenceBatch":
@@ -108,7 +94,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)
     if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; pairs are scored whole, past the backbone's {context}-token context", flush=True)
-    train, held = split_pairs(pairs, rm.eval_fraction)
+    train, held = split_by_prompt(pairs, rm.eval_fraction, source_name(cfg.data.preferences))
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed)
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())

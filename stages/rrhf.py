@@ -107,8 +107,9 @@ def group_logprobs(model: "PeftModel", tokenization: Tokenization,
     return logprobs, rewards, mask
 
 
-def ranking_accuracy(model: "PeftModel", tokenization: Tokenization, groups: list[Group]) -> float:
-    """Share of differently-rewarded candidate pairs that the policy's log-probs order like the reward."""
+def ranking_accuracy(model: "PeftModel", tokenization: Tokenization, groups: list[Group]) -> float | None:
+    """Share of differently-rewarded candidate pairs that the policy's log-probs order like the reward;
+    None when every group's rewards are tied (no pair to order: the ranking loss is zero)."""
     import torch
 
     agree = total = 0
@@ -118,7 +119,7 @@ def ranking_accuracy(model: "PeftModel", tokenization: Tokenization, groups: lis
             valid = mask[:, :, None] & mask[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])  # (B, K, K)
             agree += (valid & (logprobs[:, :, None] > logprobs[:, None, :])).sum().item()
             total += valid.sum().item()
-    return agree / total if total else float("nan")
+    return agree / total if total else None
 
 
 def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
@@ -192,7 +193,11 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_probe(model, tokenization.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
-    return {**metrics, "warnings": learning.warnings(history, rr.warmup_steps), "trainable_parameters": count_trainable(model), "groups": len(groups),
+    warnings = learning.warnings(history, rr.warmup_steps)
+    if accuracy_before is None:
+        warnings.append("every candidate group's rewards are tied: the ranking loss is zero and only the SFT term "
+                        "trained (ranking_accuracy is null)")
+    return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start}
 
 

@@ -75,3 +75,11 @@ def test_concurrent_cache_stores_publish_one_whole_entry(tmp_path: Path) -> None
     entry = cache.lookup("k3")
     assert entry is not None and (entry / "adapter" / "weights.bin").read_text() == "same"
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == ["k3"]
+
+
+def test_json_files_are_strict_json(tmp_path: Path) -> None:
+    """NaN and infinities become null: strict parsers (jq, JavaScript) read every file we write."""
+    artifacts.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert __import__("json").loads(text) == {"a": None, "b": [1.5, None], "c": {"d": None}}

@@ -98,6 +98,30 @@ def test_conversational_data_without_a_chat_template_fails_before_the_run(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_preferences_too_few_prompts_to_hold_out_fail_before_the_run(tmp_path: Path) -> None:
+    """Issue 14, fault 9: the reward stage holds out whole prompts; 4 pairs on one prompt leave nothing to
+    hold out (or nothing to train on). Refused in pre-flight, naming the file, not after SFT has trained."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": f"2;{n}+1={n + 1}"}) + "\n"
+                            for n in range(4)))
+    result = run_cli("run", "--set", f"data.preferences={path}", "--run-id", "split", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().startswith(f"error: {path}: 4 preference pairs over 1 distinct prompt(s) leave ")
+    assert "at reward.eval_fraction=0.1 (whole prompts are held out)" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("targets", "missing"), [("[query_key_value]", "query_key_value"),
+                                                 ("[q_proj, qkv]", "qkv"), ("'.*attn_qkv'", ".*attn_qkv")])
+def test_lora_target_modules_that_match_nothing_fail_before_the_run(tmp_path: Path, targets: str, missing: str) -> None:
+    """Issue 14, fault 4: named, with the layer names the backbone has, exit 2, no run folder."""
+    result = run_cli("run", "--set", f"adapter.target_modules={targets}", "--run-id", "targets", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip() == (f"error: adapter.target_modules: {missing} not found; the backbone has down_proj, "
+                                     "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or use all-linear)")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_empty_prompt_is_named(tmp_path: Path) -> None:
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "", "completion": "2"}\n')

@@ -88,3 +88,35 @@ def test_update_trains_policy_and_value_only_on_one_backbone(lora_inputs: dict[s
     assert sum(unique.values()) == sum(single_unique.values())
     adapters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert adapters == 4 * sum(v.numel() for v in _snapshot(model, POLICY).values())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_log_probs_are_those_of_the_sampling_distribution(lora_inputs: dict[str, Path], temperature: float) -> None:
+    """Issue 14, fault 1: rollouts sampled at T are scored under softmax(logits / T), for the policy and the
+    reference alike, so the first minibatch of update 1 (policy = the sampler) has ratio 1 and approx-KL 0,
+    and the KL penalty of a policy equal to its reference is 0."""
+    from stages.model.adapters import active_adapter
+
+    cfg = load_config(None, [*FAST, f"ppo.temperature={temperature}", "ppo.ppo_epochs=1", "ppo.minibatch_size=4"])
+    models = build_models(cfg, lora_inputs)
+    rollout, stats = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
+    with torch.no_grad(), active_adapter(models.model, POLICY):
+        logits = models.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits.float()
+    expected = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, rollout.input_ids[:, 1:, None]).squeeze(-1)
+    mask = rollout.response_mask[:, 1:]
+    torch.testing.assert_close(rollout.old_logprobs[:, 1:], expected * mask, rtol=0, atol=1e-5)
+    assert stats["kl"] == 0.0  # policy and reference are both the SFT adapter
+
+    update = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    assert update["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and update["approx_kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_dropout_never_changes_the_policy_between_sampling_and_update(tmp_path: Path) -> None:
+    """Issue 14, fault 2: adapters trained with dropout 0.1 (their saved configs keep it); PPO scores and
+    trains with dropout off, so update 1 (policy = reference = the sampler) has ratio 1, approx-KL 0, KL 0."""
+    sets = [*FAST, "adapter.dropout=0.1", "ppo.updates=1", "ppo.ppo_epochs=1", "ppo.rollout_prompts=4",
+            "ppo.minibatch_size=4"]
+    inputs = train_upstream(tmp_path, sets)
+    execute("ppo", train_ppo, load_config(None, sets), tmp_path / "ppo", inputs)
+    (update,) = __import__("json").loads((tmp_path / "ppo" / "history.json").read_text())
+    assert (update["ratio_mean"], update["approx_kl"], update["clipfrac"], update["kl"]) == (1.0, 0.0, 0.0, 0.0), update

@@ -116,3 +116,21 @@ def test_rrhf_needs_a_reward_source() -> None:
 
     with pytest.raises(ConfigError, match="rrhf needs the reward stage"):
         load_config(None, ["run.stages=[sft,rrhf]"])
+
+
+def test_tied_ranked_scores_warn_and_report_null(trained: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 14, fault 7: all-tied candidates leave no pair to rank: a warning, and ranking_accuracy null in
+    strict JSON (the manifest and `rlhf report --json`), not the bare token NaN."""
+    ranked = tmp_path / "tied.jsonl"
+    rows = [{"query": "3+4=", "responses": ["7", "8"], "scores": [1.0, 1.0]},
+            {"query": "12+9=", "responses": ["21", "11", "2"], "scores": [0.0, 0.0, 0.0]}]
+    ranked.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_config(None, [*FAST, "run.stages=[sft,rrhf]", f"data.ranked={ranked}"])
+    execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", {"sft": trained["sft"]})
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    metrics = json.loads((tmp_path / "rrhf" / "manifest.json").read_text(), parse_constant=refuse)["metrics"]
+    assert metrics["ranking_accuracy"] is None and metrics["ranking_accuracy_before"] is None
+    assert any("rewards are tied: the ranking loss is zero" in w for w in metrics["warnings"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -77,12 +78,24 @@ def verify(folder: Path, under: str | None = None) -> dict[str, Any]:
     return manifest
 
 
+def strict_json(payload: Any) -> Any:
+    """``payload`` with every NaN or infinite float replaced by None: strict JSON (``NaN`` is no JSON
+    value, and strict parsers such as ``jq`` or JavaScript's reject the file)."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: strict_json(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [strict_json(value) for value in payload]
+    return payload
+
+
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
+    """Write strict JSON (``strict_json``) atomically (temp file + rename), so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(strict_json(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
         os.replace(tmp, path)
     except BaseException as err:  # a full disk must not leave a stray half-written temp file behind
         tmp.unlink(missing_ok=True)

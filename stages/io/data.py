@@ -114,6 +114,23 @@ def _read_records(source: str, columns: dict[str, str], kind: DataKind, task_cfg
     raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
+def split_by_prompt(pairs: list[Record], eval_fraction: float, source: str) -> tuple[list[Record], list[Record]]:
+    """(train, held-out) preference pairs: whole prompts are held out (by a hash of the prompt, so the split
+    is stable as the file grows), so held-out accuracy measures generalisation to unseen prompts. Raises
+    ``DataError`` naming the file and its number of distinct prompts when either part would be empty."""
+    def held_out(prompt: Prompt) -> bool:
+        return int(hashlib.sha256(prompt_key(prompt).encode()).hexdigest()[:8], 16) % 1000 < eval_fraction * 1000
+
+    train = [p for p in pairs if not held_out(p["prompt"])]
+    held = [p for p in pairs if held_out(p["prompt"])]
+    if not train or not held:
+        prompts = len({prompt_key(p["prompt"]) for p in pairs})
+        raise DataError(f"{source}: {len(pairs)} preference pairs over {prompts} distinct prompt(s) leave {len(train)} "
+                        f"train / {len(held)} held-out pairs at reward.eval_fraction={eval_fraction} (whole prompts "
+                        "are held out); add pairs with other prompts or change reward.eval_fraction")
+    return train, held
+
+
 def dataset_digest(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> str:
     """Content digest of a dataset (what the cache key uses): its validated records, in order."""
     records = load_records(ref, kind, task_cfg)

@@ -17,7 +17,7 @@ from typing import Any
 
 from stages.io import artifacts
 from stages.io.config import PipelineConfig
-from stages.io.data import DataError, DataKind, dataset_digest, load_records
+from stages.io.data import DataError, DataKind, dataset_digest, load_records, source_name, split_by_prompt
 from stages.io.deepspeed_config import launch_identity
 from stages.io.formats import is_conversational
 from stages.model.adapters import needs_4bit
@@ -60,6 +60,10 @@ def check_datasets(cfg: PipelineConfig) -> None:
     if conversational and cfg.data.chat_template == "never":
         raise DataError(f"{', '.join(conversational)} hold conversational rows, which need the chat template, "
                         "but data.chat_template=never")
+    if "preferences" in kinds and "reward" in cfg.run.stages:  # the reward stage holds out whole prompts
+        preferences = cfg.data.preferences
+        split_by_prompt(load_records(preferences, "preferences", cfg.task), cfg.reward.eval_fraction,
+                        source_name(preferences))
     if conversational and plain and cfg.data.chat_template == "auto":
         raise DataError(f"{', '.join(conversational)} hold conversational prompts and {', '.join(plain)} plain-string "
                         "ones: under data.chat_template=auto only the conversational ones go through the chat "

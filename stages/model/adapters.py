@@ -36,6 +36,41 @@ def _lora(cfg: AdapterSection) -> "PeftConfig":
     )
 
 
+def check_target_modules(cfg: AdapterSection, backbone_location: str, revision: str | None = None,
+                         trust_remote_code: bool = False) -> None:
+    """Refuse LoRA ``target_modules`` that name no module of the backbone, before anything trains.
+
+    The backbone is built from its config.json on the meta device (no weights are read), and each listed
+    name is matched as PEFT matches it (the module's name, or a dotted suffix of it; a string is a regex
+    that must match a whole name). Raises ``ConfigError`` naming the key and the Linear layer names that
+    exist. ``all-linear`` and P-tuning v2 (which has no target modules) need no check.
+    """
+    import re
+
+    if cfg.kind == "ptuning_v2" or cfg.target_modules == "all-linear":
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(backbone_location, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError:  # a hub id not downloaded yet: the stage's own load says so
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if isinstance(cfg.target_modules, str):
+        missing = [] if any(re.fullmatch(cfg.target_modules, n) for n in names) else [cfg.target_modules]
+    else:
+        missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        from stages.io.config import ConfigError
+
+        raise ConfigError(f"adapter.target_modules: {', '.join(missing)} not found; the backbone has "
+                          f"{', '.join(linear)} (or use all-linear)")
+
+
 def _prefix(cfg: AdapterSection) -> "PeftConfig":
     from peft import PrefixTuningConfig
 

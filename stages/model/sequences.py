@@ -40,14 +40,18 @@ def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Sequ
     return SequenceBatch(input_ids, attention_mask, response_mask)
 
 
-def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":
+def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch, temperature: float = 1.0) -> "torch.Tensor":
     """log p(token_t | tokens_<t) at every position, 0 at position 0 and off the response: (B, T)."""
-    return token_logprobs_and_entropy(model, batch)[0]
+    return token_logprobs_and_entropy(model, batch, temperature)[0]
 
 
-def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch) -> tuple["torch.Tensor", "torch.Tensor"]:
+def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch, temperature: float = 1.0
+                               ) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Per-token log-probs of the actual tokens and entropies of the predicted distributions: (B, T) each,
     aligned with ``input_ids`` (position t scores token t from the logits at t-1), 0 off the response.
+
+    ``temperature``: the distribution is softmax(logits / T), the one responses sampled at T came from, so
+    PPO's ratio and KL penalty compare the distributions that were actually sampled (as TRL's PPO did).
 
     Only the positions that can predict a response token get logits (``logits_to_keep``), and the
     entropy is computed without gradients: the (B, T, V) tensors are the largest in a PPO step.
@@ -58,7 +62,7 @@ def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch) -
     first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
     keep = width - max(first - 1, 0)  # logits at positions first-1 .. T-1
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, keep-1, V) predicts the last keep-1 tokens
+    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, keep-1, V): the last keep-1 tokens
     picked = logprobs.gather(-1, batch.input_ids[:, width - keep + 1 :, None]).squeeze(-1)  # (B, keep-1)
     with torch.no_grad():
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, keep-1), logged only
