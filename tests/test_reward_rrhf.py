@@ -134,3 +134,36 @@ def test_tied_ranked_scores_warn_and_report_null(trained: dict[str, Path], tmp_p
     metrics = json.loads((tmp_path / "rrhf" / "manifest.json").read_text(), parse_constant=refuse)["metrics"]
     assert metrics["ranking_accuracy"] is None and metrics["ranking_accuracy_before"] is None
     assert any("rewards are tied: the ranking loss is zero" in w for w in metrics["warnings"])
+
+
+def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[str, Path]) -> None:
+    """Issue 14, fault 8: at rrhf.temperature=2 decoded-then-re-encoded candidates change ids (cut multi-byte
+    characters, special tokens); the log-probs RRHF trains on are those of the sampled ids themselves."""
+    from stages.model.adapters import load_adapter
+    from stages.model.generation import generate
+    from stages.model.sequences import from_token_ids, token_logprobs
+    from stages.rrhf import POLICY, group_logprobs, sample_groups
+
+    cfg = load_config(None, [*FAST, "rrhf.temperature=2.0", "rrhf.num_candidates=4", "rrhf.max_new_tokens=12"])
+    backbone = load_backbone(cfg.backbone)
+    tokenization = Tokenization.of(backbone.tokenizer)
+    model = load_adapter(backbone.model, trained["sft"], POLICY, backbone.fingerprint)
+    model, head = attach_reward(model, trained["reward"], tokenization, backbone.fingerprint)
+    model.set_adapter(POLICY)
+    prompts = ["3+4=", "12+9=", "5+5=", "7+1=", "18+17=", "0+0="]
+    groups = sample_groups(model, head, tokenization, prompts, cfg)
+    from stages.model.adapters import active_adapter
+
+    with active_adapter(model, POLICY):
+        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts for _ in range(4)],
+                           max_new_tokens=12, temperature=2.0, batch_size=64, seed=cfg.run.seed + 1)
+    assert [ids for g in groups for ids in g.response_ids] == [list(s.token_ids) for s in samples]
+    changed = sum(tokenization.response_ids(p, s.text, s.finished) != list(s.token_ids)
+                  for p, s in zip([p for p in prompts for _ in range(4)], samples))
+    assert changed > 0, "at T=2 some candidates must re-encode differently, or this test shows nothing"
+    with torch.no_grad():
+        logprobs, _, _ = group_logprobs(model, tokenization, groups)
+        batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id)
+        direct = token_logprobs(model, batch)
+    expected = (direct.sum(-1) / batch.response_mask.sum(-1)).reshape(len(prompts), 4)
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
