@@ -28,7 +28,8 @@ def _rank(rank: int, store: str, results: str) -> None:
     # What DeepSpeed applies: the mean over ranks of each rank's (weighted) loss.
     weighted_mean = dist.mean((dist.share_of_global_mean(mask.sum()) * masked_mean(values, mask)).item())
     torch.save({"whitened": whitened, "weighted_mean": weighted_mean}, f"{results}-{rank}.pt")
-    torch.distributed.destroy_process_group()
+    dist.close()  # waits for the other rank, then leaves: the group is gone
+    assert not torch.distributed.is_initialized()
 
 
 def test_two_ranks_whiten_and_average_like_one_process_on_the_whole_batch(tmp_path: Path) -> None:

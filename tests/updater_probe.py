@@ -51,6 +51,7 @@ def main() -> None:
     if dist.is_main:
         with open(out, "w") as f:
             json.dump(rows, f)
+    dist.close()
 
 
 if __name__ == "__main__":

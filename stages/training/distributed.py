@@ -55,6 +55,22 @@ class Distributed:
 
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Leave the job: wait for every rank, then destroy the process group.
+
+        A rank that exits with its group still alive tears gloo's (and DeepSpeed's shared-memory) comm
+        threads down during interpreter shutdown, which can abort it with "terminate called without an
+        active exception" (SIGABRT, exit status -6) after a stage that succeeded. Call it once, on the
+        success path only: a barrier on a path where another rank failed would wait forever.
+        """
+        if self.world_size == 1:
+            return
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the ranks."""
         if self.world_size == 1:

@@ -55,11 +55,19 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
     (None on the ranks that do not publish).
 
     Under ``launcher: accelerate`` every rank trains; only the main rank tracks, writes and publishes
-    (the other ranks write into scratch folders that are thrown away).
+    (the other ranks write into scratch folders that are thrown away). Every rank leaves the job
+    together once the artifact is published (``Distributed.close``).
     """
+    dist = setup_distributed(cfg, stage)
+    manifest = _train_and_publish(stage, fn, cfg, out, inputs, dist)
+    dist.close()
+    return manifest
+
+
+def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path],
+                       dist: Distributed) -> dict[str, Any] | None:
     import torch
 
-    dist = setup_distributed(cfg, stage)
     torch.set_num_threads(cfg.run.threads if dist is LOCAL else cfg.distributed.threads_per_process)
     torch.manual_seed(cfg.run.seed)
     provenance = stage_provenance(stage, cfg, inputs)
