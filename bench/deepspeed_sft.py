@@ -35,7 +35,7 @@ def run(label: str, sets: list[str], work: Path, env: dict[str, str]) -> dict[st
     args = ["--out", str(out), *(a for s in sets for a in ("--set", s))]
     cfg = load_config(None, sets)
     if cfg.launcher("sft") == "accelerate":
-        command, env = accelerate_command("sft", cfg, args), {**launch_env(cfg), **{k: env[k] for k in ("RLHF_HOME",)}}
+        command, env = accelerate_command("sft", cfg, args), {**launch_env(cfg, "sft"), **{k: env[k] for k in ("RLHF_HOME",)}}
     else:
         command = [sys.executable, "-m", "stages.sft", *args]
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python bench/ppo_memory.py                      # sizes 1.6m, 31m, 105m; 3 timed updates each
     python bench/ppo_memory.py --sizes 105m --updates 5
+    python bench/ppo_memory.py --device cuda         # on a GPU: peak GPU memory instead of peak RSS
 
 ours      one frozen Llama + four LoRA adapters (reference, policy, reward, value) + two small heads;
           the real ``stages.ppo.score_rollout`` and ``stages.ppo.ppo_update``.
@@ -28,6 +29,7 @@ SIZES = {  # name: (layers, hidden, intermediate, vocab) -> about 1.6M, 31M and 
     "105m": (12, 768, 2048, 26000),
 }
 BATCH, PROMPT, RESPONSE, RANK = 8, 16, 32, 16
+DEVICE = "cpu"  # --device: where the child puts every model, head and batch
 
 
 def _llama(size: str, seed: int):
@@ -39,7 +41,7 @@ def _llama(size: str, seed: int):
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=True,
                          max_position_embeddings=PROMPT + RESPONSE, pad_token_id=0, eos_token_id=2, bos_token_id=1)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval().to(DEVICE)
 
 
 def _lora():
@@ -54,12 +56,12 @@ def _sample(policy, vocab: int, generator):
 
     from stages.model.sequences import from_token_ids
 
-    prompts = torch.randint(3, vocab, (BATCH, PROMPT), generator=generator)
+    prompts = torch.randint(3, vocab, (BATCH, PROMPT), generator=generator, device="cpu").to(DEVICE)
     with torch.no_grad():
         out = policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0,
                               min_new_tokens=RESPONSE, max_new_tokens=RESPONSE, pad_token_id=0)
     rows = [(p.tolist(), r.tolist()) for p, r in zip(prompts, out[:, PROMPT:])]
-    return from_token_ids(rows, pad_id=0), torch.ones(BATCH, dtype=torch.bool)
+    return from_token_ids(rows, pad_id=0, device=DEVICE), torch.ones(BATCH, dtype=torch.bool, device=DEVICE)
 
 
 def run_ours(size: str, updates: int) -> float:
@@ -80,8 +82,8 @@ def run_ours(size: str, updates: int) -> float:
     model.set_adapter(POLICY)
     set_trainable(model, ["policy", "value"])
     hidden = base.config.hidden_size
-    value_head = new_head(hidden, 1).requires_grad_(True)
-    models = PPOModels(model, None, new_head(hidden, 0), value_head, "bench")  # type: ignore[arg-type]  # no tokenizer
+    value_head = new_head(hidden, 1, DEVICE).requires_grad_(True)
+    models = PPOModels(model, None, new_head(hidden, 0, DEVICE), value_head, "bench")  # type: ignore[arg-type]  # no tokenizer
     cfg = load_config(None, ["ppo.minibatch_size=4", "ppo.learning_rate=1e-5"])
     updater = ppo_updater(models, cfg)
     generator = torch.Generator().manual_seed(0)
@@ -113,7 +115,7 @@ def run_separate(size: str, updates: int) -> float:
     freeze(reward_model)
     value_model = _llama(size, seed=0).train()  # trained in full, as TRL's last PPO did
     hidden = policy_base.config.hidden_size
-    reward_head, value_head = new_head(hidden, 0), new_head(hidden, 1)
+    reward_head, value_head = new_head(hidden, 0, DEVICE), new_head(hidden, 1, DEVICE)
     params = [p for p in policy.parameters() if p.requires_grad]
     params += list(value_model.parameters()) + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -146,19 +148,29 @@ def run_separate(size: str, updates: int) -> float:
 
 
 def _timed(one_update, updates: int) -> float:
+    import torch
+
     one_update()  # warm-up: allocator, optimizer state
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)  # GPU kernels finish asynchronously
+    sync()
     started = time.perf_counter()
     for _ in range(updates):
         one_update()
+    sync()
     return (time.perf_counter() - started) / updates
 
 
-def child(layout: str, size: str, updates: int) -> None:
+def child(layout: str, size: str, updates: int, device: str) -> None:
     import torch
 
+    global DEVICE
+    DEVICE = device
     torch.set_num_threads(1)
     seconds = {"ours": run_ours, "separate": run_separate}[layout](size, updates)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":  # what the layouts differ in lives on the GPU there; the host holds the same process
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"layout": layout, "size": size, "seconds_per_update": seconds, "peak_rss_mb": peak_mb}))
 
 
@@ -166,16 +178,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--updates", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--child", nargs=2, metavar=("LAYOUT", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.updates)
+        child(*args.child, args.updates, args.device)
         return
-    print(f"{'size':>6} {'layout':>9} {'peak RSS MB':>12} {'s/update':>9}")
+    peak = "peak RSS MB" if args.device == "cpu" else "peak GPU MB"
+    print(f"{'size':>6} {'layout':>9} {peak:>12} {'s/update':>9}")
     for size in args.sizes.split(","):
         results = {}
         for layout in ("ours", "separate"):
-            out = subprocess.run([sys.executable, __file__, "--child", layout, size, "--updates", str(args.updates)],
+            out = subprocess.run([sys.executable, __file__, "--child", layout, size, "--updates", str(args.updates),
+                                  "--device", args.device],
                                  capture_output=True, text=True, check=True)
             results[layout] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[layout]

@@ -145,7 +145,9 @@ def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) ->
     from stages.io.provenance import check_datasets
     from stages.model.adapters import check_target_modules
     from stages.model.backbone import resolve_backbone
+    from stages.model.placement import device_type
 
+    device_type(cfg.backbone)  # backbone.device: cuda where no GPU is visible fails here, not in a stage
     for stage in cfg.run.stages:
         check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
     check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists

@@ -8,6 +8,7 @@ import sys
 
 from stages.io.config import DEEPSPEED_PRESETS, PipelineConfig
 from stages.io.deepspeed_config import INFRA, check_launch, deepspeed_config_path
+from stages.model.placement import hidden_gpus_env
 from stages.registry import spec
 
 
@@ -33,10 +34,15 @@ def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], m
     return [*command, "-m", spec(stage).module, *stage_args]
 
 
-def launch_env(cfg: PipelineConfig) -> dict[str, str]:
-    """Environment for the ranks: one thread budget each (more threads than cores makes CPU ranks crawl)."""
-    threads = str(cfg.distributed.threads_per_process)
-    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+def launch_env(cfg: PipelineConfig, stage: str) -> dict[str, str]:
+    """Environment for a stage's processes. Ranks of ``accelerate launch`` get one thread budget each
+    (more threads than cores makes CPU ranks crawl); with ``backbone.device: cpu`` on a GPU machine no
+    GPU is visible to the stage, so accelerate and DeepSpeed take the CPU too (``hidden_gpus_env``)."""
+    env = {**os.environ, **hidden_gpus_env(cfg.backbone)}
+    if cfg.launcher(stage) == "accelerate":
+        threads = str(cfg.distributed.threads_per_process)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
 
 
 def _free_port() -> int:

@@ -44,19 +44,18 @@ def plan_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> MemoryP
     from stages.memory.inputs import (
         available_gpu_memory,
         available_host_memory,
-        cuda_available,
         read_data_shape,
         read_model_shape,
         read_parallel,
         stage_device,
     )
+    from stages.model.placement import cuda_available
 
-    shape, data, cuda = read_model_shape(cfg), read_data_shape(cfg), cuda_available()
+    shape, data, device = read_model_shape(cfg), read_data_shape(cfg), stage_device(cfg, cuda_available())
     estimates = []
     for stage in stages or cfg.run.stages:
         parallel = read_parallel(cfg, stage)
         workload = stage_workload(stage, cfg, data, parallel)
-        device = stage_device(cfg, stage, cuda)
         estimates.append(estimate(workload, shape, cfg.backbone.dtype, cfg.adapter, parallel, device))
     gpu = available_gpu_memory() if any(e.device == "cuda" for e in estimates) else None
     return MemoryPlan(estimates, available_host_memory(), gpu)

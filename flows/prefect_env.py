@@ -34,8 +34,48 @@ def start_server_early() -> Callable[[], None]:
     def boot() -> None:
         from prefect.server.api.server import SubprocessASGIServer
 
-        SubprocessASGIServer().start()
+        server = SubprocessASGIServer()
+        server.start()
+        if server.server_process is not None:
+            stop_with_this_process(server.server_process.pid)
 
     thread = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
     thread.start()
     return thread.join
+
+
+# Runs in its own small process: waits for the CLI process to end, however it ends, then stops the server.
+_WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(0.5)
+try:  # the pid may have been reused once the server was stopped and reaped: only stop Prefect's server
+    with open(f"/proc/{server}/cmdline", "rb") as f:
+        if b"prefect.server.api.server:create_app" not in f.read():
+            sys.exit()
+except FileNotFoundError:
+    sys.exit()
+try:
+    os.kill(server, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        os.kill(server, 0)
+    os.kill(server, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+def stop_with_this_process(pid: int) -> None:
+    """Stop process ``pid`` when this process ends, even by ``kill -9``.
+
+    Prefect stops its temporary server at interpreter exit (``atexit``), which a SIGKILL, an OOM kill or a
+    preemption skips, leaving the uvicorn server running with no owner. A watchdog child notices its
+    parent is gone (it is re-parented) and stops the server: SIGTERM, then SIGKILL after 5 s.
+    """
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

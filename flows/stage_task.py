@@ -10,7 +10,6 @@ streamed to the terminal and the Prefect log (progress bars included) and kept i
 from __future__ import annotations
 
 import codecs
-import os
 import re
 import shlex
 import subprocess
@@ -118,7 +117,7 @@ def stage_command(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipel
 def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: PipelineConfig) -> None:
     """Run the stage's command, streaming its output to the terminal (and Prefect's log) and to its log file."""
     command = stage_command(stage, run_dir, inputs, cfg)
-    env = launch_env(cfg) if cfg.launcher(stage) == "accelerate" else dict(os.environ)
+    env = launch_env(cfg, stage)
     # The child writes into a pipe: tell it whether a person watches (bars) or a file reads (plain lines).
     env.setdefault(PROGRESS_ENV, "bars" if sys.stdout.isatty() else "lines")
     log_path = run_dir / "logs" / f"{stage}.log"

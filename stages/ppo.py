@@ -30,6 +30,7 @@ from stages.model.adapters import active_adapter, count_trainable, load_adapter,
 from stages.model.backbone import load_backbone
 from stages.model.generation import generate
 from stages.model.heads import save_head, sequence_scores
+from stages.model.placement import model_device
 from stages.model.probes import save_probe
 from stages.model.sequences import (
     SequenceBatch,
@@ -124,8 +125,10 @@ def collect_rollout(models: PPOModels, prompts: list[Prompt], cfg: PipelineConfi
         samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts],
                            max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
                            batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
-    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id)
-    return score_rollout(models, batch, torch.tensor([s.finished for s in samples]), cfg, kl_coef, dist)
+    device = model_device(model)
+    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id, device)
+    finished = torch.tensor([s.finished for s in samples], device=device)
+    return score_rollout(models, batch, finished, cfg, kl_coef, dist)
 
 
 def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
@@ -187,7 +190,7 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(ppo.ppo_epochs):
-        order = torch.randperm(rollout.input_ids.shape[0], generator=generator)
+        order = torch.randperm(rollout.input_ids.shape[0], generator=generator, device="cpu")  # indexes any device
         for start in range(0, len(order), ppo.minibatch_size):
             mb = rollout.select(order[start : start + ppo.minibatch_size])
             share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally

@@ -32,6 +32,7 @@ from stages.model.adapters import (
 )
 from stages.model.backbone import load_backbone
 from stages.model.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
+from stages.model.placement import model_device
 from stages.model.sequences import from_token_ids
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import pairwise_reward_loss
@@ -55,16 +56,16 @@ PROBE_TOLERANCE = 1e-4
 EVAL_PAIRS = 64  # held-out pairs scored at once (a memory bound, not a hyper-parameter)
 
 
-def preference_batch(tokenization: Tokenization, pairs: list[Record]) -> "SequenceBatch":
-    """The B chosen rows, then the B rejected rows, of preference pairs: (2B, T)."""
+def preference_batch(tokenization: Tokenization, pairs: list[Record], device: "torch.device | str") -> "SequenceBatch":
+    """The B chosen rows, then the B rejected rows, of preference pairs, on ``device``: (2B, T)."""
     prompts = [p["prompt"] for p in pairs]
-    return tokenization.batch(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    return tokenization.batch(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)
 
 
 def score_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
                 pairs: list[Record]) -> tuple["torch.Tensor", "torch.Tensor"]:
     """(chosen scores, rejected scores), each (B,), in one forward over both sides."""
-    batch = preference_batch(tokenization, pairs)
+    batch = preference_batch(tokenization, pairs, model_device(model))
     scores = sequence_scores(model, head, batch)  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
@@ -96,7 +97,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         print(f"warning: {warning}; pairs are scored whole, past the backbone's {context}-token context", flush=True)
     train, held = split_by_prompt(pairs, rm.eval_fraction, source_name(cfg.data.preferences))
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
-    head = new_head(backbone.model.config.hidden_size, cfg.run.seed)
+    head = new_head(backbone.model.config.hidden_size, cfg.run.seed, model_device(model))
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
     trained = torch.nn.ModuleDict({"model": model, "head": head})
     learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind,
@@ -158,7 +159,7 @@ class EpochBatches:
         import torch
 
         if len(self.order) < self.batch_size:
-            self.order += torch.randperm(self.count, generator=self.generator).tolist()
+            self.order += torch.randperm(self.count, generator=self.generator, device="cpu").tolist()
         batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
         return batch
 
@@ -178,7 +179,7 @@ def _probe_scores(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tok
     probes = [{"prompt": p["prompt"], "response": p[side]} for p in pairs for side in ("chosen", "rejected")]
     rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
     with torch.no_grad():
-        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id))
+        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id, model_device(model)))
     return [{**probe, "ids": prompt + response, "score": score}
             for probe, (prompt, response), score in zip(probes, rows, scores.tolist())]
 
@@ -191,7 +192,8 @@ def attach_reward(model: "PeftModel | torch.nn.Module", folder: Path, tokenizati
     import torch
 
     model = load_adapter(model, folder, ADAPTER_NAME, backbone_fingerprint)
-    head = load_head(Path(folder) / SCORE_HEAD, model.get_base_model().config.hidden_size, backbone_fingerprint)
+    head = load_head(Path(folder) / SCORE_HEAD, model.get_base_model().config.hidden_size, backbone_fingerprint,
+                     model_device(model))
     probes = json.loads((Path(folder) / PROBES).read_text())
     rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
     changed = [p for p, (prompt, response) in zip(probes, rows) if p["ids"] != prompt + response]
@@ -202,8 +204,8 @@ def attach_reward(model: "PeftModel | torch.nn.Module", folder: Path, tokenizati
             "data.chat_template differs between the stages, so the rewards would be wrong"
         )
     with active_adapter(model, ADAPTER_NAME), torch.no_grad():
-        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id))
-    expected = torch.tensor([p["score"] for p in probes])
+        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id, model_device(model)))
+    expected = torch.tensor([p["score"] for p in probes], device=scores.device)
     worst = (scores - expected).abs().max().item()
     if worst > PROBE_TOLERANCE:
         raise ArtifactError(
@@ -219,7 +221,7 @@ def reward_of(model: "PeftModel", head: "torch.nn.Linear", samples: list["Respon
     minus a penalty for responses that never stopped."""
     import torch
 
-    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id)
+    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id, model_device(model))
     with active_adapter(model, ADAPTER_NAME), torch.no_grad():
         scores = sequence_scores(model, head, batch).tolist()
     return [score - (0.0 if s.finished else missing_eos_penalty) for score, s in zip(scores, samples)]

@@ -26,6 +26,7 @@ from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
 from stages.model.generation import generate
+from stages.model.placement import model_device
 from stages.model.probes import save_probe
 from stages.model.sequences import from_token_ids, token_logprobs
 from stages.model.tokenization import Tokenization
@@ -90,19 +91,19 @@ def group_logprobs(model: "PeftModel", tokenization: Tokenization,
     import torch
 
     rows = [(g.prompt_ids, ids) for g in groups for ids in g.response_ids]
-    batch = from_token_ids(rows, tokenization.pad_id)
+    device = model_device(model)
+    batch = from_token_ids(rows, tokenization.pad_id, device)
     per_token = token_logprobs(model, batch)  # (N, T), 0 off the response
     normalised = per_token.sum(-1) / batch.response_mask.sum(-1).clamp(min=1)  # (N,)
     width = max(len(g.responses) for g in groups)
-    logprobs = torch.zeros(len(groups), width)
-    rewards = torch.zeros(len(groups), width)
-    mask = torch.zeros(len(groups), width, dtype=torch.bool)
+    logprobs = torch.zeros(len(groups), width, device=device)
+    rewards = torch.tensor([list(g.rewards) + [0.0] * (width - len(g.rewards)) for g in groups], device=device)
+    mask = torch.tensor([[True] * len(g.responses) + [False] * (width - len(g.responses)) for g in groups],
+                        device=device)
     start = 0
     for i, g in enumerate(groups):  # ragged groups (offline data) -> padded (B, K)
         n = len(g.responses)
         logprobs[i, :n] = normalised[start : start + n]
-        rewards[i, :n] = torch.tensor(g.rewards)
-        mask[i, :n] = True
         start += n
     return logprobs, rewards, mask
 
@@ -165,7 +166,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         shard = dist.shard(draws.sample(groups, batch_size))
         logprobs, rewards, mask = group_logprobs(model, tokenization, shard)
         loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=rr.rank_weight)
-        share = dist.share_of_global_mean(torch.tensor(len(shard)))  # unequal shards: weigh per group, 1.0 locally
+        share = dist.share_of_global_mean(torch.tensor(len(shard), device=model_device(model)))  # unequal shards: per group
         updater.step(share * loss, what=f"rrhf loss at step {step}")
         if not log:
             return None

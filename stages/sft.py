@@ -28,6 +28,7 @@ from stages.io.progress import progress_mode
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import attach_adapter, count_trainable, needs_4bit, save_adapter
 from stages.model.backbone import load_backbone
+from stages.model.placement import model_device
 from stages.model.probes import save_probe
 from stages.model.tokenization import Tokenization
 from stages.training import runner
@@ -71,8 +72,8 @@ def build_sft_trainer(model: "PeftModel", tokenization: Tokenization, demos: lis
                                                  max_grad_norm=1.0, bf16=cfg.backbone.dtype == "bfloat16"),
             "use_cpu": False, "accelerator_config": {"use_configured_state": True},
         }
-    else:
-        launch = {"use_cpu": True}
+    else:  # the Trainer computes where the backbone was loaded (backbone.device)
+        launch = {"use_cpu": model_device(model).type == "cpu"}
     args = SFTConfig(
         output_dir=str(checkpoints), max_steps=sft.max_steps, per_device_train_batch_size=sft.batch_size,
         learning_rate=sft.learning_rate, warmup_steps=sft.warmup_steps, lr_scheduler_type="cosine",

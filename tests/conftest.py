@@ -28,10 +28,11 @@ TIERS = {
              "test_distributed_math", "test_sequences", "test_artifacts_and_cache", "test_memory_plan",
              "test_progress", "test_layout", "test_updater", "test_formats"),
     "stage": ("test_adapters", "test_learning_check", "test_learning_per_kind", "test_ppo", "test_reward_rrhf",
-              "test_deepspeed", "test_tokenization"),
+              "test_deepspeed", "test_tokenization", "test_devices"),
     "e2e": ("test_cli_pipeline", "test_bad_inputs", "test_concurrency_and_secrets", "test_prefect_server",
             "test_resume", "test_plugin_stage"),
     "quality": ("test_quality",),
+    "gpu": ("test_gpu",),  # skipped where no CUDA device is visible (bench/gpu_check.sh runs them on a GPU)
 }
 
 
@@ -43,6 +44,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if module not in tier_of:
             raise pytest.UsageError(f"tests/{module}.py is in no tier: add it to TIERS in tests/conftest.py")
         item.add_marker(tier_of[module])
+        if tier_of[module] == "gpu" and not _cuda_visible():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh)"))
+
+
+def _cuda_visible() -> bool:
+    from stages.model.placement import cuda_available
+
+    return cuda_available()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -30,6 +30,7 @@ from stages.io.config import BackboneSection, TaskSection, load_config
 from stages.io.data import DataError, load_records, measure_lengths
 from stages.io.provenance import check_datasets
 from stages.model.backbone import BackboneError, load_backbone, resolve_backbone
+from stages.model.placement import cuda_available
 from stages.training.runner import USER_ERRORS
 from tests.conftest import TINY, run_cli
 
@@ -122,6 +123,15 @@ def test_lora_target_modules_that_match_nothing_fail_before_the_run(tmp_path: Pa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.skipif(cuda_available(), reason="asks for a GPU where none is")
+def test_backbone_device_cuda_without_a_gpu_fails_before_the_run(tmp_path: Path) -> None:
+    result = run_cli("run", "--set", "backbone.device=cuda", "--run-id", "gpu", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip() == ("error: backbone.device: cuda, but no CUDA device is visible here (check the driver "
+                                     "and CUDA_VISIBLE_DEVICES), or set backbone.device: auto or cpu")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_empty_prompt_is_named(tmp_path: Path) -> None:
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "", "completion": "2"}\n')
@@ -198,7 +208,7 @@ def test_preference_pairs_are_never_truncated(tokenization) -> None:
     the pairs longer than the backbone's context (128 positions for the built-in one)."""
     long_pair = {"prompt": "1+" * 70 + "1=", "chosen": "71", "rejected": "71;1+1=2"}
     short_pair = {"prompt": "1+1=", "chosen": "2", "rejected": "2;1+1=2"}
-    batch = tokenization.batch([long_pair["prompt"]], [long_pair["rejected"]])
+    batch = tokenization.batch([long_pair["prompt"]], [long_pair["rejected"]], "cpu")
     assert batch.input_ids.shape[1] == 142 + 8 + 1  # prompt + response + EOS, nothing cut
     report = measure_lengths([short_pair, long_pair], "preferences", "pairs.jsonl", tokenization, 128)
     assert (report.too_long, report.no_room) == ((2,), (2,))
@@ -337,12 +347,12 @@ def test_truncated_score_head_is_named(tmp_path: Path) -> None:
 
     path = tmp_path / "score_head.safetensors"
     save_head(torch.nn.Linear(128, 1), path, "fp")
-    assert load_head(path, 128, "fp").weight.shape == (1, 128)  # intact, it loads
+    assert load_head(path, 128, "fp", "cpu").weight.shape == (1, 128)  # intact, it loads
     with pytest.raises(artifacts.ArtifactError, match=r"head belongs to backbone fp, not other$"):
-        load_head(path, 128, "other")
+        load_head(path, 128, "other", "cpu")
     os.truncate(path, path.stat().st_size - 16)
     with pytest.raises(artifacts.ArtifactError, match=rf"^{re.escape(str(path))}: not a readable safetensors file"):
-        load_head(path, 128, "fp")
+        load_head(path, 128, "fp", "cpu")
 
 
 def test_garbled_manifest_is_an_artifact_error(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ DS = [*TINY, "tracking.backend=none"]
 
 
 def _launch(stage: str, out: Path, sets: list[str], inputs: dict[str, Path] | None = None) -> None:
-    result = subprocess.run(stage_command(stage, out, sets, inputs), env=launch_env(load_config(None, sets)),
+    result = subprocess.run(stage_command(stage, out, sets, inputs), env=launch_env(load_config(None, sets), stage),
                             capture_output=True, text=True, timeout=LIMIT_S)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert artifacts.read_manifest(out)["engine"] == {"name": f"deepspeed-zero{_zero(sets)}", "world_size": 2}
@@ -213,12 +213,12 @@ def test_the_updater_accumulates_and_schedules_on_the_engine_as_locally(tmp_path
     engine must apply exactly the local updates (accelerate's own backward did neither)."""
     from flows.launch import INFRA, _free_port
 
-    cfg = load_config(None, DS)
+    cfg = load_config(None, [*DS, "reward.launcher=accelerate"])  # the ranks' environment of an accelerate stage
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(INFRA / "accelerate" / "zero2.yaml"),
                "--deepspeed_config_file", str(INFRA / "deepspeed" / "zero2.json"), "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "tests.updater_probe",
                str(tmp_path / "engine.json"), str(INFRA / "deepspeed" / "zero2.json")]
-    result = subprocess.run(command, env=launch_env(cfg), capture_output=True, text=True, timeout=LIMIT_S)
+    result = subprocess.run(command, env=launch_env(cfg, "reward"), capture_output=True, text=True, timeout=LIMIT_S)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     local = subprocess.run([sys.executable, "-m", "tests.updater_probe", str(tmp_path / "local.json")],
                            capture_output=True, text=True, timeout=LIMIT_S)

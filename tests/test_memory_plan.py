@@ -200,10 +200,13 @@ def test_skip_memory_check_gets_past_the_preflight(tmp_path: Path) -> None:
     assert not (run_dir / "sft").exists() and not (run_dir / "rrhf").exists()
 
 
-def test_stage_device_follows_where_the_code_puts_the_model() -> None:
+def test_stage_device_follows_backbone_device() -> None:
+    from stages.io.config import ConfigError
     from stages.memory.inputs import stage_device
 
-    cfg = load_config(None, ["reward.launcher=accelerate"])
-    assert stage_device(cfg, "sft", cuda=True) == "cpu"  # a local stage trains on the CPU even where CUDA is
-    assert stage_device(cfg, "reward", cuda=True) == "cuda" and stage_device(cfg, "reward", cuda=False) == "cpu"
-    assert stage_device(load_config(None, ["adapter.kind=qlora"]), "sft", cuda=True) == "cuda"
+    auto = load_config(None, [])
+    assert stage_device(auto, cuda=True) == "cuda" and stage_device(auto, cuda=False) == "cpu"
+    assert stage_device(load_config(None, ["backbone.device=cpu"]), cuda=True) == "cpu"  # the GPU is hidden then
+    assert stage_device(load_config(None, ["backbone.device=cuda"]), cuda=True) == "cuda"
+    with pytest.raises(ConfigError, match=r"^backbone.device: cuda, but no CUDA device is visible"):
+        stage_device(load_config(None, ["backbone.device=cuda"]), cuda=False)

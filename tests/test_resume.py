@@ -52,7 +52,7 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
     sets = [*TINY, "tracking.backend=none", *LONG[stage], *launch]
     inputs = {name: upstream[name] for name in {"rrhf": ["sft", "reward"], "ppo": ["sft", "reward"]}.get(stage, [])}
     command = stage_command(stage, out, sets, inputs)
-    env = launch_env(load_config(None, sets))
+    env = launch_env(load_config(None, sets), stage)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                env=env)
     deadline = time.time() + 300
@@ -85,6 +85,14 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
                                      getattr(load_config(None, sets), stage))
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a re-parented process is reaped by whoever PID 1 is, maybe late)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _assert_follows_the_schedule(history: list[dict], section: object) -> None:
     """Update n (step n + 1) uses learning_rate x schedule(n): warmup then cosine, as the HF Trainer."""
     import torch
@@ -110,14 +118,22 @@ def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
     while not (run_dir / "logs" / "reward.log").is_file():
         assert process.poll() is None and time.time() < deadline, "the run ended before its reward stage"
         time.sleep(0.05)
+    server = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "uvicorn.*prefect.server.api.server"],
+                            capture_output=True, text=True).stdout.split()
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     time.sleep(2)
     assert artifacts.is_finished(run_dir / "sft") and not artifacts.is_finished(run_dir / "reward")
     orphans = subprocess.run(["pgrep", "-f", f"stages.reward.*{run_dir}"], capture_output=True, text=True).stdout
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # Prefect's temporary server, which the kill left behind
     assert not orphans.strip(), "the reward trainer outlived the flow that started it"
+    assert len(server) == 1, "the flow's temporary Prefect server was not found"
+    deadline = time.time() + 15  # issue 14, fault 5: the server's watchdog stops it within a few seconds
+    while _running(int(server[0])) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = _running(int(server[0]))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever is left, so a failure does not leak into other tests
+    assert not alive, "Prefect's temporary server outlived the flow process that started it"
 
     resumed = run_cli("resume", "killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

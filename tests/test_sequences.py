@@ -10,7 +10,7 @@ from stages.model.tokenization import Tokenization
 
 def test_trimmed_logprobs_match_full_computation() -> None:
     backbone = load_backbone(load_config().backbone)
-    batch = Tokenization.of(backbone.tokenizer).batch(["3+4=", "12+19=", "1+1="], ["7", "31;2+2=4", "2"], [True, False, True])
+    batch = Tokenization.of(backbone.tokenizer).batch(["3+4=", "12+19=", "1+1="], ["7", "31;2+2=4", "2"], "cpu", [True, False, True])
     logprobs, entropy = token_logprobs_and_entropy(backbone.model, batch)
 
     with torch.no_grad():

@@ -186,7 +186,7 @@ def test_every_stage_uses_the_same_ids(backbones, tmp_path: Path, name: str, fil
     assert tokenized_demos([{"prompt": prompt, "completion": response}], tok)[0]["input_ids"] == expected
 
     # Reward model: the rows it scores (chosen, then rejected).
-    batch = preference_batch(tok, [{"prompt": prompt, "chosen": response, "rejected": response + " no"}])
+    batch = preference_batch(tok, [{"prompt": prompt, "chosen": response, "rejected": response + " no"}], "cpu")
     assert batch.input_ids[0, : batch.attention_mask[0].sum()].tolist() == expected
 
     # PPO rollout and evaluation: generation fed the contract's prompt ids, the model made to emit the response.

@@ -50,10 +50,17 @@ class RunSection(_Section):
         return self
 
 
+# Where a stage computes, not what: left out of the config digest. The device a stage resolves to enters
+# its cache key through ``launch_identity`` instead, so ``auto`` and ``cuda`` on one GPU share a cache.
+PLACEMENT_KEYS = {"backbone": {"device"}}
+
+
 class BackboneSection(_Section):
     # "builtin:tiny" (built and cached on first use), a hub id ("meta-llama/Llama-3.2-1B") or a local folder.
     name: str = "builtin:tiny"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Where every stage computes (stages.model.placement): auto = CUDA when a GPU is visible, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -261,7 +268,7 @@ class PipelineConfig(_Section):
     def digest(self, *sections: str) -> str:
         """sha256 of the named top-level sections (all of them when none are named)."""
         names = sections or tuple(type(self).model_fields)
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in names}
+        payload = {name: getattr(self, name).model_dump(mode="json", exclude=PLACEMENT_KEYS.get(name)) for name in names}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_yaml(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import infra
 from stages.io.config import DEEPSPEED_PRESETS, ConfigError, DistributedSection, PipelineConfig
 from stages.model.adapters import needs_4bit
+from stages.model.placement import device_type
 from stages.registry import spec
 
 INFRA = Path(infra.__file__).resolve().parent  # package data, so a wheel install finds the presets
@@ -67,15 +68,17 @@ def check_launch(stage: str, cfg: PipelineConfig) -> None:
 
 
 def launch_identity(stage: str, cfg: PipelineConfig) -> dict[str, Any]:
-    """What of the launch changes a stage's result (its cache key): the DeepSpeed config and world size.
+    """What of the launch changes a stage's result (its cache key): the device, the DeepSpeed config and
+    the world size.
 
     Addresses and ports do not, so a run moved to other machines keeps its cache.
     """
+    device = device_type(cfg.backbone)  # CPU and GPU kernels round differently: a result says where it was made
     if cfg.launcher(stage) == "local":
-        return {"launcher": "local"}
+        return {"launcher": "local", "device": device}
     config = json.dumps(load_deepspeed_config(cfg.distributed), sort_keys=True)
     return {"launcher": "accelerate", "deepspeed": hashlib.sha256(config.encode()).hexdigest()[:16],
-            "world_size": cfg.distributed.num_processes}
+            "world_size": cfg.distributed.num_processes, "device": device}
 
 
 def is_distributed_process() -> bool:

@@ -6,7 +6,6 @@ the memory available now. Torch is imported only to ask a CUDA device for its fr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from stages.io.deepspeed_config import INFRA
 from stages.io.formats import Prompt, prompt_text
 from stages.memory.plan import DTYPE_BYTES, DataShape, Device, ModelShape, Parallel
 from stages.model.backbone import resolve_backbone
+from stages.model.placement import device_type
 from stages.registry import spec
 
 DEEPSPEED_DIR = INFRA / "deepspeed"
@@ -189,22 +189,10 @@ def read_zero_config(deepspeed: str) -> tuple[int, bool, bool]:
     return stage, offloaded("offload_optimizer"), offloaded("offload_param")
 
 
-def cuda_available() -> bool:
-    """Whether a CUDA device is visible; torch is imported only where an NVIDIA driver is."""
-    if not Path("/proc/driver/nvidia/version").exists() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def stage_device(cfg: PipelineConfig, stage: str, cuda: bool) -> Device:
-    """Where a stage's model lives, as the code places it: a local stage trains on the CPU even where
-    CUDA is (SFT passes ``use_cpu=True``; the other stages never move the model), except that the QLoRA
-    loader puts the 4-bit backbone on GPU 0; DeepSpeed's engine moves its module to the rank's GPU."""
-    if cuda and (cfg.launcher(stage) == "accelerate" or cfg.adapter.kind == "qlora"):
-        return "cuda"
-    return "cpu"
+def stage_device(cfg: PipelineConfig, cuda: bool) -> Device:
+    """Where every stage's model lives (``backbone.device`` resolved, ``cuda``: whether a GPU is visible);
+    DeepSpeed's engine takes the same device (``stages.model.placement``)."""
+    return device_type(cfg.backbone, cuda)
 
 
 def available_host_memory() -> int | None:

@@ -96,13 +96,11 @@ def _registered(kind: str) -> tuple[Callable[[AdapterSection], "PeftConfig"], bo
 
 
 def attach_adapter(base: "PreTrainedModel", cfg: AdapterSection, name: str) -> "PeftModel":
-    """Wrap the frozen base in a PeftModel with one new trainable adapter called ``name``."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """Wrap the frozen base in a PeftModel with one new trainable adapter called ``name`` (a 4-bit base
+    comes k-bit-prepared from ``load_backbone``, in every stage alike)."""
+    from peft import get_peft_model
 
-    build, quantized = _registered(cfg.kind)
-    if quantized:
-        # Casts norms to fp32 and enables input grads; checkpointing off because CPU runs are tiny.
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    build, _ = _registered(cfg.kind)
     model = get_peft_model(base, build(cfg), adapter_name=name)
     set_trainable(model, [name])
     return model

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from stages.io.progress import progress
+from stages.model.placement import model_device
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,7 @@ def generate(
     was_training = model.training
     model.eval()
     # HF sampling draws from the global generators: seed a fork of them, so the caller's streams go on as before.
-    device = next(model.parameters()).device
+    device = model_device(model)
     on_cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU, unforked
@@ -53,10 +54,10 @@ def generate(
                 torch.cuda.manual_seed(seed)
         try:
             for start in progress(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-                input_ids, attention_mask = left_padded(prompts[start : start + batch_size], tokenization.pad_id)
+                input_ids, attention_mask = left_padded(prompts[start : start + batch_size], tokenization.pad_id, device)
                 with torch.no_grad():
                     out = model.generate(
-                        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                        input_ids=input_ids, attention_mask=attention_mask,
                         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                         pad_token_id=tokenization.pad_id, eos_token_id=list(tokenization.stop_ids), synced_gpus=synced,
                     )
@@ -67,18 +68,17 @@ def generate(
     return responses
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """(input_ids, attention_mask), each (B, T): decoder-only batches must end where generation starts."""
+def left_padded(prompts: list[list[int]], pad_id: int, device: "torch.device | str"
+                ) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(input_ids, attention_mask) on ``device``, each (B, T): decoder-only batches must end where
+    generation starts."""
     import torch
 
     width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt):] = 1
-    return input_ids, attention_mask
+    input_ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+    attention_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return (torch.tensor(input_ids, dtype=torch.long, device=device),
+            torch.tensor(attention_mask, dtype=torch.long, device=device))
 
 
 def _responses(prompts: list[list[int]], new_tokens: "torch.Tensor", tokenization: "Tokenization") -> list[Response]:

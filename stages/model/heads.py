@@ -19,14 +19,15 @@ if TYPE_CHECKING:
 SCORE_HEAD = "score_head.safetensors"
 
 
-def new_head(hidden_size: int, seed: int) -> "torch.nn.Linear":
-    """A zero-bias linear head with small deterministic init (scores start near 0)."""
+def new_head(hidden_size: int, seed: int, device: "torch.device | str") -> "torch.nn.Linear":
+    """A zero-bias fp32 linear head on ``device`` with small deterministic init (scores start near 0).
+    The init is drawn on the CPU, so a seed gives the same head on every device."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(hidden_size, 1)
+    head = torch.nn.Linear(hidden_size, 1, device=device)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) / hidden_size**0.5)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator, device="cpu") / hidden_size**0.5)
         head.bias.zero_()
     return head
 
@@ -42,8 +43,9 @@ def save_head(head: "torch.nn.Linear", path: Path, backbone_fingerprint: str) ->
         raise storage_error(err, path) from err
 
 
-def load_head(path: Path, hidden_size: int, backbone_fingerprint: str) -> "torch.nn.Linear":
-    """Load a saved head; missing file, wrong shape or another backbone's head are errors."""
+def load_head(path: Path, hidden_size: int, backbone_fingerprint: str, device: "torch.device | str"
+              ) -> "torch.nn.Linear":
+    """Load a saved head onto ``device``; missing file, wrong shape or another backbone's head are errors."""
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -63,7 +65,7 @@ def load_head(path: Path, hidden_size: int, backbone_fingerprint: str) -> "torch
     if set(tensors) != {"weight", "bias"} or tuple(tensors["weight"].shape) != (1, hidden_size):
         found = {name: tuple(t.shape) for name, t in tensors.items()}
         raise ArtifactError(f"{path}: expected a Linear({hidden_size}, 1) head, found {found}")
-    head = torch.nn.Linear(hidden_size, 1)
+    head = torch.nn.Linear(hidden_size, 1, device=device)
     head.load_state_dict(tensors)
     head.requires_grad_(False)
     return head

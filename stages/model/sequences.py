@@ -24,20 +24,21 @@ class SequenceBatch:
         return self.input_ids.shape[0]
 
 
-def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
-    """Right-pad (prompt ids, response ids) rows into a batch."""
+def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int, device: "torch.device | str") -> SequenceBatch:
+    """Right-pad (prompt ids, response ids) rows into a batch on ``device`` (the model's: ``model_device``)."""
     import torch
 
     width = max(len(p) + len(r) for p, r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prompt, response) in enumerate(rows):
-        n_prompt, n_total = len(prompt), len(prompt) + len(response)
-        input_ids[i, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
-        attention_mask[i, :n_total] = 1
-        response_mask[i, n_prompt:n_total] = 1
-    return SequenceBatch(input_ids, attention_mask, response_mask)
+    ids, attention, response = [], [], []
+    for prompt, completion in rows:
+        pad = width - len(prompt) - len(completion)
+        ids.append(prompt + completion + [pad_id] * pad)
+        attention.append([1] * (len(prompt) + len(completion)) + [0] * pad)
+        response.append([0] * len(prompt) + [1] * len(completion) + [0] * pad)
+    def tensor(values: list[list[int]]) -> "torch.Tensor":
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return SequenceBatch(tensor(ids), tensor(attention), tensor(response))
 
 
 def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch, temperature: float = 1.0) -> "torch.Tensor":
@@ -98,4 +99,4 @@ def last_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torch
     )
     hidden = out.hidden_states[-1]  # (B, T, H)
     last = batch.attention_mask.sum(dim=1) - 1  # (B,) right padding: the last real token
-    return hidden[torch.arange(hidden.shape[0]), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from stages.io.formats import Prompt, is_conversational
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
     from stages.model.sequences import SequenceBatch
@@ -110,13 +111,14 @@ class Tokenization:
         """(prompt ids, response ids): the one encoding of a (prompt, response) in every stage."""
         return self.prompt_ids(prompt), self.response_ids(prompt, response, finished)
 
-    def batch(self, prompts: list[Prompt], responses: list[str], finished: list[bool] | None = None) -> "SequenceBatch":
-        """A right-padded batch of (prompt, response) pairs (``stages.model.sequences.SequenceBatch``)."""
+    def batch(self, prompts: list[Prompt], responses: list[str], device: "torch.device | str",
+              finished: list[bool] | None = None) -> "SequenceBatch":
+        """A right-padded batch of (prompt, response) pairs on ``device`` (``stages.model.sequences.SequenceBatch``)."""
         from stages.model.sequences import from_token_ids
 
         finished = finished if finished is not None else [True] * len(prompts)
         rows = [self.pair(p, r, done) for p, r, done in zip(prompts, responses, finished, strict=True)]
-        return from_token_ids(rows, self.pad_id)
+        return from_token_ids(rows, self.pad_id, device)
 
     def text(self, response_ids: list[int] | tuple[int, ...]) -> str:
         """A response's text: its ids decoded, special tokens included (a sampled ``<|assistant|>7`` is not

@@ -61,7 +61,8 @@ class Checkpointer:
         if self.dist.deepspeed is None:
             load_adapter_weights(folder, self.model, self.adapters)
             for name, head in self.heads.items():
-                head.load_state_dict(load_head(folder / f"{name}.safetensors", head.in_features, self.fingerprint).state_dict())
+                saved = load_head(folder / f"{name}.safetensors", head.in_features, self.fingerprint, head.weight.device)
+                head.load_state_dict(saved.state_dict())
         rng = torch.load(folder / f"rng-{self.dist.rank}.pt", weights_only=True)
         torch.random.set_rng_state(rng["torch"])
         for name, sampler in (samplers or {}).items():

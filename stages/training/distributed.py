@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.deepspeed_config import deepspeed_config_path, is_distributed_process, load_deepspeed_config, zero_stage
+from stages.model.placement import device_type
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +32,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     deepspeed: dict[str, Any] | None = None  # the resolved DeepSpeed config; None for the local launcher
+    device: str = "cpu"  # where collectives' tensors live: the rank's GPU under NCCL, the CPU under gloo
 
     @property
     def engine(self) -> str:
@@ -78,7 +80,7 @@ class Distributed:
         import torch
         import torch.distributed
 
-        tensor = torch.tensor([float(value)], dtype=torch.float64)
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 
@@ -126,12 +128,12 @@ def setup_distributed(cfg: PipelineConfig, stage: str) -> Distributed:
             f"{stage}.launcher: accelerate, but this process was not started by `accelerate launch`; run the "
             f"stage through `rlhf run`/`rlhf stage`, or set {stage}.launcher=local"
         )
-    import torch
     from accelerate import PartialState
 
-    state = PartialState(backend=None if torch.cuda.is_available() else "gloo")
+    cuda = device_type(cfg.backbone) == "cuda"
+    state = PartialState(backend=None if cuda else "gloo")  # None: accelerate's own choice on GPUs (NCCL)
     dist = Distributed(rank=state.process_index, world_size=state.num_processes,
-                       deepspeed=load_deepspeed_config(cfg.distributed))
+                       deepspeed=load_deepspeed_config(cfg.distributed), device=str(state.device))
     _validate_deepspeed_config(dist, cfg)
     return dist
 
