@@ -6,7 +6,7 @@
 # Usage: bench/gpu_check.sh [PYTHON]   (default: .venv/bin/python, else python3). Logs go to $OUT or /tmp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+PY=$(command -v "${1:-$( [ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3 )}")
 LOGS=${OUT:-/tmp}/gpu_check
 mkdir -p "$LOGS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 RLHF_HOME=${RLHF_HOME:-$PWD/.rlhf} WANDB_MODE=offline HF_HUB_OFFLINE=1

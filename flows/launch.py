@@ -8,7 +8,7 @@ import sys
 
 from stages.io.config import DEEPSPEED_PRESETS, PipelineConfig
 from stages.io.deepspeed_config import INFRA, check_launch, deepspeed_config_path
-from stages.model.placement import hidden_gpus_env
+from stages.model.placement import visible_gpus_env
 from stages.registry import spec
 
 
@@ -37,9 +37,10 @@ def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], m
 def launch_env(cfg: PipelineConfig, stage: str) -> dict[str, str]:
     """Environment for a stage's processes. Ranks of ``accelerate launch`` get one thread budget each
     (more threads than cores makes CPU ranks crawl); with ``backbone.device: cpu`` on a GPU machine no
-    GPU is visible to the stage, so accelerate and DeepSpeed take the CPU too (``hidden_gpus_env``)."""
-    env = {**os.environ, **hidden_gpus_env(cfg.backbone)}
-    if cfg.launcher(stage) == "accelerate":
+    GPU is visible to the stage, and a local stage sees one GPU (``visible_gpus_env``)."""
+    launched = cfg.launcher(stage) == "accelerate"
+    env = {**os.environ, **visible_gpus_env(cfg.backbone, launched)}
+    if launched:
         threads = str(cfg.distributed.threads_per_process)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     return env

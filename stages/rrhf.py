@@ -166,7 +166,8 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         shard = dist.shard(draws.sample(groups, batch_size))
         logprobs, rewards, mask = group_logprobs(model, tokenization, shard)
         loss, stats = rrhf_loss(logprobs, rewards, mask, sft_nll=-logprobs, rank_weight=rr.rank_weight)
-        share = dist.share_of_global_mean(torch.tensor(len(shard), device=model_device(model)))  # unequal shards: per group
+        # Unequal shards: weigh per group (1.0 locally).
+        share = dist.share_of_global_mean(torch.tensor(len(shard), device=model_device(model)))
         updater.step(share * loss, what=f"rrhf loss at step {step}")
         if not log:
             return None

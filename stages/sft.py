@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import write_json
-from stages.io.config import PipelineConfig
+from stages.io.config import ConfigError, PipelineConfig
 from stages.io.data import LengthReport, Record, load_records, measure_lengths, source_name
 from stages.io.progress import progress_mode
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
@@ -85,6 +85,9 @@ def build_sft_trainer(model: "PeftModel", tokenization: Tokenization, demos: lis
         # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
         bf16=False, fp16=False, gradient_checkpointing=False, **launch,
     )
+    if args.n_gpu > 1:  # the Trainer would wrap the model in DataParallel and multiply the batch by n_gpu
+        raise ConfigError(f"sft: a local stage sees {args.n_gpu} GPUs; run it through `rlhf` (which shows it one) "
+                          "or set CUDA_VISIBLE_DEVICES to one GPU")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
                          processing_class=tokenization.tokenizer)
     if trainer.is_deepspeed_enabled != (dist.deepspeed is not None):  # e.g. use_cpu=True silently means DDP
@@ -123,6 +126,19 @@ def resumable_checkpoint(root: Path, cache_key: str) -> str | None:
     return str(newest) if newest else None
 
 
+def _restore_token_count(trainer: "SFTTrainer", checkpoint: Path) -> None:
+    """TRL's SFTTrainer counts the tokens it trained on (its logs' ``num_tokens``) from 0 in every new
+    trainer, a resumed one too (trl 1.16: ``_total_train_tokens``, set in ``__init__``, not checkpointed).
+    Start it from the checkpoint's last logged count, so a resumed history equals an uninterrupted one;
+    the checkpoint step is always a logging step (``checkpoint_every`` is a multiple of ``logging_steps``)."""
+    import json
+
+    logged = [row["num_tokens"] for row in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+              if "num_tokens" in row]
+    if logged and hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = logged[-1]
+
+
 def _warn_if_too_long(report: LengthReport, dist: Distributed) -> None:
     if dist.is_main and (warning := report.warning()):
         print(f"warning: {warning}; TRL keeps the first sft.max_length tokens (a cut demo loses its EOS) and "
@@ -149,6 +165,8 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if resume:
         print(f"sft: resuming from {resume}", flush=True)
     trainer = build_sft_trainer(model, tokenization, demos, cfg, root, dist)
+    if resume:
+        _restore_token_count(trainer, Path(resume))
     result = trainer.train(resume_from_checkpoint=resume)
     score_after = task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)",
                              synced=synced_generation(dist))

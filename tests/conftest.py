@@ -10,14 +10,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# A few steps and prompts: enough to prove behaviour, small enough for a 2-core CI machine.
-TINY = ["sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32", "task.num_pairs=32",
-        "reward.max_steps=4", "reward.batch_size=4", "reward.logging_steps=1", "ppo.updates=2",
+# A few steps and prompts: enough to prove behaviour, small enough for a 2-core CI machine. On the CPU
+# also on a GPU machine (the gpu tier sets backbone.device=cuda after it).
+TINY = ["backbone.device=cpu", "sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32",
+        "task.num_pairs=32", "reward.max_steps=4", "reward.batch_size=4", "reward.logging_steps=1", "ppo.updates=2",
         "ppo.rollout_prompts=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
         "rrhf.max_steps=3", "rrhf.num_prompts=6", "rrhf.batch_size=3", "rrhf.num_candidates=3", "rrhf.logging_steps=1"]
 
@@ -37,21 +40,27 @@ TIERS = {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test with its file's tier; a test file in no tier is an error, not a silent omission."""
+    """Mark every test with its file's tier; a test file in no tier is an error, not a silent omission.
+    The ``gpu`` tier is skipped where no CUDA device is visible."""
+    from stages.model.placement import cuda_available
+
     tier_of = {module: tier for tier, modules in TIERS.items() for module in modules}
     for item in items:
         module = item.path.stem
         if module not in tier_of:
             raise pytest.UsageError(f"tests/{module}.py is in no tier: add it to TIERS in tests/conftest.py")
         item.add_marker(tier_of[module])
-        if tier_of[module] == "gpu" and not _cuda_visible():
+        if tier_of[module] == "gpu" and not cuda_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh)"))
 
 
-def _cuda_visible() -> bool:
-    from stages.model.placement import cuda_available
-
-    return cuda_available()
+@pytest.fixture(autouse=True)
+def cpu_unless_gpu_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tier but ``gpu`` computes on the CPU, also on a GPU machine: its expectations (figures,
+    ``device == "cpu"``) are the CPU's. Hiding the GPUs also hides them from the stages it launches;
+    module-scoped fixtures, set up before this, use ``TINY``, which says ``backbone.device=cpu``."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -86,6 +95,17 @@ def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
     execute("sft", train_sft, cfg, root / "sft", {})
     execute("reward", train_reward, cfg, root / "reward", {})
     return {"sft": root / "sft", "reward": root / "reward"}
+
+
+def chain_stages() -> dict[str, tuple[Callable[..., Any], list[str]]]:
+    """Each built-in stage's train function and the upstream artifacts it reads, in chain order."""
+    from stages.ppo import train_ppo
+    from stages.reward import train_reward
+    from stages.rrhf import train_rrhf
+    from stages.sft import train_sft
+
+    return {"sft": (train_sft, []), "reward": (train_reward, []), "ppo": (train_ppo, ["sft", "reward"]),
+            "rrhf": (train_rrhf, ["sft", "reward"])}
 
 
 def stage_command(stage: str, out: Path, overrides: list[str], inputs: dict[str, Path] | None = None) -> list[str]:

@@ -47,8 +47,14 @@ class ForeignDefaultDevice(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _looked_through(filename: str) -> bool:
+    return filename.startswith(TORCH_NN) or filename == THIS_FILE  # torch.nn's own frames, and this mode's
+
+
 def _called_from_project_code() -> bool:
-    frame = sys._getframe(2)  # the caller of __torch_function__'s caller
-    while frame is not None and (frame.f_code.co_filename.startswith(TORCH_NN) or frame.f_code.co_filename == THIS_FILE):
+    """Whether the factory call being intercepted was made by project code, looking through torch.nn
+    (a module built in stage code counts as the stage's)."""
+    frame = sys._getframe(2)  # the caller of __torch_function__
+    while frame is not None and _looked_through(frame.f_code.co_filename):
         frame = frame.f_back
     return frame is not None and frame.f_code.co_filename.startswith(PROJECT_CODE)

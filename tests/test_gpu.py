@@ -11,17 +11,12 @@ import pytest
 from stages.io.config import load_config
 from stages.model.backbone import load_backbone
 from stages.model.tokenization import Tokenization
-from stages.ppo import train_ppo
 from stages.reward import attach_reward, train_reward
-from stages.rrhf import train_rrhf
-from stages.sft import train_sft
 from stages.training.runner import execute
-from tests.conftest import TINY
+from tests.conftest import TINY, chain_stages
 
 pytestmark = pytest.mark.gpu
 CUDA = [*TINY, "backbone.device=cuda", "tracking.backend=none"]
-CHAIN = {"sft": (train_sft, []), "reward": (train_reward, []), "ppo": (train_ppo, ["sft", "reward"]),
-         "rrhf": (train_rrhf, ["sft", "reward"])}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -30,7 +25,7 @@ def test_every_stage_runs_on_cuda(kind: str, dtype: str, tmp_path: Path) -> None
     """SFT -> reward -> PPO and RRHF on the GPU, per adapter kind and dtype: each stage publishes finite
     metrics and says it ran on CUDA; PPO and RRHF reload the reward model (its probe check passes)."""
     cfg = load_config(None, [*CUDA, f"adapter.kind={kind}", f"backbone.dtype={dtype}"])
-    for stage, (train, inputs) in CHAIN.items():
+    for stage, (train, inputs) in chain_stages().items():
         manifest = execute(stage, train, cfg, tmp_path / stage, {name: tmp_path / name for name in inputs})
         assert manifest is not None and manifest["launch"]["device"] == "cuda"
         numbers = [v for v in manifest["metrics"].values() if isinstance(v, float)]

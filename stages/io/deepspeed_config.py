@@ -17,7 +17,7 @@ from typing import Any
 import infra
 from stages.io.config import DEEPSPEED_PRESETS, ConfigError, DistributedSection, PipelineConfig
 from stages.model.adapters import needs_4bit
-from stages.model.placement import device_type
+from stages.model.placement import device_type, gpu_count
 from stages.registry import spec
 
 INFRA = Path(infra.__file__).resolve().parent  # package data, so a wheel install finds the presets
@@ -55,6 +55,12 @@ def check_launch(stage: str, cfg: PipelineConfig) -> None:
     """Refuse, before anything starts, the launches that cannot work; see docs/architecture.md."""
     if cfg.launcher(stage) == "local":
         return
+    per_machine = -(-cfg.distributed.num_processes // cfg.distributed.num_machines)
+    if device_type(cfg.backbone) == "cuda" and per_machine > (gpus := gpu_count()):
+        raise ConfigError(
+            f"{stage}.launcher: accelerate starts {per_machine} ranks on this machine, one per GPU, but it has "
+            f"{gpus} visible GPU(s); lower distributed.num_processes or set backbone.device=cpu"
+        )
     stage_of_zero = zero_stage(load_deepspeed_config(cfg.distributed))
     if stage_of_zero == 3 and spec(stage).samples_while_training:
         raise ConfigError(

@@ -189,7 +189,7 @@ def read_zero_config(deepspeed: str) -> tuple[int, bool, bool]:
     return stage, offloaded("offload_optimizer"), offloaded("offload_param")
 
 
-def stage_device(cfg: PipelineConfig, cuda: bool) -> Device:
+def plan_device(cfg: PipelineConfig, cuda: bool) -> Device:
     """Where every stage's model lives (``backbone.device`` resolved, ``cuda``: whether a GPU is visible);
     DeepSpeed's engine takes the same device (``stages.model.placement``)."""
     return device_type(cfg.backbone, cuda)

@@ -165,8 +165,8 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
 
 
 def _prepare_for_kbit_training(model: "torch.nn.Module") -> None:
-    """PEFT's QLoRA preparation: the weights left unquantized (norms, embeddings) go to fp32, and the
-    embeddings' outputs require grad so adapters train through the frozen base.
+    """PEFT's QLoRA preparation: the weights left unquantized (norms, embeddings, the LM head) go to fp32
+    (PEFT makes embedding outputs require grad only with gradient checkpointing, which is off).
 
     Done here, on loading, so every stage computes with the same weights: applied only where an adapter
     was trained, a reward model reloaded in PPO scored its probe texts 8.3e-3 off in bf16 (issue 14,

@@ -6,8 +6,9 @@ one place, here; the backbone is loaded onto it, and everything else follows the
 the default device and moved later (``tests/device_double.py`` fails a stage that does).
 
 Under ``accelerate launch`` each rank takes the GPU of its local rank (``LOCAL_RANK``), as DeepSpeed's
-engine does. A CPU device on a GPU machine is made real by hiding the GPUs from the stage's processes
-(``hidden_gpus_env``), so accelerate and DeepSpeed pick the CPU too.
+engine does (pre-flight refuses more ranks than GPUs). The flow shows each stage process the GPUs it
+may use (``visible_gpus_env``): none for ``backbone.device: cpu`` on a GPU machine, so accelerate and
+DeepSpeed pick the CPU too, and one for a local stage.
 
 This module imports torch only inside its functions, so configs and the CLI stay torch-free.
 """
@@ -27,12 +28,24 @@ DeviceType = Literal["cpu", "cuda"]
 
 
 def cuda_available() -> bool:
-    """Whether a CUDA device is visible; torch is imported only where an NVIDIA driver is."""
-    if not Path("/proc/driver/nvidia/version").exists() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+    """Whether a CUDA device is visible; torch is imported only where an NVIDIA driver is (Linux, or
+    WSL2's ``/dev/dxg``), so the CLI stays quick on CPU machines."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
+    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/dxg").exists()):
         return False
     import torch
 
     return torch.cuda.is_available()
+
+
+def gpu_count() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    if not cuda_available():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def device_type(cfg: BackboneSection, cuda: bool | None = None) -> DeviceType:
@@ -62,9 +75,22 @@ def model_device(model: "torch.nn.Module") -> "torch.device":
     return next(model.parameters()).device
 
 
-def hidden_gpus_env(cfg: BackboneSection) -> dict[str, str]:
-    """Environment for a stage process that must compute on the CPU on a GPU machine: no GPU visible,
-    and DeepSpeed told to use its CPU accelerator. Empty where the stage uses the GPU (or none exists)."""
-    if cfg.device != "cpu" or not cuda_available():
+def visible_gpus_env(cfg: BackboneSection, launched: bool) -> dict[str, str]:
+    """What a stage process may see of the machine's GPUs.
+
+    * ``backbone.device: cpu`` on a GPU machine: none, and DeepSpeed told to use its CPU accelerator,
+      so accelerate and DeepSpeed compute on the CPU too.
+    * A local (not ``launched``) stage on CUDA: one GPU, the first visible one. Seeing several, the HF
+      Trainer would wrap SFT in ``DataParallel`` and multiply its batch by the GPU count, a result
+      that would depend on the machine.
+
+    Empty where nothing needs hiding (``accelerate launch`` gives each rank its GPU by ``LOCAL_RANK``).
+    """
+    if not cuda_available():
         return {}
-    return {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    if cfg.device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    if launched:
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"CUDA_VISIBLE_DEVICES": visible.split(",")[0] if visible else "0"}

@@ -2,10 +2,11 @@
 
 ``runs/<id>/.reward.checkpoints/step-000040/`` holds the trainable adapters (PEFT folders), extra
 tensors (heads), the optimizer (``Updater.save``: a local state file or the DeepSpeed engine's
-partitions), every rank's random state (torch's global generator and the loop's own batch samplers,
-so batches replay exactly after a resume) and a JSON state (step, history, ...). Each checkpoint is
-published atomically with a manifest naming the stage's cache key, so a rerun resumes only from a
-finished checkpoint of the *same* stage configuration, and a checkpoint cut short by a kill is ignored.
+partitions), every rank's random state (torch's global CPU and CUDA generators and the loop's own
+batch samplers, so batches and dropout masks replay exactly after a resume) and a JSON state (step,
+history, ...). Each checkpoint is published atomically with a manifest naming the stage's cache key,
+so a rerun resumes only from a finished checkpoint of the *same* stage configuration, and a checkpoint
+cut short by a kill is ignored.
 SFT checkpoints are the HF Trainer's own (``.sft.checkpoints/checkpoint-N``), see ``stages.sft``.
 """
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from stages.io import artifacts
 from stages.model.adapters import save_adapter
 from stages.model.heads import load_head, save_head
+from stages.model.placement import model_device
 from stages.training.distributed import LOCAL, Distributed
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ def checkpoint_root(out: Path) -> Path:
 
 class Checkpointer:
     """Saves and restores one stage's training state: its trainable adapters, heads and updater, and per
-    rank the CPU torch generator and the training loop's samplers (``save``/``resume`` take them)."""
+    rank torch's CPU and CUDA generators and the training loop's samplers (``save``/``resume`` take them)."""
 
     def __init__(self, final: Path, cache_key: str, updater: "Updater", model: "PeftModel", adapters: list[str],
                  heads: dict[str, "torch.nn.Linear"], fingerprint: str, dist: Distributed = LOCAL) -> None:
@@ -61,10 +63,12 @@ class Checkpointer:
         if self.dist.deepspeed is None:
             load_adapter_weights(folder, self.model, self.adapters)
             for name, head in self.heads.items():
-                saved = load_head(folder / f"{name}.safetensors", head.in_features, self.fingerprint, head.weight.device)
-                head.load_state_dict(saved.state_dict())
+                path = folder / f"{name}.safetensors"
+                head.load_state_dict(load_head(path, head.in_features, self.fingerprint, head.weight.device).state_dict())
         rng = torch.load(folder / f"rng-{self.dist.rank}.pt", weights_only=True)
         torch.random.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None:  # dropout on a GPU draws from that GPU's generator
+            torch.cuda.set_rng_state(rng["cuda"], model_device(self.model))
         for name, sampler in (samplers or {}).items():
             restore_sampler(sampler, rng["samplers"][name])
         print(f"resuming from {folder}", flush=True)
@@ -87,7 +91,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.dist.barrier()
         self.updater.save(tmp)
-        torch.save({"torch": torch.random.get_rng_state(),
+        torch.save({"torch": torch.random.get_rng_state(), "cuda": _cuda_rng_state(self.model),
                     "samplers": {name: sampler_state(s) for name, s in (samplers or {}).items()}},
                    tmp / f"rng-{self.dist.rank}.pt")
         if self.dist.is_main:
@@ -105,6 +109,15 @@ class Checkpointer:
                     shutil.rmtree(older, ignore_errors=True)
         self.dist.barrier()
         return final
+
+
+def _cuda_rng_state(model: "torch.nn.Module") -> "torch.Tensor | None":
+    """The generator state of the GPU the model is on (None on the CPU): what its dropout draws from.
+    Only that one: a resume may see another number of GPUs."""
+    import torch
+
+    device = model_device(model)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def latest_checkpoint(root: Path, cache_key: str) -> Path | None:

@@ -3,9 +3,8 @@
 A recipe gives one function, ``train_step(step, log) -> row | None``, and the loop does the rest:
 
 * resume from the newest checkpoint of the same cache key (adapters, heads, updater, every rank's
-  CPU torch generator and the loop's *samplers*, the objects that draw its batches), so the batches
-  after a resume are exactly those an uninterrupted run draws (CUDA generators are not saved yet:
-  with dropout on a GPU, the dropout masks after a resume differ);
+  CPU and CUDA torch generators and the loop's *samplers*, the objects that draw its batches), so the
+  batches and dropout masks after a resume are exactly those an uninterrupted run draws;
 * a progress bar (``stages.io.progress``), starting at the resumed step;
 * the history: at every ``log_every`` steps and at the last, ``train_step`` returns a row of metrics
   (every rank computes it: its values may be reduced over ranks), and the loop adds the step and the
