@@ -44,14 +44,13 @@ def plan_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> MemoryP
     from stages.memory.inputs import (
         available_gpu_memory,
         available_host_memory,
-        plan_device,
         read_data_shape,
         read_model_shape,
         read_parallel,
     )
-    from stages.model.placement import cuda_available
+    from stages.model.placement import device_type
 
-    shape, data, device = read_model_shape(cfg), read_data_shape(cfg), plan_device(cfg, cuda_available())
+    shape, data, device = read_model_shape(cfg), read_data_shape(cfg), device_type(cfg.backbone)
     estimates = []
     for stage in stages or cfg.run.stages:
         parallel = read_parallel(cfg, stage)

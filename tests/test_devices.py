@@ -82,3 +82,14 @@ def test_more_ranks_than_gpus_is_refused_before_the_launch(monkeypatch: pytest.M
         launch.check_launch("reward", cfg)
     launch.check_launch("reward", load_config(None, ["reward.launcher=accelerate", "distributed.num_processes=1"]))
     launch.check_launch("reward", load_config(None, ["reward.launcher=accelerate", "backbone.device=cpu"]))
+
+
+def test_backbone_device_resolves_auto_cpu_and_cuda() -> None:
+    """The one resolution every stage, the cache key and the memory plan use."""
+    from stages.io.config import ConfigError
+
+    auto, cpu, cuda = (load_config(None, [f"backbone.device={d}"]).backbone for d in ("auto", "cpu", "cuda"))
+    assert placement.device_type(auto, cuda=True) == "cuda" and placement.device_type(auto, cuda=False) == "cpu"
+    assert placement.device_type(cpu, cuda=True) == "cpu" and placement.device_type(cuda, cuda=True) == "cuda"
+    with pytest.raises(ConfigError, match=r"^backbone.device: cuda, but no CUDA device is visible"):
+        placement.device_type(cuda, cuda=False)

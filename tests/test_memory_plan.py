@@ -199,14 +199,3 @@ def test_skip_memory_check_gets_past_the_preflight(tmp_path: Path) -> None:
         assert skipped.returncode == 2 and "is already running" in skipped.stderr, skipped.stderr[-2000:]
     assert not (run_dir / "sft").exists() and not (run_dir / "rrhf").exists()
 
-
-def test_stage_device_follows_backbone_device() -> None:
-    from stages.io.config import ConfigError
-    from stages.memory.inputs import plan_device
-
-    auto = load_config(None, [])
-    assert plan_device(auto, cuda=True) == "cuda" and plan_device(auto, cuda=False) == "cpu"
-    assert plan_device(load_config(None, ["backbone.device=cpu"]), cuda=True) == "cpu"  # the GPU is hidden then
-    assert plan_device(load_config(None, ["backbone.device=cuda"]), cuda=True) == "cuda"
-    with pytest.raises(ConfigError, match=r"^backbone.device: cuda, but no CUDA device is visible"):
-        plan_device(load_config(None, ["backbone.device=cuda"]), cuda=False)

@@ -14,9 +14,8 @@ from stages.io.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
 from stages.io.data import load_records, load_rollout_prompts
 from stages.io.deepspeed_config import INFRA
 from stages.io.formats import Prompt, prompt_text
-from stages.memory.plan import DTYPE_BYTES, DataShape, Device, ModelShape, Parallel
+from stages.memory.plan import DTYPE_BYTES, DataShape, ModelShape, Parallel
 from stages.model.backbone import resolve_backbone
-from stages.model.placement import device_type
 from stages.registry import spec
 
 DEEPSPEED_DIR = INFRA / "deepspeed"
@@ -187,12 +186,6 @@ def read_zero_config(deepspeed: str) -> tuple[int, bool, bool]:
         return str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")
 
     return stage, offloaded("offload_optimizer"), offloaded("offload_param")
-
-
-def plan_device(cfg: PipelineConfig, cuda: bool) -> Device:
-    """Where every stage's model lives (``backbone.device`` resolved, ``cuda``: whether a GPU is visible);
-    DeepSpeed's engine takes the same device (``stages.model.placement``)."""
-    return device_type(cfg.backbone, cuda)
 
 
 def available_host_memory() -> int | None:
