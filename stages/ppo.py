@@ -117,14 +117,21 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
 
 def collect_rollout(models: PPOModels, prompts: list[Prompt], cfg: PipelineConfig, kl_coef: float,
                     seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
-    """Sample with the policy, then score the sampled ids (``score_rollout``)."""
+    """Sample with the policy, then score the sampled ids (``rollout_from_ids``)."""
+    prompt_ids = [models.tokenization.prompt_ids(p) for p in prompts]
+    return rollout_from_ids(models, prompt_ids, cfg, kl_coef, seed, dist)
+
+
+def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: PipelineConfig, kl_coef: float,
+                     seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
+    """Sample one response per prompt (token ids) with the policy, then score the sampled ids
+    (``score_rollout``). ``bench/ppo_vs_trl.py`` times this with ``ppo_update`` as one PPO update."""
     import torch
 
     model, ppo, tokenization = models.model, cfg.ppo, models.tokenization
     with active_adapter(model, POLICY):
-        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts],
-                           max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature,
-                           batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
+        samples = generate(model, tokenization, prompt_ids, max_new_tokens=ppo.max_new_tokens,
+                           temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
     device = model_device(model)
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id, device)
     finished = torch.tensor([s.finished for s in samples], device=device)
