@@ -135,18 +135,27 @@ def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: Pipeli
     device = model_device(model)
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id, device)
     finished = torch.tensor([s.finished for s in samples], device=device)
-    return score_rollout(models, batch, finished, cfg, kl_coef, dist)
+    logprobs = torch.zeros(batch.input_ids.shape, device=device)  # (B, T), aligned with input_ids
+    logprobs[batch.response_mask.bool()] = torch.tensor([lp for s in samples for lp in s.token_logprobs], device=device)
+    return score_rollout(models, batch, finished, cfg, kl_coef, dist, logprobs=logprobs)
 
 
 def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
-                  kl_coef: float, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
-    """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``."""
+                  kl_coef: float, dist: Distributed = LOCAL, logprobs: "torch.Tensor | None" = None
+                  ) -> tuple[Rollout, dict[str, float]]:
+    """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``.
+
+    ``logprobs`` (B, T): the policy's log-probs of the sampled tokens as generation computed them
+    (``generate``'s ``token_logprobs``, aligned with ``input_ids``); without them the policy scores
+    the batch in a forward pass of its own. Both equal within float rounding (tests/test_ppo.py).
+    """
     import torch
 
     model, ppo = models.model, cfg.ppo
     with torch.no_grad():  # at the sampling temperature: the distributions the tokens came from
-        with active_adapter(model, POLICY):
-            logprobs = token_logprobs(model, batch, ppo.temperature)
+        if logprobs is None:
+            with active_adapter(model, POLICY):
+                logprobs = token_logprobs(model, batch, ppo.temperature)
         with active_adapter(model, REFERENCE):
             ref_logprobs = token_logprobs(model, batch, ppo.temperature)
         with active_adapter(model, REWARD):
