@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # A few steps and prompts: enough to prove behaviour, small enough for a 2-core CI machine. On the CPU
 # also on a GPU machine (the gpu tier sets backbone.device=cuda after it).
-TINY = ["backbone.device=cpu", "sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32",
+TINY = ["backbone.device=cpu", "run.threads=2", "sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32",
         "task.num_pairs=32", "reward.max_steps=4", "reward.batch_size=4", "reward.logging_steps=1", "ppo.updates=2",
         "ppo.rollout_prompts=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
         "rrhf.max_steps=3", "rrhf.num_prompts=6", "rrhf.batch_size=3", "rrhf.num_candidates=3", "rrhf.logging_steps=1"]

@@ -93,3 +93,50 @@ def test_backbone_device_resolves_auto_cpu_and_cuda() -> None:
     assert placement.device_type(cpu, cuda=True) == "cpu" and placement.device_type(cuda, cuda=True) == "cuda"
     with pytest.raises(ConfigError, match=r"^backbone.device: cuda, but no CUDA device is visible"):
         placement.device_type(cuda, cuda=False)
+
+
+def test_auto_threads_take_the_cores_other_processes_leave_free() -> None:
+    """run.threads=auto (issue 15, item 3): one thread per free core, at least one; a number is kept."""
+    from stages.model.placement import stage_threads
+
+    assert stage_threads("auto", cores=2, busy=0.1) == 2  # a quiet machine: every core
+    assert stage_threads("auto", cores=2, busy=1.9) == 1  # beside a 2-thread training job
+    assert stage_threads("auto", cores=2, busy=7.0) == 1  # never none
+    assert stage_threads("auto", cores=16, busy=4.2) == 12
+    assert stage_threads(3, cores=2, busy=2.0) == 3  # an explicit count is the user's call
+
+
+def test_busy_cores_sees_a_process_spinning_on_a_core() -> None:
+    """The measurement behind ``auto`` is real: a child spinning on one core counts as (about) one busy core."""
+    import subprocess
+    import sys
+    import time
+
+    from stages.model.placement import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # past the interpreter's start
+        assert busy_cores(window_s=0.5) >= 0.7
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def test_a_local_stage_runs_with_the_threads_auto_chose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                                        tmp_path: Path) -> None:
+    """The runner applies ``auto``'s choice to torch and says so (busy cores stubbed: one core left free)."""
+    monkeypatch.setattr(placement, "busy_cores", lambda window_s=0.1: placement.available_cores() - 1)
+    seen: list[int] = []
+
+    def probe(cfg, ctx):  # a stage that only records what it ran with
+        seen.append(torch.get_num_threads())
+        return {"threads": float(seen[0])}
+
+    before = torch.get_num_threads()
+    try:
+        execute("sft", probe, load_config(None, [*TINY, "run.threads=auto"]), tmp_path / "sft", {})
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+    assert "sft: 1 torch thread(s) of" in capsys.readouterr().err

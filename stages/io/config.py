@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.registry import STAGE_ORDER, STAGES, missing_inputs
 
@@ -38,8 +38,16 @@ class _Section(BaseModel):
 class RunSection(_Section):
     stages: list[StageName] = Field(default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
     seed: int = 0
-    # Torch threads per stage process. 2 cores here; more threads than cores makes CPU training crawl.
-    threads: int = Field(default=2, ge=1)
+    # Torch threads per local stage process. auto: the cores no other process is using when the stage starts
+    # (stages.model.placement.stage_threads); more threads than free cores makes CPU training crawl.
+    threads: int | Literal["auto"] = Field(default="auto")
+
+    @field_validator("threads")
+    @classmethod
+    def _positive_threads(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"run.threads must be 'auto' or at least 1, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> "RunSection":

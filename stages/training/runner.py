@@ -26,6 +26,7 @@ from stages.io import artifacts
 from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import DataError
 from stages.io.provenance import stage_datasets, stage_provenance
+from stages.model.placement import available_cores, stage_threads
 from stages.model.tokenization import TokenizationError
 from stages.registry import spec
 from stages.training.checkpoints import checkpoint_root
@@ -68,7 +69,11 @@ def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, 
                        dist: Distributed) -> dict[str, Any] | None:
     import torch
 
-    torch.set_num_threads(cfg.run.threads if dist is LOCAL else cfg.distributed.threads_per_process)
+    threads = stage_threads(cfg.run.threads) if dist is LOCAL else cfg.distributed.threads_per_process
+    torch.set_num_threads(threads)
+    if cfg.run.threads == "auto" and dist is LOCAL:
+        print(f"{stage}: {threads} torch thread(s) of {available_cores()} core(s) (run.threads=auto: "
+              "the cores other processes leave free)", file=sys.stderr)
     torch.manual_seed(cfg.run.seed)
     provenance = stage_provenance(stage, cfg, inputs)
     datasets = {kind: getattr(cfg.data, kind) for kind in stage_datasets(stage, cfg)}
