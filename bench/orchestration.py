@@ -2,9 +2,9 @@
 
     python bench/orchestration.py            # uses ./.rlhf/backbones (built if missing), a fresh cache
 
-Targets (issue: orchestration): full default chain <= 5 minutes, all-cached rerun <= 10 s on 2 cores.
-The all-cached figure is the orchestrator's own overhead: CLI start, config and dataset validation,
-Prefect's temporary server, cache lookups and the report.
+Targets: full default chain <= 5 minutes; the all-cached rerun <= 10% of the full chain's wall time in the
+same run (issue 15, item 4). The all-cached figure is the orchestrator's own overhead: CLI start, config
+and dataset validation, Prefect's temporary server, cache lookups and the report.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def main() -> None:
         full = timed_run("full", Path(scratch), env)
         cached = timed_run("cached", Path(scratch), env)
     print(f"full default chain (warm backbone, cold cache): {full:7.1f} s   target <= 300 s")
-    print(f"same config again, every stage cached:          {cached:7.1f} s   target <= 10 s")
-    print(f"ratio cached / full: {cached / full:.3f}")
+    print(f"same config again, every stage cached:          {cached:7.1f} s")
+    print(f"ratio cached / full: {cached / full:.3f}   target <= 0.10")
 
 
 if __name__ == "__main__":

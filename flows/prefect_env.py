@@ -7,10 +7,14 @@ user already set (for example ``PREFECT_API_URL`` pointing at a real server) win
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stages.io import paths
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 def configure_prefect() -> None:
@@ -22,26 +26,69 @@ def configure_prefect() -> None:
 
 
 def start_server_early() -> Callable[[], None]:
-    """Boot Prefect's temporary server in the background now; return the function that waits for it.
+    """Start Prefect's temporary API server now, in a child process, and point this process's Prefect
+    at it (``PREFECT_API_URL``); return the function that waits until it answers.
 
-    Booting it takes ~4 s (a uvicorn child process importing Prefect's server), which Prefect would
-    otherwise spend at the first API call. Started first, it overlaps our own start-up and preflight.
-    The caller must wait before running a flow: Prefect reuses this (singleton) server once it is up.
+    It is the server Prefect's own ``SubprocessASGIServer`` would start at the flow's first API call
+    (uvicorn serving ``create_app`` in ephemeral mode, UI off), launched without importing Prefect here:
+    that import alone takes ~4.5 s on 2 cores and the child's start ~6 s more, both of which now overlap
+    our own start-up and pre-flight. The server is stopped when this process exits: SIGTERM at
+    interpreter exit, and the watchdog (``stop_with_this_process``) for a process that is killed.
+
+    Raises (from the returned function) ``RuntimeError`` when the server exits or does not answer
+    within ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``.
     """
-    if os.environ.get("PREFECT_API_URL"):  # a real server is configured: nothing to boot
+    import atexit
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    if os.environ.get("PREFECT_API_URL"):  # a real server is configured: nothing to start
         return lambda: None
+    spec = find_spec("prefect")
+    assert spec is not None and spec.submodule_search_locations, "prefect is not installed"
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
+        stdin=subprocess.DEVNULL,
+    )
+    stop_with_this_process(server.pid)
+    atexit.register(server.terminate)  # no wait: the watchdog kills it if it outlives us by 5 s
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    os.environ.setdefault("PREFECT_UI_URL", "")  # no "View at" links: this server has no UI and ends with the run
+    timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    return lambda: _wait_until_healthy(server, os.environ["PREFECT_API_URL"], timeout)
 
-    def boot() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
 
-        server = SubprocessASGIServer()
-        server.start()
-        if server.server_process is not None:
-            stop_with_this_process(server.server_process.pid)
+def _free_port() -> int:
+    import socket
 
-    thread = threading.Thread(target=boot, name="prefect-server-boot", daemon=True)
-    thread.start()
-    return thread.join
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_healthy(server: "subprocess.Popen[bytes]", api_url: str, timeout: float) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"Prefect's temporary server exited with code {server.returncode} while starting")
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:.0f} s "
+                       "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
 
 
 # Runs in its own small process: waits for the CLI process to end, however it ends, then stops the server.
