@@ -308,14 +308,14 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
     phases = (
         Phase("rollout sampling", "generate", min(GENERATION_BATCH, rollout), tokens, min(GENERATION_BATCH, rollout),
               knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
-        Phase("rollout scoring", "forward", rollout, tokens, rollout * keep, hidden_states=True,
+        Phase("rollout scoring", "forward", rollout, tokens, rollout * keep,
               knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
         # Locally the policy's graph is freed before the value forward; DeepSpeed takes both in one backward.
         Phase("train step", "train", minibatch, tokens, minibatch * keep, graphs=2 if parallel.launched else 1,
               knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
         evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
         Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + ppo.max_new_tokens, evaluated,
-              hidden_states=True, knobs=("eval.num_prompts", "ppo.max_new_tokens")),
+              knobs=("eval.num_prompts", "ppo.max_new_tokens")),
     )
     # reference + reward frozen, policy + value trained; the value head trained, the reward head frozen
     return Workload("ppo", 2, 2, phases, trainable_heads=1, frozen_heads=1)

@@ -232,7 +232,7 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
     rows = 2 * min(cfg.reward.batch_size, data.pairs)  # chosen and rejected in one forward
     train = Phase("train step", "train", rows, data.pair_tokens, rows, knobs=("reward.batch_size",))
     held = 2 * min(EVAL_PAIRS, data.pairs)
-    scoring = Phase("held-out scoring", "forward", held, data.pair_tokens, held, hidden_states=True)
+    scoring = Phase("held-out scoring", "forward", held, data.pair_tokens, held)
     return Workload("reward", 1, 0, (train, scoring), trainable_heads=1)
 
 

@@ -225,10 +225,10 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
         phases += [
             Phase("candidate sampling", "generate", min(GENERATION_BATCH, candidates), tokens,
                   min(GENERATION_BATCH, candidates), knobs=("rrhf.num_candidates", "rrhf.max_new_tokens")),
-            Phase("candidate scoring", "forward", candidates, tokens, candidates, hidden_states=True,
+            Phase("candidate scoring", "forward", candidates, tokens, candidates,
                   knobs=("rrhf.num_prompts", "rrhf.num_candidates")),
             Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + rrhf.max_new_tokens,
-                  evaluated, hidden_states=True, knobs=("eval.num_prompts", "rrhf.max_new_tokens")),
+                  evaluated, knobs=("eval.num_prompts", "rrhf.max_new_tokens")),
         ]
     return Workload("rrhf", 1, 1 if online else 0, tuple(phases), frozen_heads=1 if online else 0)
 

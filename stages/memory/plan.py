@@ -146,7 +146,6 @@ class Phase:
     tokens: int  # their padded length (for sampling: prompt + new tokens, the KV cache's length)
     logit_tokens: int  # positions that get vocabulary-wide logits at once
     vocab_chunk: int | None = None  # a chunked LM head holds only this many vocabulary entries
-    hidden_states: bool = False  # output_hidden_states=True without gradients keeps every layer's output
     graphs: int = 1  # autograd graphs alive at once (PPO backpropagates policy, then value)
     knobs: tuple[str, ...] = ()  # the config keys that size this phase, for the refusal's suggestion
 
@@ -238,9 +237,8 @@ def phase_bytes(shape: ModelShape, phase: Phase, dtype: str, adapter_kind: str,
         per_h, per_i = TRAIN_ELEMENTS_PER_TOKEN[adapter_kind]
         activations = phase.graphs * tokens * layers * (per_h * h + per_i * i) * TRAIN_LIVE_FACTOR * element
     else:
+        # Scoring keeps only the final hidden states (stages.model.sequences.final_hidden_states), not every layer's.
         activations = tokens * (FORWARD_ELEMENTS_PER_TOKEN_H * h + FORWARD_ELEMENTS_PER_TOKEN_I * i) * element
-        if phase.hidden_states:
-            activations += (layers + 1) * tokens * h * element
     kv = 2 * layers * tokens * shape.kv_dim * DTYPE_BYTES[dtype] if phase.kind == "generate" else 0
     vocab = min(shape.vocab_size, phase.vocab_chunk or shape.vocab_size)
     logits = phase.logit_tokens * vocab * LOGIT_COPIES * LOGIT_BYTES
