@@ -4,6 +4,7 @@
     python bench/ppo_vs_trl.py --sizes 105m --updates 5
     python bench/ppo_vs_trl.py --device cuda          # on a GPU: peak GPU memory instead of peak RSS
     python bench/ppo_vs_trl.py --trl-python PATH      # a Python that has trl 1.11 (default: bench/.venv-trl)
+    python bench/ppo_vs_trl.py --value-model shared   # ours with ppo.value_model=shared (not identical work)
 
 TRL    ``trl.experimental.ppo.PPOTrainer`` of trl 1.11.0, the last release that has it, in its own virtual
        environment (``bench/.venv-trl``, made on first use with the project's pins for everything else):
@@ -118,7 +119,7 @@ def run_trl(folder: Path, updates: int, device: str, clock: _Clock) -> dict:
     return {"response_length": RESPONSE}  # no stop token: TRL always samples the full length
 
 
-def run_ours(folder: Path, updates: int, device: str, clock: _Clock) -> dict:
+def run_ours(folder: Path, updates: int, device: str, clock: _Clock, value_model: str = "separate") -> dict:
     """Our stage's code: the models as ``stages.ppo.build_models`` lays them out (fresh LoRA adapters)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -128,22 +129,24 @@ def run_ours(folder: Path, updates: int, device: str, clock: _Clock) -> dict:
     from stages.model.backbone import load_backbone
     from stages.model.heads import new_head
     from stages.model.tokenization import Tokenization
-    from stages.ppo import POLICY, TRAINABLE, PPOModels, ppo_update, ppo_updater, rollout_from_ids
+    from stages.ppo import POLICY, VALUE, PPOModels, ppo_update, ppo_updater, rollout_from_ids
 
     cfg = load_config(None, [f"backbone.name={folder}", f"backbone.device={device}", "backbone.dtype=float32",
                              f"ppo.rollout_prompts={BATCH}", f"ppo.minibatch_size={BATCH}", "ppo.ppo_epochs=1",
                              f"ppo.max_new_tokens={RESPONSE}", "ppo.temperature=1.0", f"ppo.learning_rate={LEARNING_RATE}",
-                             f"ppo.updates={updates + 1}"])
+                             f"ppo.updates={updates + 1}", f"ppo.value_model={value_model}"])
     backbone = load_backbone(cfg.backbone)
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(backbone.model, lora, adapter_name="reference")
-    for name in ("policy", "reward", "value"):
+    shared = value_model == "shared"
+    for name in ("policy", "reward") if shared else ("policy", "reward", "value"):
         model.add_adapter(name, lora)
     model.set_adapter(POLICY)
-    set_trainable(model, TRAINABLE)
     hidden, device_ = backbone.model.config.hidden_size, backbone.model.device
     models = PPOModels(model, Tokenization.of(backbone.tokenizer), new_head(hidden, 0, device_),
-                       new_head(hidden, 1, device_).requires_grad_(True), backbone.fingerprint)
+                       new_head(hidden, 1, device_).requires_grad_(True), backbone.fingerprint,
+                       value_adapter=POLICY if shared else VALUE)
+    set_trainable(model, models.trainable)
     updater = ppo_updater(models, cfg)
     generator = torch.Generator().manual_seed(0)
     prompts = json.loads((folder / "prompts.json").read_text())
@@ -157,12 +160,15 @@ def run_ours(folder: Path, updates: int, device: str, clock: _Clock) -> dict:
     return {"response_length": sum(lengths) / len(lengths)}
 
 
-def child(side: str, folder: Path, updates: int, device: str, threads: int) -> None:
+def child(side: str, folder: Path, updates: int, device: str, threads: int, value_model: str) -> None:
     import torch
 
     torch.set_num_threads(threads)
     clock = _Clock(device)
-    extra = {"trl": run_trl, "ours": run_ours}[side](folder, updates, device, clock)
+    if side == "trl":
+        extra = run_trl(folder, updates, device, clock)
+    else:
+        extra = run_ours(folder, updates, device, clock, value_model)
     clock.marks = clock.marks[1:]  # from the end of the warm-up update
     wall, cpu = clock.per_update()
     if device == "cuda":  # what the layouts differ in lives on the GPU there
@@ -191,7 +197,7 @@ def run_child(python: str, side: str, folder: Path, args: argparse.Namespace) ->
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # TRL's accelerator would take a visible GPU
     command = [python, __file__, "--child", side, str(folder), "--updates", str(args.updates),
-               "--device", args.device, "--threads", str(args.threads)]
+               "--device", args.device, "--threads", str(args.threads), "--value-model", args.value_model]
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"{side} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
@@ -205,14 +211,17 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child")
     parser.add_argument("--trl-python", help="a Python with trl 1.11 (default: bench/.venv-trl, made on first use)")
+    parser.add_argument("--value-model", choices=("separate", "shared"), default="separate",
+                        help="ours: ppo.value_model (shared is not TRL's layout: a lever measured on its own)")
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], Path(args.child[1]), args.updates, args.device, args.threads)
+        child(args.child[0], Path(args.child[1]), args.updates, args.device, args.threads, args.value_model)
         return
     pythons = {"trl": args.trl_python or trl_python(), "ours": sys.executable}
     peak = "peak RSS MiB" if args.device == "cpu" else "peak GPU MiB"
-    print(f"{args.device}, {args.threads} thread(s), {args.updates} timed updates; ratio = ours / TRL")
+    print(f"{args.device}, {args.threads} thread(s), {args.updates} timed updates, ours with "
+          f"ppo.value_model={args.value_model}; ratio = ours / TRL")
     print(f"{'size':>6} {'side':>6} {'wall s/update':>14} {'CPU s/update':>13} {peak:>13} {'resp. len':>9}")
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:

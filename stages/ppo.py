@@ -5,6 +5,8 @@
 Adapters (all of the configured kind, on one PeftModel around one backbone):
     reference  the SFT adapter, frozen          policy  starts from SFT, trained
     reward     the RM adapter + score head, frozen   value   starts from the RM, trained, + value head
+With ``ppo.value_model: shared`` there is no value adapter: the value head (from zeros) reads the
+policy adapter's hidden states, and one forward per minibatch serves both losses.
 
 Each update: sample responses with the policy from the tokenization contract's prompt ids (KV cache,
 left padding, stopping at EOS or the chat template's end of turn); score the sampled ids without
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import read_manifest, write_json
-from stages.io.config import PipelineConfig
+from stages.io.config import PipelineConfig, PPOSection
 from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
@@ -37,6 +39,7 @@ from stages.model.sequences import (
     from_token_ids,
     token_logprobs,
     token_logprobs_and_entropy,
+    token_logprobs_entropy_and_values,
     token_values,
 )
 from stages.model.tokenization import Tokenization
@@ -78,6 +81,12 @@ class PPOModels:
     reward_head: "torch.nn.Linear"
     value_head: "torch.nn.Linear"
     fingerprint: str
+    value_adapter: str = VALUE  # POLICY for ppo.value_model: shared
+
+    @property
+    def trainable(self) -> list[str]:
+        """The adapters PPO trains: policy and value, or the policy alone when it carries the value head."""
+        return [POLICY] if self.value_adapter == POLICY else TRAINABLE
 
 
 @dataclass
@@ -99,8 +108,11 @@ class Rollout:
 
 
 def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
-    """One backbone; reference + policy from SFT, reward + value from the RM; value head from the score head."""
+    """One backbone; reference + policy from SFT, reward + value from the RM; value head from the score head.
+    ``ppo.value_model: shared``: no value adapter, and the value head starts at zero on the policy's states."""
     import copy
+
+    import torch
 
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     fp = backbone.fingerprint
@@ -108,11 +120,18 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, fp)
     model = load_adapter(model, inputs["sft"], POLICY, fp, trainable=True)
     model, reward_head = attach_reward(model, inputs["reward"], tokenization, fp)
-    model = load_adapter(model, inputs["reward"], VALUE, fp, trainable=True)
-    value_head = copy.deepcopy(reward_head).requires_grad_(True)
+    if cfg.ppo.value_model == "shared":  # the reward head reads the RM adapter's states, not the policy's
+        value_head = copy.deepcopy(reward_head).requires_grad_(True)
+        with torch.no_grad():
+            value_head.weight.zero_()
+            value_head.bias.zero_()
+        models = PPOModels(model, tokenization, reward_head, value_head, fp, value_adapter=POLICY)
+    else:
+        model = load_adapter(model, inputs["reward"], VALUE, fp, trainable=True)
+        models = PPOModels(model, tokenization, reward_head, copy.deepcopy(reward_head).requires_grad_(True), fp)
     model.set_adapter(POLICY)
-    set_trainable(model, TRAINABLE)  # after set_adapter, which would silently freeze the value adapter
-    return PPOModels(model, tokenization, reward_head, value_head, fp)
+    set_trainable(model, models.trainable)  # after set_adapter, which would silently freeze the value adapter
+    return models
 
 
 def collect_rollout(models: PPOModels, prompts: list[Prompt], cfg: PipelineConfig, kl_coef: float,
@@ -160,7 +179,7 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tens
             ref_logprobs = token_logprobs(model, batch, ppo.temperature)
         with active_adapter(model, REWARD):
             scores = sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
-        with active_adapter(model, VALUE):
+        with active_adapter(model, models.value_adapter):
             values = token_values(model, models.value_head, batch)
     return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef, dist)
 
@@ -182,7 +201,7 @@ def shape_rollout(batch: SequenceBatch, finished: "torch.Tensor", scores: "torch
 
 
 def ppo_updater(models: PPOModels, cfg: PipelineConfig, dist: Distributed = LOCAL) -> Updater:
-    """AdamW (constant learning rate) over the policy and value adapters and the value head."""
+    """AdamW (constant learning rate) over the trained adapters (``PPOModels.trainable``) and the value head."""
     import torch
 
     ppo = cfg.ppo
@@ -202,7 +221,7 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     """
     import torch
 
-    ppo, model = cfg.ppo, models.model
+    ppo = cfg.ppo
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(ppo.ppo_epochs):
@@ -210,23 +229,41 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
         for start in range(0, len(order), ppo.minibatch_size):
             mb = rollout.select(order[start : start + ppo.minibatch_size])
             share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally
-            with active_adapter(model, POLICY):
-                logprobs, entropy = token_logprobs_and_entropy(model, mb.batch, ppo.temperature)
-            policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages,
-                                                        mb.response_mask, ppo.clip_range)
-            updater.add_loss(share * policy_loss, "ppo policy loss")  # locally its graph is freed here
-            with active_adapter(model, VALUE):
-                values = token_values(model, models.value_head, mb.batch)
-            value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
-                                                     ppo.clip_range_value)
-            updater.add_loss(share * ppo.value_coef * value_loss, "ppo value loss")
+            policy_loss, value_loss, entropy, loss_stats = _add_minibatch_losses(models, mb, updater, share, ppo)
             updater.finish_micro_step(boundary=start + ppo.minibatch_size >= len(order))  # an epoch ends on an update
             step_stats = {"policy_loss": share * policy_loss.item(), "value_loss": share * value_loss.item(),
-                          "entropy": masked_mean(entropy, mb.response_mask).item(), **policy_stats, **value_stats}
+                          "entropy": masked_mean(entropy, mb.response_mask).item(), **loss_stats}
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
     return {key: value / steps for key, value in totals.items()}
+
+
+def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, share: float, ppo: PPOSection
+                          ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", dict[str, float]]:
+    """The clipped policy and value losses of one minibatch, handed to ``updater`` (each scaled by the
+    rank's ``share``); returns them, the entropies (B, T) and their stats."""
+    model = models.model
+    if models.value_adapter == POLICY:  # shared: one forward, one backward for both losses
+        with active_adapter(model, POLICY):
+            logprobs, entropy, values = token_logprobs_entropy_and_values(model, models.value_head, mb.batch,
+                                                                         ppo.temperature)
+        policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
+                                                    ppo.clip_range)
+        value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
+                                                 ppo.clip_range_value)
+        updater.add_loss(share * (policy_loss + ppo.value_coef * value_loss), "ppo policy + value loss")
+        return policy_loss, value_loss, entropy, {**policy_stats, **value_stats}
+    with active_adapter(model, POLICY):
+        logprobs, entropy = token_logprobs_and_entropy(model, mb.batch, ppo.temperature)
+    policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
+                                                ppo.clip_range)
+    updater.add_loss(share * policy_loss, "ppo policy loss")  # locally its graph is freed here
+    with active_adapter(model, VALUE):
+        values = token_values(model, models.value_head, mb.batch)
+    value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask, ppo.clip_range_value)
+    updater.add_loss(share * ppo.value_coef * value_loss, "ppo value loss")
+    return policy_loss, value_loss, entropy, {**policy_stats, **value_stats}
 
 
 def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
@@ -245,7 +282,7 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), models.tokenization, context)
 
-    checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, TRAINABLE,
+    checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, models.trainable,
                                 {"value_head": models.value_head}, models.fingerprint, dist)
     minibatch_order = torch.Generator().manual_seed(cfg.run.seed + 1000 * dist.rank)
     loop = TrainingLoop(checkpointer, desc="ppo", total=ppo.updates, log_every=1, checkpoint_every=ppo.checkpoint_every,
@@ -275,7 +312,8 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     with active_adapter(model, POLICY):
         save_probe(model, models.tokenization.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
-    save_adapter(model, VALUE, out / "value")
+    if models.value_adapter == VALUE:
+        save_adapter(model, VALUE, out / "value")
     save_head(models.value_head, out / VALUE_HEAD, models.fingerprint)
     write_json(out / "history.json", history)
     # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
@@ -305,20 +343,22 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
     keep = min(tokens, ppo.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
     minibatch = min(ppo.minibatch_size, rollout)
     evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
+    shared = ppo.value_model == "shared"
     phases = (
         Phase("rollout sampling", "generate", min(GENERATION_BATCH, rollout), tokens, min(GENERATION_BATCH, rollout),
               knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
         Phase("rollout scoring", "forward", rollout, tokens, rollout * keep,
               knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
         # Locally the policy's graph is freed before the value forward; DeepSpeed takes both in one backward.
-        Phase("train step", "train", minibatch, tokens, minibatch * keep, graphs=2 if parallel.launched else 1,
-              knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
+        # A shared value model has one forward, so one graph, either way.
+        Phase("train step", "train", minibatch, tokens, minibatch * keep,
+              graphs=2 if parallel.launched and not shared else 1, knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
         evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
         Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + ppo.max_new_tokens, evaluated,
               knobs=("eval.num_prompts", "ppo.max_new_tokens")),
     )
-    # reference + reward frozen, policy + value trained; the value head trained, the reward head frozen
-    return Workload("ppo", 2, 2, phases, trainable_heads=1, frozen_heads=1)
+    # reference + reward frozen, policy + value trained (shared: no value adapter); value head trained
+    return Workload("ppo", 1 if shared else 2, 2, phases, trainable_heads=1, frozen_heads=1)
 
 
 def main(argv: list[str] | None = None) -> None:

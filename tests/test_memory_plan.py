@@ -199,3 +199,8 @@ def test_skip_memory_check_gets_past_the_preflight(tmp_path: Path) -> None:
         assert skipped.returncode == 2 and "is already running" in skipped.stderr, skipped.stderr[-2000:]
     assert not (run_dir / "sft").exists() and not (run_dir / "rrhf").exists()
 
+
+
+def test_a_shared_value_model_plans_one_trainable_adapter_fewer() -> None:
+    separate, shared = plan("ppo", shape=LARGE), plan("ppo", ["ppo.value_model=shared"], shape=LARGE)
+    assert shared.adapters_optimizer < separate.adapters_optimizer and shared.total < separate.total

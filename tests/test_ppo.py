@@ -127,3 +127,29 @@ def test_dropout_never_changes_the_policy_between_sampling_and_update(tmp_path: 
     # Within float rounding: the old log-probs come from generation, the new ones from a training forward.
     assert update["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and update["approx_kl"] < 1e-7, update
     assert update["clipfrac"] == 0.0 and update["kl"] == pytest.approx(0.0, abs=1e-5), update
+
+
+def test_a_shared_value_model_trains_the_policy_adapter_and_the_value_head(lora_inputs: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """ppo.value_model=shared (issue 15): no value adapter; the value head starts at zero on the policy's
+    hidden states, and one backward trains the policy adapter and the head; reference and reward stay."""
+    cfg = load_config(None, [*FAST, "ppo.value_model=shared"])
+    models = build_models(cfg, lora_inputs)
+    model = models.model
+    assert set(model.peft_config) == {REFERENCE, POLICY, REWARD} and models.trainable == [POLICY]
+    assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {POLICY}
+    assert models.value_head.weight.abs().sum() == 0 and models.value_head.bias.abs().sum() == 0
+    frozen = {name: _snapshot(model, name) for name in (REFERENCE, REWARD)}
+    policy_before = _snapshot(model, POLICY)
+
+    rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
+    assert rollout.old_values.abs().sum() == 0  # a zero head values every state at 0
+    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"])), cfg,
+               torch.Generator().manual_seed(0))
+    assert models.value_head.weight.abs().sum() > 0
+    assert any(not torch.equal(policy_before[k], v) for k, v in _snapshot(model, POLICY).items())
+    for name, before in frozen.items():
+        assert all(torch.equal(before[k], v) for k, v in _snapshot(model, name).items()), f"{name} changed"
+
+    execute("ppo", train_ppo, cfg, tmp_path / "ppo", lora_inputs)
+    assert (tmp_path / "ppo" / "value_head.safetensors").is_file() and not (tmp_path / "ppo" / "value").exists()

@@ -46,7 +46,8 @@ def _finished_checkpoint(stage: str, out: Path) -> Path | None:
     ("sft", []), ("reward", []), ("rrhf", []), ("ppo", []),
     ("reward", ["reward.launcher=accelerate", "distributed.deepspeed=zero2"]),  # every rank's ZeRO partition
     ("sft", ["adapter.dropout=0.1"]), ("reward", ["adapter.dropout=0.1"]),  # dropout masks replay too
-], ids=["sft", "reward", "rrhf", "ppo", "reward-zero2", "sft-dropout", "reward-dropout"])
+    ("ppo", ["ppo.value_model=shared"]),  # no value adapter: the policy and the value head are the state
+], ids=["sft", "reward", "rrhf", "ppo", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value"])
 def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], upstream: dict[str, Path],
                                                        tmp_path: Path) -> None:
     out = tmp_path / stage

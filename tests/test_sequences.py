@@ -71,3 +71,25 @@ def test_final_hidden_states_are_the_last_of_all_hidden_states(kind: str) -> Non
     with torch.no_grad():
         everything = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
         assert torch.equal(final_hidden_states(model, batch), everything.hidden_states[-1])
+
+
+@pytest.mark.parametrize("kind", ["lora", "ptuning_v2"])
+def test_one_forward_gives_the_log_probs_and_values_of_two(kind: str) -> None:
+    """ppo.value_model=shared takes log-probs, entropies and values from one forward: the same tensors as
+    ``token_logprobs_and_entropy`` and ``token_values`` called one after the other."""
+    from stages.model.adapters import attach_adapter
+    from stages.model.heads import new_head
+    from stages.model.sequences import token_logprobs_entropy_and_values, token_values
+
+    cfg = load_config(None, [f"adapter.kind={kind}", "backbone.device=cpu"])
+    backbone = load_backbone(cfg.backbone)
+    torch.manual_seed(0)
+    model = attach_adapter(backbone.model, cfg.adapter, "policy")
+    head = new_head(backbone.model.config.hidden_size, 1, "cpu")
+    batch = Tokenization.of(backbone.tokenizer).batch(["3+4=", "12+19="], ["7", "31;2"], "cpu", [True, False])
+    with torch.no_grad():
+        fused = token_logprobs_entropy_and_values(model, head, batch, temperature=0.7)
+        apart = (*token_logprobs_and_entropy(model, batch, temperature=0.7), token_values(model, head, batch))
+    for one, two in zip(fused, apart, strict=True):
+        assert torch.equal(one, two)
+    assert fused[2].abs().sum() > 0 and (fused[2][batch.response_mask == 0] == 0).all()

@@ -7,6 +7,8 @@ marks the response tokens (end token included): the tokens a policy is scored or
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,23 +59,46 @@ def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch, t
     Only the positions that can predict a response token get logits (``logits_to_keep``), and the
     entropy is computed without gradients: the (B, T, V) tensors are the largest in a PPO step.
     """
+    logprobs, entropy, _ = _response_forward(model, batch, temperature, with_hidden=False)
+    return logprobs, entropy
+
+
+def token_logprobs_entropy_and_values(model: "torch.nn.Module", head: "torch.nn.Linear", batch: SequenceBatch,
+                                      temperature: float = 1.0
+                                      ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """``token_logprobs_and_entropy`` and ``token_values`` of one adapter from one forward pass, for a value
+    head on the policy's own hidden states (``ppo.value_model: shared``): (B, T) each, the same numbers
+    as the two separate calls."""
+    logprobs, entropy, hidden = _response_forward(model, batch, temperature, with_hidden=True)
+    return logprobs, entropy, _values(head, hidden, batch)
+
+
+def _response_forward(model: "torch.nn.Module", batch: SequenceBatch, temperature: float, with_hidden: bool
+                      ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]:
     import torch
 
     width = batch.input_ids.shape[1]
     first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
     keep = width - max(first - 1, 0)  # logits at positions first-1 .. T-1
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, keep-1, V): the last keep-1 tokens
+    with _capture_final_hidden(model) if with_hidden else contextlib.nullcontext([]) as captured:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                    output_hidden_states=with_hidden and _final_norm(model) is None)
+    hidden = (captured[-1] if captured else out.hidden_states[-1]) if with_hidden else None
+    logprobs = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)  # (B, keep-1, V): last keep-1 tokens
     picked = logprobs.gather(-1, batch.input_ids[:, width - keep + 1 :, None]).squeeze(-1)  # (B, keep-1)
     with torch.no_grad():
         entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, keep-1), logged only
-    return _align(picked, batch), _align(entropy, batch)
+    return _align(picked, batch), _align(entropy, batch), hidden
 
 
 def token_values(model: "torch.nn.Module", head: "torch.nn.Linear", batch: SequenceBatch) -> "torch.Tensor":
     """Value head on the hidden state that predicts each token (position t uses hidden t-1): (B, T)."""
-    hidden = final_hidden_states(model, batch)[:, :-1]  # (B, T-1, H)
-    return _align(head(hidden.to(head.weight.dtype)).squeeze(-1), batch)
+    return _values(head, final_hidden_states(model, batch), batch)
+
+
+def _values(head: "torch.nn.Linear", hidden: "torch.Tensor", batch: SequenceBatch) -> "torch.Tensor":
+    """(B, T, H) final hidden states -> (B, T) values, position t from hidden t-1, zero off the response."""
+    return _align(head(hidden[:, :-1].to(head.weight.dtype)).squeeze(-1), batch)
 
 
 def final_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":
@@ -85,18 +110,24 @@ def final_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torc
     Llama scoring 64 x 512 tokens in bf16. Architectures without a ``norm`` on their decoder fall back
     to ``output_hidden_states``. Both give the same tensor (``tests/test_sequences.py``).
     """
-    norm = _final_norm(model)
-    if norm is None:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
-                    logits_to_keep=1)
-        return out.hidden_states[-1]
+    with _capture_final_hidden(model) as captured:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1,
+                    output_hidden_states=_final_norm(model) is None)
+    return captured[-1] if captured else out.hidden_states[-1]
+
+
+@contextlib.contextmanager
+def _capture_final_hidden(model: "torch.nn.Module") -> Iterator[list["torch.Tensor"]]:
+    """A list that receives the final norm's output during forwards inside the block (stays empty for an
+    architecture without a final norm: the caller then asks for ``output_hidden_states``)."""
     captured: list["torch.Tensor"] = []
-    handle = norm.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    norm = _final_norm(model)
+    handle = norm.register_forward_hook(lambda module, inputs, output: captured.append(output)) if norm else None
     try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
+        yield captured
     finally:
-        handle.remove()
-    return captured[-1]
+        if handle is not None:
+            handle.remove()
 
 
 def _final_norm(model: "torch.nn.Module") -> "torch.nn.Module | None":
