@@ -6,7 +6,7 @@ Adapters (all of the configured kind, on one PeftModel around one backbone):
     reference  the SFT adapter, frozen          policy  starts from SFT, trained
     reward     the RM adapter + score head, frozen   value   starts from the RM, trained, + value head
 With ``ppo.value_model: shared`` there is no value adapter: the value head (from zeros) reads the
-policy adapter's hidden states, and one forward per minibatch serves both losses.
+policy adapter's hidden states (detached), and one forward per minibatch serves both losses.
 
 Each update: sample responses with the policy from the tokenization contract's prompt ids (KV cache,
 left padding, stopping at EOS or the chat template's end of turn); score the sampled ids without

@@ -93,3 +93,22 @@ def test_one_forward_gives_the_log_probs_and_values_of_two(kind: str) -> None:
     for one, two in zip(fused, apart, strict=True):
         assert torch.equal(one, two)
     assert fused[2].abs().sum() > 0 and (fused[2][batch.response_mask == 0] == 0).all()
+
+
+def test_a_shared_value_head_never_trains_the_policy_adapter() -> None:
+    """The values of the fused forward read detached hidden states: their loss reaches the head only."""
+    from stages.model.adapters import attach_adapter
+    from stages.model.heads import new_head
+    from stages.model.sequences import token_logprobs_entropy_and_values
+
+    cfg = load_config(None, ["backbone.device=cpu"])
+    backbone = load_backbone(cfg.backbone)
+    model = attach_adapter(backbone.model, cfg.adapter, "policy")
+    head = new_head(backbone.model.config.hidden_size, 1, "cpu").requires_grad_(True)
+    batch = Tokenization.of(backbone.tokenizer).batch(["3+4="], ["7"], "cpu", [True])
+    logprobs, _, values = token_logprobs_entropy_and_values(model, head, batch)
+    values.sum().backward()
+    assert head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    logprobs.sum().backward()  # the policy's own loss still trains it
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

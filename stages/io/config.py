@@ -210,9 +210,9 @@ class PPOSection(_Section):
     max_new_tokens: int = Field(default=16, ge=1)
     missing_eos_penalty: float = Field(default=1.0, ge=0)
     checkpoint_every: int = Field(default=5, ge=1)  # updates between resumable checkpoints
-    # separate: a value adapter (from the reward model) + value head. shared: the value head on the policy
-    # adapter's hidden states (LLaMA-Factory's layout): one forward + backward fewer per minibatch, but the
-    # value loss also trains the policy adapter, and the value starts from zero instead of the reward model.
+    # separate: a value adapter (from the reward model) + value head. shared: the value head alone, from zero,
+    # on the policy adapter's hidden states (detached: the value loss never moves the policy): one forward and
+    # backward fewer per minibatch, but the value is a linear read-out of the policy's features.
     value_model: Literal["separate", "shared"] = "separate"
 
 
