@@ -59,7 +59,7 @@ def start_server_early() -> Callable[[], None]:
     atexit.register(server.terminate)  # no wait: the watchdog kills it if it outlives us by 5 s
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ.setdefault("PREFECT_UI_URL", "")  # no "View at" links: this server has no UI and ends with the run
-    timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     return lambda: _wait_until_healthy(server, os.environ["PREFECT_API_URL"], timeout)
 
 
