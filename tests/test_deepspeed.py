@@ -147,12 +147,14 @@ def test_rrhf_under_zero2_trains_exactly_as_locally(upstream: dict[str, Path], t
     _assert_reloads_with_plain_peft(tmp_path / "rrhf")
 
 
-def test_ppo_under_zero2_trains_exactly_as_locally(upstream: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("value_model", ["separate", "shared"])
+def test_ppo_under_zero2_trains_exactly_as_locally(value_model: str, upstream: dict[str, Path], tmp_path: Path) -> None:
     """Near-greedy rollouts (temperature 0.001) make both launchers sample the same responses; advantages
-    are whitened and token means taken over the global batch, so the updates must agree too."""
+    are whitened and token means taken over the global batch, so the updates must agree too. A shared
+    value model takes its one loss in one backward under ZeRO as locally."""
     from safetensors.torch import load_file
 
-    curve = [*DS, "ppo.updates=3", "ppo.ppo_epochs=2", "ppo.temperature=0.001"]
+    curve = [*DS, "ppo.updates=3", "ppo.ppo_epochs=2", "ppo.temperature=0.001", f"ppo.value_model={value_model}"]
     local = _run_local("ppo", tmp_path / "local", [*curve, "ppo.rollout_prompts=4", "ppo.minibatch_size=4"], upstream)
     _launch("ppo", tmp_path / "ppo", [*curve, "ppo.rollout_prompts=2", "ppo.minibatch_size=2", "ppo.launcher=accelerate"],
             upstream)
@@ -161,10 +163,15 @@ def test_ppo_under_zero2_trains_exactly_as_locally(upstream: dict[str, Path], tm
     assert [row["update"] for row in ours] == [1, 2, 3]
     for mine, theirs in zip(ours, reference):
         for key in ("score", "kl", "policy_loss", "value_loss"):
-            assert abs(mine[key] - theirs[key]) < CURVE_TOLERANCE, (key, mine, theirs)
+            # relative for large values: at T=0.001 float noise in logits is amplified 1000x (KL ~ 18 by update 3)
+            assert abs(mine[key] - theirs[key]) < CURVE_TOLERANCE * max(1.0, abs(theirs[key])), (key, mine, theirs)
         assert mine["learning_rate"] == load_config(None, DS).ppo.learning_rate
     assert artifacts.read_manifest(tmp_path / "ppo")["metrics"]["warnings"] == []
-    for trained, start in (("adapter", upstream["sft"] / "adapter"), ("value", upstream["reward"] / "adapter")):
+    trained_adapters = {"adapter": upstream["sft"] / "adapter", "value": upstream["reward"] / "adapter"}
+    if value_model == "shared":  # no value adapter: the value head alone
+        assert not (tmp_path / "ppo" / "value").exists()
+        del trained_adapters["value"]
+    for trained, start in trained_adapters.items():
         before, after = (load_file(str(f / "adapter_model.safetensors")) for f in (start, tmp_path / "ppo" / trained))
         assert any(not torch.equal(before[k], after[k]) for k in before), f"PPO's {trained} did not change"
 

@@ -57,17 +57,24 @@ def test_generation_log_probs_match_a_forward_pass(kind: str, dtype: str) -> Non
 
 
 @pytest.mark.parametrize("kind", ["lora", "ptuning_v2"])
-def test_final_hidden_states_are_the_last_of_all_hidden_states(kind: str) -> None:
+@pytest.mark.parametrize("hooked", [True, False])
+def test_final_hidden_states_are_the_last_of_all_hidden_states(kind: str, hooked: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Scoring hooks the final norm instead of asking for every layer's hidden states: the same tensor,
-    bit for bit, through LoRA and through a prefix (P-tuning v2 feeds its prefix as past key values)."""
+    bit for bit, through LoRA and through a prefix (P-tuning v2 feeds its prefix as past key values);
+    an architecture without a final norm (``hooked=False``) falls back to ``output_hidden_states``."""
+    import stages.model.sequences as sequences
     from stages.model.adapters import attach_adapter
     from stages.model.sequences import _final_norm, final_hidden_states
+
+    if not hooked:
+        monkeypatch.setattr(sequences, "_final_norm", lambda model: None)
 
     cfg = load_config(None, [f"adapter.kind={kind}", "backbone.device=cpu"])
     backbone = load_backbone(cfg.backbone)
     model = attach_adapter(backbone.model, cfg.adapter, "value")
     batch = Tokenization.of(backbone.tokenizer).batch(["3+4=", "12+19="], ["7", "31"], "cpu", [True, True])
-    assert _final_norm(model) is not None  # the hook path, not the fallback
+    assert (sequences._final_norm(model) is not None) == hooked and _final_norm(model) is not None
     with torch.no_grad():
         everything = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
         assert torch.equal(final_hidden_states(model, batch), everything.hidden_states[-1])
