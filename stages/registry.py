@@ -50,6 +50,9 @@ class StageSpec:
     # torch, transformers, peft, tokenizers: measured 398 MiB; SFT adds trl and datasets: 510 MiB).
     import_overhead_mib: int = 410
     curves: tuple[Curve, ...] = ()
+    # Trains with an HF Trainer (TRL's): its own loop and checkpoints (``stages.training.hf_trainer``), and its
+    # own W&B reporting logs the curves (the runner does not).
+    hf_trainer: bool = False
     # The recipe the flow launches as ``python -m <module>``: ``main()`` trains and publishes, and
     # ``memory_workload(cfg, data, parallel)`` declares its memory phases (default ``stages.<name>``).
     recipe: str | None = None
@@ -85,7 +88,7 @@ _GENERATIVE = ("backbone", "adapter")  # every stage's result depends on these s
 
 BUILTIN: tuple[StageSpec, ...] = (
     StageSpec("sft", (*_GENERATIVE, "sft", "eval"), datasets=("sft", "eval"), prefix_min_learning_rate=0.05,
-              import_overhead_mib=520, curves=(Curve("loss", "SFT loss"),)),
+              import_overhead_mib=520, curves=(Curve("loss", "SFT loss"),), hf_trainer=True),
     StageSpec("reward", (*_GENERATIVE, "reward"), datasets=("preferences",), prefix_min_learning_rate=0.01,
               curves=(Curve("accuracy", "reward model accuracy (train batches)"), Curve("loss", "reward model loss"))),
     StageSpec("rrhf", (*_GENERATIVE, "rrhf", "eval"), inputs=("sft", "reward"), unless_data={"reward": "ranked"},
@@ -97,6 +100,10 @@ BUILTIN: tuple[StageSpec, ...] = (
               step_key="update", samples_while_training=True, prefix_min_learning_rate=0.001,
               curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
                       Curve("entropy", "PPO policy entropy"))),
+    StageSpec("dpo", (*_GENERATIVE, "dpo", "eval"), inputs=("sft",), datasets=("preferences", "eval"),
+              prefix_min_learning_rate=0.01, import_overhead_mib=520, hf_trainer=True,
+              curves=(Curve("loss", "DPO loss"), Curve("rewards/margins", "DPO reward margin (train batches)"),
+                      Curve("rewards/accuracies", "DPO reward accuracy (train batches)"))),
 )
 PLUGIN_GROUP = "rlhf.stages"
 

@@ -12,31 +12,37 @@ stages and evaluation use for the same (prompt, completion): chat template, BOS 
 
 Checkpoints are the HF Trainer's own, every ``sft.checkpoint_every`` steps, in ``.sft.checkpoints/``
 beside the artifact, tagged with the stage's cache key; a rerun resumes from the newest complete one.
-Under ``launcher: accelerate`` the Trainer runs on the DeepSpeed engine (``distributed.deepspeed``).
+Under ``launcher: accelerate`` the Trainer runs on the DeepSpeed engine (``distributed.deepspeed``);
+both through ``stages.training.hf_trainer``, which DPO shares.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import write_json
-from stages.io.config import ConfigError, PipelineConfig
+from stages.io.config import PipelineConfig
 from stages.io.data import LengthReport, Record, load_records, measure_lengths, source_name
-from stages.io.progress import progress_mode
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import attach_adapter, count_trainable, needs_4bit, save_adapter
 from stages.model.backbone import load_backbone
-from stages.model.placement import model_device
 from stages.model.probes import save_probe
 from stages.model.tokenization import Tokenization
 from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
-from stages.training.distributed import Distributed, filled_deepspeed_config, gathered, synced_generation
+from stages.training.distributed import Distributed, gathered, synced_generation
 from stages.training.evaluation import task_score
+from stages.training.hf_trainer import (
+    agreed_resume_point,
+    check_engine,
+    logged_history,
+    refuse_data_parallel,
+    resumed_step,
+    train_from,
+    trainer_arguments,
+)
 from stages.training.learning_check import LearningCheck
-from stages.training.updater import NonFiniteLoss
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -46,7 +52,6 @@ if TYPE_CHECKING:
 # holds more than a tile of 4096 tokens x 32768 vocabulary entries.
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 ADAPTER_NAME = "sft"
-KEY_FILE = "cache_key"  # in .sft.checkpoints/: whose progress the Trainer checkpoints there are
 
 
 def tokenized_demos(demos: list[Record], tokenization: Tokenization) -> list[dict[str, list[int]]]:
@@ -66,77 +71,17 @@ def build_sft_trainer(model: "PeftModel", tokenization: Tokenization, demos: lis
     from trl import SFTConfig, SFTTrainer
 
     sft = cfg.sft
-    if dist.deepspeed is not None:  # the Trainer joins the gloo/DeepSpeed state stages.training.distributed set up
-        launch: dict[str, Any] = {
-            "deepspeed": filled_deepspeed_config(dist, micro_batch_size=sft.batch_size, gradient_accumulation=1,
-                                                 max_grad_norm=1.0, bf16=cfg.backbone.dtype == "bfloat16"),
-            "use_cpu": False, "accelerator_config": {"use_configured_state": True},
-        }
-    else:  # the Trainer computes where the backbone was loaded (backbone.device)
-        launch = {"use_cpu": model_device(model).type == "cpu"}
     args = SFTConfig(
         output_dir=str(checkpoints), max_steps=sft.max_steps, per_device_train_batch_size=sft.batch_size,
         learning_rate=sft.learning_rate, warmup_steps=sft.warmup_steps, lr_scheduler_type="cosine",
         logging_steps=sft.logging_steps, max_length=sft.max_length, completion_only_loss=True,
-        save_strategy="steps", save_steps=sft.checkpoint_every, save_total_limit=1, max_grad_norm=1.0,
-        report_to="wandb" if cfg.tracking.backend == "wandb" and dist.is_main else "none",
-        seed=cfg.run.seed, dataloader_num_workers=0, disable_tqdm=progress_mode() != "bars",
-        # TRL defaults to bf16 autocast, and accelerate leaves the autocast wrapper on model.forward after
-        # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
-        bf16=False, fp16=False, gradient_checkpointing=False, **launch,
+        save_steps=sft.checkpoint_every, **trainer_arguments(model, cfg, dist, "sft", micro_batch_size=sft.batch_size),
     )
-    if args.n_gpu > 1:  # the Trainer would wrap the model in DataParallel and multiply the batch by n_gpu
-        raise ConfigError(f"sft: a local stage sees {args.n_gpu} GPUs; run it through `rlhf` (which shows it one) "
-                          "or set CUDA_VISIBLE_DEVICES to one GPU")
+    refuse_data_parallel(args, "sft")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
                          processing_class=tokenization.tokenizer)
-    if trainer.is_deepspeed_enabled != (dist.deepspeed is not None):  # e.g. use_cpu=True silently means DDP
-        raise RuntimeError(f"the Trainer's engine is not the configured one ({dist.engine})")
-    trainer.add_callback(_stop_on_non_finite_loss())
+    check_engine(trainer, dist, "sft")
     return trainer
-
-
-def _stop_on_non_finite_loss() -> Any:
-    """Raise at the first logged NaN/inf loss. ``checkpoint_every`` is a multiple of ``logging_steps``
-    (config validation), so a non-finite loss is seen before any checkpoint could save its weights."""
-    import math
-
-    from transformers import TrainerCallback
-
-    class StopOnNonFiniteLoss(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise NonFiniteLoss(f"sft loss is {loss} at step {state.global_step}: stopped; the last checkpoint "
-                                    "is kept (lower sft.learning_rate, or check the data)")
-
-    return StopOnNonFiniteLoss()
-
-
-def resumable_checkpoint(root: Path, cache_key: str) -> str | None:
-    """The newest complete Trainer checkpoint of a run with this cache key; stale ones are removed."""
-    key_file = root / KEY_FILE
-    if key_file.is_file() and key_file.read_text() != cache_key:
-        shutil.rmtree(root)  # another configuration's progress: never resume from it
-    root.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(cache_key)
-    # trainer_state.json is the last file the Trainer writes into a checkpoint, so a kill mid-save is skipped.
-    complete = [c for c in root.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-    newest = max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
-    return str(newest) if newest else None
-
-
-def _restore_token_count(trainer: "SFTTrainer", checkpoint: Path) -> None:
-    """TRL's SFTTrainer counts the tokens it trained on (its logs' ``num_tokens``) from 0 in every new
-    trainer, a resumed one too (trl 1.16: ``_total_train_tokens``, set in ``__init__``, not checkpointed).
-    Start it from the checkpoint's last logged count, so a resumed history equals an uninterrupted one;
-    the checkpoint step is always a logging step (``checkpoint_every`` is a multiple of ``logging_steps``)."""
-    import json
-
-    logged = [row["num_tokens"] for row in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-              if "num_tokens" in row]
-    if logged and hasattr(trainer, "_total_train_tokens"):
-        trainer._total_train_tokens = logged[-1]
 
 
 def _warn_if_too_long(report: LengthReport, dist: Distributed) -> None:
@@ -160,14 +105,9 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
     learning = LearningCheck(model, dist, stage="sft", adapter_kind=cfg.adapter.kind, learning_rate=cfg.sft.learning_rate)
     root = checkpoint_root(ctx.final)
-    resume = resumable_checkpoint(root, ctx.cache_key) if dist.is_main else None
-    resume = dist.gather([resume])[0]  # the main rank decides, every rank resumes from the same step
-    if resume:
-        print(f"sft: resuming from {resume}", flush=True)
+    resume = agreed_resume_point(root, ctx.cache_key, dist, "sft")
     trainer = build_sft_trainer(model, tokenization, demos, cfg, root, dist)
-    if resume:
-        _restore_token_count(trainer, Path(resume))
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = train_from(trainer, resume)
     score_after = task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)",
                              synced=synced_generation(dist))
 
@@ -175,7 +115,7 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     with gathered(dist, model):
         save_adapter(model, ADAPTER_NAME, out / "adapter")
     tokenizer.save_pretrained(out / "tokenizer")
-    history = [row for row in trainer.state.log_history if "loss" in row]
+    history = logged_history(trainer)
     write_json(out / "history.json", history)
     return {
         "warnings": learning.warnings(history, cfg.sft.warmup_steps),
@@ -186,7 +126,7 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "final_loss": history[-1]["loss"] if history else None,
         "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
-        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
+        "resumed_from_step": resumed_step(resume),
     }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.dpo import train_dpo
 from stages.io.config import PipelineConfig, load_config
 from stages.ppo import build_models, collect_rollout, ppo_update, ppo_updater
 from stages.reward import train_reward
@@ -17,7 +18,8 @@ from tests.conftest import REPO, TINY
 
 PRESET = {"lora": None, "qlora": REPO / "configs" / "qlora.yaml", "ptuning_v2": REPO / "configs" / "ptuning_v2.yaml"}
 LEARN = [*TINY, "tracking.backend=none", "sft.max_steps=60", "sft.logging_steps=2", "reward.max_steps=30",
-         "reward.logging_steps=2", "rrhf.max_steps=30", "rrhf.logging_steps=2", "data.ranked=builtin"]
+         "reward.logging_steps=2", "rrhf.max_steps=30", "rrhf.logging_steps=2", "data.ranked=builtin",
+         "task.num_pairs=128", "dpo.max_steps=30", "dpo.logging_steps=2", "dpo.checkpoint_every=30"]
 
 
 def _falls(losses: list[float], factor: float) -> bool:
@@ -59,6 +61,14 @@ def test_rrhf_loss_falls(trained: tuple[PipelineConfig, dict], tmp_path: Path) -
     cfg, runs = trained
     manifest = execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", {"sft": runs["root"] / "sft"})
     losses = [row["loss"] for row in _history(tmp_path / "rrhf")]
+    assert _falls(losses, 0.9), (cfg.adapter.kind, losses)
+    assert manifest["metrics"]["warnings"] == []
+
+
+def test_dpo_loss_falls(trained: tuple[PipelineConfig, dict], tmp_path: Path) -> None:
+    cfg, runs = trained
+    manifest = execute("dpo", train_dpo, cfg, tmp_path / "dpo", {"sft": runs["root"] / "sft"})
+    losses = [row["loss"] for row in _history(tmp_path / "dpo")]
     assert _falls(losses, 0.9), (cfg.adapter.kind, losses)
     assert manifest["metrics"]["warnings"] == []
 

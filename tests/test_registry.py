@@ -41,8 +41,9 @@ def test_config_choices_order_and_dependencies_come_from_the_registry() -> None:
                                             "ppo needs the reward stage (it reads its artifact)"]
     with pytest.raises(ConfigError, match=r"rrhf needs the reward stage \(it reads its artifact\), or data.ranked"):
         load_config(None, ["run.stages=[sft,rrhf]"])
-    with pytest.raises(KeyError, match="unknown stage 'dpo'; known: sft, reward, rrhf, ppo"):
-        spec("dpo")
+    with pytest.raises(KeyError, match="unknown stage 'kto'; known: sft, reward, rrhf, ppo, dpo"):
+        spec("kto")
+    assert missing_inputs(["dpo"], cfg) == ["dpo needs the sft stage (it reads its artifact)"]
 
 
 def test_every_stage_has_a_recipe_module_and_a_config_section() -> None:

@@ -15,6 +15,7 @@ import pytest
 from flows.launch import launch_env
 from stages.io import artifacts
 from stages.io.config import load_config
+from stages.registry import spec
 from stages.training.checkpoints import checkpoint_root
 from tests.conftest import TINY, stage_command, train_upstream
 
@@ -24,8 +25,9 @@ LONG = {
     "reward": ["reward.max_steps=100", "reward.checkpoint_every=5"],
     "rrhf": ["rrhf.max_steps=100", "rrhf.checkpoint_every=5"],
     "ppo": ["ppo.updates=40", "ppo.checkpoint_every=2"],
+    "dpo": ["dpo.max_steps=60", "dpo.logging_steps=2", "dpo.checkpoint_every=4"],
 }
-HISTORY_STEP = {"sft": "step", "reward": "step", "rrhf": "step", "ppo": "update"}
+HISTORY_STEP = {"sft": "step", "reward": "step", "rrhf": "step", "ppo": "update", "dpo": "step"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _finished_checkpoint(stage: str, out: Path) -> Path | None:
     root = checkpoint_root(out)
-    if stage == "sft":  # the HF Trainer's checkpoints: complete once trainer_state.json is written
+    if spec(stage).hf_trainer:  # the HF Trainer's checkpoints: complete once trainer_state.json is written
         done = [c for c in root.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
     else:
         done = [c for c in root.glob("step-*") if artifacts.is_finished(c)]
@@ -43,16 +45,16 @@ def _finished_checkpoint(stage: str, out: Path) -> Path | None:
 
 
 @pytest.mark.parametrize(("stage", "launch"), [
-    ("sft", []), ("reward", []), ("rrhf", []), ("ppo", []),
+    ("sft", []), ("reward", []), ("rrhf", []), ("ppo", []), ("dpo", []),
     ("reward", ["reward.launcher=accelerate", "distributed.deepspeed=zero2"]),  # every rank's ZeRO partition
     ("sft", ["adapter.dropout=0.1"]), ("reward", ["adapter.dropout=0.1"]),  # dropout masks replay too
     ("ppo", ["ppo.value_model=shared"]),  # no value adapter: the policy and the value head are the state
-], ids=["sft", "reward", "rrhf", "ppo", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value"])
+], ids=["sft", "reward", "rrhf", "ppo", "dpo", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value"])
 def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], upstream: dict[str, Path],
                                                        tmp_path: Path) -> None:
     out = tmp_path / stage
     sets = [*TINY, "tracking.backend=none", *LONG[stage], *launch]
-    inputs = {name: upstream[name] for name in {"rrhf": ["sft", "reward"], "ppo": ["sft", "reward"]}.get(stage, [])}
+    inputs = {name: upstream[name] for name in spec(stage).inputs}
     command = stage_command(stage, out, sets, inputs)
     env = launch_env(load_config(None, sets), stage)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -1,14 +1,16 @@
 """The tokenization contract, on both built-in tokenizers and on hub-style chat templates: BOS once,
 the end token once, the template's end of turn, the prompt/response boundary, padding; and parity:
 for the same (prompt, response), the ids SFT trains on (through TRL's SFTTrainer), the ids the reward
-model scores, the ids a PPO rollout produces and the ids evaluation prompts with are identical, for
-every data format."""
+model scores, the ids DPO trains on (through TRL's DPOTrainer), the ids a PPO rollout produces and the
+ids evaluation prompts with are identical, for every data format."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from stages.dpo import tokenized_pairs
 from stages.io.config import BackboneSection, load_config
 from stages.io.data import DataError, load_records, measure_lengths
 from stages.model.backbone import load_backbone
@@ -186,8 +188,14 @@ def test_every_stage_uses_the_same_ids(backbones, tmp_path: Path, name: str, fil
     assert tokenized_demos([{"prompt": prompt, "completion": response}], tok)[0]["input_ids"] == expected
 
     # Reward model: the rows it scores (chosen, then rejected).
-    batch = preference_batch(tok, [{"prompt": prompt, "chosen": response, "rejected": response + " no"}], "cpu")
+    pair = {"prompt": prompt, "chosen": response, "rejected": response + " no"}
+    batch = preference_batch(tok, [pair], "cpu")
     assert batch.input_ids[0, : batch.attention_mask[0].sum()].tolist() == expected
+
+    # DPO: what TRL's DPOTrainer collates from the rows the stage gives it (chosen first, then rejected).
+    dpo = DataCollatorForPreference(pad_token_id=tok.pad_id)(tokenized_pairs([pair], tok))
+    assert dpo["input_ids"][0, : dpo["attention_mask"][0].sum()].tolist() == expected
+    assert dpo["completion_mask"][0, : len(expected)].tolist() == [0] * len(prompt_ids) + [1] * len(response_ids)
 
     # PPO rollout and evaluation: generation fed the contract's prompt ids, the model made to emit the response.
     handle = _force(backbone.model, response_ids)

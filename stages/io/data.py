@@ -114,7 +114,8 @@ def _read_records(source: str, columns: dict[str, str], kind: DataKind, task_cfg
     raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def split_by_prompt(pairs: list[Record], eval_fraction: float, source: str) -> tuple[list[Record], list[Record]]:
+def split_by_prompt(pairs: list[Record], eval_fraction: float, source: str,
+                    setting: str = "reward.eval_fraction") -> tuple[list[Record], list[Record]]:
     """(train, held-out) preference pairs: whole prompts are held out (by a hash of the prompt, so the split
     is stable as the file grows), so held-out accuracy measures generalisation to unseen prompts. Raises
     ``DataError`` naming the file and its number of distinct prompts when either part would be empty."""
@@ -126,8 +127,8 @@ def split_by_prompt(pairs: list[Record], eval_fraction: float, source: str) -> t
     if not train or not held:
         prompts = len({prompt_key(p["prompt"]) for p in pairs})
         raise DataError(f"{source}: {len(pairs)} preference pairs over {prompts} distinct prompt(s) leave {len(train)} "
-                        f"train / {len(held)} held-out pairs at reward.eval_fraction={eval_fraction} (whole prompts "
-                        "are held out); add pairs with other prompts or change reward.eval_fraction")
+                        f"train / {len(held)} held-out pairs at {setting}={eval_fraction} (whole prompts "
+                        f"are held out); add pairs with other prompts or change {setting}")
     return train, held
 
 

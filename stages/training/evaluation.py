@@ -1,5 +1,6 @@
 """How well a policy does the task: sample held-out prompts and apply the task's checker
-(``task_score``, the share of exact answers)."""
+(``task_score``, the share of exact answers); for a policy trained against a reference, also how far
+it moved from it on those samples (``evaluate_policy``)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import TYPE_CHECKING
 from stages.io.arithmetic import check
 from stages.io.config import EvalSection
 from stages.io.data import Record
+from stages.model.adapters import active_adapter
 from stages.model.generation import Response, generate
+from stages.model.placement import model_device
 
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
 
     from stages.model.tokenization import Tokenization
 
@@ -30,8 +34,41 @@ def task_score(
     with the chat template's generation prompt where it applies) and apply the checker to the text
     before each response's end token."""
     records = records[: cfg.num_prompts]
-    responses = generate(
+    return score_responses(_samples(model, tokenization, records, cfg, seed, desc, synced), [r["answer"] for r in records])
+
+
+def evaluate_policy(
+    model: "PeftModel", tokenization: "Tokenization", records: list[Record], cfg: EvalSection, seed: int, *,
+    reference: str, desc: str = "task_score", synced: bool = False,
+) -> dict[str, float]:
+    """``task_score`` of the active adapter (the policy) and, on the same samples, its KL to the adapter
+    ``reference``: the Monte-Carlo estimate of KL(policy || reference) per response, the mean over samples
+    of the sum over their tokens of log policy - log reference, both at ``cfg.temperature`` (nats).
+
+    The policy's log-probs are those generation sampled with; the reference's come from one forward of
+    the sampled ids. The same samples, hence the same ``task_score``, as ``task_score`` with this seed.
+    """
+    import torch
+
+    from stages.model.sequences import from_token_ids, token_logprobs
+
+    records = records[: cfg.num_prompts]
+    responses = _samples(model, tokenization, records, cfg, seed, desc, synced)
+    kl = []
+    with active_adapter(model, reference), torch.no_grad():
+        for start in range(0, len(responses), cfg.batch_size):
+            chunk = responses[start : start + cfg.batch_size]
+            batch = from_token_ids([(list(r.prompt_ids), list(r.token_ids)) for r in chunk], tokenization.pad_id,
+                                   model_device(model))
+            reference_logprobs = token_logprobs(model, batch, cfg.temperature).sum(-1)  # (B,)
+            kl += [sum(r.token_logprobs) - ref for r, ref in zip(chunk, reference_logprobs.tolist(), strict=True)]
+    return {"task_score": score_responses(responses, [r["answer"] for r in records]),
+            "kl_to_reference": sum(kl) / len(kl)}
+
+
+def _samples(model: "torch.nn.Module", tokenization: "Tokenization", records: list[Record], cfg: EvalSection,
+             seed: int, desc: str, synced: bool) -> list[Response]:
+    return generate(
         model, tokenization, [tokenization.prompt_ids(r["prompt"]) for r in records], max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=desc, synced=synced,
     )
-    return score_responses(responses, [r["answer"] for r in records])

@@ -91,7 +91,7 @@ def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, 
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         artifacts.write_json(Path(tmp) / "metrics.json", metrics)
-        if stage != "sft":  # SFT's curves reach W&B through the HF trainer's own reporting
+        if not spec(stage).hf_trainer:
             history = Path(tmp) / "history.json"
             rows = json.loads(history.read_text()) if history.is_file() else []
             tracker.log_history(rows, step_key=spec(stage).step_key)

@@ -1,0 +1,165 @@
+"""DPO (Rafailov et al. 2023): train the policy directly on preference pairs, with no reward model and no
+rollouts, using TRL's ``DPOTrainer``, on ONE copy of the frozen backbone.
+
+    python -m stages.dpo --out runs/manual/dpo --input sft=runs/x/sft
+
+The SFT adapter is loaded twice on the backbone: as ``default``, the policy that trains, and as TRL's
+``ref``, a frozen copy that DPOTrainer makes of it and switches to for the reference log-probs (no
+second model). Loss: ``dpo.loss_type`` ``sigmoid`` (the paper's eq. 7, strength ``dpo.beta``) or
+``ipo`` (Azar et al. 2023, regulariser ``dpo.beta``).
+
+DPOTrainer tokenizes text itself; here it gets the tokenization contract's ids instead (``prompt_ids``,
+``chosen_ids``, ``rejected_ids``), so DPO trains on exactly the ids that SFT, the reward model and
+evaluation use for the same (prompt, response): chat template, BOS and end token included.
+
+Metrics: held-out ``task_score`` (with ``task_score_sft``) and the KL to the reference on its samples;
+DPO's implicit reward ``beta * log(policy / reference)`` on held-out pairs (whole prompts held out):
+``reward_accuracy`` (chosen above rejected) and ``reward_margin``. Checkpoints, resume and DeepSpeed
+are the HF Trainer's, as in SFT (``stages.training.hf_trainer``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.io.artifacts import read_manifest, write_json
+from stages.io.config import PipelineConfig
+from stages.io.data import Record, load_records, measure_lengths, source_name, split_by_prompt
+from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
+from stages.model.adapters import count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.backbone import load_backbone
+from stages.model.probes import save_probe
+from stages.model.tokenization import Tokenization
+from stages.training import runner
+from stages.training.checkpoints import checkpoint_root
+from stages.training.distributed import Distributed, gathered, synced_generation
+from stages.training.evaluation import evaluate_policy
+from stages.training.hf_trainer import (
+    agreed_resume_point,
+    check_engine,
+    logged_history,
+    refuse_data_parallel,
+    resumed_step,
+    train_from,
+    trainer_arguments,
+)
+from stages.training.learning_check import LearningCheck
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from trl import DPOTrainer
+
+# DPOTrainer's own names: it trains the adapter named "default" and copies it as "ref" for the reference.
+POLICY, REFERENCE = "default", "ref"
+# TRL scores tokens with a fused, chunked LM head, as in SFT (stages.sft).
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
+
+
+def tokenized_pairs(pairs: list[Record], tokenization: Tokenization) -> list[dict[str, list[int]]]:
+    """Preference pairs as DPOTrainer's processed rows: the contract's ``prompt_ids`` and the ``chosen_ids``
+    and ``rejected_ids`` of each response, with its end token (``Tokenization.pair``)."""
+    return [{"prompt_ids": tokenization.prompt_ids(p["prompt"]),
+             "chosen_ids": tokenization.response_ids(p["prompt"], p["chosen"]),
+             "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"])} for p in pairs]
+
+
+def build_dpo_trainer(model: "PeftModel", tokenization: Tokenization, train: list[Record], held: list[Record],
+                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> "DPOTrainer":
+    """TRL's DPOTrainer on the contract's ids; ``model`` holds the SFT adapter as ``default`` (trainable),
+    and the trainer adds its frozen copy ``ref`` on the same backbone."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    class ContractDPOTrainer(DPOTrainer):
+        """DPOTrainer fed rows that are already tokenized (its collator's own input format)."""
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            return dataset
+
+    dpo = cfg.dpo
+    context = model.get_base_model().config.max_position_embeddings
+    args = DPOConfig(
+        output_dir=str(checkpoints), max_steps=dpo.max_steps, per_device_train_batch_size=dpo.batch_size,
+        per_device_eval_batch_size=dpo.batch_size, learning_rate=dpo.learning_rate, warmup_steps=dpo.warmup_steps,
+        lr_scheduler_type="cosine", logging_steps=dpo.logging_steps, save_steps=dpo.checkpoint_every,
+        beta=dpo.beta, loss_type=[dpo.loss_type], max_length=context, eval_strategy="no",
+        **trainer_arguments(model, cfg, dist, "dpo", micro_batch_size=dpo.batch_size),
+    )
+    refuse_data_parallel(args, "dpo")
+    trainer = ContractDPOTrainer(model=model, args=args, processing_class=tokenization.tokenizer,
+                                 train_dataset=Dataset.from_list(tokenized_pairs(train, tokenization)),
+                                 eval_dataset=Dataset.from_list(tokenized_pairs(held, tokenization)))
+    check_engine(trainer, dist, "dpo")
+    if sorted(model.peft_config) != sorted([POLICY, REFERENCE]):  # TRL copies the adapter only under these names
+        raise RuntimeError(f"dpo: expected adapters {POLICY!r} and {REFERENCE!r}, found {sorted(model.peft_config)}")
+    set_trainable(model, [POLICY])  # before train() builds the optimizer: PEFT adds a prompt-learning copy trainable
+    return trainer
+
+
+def held_out_rewards(trainer: "DPOTrainer") -> dict[str, float]:
+    """DPO's implicit reward on the held-out pairs: accuracy (chosen above rejected) and mean margin."""
+    found = trainer.evaluate()
+    return {"reward_accuracy": found["eval_rewards/accuracies"], "reward_margin": found["eval_rewards/margins"]}
+
+
+def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
+    out, dist, dpo = ctx.staging, ctx.dist, cfg.dpo
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
+    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
+    context = backbone.model.config.max_position_embeddings
+    pairs = load_records(cfg.data.preferences, "preferences", cfg.task)
+    lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)
+    if dist.is_main and (warning := lengths.warning()):
+        print(f"warning: {warning}; DPOTrainer keeps the first {context} tokens of each pair", flush=True)
+    train, held = split_by_prompt(pairs, dpo.eval_fraction, source_name(cfg.data.preferences), "dpo.eval_fraction")
+    held_out = load_records(cfg.data.eval, "eval", cfg.task)
+    measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
+
+    model = load_adapter(backbone.model, ctx.inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
+    trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
+    learning = LearningCheck(model, dist, stage="dpo", adapter_kind=cfg.adapter.kind, learning_rate=dpo.learning_rate)
+    root = checkpoint_root(ctx.final)
+    resume = agreed_resume_point(root, ctx.cache_key, dist, "dpo")
+    trainer = build_dpo_trainer(model, tokenization, train, held, cfg, root, dist)
+    result = train_from(trainer, resume)
+    set_trainable(model, [POLICY])  # TRL's switches to the reference leave a prompt-learning copy trainable
+    history = logged_history(trainer)
+    rewards = held_out_rewards(trainer)
+    model.set_adapter(POLICY)  # the policy samples; its reference is the frozen copy
+    metrics = evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
+                              desc="task_score (dpo)", synced=synced_generation(dist))
+
+    save_probe(model, tokenization.tokenizer, out)  # every rank: a ZeRO-3 forward needs them all
+    with gathered(dist, model):
+        save_adapter(model, POLICY, out / "adapter")
+    write_json(out / "history.json", history)
+    return {
+        **metrics,
+        "task_score_sft": read_manifest(ctx.inputs["sft"])["metrics"]["task_score"],
+        **rewards,
+        "warnings": learning.warnings(history, dpo.warmup_steps),
+        "train_loss": round(result.training_loss, 4),
+        "final_loss": history[-1]["loss"] if history else None,
+        "train_pairs": len(train),
+        "eval_pairs": len(held),
+        "trainable_parameters": trainable,
+        "adapter_kind": cfg.adapter.kind,
+        "resumed_from_step": resumed_step(resume),
+    }
+
+
+def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
+    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
+    rows = 2 * min(cfg.dpo.batch_size, data.pairs)  # chosen and rejected in one forward, policy and reference
+    train = Phase("train step", "train", rows, data.pair_tokens, min(rows * data.pair_tokens, TRL_TOKEN_CHUNK),
+                  TRL_VOCAB_CHUNK, knobs=("dpo.batch_size",))
+    return Workload("dpo", 1, 1, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens")))
+
+
+def main(argv: list[str] | None = None) -> None:
+    runner.stage_main("dpo", train_dpo, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The stages that train with a TRL trainer (SFT: ``SFTTrainer``, DPO: ``DPOTrainer``) on our plumbing.
+
+TRL's trainers bring their own loop, so these stages do not use ``stages.training.loop``. What they
+share instead, here:
+
+* the launch arguments: the DeepSpeed engine that ``stages.training.distributed`` set up under
+  ``launcher: accelerate``, else the device the backbone was loaded on; never autocast (the backbone's
+  dtype is the dtype: with TRL's bf16 autocast, evaluation and the saved adapters would disagree);
+* resumable checkpoints: the HF Trainer's own (``.<stage>.checkpoints/checkpoint-N``), tagged with the
+  stage's cache key, so a rerun resumes only a run of the same configuration;
+* a stop at the first logged NaN/inf loss, before a checkpoint could save its weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.io.config import ConfigError, PipelineConfig
+from stages.io.progress import progress_mode
+from stages.model.placement import model_device
+from stages.training.distributed import Distributed, filled_deepspeed_config
+from stages.training.updater import NonFiniteLoss
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import Trainer, TrainerCallback
+
+KEY_FILE = "cache_key"  # in .<stage>.checkpoints/: whose progress the Trainer checkpoints there are
+
+
+def trainer_arguments(model: "PeftModel", cfg: PipelineConfig, dist: Distributed, stage: str, *,
+                      micro_batch_size: int, max_grad_norm: float = 1.0) -> dict[str, Any]:
+    """Keyword arguments that every TRL config of a stage shares (``SFTConfig``, ``DPOConfig``): the
+    engine or device, W&B on the main rank, the seed, progress bars, and no autocast or checkpointing."""
+    if dist.deepspeed is not None:  # the Trainer joins the gloo/DeepSpeed state stages.training.distributed set up
+        launch: dict[str, Any] = {
+            "deepspeed": filled_deepspeed_config(dist, micro_batch_size=micro_batch_size, gradient_accumulation=1,
+                                                 max_grad_norm=max_grad_norm, bf16=cfg.backbone.dtype == "bfloat16"),
+            "use_cpu": False, "accelerator_config": {"use_configured_state": True},
+        }
+    else:  # the Trainer computes where the backbone was loaded (backbone.device)
+        launch = {"use_cpu": model_device(model).type == "cpu"}
+    return {
+        "report_to": "wandb" if cfg.tracking.backend == "wandb" and dist.is_main else "none",
+        "seed": cfg.run.seed, "dataloader_num_workers": 0, "disable_tqdm": progress_mode() != "bars",
+        "max_grad_norm": max_grad_norm, "save_strategy": "steps", "save_total_limit": 1,
+        # TRL defaults to bf16 autocast, and accelerate leaves the autocast wrapper on model.forward after
+        # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
+        "bf16": False, "fp16": False, "gradient_checkpointing": False, **launch,
+    }
+
+
+def refuse_data_parallel(args: Any, stage: str) -> None:
+    """A Trainer that sees several GPUs in one process wraps the model in DataParallel and multiplies the
+    batch: refused (``rlhf`` shows a local stage one GPU)."""
+    if args.n_gpu > 1:
+        raise ConfigError(f"{stage}: a local stage sees {args.n_gpu} GPUs; run it through `rlhf` (which shows it one) "
+                          "or set CUDA_VISIBLE_DEVICES to one GPU")
+
+
+def check_engine(trainer: "Trainer", dist: Distributed, stage: str) -> None:
+    """The Trainer runs on the configured engine (``use_cpu=True`` with ranks would silently mean DDP),
+    and stops at the first non-finite loss it logs."""
+    if trainer.is_deepspeed_enabled != (dist.deepspeed is not None):
+        raise RuntimeError(f"{stage}: the Trainer's engine is not the configured one ({dist.engine})")
+    trainer.add_callback(stop_on_non_finite_loss(stage))
+
+
+def stop_on_non_finite_loss(stage: str) -> "TrainerCallback":
+    """Raise at the first logged NaN/inf loss. ``checkpoint_every`` is a multiple of ``logging_steps``
+    (config validation), so a non-finite loss is seen before any checkpoint could save its weights."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise NonFiniteLoss(f"{stage} loss is {loss} at step {state.global_step}: stopped; the last checkpoint "
+                                    f"is kept (lower {stage}.learning_rate, or check the data)")
+
+    return StopOnNonFiniteLoss()
+
+
+def resumable_checkpoint(root: Path, cache_key: str) -> str | None:
+    """The newest complete Trainer checkpoint of a run with this cache key; stale ones are removed."""
+    key_file = root / KEY_FILE
+    if key_file.is_file() and key_file.read_text() != cache_key:
+        shutil.rmtree(root)  # another configuration's progress: never resume from it
+    root.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(cache_key)
+    # trainer_state.json is the last file the Trainer writes into a checkpoint, so a kill mid-save is skipped.
+    complete = [c for c in root.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    newest = max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
+    return str(newest) if newest else None
+
+
+def agreed_resume_point(root: Path, cache_key: str, dist: Distributed, stage: str) -> str | None:
+    """The checkpoint every rank resumes from: the main rank decides (``resumable_checkpoint``)."""
+    resume = resumable_checkpoint(root, cache_key) if dist.is_main else None
+    resume = dist.gather([resume])[0]
+    if resume:
+        print(f"{stage}: resuming from {resume}", flush=True)
+    return resume
+
+
+def train_from(trainer: "Trainer", resume: str | None) -> Any:
+    """``trainer.train()`` from the checkpoint ``resume`` (None: from the start); returns its TrainOutput.
+
+    TRL's trainers count the tokens they trained on (their logs' ``num_tokens``) from 0 in every new
+    trainer, a resumed one too (trl 1.16: ``_total_train_tokens``, set in ``__init__``, not checkpointed).
+    It starts from the checkpoint's last logged count, so a resumed history equals an uninterrupted one;
+    the checkpoint step is always a logging step (``checkpoint_every`` is a multiple of ``logging_steps``).
+    """
+    import json
+
+    if resume and hasattr(trainer, "_total_train_tokens"):
+        rows = json.loads((Path(resume) / "trainer_state.json").read_text())["log_history"]
+        logged = [row["num_tokens"] for row in rows if "num_tokens" in row]
+        if logged:
+            trainer._total_train_tokens = logged[-1]
+    return trainer.train(resume_from_checkpoint=resume)
+
+
+def resumed_step(resume: str | None) -> int:
+    """The step a run resumed from (0: it started fresh)."""
+    return int(resume.rsplit("-", 1)[1]) if resume else 0
+
+
+def logged_history(trainer: "Trainer") -> list[dict[str, Any]]:
+    """The Trainer's training log: its rows with a loss (not the final summary or evaluation rows)."""
+    return [row for row in trainer.state.log_history if "loss" in row]

@@ -1,0 +1,92 @@
+"""DPO on one backbone: TRL's DPOTrainer trains the policy adapter against a frozen copy of the SFT adapter
+on the same base weights, for every adapter kind and both losses. (Kill and resume: tests/test_resume.py;
+ZeRO-2: tests/test_deepspeed.py; the quality bar: tests/test_quality.py.)"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.dpo import POLICY, REFERENCE, build_dpo_trainer, train_dpo
+from stages.io import artifacts
+from stages.io.config import load_config
+from stages.io.data import load_records, split_by_prompt
+from stages.model.adapters import load_adapter, needs_4bit
+from stages.model.backbone import base_parameters, load_backbone, weights_digest
+from stages.model.tokenization import Tokenization
+from stages.sft import train_sft
+from stages.training.distributed import LOCAL
+from stages.training.evaluation import evaluate_policy, task_score
+from stages.training.runner import execute
+from tests.conftest import TINY
+
+FAST = [*TINY, "tracking.backend=none", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.logging_steps=1",
+        "dpo.checkpoint_every=3"]
+
+
+def _sft(kind: str, root: Path) -> Path:
+    execute("sft", train_sft, load_config(None, [*FAST, f"adapter.kind={kind}"]), root / "sft", {})
+    return root / "sft"
+
+
+def _adapter(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {n.replace(f".{name}.", "."): p.detach().clone() for n, p in model.named_parameters() if f".{name}." in n}
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora", "ptuning_v2"])
+def test_dpo_trains_the_policy_against_a_frozen_sft_copy_on_one_backbone(kind: str, tmp_path: Path) -> None:
+    sft = _sft(kind, tmp_path)
+    cfg = load_config(None, [*FAST, f"adapter.kind={kind}", "dpo.learning_rate=0.01"])
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind))
+    digest = weights_digest(backbone.model)
+    tokenization = Tokenization.of(backbone.tokenizer)
+    train, held = split_by_prompt(load_records(cfg.data.preferences, "preferences", cfg.task), 0.1, "builtin")
+    model = load_adapter(backbone.model, sft, POLICY, backbone.fingerprint, trainable=True)
+    sft_weights = _adapter(model, POLICY)
+
+    trainer = build_dpo_trainer(model, tokenization, train, held, cfg, tmp_path / "checkpoints", LOCAL)
+    assert set(model.peft_config) == {POLICY, REFERENCE}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if f".{REFERENCE}." in n)
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for n, p in model.named_parameters() if f".{POLICY}." in n}  # the policy only
+
+    policy, reference = _adapter(model, POLICY), _adapter(model, REFERENCE)
+    assert policy.keys() == reference.keys() == sft_weights.keys() and policy
+    assert all(torch.equal(reference[n], sft_weights[n]) for n in sft_weights)  # the reference never moved
+    assert any(not torch.equal(policy[n], sft_weights[n]) for n in sft_weights)  # the policy did
+    assert weights_digest(backbone.model) == digest  # the base did not
+    # One copy of the base: the unique storages behind the base weights hold exactly one backbone.
+    def held(module: torch.nn.Module) -> int:
+        return sum({t.untyped_storage().data_ptr(): t.numel() for t in base_parameters(module).values()}.values())
+
+    assert held(model) == held(load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind)).model)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_the_dpo_stage_publishes_its_adapter_and_metrics(loss_type: str, tmp_path: Path) -> None:
+    sft = _sft("lora", tmp_path)
+    cfg = load_config(None, [*FAST, f"dpo.loss_type={loss_type}"])
+    metrics = execute("dpo", train_dpo, cfg, tmp_path / "dpo", {"sft": sft})["metrics"]
+    assert metrics["task_score_sft"] == artifacts.read_manifest(sft)["metrics"]["task_score"]
+    assert 0.0 <= metrics["task_score"] <= 1.0 and 0.0 <= metrics["reward_accuracy"] <= 1.0
+    assert metrics["kl_to_reference"] > -0.05  # a Monte-Carlo estimate of a KL: near 0 or above
+    assert metrics["eval_pairs"] > 0 and metrics["train_pairs"] > metrics["eval_pairs"]
+    assert (tmp_path / "dpo" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "dpo" / "adapter" / REFERENCE).exists()  # only the policy is published
+
+
+def test_a_policy_equal_to_its_reference_is_zero_kl_from_it(tmp_path: Path) -> None:
+    """evaluate_policy's KL: the sampled log-probs against a forward of the same ids through the reference;
+    with the same weights under both names it is 0 up to float noise, and task_score is task_score's."""
+    sft = _sft("lora", tmp_path)
+    cfg = load_config(None, [*FAST, "eval.temperature=0.7"])
+    backbone = load_backbone(cfg.backbone)
+    tokenization = Tokenization.of(backbone.tokenizer)
+    held_out = load_records(cfg.data.eval, "eval", cfg.task)
+    model = load_adapter(backbone.model, sft, "twin", backbone.fingerprint)
+    model = load_adapter(model, sft, POLICY, backbone.fingerprint)
+    model.set_adapter(POLICY)
+    found = evaluate_policy(model, tokenization, held_out, cfg.eval, seed=3, reference="twin")
+    assert abs(found["kl_to_reference"]) < 1e-4, found
+    assert found["task_score"] == task_score(model, tokenization, held_out, cfg.eval, seed=3)
