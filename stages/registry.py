@@ -40,6 +40,8 @@ class StageSpec:
     sections: tuple[str, ...]
     inputs: tuple[str, ...] = ()
     unless_data: dict[str, str] = field(default_factory=dict)
+    # Its section's ``reward`` (model | checker | model+checker) says whether it reads the reward stage.
+    reward_source: bool = False
     datasets: tuple[str, ...] = ()
     optional_datasets: tuple[str, ...] = ()  # read when configured (``data.prompts``: PPO/RRHF rollouts)
     step_key: str = "step"  # the history's x axis ("update" for PPO)
@@ -67,7 +69,7 @@ class StageSpec:
     def identity(self) -> dict[str, Any]:
         """The fields that change what the stage computes: they enter its code version (cache key)."""
         return {"name": self.name, "module": self.module, "sections": list(self.sections), "inputs": list(self.inputs),
-                "unless_data": self.unless_data, "datasets": list(self.datasets),
+                "unless_data": self.unless_data, "reward_source": self.reward_source, "datasets": list(self.datasets),
                 "optional_datasets": list(self.optional_datasets)}
 
     def needed_inputs(self, cfg: Any) -> tuple[str, ...]:
@@ -75,6 +77,8 @@ class StageSpec:
         return tuple(i for i in self.inputs if not self._replaced(i, cfg))
 
     def _replaced(self, upstream: str, cfg: Any) -> bool:
+        if upstream == "reward" and self.reward_source and getattr(cfg, self.name).reward == "checker":
+            return True
         kind = self.unless_data.get(upstream)
         return kind is not None and getattr(cfg.data, kind) is not None
 
@@ -104,6 +108,11 @@ BUILTIN: tuple[StageSpec, ...] = (
               prefix_min_learning_rate=0.01, import_overhead_mib=520, hf_trainer=True,
               curves=(Curve("loss", "DPO loss"), Curve("rewards/margins", "DPO reward margin (train batches)"),
                       Curve("rewards/accuracies", "DPO reward accuracy (train batches)"))),
+    StageSpec("grpo", (*_GENERATIVE, "grpo", "eval"), inputs=("sft", "reward"), reward_source=True,
+              datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
+              prefix_min_learning_rate=0.001,
+              curves=(Curve("reward", "GRPO reward (mean of the sampled groups)"),
+                      Curve("kl", "GRPO KL to reference (k3, per token)"), Curve("reward_std", "GRPO reward std within groups"))),
 )
 PLUGIN_GROUP = "rlhf.stages"
 
@@ -153,5 +162,7 @@ def missing_inputs(stages: list[str], cfg: Any) -> list[str]:
         for needed in stage.needed_inputs(cfg):
             if needed not in stages:
                 instead = f", or data.{stage.unless_data[needed]}" if needed in stage.unless_data else ""
+                if needed == "reward" and stage.reward_source:
+                    instead = f", or {name}.reward=checker"
                 problems.append(f"{name} needs the {needed} stage (it reads its artifact){instead}")
     return problems

@@ -27,10 +27,10 @@ TINY = ["backbone.device=cpu", "run.threads=2", "sft.max_steps=3", "sft.logging_
 
 # Tests by speed (pyproject's markers). ``make test-fast`` runs the unit tier, ``make test`` (CI) all.
 TIERS = {
-    "unit": ("test_losses", "test_kl_control", "test_config", "test_registry", "test_task_and_data",
+    "unit": ("test_losses", "test_kl_control", "test_config", "test_registry", "test_task_and_data", "test_rewards",
              "test_distributed_math", "test_sequences", "test_artifacts_and_cache", "test_memory_plan",
              "test_progress", "test_layout", "test_updater", "test_formats"),
-    "stage": ("test_adapters", "test_learning_check", "test_learning_per_kind", "test_ppo", "test_reward_rrhf", "test_dpo",
+    "stage": ("test_adapters", "test_learning_check", "test_learning_per_kind", "test_ppo", "test_reward_rrhf", "test_dpo", "test_grpo",
               "test_deepspeed", "test_tokenization", "test_devices"),
     "e2e": ("test_cli_pipeline", "test_bad_inputs", "test_concurrency_and_secrets", "test_prefect_server",
             "test_resume", "test_plugin_stage"),

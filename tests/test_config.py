@@ -28,7 +28,7 @@ def test_file_and_overrides_apply_in_order(tmp_path: Path) -> None:
         ("sft:\n  batch_size: 0\n", "sft.batch_size: Input should be greater than or equal to 1 (got 0)"),
         ("reward:\n  batch_size: -4\n", "reward.batch_size: Input should be greater than or equal to 1 (got -4)"),
         ("ppo:\n  learning_rate: -0.1\n", "ppo.learning_rate: Input should be greater than or equal to 0 (got -0.1)"),
-        ("run:\n  stages: [sft, kto]\n", "run.stages.1: Input should be 'sft', 'reward', 'rrhf', 'ppo' or 'dpo' (got 'kto')"),
+        ("run:\n  stages: [sft, kto]\n", "run.stages.1: Input should be 'sft', 'reward', 'rrhf', 'ppo', 'dpo' or 'grpo' (got 'kto')"),
         ("run:\n  stages: [ppo, sft]\n", "run: Value error, stages must be unique and in pipeline order"),
         ("- just\n- a list\n", "the top level must be a mapping"),
         ("sft: [unclosed\n", "not valid YAML"),

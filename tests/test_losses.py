@@ -14,6 +14,8 @@ from torch.testing import assert_close
 
 from stages.objectives.losses import (
     gae_advantages,
+    group_advantages,
+    grpo_loss,
     kl_penalized_rewards,
     masked_mean,
     masked_whiten,
@@ -306,3 +308,40 @@ def test_rrhf_fully_padded_group_is_excluded_from_mean() -> None:
     # Only group 0 counts (same numbers as test_rrhf_single_group).
     assert_close(loss, torch.tensor(1.5))
     assert stats == pytest.approx({"rank_loss": 1.0, "sft_loss": 0.5})
+
+
+def test_group_advantages_centre_and_scale_per_group() -> None:
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased, of [1, 0, 0, 1]
+    assert_close(group_advantages(rewards, scale=True),
+                 torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]) / torch.tensor([[std + 1e-4], [1e-4]]))
+    assert_close(group_advantages(rewards, scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]))
+
+
+def test_grpo_loss_hand_computed_surrogate_clip_and_kl() -> None:
+    """Two responses, 2 + 1 valid tokens. Token (0, 0): ratio 1.5 with advantage 1 is clipped to 1.2,
+    and the reference is 2x likelier there (k3 = 2 - ln 2 - 1). Token (1, 0): ratio 1, advantage -0.5."""
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    old = torch.zeros(2, 2)
+    logprobs = torch.tensor([[math.log(1.5), 0.0], [0.0, 5.0]], requires_grad=True)  # (1, 1) is padding
+    ref = logprobs.detach() + torch.tensor([[math.log(2.0), 0.0], [0.0, 0.0]])
+    advantages = torch.tensor([1.0, -0.5])
+    loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip_eps=0.2, beta=0.1)
+    surrogate = -(1.2 * 1.0 + 1.0 * 1.0 + 1.0 * -0.5) / 3
+    k3 = (2.0 - math.log(2.0) - 1.0) / 3
+    assert loss.item() == pytest.approx(surrogate + 0.1 * k3, abs=1e-6)
+    assert stats["kl"] == pytest.approx(k3, abs=1e-6) and stats["clipfrac"] == pytest.approx(1 / 3)
+    loss.backward()
+    # Clipped token: no surrogate gradient, only the KL's d k3 / d logp = 1 - exp(ref - logp) = 1 - 2, / 3 tokens.
+    assert logprobs.grad[0, 0].item() == pytest.approx(0.1 * (1 - 2.0) / 3, abs=1e-6)
+    assert logprobs.grad[0, 1].item() == pytest.approx(-1.0 / 3, abs=1e-6)  # -A * ratio / 3
+    assert logprobs.grad[1, 0].item() == pytest.approx(0.5 / 3, abs=1e-6)
+    assert logprobs.grad[1, 1].item() == 0.0  # padding
+
+
+def test_grpo_loss_without_kl_is_the_clipped_surrogate() -> None:
+    mask = torch.ones(2, 3)
+    logprobs = torch.randn(2, 3)
+    loss, stats = grpo_loss(logprobs, logprobs, logprobs + 1.0, torch.tensor([2.0, -1.0]), mask, 0.2, beta=0.0)
+    assert loss.item() == pytest.approx(-(2.0 * 3 - 1.0 * 3) / 6, abs=1e-6)  # on-policy: minus the mean advantage
+    assert stats["kl"] > 0  # still measured

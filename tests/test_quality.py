@@ -3,7 +3,7 @@
 Every file in ``configs/`` that runs a chain must, end to end:
 - SFT: lift held-out ``task_score`` above the base model's;
 - reward: reach held-out ``pair_accuracy`` >= 0.9;
-- PPO / RRHF / DPO: gain >= 0.10 ``task_score`` over its SFT.
+- PPO / RRHF / DPO / GRPO: gain >= 0.10 ``task_score`` over its SFT.
 A stage that finishes but learns nothing (issues 18 and 19: DeepSpeed reward, P-tuning v2 SFT) fails
 here. A config that cannot meet the bar must say why in its header ("# exempt from the quality bar:
 <reason>") and be listed in ``EXEMPT`` with the same reason; none is today.
@@ -31,7 +31,8 @@ def _report(run_id: str, cwd: Path) -> dict:
 
 def test_every_config_in_configs_is_checked() -> None:
     assert {p.name for p in CONFIGS} >= {"default.yaml", "ptuning_v2.yaml", "qlora.yaml", "deepspeed-zero2.yaml",
-                                         "sft-reward-rrhf.yaml", "sft-rrhf-offline.yaml", "sft-dpo.yaml"}
+                                         "sft-reward-rrhf.yaml", "sft-rrhf-offline.yaml", "sft-dpo.yaml",
+                                         "sft-reward-grpo.yaml", "sft-grpo-checker.yaml"}
     assert set(EXEMPT) <= {p.name for p in CONFIGS}
     for name, reason in EXEMPT.items():  # the config itself tells its user, in these words
         assert f"# exempt from the quality bar: {reason}" in (REPO / "configs" / name).read_text(), name
@@ -56,7 +57,7 @@ def test_shipped_config_meets_the_quality_bar(config: str, tmp_path: Path) -> No
     assert sft["task_score"] > sft["task_score_before"], (config, sft)
     if "reward" in metrics:
         assert metrics["reward"]["pair_accuracy"] >= 0.9, (config, metrics["reward"])
-    for policy in ("ppo", "rrhf", "dpo"):
+    for policy in ("ppo", "rrhf", "dpo", "grpo"):
         if policy in metrics:
             assert metrics[policy]["task_score_sft"] == sft["task_score"]
             assert metrics[policy]["task_score"] >= sft["task_score"] + GAIN, (config, policy, metrics[policy])

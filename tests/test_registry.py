@@ -41,7 +41,7 @@ def test_config_choices_order_and_dependencies_come_from_the_registry() -> None:
                                             "ppo needs the reward stage (it reads its artifact)"]
     with pytest.raises(ConfigError, match=r"rrhf needs the reward stage \(it reads its artifact\), or data.ranked"):
         load_config(None, ["run.stages=[sft,rrhf]"])
-    with pytest.raises(KeyError, match="unknown stage 'kto'; known: sft, reward, rrhf, ppo, dpo"):
+    with pytest.raises(KeyError, match="unknown stage 'kto'; known: sft, reward, rrhf, ppo, dpo, grpo"):
         spec("kto")
     assert missing_inputs(["dpo"], cfg) == ["dpo needs the sft stage (it reads its artifact)"]
 
@@ -80,7 +80,7 @@ def test_each_stage_is_versioned_by_its_own_code(tmp_path: Path) -> None:
     with (copy / "objectives" / "losses.py").open("a") as losses:
         losses.write("\n# an edit\n")
     after_loss = versions()
-    assert {s for s in before if after_recipe[s] != after_loss[s]} == {"reward", "rrhf", "ppo"}
+    assert {s for s in before if after_recipe[s] != after_loss[s]} == {"reward", "rrhf", "ppo", "grpo"}
     code_version.cache_clear()
     assert versions() == after_loss  # a digest of the files, not of when it was taken
 

@@ -26,8 +26,9 @@ LONG = {
     "rrhf": ["rrhf.max_steps=100", "rrhf.checkpoint_every=5"],
     "ppo": ["ppo.updates=40", "ppo.checkpoint_every=2"],
     "dpo": ["dpo.max_steps=60", "dpo.logging_steps=2", "dpo.checkpoint_every=4"],
+    "grpo": ["grpo.max_steps=30", "grpo.checkpoint_every=2", "grpo.prompts_per_step=4", "grpo.num_generations=3"],
 }
-HISTORY_STEP = {"sft": "step", "reward": "step", "rrhf": "step", "ppo": "update", "dpo": "step"}
+HISTORY_STEP = {"sft": "step", "reward": "step", "rrhf": "step", "ppo": "update", "dpo": "step", "grpo": "step"}
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +46,17 @@ def _finished_checkpoint(stage: str, out: Path) -> Path | None:
 
 
 @pytest.mark.parametrize(("stage", "launch"), [
-    ("sft", []), ("reward", []), ("rrhf", []), ("ppo", []), ("dpo", []),
+    ("sft", []), ("reward", []), ("rrhf", []), ("ppo", []), ("dpo", []), ("grpo", []),
+    ("grpo", ["run.stages=[sft,grpo]", "grpo.reward=checker"]),  # no reward model
     ("reward", ["reward.launcher=accelerate", "distributed.deepspeed=zero2"]),  # every rank's ZeRO partition
     ("sft", ["adapter.dropout=0.1"]), ("reward", ["adapter.dropout=0.1"]),  # dropout masks replay too
     ("ppo", ["ppo.value_model=shared"]),  # no value adapter: the policy and the value head are the state
-], ids=["sft", "reward", "rrhf", "ppo", "dpo", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value"])
+], ids=["sft", "reward", "rrhf", "ppo", "dpo", "grpo", "grpo-checker", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value"])
 def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], upstream: dict[str, Path],
                                                        tmp_path: Path) -> None:
     out = tmp_path / stage
     sets = [*TINY, "tracking.backend=none", *LONG[stage], *launch]
-    inputs = {name: upstream[name] for name in spec(stage).inputs}
+    inputs = {name: upstream[name] for name in spec(stage).needed_inputs(load_config(None, sets))}
     command = stage_command(stage, out, sets, inputs)
     env = launch_env(load_config(None, sets), stage)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -1,11 +1,11 @@
-"""Loss functions for the RLHF stages: reward modelling, PPO and RRHF.
+"""Loss functions for the RLHF stages: reward modelling, PPO, RRHF and GRPO.
 
 All functions are pure: they take tensors and hyper-parameters and return
 tensors (plus, for the training losses, a dict of float statistics). Masks are
 0/1 float or bool tensors marking the valid (response) tokens; positions
 outside the mask never contribute to a loss and are zeroed in tensor outputs.
 
-Shape legend: B = batch, T = response length, K = candidates per prompt.
+Shape legend: B = batch, T = response length, K = candidates per prompt, G = responses per prompt (GRPO).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ __all__ = [
     "ppo_policy_loss",
     "ppo_value_loss",
     "rrhf_loss",
+    "group_advantages",
+    "grpo_loss",
 ]
 
 
@@ -281,3 +283,48 @@ def rrhf_loss(
     sft_loss = sft.sum() / n_groups
     stats = {"rank_loss": rank_loss.item(), "sft_loss": sft_loss.item()}
     return rank_weight * rank_loss + sft_loss, stats
+
+
+def group_advantages(rewards: Tensor, scale: bool, eps: float = 1e-4) -> Tensor:
+    """GRPO's group-relative advantages, Shao et al. 2024 (DeepSeekMath) sec. 4.1.2: each response's
+    reward minus the mean reward of its prompt's group, divided by the group's std when ``scale``.
+
+    ``rewards`` (B, G): G responses to each of B prompts. Returns (B, G). ``scale=False`` is Dr. GRPO
+    (Liu et al. 2025): the std division up-weights groups whose rewards barely differ (too easy or too
+    hard prompts), a bias it removes. The std is the unbiased one (torch's default, as TRL's GRPO), and
+    ``eps`` keeps a group of equal rewards at advantage 0 rather than 0/0.
+    """
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    beta: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """GRPO's objective, Shao et al. 2024 eq. 3 (negated to minimise): PPO's clipped surrogate with each
+    response's advantage on every one of its tokens, plus ``beta`` times the per-token KL to the reference,
+    estimated with k3 = ``exp(ref - logp) - (ref - logp) - 1`` (eq. 4; unbiased, always >= 0).
+
+    ``logprobs``, ``old_logprobs`` (sampling time), ``ref_logprobs`` and ``mask`` are (N, T) for N
+    responses; ``advantages`` is (N,) (``group_advantages`` flattened). The mean is over all valid tokens
+    of the batch (DAPO's token-level normalisation, TRL's default), not per response first: a long
+    response is not down-weighted. ``beta=0`` drops the KL term (and the reference forward is then
+    still logged, not trained on).
+
+    Stats: ``clipfrac``, ``approx_kl`` (old vs new, as PPO), ``kl`` (mean k3 to the reference per token).
+    """
+    import torch
+
+    per_token_advantages = advantages[:, None].expand_as(logprobs)  # (N, T)
+    surrogate, stats = ppo_policy_loss(logprobs, old_logprobs, per_token_advantages, mask, clip_eps)
+    log_ref_ratio = ref_logprobs - logprobs  # (N, T)
+    k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0  # (N, T)
+    kl = masked_mean(k3, mask)
+    loss = surrogate + beta * kl if beta > 0 else surrogate
+    return loss, {**stats, "kl": kl.item()}
