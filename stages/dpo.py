@@ -36,6 +36,8 @@ from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
 from stages.training.evaluation import evaluate_policy
 from stages.training.hf_trainer import (
+    TRL_TOKEN_CHUNK,
+    TRL_VOCAB_CHUNK,
     agreed_resume_point,
     check_engine,
     logged_history,
@@ -52,13 +54,11 @@ if TYPE_CHECKING:
 
 # DPOTrainer's own names: it trains the adapter named "default" and copies it as "ref" for the reference.
 POLICY, REFERENCE = "default", "ref"
-# TRL scores tokens with a fused, chunked LM head, as in SFT (stages.sft).
-TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 
 
 def tokenized_pairs(pairs: list[Record], tokenization: Tokenization) -> list[dict[str, list[int]]]:
     """Preference pairs as DPOTrainer's processed rows: the contract's ``prompt_ids`` and the ``chosen_ids``
-    and ``rejected_ids`` of each response, with its end token (``Tokenization.pair``)."""
+    and ``rejected_ids`` of each response, with its end token (``Tokenization.response_ids``)."""
     return [{"prompt_ids": tokenization.prompt_ids(p["prompt"]),
              "chosen_ids": tokenization.response_ids(p["prompt"], p["chosen"]),
              "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"])} for p in pairs]

@@ -37,7 +37,7 @@ from stages.model.backbone import load_backbone
 from stages.model.generation import Response, generate
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
-from stages.model.sequences import SequenceBatch, from_token_ids, token_logprobs
+from stages.model.sequences import SequenceBatch, sampled_batch, token_logprobs
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import group_advantages, grpo_loss
 from stages.reward import attach_reward, reward_of
@@ -95,9 +95,7 @@ def sample_groups(model: "PeftModel", tokenization: Tokenization, source: Reward
                            batch_size=GENERATION_BATCH, seed=seed, desc="grpo samples")
     device = model_device(model)
     rewards = torch.tensor(source(samples, [p for p in prompts for _ in range(g)]), device=device)
-    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id, device)
-    logprobs = torch.zeros(batch.input_ids.shape, device=device)  # (N, T), aligned with input_ids
-    logprobs[batch.response_mask.bool()] = torch.tensor([lp for s in samples for lp in s.token_logprobs], device=device)
+    batch, logprobs = sampled_batch(samples, tokenization.pad_id, device)
     grouped = rewards.view(len(prompts), g)
     stats = {"reward": rewards.mean().item(), "reward_std": grouped.std(dim=1).mean().item(),
              "finished": sum(s.finished for s in samples) / len(samples),
@@ -146,7 +144,7 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
     trainable = count_trainable(model)
     learning = LearningCheck(model, dist, stage="grpo", adapter_kind=cfg.adapter.kind, learning_rate=grpo.learning_rate)
-    count = min(grpo.prompts_per_step * dist.world_size, len(prompts))
+    count = dist.even_count(grpo.prompts_per_step, len(prompts), "grpo rollout prompts")
     updates_per_step = grpo.num_iterations * -(-(count // dist.world_size * grpo.num_generations) // grpo.minibatch_size)
     updater = Updater(model, grpo.learning_rate, warmup_steps=0, total_steps=grpo.max_steps * updates_per_step,
                       max_grad_norm=grpo.max_grad_norm, schedule="constant", micro_batch_size=grpo.minibatch_size,
@@ -168,8 +166,7 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     model.eval()  # dropout off: the policy trained is the one that sampled (as PPO, issue 14 fault 2)
     history = loop.run(train_step)
     metrics = evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
-                              desc="task_score (grpo)")
-    metrics["policy_reward"] = _held_out_reward(model, tokenization, source, held_out, cfg)
+                              desc="task_score (grpo)", reward=source)
     metrics["task_score_sft"] = read_manifest(ctx.inputs["sft"])["metrics"]["task_score"]
 
     save_probe(model, tokenization.tokenizer, out)
@@ -182,19 +179,6 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                         f"({grpo.reward}) cannot tell the policy's samples apart")
     return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": grpo.max_steps,
             "resumed_from_step": loop.start, "trainable_parameters": trainable, "adapter_kind": cfg.adapter.kind}
-
-
-def _held_out_reward(model: "PeftModel", tokenization: Tokenization, source: RewardSource, held_out: list,
-                     cfg: PipelineConfig) -> float:
-    """The mean reward (the stage's own source) of the policy's samples on held-out prompts."""
-    records = held_out[: cfg.eval.num_prompts]
-    prompts = [r["prompt"] for r in records]
-    with active_adapter(model, POLICY):
-        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts],
-                           max_new_tokens=cfg.grpo.max_new_tokens, temperature=cfg.eval.temperature,
-                           batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-    rewards = source(samples, prompts)
-    return sum(rewards) / len(rewards)
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

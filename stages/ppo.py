@@ -7,6 +7,9 @@ Adapters (all of the configured kind, on one PeftModel around one backbone):
     reward     the RM adapter + score head, frozen   value   starts from the RM, trained, + value head
 With ``ppo.value_model: shared`` there is no value adapter: the value head (from zeros) reads the
 policy adapter's hidden states (detached), and one forward per minibatch serves both losses.
+``ppo.reward`` says where the score comes from (``stages.training.rewards``): the reward model, a
+checker, or both. With the checker alone there is no reward adapter, and the value adapter starts from
+the SFT adapter, its head from zeros.
 
 Each update: sample responses with the policy from the tokenization contract's prompt ids (KV cache,
 left padding, stopping at EOS or the chat template's end of turn); score the sampled ids without
@@ -30,13 +33,13 @@ from stages.io.formats import Prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
-from stages.model.generation import generate
-from stages.model.heads import save_head, sequence_scores
+from stages.model.generation import Response, generate
+from stages.model.heads import new_head, save_head, sequence_scores
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
 from stages.model.sequences import (
     SequenceBatch,
-    from_token_ids,
+    sampled_batch,
     token_logprobs,
     token_logprobs_and_entropy,
     token_logprobs_entropy_and_values,
@@ -59,6 +62,7 @@ from stages.training.distributed import LOCAL, Distributed
 from stages.training.evaluation import task_score
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
+from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
 
 if TYPE_CHECKING:
@@ -78,10 +82,13 @@ class PPOModels:
 
     model: "PeftModel"
     tokenization: Tokenization
-    reward_head: "torch.nn.Linear"
+    reward_head: "torch.nn.Linear | None"  # None when ppo.reward is the checker alone
     value_head: "torch.nn.Linear"
     fingerprint: str
     value_adapter: str = VALUE  # POLICY for ppo.value_model: shared
+    # The score of a rollout (ppo.reward); None: the reward head alone, minus ppo.missing_eos_penalty
+    # (the benchmarks, which hold no checker).
+    reward: RewardSource | None = None
 
     @property
     def trainable(self) -> list[str]:
@@ -109,7 +116,8 @@ class Rollout:
 
 def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     """One backbone; reference + policy from SFT, reward + value from the RM; value head from the score head.
-    ``ppo.value_model: shared``: no value adapter, and the value head starts at zero on the policy's states."""
+    ``ppo.value_model: shared``: no value adapter, and the value head starts at zero on the policy's states.
+    ``ppo.reward: checker``: no reward adapter; the value adapter starts from SFT, its head at zero."""
     import copy
 
     import torch
@@ -119,16 +127,28 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, fp)
     model = load_adapter(model, inputs["sft"], POLICY, fp, trainable=True)
-    model, reward_head = attach_reward(model, inputs["reward"], tokenization, fp)
-    if cfg.ppo.value_model == "shared":  # the reward head reads the RM adapter's states, not the policy's
-        value_head = copy.deepcopy(reward_head).requires_grad_(True)
+    reward_head, scores = None, None
+    if "model" in cfg.ppo.reward:
+        model, reward_head = attach_reward(model, inputs["reward"], tokenization, fp)
+        head = reward_head
+
+        def scores(samples: list[Response]) -> list[float]:
+            return reward_of(model, head, samples, tokenization.pad_id, missing_eos_penalty=0.0)
+
+    rewards = reward_source(cfg.ppo, scores)  # a checker that cannot be imported fails here, before training
+    if cfg.ppo.value_model == "shared" or reward_head is None:  # the value head starts at zero
+        value_head = new_head(backbone.model.config.hidden_size, cfg.run.seed, model_device(model))
         with torch.no_grad():
             value_head.weight.zero_()
-            value_head.bias.zero_()
-        models = PPOModels(model, tokenization, reward_head, value_head, fp, value_adapter=POLICY)
     else:
-        model = load_adapter(model, inputs["reward"], VALUE, fp, trainable=True)
-        models = PPOModels(model, tokenization, reward_head, copy.deepcopy(reward_head).requires_grad_(True), fp)
+        value_head = copy.deepcopy(reward_head)
+    value_head.requires_grad_(True)
+    if cfg.ppo.value_model == "shared":  # the reward head reads the RM adapter's states, not the policy's
+        models = PPOModels(model, tokenization, reward_head, value_head, fp, value_adapter=POLICY, reward=rewards)
+    else:
+        model = load_adapter(model, inputs["reward"] if reward_head is not None else inputs["sft"], VALUE, fp,
+                             trainable=True)
+        models = PPOModels(model, tokenization, reward_head, value_head, fp, reward=rewards)
     model.set_adapter(POLICY)
     set_trainable(model, models.trainable)  # after set_adapter, which would silently freeze the value adapter
     return models
@@ -138,13 +158,15 @@ def collect_rollout(models: PPOModels, prompts: list[Prompt], cfg: PipelineConfi
                     seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
     """Sample with the policy, then score the sampled ids (``rollout_from_ids``)."""
     prompt_ids = [models.tokenization.prompt_ids(p) for p in prompts]
-    return rollout_from_ids(models, prompt_ids, cfg, kl_coef, seed, dist)
+    return rollout_from_ids(models, prompt_ids, cfg, kl_coef, seed, dist, prompts=prompts)
 
 
 def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: PipelineConfig, kl_coef: float,
-                     seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
+                     seed: int, dist: Distributed = LOCAL, prompts: list[Prompt] | None = None
+                     ) -> tuple[Rollout, dict[str, float]]:
     """Sample one response per prompt (token ids) with the policy, then score the sampled ids
-    (``score_rollout``). ``bench/ppo_vs_trl.py`` times this with ``ppo_update`` as one PPO update."""
+    (``score_rollout``); ``prompts`` (what the ids render) are what a checker reads.
+    ``bench/ppo_vs_trl.py`` times this with ``ppo_update`` as one PPO update."""
     import torch
 
     model, ppo, tokenization = models.model, cfg.ppo, models.tokenization
@@ -152,21 +174,26 @@ def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: Pipeli
         samples = generate(model, tokenization, prompt_ids, max_new_tokens=ppo.max_new_tokens,
                            temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
     device = model_device(model)
-    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id, device)
+    batch, logprobs = sampled_batch(samples, tokenization.pad_id, device)
     finished = torch.tensor([s.finished for s in samples], device=device)
-    logprobs = torch.zeros(batch.input_ids.shape, device=device)  # (B, T), aligned with input_ids
-    logprobs[batch.response_mask.bool()] = torch.tensor([lp for s in samples for lp in s.token_logprobs], device=device)
-    return score_rollout(models, batch, finished, cfg, kl_coef, dist, logprobs=logprobs)
+    scores = None
+    if models.reward is not None:
+        if models.reward.checker is not None and prompts is None:
+            raise ValueError("rollout_from_ids: a checker reads the prompts; pass them")
+        scores = torch.tensor(models.reward(samples, prompts or [""] * len(samples)), device=device)
+    return score_rollout(models, batch, finished, cfg, kl_coef, dist, logprobs=logprobs, scores=scores)
 
 
 def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
-                  kl_coef: float, dist: Distributed = LOCAL, logprobs: "torch.Tensor | None" = None
-                  ) -> tuple[Rollout, dict[str, float]]:
+                  kl_coef: float, dist: Distributed = LOCAL, logprobs: "torch.Tensor | None" = None,
+                  scores: "torch.Tensor | None" = None) -> tuple[Rollout, dict[str, float]]:
     """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``.
 
     ``logprobs`` (B, T): the policy's log-probs of the sampled tokens as generation computed them
     (``generate``'s ``token_logprobs``, aligned with ``input_ids``); without them the policy scores
     the batch in a forward pass of its own. Both equal within float rounding (tests/test_ppo.py).
+    ``scores`` (B,): each response's reward (``ppo.reward``); without them, the reward head's score
+    minus ``ppo.missing_eos_penalty`` for a response that never stopped.
     """
     import torch
 
@@ -177,8 +204,9 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tens
                 logprobs = token_logprobs(model, batch, ppo.temperature)
         with active_adapter(model, REFERENCE):
             ref_logprobs = token_logprobs(model, batch, ppo.temperature)
-        with active_adapter(model, REWARD):
-            scores = sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
+        if scores is None:
+            with active_adapter(model, REWARD):
+                scores = sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
         with active_adapter(model, models.value_adapter):
             values = token_values(model, models.value_head, batch)
     return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef, dist)
@@ -290,9 +318,10 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if state := loop.resume():
         kl_ctl.load_state_dict(state["kl_controller"])
 
+    count = dist.even_count(ppo.rollout_prompts, len(prompts), "ppo rollout prompts")
+
     def train_step(update: int, log: bool) -> dict[str, float]:
-        # Every rank draws the same global sample of prompts and rolls out its own share of it.
-        count = min(ppo.rollout_prompts * dist.world_size, len(prompts))
+        # Every rank draws the same global sample of prompts and rolls out an equal share of it.
         drawn = random.Random(cfg.run.seed + update).sample(prompts, count)
         rollout, stats = collect_rollout(models, dist.shard(drawn), cfg, kl_ctl.value,
                                          seed=cfg.run.seed + update + 1000 * dist.rank, dist=dist)
@@ -330,7 +359,7 @@ def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig) -> dict[st
         prompts = [tokenization.prompt_ids(r["prompt"]) for r in held_out[: cfg.eval.num_prompts]]
         samples = generate(model, tokenization, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
                            temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-    rewards = reward_of(model, models.reward_head, samples, tokenization.pad_id, cfg.ppo.missing_eos_penalty)
+    rewards = models.reward(samples, [r["prompt"] for r in held_out[: cfg.eval.num_prompts]])  # type: ignore[misc]
     return {"task_score": score, "policy_reward": sum(rewards) / len(rewards)}
 
 
@@ -357,8 +386,11 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
         Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + ppo.max_new_tokens, evaluated,
               knobs=("eval.num_prompts", "ppo.max_new_tokens")),
     )
-    # reference + reward frozen, policy + value trained (shared: no value adapter); value head trained
-    return Workload("ppo", 1 if shared else 2, 2, phases, trainable_heads=1, frozen_heads=1)
+    # reference + reward frozen (a checker alone: no reward adapter), policy + value trained (shared: no value
+    # adapter); value head trained
+    model_reward = "model" in ppo.reward
+    return Workload("ppo", 1 if shared else 2, 2 if model_reward else 1, phases, trainable_heads=1,
+                    frozen_heads=1 if model_reward else 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -96,10 +96,11 @@ BUILTIN: tuple[StageSpec, ...] = (
     StageSpec("reward", (*_GENERATIVE, "reward"), datasets=("preferences",), prefix_min_learning_rate=0.01,
               curves=(Curve("accuracy", "reward model accuracy (train batches)"), Curve("loss", "reward model loss"))),
     StageSpec("rrhf", (*_GENERATIVE, "rrhf", "eval"), inputs=("sft", "reward"), unless_data={"reward": "ranked"},
+              reward_source=True,
               datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
               prefix_min_learning_rate=0.01,
               curves=(Curve("loss", "RRHF loss"),)),
-    StageSpec("ppo", (*_GENERATIVE, "ppo", "eval"), inputs=("sft", "reward"), datasets=("sft", "eval"),
+    StageSpec("ppo", (*_GENERATIVE, "ppo", "eval"), inputs=("sft", "reward"), reward_source=True, datasets=("sft", "eval"),
               optional_datasets=("prompts",),
               step_key="update", samples_while_training=True, prefix_min_learning_rate=0.001,
               curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
@@ -163,6 +164,6 @@ def missing_inputs(stages: list[str], cfg: Any) -> list[str]:
             if needed not in stages:
                 instead = f", or data.{stage.unless_data[needed]}" if needed in stage.unless_data else ""
                 if needed == "reward" and stage.reward_source:
-                    instead = f", or {name}.reward=checker"
+                    instead += f", or {name}.reward=checker"
                 problems.append(f"{name} needs the {needed} stage (it reads its artifact){instead}")
     return problems

@@ -4,7 +4,8 @@
 
 1. For each training prompt, sample k candidates from the SFT policy (or read offline ranked data
    ``{"query", "responses", "scores"}`` from ``data.ranked``, in which case no reward model is needed).
-2. Score them with the ``reward`` adapter + head on the same backbone.
+2. Score them (``rrhf.reward``): with the ``reward`` adapter + head on the same backbone, a checker
+   (then no reward model is needed either), or both (``stages.training.rewards``).
 3. Train the ``policy`` adapter, initialised from the SFT adapter, on ``rrhf_loss``: hinge ranking over
    length-normalised log-probabilities of misordered pairs plus the NLL of the best candidate.
 
@@ -25,7 +26,7 @@ from stages.io.formats import Prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
-from stages.model.generation import generate
+from stages.model.generation import Response, generate
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
 from stages.model.sequences import from_token_ids, token_logprobs
@@ -37,6 +38,7 @@ from stages.training.checkpoints import Checkpointer
 from stages.training.evaluation import task_score
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
+from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
 
 if TYPE_CHECKING:
@@ -60,16 +62,16 @@ class Group:
     response_ids: list[list[int]]  # the sampled ids (end token included when finished), or the contract's
 
 
-def sample_groups(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
+def sample_groups(model: "PeftModel", source: RewardSource, tokenization: Tokenization,
                   prompts: list[Prompt], cfg: PipelineConfig) -> list[Group]:
-    """k policy samples per prompt, scored by the reward model on the ids that were sampled."""
+    """k policy samples per prompt, scored by ``rrhf.reward`` (the reward model scores the sampled ids)."""
     k = cfg.rrhf.num_candidates
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     with active_adapter(model, POLICY):
         samples = generate(model, tokenization, [ids for ids in prompt_ids for _ in range(k)],
                            max_new_tokens=cfg.rrhf.max_new_tokens, temperature=cfg.rrhf.temperature,
                            batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1, desc="rrhf candidates")
-    rewards = reward_of(model, head, samples, tokenization.pad_id, cfg.rrhf.missing_eos_penalty)
+    rewards = source(samples, [p for p in prompts for _ in range(k)])
     groups = []
     for i, prompt in enumerate(prompts):
         mine = samples[i * k : (i + 1) * k]
@@ -133,9 +135,16 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
     model = load_adapter(backbone.model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
-    head = None
+    source = None
     if not cfg.data.ranked:
-        model, head = attach_reward(model, inputs["reward"], tokenization, backbone.fingerprint)
+        scores = None
+        if "model" in rr.reward:
+            model, head = attach_reward(model, inputs["reward"], tokenization, backbone.fingerprint)
+
+            def scores(samples: list[Response]) -> list[float]:
+                return reward_of(model, head, samples, tokenization.pad_id, missing_eos_penalty=0.0)
+
+        source = reward_source(rr, scores)  # a checker that cannot be imported fails here, before training
     model.set_adapter(POLICY)
     set_trainable(model, [POLICY])
     learning = LearningCheck(model, dist, stage="rrhf", adapter_kind=cfg.adapter.kind, learning_rate=rr.learning_rate)
@@ -155,7 +164,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     else:  # each rank samples candidates for its share of the prompts; then every rank holds all groups
         prompts = load_rollout_prompts(cfg.data, cfg.task, tokenization, context)
         random.Random(cfg.run.seed).shuffle(prompts)
-        groups = dist.gather(sample_groups(model, head, tokenization, dist.shard(prompts[: rr.num_prompts]), cfg))
+        groups = dist.gather(sample_groups(model, source, tokenization, dist.shard(prompts[: rr.num_prompts]), cfg))
     accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenization, groups)
     if len(groups) < dist.world_size:
         raise ConfigError(f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "
@@ -186,11 +195,12 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "ranking_accuracy": ranking_accuracy(model, tokenization, groups),
         "candidate_reward": sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups),
     }
-    if head is not None:  # mean reward of the trained policy's own samples on held-out prompts
-        eval_prompts = [tokenization.prompt_ids(r["prompt"]) for r in held_out[: cfg.eval.num_prompts]]
-        samples = generate(model, tokenization, eval_prompts, max_new_tokens=rr.max_new_tokens,
-                           temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-        rewards = reward_of(model, head, samples, tokenization.pad_id, rr.missing_eos_penalty)
+    if source is not None:  # mean reward of the trained policy's own samples on held-out prompts
+        eval_prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
+        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in eval_prompts],
+                           max_new_tokens=rr.max_new_tokens, temperature=cfg.eval.temperature,
+                           batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
+        rewards = source(samples, eval_prompts)
         metrics["policy_reward"] = sum(rewards) / len(rewards)
     save_probe(model, tokenization.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
@@ -230,7 +240,8 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
             Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + rrhf.max_new_tokens,
                   evaluated, knobs=("eval.num_prompts", "rrhf.max_new_tokens")),
         ]
-    return Workload("rrhf", 1, 1 if online else 0, tuple(phases), frozen_heads=1 if online else 0)
+    model_reward = online and "model" in rrhf.reward  # the reward adapter and head, frozen
+    return Workload("rrhf", 1, 1 if model_reward else 0, tuple(phases), frozen_heads=1 if model_reward else 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,8 @@ from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
 from stages.training.evaluation import task_score
 from stages.training.hf_trainer import (
+    TRL_TOKEN_CHUNK,
+    TRL_VOCAB_CHUNK,
     agreed_resume_point,
     check_engine,
     logged_history,
@@ -48,9 +50,6 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from trl import SFTTrainer
 
-# TRL's SFTTrainer scores tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): it never
-# holds more than a tile of 4096 tokens x 32768 vocabulary entries.
-TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 ADAPTER_NAME = "sft"
 
 

@@ -77,6 +77,14 @@ def rlhf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+def base_elements(model: Any) -> int:
+    """Elements of the base weights a model holds in memory: each storage counted once (a tied embedding
+    is one tensor), so one backbone under four adapters counts as one backbone."""
+    from stages.model.backbone import base_parameters
+
+    return sum({t.untyped_storage().data_ptr(): t.numel() for t in base_parameters(model).values()}.values())
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real ``rlhf`` console script in a child process, as a user would."""
     rlhf = Path(sys.executable).parent / "rlhf"

@@ -163,8 +163,9 @@ def test_dpo_under_zero2_trains_exactly_as_locally(upstream: dict[str, Path], tm
 
 def test_grpo_under_zero2_trains_on_the_engine(upstream: dict[str, Path], tmp_path: Path) -> None:
     """Each rank samples the groups of its share of the prompts (its own seed), so the launched run agrees
-    with a local one in distribution, not sample by sample; what must hold: the engine trains the policy
-    adapter, every rank's token means make one global loss, rank 0 tracks, the adapter reloads whole."""
+    with a local one in distribution, not sample by sample (the global token mean each rank's share makes
+    is tests/test_distributed_math.py's). What is checked here: the engine trains the policy adapter at the
+    configured rate, rank 0 alone tracks, and the adapter gathered from ZeRO reloads whole."""
     from safetensors.torch import load_file
 
     sets = [*DS, "grpo.max_steps=3", "grpo.prompts_per_step=2", "grpo.num_generations=3", "grpo.minibatch_size=3",

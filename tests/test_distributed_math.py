@@ -42,3 +42,16 @@ def test_two_ranks_whiten_and_average_like_one_process_on_the_whole_batch(tmp_pa
     # The plain mean of the two ranks' means is NOT the global token mean on this uneven batch.
     naive = sum(masked_mean(values[r], mask[r]).item() for r in ROWS) / 2
     assert abs(naive - masked_mean(values, mask).item()) > 1e-3
+
+
+def test_ranks_draw_equal_shares_or_are_refused() -> None:
+    """Unequal shares would make ranks loop (and call the collectives) a different number of times."""
+    import pytest
+
+    from stages.io.config import ConfigError
+
+    two = Distributed(rank=0, world_size=2)
+    assert two.even_count(8, 100, "x") == 16 and two.even_count(8, 7, "x") == 6
+    assert Distributed(rank=0, world_size=1).even_count(8, 7, "x") == 7
+    with pytest.raises(ConfigError, match="grpo rollout prompts: 1 item\\(s\\) cannot be shared by 2 ranks"):
+        two.even_count(8, 1, "grpo rollout prompts")

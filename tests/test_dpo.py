@@ -2,6 +2,8 @@
 on the same base weights, for every adapter kind and both losses. (Kill and resume: tests/test_resume.py;
 ZeRO-2: tests/test_deepspeed.py; the quality bar: tests/test_quality.py.)"""
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,13 +14,13 @@ from stages.io import artifacts
 from stages.io.config import load_config
 from stages.io.data import load_records, split_by_prompt
 from stages.model.adapters import load_adapter, needs_4bit
-from stages.model.backbone import base_parameters, load_backbone, weights_digest
+from stages.model.backbone import load_backbone, weights_digest
 from stages.model.tokenization import Tokenization
 from stages.sft import train_sft
 from stages.training.distributed import LOCAL
 from stages.training.evaluation import evaluate_policy, task_score
 from stages.training.runner import execute
-from tests.conftest import TINY
+from tests.conftest import TINY, base_elements
 
 FAST = [*TINY, "tracking.backend=none", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.logging_steps=1",
         "dpo.checkpoint_every=3"]
@@ -57,10 +59,7 @@ def test_dpo_trains_the_policy_against_a_frozen_sft_copy_on_one_backbone(kind: s
     assert any(not torch.equal(policy[n], sft_weights[n]) for n in sft_weights)  # the policy did
     assert weights_digest(backbone.model) == digest  # the base did not
     # One copy of the base: the unique storages behind the base weights hold exactly one backbone.
-    def held(module: torch.nn.Module) -> int:
-        return sum({t.untyped_storage().data_ptr(): t.numel() for t in base_parameters(module).values()}.values())
-
-    assert held(model) == held(load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind)).model)
+    assert base_elements(model) == base_elements(load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind)).model)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
@@ -68,6 +67,11 @@ def test_the_dpo_stage_publishes_its_adapter_and_metrics(loss_type: str, tmp_pat
     sft = _sft("lora", tmp_path)
     cfg = load_config(None, [*FAST, f"dpo.loss_type={loss_type}"])
     metrics = execute("dpo", train_dpo, cfg, tmp_path / "dpo", {"sft": sft})["metrics"]
+    # Step 1 trains with the policy equal to its reference: log-ratio 0, so the sigmoid loss is ln 2 and
+    # IPO's is (1 / (2 beta))^2. Without the reference in the loss these would be something else.
+    first = json.loads((tmp_path / "dpo" / "history.json").read_text())[0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(
+        math.log(2) if loss_type == "sigmoid" else (1 / (2 * cfg.dpo.beta)) ** 2, rel=1e-5)
     assert metrics["task_score_sft"] == artifacts.read_manifest(sft)["metrics"]["task_score"]
     assert 0.0 <= metrics["task_score"] <= 1.0 and 0.0 <= metrics["reward_accuracy"] <= 1.0
     assert metrics["kl_to_reference"] > -0.05  # a Monte-Carlo estimate of a KL: near 0 or above

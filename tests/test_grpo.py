@@ -13,11 +13,11 @@ import torch
 from stages.grpo import POLICY, REFERENCE, build_model, grpo_step, sample_groups, train_grpo
 from stages.io import artifacts
 from stages.io.config import load_config
-from stages.model.backbone import base_parameters, load_backbone
+from stages.model.backbone import load_backbone
 from stages.reward import ADAPTER_NAME as REWARD
 from stages.training.runner import execute
 from stages.training.updater import Updater
-from tests.conftest import TINY, stage_command, train_upstream
+from tests.conftest import TINY, base_elements, stage_command, train_upstream
 
 FAST = [*TINY, "tracking.backend=none", "grpo.max_steps=2", "grpo.prompts_per_step=3", "grpo.num_generations=3",
         "grpo.minibatch_size=4", "grpo.max_new_tokens=8", "grpo.checkpoint_every=1"]
@@ -44,10 +44,7 @@ def test_grpo_trains_only_the_policy_on_one_backbone(kind: str, tmp_path: Path) 
     assert all(torch.equal(after[n][k], before[n][k]) for n in (REFERENCE, REWARD) for k in before[n])
     assert any(not torch.equal(after[POLICY][k], v) for k, v in before[POLICY].items())
     # One copy of the base: the unique storages behind the base weights hold exactly one backbone.
-    def held(module: torch.nn.Module) -> int:
-        return sum({t.untyped_storage().data_ptr(): t.numel() for t in base_parameters(module).values()}.values())
-
-    assert held(model) == held(load_backbone(cfg.backbone, quantize_4bit=kind == "qlora").model)
+    assert base_elements(model) == base_elements(load_backbone(cfg.backbone, quantize_4bit=kind == "qlora").model)
 
 
 def test_the_first_pass_over_fresh_samples_is_on_policy(tmp_path: Path) -> None:
@@ -77,8 +74,8 @@ def test_the_checker_chain_runs_without_a_reward_stage(tmp_path: Path) -> None:
     assert '"step": 2' in history and '"reward_std"' in history
 
 
-def test_a_checker_that_raises_stops_the_stage_in_one_line(tmp_path: Path) -> None:
-    (tmp_path / "bad_checker.py").write_text("def score(prompts, responses):\n    return [1.0] * (len(responses) - 1)\n")
+def test_a_checker_that_returns_the_wrong_length_stops_the_stage_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "bad_checker.py").write_text("def score(prompts, completions):\n    return [1.0] * (len(completions) - 1)\n")
     sets = [*FAST, "run.stages=[sft,grpo]", "grpo.reward=checker", "grpo.checker=bad_checker:score"]
     sft = train_upstream(tmp_path, sets)["sft"]
     result = subprocess.run(stage_command("grpo", tmp_path / "grpo", sets, {"sft": sft}), capture_output=True,

@@ -153,3 +153,23 @@ def test_a_shared_value_model_trains_the_policy_adapter_and_the_value_head(lora_
 
     execute("ppo", train_ppo, cfg, tmp_path / "ppo", lora_inputs)
     assert (tmp_path / "ppo" / "value_head.safetensors").is_file() and not (tmp_path / "ppo" / "value").exists()
+
+
+def test_ppo_on_the_checker_holds_no_reward_model(tmp_path: Path) -> None:
+    """ppo.reward=checker: no reward adapter or head; the value adapter starts as the SFT adapter and its
+    head at zero; rollouts are scored by the built-in checker (1 for the exact sum, -1 for no stop)."""
+    from stages.sft import train_sft
+
+    sets = [*FAST, "run.stages=[sft,ppo]", "ppo.reward=checker", "sft.max_steps=40"]
+    cfg = load_config(None, sets)
+    execute("sft", train_sft, cfg, tmp_path / "sft", {})
+    models = build_models(cfg, {"sft": tmp_path / "sft"})
+    assert models.reward_head is None and set(models.model.peft_config) == {REFERENCE, POLICY, VALUE}
+    policy, value = _snapshot(models.model, POLICY), _snapshot(models.model, VALUE)
+    assert all(torch.equal(p, value[n.replace(f".{POLICY}.", f".{VALUE}.")]) for n, p in policy.items())
+    assert models.value_head.weight.abs().sum() == 0 and models.value_head.bias.abs().sum() == 0
+    rollout, stats = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
+    assert -1.0 <= stats["score"] <= 1.0
+    metrics = execute("ppo", train_ppo, cfg, tmp_path / "ppo", {"sft": tmp_path / "sft"})["metrics"]
+    assert metrics["warnings"] == [] and -1.0 <= metrics["policy_reward"] <= 1.0
+    assert (tmp_path / "ppo" / "value" / "adapter_config.json").is_file()

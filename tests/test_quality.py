@@ -32,7 +32,7 @@ def _report(run_id: str, cwd: Path) -> dict:
 def test_every_config_in_configs_is_checked() -> None:
     assert {p.name for p in CONFIGS} >= {"default.yaml", "ptuning_v2.yaml", "qlora.yaml", "deepspeed-zero2.yaml",
                                          "sft-reward-rrhf.yaml", "sft-rrhf-offline.yaml", "sft-dpo.yaml",
-                                         "sft-reward-grpo.yaml", "sft-grpo-checker.yaml"}
+                                         "sft-reward-grpo.yaml", "sft-grpo-checker.yaml", "sft-ppo-checker.yaml"}
     assert set(EXEMPT) <= {p.name for p in CONFIGS}
     for name, reason in EXEMPT.items():  # the config itself tells its user, in these words
         assert f"# exempt from the quality bar: {reason}" in (REPO / "configs" / name).read_text(), name

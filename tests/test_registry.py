@@ -38,8 +38,9 @@ def test_config_choices_order_and_dependencies_come_from_the_registry() -> None:
     cfg = load_config(None, ["run.stages=[sft,rrhf]", "data.ranked=builtin"])
     assert spec("rrhf").needed_inputs(cfg) == ("sft",) and spec("rrhf").needed_datasets(cfg) == ("sft", "eval", "ranked")
     assert missing_inputs(["ppo"], cfg) == ["ppo needs the sft stage (it reads its artifact)",
-                                            "ppo needs the reward stage (it reads its artifact)"]
-    with pytest.raises(ConfigError, match=r"rrhf needs the reward stage \(it reads its artifact\), or data.ranked"):
+                                            "ppo needs the reward stage (it reads its artifact), or ppo.reward=checker"]
+    with pytest.raises(ConfigError, match=r"rrhf needs the reward stage \(it reads its artifact\), or data.ranked, "
+                                          r"or rrhf.reward=checker"):
         load_config(None, ["run.stages=[sft,rrhf]"])
     with pytest.raises(KeyError, match="unknown stage 'kto'; known: sft, reward, rrhf, ppo, dpo, grpo"):
         spec("kto")

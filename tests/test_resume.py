@@ -51,7 +51,9 @@ def _finished_checkpoint(stage: str, out: Path) -> Path | None:
     ("reward", ["reward.launcher=accelerate", "distributed.deepspeed=zero2"]),  # every rank's ZeRO partition
     ("sft", ["adapter.dropout=0.1"]), ("reward", ["adapter.dropout=0.1"]),  # dropout masks replay too
     ("ppo", ["ppo.value_model=shared"]),  # no value adapter: the policy and the value head are the state
-], ids=["sft", "reward", "rrhf", "ppo", "dpo", "grpo", "grpo-checker", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value"])
+    ("ppo", ["run.stages=[sft,ppo]", "ppo.reward=checker"]),  # no reward model: the value adapter from SFT
+], ids=["sft", "reward", "rrhf", "ppo", "dpo", "grpo", "grpo-checker", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value",
+        "ppo-checker"])
 def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], upstream: dict[str, Path],
                                                        tmp_path: Path) -> None:
     out = tmp_path / stage

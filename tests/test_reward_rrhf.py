@@ -120,6 +120,17 @@ def test_rrhf_on_offline_ranked_data_needs_no_reward(trained: dict[str, Path], t
     assert "reward" not in manifest["input_digests"]
 
 
+def test_rrhf_on_the_checker_needs_no_reward(tmp_path: Path) -> None:
+    """rrhf.reward=checker: the candidates are ranked by the built-in checker, with no reward stage."""
+    sets = [*FAST, "run.stages=[sft,rrhf]", "rrhf.reward=checker", "sft.max_steps=40"]
+    cfg = load_config(None, sets)
+    execute("sft", train_sft, cfg, tmp_path / "sft", {})
+    manifest = execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", {"sft": tmp_path / "sft"})
+    metrics = manifest["metrics"]
+    assert "reward" not in manifest["input_digests"] and metrics["warnings"] == [], metrics["warnings"]
+    assert -1.0 <= metrics["candidate_reward"] <= 1.0 and -1.0 <= metrics["policy_reward"] <= 1.0
+
+
 def test_rrhf_needs_a_reward_source() -> None:
     from stages.io.config import ConfigError
 
@@ -151,7 +162,9 @@ def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[s
     from stages.model.adapters import load_adapter
     from stages.model.generation import generate
     from stages.model.sequences import from_token_ids, token_logprobs
+    from stages.reward import reward_of
     from stages.rrhf import POLICY, group_logprobs, sample_groups
+    from stages.training.rewards import reward_source
 
     cfg = load_config(None, [*FAST, "rrhf.temperature=2.0", "rrhf.num_candidates=4", "rrhf.max_new_tokens=12"])
     backbone = load_backbone(cfg.backbone)
@@ -160,7 +173,8 @@ def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[s
     model, head = attach_reward(model, trained["reward"], tokenization, backbone.fingerprint)
     model.set_adapter(POLICY)
     prompts = ["3+4=", "12+9=", "5+5=", "7+1=", "18+17=", "0+0="]
-    groups = sample_groups(model, head, tokenization, prompts, cfg)
+    source = reward_source(cfg.rrhf, lambda samples: reward_of(model, head, samples, tokenization.pad_id, 0.0))
+    groups = sample_groups(model, source, tokenization, prompts, cfg)
     from stages.model.adapters import active_adapter
 
     with active_adapter(model, POLICY):

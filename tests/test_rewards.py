@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from stages.io.config import ConfigError, load_config
+from stages.io.provenance import check_datasets, checker_digest
 from stages.model.generation import Response
 from stages.registry import missing_inputs
 from stages.training.rewards import CheckerError, builtin_checker, load_checker, reward_source
@@ -28,11 +29,11 @@ def test_the_builtin_checker_scores_exact_sums_of_plain_and_conversational_promp
 @pytest.fixture
 def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (tmp_path / "my_rewards.py").write_text(
-        "def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
-        "def raises(prompts, responses):\n    raise KeyError('score')\n"
-        "def short(prompts, responses):\n    return [1.0]\n"
-        "def nan(prompts, responses):\n    return [float('nan')] * len(responses)\n"
-        "def text(prompts, responses):\n    return 'good'\n")
+        "def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"  # TRL-style
+        "def raises(prompts, completions):\n    raise KeyError('score')\n"
+        "def short(prompts, completions):\n    return [1.0]\n"
+        "def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n"
+        "def text(prompts, completions):\n    return 'good'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_rewards"
     sys.modules.pop("my_rewards", None)
@@ -61,8 +62,11 @@ def test_a_misbehaving_user_checker_is_one_error_naming_it(user_module: str, fun
 
 
 def test_a_checker_that_cannot_be_imported_or_named_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="checker 'no_such_module:fn': cannot import it"):
+    with pytest.raises(ConfigError, match="checker 'no_such_module:fn': cannot import it \\(ModuleNotFoundError"):
         load_checker("no_such_module:fn")
+    with pytest.raises(ConfigError, match="grpo.checker='no_such_module:fn': cannot find module 'no_such_module'"):
+        check_datasets(load_config(None, ["run.stages=[sft,grpo]", "grpo.reward=checker",
+                                          "grpo.checker=no_such_module:fn"]))
     with pytest.raises(ConfigError, match=r"grpo.checker: Value error, expected builtin or module:function, got 'nocolon'"):
         load_config(None, ["grpo.checker=nocolon"])
 
@@ -82,3 +86,12 @@ def test_a_checker_alone_needs_no_reward_stage() -> None:
         load_config(None, ["run.stages=[sft,grpo]"])
     with pytest.raises(ConfigError, match="grpo needs the reward stage"):
         load_config(None, ["run.stages=[sft,grpo]", "grpo.reward=model+checker"])
+
+
+def test_editing_a_user_checker_changes_the_stage_cache_key(user_module: str, tmp_path: Path) -> None:
+    cfg = load_config(None, ["run.stages=[sft,grpo]", "grpo.reward=checker", f"grpo.checker={user_module}:length"])
+    before = checker_digest("grpo", cfg)
+    (tmp_path / "my_rewards.py").write_text((tmp_path / "my_rewards.py").read_text() + "# edited\n")
+    assert checker_digest("grpo", cfg) != before
+    assert checker_digest("grpo", load_config(None, ["grpo.reward=checker"])) is None  # builtin: the stage's code
+    assert checker_digest("grpo", load_config(None, [f"grpo.checker={user_module}:length"])) is None  # model only

@@ -176,7 +176,26 @@ class RewardSection(_Section):
     checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
 
 
-class RRHFSection(_Section):
+class _RewardSourceSection(_Section):
+    """An RL stage's reward (``stages.training.rewards``): the reward model, a checker, or their weighted sum."""
+
+    reward: Literal["model", "checker", "model+checker"] = "model"
+    # builtin: the built-in task's checker (1.0 for the exact sum); or "module:function" taking
+    # (prompts, responses) and returning one float per response, as TRL's reward functions do.
+    checker: str = "builtin"
+    model_weight: float = 1.0  # model+checker: model_weight * reward model + checker_weight * checker
+    checker_weight: float = 1.0
+
+    @field_validator("checker")
+    @classmethod
+    def _checker_is_a_function_name(cls, checker: str) -> str:
+        module, colon, function = checker.partition(":")
+        if checker != "builtin" and not (colon and module and function.isidentifier()):
+            raise ValueError(f"expected builtin or module:function, got {checker!r}")
+        return checker
+
+
+class RRHFSection(_RewardSourceSection):
     launcher: Launcher = "local"
     num_prompts: int = Field(default=128, ge=1)  # training prompts to sample candidates for
     num_candidates: int = Field(default=4, ge=1)  # k responses sampled per prompt from the SFT policy
@@ -193,7 +212,7 @@ class RRHFSection(_Section):
     checkpoint_every: int = Field(default=40, ge=1)  # steps between resumable checkpoints
 
 
-class PPOSection(_Section):
+class PPOSection(_RewardSourceSection):
     launcher: Launcher = "local"
     updates: int = Field(default=40, ge=1)  # rollout + optimisation rounds
     rollout_prompts: int = Field(default=32, ge=1)  # prompts sampled per update
@@ -238,25 +257,6 @@ class DPOSection(_CheckpointsFollowLogs):
     beta: float = Field(default=0.1, gt=0)
     eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for reward_accuracy
     checkpoint_every: int = Field(default=30, ge=1)  # steps between resumable checkpoints
-
-
-class _RewardSourceSection(_Section):
-    """An RL stage's reward (``stages.training.rewards``): the reward model, a checker, or their weighted sum."""
-
-    reward: Literal["model", "checker", "model+checker"] = "model"
-    # builtin: the built-in task's checker (1.0 for the exact sum); or "module:function" taking
-    # (prompts, responses) and returning one float per response, as TRL's reward functions do.
-    checker: str = "builtin"
-    model_weight: float = 1.0  # model+checker: model_weight * reward model + checker_weight * checker
-    checker_weight: float = 1.0
-
-    @field_validator("checker")
-    @classmethod
-    def _checker_is_a_function_name(cls, checker: str) -> str:
-        module, colon, function = checker.partition(":")
-        if checker != "builtin" and not (colon and module and function.isidentifier()):
-            raise ValueError(f"expected builtin or module:function, got {checker!r}")
-        return checker
 
 
 class GRPOSection(_RewardSourceSection):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.io import artifacts
-from stages.io.config import PipelineConfig
+from stages.io.config import ConfigError, PipelineConfig
 from stages.io.data import DataError, DataKind, dataset_digest, load_records, source_name, split_by_prompt
 from stages.io.deepspeed_config import launch_identity
 from stages.io.formats import is_conversational
@@ -60,10 +60,13 @@ def check_datasets(cfg: PipelineConfig) -> None:
     if conversational and cfg.data.chat_template == "never":
         raise DataError(f"{', '.join(conversational)} hold conversational rows, which need the chat template, "
                         "but data.chat_template=never")
-    if "preferences" in kinds and "reward" in cfg.run.stages:  # the reward stage holds out whole prompts
-        preferences = cfg.data.preferences
-        split_by_prompt(load_records(preferences, "preferences", cfg.task), cfg.reward.eval_fraction,
-                        source_name(preferences))
+    for stage in cfg.run.stages:  # the stages that hold out whole prompts of the preference pairs (reward, DPO)
+        if "preferences" in spec(stage).datasets and hasattr(getattr(cfg, stage), "eval_fraction"):
+            preferences = cfg.data.preferences
+            split_by_prompt(load_records(preferences, "preferences", cfg.task), getattr(cfg, stage).eval_fraction,
+                            source_name(preferences), f"{stage}.eval_fraction")
+    for stage in cfg.run.stages:
+        checker_digest(stage, cfg)  # a user's checker that cannot be found fails here, before the run
     if conversational and plain and cfg.data.chat_template == "auto":
         raise DataError(f"{', '.join(conversational)} hold conversational prompts and {', '.join(plain)} plain-string "
                         "ones: under data.chat_template=auto only the conversational ones go through the chat "
@@ -180,8 +183,30 @@ def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -
         "dataset_digest": _sha(json.dumps(datasets, sort_keys=True)),
         "code_version": code_version(stage),
     }
+    if checker := checker_digest(stage, cfg):
+        provenance["checker_digest"] = checker
     provenance["cache_key"] = _sha(json.dumps(provenance, sort_keys=True))
     return provenance
+
+
+def checker_digest(stage: str, cfg: PipelineConfig) -> str | None:
+    """Digest of the source file of a user's checker (``<stage>.checker: module:function``) that the stage's
+    reward uses, so editing the function invalidates the cached result; None for none or the built-in one
+    (versioned with the stage's code). Raises ``ConfigError`` naming it when it cannot be found."""
+    section = getattr(cfg, stage)
+    if not spec(stage).reward_source or "checker" not in section.reward or section.checker == "builtin":
+        return None
+    module = section.checker.partition(":")[0]
+    try:
+        found = find_spec(module)
+    except (ImportError, ValueError) as err:
+        found, why = None, str(err)
+    else:
+        why = "no such module"
+    if found is None or not found.origin or not Path(found.origin).is_file():
+        raise ConfigError(f"{stage}.checker={section.checker!r}: cannot find module {module!r} ({why}); it must be "
+                          "importable where the stage runs (on PYTHONPATH or installed)")
+    return _sha(Path(found.origin).read_text(errors="replace"))
 
 
 def _sha(text: str) -> str:

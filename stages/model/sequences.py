@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from stages.model.generation import Response
+
 
 @dataclass
 class SequenceBatch:
@@ -41,6 +43,18 @@ def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int, device:
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return SequenceBatch(tensor(ids), tensor(attention), tensor(response))
+
+
+def sampled_batch(samples: list["Response"], pad_id: int, device: "torch.device | str"
+                  ) -> tuple[SequenceBatch, "torch.Tensor"]:
+    """The batch of sampled (prompt ids, response ids) and the log-probs the tokens were sampled with,
+    (B, T) aligned with ``input_ids`` (0 off the response): what an RL stage scores and trains on."""
+    import torch
+
+    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id, device)
+    logprobs = torch.zeros(batch.input_ids.shape, device=device)
+    logprobs[batch.response_mask.bool()] = torch.tensor([lp for s in samples for lp in s.token_logprobs], device=device)
+    return batch, logprobs
 
 
 def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch, temperature: float = 1.0) -> "torch.Tensor":

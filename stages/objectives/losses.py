@@ -309,13 +309,13 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """GRPO's objective, Shao et al. 2024 eq. 3 (negated to minimise): PPO's clipped surrogate with each
     response's advantage on every one of its tokens, plus ``beta`` times the per-token KL to the reference,
-    estimated with k3 = ``exp(ref - logp) - (ref - logp) - 1`` (eq. 4; unbiased, always >= 0).
+    estimated with k3 = ``exp(ref - logp) - (ref - logp) - 1`` (eq. 4; always >= 0, and unbiased for
+    tokens sampled from the current policy: the first pass over fresh samples).
 
     ``logprobs``, ``old_logprobs`` (sampling time), ``ref_logprobs`` and ``mask`` are (N, T) for N
     responses; ``advantages`` is (N,) (``group_advantages`` flattened). The mean is over all valid tokens
     of the batch (DAPO's token-level normalisation, TRL's default), not per response first: a long
-    response is not down-weighted. ``beta=0`` drops the KL term (and the reference forward is then
-    still logged, not trained on).
+    response is not down-weighted. ``beta=0`` drops the KL term from the loss (it is still measured).
 
     Stats: ``clipfrac``, ``approx_kl`` (old vs new, as PPO), ``kl`` (mean k3 to the reference per token).
     """

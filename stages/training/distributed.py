@@ -51,6 +51,16 @@ class Distributed:
         """This rank's share of ``items`` (every rank sees the same list in the same order)."""
         return items[self.rank :: self.world_size]
 
+    def even_count(self, per_rank: int, available: int, what: str) -> int:
+        """How many of ``available`` items to draw so that every rank gets the same number, at most
+        ``per_rank``: ranks that loop over unequal shares would call the collectives a different number
+        of times and hang. Raises ConfigError when there are fewer items than ranks."""
+        count = self.world_size * min(per_rank, available // self.world_size)
+        if count == 0:
+            raise ConfigError(f"{what}: {available} item(s) cannot be shared by {self.world_size} ranks; add data "
+                              "or lower distributed.num_processes")
+        return count
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed

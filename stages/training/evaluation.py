@@ -14,9 +14,12 @@ from stages.model.generation import Response, generate
 from stages.model.placement import model_device
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from peft import PeftModel
 
+    from stages.io.formats import Prompt
     from stages.model.tokenization import Tokenization
 
 
@@ -40,10 +43,12 @@ def task_score(
 def evaluate_policy(
     model: "PeftModel", tokenization: "Tokenization", records: list[Record], cfg: EvalSection, seed: int, *,
     reference: str, desc: str = "task_score", synced: bool = False,
+    reward: "Callable[[list[Response], list[Prompt]], list[float]] | None" = None,
 ) -> dict[str, float]:
     """``task_score`` of the active adapter (the policy) and, on the same samples, its KL to the adapter
     ``reference``: the Monte-Carlo estimate of KL(policy || reference) per response, the mean over samples
     of the sum over their tokens of log policy - log reference, both at ``cfg.temperature`` (nats).
+    With ``reward`` (the stage's reward source), ``policy_reward`` is the mean reward of those samples.
 
     The policy's log-probs are those generation sampled with; the reference's come from one forward of
     the sampled ids. The same samples, hence the same ``task_score``, as ``task_score`` with this seed.
@@ -62,8 +67,12 @@ def evaluate_policy(
                                    model_device(model))
             reference_logprobs = token_logprobs(model, batch, cfg.temperature).sum(-1)  # (B,)
             kl += [sum(r.token_logprobs) - ref for r, ref in zip(chunk, reference_logprobs.tolist(), strict=True)]
-    return {"task_score": score_responses(responses, [r["answer"] for r in records]),
-            "kl_to_reference": sum(kl) / len(kl)}
+    found = {"task_score": score_responses(responses, [r["answer"] for r in records]),
+             "kl_to_reference": sum(kl) / len(kl)}
+    if reward is not None:
+        rewards = reward(responses, [r["prompt"] for r in records])
+        found["policy_reward"] = sum(rewards) / len(rewards)
+    return found
 
 
 def _samples(model: "torch.nn.Module", tokenization: "Tokenization", records: list[Record], cfg: EvalSection,

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from transformers import Trainer, TrainerCallback
 
 KEY_FILE = "cache_key"  # in .<stage>.checkpoints/: whose progress the Trainer checkpoints there are
+# TRL's trainers score tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): they never
+# hold more than a tile of 4096 tokens x 32768 vocabulary entries (the memory plan's logits).
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 
 
 def trainer_arguments(model: "PeftModel", cfg: PipelineConfig, dist: Distributed, stage: str, *,

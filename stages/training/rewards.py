@@ -3,9 +3,10 @@
 * ``model``: the reward stage's adapter and score head on the shared backbone, scoring the ids that
   were sampled (the recipe passes ``stages.reward.reward_of`` bound to them: this module stays free of
   the reward recipe, whose code would otherwise version every stage, as the runner imports it);
-* ``checker``: a verifiable reward, a function ``(prompts, responses) -> list[float]`` as TRL's reward
-  functions are. ``<stage>.checker: builtin`` is the built-in task's checker (1.0 for the exact sum,
-  else 0.0); ``module:function`` names the user's own;
+* ``checker``: a verifiable reward, a function called with the keywords ``prompts`` and
+  ``completions`` (TRL's reward-function names; a function that takes ``**kwargs`` may ignore one) that
+  returns one float per completion. ``<stage>.checker: builtin`` is the built-in task's checker (1.0
+  for the exact sum, else 0.0); ``module:function`` names the user's own;
 * ``model+checker``: ``model_weight * model + checker_weight * checker``.
 
 Either way a response that never stopped loses ``missing_eos_penalty``. A checker that raises, returns
@@ -32,15 +33,16 @@ ModelScores = Callable[[list["Response"]], list[float]]  # the reward model's sc
 BUILTIN = "builtin"
 
 
-class CheckerError(RuntimeError):
-    """A user's checker misbehaved (raised, wrong length, not finite); the message names it."""
+class CheckerError(ConfigError):
+    """The configured checker misbehaved (raised, wrong length, not finite); the message names it. A
+    ConfigError: the runner reports it in one line, and needs no import of this module."""
 
 
-def builtin_checker(prompts: list[Prompt], responses: list[str]) -> list[float]:
+def builtin_checker(prompts: list[Prompt], completions: list[str], **kwargs: Any) -> list[float]:
     """The built-in addition task's checker: 1.0 when a response is exactly the sum its prompt asks for
     (``"17+5="`` -> ``"22"``), else 0.0. Conversational prompts are read from their last message."""
     rewards = []
-    for prompt, response in zip(prompts, responses, strict=True):
+    for prompt, response in zip(prompts, completions, strict=True):
         text = prompt_text(prompt).strip()
         left, plus, right = text.removesuffix("=").rpartition("\n")[2].partition("+")
         if not (plus and text.endswith("=") and left.strip().isdigit() and right.strip().isdigit()):
@@ -51,14 +53,15 @@ def builtin_checker(prompts: list[Prompt], responses: list[str]) -> list[float]:
 
 
 def load_checker(name: str) -> Checker:
-    """``builtin`` or ``module:function``; ConfigError naming it when it cannot be imported or called."""
+    """``builtin`` or ``module:function``; ConfigError naming it when it cannot be imported (any error
+    while its module runs counts) or is not callable."""
     if name == BUILTIN:
         return builtin_checker
     module, _, function = name.partition(":")
     try:
         found = getattr(import_module(module), function)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"checker {name!r}: cannot import it ({err})") from None
+    except Exception as err:  # the user's module: a SyntaxError or its own failure is theirs, in one line
+        raise ConfigError(f"checker {name!r}: cannot import it ({type(err).__name__}: {err})") from None
     if not callable(found):
         raise ConfigError(f"checker {name!r} is not a function")
     return found
@@ -93,7 +96,7 @@ class RewardSource:
 
     def _checked(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
         try:
-            found = self.checker(list(prompts), list(texts))  # type: ignore[misc]
+            found = self.checker(prompts=list(prompts), completions=list(texts))  # type: ignore[misc]
         except CheckerError:
             raise
         except Exception as err:  # a user's function: any error is theirs, reported in one line

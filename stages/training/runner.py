@@ -31,7 +31,6 @@ from stages.model.tokenization import TokenizationError
 from stages.registry import spec
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import LOCAL, Distributed, setup_distributed
-from stages.training.rewards import CheckerError
 from stages.training.tracking import NoTracker, start_tracking
 from stages.training.updater import NonFiniteLoss
 
@@ -49,7 +48,7 @@ class StageContext:
 
 StageFn = Callable[[PipelineConfig, StageContext], dict[str, Any]]
 # Errors that are the user's to fix: print one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError, NonFiniteLoss, TokenizationError, CheckerError)
+USER_ERRORS = (ConfigError, DataError, artifacts.ArtifactError, NonFiniteLoss, TokenizationError)
 
 
 def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> dict[str, Any] | None:
