@@ -59,7 +59,7 @@ from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
-from stages.training.evaluation import task_score
+from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
 from stages.training.rewards import RewardSource, reward_source
@@ -352,15 +352,10 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
 
 
 def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig) -> dict[str, float]:
-    """Held-out task_score of the policy and the mean reward of its held-out samples."""
-    model, tokenization = models.model, models.tokenization
-    with active_adapter(model, POLICY):
-        score = task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (ppo)")
-        prompts = [tokenization.prompt_ids(r["prompt"]) for r in held_out[: cfg.eval.num_prompts]]
-        samples = generate(model, tokenization, prompts, max_new_tokens=cfg.ppo.max_new_tokens,
-                           temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-    rewards = models.reward(samples, [r["prompt"] for r in held_out[: cfg.eval.num_prompts]])  # type: ignore[misc]
-    return {"task_score": score, "policy_reward": sum(rewards) / len(rewards)}
+    """Held-out task_score of the policy, its KL to the reference and the mean reward, on the same samples."""
+    with active_adapter(models.model, POLICY):
+        return evaluate_policy(models.model, models.tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
+                               desc="task_score (ppo)", reward=models.reward)
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

@@ -35,7 +35,7 @@ from stages.objectives.losses import rrhf_loss
 from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
-from stages.training.evaluation import task_score
+from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
 from stages.training.rewards import RewardSource, reward_source
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-POLICY = "policy"
+POLICY, REFERENCE = "policy", "reference"
 # Memory bounds, not hyper-parameters: prompts sampled at once, groups scored at once for ranking accuracy.
 GENERATION_BATCH, RANKING_GROUPS = 64, 16
 
@@ -134,7 +134,8 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     context = backbone.model.config.max_position_embeddings
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
-    model = load_adapter(backbone.model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
+    model = load_adapter(backbone.model, inputs["sft"], REFERENCE, backbone.fingerprint)  # for the final KL only
+    model = load_adapter(model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
     source = None
     if not cfg.data.ranked:
         scores = None
@@ -189,19 +190,13 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     model.eval()
 
     metrics: dict[str, Any] = {
-        "task_score": task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (rrhf)"),
+        **evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
+                          desc="task_score (rrhf)", reward=source),
         "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
         "ranking_accuracy_before": accuracy_before,
         "ranking_accuracy": ranking_accuracy(model, tokenization, groups),
         "candidate_reward": sum(sum(g.rewards) for g in groups) / sum(len(g.rewards) for g in groups),
     }
-    if source is not None:  # mean reward of the trained policy's own samples on held-out prompts
-        eval_prompts = [r["prompt"] for r in held_out[: cfg.eval.num_prompts]]
-        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in eval_prompts],
-                           max_new_tokens=rr.max_new_tokens, temperature=cfg.eval.temperature,
-                           batch_size=cfg.eval.batch_size, seed=cfg.run.seed)
-        rewards = source(samples, eval_prompts)
-        metrics["policy_reward"] = sum(rewards) / len(rewards)
     save_probe(model, tokenization.tokenizer, out)
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
@@ -240,8 +235,8 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
             Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + rrhf.max_new_tokens,
                   evaluated, knobs=("eval.num_prompts", "rrhf.max_new_tokens")),
         ]
-    model_reward = online and "model" in rrhf.reward  # the reward adapter and head, frozen
-    return Workload("rrhf", 1, 1 if model_reward else 0, tuple(phases), frozen_heads=1 if model_reward else 0)
+    model_reward = online and "model" in rrhf.reward  # the reward adapter and head, frozen; and the reference
+    return Workload("rrhf", 1, 2 if model_reward else 1, tuple(phases), frozen_heads=1 if model_reward else 0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,26 @@ def test_preferences_always_prefer_the_correct_answer() -> None:
         assert pair["rejected"].startswith(truth + ";")  # rambling, not a wrong sum
 
 
+def test_the_harder_variant_adds_wrong_sums_and_label_noise_and_leaves_the_default_alone() -> None:
+    default, hard = TaskSection(), TaskSection(wrong_answer_rate=0.4, label_noise=0.1)
+    plain, noisy = arithmetic.sft_records(default), arithmetic.sft_records(hard)
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in noisy]  # the same problems, in order
+
+    def correct(record: dict) -> bool:
+        a, b = record["prompt"].removesuffix("=").split("+")
+        return record["completion"].split(";")[0] == str(int(a) + int(b))
+
+    assert all(correct(r) for r in plain)
+    wrong = [r for r in noisy if not correct(r)]
+    assert 0.3 < len(wrong) / len(noisy) < 0.5
+    # a wrong sum keeps the demonstration's shape: it stops, or it rambles on as the default one did
+    assert {";" in r["completion"] for r in wrong} == {True, False}
+    pairs, swapped = arithmetic.preference_records(default), arithmetic.preference_records(hard)
+    flipped = [p for p, q in zip(pairs, swapped) if p["chosen"] == q["rejected"] and p["rejected"] == q["chosen"]]
+    assert 0.05 < len(flipped) / len(pairs) < 0.15
+    assert all(p == q for p, q in zip(pairs, swapped) if p not in flipped)
+
+
 def test_eval_prompts_are_held_out_and_generation_is_deterministic() -> None:
     held_out = {r["prompt"] for r in arithmetic.eval_records(CFG)}
     assert len(held_out) == CFG.num_eval

@@ -62,28 +62,41 @@ def _split(cfg: TaskSection) -> tuple[list[Problem], list[Problem]]:
 
 
 def sft_records(cfg: TaskSection) -> list[dict[str, str]]:
-    """Prompt/completion demonstrations; about ``1 - demo_accuracy`` of them ramble on purpose."""
+    """Prompt/completion demonstrations; about ``1 - demo_accuracy`` of them ramble on purpose, and (the
+    harder variant) ``wrong_answer_rate`` of them give a wrong sum, stopping or rambling alike."""
     rng = random.Random(cfg.seed + 1)
+    wrong = random.Random(cfg.seed + 11)  # its own stream: the default task's demonstrations are unchanged
     train, _ = _split(cfg)
     records = []
     for _ in range(cfg.num_sft):
         problem = rng.choice(train)
         right = rng.random() < cfg.demo_accuracy
         completion = problem.answer if right else rambling(problem, rng, cfg.max_operand)
+        if cfg.wrong_answer_rate and wrong.random() < cfg.wrong_answer_rate:
+            completion = wrong_sum(problem, wrong) + completion.removeprefix(problem.answer)
         records.append({"prompt": problem.prompt, "completion": completion})
     return records
 
 
+def wrong_sum(problem: Problem, rng: random.Random) -> str:
+    """A plausible wrong answer: the sum off by 1 or 2 (never negative)."""
+    total = problem.a + problem.b
+    return str(rng.choice([x for x in (total - 2, total - 1, total + 1, total + 2) if x >= 0]))
+
+
 def preference_records(cfg: TaskSection) -> list[dict[str, str]]:
-    """(prompt, chosen, rejected): the exact answer is always chosen over a rambling one."""
+    """(prompt, chosen, rejected): the exact answer is chosen over a rambling one; (the harder variant) a
+    ``label_noise`` share of the pairs has them swapped, as annotators err."""
     rng = random.Random(cfg.seed + 2)
+    noise = random.Random(cfg.seed + 12)  # its own stream: the default task's pairs are unchanged
     train, _ = _split(cfg)
     records = []
     for _ in range(cfg.num_pairs):
         problem = rng.choice(train)
-        records.append(
-            {"prompt": problem.prompt, "chosen": problem.answer, "rejected": rambling(problem, rng, cfg.max_operand)}
-        )
+        chosen, rejected = problem.answer, rambling(problem, rng, cfg.max_operand)
+        if cfg.label_noise and noise.random() < cfg.label_noise:
+            chosen, rejected = rejected, chosen
+        records.append({"prompt": problem.prompt, "chosen": chosen, "rejected": rejected})
     return records
 
 

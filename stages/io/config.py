@@ -93,6 +93,11 @@ class TaskSection(_Section):
     # Share of SFT demonstrations that stop right after the answer. The rest ramble on with another
     # equation, so SFT alone plateaus and RLHF has something to fix.
     demo_accuracy: float = Field(default=0.6, ge=0.0, le=1.0)
+    # The harder variant (bench/task-hard.yaml): a share of SFT demonstrations with a wrong sum, which a
+    # reward model cannot verify (stages/io/arithmetic.py) but the checker can; and a share of preference
+    # pairs with chosen and rejected swapped, so the reward model is imperfect. 0: the default task.
+    wrong_answer_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    label_noise: float = Field(default=0.0, ge=0.0, lt=0.5)
 
     @model_validator(mode="after")
     def _enough_problems(self) -> "TaskSection":
