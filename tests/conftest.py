@@ -22,7 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["backbone.device=cpu", "run.threads=2", "sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32",
         "task.num_pairs=32", "reward.max_steps=4", "reward.batch_size=4", "reward.logging_steps=1", "ppo.updates=2",
         "ppo.rollout_prompts=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
-        "rrhf.max_steps=3", "rrhf.num_prompts=6", "rrhf.batch_size=3", "rrhf.num_candidates=3", "rrhf.logging_steps=1"]
+        "rrhf.max_steps=3", "rrhf.num_prompts=6", "rrhf.batch_size=3", "rrhf.num_candidates=3", "rrhf.logging_steps=1",
+        "dpo.max_steps=3", "dpo.batch_size=4", "dpo.logging_steps=1", "dpo.checkpoint_every=3", "grpo.max_steps=2",
+        "grpo.prompts_per_step=3", "grpo.num_generations=3", "grpo.minibatch_size=4", "grpo.max_new_tokens=8"]
 
 
 # Tests by speed (pyproject's markers). ``make test-fast`` runs the unit tier, ``make test`` (CI) all.
@@ -107,13 +109,16 @@ def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
 
 def chain_stages() -> dict[str, tuple[Callable[..., Any], list[str]]]:
     """Each built-in stage's train function and the upstream artifacts it reads, in chain order."""
+    from stages.dpo import train_dpo
+    from stages.grpo import train_grpo
     from stages.ppo import train_ppo
     from stages.reward import train_reward
     from stages.rrhf import train_rrhf
     from stages.sft import train_sft
 
     return {"sft": (train_sft, []), "reward": (train_reward, []), "ppo": (train_ppo, ["sft", "reward"]),
-            "rrhf": (train_rrhf, ["sft", "reward"])}
+            "rrhf": (train_rrhf, ["sft", "reward"]), "dpo": (train_dpo, ["sft"]),
+            "grpo": (train_grpo, ["sft", "reward"])}
 
 
 def stage_command(stage: str, out: Path, overrides: list[str], inputs: dict[str, Path] | None = None) -> list[str]:

@@ -33,7 +33,7 @@ def test_the_double_moves_project_code_tensors_off_the_model_device(monkeypatch:
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_every_stage_creates_its_tensors_on_the_model_device(kind: str, tmp_path: Path) -> None:
-    """SFT, reward, PPO and RRHF, each with the default device moved off the model's: every batch, head,
+    """Every stage of the chain, each with the default device moved off the model's: every batch, head,
     mask and loss tensor is made where the model is (QLoRA: the 4-bit loader places its own weights)."""
     cfg = load_config(None, [*TINY, f"adapter.kind={kind}", "tracking.backend=none"])
     with double.ForeignDefaultDevice() as mode:
