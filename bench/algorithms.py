@@ -8,7 +8,8 @@ SFT and the reward model are trained once. Then each variant's stage runs as the
 0..seeds-1, so only the RL stage changes between seeds. Variants: PPO, GRPO, DPO and RRHF with the
 reward model (DPO reads the preference pairs instead), and PPO and GRPO with the task's checker.
 
-Per variant: held-out ``task_score`` (mean and spread over the seeds), its gain over SFT, the stage's
+Per variant: held-out ``task_score`` (mean and population std over the seeds), its gain over SFT (whose
+own score is one evaluation: 64 prompts sampled at T=1, about +-0.06 of sampling noise), the stage's
 wall seconds and peak RSS (the stage process, from ``wait4``), and the final KL to the reference
 (``kl_to_reference``: nats per response on the evaluation samples). Measure on a quiet machine: the
 stages use the cores no other process uses (``run.threads: auto``).
@@ -43,12 +44,14 @@ def run_stage(stage: str, out: Path, config: Path, sets: list[str], inputs: dict
     command = [sys.executable, "-m", f"stages.{stage}", "--config", str(config), "--out", str(out),
                *(f"--input={name}={path}" for name, path in inputs.items()),
                *(a for item in ["tracking.backend=none", *sets] for a in ("--set", item))]
+    log = out.with_suffix(".log")  # a file, not a pipe: nobody reads a pipe until wait4 returns
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sink)
+        _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{stage} {sets} failed:\n{process.stderr.read()[-3000:]}")
+        raise SystemExit(f"{stage} {sets} failed:\n{log.read_text()[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return metrics, seconds, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
 
@@ -61,8 +64,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="a setting for every variant's stage (not SFT or the reward model)")
     args = parser.parse_args()
+    unknown = set(args.only or ()) - {label for label, _, _ in VARIANTS}
+    if unknown:
+        parser.error(f"--only {sorted(unknown)}: the variants are {[label for label, _, _ in VARIANTS]}")
     subprocess.run([str(Path(sys.executable).parent / "rlhf"), "build-backbone"], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, env={**os.environ, "RLHF_HOME": str(REPO / ".rlhf")})
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -91,7 +97,7 @@ def main() -> None:
                          max(r for _, _, r in runs), statistics.mean(m["kl_to_reference"] for m, _, _ in runs)))
     print(f"\nharder task ({args.config.name}), {args.seeds} seeds; SFT task_score {sft['task_score']:.3f}"
           f"{'; with ' + ' '.join(args.overrides) if args.overrides else ''}\n")
-    print("| variant | task_score (mean ± std) | gain over SFT | wall s | peak RSS MiB | KL to reference |")
+    print("| variant | task_score (mean ± population std) | gain over SFT | wall s | peak RSS MiB | KL to reference |")
     print("|---|---|---|---|---|---|")
     for label, mean, spread, gain, seconds, rss, kl in rows:
         print(f"| {label} | {mean:.3f} ± {spread:.3f} | {gain:+.3f} | {seconds:.1f} | {rss:.0f} | {kl:.2f} |")

@@ -346,8 +346,8 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_head(models.value_head, out / VALUE_HEAD, models.fingerprint)
     write_json(out / "history.json", history)
     # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
-    return {**metrics, "warnings": learning.warnings([]), "updates": ppo.updates, "resumed_from_update": loop.start,
-            "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
+    return {**metrics, "warnings": learning.warnings([]), "reward_source": ppo.reward, "updates": ppo.updates,
+            "resumed_from_update": loop.start, "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
             "adapter_kind": cfg.adapter.kind}
 
 
@@ -378,8 +378,8 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
         Phase("train step", "train", minibatch, tokens, minibatch * keep,
               graphs=2 if parallel.launched and not shared else 1, knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
         evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
-        Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + ppo.max_new_tokens, evaluated,
-              knobs=("eval.num_prompts", "ppo.max_new_tokens")),
+        Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + cfg.eval.max_new_tokens, evaluated,
+              knobs=("eval.num_prompts", "eval.max_new_tokens")),
     )
     # reference + reward frozen (a checker alone: no reward adapter), policy + value trained (shared: no value
     # adapter); value head trained

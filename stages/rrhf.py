@@ -205,7 +205,8 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         warnings.append("every candidate group's rewards are tied: the ranking loss is zero and only the SFT term "
                         "trained (ranking_accuracy is null)")
     return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
-            "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start}
+            "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start,
+            "reward_source": "data.ranked" if cfg.data.ranked else rr.reward}
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
@@ -232,8 +233,8 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
                   min(GENERATION_BATCH, candidates), knobs=("rrhf.num_candidates", "rrhf.max_new_tokens")),
             Phase("candidate scoring", "forward", candidates, tokens, candidates,
                   knobs=("rrhf.num_prompts", "rrhf.num_candidates")),
-            Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + rrhf.max_new_tokens,
-                  evaluated, knobs=("eval.num_prompts", "rrhf.max_new_tokens")),
+            Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + cfg.eval.max_new_tokens,
+                  evaluated, knobs=("eval.num_prompts", "eval.max_new_tokens")),
         ]
     model_reward = online and "model" in rrhf.reward  # the reward adapter and head, frozen; and the reference
     return Workload("rrhf", 1, 2 if model_reward else 1, tuple(phases), frozen_heads=1 if model_reward else 0)

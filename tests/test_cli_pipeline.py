@@ -51,8 +51,27 @@ def test_run_twice_second_is_cached_and_report_is_machine_readable(tmp_path: Pat
     assert [stages[s]["status"] for s in ("sft", "reward", "ppo")] == ["cached", "completed", "completed"]
 
 
-def _check_wandb_offline_runs(run_dir: Path) -> None:
-    """Read every stage's offline W&B run back with `wandb leet inspect`: group, job type, metrics, lineage."""
+def test_dpo_and_grpo_have_the_entries_of_every_stage(tmp_path: Path) -> None:
+    """Both new stages in one chain beside PPO: `rlhf plan` sizes them, the report plots their curves and
+    holds their metrics, and each has its own finished W&B run with its curves."""
+    sets = [*SETS, "--set", "run.stages=[sft,reward,dpo,grpo]"]
+    plan = run_cli("plan", *sets, cwd=tmp_path)
+    assert plan.returncode == 0 and {"dpo", "grpo"} <= {line.split()[0] for line in plan.stdout.splitlines() if line}
+    run = run_cli("run", *sets, "--run-id", "both", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stages = json.loads(run_cli("report", "both", "--json", cwd=tmp_path).stdout)["stages"]
+    assert {"kl_to_reference", "reward_accuracy"} <= set(stages["dpo"]["metrics"])
+    assert {"kl_to_reference", "policy_reward", "task_score_sft"} <= set(stages["grpo"]["metrics"])
+    html = (tmp_path / "runs" / "both" / "report.html").read_text()
+    assert "DPO loss" in html and "GRPO reward (mean of the sampled groups)" in html
+    seen = _check_wandb_offline_runs(tmp_path / "runs" / "both", {"sft", "reward", "dpo", "grpo"})
+    assert "train/loss" in seen["dpo"]["summary"] and "reward_accuracy" in seen["dpo"]["summary"]  # HF reporting
+    assert "grpo/reward" in seen["grpo"]["summary"] and "grpo/kl" in seen["grpo"]["summary"]
+
+
+def _check_wandb_offline_runs(run_dir: Path, stages: set[str] | None = None) -> dict[str, dict]:
+    """Read every stage's offline W&B run back with `wandb leet inspect`: group, job type, metrics, lineage.
+    Without ``stages``: the default chain's checks; with them, only that each of them has one finished run."""
     wandb_cli = Path(sys.executable).parent / "wandb"
     seen = {}
     for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
@@ -62,13 +81,18 @@ def _check_wandb_offline_runs(run_dir: Path) -> None:
         summary = json.loads(subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(folder)],
                                             capture_output=True, text=True, check=True).stdout)
         assert run["run_group"] == run_dir.name and summary["state"] == "finished"
+        assert run["job_type"] not in seen  # one run per stage
         seen[run["job_type"]] = summary
+    if stages is not None:
+        assert set(seen) == stages
+        return seen
     assert set(seen) == {"sft", "reward", "ppo"}
     assert "task_score" in seen["sft"]["summary"] and "train/loss" in seen["sft"]["summary"]  # HF reporting
     assert "pair_accuracy" in seen["reward"]["summary"] and "reward/loss" in seen["reward"]["summary"]
     assert "ppo/score" in seen["ppo"]["summary"] and "task_score" in seen["ppo"]["summary"]
     lineage = seen["ppo"]["config"]["lineage"]
     assert lineage["sft"] == f"{run_dir.name}-sft-adapter:latest" and lineage["reward"].endswith("-reward-adapter:latest")
+    return seen
 
 
 def test_ppo_only_change_reuses_upstream_and_stage_rerun(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         "def raises(prompts, completions):\n    raise KeyError('score')\n"
         "def short(prompts, completions):\n    return [1.0]\n"
         "def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n"
-        "def text(prompts, completions):\n    return 'good'\n")
+        "def text(prompts, completions):\n    return 'good'\n"
+        "def positional(prompts, responses):\n    return [1.0] * len(responses)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_rewards"
     sys.modules.pop("my_rewards", None)
@@ -59,6 +60,21 @@ def test_a_misbehaving_user_checker_is_one_error_naming_it(user_module: str, fun
     source = reward_source(cfg.grpo, model_scores=None)
     with pytest.raises(CheckerError, match=message):
         source(_responses(["a", "b"]), ["1+1=", "2+2="])
+
+
+def test_a_checker_without_trls_keywords_is_refused_before_training(user_module: str) -> None:
+    with pytest.raises(ConfigError, match="checker 'my_rewards:positional' must accept the keywords prompts= and "
+                                          "completions="):
+        load_checker(f"{user_module}:positional")
+
+
+def test_a_checker_beside_the_config_is_found_from_the_working_directory(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `python -m stages.grpo` imports it: the working directory first (the rlhf script has its bin/)."""
+    (tmp_path / "beside_config.py").write_text("def score(prompts, completions):\n    return [0.0] * len(completions)\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.stages=[sft,grpo]", "grpo.reward=checker", "grpo.checker=beside_config:score"])
+    assert checker_digest("grpo", cfg) is not None and str(tmp_path) not in sys.path
 
 
 def test_a_checker_that_cannot_be_imported_or_named_is_a_config_error() -> None:

@@ -8,8 +8,9 @@ Prompt ``"17+5="``, correct response ``"22"`` followed by end-of-sequence. The d
 * SFT demonstrations teach it to stop, but are deliberately imperfect: only ``demo_accuracy`` of them
   stop after the answer; the rest ramble on with one more equation (``"22;3+4=7"``), the verbosity
   failure RLHF is classically used against. Sampling from the SFT policy therefore often fails;
-* preference pairs always prefer the exact answer over a rambling one, so a reward model can learn the
-  checker from its last hidden state and PPO/RRHF can push ``task_score`` above SFT's;
+* preference pairs prefer the exact answer over a rambling one, so a reward model can learn the
+  checker from its last hidden state and PPO/RRHF can push ``task_score`` above SFT's (the harder
+  variant adds wrong sums to the demonstrations and swaps a share of the pairs: ``TaskSection``);
 * evaluation prompts are held out of both SFT demonstrations and preference pairs.
 
 Why rambling rather than wrong sums: a reward model has to *verify* a sum to rank wrong answers, and a

@@ -185,8 +185,8 @@ class _RewardSourceSection(_Section):
     """An RL stage's reward (``stages.training.rewards``): the reward model, a checker, or their weighted sum."""
 
     reward: Literal["model", "checker", "model+checker"] = "model"
-    # builtin: the built-in task's checker (1.0 for the exact sum); or "module:function" taking
-    # (prompts, responses) and returning one float per response, as TRL's reward functions do.
+    # builtin: the built-in task's checker (1.0 for the exact sum); or "module:function", called with the
+    # keywords prompts= and completions= (TRL's reward-function names), returning one float per completion.
     checker: str = "builtin"
     model_weight: float = 1.0  # model+checker: model_weight * reward model + checker_weight * checker
     checker_weight: float = 1.0

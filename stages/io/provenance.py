@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
+import sys
 from functools import lru_cache
 from importlib import metadata
 from importlib.util import find_spec
@@ -197,12 +199,17 @@ def checker_digest(stage: str, cfg: PipelineConfig) -> str | None:
     if not spec(stage).reward_source or "checker" not in section.reward or section.checker == "builtin":
         return None
     module = section.checker.partition(":")[0]
+    # The stage runs as `python -m`, which puts the working directory first on sys.path; the rlhf console
+    # script does not, so look there too (a my_rewards.py beside the config is found by both).
+    sys.path.insert(0, os.getcwd())
     try:
         found = find_spec(module)
-    except (ImportError, ValueError) as err:
-        found, why = None, str(err)
+    except Exception as err:  # a dotted name imports its packages: their errors are the user's, in one line
+        found, why = None, f"{type(err).__name__}: {err}"
     else:
         why = "no such module"
+    finally:
+        sys.path.remove(os.getcwd())
     if found is None or not found.origin or not Path(found.origin).is_file():
         raise ConfigError(f"{stage}.checker={section.checker!r}: cannot find module {module!r} ({why}); it must be "
                           "importable where the stage runs (on PYTHONPATH or installed)")

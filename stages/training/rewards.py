@@ -15,6 +15,7 @@ another number of rewards than responses, or a NaN/inf, stops the stage with one
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def builtin_checker(prompts: list[Prompt], completions: list[str], **kwargs: Any
 
 def load_checker(name: str) -> Checker:
     """``builtin`` or ``module:function``; ConfigError naming it when it cannot be imported (any error
-    while its module runs counts) or is not callable."""
+    while its module runs counts), is not callable, or does not take the keywords it is called with."""
     if name == BUILTIN:
         return builtin_checker
     module, _, function = name.partition(":")
@@ -64,6 +65,13 @@ def load_checker(name: str) -> Checker:
         raise ConfigError(f"checker {name!r}: cannot import it ({type(err).__name__}: {err})") from None
     if not callable(found):
         raise ConfigError(f"checker {name!r} is not a function")
+    try:
+        inspect.signature(found).bind(prompts=[], completions=[])
+    except TypeError as err:
+        raise ConfigError(f"checker {name!r} must accept the keywords prompts= and completions= (TRL's reward-"
+                          f"function names; **kwargs takes what it does not need): {err}") from None
+    except ValueError:  # no signature to read (a builtin): the call itself will tell
+        pass
     return found
 
 
