@@ -29,7 +29,7 @@ def _adapter(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["lora", "qlora", "ptuning_v2"])
 def test_grpo_trains_only_the_policy_on_one_backbone(kind: str, tmp_path: Path) -> None:
-    sets = [*FAST, f"adapter.kind={kind}", "grpo.learning_rate=0.01", "grpo.num_iterations=2"]
+    sets = [*FAST, f"adapter.kind={kind}", "grpo.learning_rate=0.01", "grpo.num_iterations=2", "grpo.scale_rewards=true"]
     inputs = train_upstream(tmp_path, sets)
     cfg = load_config(None, sets)
     model, tokenization, source, _ = build_model(cfg, inputs)
@@ -59,6 +59,20 @@ def test_the_first_pass_over_fresh_samples_is_on_policy(tmp_path: Path) -> None:
                       torch.Generator().manual_seed(0))
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["clipfrac"] == 0.0
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-5) and stats["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_model_plus_checker_is_the_weighted_sum_of_the_real_reward_model_and_the_checker(tmp_path: Path) -> None:
+    """The same samples (same seed) scored three ways: model+checker = 2 x model + 0.5 x checker (with no
+    missing-EOS penalty, which each source subtracts once)."""
+    inputs = train_upstream(tmp_path, FAST)
+    found = {}
+    for reward in ("model", "checker", "model+checker"):
+        cfg = load_config(None, [*FAST, f"grpo.reward={reward}", "grpo.model_weight=2", "grpo.checker_weight=0.5",
+                                 "grpo.missing_eos_penalty=0"])
+        model, tokenization, source, _ = build_model(cfg, inputs)
+        found[reward] = sample_groups(model, tokenization, source, ["3+4=", "12+9="], cfg, seed=5)[2]
+    assert torch.allclose(found["model+checker"], 2 * found["model"] + 0.5 * found["checker"], atol=1e-4)
+    assert set(found["checker"].tolist()) <= {0.0, 1.0}
 
 
 def test_the_checker_chain_runs_without_a_reward_stage(tmp_path: Path) -> None:

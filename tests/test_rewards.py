@@ -40,13 +40,13 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     sys.modules.pop("my_rewards", None)
 
 
-def test_a_user_checker_is_called_with_prompts_and_texts_and_weighted(user_module: str) -> None:
+def test_a_user_checker_is_called_with_prompts_and_texts(user_module: str) -> None:
     cfg = load_config(None, ["grpo.reward=checker", f"grpo.checker={user_module}:length", "grpo.checker_weight=0.5",
                              "grpo.missing_eos_penalty=2"])
     source = reward_source(cfg.grpo, model_scores=None)
     assert not source.uses_model
     rewards = source(_responses(["ab", "abcd"], [True, False]), ["1+1=", "2+2="])
-    assert rewards == [0.5 * 2, 0.5 * 4 - 2.0]  # weighted, and the unfinished one penalised
+    assert rewards == [2.0, 4.0 - 2.0]  # one source alone is not rescaled; the unfinished one is penalised
 
 
 @pytest.mark.parametrize(("function", "message"), [

@@ -130,5 +130,6 @@ def reward_source(section: Any, model_scores: ModelScores | None) -> RewardSourc
     if ("model" in section.reward) != (model_scores is not None):
         raise ConfigError(f"reward={section.reward!r} needs the reward model's scores exactly when it names the model")
     checker = load_checker(section.checker) if "checker" in section.reward else None
-    return RewardSource(section.reward, section.checker, checker, model_scores, section.model_weight,
-                        section.checker_weight, section.missing_eos_penalty)
+    both = section.reward == "model+checker"  # the weights mix two sources; one source alone is not rescaled
+    return RewardSource(section.reward, section.checker, checker, model_scores, section.model_weight if both else 1.0,
+                        section.checker_weight if both else 1.0, section.missing_eos_penalty)
