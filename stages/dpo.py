@@ -20,6 +20,9 @@ are the HF Trainer's, as in SFT (``stages.training.hf_trainer``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +41,7 @@ from stages.training.evaluation import evaluate_policy
 from stages.training.hf_trainer import (
     TRL_TOKEN_CHUNK,
     TRL_VOCAB_CHUNK,
+    adalora_callbacks,
     agreed_resume_point,
     check_engine,
     logged_history,
@@ -64,6 +68,24 @@ def tokenized_pairs(pairs: list[Record], tokenization: Tokenization) -> list[dic
              "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"])} for p in pairs]
 
 
+@contextmanager
+def _reference_config_frozen(model: "PeftModel") -> Iterator[None]:
+    """DPOTrainer adds its reference with ``add_adapter("ref", <the policy's config>)``, and PEFT's AdaLoRA
+    refuses a second adapter that is not in inference mode (it trains one per model). For AdaLoRA the
+    policy's config is swapped, while TRL builds, for an inference-mode copy, which the reference keeps."""
+    from peft import PeftType
+
+    config = model.peft_config[POLICY]
+    if config.peft_type != PeftType.ADALORA:
+        yield
+        return
+    model.peft_config[POLICY] = replace(config, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.peft_config[POLICY] = config
+
+
 def build_dpo_trainer(model: "PeftModel", tokenization: Tokenization, train: list[Record], held: list[Record],
                       cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> "DPOTrainer":
     """TRL's DPOTrainer on the contract's ids; ``model`` holds the SFT adapter as ``default`` (trainable),
@@ -87,10 +109,12 @@ def build_dpo_trainer(model: "PeftModel", tokenization: Tokenization, train: lis
         **trainer_arguments(model, cfg, dist, "dpo", micro_batch_size=dpo.batch_size),
     )
     refuse_data_parallel(args, "dpo")
-    trainer = ContractDPOTrainer(model=model, args=args, processing_class=tokenization.tokenizer,
-                                 train_dataset=Dataset.from_list(tokenized_pairs(train, tokenization)),
-                                 eval_dataset=Dataset.from_list(tokenized_pairs(held, tokenization)))
+    with _reference_config_frozen(model):
+        trainer = ContractDPOTrainer(model=model, args=args, processing_class=tokenization.tokenizer,
+                                     train_dataset=Dataset.from_list(tokenized_pairs(train, tokenization)),
+                                     eval_dataset=Dataset.from_list(tokenized_pairs(held, tokenization)))
     check_engine(trainer, dist, "dpo")
+    adalora_callbacks(trainer, model, None)  # the SFT adapter keeps the ranks SFT allocated
     if sorted(model.peft_config) != sorted([POLICY, REFERENCE]):  # TRL copies the adapter only under these names
         raise RuntimeError(f"dpo: expected adapters {POLICY!r} and {REFERENCE!r}, found {sorted(model.peft_config)}")
     set_trainable(model, [POLICY])  # before train() builds the optimizer: PEFT adds a prompt-learning copy trainable

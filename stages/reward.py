@@ -23,6 +23,7 @@ from stages.io.config import PipelineConfig
 from stages.io.data import Record, load_records, measure_lengths, source_name, split_by_prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload
 from stages.model.adapters import (
+    RankAllocation,
     active_adapter,
     attach_adapter,
     count_trainable,
@@ -96,14 +97,15 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; pairs are scored whole, past the backbone's {context}-token context", flush=True)
     train, held = split_by_prompt(pairs, rm.eval_fraction, source_name(cfg.data.preferences))
-    model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
+    model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME, total_steps=rm.max_steps)
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed, model_device(model))
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
     trained = torch.nn.ModuleDict({"model": model, "head": head})
     learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind,
                              learning_rate=rm.learning_rate)
     updater = Updater(trained, rm.learning_rate, rm.warmup_steps,
-                      rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
+                      rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16",
+                      rank_allocation=RankAllocation.of(model))
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [ADAPTER_NAME], {"score_head": head},
                                 backbone.fingerprint, dist)
     batches = EpochBatches(len(train), rm.batch_size * dist.world_size, cfg.run.seed)

@@ -25,7 +25,7 @@ from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import LengthReport, Record, load_records, measure_lengths, source_name
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
-from stages.model.adapters import attach_adapter, count_trainable, needs_4bit, save_adapter
+from stages.model.adapters import RankAllocation, attach_adapter, count_trainable, needs_4bit, save_adapter
 from stages.model.backbone import load_backbone
 from stages.model.probes import save_probe
 from stages.model.tokenization import Tokenization
@@ -36,6 +36,7 @@ from stages.training.evaluation import task_score
 from stages.training.hf_trainer import (
     TRL_TOKEN_CHUNK,
     TRL_VOCAB_CHUNK,
+    adalora_callbacks,
     agreed_resume_point,
     check_engine,
     logged_history,
@@ -80,6 +81,7 @@ def build_sft_trainer(model: "PeftModel", tokenization: Tokenization, demos: lis
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
                          processing_class=tokenization.tokenizer)
     check_engine(trainer, dist, "sft")
+    adalora_callbacks(trainer, model, RankAllocation.of(model))
     return trainer
 
 
@@ -100,7 +102,7 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, backbone.model.config.max_position_embeddings)
 
     score_before = task_score(backbone.model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
-    model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME)
+    model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME, total_steps=cfg.sft.max_steps)
     trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
     learning = LearningCheck(model, dist, stage="sft", adapter_kind=cfg.adapter.kind, learning_rate=cfg.sft.learning_rate)
     root = checkpoint_root(ctx.final)

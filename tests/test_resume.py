@@ -31,6 +31,14 @@ LONG = {
 HISTORY_STEP = {"sft": "step", "reward": "step", "rrhf": "step", "ppo": "update", "dpo": "step", "grpo": "step"}
 
 
+ADALORA = ["adapter.kind=adalora", "ppo.value_model=shared"]
+
+
+@pytest.fixture(scope="module")
+def upstream_adalora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return train_upstream(tmp_path_factory.mktemp("upstream-adalora"), [*TINY, "tracking.backend=none", *ADALORA])
+
+
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return train_upstream(tmp_path_factory.mktemp("upstream"), [*TINY, "tracking.backend=none"])
@@ -52,12 +60,16 @@ def _finished_checkpoint(stage: str, out: Path) -> Path | None:
     ("sft", ["adapter.dropout=0.1"]), ("reward", ["adapter.dropout=0.1"]),  # dropout masks replay too
     ("ppo", ["ppo.value_model=shared"]),  # no value adapter: the policy and the value head are the state
     ("ppo", ["run.stages=[sft,ppo]", "ppo.reward=checker"]),  # no reward model: the value adapter from SFT
+    # AdaLoRA's rank allocator keeps importance averages from the first update: they are training state
+    ("sft", ADALORA), ("reward", ADALORA),
+    ("rrhf", ADALORA), ("dpo", ADALORA),  # an SFT adapter at its allocated ranks, own loop and HF Trainer
 ], ids=["sft", "reward", "rrhf", "ppo", "dpo", "grpo", "grpo-checker", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value",
-        "ppo-checker"])
-def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], upstream: dict[str, Path],
+        "ppo-checker", "sft-adalora", "reward-adalora", "rrhf-adalora", "dpo-adalora"])
+def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], request: pytest.FixtureRequest,
                                                        tmp_path: Path) -> None:
     out = tmp_path / stage
     sets = [*TINY, "tracking.backend=none", *LONG[stage], *launch]
+    upstream = request.getfixturevalue("upstream_adalora" if launch == ADALORA else "upstream")
     inputs = {name: upstream[name] for name in spec(stage).needed_inputs(load_config(None, sets))}
     command = stage_command(stage, out, sets, inputs)
     env = launch_env(load_config(None, sets), stage)

@@ -74,12 +74,21 @@ class BackboneSection(_Section):
 
 
 class AdapterSection(_Section):
-    kind: Literal["lora", "qlora", "ptuning_v2"] = "lora"
-    r: int = Field(default=8, ge=1)  # LoRA rank
+    # stages.model.adapters: lora, qlora (4-bit backbone), dora (weight-decomposed LoRA), adalora (ranks
+    # pruned while training; one trainable adapter per model), ptuning_v2 (prefix tuning).
+    kind: Literal["lora", "qlora", "dora", "adalora", "ptuning_v2"] = "lora"
+    r: int = Field(default=8, ge=1)  # LoRA rank (AdaLoRA: the initial rank)
+    target_r: int = Field(default=4, ge=1)  # AdaLoRA: the average rank its budget prunes to
     alpha: int = Field(default=16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"  # LoRA targets; "all-linear" skips the LM head
     num_virtual_tokens: int = Field(default=8, ge=1)  # P-tuning v2 prefix length, on every layer
+
+    @model_validator(mode="after")
+    def _adalora_prunes(self) -> "AdapterSection":
+        if self.kind == "adalora" and self.target_r > self.r:
+            raise ValueError(f"target_r={self.target_r} is above r={self.r}: AdaLoRA prunes from r down to target_r")
+        return self
 
 
 class TaskSection(_Section):
@@ -346,6 +355,21 @@ class PipelineConfig(_Section):
     def _stages_have_inputs(self) -> "PipelineConfig":
         if problems := missing_inputs(self.run.stages, self):
             raise ValueError(f"run.stages: {'; '.join(problems)}")
+        return self
+
+    @model_validator(mode="after")
+    def _adalora_trains_one_adapter(self) -> "PipelineConfig":
+        """PEFT's AdaLoRA trains one adapter per model, and its rank allocator reads each parameter's full
+        ``.grad``, which ZeRO partitions away: refuse what it cannot do before anything launches."""
+        if self.adapter.kind != "adalora":
+            return self
+        if "ppo" in self.run.stages and self.ppo.value_model == "separate":
+            raise ValueError("adapter.kind=adalora: PPO with ppo.value_model: separate trains two adapters (policy "
+                             "and value) and PEFT's AdaLoRA trains one per model; set ppo.value_model: shared "
+                             "(the value head on the policy's states)")
+        if deepspeed := [s for s in self.run.stages if getattr(getattr(self, s, None), "launcher", None) == "accelerate"]:
+            raise ValueError(f"adapter.kind=adalora: {', '.join(deepspeed)} launch on DeepSpeed, whose ZeRO partitions "
+                             "the gradients AdaLoRA's rank allocator reads; use launcher: local for them")
         return self
 
     def launcher(self, stage: str) -> str:

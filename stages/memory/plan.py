@@ -41,8 +41,10 @@ ADAPTER_BYTES, GRADIENT_BYTES, MOMENTS_BYTES = 4, 4, 8
 # outputs (4h), q, k, v after RoPE and the attention output (4h), the o_proj input (h); gate,
 # SiLU(gate), up and their product (4i).
 # P-tuning v2: 18.4 h at i = 4 h - frozen linear layers save no input (the down_proj input goes).
+# DoRA and AdaLoRA save what LoRA saves per token (their extra tensors are per layer: DoRA's weight norm,
+# AdaLoRA's singular values), so they take LoRA's figures; not measured on their own.
 TRAIN_ELEMENTS_PER_TOKEN: dict[str, tuple[float, float]] = {
-    "lora": (8.5, 4.0), "qlora": (8.5, 4.0), "ptuning_v2": (6.4, 3.0),
+    "lora": (8.5, 4.0), "qlora": (8.5, 4.0), "dora": (8.5, 4.0), "adalora": (8.5, 4.0), "ptuning_v2": (6.4, 3.0),
 }
 # Bytes per activation element: bf16 saves 0.83 x fp32's bytes, not half (measured), because RMSNorm
 # computes in fp32 and PEFT casts every LoRA input to the adapter's fp32.
@@ -214,7 +216,9 @@ def weights_bytes(shape: ModelShape, dtype: str, nf4: bool) -> int:
 
 def adapter_parameters(shape: ModelShape, adapter: AdapterSection) -> int:
     """Parameters of one adapter: LoRA r x (in + out) on each targeted linear layer of every decoder
-    layer ("all-linear" is every one but the LM head); P-tuning v2 a key and a value prefix per layer."""
+    layer ("all-linear" is every one but the LM head), plus DoRA's magnitude (out) and AdaLoRA's r
+    singular values (its initial rank: pruning masks them, the memory stays); P-tuning v2 a key and a
+    value prefix per layer."""
     if adapter.kind == "ptuning_v2":
         return adapter.num_virtual_tokens * shape.num_layers * 2 * shape.kv_dim
     layers = shape.linear_layers()
@@ -225,7 +229,8 @@ def adapter_parameters(shape: ModelShape, adapter: AdapterSection) -> int:
         # A name outside the Llama set is counted as a hidden x hidden layer.
         square = (shape.hidden_size, shape.hidden_size)
         targets = [next((v for k, v in layers.items() if name.endswith(k)), square) for name in names]
-    return shape.num_layers * sum(adapter.r * (i + o) for i, o in targets)
+    extra = {"dora": lambda i, o: o, "adalora": lambda i, o: adapter.r}.get(adapter.kind, lambda i, o: 0)
+    return shape.num_layers * sum(adapter.r * (i + o) + extra(i, o) for i, o in targets)
 
 
 def phase_bytes(shape: ModelShape, phase: Phase, dtype: str, adapter_kind: str,

@@ -1,8 +1,15 @@
 """Named adapters on one frozen backbone: a registry of kinds, attach/load/save, and safe switching.
 
-Kinds: ``lora``; ``qlora`` (the same LoRA, on the nf4 4-bit backbone); ``ptuning_v2`` (PEFT prefix
-tuning: trained key/value prefixes on every layer). All adapters of one model share one kind, because
-PEFT cannot mix LoRA and prefix adapters in one ``PeftModel``.
+Kinds: ``lora``; ``qlora`` (the same LoRA, on the nf4 4-bit backbone); ``dora`` (PEFT's weight-decomposed
+LoRA, Liu et al. 2024); ``adalora`` (PEFT's AdaLoRA, Zhang et al. 2023: SVD-form LoRA whose ranks are
+pruned to a budget while it trains); ``ptuning_v2`` (PEFT prefix tuning: trained key/value prefixes on
+every layer). All adapters of one model share one kind, because PEFT cannot mix LoRA and prefix adapters
+in one ``PeftModel``.
+
+AdaLoRA allocates its ranks in the stage that creates the adapter (SFT, reward: ``RankAllocation``
+below, once per optimizer update); a stage that continues an adapter (the RL stages) loads it at its
+allocated ranks and trains it at those ranks. PEFT lets an AdaLoRA model train one adapter only, so a
+stage that trains two (PPO with ``ppo.value_model: separate``) is refused by config validation.
 
 Switching goes only through ``active_adapter``, which restores the previous adapter in ``finally`` and
 keeps every adapter's ``requires_grad`` as it was: PEFT's ``set_adapter`` silently turns gradients off
@@ -27,12 +34,26 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def _lora(cfg: AdapterSection) -> "PeftConfig":
+def _lora(cfg: AdapterSection, total_steps: int | None) -> "PeftConfig":
     from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM",
+        use_dora=cfg.kind == "dora", task_type="CAUSAL_LM",
+    )
+
+
+def _adalora(cfg: AdapterSection, total_steps: int | None) -> "PeftConfig":
+    """AdaLoRA starting at rank ``r`` and pruned to an average of ``target_r``: the first and last fifth
+    of the stage's updates keep the ranks fixed (PEFT's ``tinit``/``tfinal``), the middle prunes."""
+    from peft import AdaLoraConfig
+
+    if total_steps is None:
+        raise ValueError("adapter.kind=adalora: the stage must say how many updates it makes (total_steps)")
+    return AdaLoraConfig(
+        init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules, total_step=total_steps, tinit=total_steps // 5,
+        tfinal=total_steps // 5, task_type="CAUSAL_LM",
     )
 
 
@@ -71,16 +92,19 @@ def check_target_modules(cfg: AdapterSection, backbone_location: str, revision: 
                           f"{', '.join(linear)} (or use all-linear)")
 
 
-def _prefix(cfg: AdapterSection) -> "PeftConfig":
+def _prefix(cfg: AdapterSection, total_steps: int | None) -> "PeftConfig":
     from peft import PrefixTuningConfig
 
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
 
 
-# kind -> (PEFT config builder, needs the 4-bit backbone)
-ADAPTER_KINDS: dict[str, tuple[Callable[[AdapterSection], "PeftConfig"], bool]] = {
+# kind -> (PEFT config builder taking the section and the stage's number of updates, needs the 4-bit backbone)
+ConfigBuilder = Callable[[AdapterSection, "int | None"], "PeftConfig"]
+ADAPTER_KINDS: dict[str, tuple[ConfigBuilder, bool]] = {
     "lora": (_lora, False),
     "qlora": (_lora, True),
+    "dora": (_lora, False),
+    "adalora": (_adalora, False),
     "ptuning_v2": (_prefix, False),
 }
 
@@ -89,19 +113,21 @@ def needs_4bit(kind: str) -> bool:
     return _registered(kind)[1]
 
 
-def _registered(kind: str) -> tuple[Callable[[AdapterSection], "PeftConfig"], bool]:
+def _registered(kind: str) -> tuple[ConfigBuilder, bool]:
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"adapter.kind: unknown kind {kind!r}; choose one of {sorted(ADAPTER_KINDS)}")
     return ADAPTER_KINDS[kind]
 
 
-def attach_adapter(base: "PreTrainedModel", cfg: AdapterSection, name: str) -> "PeftModel":
+def attach_adapter(base: "PreTrainedModel", cfg: AdapterSection, name: str,
+                   total_steps: int | None = None) -> "PeftModel":
     """Wrap the frozen base in a PeftModel with one new trainable adapter called ``name`` (a 4-bit base
-    comes k-bit-prepared from ``load_backbone``, in every stage alike)."""
+    comes k-bit-prepared from ``load_backbone``, in every stage alike). ``total_steps``: the optimizer
+    updates the stage makes (AdaLoRA's budget schedule needs it; ``ValueError`` without it)."""
     from peft import get_peft_model
 
     build, _ = _registered(cfg.kind)
-    model = get_peft_model(base, build(cfg), adapter_name=name)
+    model = get_peft_model(base, build(cfg, total_steps), adapter_name=name)
     set_trainable(model, [name])
     return model
 
@@ -130,7 +156,7 @@ def load_adapter(
     if trainable:
         model.peft_config[name].inference_mode = False
         for param_name, param in model.named_parameters():
-            if adapter_of(model, param_name) == name:
+            if adapter_of(model, param_name) == name and not any(c in param_name + "." for c in CONSTANTS):
                 param.requires_grad_(True)
     return model
 
@@ -173,13 +199,18 @@ def adapter_of(model: "PeftModel", param_name: str) -> str | None:
     return None
 
 
+# Adapter parameters PEFT never trains: AdaLoRA's ``ranknum`` is the rank its scale divides by, a constant
+# it keeps out of the saved weights (trained, it would move the scale and be lost on every reload).
+CONSTANTS = (".ranknum.",)
+
+
 def set_trainable(model: "PeftModel", names: Iterable[str]) -> None:
     """Exactly the adapters in ``names`` get gradients; every other adapter and the base do not."""
     wanted = set(names)
     for param_name, param in model.named_parameters():
         owner = adapter_of(model, param_name)
         if owner is not None:
-            param.requires_grad_(owner in wanted)
+            param.requires_grad_(owner in wanted and not any(c in param_name + "." for c in CONSTANTS))
 
 
 @contextmanager
@@ -201,6 +232,74 @@ def _restore_grads(model: "PeftModel", grads: dict[str, bool]) -> None:
     for param_name, param in model.named_parameters():
         if param_name in grads:
             param.requires_grad_(grads[param_name])
+
+
+class RankAllocation:
+    """AdaLoRA's rank budget, driven once per optimizer update: ``after_update(n)`` for update ``n``
+    (1-based), after ``optimizer.step()`` and before the gradients are zeroed (PEFT's
+    ``update_and_allocate`` scores each singular value by ``|p * p.grad|``). Its importance averages are
+    training state: ``state_dict``/``load_state_dict`` carry them through a checkpoint, so a resumed
+    stage prunes exactly as an uninterrupted one."""
+
+    def __init__(self, model: "PeftModel") -> None:
+        self.model = model
+        self.tuner = model.base_model
+
+    @classmethod
+    def of(cls, model: "PeftModel") -> "RankAllocation | None":
+        """The allocation of a model whose trainable adapter is a fresh AdaLoRA one (no ranks allocated
+        yet), else None: an adapter loaded from an earlier stage keeps the ranks that stage allocated."""
+        from peft import AdaLoraModel
+
+        tuner = getattr(model, "base_model", None)
+        if not isinstance(tuner, AdaLoraModel) or not hasattr(tuner, "rankallocator"):
+            return None
+        return cls(model) if tuner.peft_config[tuner.trainable_adapter_name].rank_pattern is None else None
+
+    def after_update(self, update: int) -> None:
+        self.tuner.update_and_allocate(update)
+
+    def state_dict(self) -> dict:
+        allocator = self.tuner.rankallocator
+        return {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
+                "rank_pattern": self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern}
+
+    def load_state_dict(self, state: dict) -> None:
+        allocator = self.tuner.rankallocator
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+        self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+
+
+def pop_rank_patterns(model: "PeftModel") -> dict[str, dict]:
+    """Take the rank patterns off every AdaLoRA adapter of ``model`` (for ``put_rank_patterns``), so PEFT
+    saves and loads a checkpoint at the shapes the modules have now.
+
+    With a rank pattern, PEFT's ``save_pretrained`` drops the pruned ranks (what a published adapter
+    should do), and its ``load_adapter`` resizes the modules by the pattern: a checkpoint saved that way
+    loses the ranks the budget may bring back, and would be loaded into modules of the other shape.
+    """
+    from peft import PeftType
+
+    patterns = {}
+    for name, config in model.peft_config.items():
+        if config.peft_type == PeftType.ADALORA and config.rank_pattern is not None:
+            patterns[name], config.rank_pattern = config.rank_pattern, None
+    return patterns
+
+
+def put_rank_patterns(model: "PeftModel", patterns: dict[str, dict]) -> None:
+    for name, pattern in patterns.items():
+        model.peft_config[name].rank_pattern = pattern
+
+
+@contextmanager
+def checkpoint_shapes(model: "PeftModel") -> Iterator[None]:
+    """Save or load a checkpoint's adapters at their current shapes (``pop_rank_patterns``)."""
+    patterns = pop_rank_patterns(model)
+    try:
+        yield
+    finally:
+        put_rank_patterns(model, patterns)
 
 
 def count_trainable(model: "PeftModel") -> int:

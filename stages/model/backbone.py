@@ -201,7 +201,7 @@ def base_parameters(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
     """Base weights and buffers only, named as in the plain model (PEFT wrappers and adapters removed)."""
     if hasattr(model, "get_base_model"):  # a PeftModel: look at the transformers model inside it
         model = model.get_base_model()
-    adapter_markers = ("lora_", "modules_to_save")
+    adapter_markers = ("lora_", "ranknum", "modules_to_save")  # ranknum: AdaLoRA's rank scale
     state = model.state_dict(keep_vars=True)
     return {
         name.replace(".base_layer", ""): t for name, t in state.items() if not any(m in name for m in adapter_markers)

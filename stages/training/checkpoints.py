@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.io import artifacts
-from stages.model.adapters import save_adapter
+from stages.model.adapters import checkpoint_shapes, save_adapter
 from stages.model.heads import load_head, save_head
 from stages.model.placement import model_device
 from stages.training.distributed import LOCAL, Distributed
@@ -96,8 +96,9 @@ class Checkpointer:
                    tmp / f"rng-{self.dist.rank}.pt")
         if self.dist.is_main:
             if self.dist.deepspeed is None:  # DeepSpeed's own checkpoint already holds the trainable weights
-                for name in self.adapters:
-                    save_adapter(self.model, name, tmp / name)
+                with checkpoint_shapes(self.model):
+                    for name in self.adapters:
+                        save_adapter(self.model, name, tmp / name)
                 for name, head in self.heads.items():
                     save_head(head, tmp / f"{name}.safetensors", self.fingerprint)
             artifacts.write_json(tmp / STATE, {**state, "step": step})
@@ -134,9 +135,10 @@ def load_adapter_weights(folder: Path, model: "PeftModel", names: list[str]) -> 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    for name in names:
-        set_peft_model_state_dict(model, load_file(str(Path(folder) / name / "adapter_model.safetensors")),
-                                  adapter_name=name)
+    with checkpoint_shapes(model):
+        for name in names:
+            set_peft_model_state_dict(model, load_file(str(Path(folder) / name / "adapter_model.safetensors")),
+                                      adapter_name=name)
 
 
 def sampler_state(sampler: Sampler) -> Any:

@@ -8,7 +8,8 @@ share instead, here:
   dtype is the dtype: with TRL's bf16 autocast, evaluation and the saved adapters would disagree);
 * resumable checkpoints: the HF Trainer's own (``.<stage>.checkpoints/checkpoint-N``), tagged with the
   stage's cache key, so a rerun resumes only a run of the same configuration;
-* a stop at the first logged NaN/inf loss, before a checkpoint could save its weights.
+* a stop at the first logged NaN/inf loss, before a checkpoint could save its weights;
+* AdaLoRA's rank allocation and checkpoints (``adalora_callbacks``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from stages.training.updater import NonFiniteLoss
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import Trainer, TrainerCallback
+
+    from stages.model.adapters import RankAllocation
 
 KEY_FILE = "cache_key"  # in .<stage>.checkpoints/: whose progress the Trainer checkpoints there are
 # TRL's trainers score tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): they never
@@ -88,6 +91,63 @@ def stop_on_non_finite_loss(stage: str) -> "TrainerCallback":
     return StopOnNonFiniteLoss()
 
 
+def adalora_callbacks(trainer: "Trainer", model: "PeftModel", allocation: "RankAllocation | None") -> None:
+    """What AdaLoRA adapters need from the Trainer (nothing is added for other kinds).
+
+    * A fresh adapter's ``allocation`` runs in ``on_optimizer_step``, with the update's 1-based number:
+      PEFT's ``update_and_allocate`` must come after ``optimizer.step()`` and before the gradients are
+      zeroed. Its importance averages are saved as ``rank_allocation-<step>.pt`` beside the checkpoints,
+      in ``on_step_end`` of a step that saves one: before the Trainer writes that checkpoint's
+      ``trainer_state.json``, the file that makes a checkpoint complete (``resumable_checkpoint``).
+    * Checkpoints keep the adapters' current shapes: the rank patterns are taken off from
+      ``on_step_end`` to ``on_save`` (``pop_rank_patterns``), and off for a resume's load (``train_from``)
+      until ``on_train_begin``, which puts them back, a fresh adapter's from its saved allocation.
+    """
+    from peft import PeftType
+
+    if not any(config.peft_type == PeftType.ADALORA for config in model.peft_config.values()):
+        return
+    import torch
+    from transformers import TrainerCallback
+
+    from stages.model.adapters import pop_rank_patterns, put_rank_patterns
+
+    loaded = {name: config.rank_pattern for name, config in model.peft_config.items()}  # an earlier stage's
+
+    def state_file(args: Any, step: int) -> Path:
+        return Path(args.output_dir) / f"rank_allocation-{step}.pt"
+
+    class AdaLoraCheckpoints(TrainerCallback):
+        saving: dict[str, dict] = {}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 0:
+                return
+            if allocation is None:
+                put_rank_patterns(model, {name: p for name, p in loaded.items() if p is not None})
+            else:
+                allocation.load_state_dict(torch.load(state_file(args, state.global_step), weights_only=False))
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if allocation is not None:
+                allocation.after_update(state.global_step + 1)  # global_step counts the updates before this
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not control.should_save:  # set by the Trainer's flow callback, which runs first
+                return
+            if allocation is not None and state.is_world_process_zero:
+                for old in Path(args.output_dir).glob("rank_allocation-*.pt"):  # whose checkpoint was rotated away
+                    if not (old.parent / f"checkpoint-{old.stem.rsplit('-', 1)[1]}").is_dir():
+                        old.unlink()
+                torch.save(allocation.state_dict(), state_file(args, state.global_step))
+            self.saving = pop_rank_patterns(model)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            put_rank_patterns(model, self.saving)
+
+    trainer.add_callback(AdaLoraCheckpoints())
+
+
 def resumable_checkpoint(root: Path, cache_key: str) -> str | None:
     """The newest complete Trainer checkpoint of a run with this cache key; stale ones are removed."""
     key_file = root / KEY_FILE
@@ -120,6 +180,10 @@ def train_from(trainer: "Trainer", resume: str | None) -> Any:
     """
     import json
 
+    if resume:
+        from stages.model.adapters import pop_rank_patterns
+
+        pop_rank_patterns(trainer.model)  # load at the checkpoint's shapes; adalora_callbacks puts them back
     if resume and hasattr(trainer, "_total_train_tokens"):
         rows = json.loads((Path(resume) / "trainer_state.json").read_text())["log_history"]
         logged = [row["num_tokens"] for row in rows if "num_tokens" in row]

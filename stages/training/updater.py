@@ -23,6 +23,8 @@ from stages.training.distributed import LOCAL, Distributed, filled_deepspeed_con
 if TYPE_CHECKING:
     import torch
 
+    from stages.model.adapters import RankAllocation
+
 LOCAL_STATE = "optimizer.pt"
 SCHEDULE_STATE = "schedule.pt"  # under DeepSpeed: our schedule, which the engine's checkpoint does not hold
 ENGINE_TAG = "engine"
@@ -39,11 +41,14 @@ class Updater:
     ``learning_rate * schedule(n)``, so with warmup the first update has learning rate 0.
     ``applied_lr`` is the learning rate the last update really used, read back from the optimizer that
     stepped (the engine's, under DeepSpeed): the loops log it, so a schedule that never moves is visible.
+    ``rank_allocation`` (a fresh AdaLoRA adapter's, ``RankAllocation.of``) runs after every local update,
+    before the gradients it reads are zeroed, and is saved with the optimizer.
     """
 
     def __init__(self, module: "torch.nn.Module", learning_rate: float, warmup_steps: int, total_steps: int,
                  max_grad_norm: float = 1.0, *, gradient_accumulation: int = 1, micro_batch_size: int = 1,
-                 schedule: str = "cosine", dist: Distributed = LOCAL, bf16: bool = False) -> None:
+                 schedule: str = "cosine", dist: Distributed = LOCAL, bf16: bool = False,
+                 rank_allocation: "RankAllocation | None" = None) -> None:
         import torch
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -57,6 +62,7 @@ class Updater:
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
         self.schedule = (get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
                          if schedule == "cosine" else get_constant_schedule_with_warmup(self.optimizer, warmup_steps))
+        self.rank_allocation = rank_allocation
         self.engine = None
         self._pending: "torch.Tensor | None" = None  # DeepSpeed: this micro-step's losses, summed
         if dist.deepspeed is not None:
@@ -70,6 +76,8 @@ class Updater:
             self.engine, _ = accelerator.prepare(module, self.optimizer)
             if type(self.engine).__name__ != "DeepSpeedEngine":  # never train on something else by accident
                 raise RuntimeError(f"accelerate prepared a {type(self.engine).__name__}, not the configured {dist.engine}")
+            if rank_allocation is not None:  # config validation refuses it first; this guards direct use
+                raise RuntimeError("AdaLoRA's rank allocation reads full gradients, which DeepSpeed partitions")
 
     def step(self, loss: "torch.Tensor", what: str = "loss", *, boundary: bool = False) -> None:
         """One micro-step of ``loss`` (refused if not finite, before it touches any weight); updates after
@@ -113,6 +121,8 @@ class Updater:
         elif update:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
             self.optimizer.step()
+            if self.rank_allocation is not None:
+                self.rank_allocation.after_update(self.schedule.last_epoch + 1)  # 1-based, as PEFT counts
             self.optimizer.zero_grad(set_to_none=True)
         if update:
             self._after_update()
@@ -148,8 +158,9 @@ class Updater:
                 torch.save({"schedule": self.schedule.state_dict(), "applied_lr": self.applied_lr},
                            Path(folder) / SCHEDULE_STATE)
         else:
+            allocation = self.rank_allocation.state_dict() if self.rank_allocation is not None else None
             torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                        "applied_lr": self.applied_lr}, Path(folder) / LOCAL_STATE)
+                        "applied_lr": self.applied_lr, "rank_allocation": allocation}, Path(folder) / LOCAL_STATE)
 
     def load(self, folder: Path) -> None:
         """Restore what ``save`` wrote (checkpoints are keyed by code version: never an older layout)."""
@@ -162,5 +173,7 @@ class Updater:
         else:
             state = torch.load(Path(folder) / LOCAL_STATE, weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.rank_allocation is not None:
+                self.rank_allocation.load_state_dict(state["rank_allocation"])
         self.schedule.load_state_dict(state["schedule"])
         self.applied_lr = state["applied_lr"]  # the next logged row may come before the next update
