@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     runs.set_defaults(handler=_cmd_runs)
 
+    export = commands.add_parser("export", help="export a run's adapter, or merge it into a standalone model")
+    export.add_argument("run_id")
+    export.add_argument("--stage", choices=STAGE_ORDER, help="which stage's artifact (default: the run's last stage)")
+    export.add_argument("--out", type=Path, required=True, help="a new folder to write the export to")
+    export.add_argument("--merge", action="store_true",
+                        help="merge the adapter into a copy of the base: a plain transformers model (the reward "
+                             "model as sequence classification); P-tuning v2 cannot be merged")
+    export.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    export.set_defaults(handler=_cmd_export)
+
     build = commands.add_parser("build-backbone", help="build (or find) the built-in backbone; print its folder")
     build.set_defaults(handler=_cmd_build_backbone)
     return parser
@@ -257,6 +267,18 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         print(f"{row['run_id']:<28} {row['status']:<10} {row['started']:<20} {row['seconds']:>8.1f}  {stages}")
     if not rows:
         print(f"(no runs in {args.runs_dir})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from flows.export import ExportError, export_run, plan_export
+
+    try:
+        record = export_run(plan_export(args.runs_dir / args.run_id, args.stage, args.merge), args.out)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"exported {record['run_id']}/{record['stage']} as {record['format']} to {args.out}")
     return 0
 
 

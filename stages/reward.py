@@ -99,7 +99,11 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     train, held = split_by_prompt(pairs, rm.eval_fraction, source_name(cfg.data.preferences))
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME, total_steps=rm.max_steps)
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed, model_device(model))
-    trainable = count_trainable(model) + sum(p.numel() for p in head.parameters())
+    # The pairwise loss sees only score differences, so the bias's gradient is rounding noise, which Adam
+    # scales up into real steps (it drifted to 4.6e-4): held at 0, the head is transformers' bias-free
+    # sequence-classification score layer, and `rlhf export --merge` reproduces the scores exactly.
+    head.bias.requires_grad_(False)
+    trainable = count_trainable(model) + sum(p.numel() for p in head.parameters() if p.requires_grad)
     trained = torch.nn.ModuleDict({"model": model, "head": head})
     learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind,
                              learning_rate=rm.learning_rate)
