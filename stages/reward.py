@@ -133,7 +133,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     metrics = evaluate_pairs(model, head, tokenization, held)
     probes = _probe_scores(model, head, tokenization, held[:8])
 
-    with gathered(dist, updater.module):
+    with gathered(dist, updater.module, also=[head.bias]):
         save_adapter(model, ADAPTER_NAME, out / "adapter")
         save_head(head, out / SCORE_HEAD, backbone.fingerprint)
     write_json(out / PROBES, probes)

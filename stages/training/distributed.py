@@ -12,7 +12,7 @@ gives a real ZeRO engine on every rank; ``Distributed.engine`` names it in every
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -205,12 +205,14 @@ def synced_generation(dist: Distributed) -> bool:
 
 
 @contextmanager
-def gathered(dist: Distributed, module: "torch.nn.Module") -> Iterator[None]:
-    """Under ZeRO-3, make the trainable weights whole on every rank for the block (to save them)."""
+def gathered(dist: Distributed, module: "torch.nn.Module", also: "Iterable[torch.nn.Parameter]" = ()) -> Iterator[None]:
+    """Under ZeRO-3, make the trainable weights (and the frozen ones in ``also``, saved with them, such as
+    the reward head's bias) whole on every rank for the block (to save them)."""
     if dist.zero_stage != 3:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters([p for p in module.parameters() if p.requires_grad], modifier_rank=None):
+    params = [p for p in module.parameters() if p.requires_grad] + list(also)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
