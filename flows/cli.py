@@ -78,9 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_skip_memory_check(resume)
     resume.set_defaults(handler=_cmd_resume)
 
-    runs = commands.add_parser("runs", help="list runs: id, status, stages, start time, duration")
+    runs = commands.add_parser("runs", help="list runs: id, status, promotion, stages, start time, duration")
     runs.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    runs.add_argument("--promoted", action="store_true", help="only promoted runs, with who or what promoted them")
     runs.set_defaults(handler=_cmd_runs)
+
+    promote = commands.add_parser("promote", help="promote a finished run by hand (a recorded human approval)")
+    promote.add_argument("run_id")
+    promote.add_argument("--by", help="who approves (default: the current user)")
+    promote.add_argument("--reason", help="why, kept with the approval")
+    promote.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    promote.set_defaults(handler=_cmd_promote)
 
     export = commands.add_parser("export", help="export a run's adapter, or merge it into a standalone model")
     export.add_argument("run_id")
@@ -260,13 +268,37 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     from flows.report import list_runs
 
+    if args.promoted:
+        from flows.promotion import LATEST, promoted_runs
+
+        promoted = promoted_runs(args.runs_dir)
+        print(f"{'run':<28} {'promoted at':<34} by")
+        for row in promoted:
+            by = f"{row['approved_by']} (by hand)" if row["by"] == "manual" else "its gate"
+            print(f"{row['run_id']:<28} {row['at']:<34} {by}")
+        print(f"latest: {promoted[-1]['run_id']} ({args.runs_dir / LATEST})" if promoted
+              else f"(no promoted runs in {args.runs_dir})")
+        return 0
     rows = list_runs(args.runs_dir)
-    print(f"{'run':<28} {'status':<10} {'started':<20} {'seconds':>8}  stages")
+    print(f"{'run':<28} {'status':<10} {'promotion':<13} {'started':<20} {'seconds':>8}  stages")
     for row in rows:
         stages = ",".join(row["stages"])
-        print(f"{row['run_id']:<28} {row['status']:<10} {row['started']:<20} {row['seconds']:>8.1f}  {stages}")
+        print(f"{row['run_id']:<28} {row['status']:<10} {row['promotion']:<13} {row['started']:<20} "
+              f"{row['seconds']:>8.1f}  {stages}")
     if not rows:
         print(f"(no runs in {args.runs_dir})")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    import getpass
+
+    from flows.promotion import describe, promote
+
+    record = promote(args.runs_dir / args.run_id, args.by or getpass.getuser(), args.reason)
+    print(f"run {args.run_id}: {describe(record)}")
+    if record["gate"] and record["gate"]["status"] != "promoted":
+        print(f"  over its gate: {describe(record['gate'])}")
     return 0
 
 

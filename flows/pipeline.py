@@ -40,7 +40,23 @@ def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str
         if state.is_failed():
             return Failed(message=state.message)
         results[stage] = state.result()
+    decide_promotion(Path(run_dir), cfg.gate.conditions)
     return results
+
+
+def decide_promotion(run_dir: Path, conditions: list[str]) -> None:
+    """Check a finished run's gate (``flows.promotion``) and show the verdict in Prefect's UI. A failed gate
+    is not a failed run: its artifacts stay, it is only marked ``not promoted``."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.promotion import apply_gate, describe
+
+    record = apply_gate(run_dir, conditions)
+    rows = "".join(f"| `{c['condition']}` | {c['value']} | {'pass' if c['passed'] else 'FAIL'} |\n"
+                   for c in (record or {}).get("conditions", []))
+    create_markdown_artifact(key="promotion", description=f"run {run_dir.name}: {describe(record)}",
+                             markdown=f"**{describe(record)}**\n\n" + (f"| condition | value | |\n|---|---|---|\n{rows}"
+                                                                        if rows else ""))
 
 
 @flow(name="rlhf-scheduled")

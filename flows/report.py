@@ -32,13 +32,16 @@ def run_report(run_dir: Path) -> dict[str, Any]:
         }
         if "error" in entry:
             stages[stage]["error"] = entry["error"]
-    return {"run_id": run_dir.name, "stages": stages}
+    from flows.promotion import read_promotion
+
+    return {"run_id": run_dir.name, "stages": stages, "promotion": read_promotion(run_dir)}
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """One row per run folder: id, overall status, stages, start time (UTC) and summed stage seconds."""
     from datetime import datetime, timezone
 
+    from flows.promotion import read_promotion
     from flows.run_dir import CONFIG
 
     rows = []
@@ -50,6 +53,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, timezone.utc)
         rows.append({
             "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=STAGE_ORDER.index),
+            "promotion": (read_promotion(run_dir) or {}).get("status", "-"),
             "started": started.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
         })
@@ -72,4 +76,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"          WARNING: {warning}")
         if entry["artifact"]:
             lines.append(f"          artifact: {entry['artifact']}")
+    if "promotion" in report:
+        from flows.promotion import describe
+
+        lines.append(f"  promotion: {describe(report['promotion'])}")
     return "\n".join(lines)

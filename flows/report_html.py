@@ -34,14 +34,22 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
     )
     warnings = "".join(f"<p class='warning'>WARNING: {html.escape(w)}</p>"
                        for entry in report["stages"].values() for w in entry["metrics"].get("warnings", []))
+    promotion = ""
+    if "promotion" in report:
+        from flows.promotion import PROMOTED, describe
+
+        status = (report["promotion"] or {}).get("status")
+        promotion = (f"<p class='{'promoted' if status == PROMOTED else 'warning'}'>"
+                     f"{html.escape(describe(report['promotion']))}</p>")
     images = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
                      f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>run {html.escape(report['run_id'])}</title>"
         "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em}"
         "td{padding:.3em 1em;border-bottom:1px solid #ddd;vertical-align:top}"
-        ".warning{background:#fdd;border:2px solid #c00;padding:.5em;font-weight:bold}</style></head><body>"
-        f"<h1>run {html.escape(report['run_id'])}</h1>{warnings}<table><tr><th>stage</th><th>status</th><th>seconds</th>"
+        ".warning{background:#fdd;border:2px solid #c00;padding:.5em;font-weight:bold}"
+        ".promoted{background:#dfd;border:2px solid #0a0;padding:.5em;font-weight:bold}</style></head><body>"
+        f"<h1>run {html.escape(report['run_id'])}</h1>{promotion}{warnings}<table><tr><th>stage</th><th>status</th><th>seconds</th>"
         f"<th>metrics</th></tr>{rows}</table>{images}</body></html>"
     )
     out = Path(run_dir) / "report.html"

@@ -335,6 +335,22 @@ class TrackingSection(_Section):
     project: str = "rlhf-chain"
 
 
+class GateSection(_Section):
+    """Promotion gate (flows/promotion.py): conditions on the stages' final metrics, checked when the run
+    finishes, e.g. ``ppo.task_score >= 0.8``. Empty: no gate, and the run is promoted only by hand."""
+
+    conditions: list[str] = Field(default_factory=list)
+
+    @field_validator("conditions")
+    @classmethod
+    def _parse(cls, conditions: list[str]) -> list[str]:
+        from stages.io.gate import Condition
+
+        for text in conditions:
+            Condition.parse(text)
+        return conditions
+
+
 class PipelineConfig(_Section):
     run: RunSection = RunSection()
     backbone: BackboneSection = BackboneSection()
@@ -350,11 +366,22 @@ class PipelineConfig(_Section):
     eval: EvalSection = EvalSection()
     distributed: DistributedSection = DistributedSection()
     tracking: TrackingSection = TrackingSection()
+    gate: GateSection = GateSection()
 
     @model_validator(mode="after")
     def _stages_have_inputs(self) -> "PipelineConfig":
         if problems := missing_inputs(self.run.stages, self):
             raise ValueError(f"run.stages: {'; '.join(problems)}")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_names_run_stages(self) -> "PipelineConfig":
+        from stages.io.gate import Condition
+
+        for text in self.gate.conditions:
+            if (stage := Condition.parse(text).stage) not in self.run.stages:
+                raise ValueError(f"gate.conditions: {text!r} names stage {stage!r}, which is not in run.stages "
+                                 f"{self.run.stages}")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,121 @@
+"""Promotion: whether a finished run is good enough to ship, decided by its gate or by a person.
+
+A run's ``gate.conditions`` (``"ppo.task_score >= 0.8"``: a stage, one of its final metrics, a comparison,
+a number) are checked when the pipeline finishes. A run that fails its gate still finishes and keeps its
+artifacts; it is marked ``not promoted`` with the conditions that failed. ``rlhf promote RUN_ID`` records
+a human approval (who, when, why), also over a failed gate. A run without a gate is never promoted
+automatically, so a scheduled run ships only through its gate.
+
+Each run keeps its decision in ``<run>/promotion.json``. ``<runs-dir>/promoted.json`` always names the
+latest promoted run: it is derived from every run's decision each time one changes, so a run whose rerun
+fails its gate stops being the one named there.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from stages.io import artifacts
+from stages.io.config import ConfigError
+from stages.io.gate import Condition
+
+PROMOTION = "promotion.json"
+LATEST = "promoted.json"
+PROMOTED, NOT_PROMOTED = "promoted", "not promoted"
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")  # orders two promotions in one second
+
+
+def read_promotion(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / PROMOTION
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
+    """Decide a finished run's promotion by its gate (None without one) and record it."""
+    from flows.report import run_report
+
+    if not conditions:
+        return None
+    metrics = {stage: entry["metrics"] for stage, entry in run_report(run_dir)["stages"].items()}
+    checked = [Condition.parse(text).check(metrics) for text in conditions]
+    failed = [c for c in checked if not c["passed"]]
+    record = {"status": NOT_PROMOTED if failed else PROMOTED, "by": "gate", "at": _now(), "conditions": checked,
+              "failed": [c["condition"] for c in failed]}
+    previous = read_promotion(run_dir)
+    if previous and previous["by"] == "manual" and not _trained_since(run_dir, previous["at"]):
+        record = {**previous, "gate": record}  # a resume that changed nothing keeps the person's approval
+    _record(run_dir, record)
+    return record
+
+
+def _trained_since(run_dir: Path, moment: str) -> bool:
+    """Whether any stage artifact of the run was published after ``moment`` (ISO 8601)."""
+    approved = datetime.fromisoformat(moment)
+    return any(datetime.fromisoformat(artifacts.read_manifest(m.parent)["finished_at"]) >= approved.replace(microsecond=0)
+               for m in Path(run_dir).glob("*/manifest.json"))
+
+
+def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[str, Any]:
+    """A human approval of a finished run, kept with its gate's verdict (``ConfigError`` for a run that
+    did not finish every stage)."""
+    from flows.report import run_report
+    from flows.run_dir import CONFIG
+    from stages.io.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"{run_dir}: no such run (see `rlhf runs`)")
+    stages = run_report(run_dir)["stages"]
+    unfinished = [s for s in load_config(run_dir / CONFIG).run.stages if not (stages.get(s) or {}).get("artifact")]
+    if unfinished:
+        raise ConfigError(f"run {run_dir.name}: {', '.join(unfinished)} did not finish; only a finished run can be "
+                          f"promoted (`rlhf resume {run_dir.name}` finishes it)")
+    previous = read_promotion(run_dir)
+    record = {"status": PROMOTED, "by": "manual", "approved_by": approved_by, "at": _now(), "reason": reason,
+              "gate": previous if previous and previous.get("by") == "gate" else None}
+    _record(run_dir, record)
+    return record
+
+
+def _record(run_dir: Path, record: dict[str, Any]) -> None:
+    from filelock import FileLock
+
+    runs_dir = Path(run_dir).parent
+    with FileLock(str(runs_dir / f".{LATEST}.lock")):  # two runs finishing at once: one rewrite at a time
+        artifacts.write_json(Path(run_dir) / PROMOTION, record)
+        latest = max(promoted_runs(runs_dir), key=lambda row: row["at"], default=None)
+        if latest is None:
+            (runs_dir / LATEST).unlink(missing_ok=True)
+        else:
+            artifacts.write_json(runs_dir / LATEST, latest)
+
+
+def promoted_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Every promoted run in ``runs_dir``, oldest promotion first: ``{run_id, at, by[, approved_by]}``."""
+    rows = []
+    for path in Path(runs_dir).glob(f"*/{PROMOTION}"):
+        record = json.loads(path.read_text())
+        if record["status"] == PROMOTED:
+            rows.append({"run_id": path.parent.name, "at": record["at"], "by": record["by"],
+                         **({"approved_by": record["approved_by"]} if record["by"] == "manual" else {})})
+    return sorted(rows, key=lambda row: row["at"])
+
+
+def describe(record: dict[str, Any] | None) -> str:
+    """One line for reports and ``rlhf runs``."""
+    if record is None:
+        return "no gate (not promoted)"
+    if record["by"] == "manual":
+        return f"promoted by {record['approved_by']} at {record['at']}" + (f": {record['reason']}" if record.get("reason") else "")
+    if record["status"] == PROMOTED:
+        return f"promoted by its gate (all {len(record['conditions'])} conditions passed)"
+    reasons = []
+    for c in record["conditions"]:
+        if not c["passed"]:
+            reasons.append(f"{c['condition']} (was {c['value']:.4g})" if c["value"] is not None
+                           else f"{c['condition']} ({c['reason']})")
+    return "not promoted: failed " + "; ".join(reasons)
