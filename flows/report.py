@@ -74,6 +74,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {stage:<7} {entry['status']:<10} {seconds:>8}  {shown or entry.get('error', '')}")
         for warning in metrics.get("warnings", []):
             lines.append(f"          WARNING: {warning}")
+        if metrics.get("stopped_at_step") is not None:
+            lines.append(f"          stopped early at step {metrics['stopped_at_step']}: {metrics['stop_reason']}")
         if entry["artifact"]:
             lines.append(f"          artifact: {entry['artifact']}")
     if "promotion" in report:

@@ -34,6 +34,9 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
     )
     warnings = "".join(f"<p class='warning'>WARNING: {html.escape(w)}</p>"
                        for entry in report["stages"].values() for w in entry["metrics"].get("warnings", []))
+    warnings += "".join(f"<p class='stopped'>{html.escape(stage)} stopped early at step {entry['metrics']['stopped_at_step']}: "
+                        f"{html.escape(entry['metrics']['stop_reason'])}</p>"
+                        for stage, entry in report["stages"].items() if entry["metrics"].get("stopped_at_step") is not None)
     promotion = ""
     if "promotion" in report:
         from flows.promotion import PROMOTED, describe
@@ -48,7 +51,8 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
         "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em}"
         "td{padding:.3em 1em;border-bottom:1px solid #ddd;vertical-align:top}"
         ".warning{background:#fdd;border:2px solid #c00;padding:.5em;font-weight:bold}"
-        ".promoted{background:#dfd;border:2px solid #0a0;padding:.5em;font-weight:bold}</style></head><body>"
+        ".promoted{background:#dfd;border:2px solid #0a0;padding:.5em;font-weight:bold}"
+        ".stopped{background:#eef;border:1px solid #66c;padding:.5em}</style></head><body>"
         f"<h1>run {html.escape(report['run_id'])}</h1>{promotion}{warnings}<table><tr><th>stage</th><th>status</th><th>seconds</th>"
         f"<th>metrics</th></tr>{rows}</table>{images}</body></html>"
     )

@@ -37,6 +37,7 @@ from stages.model.tokenization import Tokenization
 from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
+from stages.training.early_stopping import evaluating, not_stopping, stopper_for, stopping_callback
 from stages.training.evaluation import evaluate_policy
 from stages.training.hf_trainer import (
     TRL_TOKEN_CHUNK,
@@ -146,6 +147,11 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     root = checkpoint_root(ctx.final)
     resume = agreed_resume_point(root, ctx.cache_key, dist, "dpo")
     trainer = build_dpo_trainer(model, tokenization, train, held, cfg, root, dist)
+    stopper = stopper_for(dpo.early_stopping)
+    if stopper is not None:  # the policy samples (TRL switches to the reference only inside its loss)
+        trainer.add_callback(stopping_callback(stopper, evaluating(model, lambda: evaluate_policy(
+            model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE, desc="early stopping",
+            synced=synced_generation(dist)))))
     result = train_from(trainer, resume)
     set_trainable(model, [POLICY])  # TRL's switches to the reference leave a prompt-learning copy trainable
     history = logged_history(trainer)
@@ -170,6 +176,7 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": resumed_step(resume),
+        **(stopper.metrics() if stopper is not None else not_stopping()),
     }
 
 

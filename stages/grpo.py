@@ -44,6 +44,7 @@ from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
+from stages.training.early_stopping import stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
@@ -152,7 +153,10 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [POLICY], {}, fingerprint, dist)
     minibatch_order = torch.Generator().manual_seed(cfg.run.seed + 1000 * dist.rank)
     loop = TrainingLoop(checkpointer, desc="grpo", total=grpo.max_steps, log_every=1,
-                        checkpoint_every=grpo.checkpoint_every, samplers={"minibatch_order": minibatch_order})
+                        checkpoint_every=grpo.checkpoint_every, samplers={"minibatch_order": minibatch_order},
+                        stopper=stopper_for(grpo.early_stopping),  # dropout is off throughout: no mode switch
+                        evaluate=lambda: evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed,
+                                                         reference=REFERENCE, desc="early stopping", reward=source))
     loop.resume()
 
     def train_step(step: int, log: bool) -> dict[str, float]:
@@ -178,7 +182,8 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         warnings.append("grpo: every group's rewards were tied at every step, so every advantage was 0: the reward "
                         f"({grpo.reward}) cannot tell the policy's samples apart")
     return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": grpo.max_steps,
-            "resumed_from_step": loop.start, "trainable_parameters": trainable, "adapter_kind": cfg.adapter.kind}
+            "resumed_from_step": loop.start, "trainable_parameters": trainable, "adapter_kind": cfg.adapter.kind,
+            **loop.stopping_metrics()}
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

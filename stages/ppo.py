@@ -59,6 +59,7 @@ from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
+from stages.training.early_stopping import stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
@@ -252,6 +253,7 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     ppo = cfg.ppo
     totals: dict[str, float] = {}
     steps = 0
+    stopped = False
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(rollout.input_ids.shape[0], generator=generator, device="cpu")  # indexes any device
         for start in range(0, len(order), ppo.minibatch_size):
@@ -264,7 +266,23 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
-    return {key: value / steps for key, value in totals.items()}
+            stopped = _over_target_kl(loss_stats["approx_kl"], updater, ppo, dist)
+            if stopped:
+                break
+        if stopped:
+            break
+    return {**{key: value / steps for key, value in totals.items()}, "stopped_by_target_kl": float(stopped),
+            "minibatches": float(steps)}
+
+
+def _over_target_kl(approx_kl: float, updater: Updater, ppo: PPOSection, dist: Distributed) -> bool:
+    """Whether to stop this update's remaining epochs: the minibatch's approx-KL to the rollout policy
+    (averaged over ranks, so every rank stops together) above 1.5 x ``ppo.target_kl``, as Spinning Up's
+    and Stable-Baselines3's PPO do. Checked only after an update (no gradients pending in accumulation),
+    so stopping never leaves half-accumulated gradients for the next update."""
+    if ppo.target_kl is None or updater.micro_steps != 0:
+        return False
+    return dist.mean(approx_kl) > 1.5 * ppo.target_kl
 
 
 def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, share: float, ppo: PPOSection
@@ -314,7 +332,9 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                                 {"value_head": models.value_head}, models.fingerprint, dist)
     minibatch_order = torch.Generator().manual_seed(cfg.run.seed + 1000 * dist.rank)
     loop = TrainingLoop(checkpointer, desc="ppo", total=ppo.updates, log_every=1, checkpoint_every=ppo.checkpoint_every,
-                        samplers={"minibatch_order": minibatch_order}, step_key="update")
+                        samplers={"minibatch_order": minibatch_order}, step_key="update",
+                        stopper=stopper_for(ppo.early_stopping),  # dropout is off throughout: no mode switch
+                        evaluate=lambda: _evaluate(models, held_out, cfg, desc="early stopping"))
     if state := loop.resume():
         kl_ctl.load_state_dict(state["kl_controller"])
 
@@ -348,14 +368,17 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
     return {**metrics, "warnings": learning.warnings([]), "reward_source": ppo.reward, "updates": ppo.updates,
             "resumed_from_update": loop.start, "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
-            "adapter_kind": cfg.adapter.kind}
+            "adapter_kind": cfg.adapter.kind, "updates_stopped_by_target_kl": sum(row.get("stopped_by_target_kl", 0)
+                                                                                    for row in history),
+            **loop.stopping_metrics()}
 
 
-def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig) -> dict[str, float]:
+def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig, desc: str = "task_score (ppo)"
+              ) -> dict[str, float]:
     """Held-out task_score of the policy, its KL to the reference and the mean reward, on the same samples."""
     with active_adapter(models.model, POLICY):
         return evaluate_policy(models.model, models.tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
-                               desc="task_score (ppo)", reward=models.reward)
+                               desc=desc, reward=models.reward)
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

@@ -40,6 +40,7 @@ from stages.objectives.losses import pairwise_reward_loss
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import gathered
+from stages.training.early_stopping import evaluating, stopper_for
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
 from stages.training.updater import Updater
@@ -114,7 +115,9 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
                                 backbone.fingerprint, dist)
     batches = EpochBatches(len(train), rm.batch_size * dist.world_size, cfg.run.seed)
     loop = TrainingLoop(checkpointer, desc="reward", total=rm.max_steps, log_every=rm.logging_steps,
-                        checkpoint_every=rm.checkpoint_every, samplers={"batches": batches})
+                        checkpoint_every=rm.checkpoint_every, samplers={"batches": batches},
+                        stopper=stopper_for(rm.early_stopping),
+                        evaluate=evaluating(model, lambda: evaluate_pairs(model, head, tokenization, held)))
     loop.resume()
 
     def train_step(step: int, log: bool) -> dict[str, float] | None:
@@ -147,6 +150,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": loop.start,
+        **loop.stopping_metrics(),
     }
 
 

@@ -35,6 +35,7 @@ from stages.objectives.losses import rrhf_loss
 from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
+from stages.training.early_stopping import evaluating, stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
 from stages.training.loop import TrainingLoop
@@ -153,8 +154,11 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                       dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [POLICY], {}, backbone.fingerprint, dist)
     draws = random.Random(cfg.run.seed)  # every rank draws the same global batch and trains its share, as reward does
+    measure = evaluating(model, lambda: evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed,
+                                                        reference=REFERENCE, desc="early stopping", reward=source))
     loop = TrainingLoop(checkpointer, desc="rrhf", total=rr.max_steps, log_every=rr.logging_steps,
-                        checkpoint_every=rr.checkpoint_every, samplers={"draws": draws})
+                        checkpoint_every=rr.checkpoint_every, samplers={"draws": draws},
+                        stopper=stopper_for(rr.early_stopping), evaluate=measure)
     state = loop.resume()
     if state is not None:  # the candidates are part of the state: resuming never resamples them
         groups = [Group(**g) for g in state["groups"]]
@@ -206,7 +210,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                         "trained (ranking_accuracy is null)")
     return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start,
-            "reward_source": "data.ranked" if cfg.data.ranked else rr.reward}
+            "reward_source": "data.ranked" if cfg.data.ranked else rr.reward, **loop.stopping_metrics()}
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

@@ -32,7 +32,8 @@ from stages.model.tokenization import Tokenization
 from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
-from stages.training.evaluation import task_score
+from stages.training.early_stopping import evaluating, not_stopping, stopper_for, stopping_callback
+from stages.training.evaluation import held_out_loss, task_score
 from stages.training.hf_trainer import (
     TRL_TOKEN_CHUNK,
     TRL_VOCAB_CHUNK,
@@ -108,6 +109,16 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     root = checkpoint_root(ctx.final)
     resume = agreed_resume_point(root, ctx.cache_key, dist, "sft")
     trainer = build_sft_trainer(model, tokenization, demos, cfg, root, dist)
+    stopper = stopper_for(cfg.sft.early_stopping)
+
+    def measure() -> dict[str, float]:  # only the metric early stopping watches: sampling is the slow one
+        if stopper.settings.metric == "eval_loss":
+            return {"eval_loss": held_out_loss(model, tokenization, held_out, cfg.eval)}
+        return {"task_score": task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="early stopping",
+                                         synced=synced_generation(dist))}
+
+    if stopper is not None:
+        trainer.add_callback(stopping_callback(stopper, evaluating(model, measure)))
     result = train_from(trainer, resume)
     score_after = task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)",
                              synced=synced_generation(dist))
@@ -128,6 +139,7 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": resumed_step(resume),
+        **(stopper.metrics() if stopper is not None else not_stopping()),
     }
 
 

@@ -31,9 +31,9 @@ TINY = ["backbone.device=cpu", "run.threads=2", "sft.max_steps=3", "sft.logging_
 TIERS = {
     "unit": ("test_losses", "test_kl_control", "test_config", "test_registry", "test_task_and_data", "test_rewards",
              "test_distributed_math", "test_sequences", "test_artifacts_and_cache", "test_memory_plan",
-             "test_progress", "test_layout", "test_updater", "test_formats"),
+             "test_progress", "test_layout", "test_updater", "test_formats", "test_early_stopping"),
     "stage": ("test_adapters", "test_learning_check", "test_learning_per_kind", "test_ppo", "test_reward_rrhf", "test_dpo", "test_grpo",
-              "test_deepspeed", "test_tokenization", "test_devices", "test_export"),
+              "test_deepspeed", "test_tokenization", "test_devices", "test_export", "test_early_stops"),
     "e2e": ("test_cli_pipeline", "test_bad_inputs", "test_concurrency_and_secrets", "test_prefect_server",
             "test_resume", "test_plugin_stage", "test_promotion"),
     "quality": ("test_quality",),

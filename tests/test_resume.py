@@ -63,8 +63,13 @@ def _finished_checkpoint(stage: str, out: Path) -> Path | None:
     # AdaLoRA's rank allocator keeps importance averages from the first update: they are training state
     ("sft", ADALORA), ("reward", ADALORA),
     ("rrhf", ADALORA), ("dpo", ADALORA),  # an SFT adapter at its allocated ranks, own loop and HF Trainer
+    # Early stopping's progress (best value, evaluations without improvement) is training state: killed
+    # after a checkpoint, the resumed stage must stop exactly where the uninterrupted one does.
+    ("reward", ["reward.early_stopping={metric: pair_accuracy, patience: 3, eval_every: 5}"]),
+    ("sft", ["sft.early_stopping={metric: eval_loss, mode: min, min_delta: 100, patience: 2, eval_every: 4}"]),
 ], ids=["sft", "reward", "rrhf", "ppo", "dpo", "grpo", "grpo-checker", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value",
-        "ppo-checker", "sft-adalora", "reward-adalora", "rrhf-adalora", "dpo-adalora"])
+        "ppo-checker", "sft-adalora", "reward-adalora", "rrhf-adalora", "dpo-adalora", "reward-early-stop",
+        "sft-early-stop"])
 def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], request: pytest.FixtureRequest,
                                                        tmp_path: Path) -> None:
     out = tmp_path / stage
@@ -90,6 +95,9 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
     resumed = manifest["metrics"]["resumed_from_update" if stage == "ppo" else "resumed_from_step"]
     assert resumed >= saved > 0
     total = int(next(s for s in LONG[stage] if "max_steps" in s or "updates" in s).split("=")[1])
+    if any("early_stopping" in item for item in launch):
+        total = manifest["metrics"]["stopped_at_step"]
+        assert total is not None and resumed < total, "the stage must stop early, after the resume"
     steps = [row[HISTORY_STEP[stage]] for row in json.loads((out / "history.json").read_text())]
     assert steps[-1] == total and steps == sorted(set(steps))  # one unbroken history, no step twice
     assert not checkpoint_root(out).exists()  # the published artifact supersedes its checkpoints
@@ -105,6 +113,9 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
         assert weights and weights == sorted(path.relative_to(out) for path in out.rglob("*.safetensors"))
         for path in weights:
             assert (out / path).read_bytes() == (straight / path).read_bytes(), f"{path} differs after the resume"
+        uninterrupted = artifacts.read_manifest(straight)["metrics"]
+        for key in ("stopped_at_step", "stop_reason", "early_stopping"):
+            assert manifest["metrics"].get(key) == uninterrupted.get(key), key
     if stage in ("reward", "rrhf"):  # the resumed schedule goes on where it stopped, on every launcher
         _assert_follows_the_schedule(json.loads((out / "history.json").read_text()),
                                      getattr(load_config(None, sets), stage))

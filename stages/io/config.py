@@ -156,7 +156,30 @@ class DataSection(_Section):
         return self
 
 
-class _CheckpointsFollowLogs(_Section):
+# What each built-in stage can evaluate while it trains (stages.training.early_stopping).
+STOPPING_METRICS: dict[str, tuple[str, ...]] = {
+    "sft": ("task_score", "eval_loss"), "reward": ("pair_accuracy", "reward_margin"),
+    "rrhf": ("task_score", "kl_to_reference", "policy_reward"), "ppo": ("task_score", "kl_to_reference", "policy_reward"),
+    "dpo": ("task_score", "kl_to_reference"), "grpo": ("task_score", "kl_to_reference", "policy_reward"),
+}
+
+
+class EarlyStoppingSection(_Section):
+    """Stop a stage when a held-out ``metric`` has not improved by more than ``min_delta`` (in the
+    direction of ``mode``) for ``patience`` evaluations, one every ``eval_every`` steps."""
+
+    metric: str
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(default=3, ge=1)
+    min_delta: float = Field(default=0.0, ge=0)
+    eval_every: int = Field(default=10, ge=1)
+
+
+class _Stoppable(_Section):
+    early_stopping: EarlyStoppingSection | None = None  # null: off (the default)
+
+
+class _CheckpointsFollowLogs(_Stoppable):
     """A stage trained by an HF Trainer (TRL) checks its loss for NaN at each log (``hf_trainer``)."""
 
     logging_steps: int = Field(default=10, ge=1)
@@ -179,7 +202,7 @@ class SFTSection(_CheckpointsFollowLogs):
     max_length: int = Field(default=64, ge=8)
 
 
-class RewardSection(_Section):
+class RewardSection(_Stoppable):
     launcher: Launcher = "local"
     max_steps: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)  # preference pairs per step
@@ -190,7 +213,7 @@ class RewardSection(_Section):
     checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
 
 
-class _RewardSourceSection(_Section):
+class _RewardSourceSection(_Stoppable):
     """An RL stage's reward (``stages.training.rewards``): the reward model, a checker, or their weighted sum."""
 
     reward: Literal["model", "checker", "model+checker"] = "model"
@@ -248,6 +271,10 @@ class PPOSection(_RewardSourceSection):
     max_new_tokens: int = Field(default=16, ge=1)
     missing_eos_penalty: float = Field(default=1.0, ge=0)
     checkpoint_every: int = Field(default=5, ge=1)  # updates between resumable checkpoints
+    # Within an update, stop the remaining PPO epochs once a minibatch's approx-KL to the rollout policy
+    # exceeds 1.5 x target_kl (OpenAI Spinning Up, Stable-Baselines3). null: off. Not kl_target, which
+    # steers the adaptive KL penalty in the reward.
+    target_kl: float | None = Field(default=None, gt=0)
     # separate: a value adapter (from the reward model) + value head. shared: the value head alone, from zero,
     # on the policy adapter's hidden states (detached: the value loss never moves the policy): one forward and
     # backward fewer per minibatch, but the value is a linear read-out of the policy's features.
@@ -372,6 +399,15 @@ class PipelineConfig(_Section):
     def _stages_have_inputs(self) -> "PipelineConfig":
         if problems := missing_inputs(self.run.stages, self):
             raise ValueError(f"run.stages: {'; '.join(problems)}")
+        return self
+
+    @model_validator(mode="after")
+    def _stopping_metrics_exist(self) -> "PipelineConfig":
+        for stage, metrics in STOPPING_METRICS.items():
+            settings = getattr(self, stage).early_stopping
+            if settings is not None and settings.metric not in metrics:
+                raise ValueError(f"{stage}.early_stopping.metric: {stage} cannot evaluate {settings.metric!r} while "
+                                 f"it trains; choose one of {', '.join(metrics)}")
         return self
 
     @model_validator(mode="after")

@@ -81,3 +81,22 @@ def _samples(model: "torch.nn.Module", tokenization: "Tokenization", records: li
         model, tokenization, [tokenization.prompt_ids(r["prompt"]) for r in records], max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=desc, synced=synced,
     )
+
+
+def held_out_loss(model: "torch.nn.Module", tokenization: "Tokenization", records: list[Record], cfg: EvalSection
+                  ) -> float:
+    """SFT's loss on held-out data: the mean negative log-likelihood (nats per token) of the reference
+    answers of the first ``cfg.num_prompts`` held-out records, end token included, given their prompts
+    (the ids ``Tokenization.pair`` gives SFT's own demonstrations)."""
+    import torch
+
+    from stages.model.sequences import from_token_ids, token_logprobs
+
+    rows = [tokenization.pair(r["prompt"], r["answer"]) for r in records[: cfg.num_prompts]]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows), cfg.batch_size):
+            batch = from_token_ids(rows[start : start + cfg.batch_size], tokenization.pad_id, model_device(model))
+            total -= token_logprobs(model, batch).sum().item()  # zero off the responses
+            tokens += int(batch.response_mask.sum().item())
+    return total / tokens

@@ -9,7 +9,10 @@ A recipe gives one function, ``train_step(step, log) -> row | None``, and the lo
 * the history: at every ``log_every`` steps and at the last, ``train_step`` returns a row of metrics
   (every rank computes it: its values may be reduced over ranks), and the loop adds the step and the
   learning rate the update really used;
-* a checkpoint every ``checkpoint_every`` steps, with the history and the recipe's own state.
+* a checkpoint every ``checkpoint_every`` steps, with the history and the recipe's own state;
+* early stopping (``stages.training.early_stopping``): every ``eval_every`` steps the recipe's
+  ``evaluate`` runs, and the loop ends once the metric has stopped improving; the stopper's state is in
+  every checkpoint.
 
 SFT is the exception: TRL's SFTTrainer brings its own loop and checkpoints (``stages.sft``).
 """
@@ -21,6 +24,7 @@ from typing import Any
 
 from stages.io.progress import progress
 from stages.training.checkpoints import Checkpointer, Sampler
+from stages.training.early_stopping import EarlyStopper, Evaluate
 
 Row = dict[str, Any]
 TrainStep = Callable[[int, bool], "Row | None"]  # (1-based step, log this step?) -> history row
@@ -34,10 +38,14 @@ class TrainingLoop:
     """
 
     def __init__(self, checkpointer: Checkpointer, *, desc: str, total: int, log_every: int, checkpoint_every: int,
-                 samplers: dict[str, Sampler] | None = None, step_key: str = "step") -> None:
+                 samplers: dict[str, Sampler] | None = None, step_key: str = "step",
+                 stopper: EarlyStopper | None = None, evaluate: Evaluate | None = None) -> None:
         self.checkpointer, self.desc, self.total = checkpointer, desc, total
         self.log_every, self.checkpoint_every, self.step_key = log_every, checkpoint_every, step_key
         self.samplers = samplers or {}
+        if stopper is not None and evaluate is None:
+            raise ValueError("early stopping needs the stage's evaluate function")
+        self.stopper, self.evaluate = stopper, evaluate
         self.start = 0  # steps done before this process: the resumed checkpoint's
         self.history: list[Row] = []
 
@@ -46,6 +54,8 @@ class TrainingLoop:
         state = self.checkpointer.resume(self.samplers)
         if state is not None:
             self.start, self.history = state["step"], state["history"]
+            if self.stopper is not None:
+                self.stopper.load_state_dict(state["early_stopping"])
         return state
 
     def run(self, train_step: TrainStep, saved_state: Callable[[], dict[str, Any]] = dict) -> list[Row]:
@@ -60,6 +70,26 @@ class TrainingLoop:
             row = train_step(step, log)
             if log and row is not None:
                 self.history.append({self.step_key: step, **row, "learning_rate": updater.applied_lr})
+            if self._should_stop(step):
+                break  # the artifact follows at once: no checkpoint
+            stopping = {"early_stopping": self.stopper.state_dict()} if self.stopper is not None else {}
             self.checkpointer.maybe_save(step, self.checkpoint_every, self.total,
-                                         {"history": self.history, **saved_state()}, self.samplers)
+                                         {"history": self.history, **stopping, **saved_state()}, self.samplers)
         return self.history
+
+    def _should_stop(self, step: int) -> bool:
+        """Evaluate at every ``eval_every`` steps (after the step's update); the value joins the step's
+        history row (``eval_<metric>``) when it has one."""
+        if self.stopper is None or step % self.stopper.eval_every:
+            return False
+        metric = self.stopper.settings.metric
+        value = self.evaluate()[metric]
+        if self.history and self.history[-1][self.step_key] == step:
+            self.history[-1][f"eval_{metric}"] = value
+        return self.stopper.update(step, value)
+
+    def stopping_metrics(self) -> dict[str, Any]:
+        """``EarlyStopper.metrics`` (or the same keys, empty, without early stopping)."""
+        from stages.training.early_stopping import not_stopping
+
+        return self.stopper.metrics() if self.stopper is not None else not_stopping()

@@ -1,0 +1,140 @@
+"""Early stopping: end a stage once a held-out metric stops improving (``<stage>.early_stopping``).
+
+Every ``eval_every`` steps the stage evaluates (``STOPPING_METRICS`` lists what each built-in stage can
+measure then), and ``EarlyStopper`` keeps the best value: an evaluation improves on it when it is better
+by more than ``min_delta`` in the direction of ``mode``; after ``patience`` evaluations in a row without
+an improvement the stage stops, as Keras' and the HF Trainer's ``EarlyStoppingCallback`` do. A stopped
+stage publishes the weights of its last step (not of its best evaluation) like any finished stage, and
+is cached like one; where and why it stopped go into its metrics (``stopped_at_step``, ``stop_reason``,
+``early_stopping``), hence its manifest, the report and W&B.
+
+The stopper's state is training state: our loops keep it in their checkpoints (``stages.training.loop``),
+the HF Trainer stages beside theirs (``stopping_callback``), so a resumed stage stops exactly where an
+uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.io.config import EarlyStoppingSection
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+Evaluate = Callable[[], dict[str, float]]  # the stage's held-out metrics now
+
+
+@dataclass
+class EarlyStopper:
+    """Best-so-far tracking with patience over a stream of evaluations (``update``)."""
+
+    settings: EarlyStoppingSection
+    best: float | None = None
+    best_step: int | None = None
+    bad_evaluations: int = 0
+    evaluations: list[list[float]] = field(default_factory=list)  # [step, value]
+    stopped_at_step: int | None = None
+
+    @property
+    def eval_every(self) -> int:
+        return self.settings.eval_every
+
+    def update(self, step: int, value: float) -> bool:
+        """Record the evaluation at ``step``; True when the stage should stop now. A non-finite value
+        never improves."""
+        s = self.settings
+        self.evaluations.append([step, value])
+        better = math.isfinite(value) and (self.best is None or (
+            value > self.best + s.min_delta if s.mode == "max" else value < self.best - s.min_delta))
+        if better:
+            self.best, self.best_step, self.bad_evaluations = value, step, 0
+        else:
+            self.bad_evaluations += 1
+        if self.bad_evaluations >= s.patience:
+            self.stopped_at_step = step
+        return self.stopped_at_step is not None
+
+    def reason(self) -> str | None:
+        if self.stopped_at_step is None:
+            return None
+        s = self.settings
+        best = "no finite value" if self.best is None else f"its best, {self.best:.4g} at step {self.best_step}"
+        return (f"{s.metric} did not improve on {best} (by more than min_delta={s.min_delta:g}, mode {s.mode}) "
+                f"in {s.patience} evaluation(s), one every {s.eval_every} steps")
+
+    def metrics(self) -> dict[str, Any]:
+        """What the stage reports: where and why it stopped, and every evaluation."""
+        return {"stopped_at_step": self.stopped_at_step, "stop_reason": self.reason(),
+                "early_stopping": {"metric": self.settings.metric, "mode": self.settings.mode, "best": self.best,
+                                   "best_step": self.best_step, "evaluations": self.evaluations}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_step": self.best_step, "bad_evaluations": self.bad_evaluations,
+                "evaluations": self.evaluations, "stopped_at_step": self.stopped_at_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.bad_evaluations, self.evaluations = state["bad_evaluations"], state["evaluations"]
+        self.stopped_at_step = state["stopped_at_step"]
+
+
+def evaluating(model: Any, measure: Evaluate) -> Evaluate:
+    """``measure`` run with ``model`` in eval mode (no dropout), and back in train mode after it."""
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        try:
+            return measure()
+        finally:
+            model.train()
+
+    return evaluate
+
+
+def stopper_for(settings: EarlyStoppingSection | None) -> EarlyStopper | None:
+    return EarlyStopper(settings) if settings is not None else None
+
+
+def not_stopping() -> dict[str, Any]:
+    """The metrics of a stage without early stopping (every stage reports the same keys)."""
+    return {"stopped_at_step": None, "stop_reason": None}
+
+
+def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> "TrainerCallback | None":
+    """Early stopping for an HF Trainer stage (SFT, DPO): evaluates in ``on_step_end`` every
+    ``eval_every`` steps, sets ``should_training_stop``, and keeps the stopper's state in
+    ``early_stopping-<step>.json`` beside the Trainer's checkpoints, written in ``on_step_end`` of a step
+    that saves one (before that checkpoint's ``trainer_state.json`` makes it complete) and read back in
+    ``on_train_begin`` of a resumed Trainer."""
+    if stopper is None:
+        return None
+    import json
+
+    from transformers import TrainerCallback
+
+    from stages.io.artifacts import write_json
+
+    def state_file(args: Any, step: int) -> Path:
+        return Path(args.output_dir) / f"early_stopping-{step}.json"
+
+    class EarlyStopping(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step > 0:
+                stopper.load_state_dict(json.loads(state_file(args, state.global_step).read_text()))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % stopper.eval_every == 0 and stopper.update(
+                    state.global_step, evaluate()[stopper.settings.metric]):
+                control.should_training_stop = True
+            if control.should_save and state.is_world_process_zero:  # set by the flow callback, which runs first
+                for old in Path(args.output_dir).glob("early_stopping-*.json"):  # whose checkpoint was rotated away
+                    if not (old.parent / f"checkpoint-{old.stem.rsplit('-', 1)[1]}").is_dir():
+                        old.unlink()
+                write_json(state_file(args, state.global_step), stopper.state_dict())
+
+    return EarlyStopping()
