@@ -90,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     promote.set_defaults(handler=_cmd_promote)
 
+    sweep = commands.add_parser("sweep", help="search settings over whole runs with Optuna; unchanged upstream "
+                                              "stages come from the cache")
+    _add_config_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY.PATH=[V1,V2,...]", required=True,
+                       help="values to search for one key, e.g. --grid ppo.learning_rate=[1e-4,5e-4] (repeatable)")
+    sweep.add_argument("--metric", required=True, help="STAGE.METRIC to optimise, e.g. ppo.task_score")
+    sweep.add_argument("--direction", choices=("max", "min"), default="max")
+    sweep.add_argument("--sampler", choices=("grid", "random", "tpe"), default="grid")
+    sweep.add_argument("--trials", type=int, help="trials to run (default for grid: every combination)")
+    sweep.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    sweep.add_argument("--name", help="the study's name (default: derived from the command, so rerunning it resumes)")
+    sweep.add_argument("--storage", help="Optuna storage URL (default: sqlite under $RLHF_HOME/sweeps.db)")
+    sweep.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    _add_skip_memory_check(sweep)
+    sweep.set_defaults(handler=_cmd_sweep)
+
     export = commands.add_parser("export", help="export a run's adapter, or merge it into a standalone model")
     export.add_argument("run_id")
     export.add_argument("--stage", choices=STAGE_ORDER, help="which stage's artifact (default: the run's last stage)")
@@ -280,10 +296,11 @@ def _cmd_runs(args: argparse.Namespace) -> int:
               else f"(no promoted runs in {args.runs_dir})")
         return 0
     rows = list_runs(args.runs_dir)
-    print(f"{'run':<28} {'status':<10} {'promotion':<13} {'started':<20} {'seconds':>8}  stages")
+    print(f"{'run':<28} {'status':<10} {'promotion':<13} {'sweep':<22} {'started':<20} {'seconds':>8}  stages")
     for row in rows:
         stages = ",".join(row["stages"])
-        print(f"{row['run_id']:<28} {row['status']:<10} {row['promotion']:<13} {row['started']:<20} "
+        sweep = f"{row['sweep']}#{row['trial']}" if row["sweep"] else "-"
+        print(f"{row['run_id']:<28} {row['status']:<10} {row['promotion']:<13} {sweep:<22} {row['started']:<20} "
               f"{row['seconds']:>8.1f}  {stages}")
     if not rows:
         print(f"(no runs in {args.runs_dir})")
@@ -299,6 +316,24 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     print(f"run {args.run_id}: {describe(record)}")
     if record["gate"] and record["gate"]["status"] != "promoted":
         print(f"  over its gate: {describe(record['gate'])}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import SweepSpec, check_spec, format_leaderboard, parse_grid, run_sweep
+    from stages.io.config import load_config
+
+    server_ready = _boot_prefect()
+    spec = SweepSpec(config=args.config, overrides=tuple(args.overrides), grid=parse_grid(args.grid),
+                     metric=args.metric, direction="maximize" if args.direction == "max" else "minimize",
+                     sampler=args.sampler, trials=args.trials, seed=args.seed)
+    check_spec(spec)  # every trial's config loads, and the metric's stage runs, before anything trains
+    cfg = load_config(args.config, args.overrides)
+    _preflight(cfg, memory_stages=None if args.skip_memory_check else cfg.run.stages)
+    server_ready()
+    board = run_sweep(spec, args.runs_dir, storage=args.storage, name=args.name)
+    print("\n" + format_leaderboard(board))
+    print(f"report: {board['report']}")
     return 0
 
 

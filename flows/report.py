@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,20 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         rows.append({
             "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=STAGE_ORDER.index),
             "promotion": (read_promotion(run_dir) or {}).get("status", "-"),
+            **_sweep_of(run_dir),
             "started": started.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
         })
     return sorted(rows, key=lambda row: row["started"])
+
+
+def _sweep_of(run_dir: Path) -> dict[str, Any]:
+    """``{"sweep", "trial"}`` of a run started by ``rlhf sweep`` (None for others)."""
+    from flows.sweep import TRIAL_FILE
+
+    path = Path(run_dir) / TRIAL_FILE
+    trial = json.loads(path.read_text()) if path.is_file() else {}
+    return {"sweep": trial.get("sweep"), "trial": trial.get("trial")}
 
 
 def format_report(report: dict[str, Any]) -> str:

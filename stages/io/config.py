@@ -360,6 +360,7 @@ class TrackingSection(_Section):
     # Explicit, so nothing waits on a network: offline writes runs/<id>/wandb (upload with `wandb sync`).
     mode: Literal["offline", "online"] = "offline"
     project: str = "rlhf-chain"
+    group: str | None = None  # W&B group of the run's stages; null: the run id (`rlhf sweep` sets the sweep's)
 
 
 class GateSection(_Section):

@@ -43,11 +43,12 @@ class WandbTracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._wandb = wandb
         self._stage = stage
-        self._group = run_dir.name
+        self._group = run_dir.name  # names this run's W&B runs and artifacts
         self._datasets = datasets
         self._online = cfg.tracking.mode == "online"
         self.run = wandb.init(
-            project=cfg.tracking.project, group=self._group, job_type=stage, name=f"{self._group}-{stage}",
+            project=cfg.tracking.project, group=cfg.tracking.group or self._group, job_type=stage,
+            name=f"{self._group}-{stage}",
             dir=str(run_dir), mode=cfg.tracking.mode, config=cfg.model_dump(mode="json"), reinit="finish_previous",
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )

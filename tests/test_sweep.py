@@ -1,0 +1,113 @@
+"""`rlhf sweep`: Optuna trials as pipeline runs that share cached upstream stages, a sorted leaderboard
+and its report, sweep membership in `rlhf runs`, the W&B group, and a killed sweep that resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from flows.sweep import INTERRUPTED, parse_grid
+from stages.io.config import ConfigError
+from tests.conftest import TINY, run_cli
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _statuses(run_dir: Path) -> dict[str, str]:
+    return {stage: entry["status"] for stage, entry in json.loads((run_dir / "status.json").read_text()).items()}
+
+
+def test_a_ppo_grid_trains_sft_and_reward_once_and_ranks_the_trials(tmp_path: Path) -> None:
+    sets = _sets([*TINY, "tracking.backend=none"])
+    done = run_cli("sweep", *sets, "--grid", "ppo.learning_rate=[1e-4,1e-2]", "--grid", "ppo.kl_coef=[0.05,0.2]",
+                   "--metric", "ppo.kl_to_reference", "--direction", "min", "--name", "grid", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    board = json.loads((tmp_path / "runs" / "sweeps" / "grid" / "leaderboard.json").read_text())
+    trials = board["trials"]
+    assert len(trials) == 4 and all(t["state"] == "complete" for t in trials)
+    assert sorted(json.dumps(t["params"], sort_keys=True) for t in trials) == sorted(
+        json.dumps({"ppo.learning_rate": lr, "ppo.kl_coef": kl}, sort_keys=True) for lr in (1e-4, 1e-2) for kl in (0.05, 0.2))
+    values = [t["value"] for t in trials]
+    assert values == sorted(values)  # --direction min: best (lowest) first
+    for t in trials:  # each value is its run's own metric
+        run_dir = tmp_path / "runs" / t["run_id"]
+        assert json.loads((run_dir / "ppo" / "manifest.json").read_text())["metrics"]["kl_to_reference"] == t["value"]
+    statuses = [_statuses(tmp_path / "runs" / t["run_id"]) for t in trials]
+    for stage in ("sft", "reward"):  # trained by one trial, taken from the cache by the three others
+        assert sorted(s[stage] for s in statuses) == ["cached", "cached", "cached", "completed"]
+    assert all(s["ppo"] == "completed" for s in statuses)
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rank"))
+    assert [line.split()[4] for line in lines[header + 1: header + 5]] == [t["run_id"] for t in trials]
+    page = (tmp_path / "runs" / "sweeps" / "grid" / "report.html").read_text()
+    assert "ppo.kl_to_reference against ppo.learning_rate" in page and "best 3 trial(s)" in page
+    listed = run_cli("runs", cwd=tmp_path).stdout
+    assert all(f"grid#{t['trial']}" in listed for t in trials)
+    config = (tmp_path / "runs" / trials[0]["run_id"] / "config.yaml").read_text()
+    assert "group: grid" in config  # the W&B group of every stage of every trial (tests below: the tracker)
+
+
+def test_the_tracker_groups_a_runs_stages_under_the_configured_group(tmp_path: Path) -> None:
+    from stages.io.config import load_config
+    from stages.training.tracking import WandbTracker
+
+    tracker = WandbTracker(load_config(None, ["tracking.group=my-sweep"]), "sft", tmp_path / "trial-1", {})
+    try:
+        assert (tracker.run.group, tracker.run.name, tracker.run.job_type) == ("my-sweep", "trial-1-sft", "sft")
+    finally:
+        tracker.run.finish()
+
+
+def test_a_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
+    command = [str(Path(sys.executable).parent / "rlhf"), "sweep",
+               *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]", "reward.max_steps=30"]),
+               "--grid", "reward.learning_rate=[1e-3,2e-3]", "--grid", "reward.batch_size=[4,8]",
+               "--metric", "reward.pair_accuracy", "--name", "killed"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    storage = f"sqlite:///{os.environ['RLHF_HOME']}/sweeps.db"
+    deadline = time.time() + 300
+
+    def finished() -> int:
+        try:
+            study = optuna.load_study(study_name="killed", storage=storage)
+        except KeyError:
+            return 0
+        return len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+    while finished() < 1 or not any(
+            _statuses(d).get("reward") == "running" for d in (tmp_path / "runs").glob("killed-*") if (d / "status.json").is_file()):
+        assert process.poll() is None and time.time() < deadline, "the sweep ended before a second trial began"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = json.loads((tmp_path / "runs" / "sweeps" / "killed" / "leaderboard.json").read_text())["trials"]
+    complete = [t for t in trials if t["state"] == "complete"]
+    interrupted = [t for t in trials if t["state"] == INTERRUPTED]
+    assert len(complete) == 4 and len(interrupted) == 1 and len(trials) == 5
+    assert len({json.dumps(t["params"], sort_keys=True) for t in complete}) == 4  # the whole grid, once each
+    rerun = next(t for t in complete if t["params"] == interrupted[0]["params"])
+    assert rerun["run_id"] == interrupted[0]["run_id"]  # the same run folder: its checkpoints and cache
+
+
+def test_grid_flags_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    assert parse_grid(["ppo.kl_coef=[0.05, 0.2]", "adapter.kind=[lora,dora]", "ppo.learning_rate=[1e-4,5e-4]"]) == {
+        "ppo.kl_coef": [0.05, 0.2], "adapter.kind": ["lora", "dora"], "ppo.learning_rate": [1e-4, 5e-4]}
+    for bad in ("ppo.kl_coef=0.05", "ppo.kl_coef=[]", "=[1]"):
+        with pytest.raises(ConfigError, match="expected KEY.PATH=\\[VALUE,...\\]"):
+            parse_grid([bad])
+    wrong_metric = run_cli("sweep", "--grid", "ppo.kl_coef=[0.1]", "--metric", "dpo.task_score", cwd=tmp_path)
+    assert wrong_metric.returncode == 2 and "stage dpo is not in run.stages" in wrong_metric.stderr
+    bad_value = run_cli("sweep", "--grid", "ppo.kl_coef=[0.1,-1]", "--metric", "ppo.task_score", cwd=tmp_path)
+    assert bad_value.returncode == 2 and "ppo.kl_coef" in bad_value.stderr and not (tmp_path / "runs").exists()
