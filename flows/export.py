@@ -125,7 +125,7 @@ def _write(plan: ExportPlan, folder: Path) -> dict[str, Any]:
                      "layer, not a weight delta; exported the adapter folder instead")
         print(f"warning: {notes[-1]}", flush=True)
     if merged:
-        notes += _write_merged(plan, folder)
+        _write_merged(plan, folder)
     else:
         _write_adapter(plan, folder)
     return {
@@ -158,7 +158,7 @@ def _load_base(plan: ExportPlan) -> Any:
     return load_backbone(cpu, quantize_4bit=needs_4bit(plan.cfg.adapter.kind))
 
 
-def _write_merged(plan: ExportPlan, folder: Path) -> list[str]:
+def _write_merged(plan: ExportPlan, folder: Path) -> None:
     """Merge the adapter into a (dequantised) base and save a plain transformers model."""
     import torch
     from peft import PeftModel
@@ -169,27 +169,30 @@ def _write_merged(plan: ExportPlan, folder: Path) -> list[str]:
         base = base.dequantize()  # the nf4 weights it trained on, as dense weights
         base.to(getattr(torch, plan.cfg.backbone.dtype))
     model = PeftModel.from_pretrained(base, str(plan.artifact / "adapter")).merge_and_unload()
-    notes: list[str] = []
     if plan.is_reward:
-        model, note = _as_sequence_classifier(model, plan.artifact)
-        notes += [note] if note else []
+        model = _as_sequence_classifier(model, plan.artifact, backbone.tokenizer)
     model.config.pad_token_id = backbone.tokenizer.pad_token_id
     model.save_pretrained(folder)
     backbone.tokenizer.save_pretrained(folder)
     _check_merged_export(plan, folder)
-    return notes
 
 
-def _as_sequence_classifier(causal: Any, artifact: Path) -> tuple[Any, str | None]:
+def _as_sequence_classifier(causal: Any, artifact: Path, tokenizer: Any) -> Any:
     """The merged backbone under a ``score`` layer holding the reward head: transformers' sequence
     classification (``num_labels=1``), which scores the last token that is not padding, as the stage did
     (``stages.model.heads.sequence_scores``: the last real token). Its ``score`` has no bias; the head's
-    is exactly 0 when trained on pairs alone (the pairwise loss is blind to a constant), else refused."""
+    is exactly 0 when trained on pairs alone (the pairwise loss is blind to a constant), else refused.
+    Refused too when the tokenizer pads with its end token: transformers would then score the token
+    before a response's end token, not the end token the stage scored."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from stages.model.heads import SCORE_HEAD, load_head
 
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ExportError(f"{artifact}: the tokenizer pads with its end token ({tokenizer.eos_token!r}), so "
+                          "transformers' sequence classification would score the token before each response's end "
+                          "token, not the end token the reward stage scored; export without --merge")
     manifest = artifacts.read_manifest(artifact)
     head = load_head(artifact / SCORE_HEAD, causal.config.hidden_size, manifest["backbone_fingerprint"], "cpu")
     if head.bias.item() != 0.0:
@@ -204,13 +207,7 @@ def _as_sequence_classifier(causal: Any, artifact: Path) -> tuple[Any, str | Non
                           f"unexpected {unexpected}")
     with torch.no_grad():
         classifier.score.weight.copy_(head.weight.to(classifier.score.weight.dtype))
-    note = None
-    eos = causal.config.eos_token_id
-    if causal.config.pad_token_id is not None and causal.config.pad_token_id in (eos if isinstance(eos, list) else [eos]):
-        note = ("the tokenizer pads with its end token: transformers' sequence classification scores the last "
-                "token that is not padding, which is the one before a response's end token; the reward stage "
-                "scored the end token itself, so score with an attention-mask pool to reproduce its scores")
-    return classifier, note
+    return classifier
 
 
 def _tolerance(plan: ExportPlan) -> float:

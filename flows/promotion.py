@@ -35,28 +35,35 @@ def read_promotion(run_dir: Path) -> dict[str, Any] | None:
 
 
 def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
-    """Decide a finished run's promotion by its gate (None without one) and record it."""
+    """Decide a finished run's promotion by its gate and record it; return the run's decision.
+
+    A person's approval stands while the run's artifacts are the ones approved (the same cache key for
+    every stage), with the gate's new verdict beside it; once a stage holds other weights (retrained, or
+    another configuration's from the cache) the approval is void and the gate decides, or, without a
+    gate, the run is no longer promoted.
+    """
     from flows.report import run_report
 
-    if not conditions:
-        return None
-    metrics = {stage: entry["metrics"] for stage, entry in run_report(run_dir)["stages"].items()}
-    checked = [Condition.parse(text).check(metrics) for text in conditions]
-    failed = [c for c in checked if not c["passed"]]
-    record = {"status": NOT_PROMOTED if failed else PROMOTED, "by": "gate", "at": _now(), "conditions": checked,
-              "failed": [c["condition"] for c in failed]}
+    gate = None
+    if conditions:
+        metrics = {stage: entry["metrics"] for stage, entry in run_report(run_dir)["stages"].items()}
+        checked = [Condition.parse(text).check(metrics) for text in conditions]
+        failed = [c for c in checked if not c["passed"]]
+        gate = {"status": NOT_PROMOTED if failed else PROMOTED, "by": "gate", "at": _now(), "conditions": checked,
+                "failed": [c["condition"] for c in failed], "cache_keys": cache_keys(run_dir)}
     previous = read_promotion(run_dir)
-    if previous and previous["by"] == "manual" and not _trained_since(run_dir, previous["at"]):
-        record = {**previous, "gate": record}  # a resume that changed nothing keeps the person's approval
+    if previous and previous["by"] == "manual" and previous.get("cache_keys") == cache_keys(run_dir):
+        record: dict[str, Any] | None = {**previous, "gate": gate or previous.get("gate")}
+    else:
+        record = gate
     _record(run_dir, record)
     return record
 
 
-def _trained_since(run_dir: Path, moment: str) -> bool:
-    """Whether any stage artifact of the run was published after ``moment`` (ISO 8601)."""
-    approved = datetime.fromisoformat(moment)
-    return any(datetime.fromisoformat(artifacts.read_manifest(m.parent)["finished_at"]) >= approved.replace(microsecond=0)
-               for m in Path(run_dir).glob("*/manifest.json"))
+def cache_keys(run_dir: Path) -> dict[str, str]:
+    """The cache key of each finished stage artifact of the run: which weights a decision was about."""
+    return {m.parent.name: artifacts.read_manifest(m.parent)["cache_key"]
+            for m in sorted(Path(run_dir).glob("*/manifest.json"))}
 
 
 def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[str, Any]:
@@ -74,19 +81,24 @@ def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[
     if unfinished:
         raise ConfigError(f"run {run_dir.name}: {', '.join(unfinished)} did not finish; only a finished run can be "
                           f"promoted (`rlhf resume {run_dir.name}` finishes it)")
-    previous = read_promotion(run_dir)
+    previous = read_promotion(run_dir) or {}
+    gate = previous if previous.get("by") == "gate" else previous.get("gate")  # a second approval keeps it too
     record = {"status": PROMOTED, "by": "manual", "approved_by": approved_by, "at": _now(), "reason": reason,
-              "gate": previous if previous and previous.get("by") == "gate" else None}
+              "gate": gate, "cache_keys": cache_keys(run_dir)}
     _record(run_dir, record)
     return record
 
 
-def _record(run_dir: Path, record: dict[str, Any]) -> None:
+def _record(run_dir: Path, record: dict[str, Any] | None) -> None:
+    """Write (None: remove) the run's decision, then name the latest promoted run in ``promoted.json``."""
     from filelock import FileLock
 
     runs_dir = Path(run_dir).parent
     with FileLock(str(runs_dir / f".{LATEST}.lock")):  # two runs finishing at once: one rewrite at a time
-        artifacts.write_json(Path(run_dir) / PROMOTION, record)
+        if record is None:
+            (Path(run_dir) / PROMOTION).unlink(missing_ok=True)
+        else:
+            artifacts.write_json(Path(run_dir) / PROMOTION, record)
         latest = max(promoted_runs(runs_dir), key=lambda row: row["at"], default=None)
         if latest is None:
             (runs_dir / LATEST).unlink(missing_ok=True)

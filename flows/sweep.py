@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 SWEEPS = "sweeps"  # <runs-dir>/sweeps/<name>/: the sweep's definition, leaderboard and report
 TRIAL_FILE = "sweep.json"  # in each trial's run folder: which sweep and trial it belongs to
-SAMPLERS = ("grid", "random", "tpe")
-INTERRUPTED = "interrupted"  # user attr of a trial a killed process left running (its settings run again)
+INTERRUPTED = "interrupted"  # user attr of a trial killed or stopped by Ctrl-C: its settings run again
+RUN_LOCK = ".running.lock"  # in a run folder: held by the process running its pipeline
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,11 @@ class SweepSpec:
     def target(self) -> int:
         return self.combinations if self.sampler == "grid" and self.trials is None else int(self.trials or 0)
 
-    def name(self) -> str:
-        """A stable name: the same command continues the same study."""
+    def name(self, runs_dir: Path) -> str:
+        """A stable name: the same command (over the same runs folder) continues the same study."""
         base = Path(self.config).read_text() if self.config else ""
         payload = json.dumps([base, self.overrides, self.grid, self.metric, self.direction, self.sampler, self.trials,
-                              self.seed], sort_keys=True, default=str)
+                              self.seed, str(Path(runs_dir).resolve())], sort_keys=True, default=str)
         return "sweep-" + hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
@@ -107,6 +107,8 @@ def check_spec(spec: SweepSpec) -> None:
         raise ConfigError(f"--metric {spec.metric!r}: expected STAGE.METRIC, e.g. ppo.task_score")
     if spec.sampler != "grid" and not spec.trials:
         raise ConfigError(f"--sampler {spec.sampler} needs --trials N")
+    if spec.sampler == "grid" and spec.trials and spec.trials > spec.combinations:
+        raise ConfigError(f"--trials {spec.trials}: the grid has only {spec.combinations} combinations")
     for values in itertools.product(*spec.grid.values()):
         cfg = load_config(spec.config, trial_overrides(spec, dict(zip(spec.grid, values, strict=True)), "check"))
         if stage not in cfg.run.stages:
@@ -129,49 +131,65 @@ def storage_url(storage: str | None) -> str:
     return storage or f"sqlite:///{rlhf_home() / 'sweeps.db'}"
 
 
-def open_study(spec: SweepSpec, sweep: str, storage: str | None) -> "optuna.Study":
-    """The sweep's Optuna study (created or continued). Trials a killed process left running are marked
-    failed, and their settings queued to run first."""
+def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path | None = None) -> "optuna.Study":
+    """The sweep's Optuna study, created or continued, with its sampler.
+
+    Continuing, a trial to run again has its settings queued first: one interrupted by Ctrl-C (marked
+    ``interrupted`` by the objective), and one left ``RUNNING`` whose run folder in ``runs_dir`` no process
+    holds (``.running.lock``: its process was killed). A trial another live process runs is left alone, so
+    several processes can share a study. Random and TPE samplers continue with a seed moved on by the trials
+    already in the study, so they do not draw the same settings again.
+    """
     import optuna
+    from filelock import FileLock, Timeout
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url(storage)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    samplers = {"grid": lambda: optuna.samplers.GridSampler(spec.grid, seed=spec.seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=spec.seed),
-                "tpe": lambda: optuna.samplers.TPESampler(seed=spec.seed)}
-    study = optuna.create_study(study_name=sweep, storage=url, sampler=samplers[spec.sampler](),
-                                direction=spec.direction, load_if_exists=True)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.enqueue_trial(trial.params, skip_if_exists=False)
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    study = optuna.create_study(study_name=sweep, storage=url, direction=spec.direction, load_if_exists=True)
+    trials = study.get_trials(deepcopy=False)
+    seed = spec.seed + len(trials)
+    study.sampler = {"grid": lambda: optuna.samplers.GridSampler(spec.grid, seed=spec.seed),
+                     "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                     "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}[spec.sampler]()
+    for trial in trials:
+        if trial.state == TrialState.RUNNING and runs_dir is not None:
+            run_id = trial.user_attrs.get("run_id")
+            if run_id and not (Path(runs_dir) / run_id).is_dir():
+                continue  # another machine's trial, in its own runs folder
+            if run_id:  # (a trial killed before it named its run folder has none: it is dead too)
+                try:
+                    FileLock(str(Path(runs_dir) / run_id / RUN_LOCK)).acquire(timeout=0).lock.release()
+                except Timeout:
+                    continue  # another process is running it
+            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)  # before FAIL: then it is final
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        elif not (trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED)):
+            continue
+        if not _queued_again(trial, trials):
+            study.enqueue_trial(trial.params, skip_if_exists=False)
     return study
+
+
+def _queued_again(trial: "optuna.trial.FrozenTrial", trials: list["optuna.trial.FrozenTrial"]) -> bool:
+    """Whether a later trial has (or, still waiting, will have) this trial's settings."""
+    return any(t.number > trial.number and (t.params or t.system_attrs.get("fixed_params")) == trial.params
+               for t in trials)
 
 
 def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name: str | None = None) -> dict[str, Any]:
     """Run the sweep's remaining trials as Prefect subflows of one ``rlhf-sweep`` flow run; return its
     leaderboard (``leaderboard``)."""
-    from filelock import FileLock, Timeout
-
-    sweep = name or spec.name()
+    sweep = name or spec.name(runs_dir)
     folder = Path(runs_dir) / SWEEPS / sweep
     folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder / ".running.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConfigError(f"sweep {sweep} is already running in another process") from None
-    try:
-        artifacts.write_json(folder / "sweep.json", {
-            "name": sweep, "config": str(spec.config) if spec.config else None, "overrides": list(spec.overrides),
-            "grid": spec.grid, "metric": spec.metric, "direction": spec.direction, "sampler": spec.sampler,
-            "trials": spec.target, "storage": storage_url(storage)})
-        sweep_flow(spec, sweep, str(Path(runs_dir).resolve()), storage)
-    finally:
-        lock.release()
+    artifacts.write_json(folder / "sweep.json", {
+        "name": sweep, "config": str(spec.config) if spec.config else None, "overrides": list(spec.overrides),
+        "grid": spec.grid, "metric": spec.metric, "direction": spec.direction, "sampler": spec.sampler,
+        "trials": spec.target, "storage": storage_url(storage)})
+    sweep_flow(spec, sweep, str(Path(runs_dir).resolve()), storage)
     return leaderboard(spec, sweep, Path(runs_dir), storage)
 
 
@@ -182,7 +200,7 @@ def _sweep_flow_run_name() -> str:
 
 
 class TrialFailed(RuntimeError):
-    """A trial whose pipeline failed or did not report the metric: recorded as failed, the sweep goes on."""
+    """A trial whose pipeline failed: recorded as failed, and the sweep goes on."""
 
 
 def remaining_trials(study: "optuna.Study", target: int) -> int:
@@ -196,11 +214,13 @@ def remaining_trials(study: "optuna.Study", target: int) -> int:
 
 def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None) -> None:
     """Optuna's ``optimize`` over the remaining trials; each trial runs its pipeline as a subflow."""
+    from filelock import FileLock
+
     from flows.pipeline import pipeline
     from flows.report import run_report
     from flows.run_dir import prepare_run_dir
 
-    study = open_study(spec, sweep, storage)
+    study = open_study(spec, sweep, storage, Path(runs_dir))
     stage, _, metric = spec.metric.partition(".")
 
     def objective(trial: "optuna.Trial") -> float:
@@ -208,17 +228,25 @@ def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None)
         cfg = load_config(spec.config, trial_overrides(spec, params, sweep))
         run_dir = prepare_run_dir(Path(runs_dir), trial_run_id(sweep, params), cfg).resolve()
         artifacts.write_json(run_dir / TRIAL_FILE, {"sweep": sweep, "trial": trial.number, "params": params})
-        trial.set_user_attr("run_id", run_dir.name)
         print(f"sweep {sweep}: trial {trial.number} {params} -> {run_dir.name}", flush=True)
         started = time.time()
-        state = pipeline(str(run_dir), return_state=True)
+        with FileLock(str(run_dir / RUN_LOCK)):  # held while it runs: open_study tells live trials from dead ones
+            trial.set_user_attr("run_id", run_dir.name)
+            try:
+                state = pipeline(str(run_dir), return_state=True)
+            except KeyboardInterrupt:
+                trial.set_user_attr(INTERRUPTED, True)  # Optuna records it failed: its settings run again
+                raise
         trial.set_user_attr("seconds", round(time.time() - started, 2))
-        value = run_report(run_dir)["stages"].get(stage, {}).get("metrics", {}).get(metric)
-        if state.is_failed() or not isinstance(value, (int, float)):
-            error = state.message if state.is_failed() else f"{spec.metric} is not among its metrics"
-            trial.set_user_attr("error", error)
-            raise TrialFailed(f"trial {trial.number}: {error}")
-        return float(value)
+        if state.is_failed():
+            trial.set_user_attr("error", state.message)
+            raise TrialFailed(f"trial {trial.number}: {state.message}")
+        found = run_report(run_dir)["stages"][stage]["metrics"]
+        if not isinstance(found.get(metric), (int, float)):  # the same for every trial: stop the sweep now
+            numeric = sorted(k for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            raise ConfigError(f"--metric {spec.metric}: {stage} reports no numeric {metric!r}; it has "
+                              f"{', '.join(numeric)}")
+        return float(found[metric])
 
     study.optimize(objective, n_trials=remaining_trials(study, spec.target), catch=(TrialFailed,))
 

@@ -181,7 +181,7 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if all(row["reward_std"] == 0 for row in history):
         warnings.append("grpo: every group's rewards were tied at every step, so every advantage was 0: the reward "
                         f"({grpo.reward}) cannot tell the policy's samples apart")
-    return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": grpo.max_steps,
+    return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": loop.last_step,
             "resumed_from_step": loop.start, "trainable_parameters": trainable, "adapter_kind": cfg.adapter.kind,
             **loop.stopping_metrics()}
 

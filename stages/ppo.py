@@ -366,7 +366,7 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_head(models.value_head, out / VALUE_HEAD, models.fingerprint)
     write_json(out / "history.json", history)
     # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
-    return {**metrics, "warnings": learning.warnings([]), "reward_source": ppo.reward, "updates": ppo.updates,
+    return {**metrics, "warnings": learning.warnings([]), "reward_source": ppo.reward, "updates": loop.last_step,
             "resumed_from_update": loop.start, "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
             "adapter_kind": cfg.adapter.kind, "updates_stopped_by_target_kl": sum(row.get("stopped_by_target_kl", 0)
                                                                                     for row in history),

@@ -62,3 +62,14 @@ def test_off_by_default_and_a_metric_the_stage_cannot_measure_is_refused() -> No
         load_config(None, ["reward.early_stopping={metric: task_score}"])
     with pytest.raises(ConfigError, match="sft.early_stopping.patience: Input should be greater than or equal to 1"):
         load_config(None, ["sft.early_stopping={metric: eval_loss, patience: 0}"])
+
+
+def test_mode_follows_the_metric_unless_given_and_the_last_step_is_never_a_stop() -> None:
+    assert EarlyStoppingSection(metric="eval_loss").mode == "min"
+    assert EarlyStoppingSection(metric="kl_to_reference").mode == "min"
+    assert EarlyStoppingSection(metric="task_score").mode == "max"
+    assert EarlyStoppingSection(metric="eval_loss", mode="max").mode == "max"
+    stopper = EarlyStopper(EarlyStoppingSection(metric="eval_loss", patience=1, eval_every=1))
+    assert not stopper.update(1, 2.0) and not stopper.update(2, 1.5)  # a falling loss improves
+    assert not stopper.update(3, 1.6, last=True)  # no improvement, but nothing is left to skip
+    assert stopper.stopped_at_step is None and stopper.reason() is None

@@ -132,3 +132,12 @@ def test_rlhf_export_command(tmp_path: Path) -> None:
     assert "exported r/sft as causal-lm" in done.stdout
     again = run_cli("export", "r", "--out", str(tmp_path / "m"), "--runs-dir", str(run_dir.parent), cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_merging_a_reward_model_whose_tokenizer_pads_with_its_end_token_is_refused(tmp_path: Path) -> None:
+    # builtin:tiny-chat has no pad token: it pads with its end token, as many chat models do.
+    run_dir = _run(tmp_path, ["backbone.name=builtin:tiny-chat"], stages=("reward",))
+    with pytest.raises(ExportError, match="the tokenizer pads with its end token .* export without --merge"):
+        export_run(plan_export(run_dir, "reward", merge=True), tmp_path / "rm")
+    assert not (tmp_path / "rm").exists()
+    assert export_run(plan_export(run_dir, "reward", merge=False), tmp_path / "rm")["format"] == "peft-adapter"

@@ -75,6 +75,11 @@ def test_gate_promotes_or_not_and_a_person_can_promote(tmp_path: Path) -> None:
     # Finishing the run again without training anything keeps the approval (and re-checks the gate).
     resumed = run_cli("resume", "bad", "--runs-dir", str(runs), cwd=tmp_path)
     assert resumed.returncode == 0 and "promoted by alice" in resumed.stdout
+    # Other weights void it: the gate decides again, and promoted.json goes back to the gate's run.
+    retrained = run_cli("stage", "sft", "--run", "bad", "--set", "sft.learning_rate=0.001", "--runs-dir", str(runs),
+                        cwd=tmp_path)
+    assert retrained.returncode == 0 and "promotion: not promoted: failed" in retrained.stdout
+    assert json.loads((runs / LATEST).read_text())["run_id"] == "good"
 
 
 def test_only_a_finished_run_can_be_promoted(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """`rlhf sweep`: Optuna trials as pipeline runs that share cached upstream stages, a sorted leaderboard
 and its report, sweep membership in `rlhf runs`, the W&B group, and a killed sweep that resumes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -111,3 +112,62 @@ def test_grid_flags_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert wrong_metric.returncode == 2 and "stage dpo is not in run.stages" in wrong_metric.stderr
     bad_value = run_cli("sweep", "--grid", "ppo.kl_coef=[0.1,-1]", "--metric", "ppo.task_score", cwd=tmp_path)
     assert bad_value.returncode == 2 and "ppo.kl_coef" in bad_value.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("sampler", "kind"), [("grid", "GridSampler"), ("random", "RandomSampler"),
+                                               ("tpe", "TPESampler")])
+def test_each_sampler_draws_only_the_listed_values(sampler: str, kind: str, tmp_path: Path) -> None:
+    from flows.sweep import SweepSpec, check_spec, open_study
+
+    grid = {"ppo.kl_coef": [0.05, 0.2], "adapter.kind": ["lora", "dora"]}
+    spec = SweepSpec(config=None, overrides=("tracking.backend=none",), grid=grid, metric="ppo.task_score",
+                     direction="maximize", sampler=sampler, trials=None if sampler == "grid" else 3)
+    check_spec(spec)
+    assert spec.target == (4 if sampler == "grid" else 3)
+    study = open_study(spec, f"s-{sampler}", f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert type(study.sampler).__name__ == kind
+    drawn: list[tuple] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        drawn.append(tuple(trial.suggest_categorical(k, v) for k, v in grid.items()))
+        return 0.5
+
+    study.optimize(objective, n_trials=4)  # as the sweep does: GridSampler stops the study from inside it
+    assert all(kl in grid["ppo.kl_coef"] and kind_ in grid["adapter.kind"] for kl, kind_ in drawn)
+    if sampler == "grid":
+        assert len(set(drawn)) == 4  # every combination once
+    refused = pytest.raises(ConfigError, match=f"--sampler {sampler} needs --trials N")
+    with refused if sampler != "grid" else contextlib.nullcontext():
+        check_spec(SweepSpec(None, (), grid, "ppo.task_score", "maximize", sampler=sampler))
+
+
+def test_a_restart_requeues_dead_and_interrupted_trials_only(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from flows.sweep import SweepSpec, open_study
+
+    spec = SweepSpec(config=None, overrides=(), grid={"ppo.kl_coef": [0.1, 0.2, 0.3, 0.4]}, metric="ppo.task_score",
+                     direction="maximize")
+    storage, runs = f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "runs"
+    study = open_study(spec, "s", storage, runs)
+    for value in spec.grid["ppo.kl_coef"]:
+        study.enqueue_trial({"ppo.kl_coef": value})  # one trial per value, in order
+    trials = [study.ask() for _ in range(4)]
+    for trial in trials:
+        trial.suggest_categorical("ppo.kl_coef", spec.grid["ppo.kl_coef"])
+    for trial, name in zip(trials[:3], ("dead", "live", "elsewhere"), strict=True):
+        trial.set_user_attr("run_id", name)
+    (runs / "dead").mkdir(parents=True)
+    (runs / "live").mkdir()  # "elsewhere" has no folder here: another machine's
+    trials[3].set_user_attr(INTERRUPTED, True)  # a Ctrl-C: Optuna records it failed
+    study.tell(trials[3], state=optuna.trial.TrialState.FAIL)
+    with FileLock(str(runs / "live" / ".running.lock")):  # a live process still runs "live"
+        reopened = open_study(spec, "s", storage, runs)
+    states = {t.user_attrs.get("run_id", "ctrl-c"): t for t in reopened.get_trials()}
+    assert states["dead"].state.name == "FAIL" and states["dead"].user_attrs[INTERRUPTED]
+    assert states["live"].state.name == "RUNNING" and states["elsewhere"].state.name == "RUNNING"
+    waiting = reopened.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(t.system_attrs["fixed_params"]["ppo.kl_coef"] for t in waiting) == [0.1, 0.4]
+    with FileLock(str(runs / "live" / ".running.lock")):
+        open_study(spec, "s", storage, runs)  # a second restart queues nothing twice
+    assert len(reopened.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 2

@@ -169,10 +169,17 @@ class EarlyStoppingSection(_Section):
     direction of ``mode``) for ``patience`` evaluations, one every ``eval_every`` steps."""
 
     metric: str
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = None  # null: min for a loss or a KL, max for the others
     patience: int = Field(default=3, ge=1)
     min_delta: float = Field(default=0.0, ge=0)
     eval_every: int = Field(default=10, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_of_the_metric(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") is None:
+            data = {**data, "mode": "min" if data.get("metric") in ("eval_loss", "kl_to_reference") else "max"}
+        return data
 
 
 class _Stoppable(_Section):

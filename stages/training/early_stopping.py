@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages.io.config import EarlyStoppingSection
@@ -44,9 +43,9 @@ class EarlyStopper:
     def eval_every(self) -> int:
         return self.settings.eval_every
 
-    def update(self, step: int, value: float) -> bool:
+    def update(self, step: int, value: float, last: bool = False) -> bool:
         """Record the evaluation at ``step``; True when the stage should stop now. A non-finite value
-        never improves."""
+        never improves. At the stage's ``last`` step nothing is left to skip: it is recorded, never a stop."""
         s = self.settings
         self.evaluations.append([step, value])
         better = math.isfinite(value) and (self.best is None or (
@@ -55,7 +54,7 @@ class EarlyStopper:
             self.best, self.best_step, self.bad_evaluations = value, step, 0
         else:
             self.bad_evaluations += 1
-        if self.bad_evaluations >= s.patience:
+        if self.bad_evaluations >= s.patience and not last:
             self.stopped_at_step = step
         return self.stopped_at_step is not None
 
@@ -102,15 +101,13 @@ def stopper_for(settings: EarlyStoppingSection | None) -> EarlyStopper | None:
 
 def not_stopping() -> dict[str, Any]:
     """The metrics of a stage without early stopping (every stage reports the same keys)."""
-    return {"stopped_at_step": None, "stop_reason": None}
+    return {"stopped_at_step": None, "stop_reason": None, "early_stopping": None}
 
 
 def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> "TrainerCallback | None":
     """Early stopping for an HF Trainer stage (SFT, DPO): evaluates in ``on_step_end`` every
-    ``eval_every`` steps, sets ``should_training_stop``, and keeps the stopper's state in
-    ``early_stopping-<step>.json`` beside the Trainer's checkpoints, written in ``on_step_end`` of a step
-    that saves one (before that checkpoint's ``trainer_state.json`` makes it complete) and read back in
-    ``on_train_begin`` of a resumed Trainer."""
+    ``eval_every`` steps and sets ``should_training_stop``; the stopper's state is a ``sidecar`` of each
+    checkpoint (``early_stopping-<step>.json``), read back when the Trainer resumes."""
     if stopper is None:
         return None
     import json
@@ -118,23 +115,19 @@ def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> "Trai
     from transformers import TrainerCallback
 
     from stages.io.artifacts import write_json
-
-    def state_file(args: Any, step: int) -> Path:
-        return Path(args.output_dir) / f"early_stopping-{step}.json"
+    from stages.training.hf_trainer import drop_orphan_sidecars, sidecar
 
     class EarlyStopping(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step > 0:
-                stopper.load_state_dict(json.loads(state_file(args, state.global_step).read_text()))
+                stopper.load_state_dict(json.loads(sidecar(args, "early_stopping", state.global_step, ".json").read_text()))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % stopper.eval_every == 0 and stopper.update(
-                    state.global_step, evaluate()[stopper.settings.metric]):
+                    state.global_step, evaluate()[stopper.settings.metric], last=state.global_step >= state.max_steps):
                 control.should_training_stop = True
             if control.should_save and state.is_world_process_zero:  # set by the flow callback, which runs first
-                for old in Path(args.output_dir).glob("early_stopping-*.json"):  # whose checkpoint was rotated away
-                    if not (old.parent / f"checkpoint-{old.stem.rsplit('-', 1)[1]}").is_dir():
-                        old.unlink()
-                write_json(state_file(args, state.global_step), stopper.state_dict())
+                drop_orphan_sidecars(args, "early_stopping", ".json")
+                write_json(sidecar(args, "early_stopping", state.global_step, ".json"), stopper.state_dict())
 
     return EarlyStopping()

@@ -91,14 +91,30 @@ def stop_on_non_finite_loss(stage: str) -> "TrainerCallback":
     return StopOnNonFiniteLoss()
 
 
+def sidecar(args: Any, name: str, step: int, suffix: str) -> Path:
+    """A callback's state for checkpoint ``step``, beside the Trainer's checkpoints: ``<name>-<step><suffix>``.
+
+    Written in ``on_step_end`` of a step that saves a checkpoint (``control.should_save``, set by the
+    Trainer's flow callback, which runs first): before the Trainer writes that checkpoint's
+    ``trainer_state.json``, the file that makes it complete (``resumable_checkpoint``), so a complete
+    checkpoint always has its sidecars. Read back in ``on_train_begin`` of a resumed Trainer."""
+    return Path(args.output_dir) / f"{name}-{step}{suffix}"
+
+
+def drop_orphan_sidecars(args: Any, name: str, suffix: str) -> None:
+    """Remove the sidecars whose checkpoint the Trainer rotated away (``save_total_limit``)."""
+    for old in Path(args.output_dir).glob(f"{name}-*{suffix}"):
+        step = old.name.removeprefix(f"{name}-").removesuffix(suffix)
+        if not (old.parent / f"checkpoint-{step}").is_dir():
+            old.unlink()
+
+
 def adalora_callbacks(trainer: "Trainer", model: "PeftModel", allocation: "RankAllocation | None") -> None:
     """What AdaLoRA adapters need from the Trainer (nothing is added for other kinds).
 
     * A fresh adapter's ``allocation`` runs in ``on_optimizer_step``, with the update's 1-based number:
       PEFT's ``update_and_allocate`` must come after ``optimizer.step()`` and before the gradients are
-      zeroed. Its importance averages are saved as ``rank_allocation-<step>.pt`` beside the checkpoints,
-      in ``on_step_end`` of a step that saves one: before the Trainer writes that checkpoint's
-      ``trainer_state.json``, the file that makes a checkpoint complete (``resumable_checkpoint``).
+      zeroed. Its importance averages are a ``sidecar`` of each checkpoint (``rank_allocation-<step>.pt``).
     * Checkpoints keep the adapters' current shapes: the rank patterns are taken off from
       ``on_step_end`` to ``on_save`` (``pop_rank_patterns``), and off for a resume's load (``train_from``)
       until ``on_train_begin``, which puts them back, a fresh adapter's from its saved allocation.
@@ -114,9 +130,6 @@ def adalora_callbacks(trainer: "Trainer", model: "PeftModel", allocation: "RankA
 
     loaded = {name: config.rank_pattern for name, config in model.peft_config.items()}  # an earlier stage's
 
-    def state_file(args: Any, step: int) -> Path:
-        return Path(args.output_dir) / f"rank_allocation-{step}.pt"
-
     class AdaLoraCheckpoints(TrainerCallback):
         saving: dict[str, dict] = {}
 
@@ -126,7 +139,8 @@ def adalora_callbacks(trainer: "Trainer", model: "PeftModel", allocation: "RankA
             if allocation is None:
                 put_rank_patterns(model, {name: p for name, p in loaded.items() if p is not None})
             else:
-                allocation.load_state_dict(torch.load(state_file(args, state.global_step), weights_only=False))
+                allocation.load_state_dict(torch.load(sidecar(args, "rank_allocation", state.global_step, ".pt"),
+                                                      weights_only=False))
 
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if allocation is not None:
@@ -136,10 +150,8 @@ def adalora_callbacks(trainer: "Trainer", model: "PeftModel", allocation: "RankA
             if not control.should_save:  # set by the Trainer's flow callback, which runs first
                 return
             if allocation is not None and state.is_world_process_zero:
-                for old in Path(args.output_dir).glob("rank_allocation-*.pt"):  # whose checkpoint was rotated away
-                    if not (old.parent / f"checkpoint-{old.stem.rsplit('-', 1)[1]}").is_dir():
-                        old.unlink()
-                torch.save(allocation.state_dict(), state_file(args, state.global_step))
+                drop_orphan_sidecars(args, "rank_allocation", ".pt")
+                torch.save(allocation.state_dict(), sidecar(args, "rank_allocation", state.global_step, ".pt"))
             self.saving = pop_rank_patterns(model)
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

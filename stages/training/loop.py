@@ -47,6 +47,7 @@ class TrainingLoop:
             raise ValueError("early stopping needs the stage's evaluate function")
         self.stopper, self.evaluate = stopper, evaluate
         self.start = 0  # steps done before this process: the resumed checkpoint's
+        self.last_step = 0  # the last step trained (below total after an early stop)
         self.history: list[Row] = []
 
     def resume(self) -> dict[str, Any] | None:
@@ -54,6 +55,7 @@ class TrainingLoop:
         state = self.checkpointer.resume(self.samplers)
         if state is not None:
             self.start, self.history = state["step"], state["history"]
+            self.last_step = self.start
             if self.stopper is not None:
                 self.stopper.load_state_dict(state["early_stopping"])
         return state
@@ -70,6 +72,7 @@ class TrainingLoop:
             row = train_step(step, log)
             if log and row is not None:
                 self.history.append({self.step_key: step, **row, "learning_rate": updater.applied_lr})
+            self.last_step = step
             if self._should_stop(step):
                 break  # the artifact follows at once: no checkpoint
             stopping = {"early_stopping": self.stopper.state_dict()} if self.stopper is not None else {}
@@ -86,7 +89,7 @@ class TrainingLoop:
         value = self.evaluate()[metric]
         if self.history and self.history[-1][self.step_key] == step:
             self.history[-1][f"eval_{metric}"] = value
-        return self.stopper.update(step, value)
+        return self.stopper.update(step, value, last=step == self.total)
 
     def stopping_metrics(self) -> dict[str, Any]:
         """``EarlyStopper.metrics`` (or the same keys, empty, without early stopping)."""
