@@ -42,7 +42,8 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
         from flows.promotion import PROMOTED, describe
 
         status = (report["promotion"] or {}).get("status")
-        promotion = (f"<p class='{'promoted' if status == PROMOTED else 'warning'}'>"
+        css = {PROMOTED: "promoted", None: "ungated"}.get(status, "not-promoted")  # not a stage's warning
+        promotion = (f"<p class='{css}'>"
                      f"{html.escape(describe(report['promotion']))}</p>")
     images = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
                      f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
@@ -52,6 +53,7 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
         "td{padding:.3em 1em;border-bottom:1px solid #ddd;vertical-align:top}"
         ".warning{background:#fdd;border:2px solid #c00;padding:.5em;font-weight:bold}"
         ".promoted{background:#dfd;border:2px solid #0a0;padding:.5em;font-weight:bold}"
+        ".not-promoted{background:#fed;border:2px solid #c60;padding:.5em;font-weight:bold}.ungated{padding:.5em}"
         ".stopped{background:#eef;border:1px solid #66c;padding:.5em}</style></head><body>"
         f"<h1>run {html.escape(report['run_id'])}</h1>{promotion}{warnings}<table><tr><th>stage</th><th>status</th><th>seconds</th>"
         f"<th>metrics</th></tr>{rows}</table>{images}</body></html>"
