@@ -76,8 +76,8 @@ def _reference_config_frozen(model: "PeftModel") -> Iterator[None]:
     policy's config is swapped, while TRL builds, for an inference-mode copy, which the reference keeps."""
     from peft import PeftType
 
-    config = model.peft_config[POLICY]
-    if config.peft_type != PeftType.ADALORA:
+    config = getattr(model, "peft_config", {}).get(POLICY)
+    if config is None or config.peft_type != PeftType.ADALORA:
         yield
         return
     model.peft_config[POLICY] = replace(config, inference_mode=True)
