@@ -45,8 +45,7 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
         css = {PROMOTED: "promoted", None: "ungated"}.get(status, "not-promoted")  # not a stage's warning
         promotion = (f"<p class='{css}'>"
                      f"{html.escape(describe(report['promotion']))}</p>")
-    images = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
-                     f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
+    images = figures_html(figures)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>run {html.escape(report['run_id'])}</title>"
         "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em}"
@@ -58,8 +57,18 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
         f"<h1>run {html.escape(report['run_id'])}</h1>{promotion}{warnings}<table><tr><th>stage</th><th>status</th><th>seconds</th>"
         f"<th>metrics</th></tr>{rows}</table>{images}</body></html>"
     )
-    out = Path(run_dir) / "report.html"
-    tmp = out.with_name(".report.html.tmp")
+    return write_page(Path(run_dir) / "report.html", page)
+
+
+def figures_html(figures: list[tuple[str, str | None]]) -> str:
+    """(title, base64 PNG or None) pairs as inline figures; a figure without data is left out."""
+    return "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
+                   f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
+
+
+def write_page(out: Path, page: str) -> Path:
+    """Write an HTML page atomically (a reader never sees half of it)."""
+    tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page)
     tmp.replace(out)
     return out

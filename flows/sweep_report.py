@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from flows.report_html import CURVES, X_KEYS, _history, _png
+from flows.report_html import CURVES, X_KEYS, _history, _png, figures_html, write_page
 
 BEST_CURVES = 3  # trials whose curves are overlaid
 
@@ -29,8 +29,7 @@ def write_sweep_report(board: dict[str, Any], runs_dir: Path) -> Path:
         f"<td>{row['value'] if row['value'] is not None else html.escape(row['state'])}</td>"
         f"<td>{row['seconds'] if row['seconds'] is not None else '-'}</td><td>{html.escape(row['run_id'] or '-')}</td></tr>"
         for rank, row in enumerate(board["trials"], start=1))
-    images = "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
-                     f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
+    images = figures_html(figures)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(board['sweep'])}</title>"
         "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em}"
@@ -39,11 +38,7 @@ def write_sweep_report(board: dict[str, Any], runs_dir: Path) -> Path:
         "<table><tr><th>rank</th><th>trial</th><th>settings</th><th>metric</th><th>seconds</th><th>run</th></tr>"
         f"{rows}</table>{images}</body></html>"
     )
-    out = Path(runs_dir) / SWEEPS / board["sweep"] / "report.html"
-    tmp = out.with_name(".report.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
-    return out
+    return write_page(Path(runs_dir) / SWEEPS / board["sweep"] / "report.html", page)
 
 
 def _settings(params: dict[str, Any]) -> str:

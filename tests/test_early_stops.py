@@ -55,3 +55,24 @@ def test_ppo_target_kl_stops_the_remaining_epochs(tmp_path: Path) -> None:
     # second is measured after one update, above 1.5e-9, so the other two minibatches are skipped.
     assert [row["minibatches"] for row in rows["tight"]] == [2.0, 2.0]
     assert tight["metrics"]["updates_stopped_by_target_kl"] == 2 and loose["metrics"]["updates_stopped_by_target_kl"] == 0
+
+
+def test_every_rl_stage_stops_early(tmp_path: Path) -> None:
+    """RRHF, PPO, GRPO (our loop) and DPO (TRL's Trainer): with ``min_delta`` larger than any change, the
+    first evaluation is the best and the second, at step 2 of 3, ends the stage; ``mode`` follows the metric."""
+    from stages.dpo import train_dpo
+    from stages.grpo import train_grpo
+    from stages.rrhf import train_rrhf
+
+    inputs = train_upstream(tmp_path / "up", SETS)
+    stop = "{metric: %s, min_delta: 100, patience: 1, eval_every: 1}"
+    for stage, train, metric, length in (("rrhf", train_rrhf, "kl_to_reference", "rrhf.max_steps=3"),
+                                         ("ppo", train_ppo, "kl_to_reference", "ppo.updates=3"),
+                                         ("grpo", train_grpo, "policy_reward", "grpo.max_steps=3"),
+                                         ("dpo", train_dpo, "task_score", "dpo.max_steps=3")):
+        cfg = load_config(None, [*SETS, length, f"{stage}.early_stopping={stop % metric}"])
+        metrics = execute(stage, train, cfg, tmp_path / stage, inputs)["metrics"]
+        assert metrics["stopped_at_step"] == 2 and metrics["early_stopping"]["best_step"] == 1, stage
+        assert metrics["early_stopping"]["mode"] == ("min" if metric == "kl_to_reference" else "max"), stage
+        history = json.loads((tmp_path / stage / "history.json").read_text())
+        assert history[-1]["update" if stage == "ppo" else "step"] == 2, stage
