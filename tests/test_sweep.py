@@ -26,10 +26,20 @@ def _statuses(run_dir: Path) -> dict[str, str]:
     return {stage: entry["status"] for stage, entry in json.loads((run_dir / "status.json").read_text()).items()}
 
 
+def _empty_cache(root: Path) -> dict[str, str]:
+    """An RLHF_HOME of the test's own that shares only the backbone build: no other test's stages can be
+    served from its cache, whatever seed or settings they used."""
+    home = root / "home"
+    home.mkdir()
+    (home / "backbones").symlink_to(Path(os.environ["RLHF_HOME"]) / "backbones", target_is_directory=True)
+    return {"RLHF_HOME": str(home)}
+
+
 def test_a_ppo_grid_trains_sft_and_reward_once_and_ranks_the_trials(tmp_path: Path) -> None:
-    sets = _sets([*TINY, "tracking.backend=none", "run.seed=17"])  # stages no earlier test has cached
+    sets = _sets([*TINY, "tracking.backend=none"])
     done = run_cli("sweep", *sets, "--grid", "ppo.learning_rate=[1e-4,1e-2]", "--grid", "ppo.kl_coef=[0.05,0.2]",
-                   "--metric", "ppo.kl_to_reference", "--direction", "min", "--name", "grid", cwd=tmp_path)
+                   "--metric", "ppo.kl_to_reference", "--direction", "min", "--name", "grid", cwd=tmp_path,
+                   env=_empty_cache(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     board = json.loads((tmp_path / "runs" / "sweeps" / "grid" / "leaderboard.json").read_text())
     trials = board["trials"]
