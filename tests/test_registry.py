@@ -17,7 +17,7 @@ _NAMES = "|".join(STAGE_ORDER)
 STAGE_LIST = re.compile(rf"""["']({_NAMES})["'](:[^,\n]+)?\s*,\s*["']({_NAMES})["']""")
 # What may still name several stages outside the registry, and why.
 ALLOWED = {
-    ("stages/io/config.py", '["sft", "reward", "ppo"]'): "the default chain: a config value, not the stage list",
+    ("stages/io/sections.py", '["sft", "reward", "ppo"]'): "the default chain: a config value, not the stage list",
 }
 
 

@@ -1,7 +1,8 @@
 """Typed, validated pipeline configuration.
 
 A config is YAML (``configs/default.yaml`` is the embedded default) plus ``--set key.path=value``
-overrides, validated into frozen pydantic models. Any unknown key, wrong type or bad value becomes one
+overrides, validated into frozen pydantic models (one per section, in ``stages.io.sections``, re-exported
+here). Any unknown key, wrong type or bad value becomes one
 ``ConfigError`` that names the file and the dotted key, so the CLI can print it and exit non-zero.
 
 Heavy libraries are never imported here: the CLI loads configs before deciding to start torch.
@@ -13,377 +14,45 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
-from stages.registry import STAGE_ORDER, STAGES, missing_inputs
+from stages.io.sections import (  # noqa: F401  # re-exported: callers import the sections from here
+    DATA_KINDS,
+    DEEPSPEED_PRESETS,
+    PLACEMENT_KEYS,
+    STOPPING_METRICS,
+    AdapterSection,
+    BackboneSection,
+    DataRef,
+    DataSection,
+    DataSource,
+    DistributedSection,
+    DPOSection,
+    EarlyStoppingSection,
+    EvalSection,
+    GateSection,
+    GRPOSection,
+    Launcher,
+    PPOSection,
+    RewardSection,
+    RRHFSection,
+    RunSection,
+    SFTSection,
+    StageName,
+    TaskSection,
+    TrackingSection,
+    _Section,
+)
+from stages.registry import STAGES, missing_inputs
 
-StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the registry's stages, in pipeline order
 DEFAULT_CONFIG_NAME = "default.yaml"
-Launcher = Literal["local", "accelerate"]  # in this process, or `accelerate launch` over distributed.*
-DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")  # infra/deepspeed/<name>.json
-DATA_KINDS = ("sft", "preferences", "eval", "prompts", "ranked")  # the data.* datasets
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RunSection(_Section):
-    stages: list[StageName] = Field(default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
-    seed: int = 0
-    # Torch threads per local stage process. auto: the cores no other process is using when the stage starts
-    # (stages.model.placement.stage_threads); more threads than free cores makes CPU training crawl.
-    threads: int | Literal["auto"] = Field(default="auto")
-
-    @field_validator("threads")
-    @classmethod
-    def _positive_threads(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"run.threads must be 'auto' or at least 1, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _stages_in_order(self) -> "RunSection":
-        order = list(STAGE_ORDER)
-        positions = [order.index(s) for s in self.stages]
-        if positions != sorted(positions) or len(set(positions)) != len(positions):
-            raise ValueError(f"stages must be unique and in pipeline order {order}, got {self.stages}")
-        return self
-
-
-# Where a stage computes, not what: left out of the config digest. The device a stage resolves to enters
-# its cache key through ``launch_identity`` instead, so ``auto`` and ``cuda`` on one GPU share a cache.
-PLACEMENT_KEYS = {"backbone": {"device"}}
-
-
-class BackboneSection(_Section):
-    # "builtin:tiny" (built and cached on first use), a hub id ("meta-llama/Llama-3.2-1B") or a local folder.
-    name: str = "builtin:tiny"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # Where every stage computes (stages.model.placement): auto = CUDA when a GPU is visible, else the CPU.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-
-class AdapterSection(_Section):
-    # stages.model.adapters: lora, qlora (4-bit backbone), dora (weight-decomposed LoRA), adalora (ranks
-    # pruned while training; one trainable adapter per model), ptuning_v2 (prefix tuning).
-    kind: Literal["lora", "qlora", "dora", "adalora", "ptuning_v2"] = "lora"
-    r: int = Field(default=8, ge=1)  # LoRA rank (AdaLoRA: the initial rank)
-    target_r: int = Field(default=4, ge=1)  # AdaLoRA: the average rank its budget prunes to
-    alpha: int = Field(default=16, ge=1)  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"  # LoRA targets; "all-linear" skips the LM head
-    num_virtual_tokens: int = Field(default=8, ge=1)  # P-tuning v2 prefix length, on every layer
-
-    @model_validator(mode="after")
-    def _adalora_prunes(self) -> "AdapterSection":
-        if self.kind == "adalora" and self.target_r > self.r:
-            raise ValueError(f"target_r={self.target_r} is above r={self.r}: AdaLoRA prunes from r down to target_r")
-        return self
-
-
-class TaskSection(_Section):
-    """The built-in verifiable task: two-number addition, checked exactly."""
-
-    seed: int = 1234
-    max_operand: int = Field(default=19, ge=2, le=999)
-    num_eval: int = Field(default=64, ge=1)
-    num_sft: int = Field(default=512, ge=1)
-    num_pairs: int = Field(default=512, ge=1)
-    # Share of SFT demonstrations that stop right after the answer. The rest ramble on with another
-    # equation, so SFT alone plateaus and RLHF has something to fix.
-    demo_accuracy: float = Field(default=0.6, ge=0.0, le=1.0)
-    # The harder variant (bench/task-hard.yaml): a share of SFT demonstrations with a wrong sum, which a
-    # reward model cannot verify (stages/io/arithmetic.py) but the checker can; and a share of preference
-    # pairs with chosen and rejected swapped, so the reward model is imperfect. 0: the default task.
-    wrong_answer_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    label_noise: float = Field(default=0.0, ge=0.0, lt=0.5)
-
-    @model_validator(mode="after")
-    def _enough_problems(self) -> "TaskSection":
-        total = (self.max_operand + 1) ** 2
-        if self.num_eval >= total:
-            raise ValueError(f"num_eval={self.num_eval} leaves no training problems out of {total}")
-        return self
-
-
-class DataSource(_Section):
-    """A dataset whose columns have other names: ``{source: x.jsonl, columns: {prompt: question}}`` reads
-    the file's ``question`` column as the format's ``prompt``."""
-
-    source: str
-    columns: dict[str, str] = Field(default_factory=dict)  # the format's key -> the file's column
-
-
-DataRef = str | DataSource  # "builtin", a .jsonl/.parquet path or "hf:NAME[:SPLIT]", or a DataSource
-
-
-class DataSection(_Section):
-    # Formats of each kind: stages/io/formats.py and README "Data formats".
-    sft: DataRef = "builtin"
-    preferences: DataRef = "builtin"
-    eval: DataRef = "builtin"
-    # Prompts the RL stages (PPO, RRHF) roll out on; None: the SFT demonstrations' prompts.
-    prompts: DataRef | None = None
-    # RRHF's offline candidates {"query", "responses", "scores"}; when set, RRHF needs no reward stage.
-    ranked: DataRef | None = None
-    # Plain-string data through the tokenizer's chat template: auto (only conversational data), always, never.
-    chat_template: Literal["auto", "always", "never"] = "auto"
-
-    @model_validator(mode="after")
-    def _columns_name_format_keys(self) -> "DataSection":
-        from stages.io.formats import format_keys
-
-        for kind in DATA_KINDS:
-            ref = getattr(self, kind)
-            if not isinstance(ref, DataSource) or not ref.columns:
-                continue
-            if ref.source == "builtin":
-                raise ValueError(f"{kind}.columns: the builtin dataset has no columns to map")
-            unknown = sorted(set(ref.columns) - format_keys(kind))
-            if unknown:
-                raise ValueError(f"{kind}.columns: {unknown} are not keys of any {kind} format; "
-                                 f"map these: {sorted(format_keys(kind))}")
-        return self
-
-
-# What each built-in stage can evaluate while it trains (stages.training.early_stopping).
-STOPPING_METRICS: dict[str, tuple[str, ...]] = {
-    "sft": ("task_score", "eval_loss"), "reward": ("pair_accuracy", "reward_margin"),
-    "rrhf": ("task_score", "kl_to_reference", "policy_reward"), "ppo": ("task_score", "kl_to_reference", "policy_reward"),
-    "dpo": ("task_score", "kl_to_reference"), "grpo": ("task_score", "kl_to_reference", "policy_reward"),
-}
-
-
-class EarlyStoppingSection(_Section):
-    """Stop a stage when a held-out ``metric`` has not improved by more than ``min_delta`` (in the
-    direction of ``mode``) for ``patience`` evaluations, one every ``eval_every`` steps."""
-
-    metric: str
-    mode: Literal["max", "min"] | None = None  # null: min for a loss or a KL, max for the others
-    patience: int = Field(default=3, ge=1)
-    min_delta: float = Field(default=0.0, ge=0)
-    eval_every: int = Field(default=10, ge=1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _mode_of_the_metric(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("mode") is None:
-            data = {**data, "mode": "min" if data.get("metric") in ("eval_loss", "kl_to_reference") else "max"}
-        return data
-
-
-class _Stoppable(_Section):
-    early_stopping: EarlyStoppingSection | None = None  # null: off (the default)
-
-
-class _CheckpointsFollowLogs(_Stoppable):
-    """A stage trained by an HF Trainer (TRL) checks its loss for NaN at each log (``hf_trainer``)."""
-
-    logging_steps: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
-
-    @model_validator(mode="after")
-    def _checkpoints_follow_logs(self) -> "_CheckpointsFollowLogs":
-        if self.checkpoint_every % self.logging_steps:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of logging_steps="
-                             f"{self.logging_steps}, so a NaN loss is caught before a checkpoint saves its weights")
-        return self
-
-
-class SFTSection(_CheckpointsFollowLogs):
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=150, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    learning_rate: float = Field(default=2e-3, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=10, ge=0)
-    max_length: int = Field(default=64, ge=8)
-
-
-class RewardSection(_Stoppable):
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=150, ge=1)
-    batch_size: int = Field(default=16, ge=1)  # preference pairs per step
-    learning_rate: float = Field(default=2e-3, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=10, ge=0)
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for pair_accuracy
-    logging_steps: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
-
-
-class _RewardSourceSection(_Stoppable):
-    """An RL stage's reward (``stages.training.rewards``): the reward model, a checker, or their weighted sum."""
-
-    reward: Literal["model", "checker", "model+checker"] = "model"
-    # builtin: the built-in task's checker (1.0 for the exact sum); or "module:function", called with the
-    # keywords prompts= and completions= (TRL's reward-function names), returning one float per completion.
-    checker: str = "builtin"
-    model_weight: float = 1.0  # model+checker: model_weight * reward model + checker_weight * checker
-    checker_weight: float = 1.0
-
-    @field_validator("checker")
-    @classmethod
-    def _checker_is_a_function_name(cls, checker: str) -> str:
-        module, colon, function = checker.partition(":")
-        if checker != "builtin" and not (colon and module and function.isidentifier()):
-            raise ValueError(f"expected builtin or module:function, got {checker!r}")
-        return checker
-
-
-class RRHFSection(_RewardSourceSection):
-    launcher: Launcher = "local"
-    num_prompts: int = Field(default=128, ge=1)  # training prompts to sample candidates for
-    num_candidates: int = Field(default=4, ge=1)  # k responses sampled per prompt from the SFT policy
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=16, ge=1)
-    # Subtracted from the reward of a candidate that never emitted EOS (it did not answer).
-    missing_eos_penalty: float = Field(default=1.0, ge=0)
-    max_steps: int = Field(default=120, ge=1)
-    batch_size: int = Field(default=4, ge=1)  # prompts per step; each brings its k candidates
-    learning_rate: float = Field(default=1e-3, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=10, ge=0)
-    rank_weight: float = Field(default=1.0, ge=0)  # RRHF eq. 4: L = rank_weight * L_rank + L_ft
-    logging_steps: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=40, ge=1)  # steps between resumable checkpoints
-
-
-class PPOSection(_RewardSourceSection):
-    launcher: Launcher = "local"
-    updates: int = Field(default=40, ge=1)  # rollout + optimisation rounds
-    rollout_prompts: int = Field(default=32, ge=1)  # prompts sampled per update
-    ppo_epochs: int = Field(default=2, ge=1)  # passes over each rollout
-    minibatch_size: int = Field(default=16, ge=1)
-    gradient_accumulation: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=5e-4, ge=0)  # 0: warned about; policy and value adapters and the value head
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    clip_range: float = Field(default=0.2, gt=0)  # policy ratio clip (PPO eq. 7)
-    clip_range_value: float = Field(default=0.2, gt=0)
-    value_coef: float = Field(default=0.5, ge=0)
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    lam: float = Field(default=0.95, ge=0, le=1)
-    kl_controller: Literal["adaptive", "fixed"] = "adaptive"
-    kl_coef: float = Field(default=0.2, gt=0)  # initial (adaptive) or constant (fixed) KL coefficient
-    kl_target: float = Field(default=0.5, gt=0)  # adaptive: target KL per response (Ziegler et al. 2019)
-    kl_horizon: int = Field(default=200, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=16, ge=1)
-    missing_eos_penalty: float = Field(default=1.0, ge=0)
-    checkpoint_every: int = Field(default=5, ge=1)  # updates between resumable checkpoints
-    # Within an update, stop the remaining PPO epochs once a minibatch's approx-KL to the rollout policy
-    # exceeds 1.5 x target_kl (OpenAI Spinning Up, Stable-Baselines3). null: off. Not kl_target, which
-    # steers the adaptive KL penalty in the reward.
-    target_kl: float | None = Field(default=None, gt=0)
-    # separate: a value adapter (from the reward model) + value head. shared: the value head alone, from zero,
-    # on the policy adapter's hidden states (detached: the value loss never moves the policy): one forward and
-    # backward fewer per minibatch, but the value is a linear read-out of the policy's features.
-    value_model: Literal["separate", "shared"] = "separate"
-
-
-class DPOSection(_CheckpointsFollowLogs):
-    """Direct Preference Optimization (Rafailov et al. 2023) with TRL's DPOTrainer: the policy adapter
-    starts from SFT, the reference is a frozen copy of the SFT adapter on the same backbone."""
-
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=60, ge=1)
-    batch_size: int = Field(default=16, ge=1)  # preference pairs per step
-    # On the built-in task, 1e-3 drives the chosen responses' likelihood down with the rejected ones and
-    # task_score to 0 (the margin still grows): DPO's known failure when it over-optimises.
-    learning_rate: float = Field(default=2e-4, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=5, ge=0)
-    # sigmoid: the DPO paper's loss, beta = the KL penalty's strength. ipo: Azar et al. 2023's squared loss,
-    # beta = its regulariser tau.
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    beta: float = Field(default=0.1, gt=0)
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for reward_accuracy
-    checkpoint_every: int = Field(default=30, ge=1)  # steps between resumable checkpoints
-
-
-class GRPOSection(_RewardSourceSection):
-    """GRPO (Shao et al. 2024): G responses per prompt from the policy adapter, group-relative advantages,
-    a clipped policy loss and a KL term to the frozen SFT adapter; no value model."""
-
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=40, ge=1)  # sample + optimise rounds
-    prompts_per_step: int = Field(default=8, ge=1)
-    num_generations: int = Field(default=4, ge=2)  # G: responses per prompt (a group)
-    num_iterations: int = Field(default=1, ge=1)  # passes over each step's samples (the paper's mu)
-    minibatch_size: int = Field(default=16, ge=1)  # responses per optimizer update
-    learning_rate: float = Field(default=5e-4, ge=0)  # 0 trains nothing: allowed, warned about
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    clip_range: float = Field(default=0.2, gt=0)  # policy ratio clip (the paper's epsilon)
-    beta: float = Field(default=0.04, ge=0)  # weight of the KL to the SFT reference; 0 turns it off
-    # Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO, the default): with a reward model, the
-    # std of a group whose responses all stop is RM noise (~0.002), and dividing by it made that noise the signal:
-    # task_score 0.750 -> 0.453 at KL 4.3 (false: 1.000 at KL 0.32; beta=0.2 with it: 0.938).
-    scale_rewards: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=16, ge=1)
-    missing_eos_penalty: float = Field(default=1.0, ge=0)  # subtracted from a response that never stopped
-    checkpoint_every: int = Field(default=10, ge=1)  # steps between resumable checkpoints
-
-
-class DistributedSection(_Section):
-    """How stages with ``launcher: accelerate`` run: DeepSpeed ZeRO through ``accelerate launch``."""
-
-    deepspeed: str = "zero2"  # a preset (zero2 | zero3 | zero3_offload) or the path of a DeepSpeed JSON
-    num_processes: int = Field(default=2, ge=1)  # in total, over all machines
-    num_machines: int = Field(default=1, ge=1)
-    main_process_ip: str | None = None  # needed when num_machines > 1 (the machine running the flow)
-    main_process_port: int | None = Field(default=None, ge=1, le=65535)  # None: a free port (one machine only)
-    threads_per_process: int = Field(default=1, ge=1)  # OMP threads per rank; more than cores/ranks crawls
-    # Seconds the launch waits for every machine to join before failing the stage (never an endless hang).
-    join_timeout_s: int = Field(default=600, ge=1)
-
-    @model_validator(mode="after")
-    def _multi_node_needs_address(self) -> "DistributedSection":
-        if self.num_machines > 1 and not (self.main_process_ip and self.main_process_port):
-            raise ValueError("num_machines > 1 needs main_process_ip and main_process_port (the machine running the flow)")
-        if self.num_processes < self.num_machines:
-            raise ValueError(f"num_processes={self.num_processes} is fewer than num_machines={self.num_machines}")
-        if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
-            raise ValueError(f"choose a preset {list(DEEPSPEED_PRESETS)} or the path of a .json file, got {self.deepspeed!r}")
-        return self
-
-
-class EvalSection(_Section):
-    num_prompts: int = Field(default=64, ge=1)
-    max_new_tokens: int = Field(default=16, ge=1)
-    # Sampled, not greedy: task_score measures the policy RLHF optimises, not its mode.
-    temperature: float = Field(default=1.0, gt=0)
-    batch_size: int = Field(default=64, ge=1)
-
-
-class TrackingSection(_Section):
-    backend: Literal["wandb", "none"] = "wandb"
-    # Explicit, so nothing waits on a network: offline writes runs/<id>/wandb (upload with `wandb sync`).
-    mode: Literal["offline", "online"] = "offline"
-    project: str = "rlhf-chain"
-    group: str | None = None  # W&B group of the run's stages; null: the run id (`rlhf sweep` sets the sweep's)
-
-
-class GateSection(_Section):
-    """Promotion gate (flows/promotion.py): conditions on the stages' final metrics, checked when the run
-    finishes, e.g. ``ppo.task_score >= 0.8``. Empty: no gate, and the run is promoted only by hand."""
-
-    conditions: list[str] = Field(default_factory=list)
-
-    @field_validator("conditions")
-    @classmethod
-    def _parse(cls, conditions: list[str]) -> list[str]:
-        from stages.io.gate import Condition
-
-        for text in conditions:
-            Condition.parse(text)
-        return conditions
 
 
 class PipelineConfig(_Section):
