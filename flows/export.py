@@ -110,7 +110,7 @@ def export_run(plan: ExportPlan, out: Path) -> dict[str, Any]:
 
 
 def _write(plan: ExportPlan, folder: Path) -> dict[str, Any]:
-    from stages.model.backbone import backbone_fingerprint, resolve_backbone
+    from stages.model.backbone import backbone_fingerprint, hub_commit, resolve_backbone
 
     cfg, manifest = plan.cfg, artifacts.read_manifest(plan.artifact)
     kind = cfg.adapter.kind
@@ -131,7 +131,7 @@ def _write(plan: ExportPlan, folder: Path) -> dict[str, Any]:
     return {
         "run_id": plan.run_dir.name, "stage": plan.stage, "merged": merged,
         "format": ("sequence-classification" if plan.is_reward else "causal-lm") if merged else "peft-adapter",
-        "base_model": {"name": cfg.backbone.name, "revision": cfg.backbone.revision,
+        "base_model": {"name": cfg.backbone.name, "revision": cfg.backbone.revision, "commit": hub_commit(cfg.backbone),
                        "location": resolve_backbone(cfg.backbone), "dtype": cfg.backbone.dtype,
                        "fingerprint": manifest["backbone_fingerprint"]},
         "adapter_kind": kind, "cache_key": manifest["cache_key"], "metrics": manifest["metrics"], "notes": notes,
@@ -171,10 +171,24 @@ def _write_merged(plan: ExportPlan, folder: Path) -> None:
     model = PeftModel.from_pretrained(base, str(plan.artifact / "adapter")).merge_and_unload()
     if plan.is_reward:
         model = _as_sequence_classifier(model, plan.artifact, backbone.tokenizer)
+    else:
+        _stop_where_the_stages_stop(model, backbone.tokenizer, plan.cfg)
     model.config.pad_token_id = backbone.tokenizer.pad_token_id
     model.save_pretrained(folder)
     backbone.tokenizer.save_pretrained(folder)
     _check_merged_export(plan, folder)
+
+
+def _stop_where_the_stages_stop(model: Any, tokenizer: Any, cfg: PipelineConfig) -> None:
+    """The generation config ends a response where the pipeline's generation did (``Tokenization.stop_ids``:
+    EOS, and a chat template's end of turn when it is another token), and pads as the stages padded; else
+    a chat model served with plain ``generate`` would talk on past its turn."""
+    from stages.model.tokenization import Tokenization
+
+    tokenization = Tokenization.of(tokenizer, cfg.data.chat_template)
+    stops = list(tokenization.stop_ids)
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    model.generation_config.pad_token_id = tokenization.pad_id
 
 
 def _as_sequence_classifier(causal: Any, artifact: Path, tokenizer: Any) -> Any:
@@ -282,13 +296,15 @@ def _readme(record: dict[str, Any]) -> str:
                 "reward_model = AutoModelForSequenceClassification.from_pretrained(\"{this folder}\")  # logits[:, 0]")
     else:
         load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                f"base = AutoModelForCausalLM.from_pretrained(\"{base['location']}\", revision={base['revision']!r})\n"
+                f"base = AutoModelForCausalLM.from_pretrained(\"{base['location']}\", "
+                f"revision={base['commit'] or base['revision']!r})\n"
                 "model = PeftModel.from_pretrained(base, \"{this folder}/adapter\")")
     notes = "".join(f"\n- {note}" for note in record["notes"])
     return (f"# {record['run_id']} / {record['stage']} ({record['format']})\n\n"
             f"Exported by `rlhf export` from run `{record['run_id']}`, stage `{record['stage']}` "
             f"(cache key `{record['cache_key']}`, adapter kind `{record['adapter_kind']}`).\n\n"
-            f"Base model: `{base['name']}` at revision `{base['revision'] or 'main'}`, loaded from "
+            f"Base model: `{base['name']}` at revision `{base['revision'] or 'main'}`"
+            + (f" (commit `{base['commit']}`)" if base["commit"] else "") + ", loaded from "
             f"`{base['location']}` in `{base['dtype']}`; weights fingerprint `{base['fingerprint']}`.\n\n"
             f"```python\n{load}\n```\n"
             + (f"\nNotes:{notes}\n" if notes else "")

@@ -38,6 +38,9 @@ def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str
             forced.update(cfg.run.stages)  # a forced rerun recomputes everything downstream of it
         state = stage_task(stage, run_dir, inputs, force=stage in forced, return_state=True)
         if state.is_failed():
+            from flows.promotion import refresh_latest
+
+            refresh_latest(Path(run_dir).parent)  # a promoted run whose rerun failed is no longer the latest
             return Failed(message=state.message)
         results[stage] = state.result()
     decide_promotion(Path(run_dir), cfg.gate.conditions)

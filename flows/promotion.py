@@ -37,9 +37,10 @@ def read_promotion(run_dir: Path) -> dict[str, Any] | None:
 def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
     """Decide a finished run's promotion by its gate and record it; return the run's decision.
 
-    A person's approval stands while the run's artifacts are the ones approved (the same cache key for
-    every stage), with the gate's new verdict beside it; once a stage holds other weights (retrained, or
-    another configuration's from the cache) the approval is void and the gate decides, or, without a
+    A person's approval stands while the run's artifacts are the ones approved (the same content digest
+    for every stage), with the gate's new verdict beside it; once a stage holds other files (retrained,
+    also by ``--force`` under the same cache key, or another configuration's from the cache) the approval
+    is void and the gate decides, or, without a
     gate, the run is no longer promoted.
     """
     from flows.report import run_report
@@ -50,9 +51,9 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
         checked = [Condition.parse(text).check(metrics) for text in conditions]
         failed = [c for c in checked if not c["passed"]]
         gate = {"status": NOT_PROMOTED if failed else PROMOTED, "by": "gate", "at": _now(), "conditions": checked,
-                "failed": [c["condition"] for c in failed], "cache_keys": cache_keys(run_dir)}
+                "failed": [c["condition"] for c in failed], "artifact_digests": artifact_digests(run_dir)}
     previous = read_promotion(run_dir)
-    if previous and previous["by"] == "manual" and previous.get("cache_keys") == cache_keys(run_dir):
+    if previous and previous["by"] == "manual" and previous.get("artifact_digests") == artifact_digests(run_dir):
         record: dict[str, Any] | None = {**previous, "gate": gate or previous.get("gate")}
     else:
         record = gate
@@ -60,9 +61,11 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
     return record
 
 
-def cache_keys(run_dir: Path) -> dict[str, str]:
-    """The cache key of each finished stage artifact of the run: which weights a decision was about."""
-    return {m.parent.name: artifacts.read_manifest(m.parent)["cache_key"]
+def artifact_digests(run_dir: Path) -> dict[str, str]:
+    """The content digest of each finished stage artifact of the run: which files a decision was about.
+    Not the cache key: ``--force`` retrains under the same key, and on a GPU or over DeepSpeed ranks the
+    new weights differ."""
+    return {m.parent.name: artifacts.artifact_digest(m.parent)
             for m in sorted(Path(run_dir).glob("*/manifest.json"))}
 
 
@@ -84,41 +87,66 @@ def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[
     previous = read_promotion(run_dir) or {}
     gate = previous if previous.get("by") == "gate" else previous.get("gate")  # a second approval keeps it too
     record = {"status": PROMOTED, "by": "manual", "approved_by": approved_by, "at": _now(), "reason": reason,
-              "gate": gate, "cache_keys": cache_keys(run_dir)}
+              "gate": gate, "artifact_digests": artifact_digests(run_dir)}
     _record(run_dir, record)
     return record
 
 
 def _record(run_dir: Path, record: dict[str, Any] | None) -> None:
     """Write (None: remove) the run's decision, then name the latest promoted run in ``promoted.json``."""
-    from filelock import FileLock
-
-    runs_dir = Path(run_dir).parent
-    with FileLock(str(runs_dir / f".{LATEST}.lock")):  # two runs finishing at once: one rewrite at a time
+    with _latest_lock(Path(run_dir).parent):
         if record is None:
             (Path(run_dir) / PROMOTION).unlink(missing_ok=True)
         else:
             artifacts.write_json(Path(run_dir) / PROMOTION, record)
-        latest = max(promoted_runs(runs_dir), key=lambda row: row["at"], default=None)
-        if latest is None:
-            (runs_dir / LATEST).unlink(missing_ok=True)
-        else:
-            artifacts.write_json(runs_dir / LATEST, latest)
+        _write_latest(Path(run_dir).parent)
+
+
+def refresh_latest(runs_dir: Path) -> None:
+    """Name the latest promoted run in ``promoted.json`` again: after a rerun of a promoted run failed,
+    it no longer counts (``promoted_runs``) until it finishes."""
+    with _latest_lock(Path(runs_dir)):
+        _write_latest(Path(runs_dir))
+
+
+def _latest_lock(runs_dir: Path) -> Any:
+    from filelock import FileLock
+
+    return FileLock(str(runs_dir / f".{LATEST}.lock"))  # two runs finishing at once: one rewrite at a time
+
+
+def _write_latest(runs_dir: Path) -> None:
+    latest = max(promoted_runs(runs_dir), key=lambda row: row["at"], default=None)
+    if latest is None:
+        (runs_dir / LATEST).unlink(missing_ok=True)
+    else:
+        artifacts.write_json(runs_dir / LATEST, latest)
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether every stage of the run is finished (completed or cached): only then does its decision count."""
+    from flows.run_dir import read_status
+
+    status = read_status(run_dir)
+    return bool(status) and all(entry["status"] in ("completed", "cached") for entry in status.values())
 
 
 def promoted_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """Every promoted run in ``runs_dir``, oldest promotion first: ``{run_id, at, by[, approved_by]}``."""
+    """Every promoted run in ``runs_dir`` whose stages are all finished (a failed rerun of a promoted run
+    does not count until it finishes again), oldest promotion first: ``{run_id, at, by[, approved_by]}``."""
     rows = []
     for path in Path(runs_dir).glob(f"*/{PROMOTION}"):
         record = json.loads(path.read_text())
-        if record["status"] == PROMOTED:
+        if record["status"] == PROMOTED and is_finished(path.parent):
             rows.append({"run_id": path.parent.name, "at": record["at"], "by": record["by"],
                          **({"approved_by": record["approved_by"]} if record["by"] == "manual" else {})})
     return sorted(rows, key=lambda row: row["at"])
 
 
-def describe(record: dict[str, Any] | None) -> str:
-    """One line for reports and ``rlhf runs``."""
+def describe(record: dict[str, Any] | None, finished: bool = True) -> str:
+    """One line for reports and ``rlhf runs``; a promotion of a run with an unfinished stage is on hold."""
+    if record is not None and record["status"] == PROMOTED and not finished:
+        return describe(record) + " - on hold: a stage has not finished (`rlhf resume` finishes it)"
     if record is None:
         return "no gate (not promoted)"
     if record["by"] == "manual":

@@ -15,7 +15,8 @@ HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_a
 
 
 def run_report(run_dir: Path) -> dict[str, Any]:
-    """``{"run_id", "stages": {name: {"status", "seconds", "metrics", "artifact"}}}`` from disk only."""
+    """``{"run_id", "stages": {name: {"status", "seconds", "metrics", "artifact"}}, "finished", "promotion"}``
+    from disk only; ``finished``: every stage begun has its artifact."""
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise artifacts.ArtifactError(f"{run_dir}: no such run")
@@ -35,7 +36,8 @@ def run_report(run_dir: Path) -> dict[str, Any]:
             stages[stage]["error"] = entry["error"]
     from flows.promotion import read_promotion
 
-    return {"run_id": run_dir.name, "stages": stages, "promotion": read_promotion(run_dir)}
+    finished = bool(stages) and all(entry["artifact"] for entry in stages.values())
+    return {"run_id": run_dir.name, "stages": stages, "finished": finished, "promotion": read_promotion(run_dir)}
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
@@ -54,7 +56,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, timezone.utc)
         rows.append({
             "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=STAGE_ORDER.index),
-            "promotion": (read_promotion(run_dir) or {}).get("status", "-"),
+            "promotion": (read_promotion(run_dir) or {}).get("status", "-") if overall == "completed" else "-",
             **_sweep_of(run_dir),
             "started": started.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
@@ -92,5 +94,5 @@ def format_report(report: dict[str, Any]) -> str:
     if "promotion" in report:
         from flows.promotion import describe
 
-        lines.append(f"  promotion: {describe(report['promotion'])}")
+        lines.append(f"  promotion: {describe(report['promotion'], report['finished'])}")
     return "\n".join(lines)

@@ -41,10 +41,10 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
     if "promotion" in report:
         from flows.promotion import PROMOTED, describe
 
-        status = (report["promotion"] or {}).get("status")
+        status = (report["promotion"] or {}).get("status") if report["finished"] else "on hold"
         css = {PROMOTED: "promoted", None: "ungated"}.get(status, "not-promoted")  # not a stage's warning
         promotion = (f"<p class='{css}'>"
-                     f"{html.escape(describe(report['promotion']))}</p>")
+                     f"{html.escape(describe(report['promotion'], report['finished']))}</p>")
     images = figures_html(figures)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>run {html.escape(report['run_id'])}</title>"
@@ -67,10 +67,16 @@ def figures_html(figures: list[tuple[str, str | None]]) -> str:
 
 
 def write_page(out: Path, page: str) -> Path:
-    """Write an HTML page atomically (a reader never sees half of it)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
+    """Write an HTML page atomically (a reader never sees half of it), also when several processes of one
+    sweep write its report at once (each through a temporary file of its own)."""
+    import uuid
+
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(page)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

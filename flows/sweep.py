@@ -131,6 +131,19 @@ def storage_url(storage: str | None) -> str:
     return storage or f"sqlite:///{rlhf_home() / 'sweeps.db'}"
 
 
+def shown_url(url: str) -> str:
+    """``url`` with its password masked (``postgresql://user:***@host/db``): what may be written to disk
+    or shown. A URL SQLAlchemy cannot parse is shown only by its scheme, if it has one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        scheme, separator, _ = url.partition("://")
+        return f"{scheme}://..." if separator else "(a storage URL, not shown)"
+
+
 def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path | None = None) -> "optuna.Study":
     """The sweep's Optuna study, created or continued, with its sampler.
 
@@ -188,7 +201,7 @@ def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name:
     artifacts.write_json(folder / "sweep.json", {
         "name": sweep, "config": str(spec.config) if spec.config else None, "overrides": list(spec.overrides),
         "grid": spec.grid, "metric": spec.metric, "direction": spec.direction, "sampler": spec.sampler,
-        "trials": spec.target, "storage": storage_url(storage)})
+        "trials": spec.target, "storage": shown_url(storage_url(storage))})
     sweep_flow(spec, sweep, str(Path(runs_dir).resolve()), storage)
     return leaderboard(spec, sweep, Path(runs_dir), storage)
 
@@ -252,10 +265,15 @@ def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None)
 
 
 def sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None) -> None:
+    """``_sweep_flow`` as the ``rlhf-sweep`` flow run. The storage URL is not one of its parameters:
+    Prefect keeps those in its database, and a URL may hold a password."""
     from prefect import flow
 
-    flow(name="rlhf-sweep", flow_run_name=_sweep_flow_run_name, validate_parameters=False)(_sweep_flow)(
-        spec, sweep, runs_dir, storage)
+    def rlhf_sweep(spec: SweepSpec, sweep: str, runs_dir: str) -> None:
+        _sweep_flow(spec, sweep, runs_dir, storage)
+
+    flow(name="rlhf-sweep", flow_run_name=_sweep_flow_run_name, validate_parameters=False)(rlhf_sweep)(
+        spec, sweep, runs_dir)
 
 
 def leaderboard(spec: SweepSpec, sweep: str, runs_dir: Path, storage: str | None) -> dict[str, Any]:

@@ -62,6 +62,12 @@ def test_off_by_default_and_a_metric_the_stage_cannot_measure_is_refused() -> No
         load_config(None, ["reward.early_stopping={metric: task_score}"])
     with pytest.raises(ConfigError, match="sft.early_stopping.patience: Input should be greater than or equal to 1"):
         load_config(None, ["sft.early_stopping={metric: eval_loss, patience: 0}"])
+    with pytest.raises(ConfigError, match="with data.ranked, rrhf trains on given rankings and has no reward"):
+        load_config(None, ["run.stages=[sft,rrhf]", "data.ranked=builtin", "rrhf.early_stopping={metric: policy_reward}"])
+    load_config(None, ["run.stages=[sft,rrhf]", "data.ranked=builtin", "rrhf.early_stopping={metric: task_score}"])
+    with pytest.raises(ConfigError, match="adapter.kind=adalora: reward allocate AdaLoRA's ranks on a schedule"):
+        load_config(None, ["adapter.kind=adalora", "ppo.value_model=shared", "reward.early_stopping={metric: pair_accuracy}"])
+    load_config(None, ["adapter.kind=adalora", "ppo.value_model=shared", "ppo.early_stopping={metric: task_score}"])
 
 
 def test_mode_follows_the_metric_unless_given_and_the_last_step_is_never_a_stop() -> None:
@@ -73,3 +79,38 @@ def test_mode_follows_the_metric_unless_given_and_the_last_step_is_never_a_stop(
     assert not stopper.update(1, 2.0) and not stopper.update(2, 1.5)  # a falling loss improves
     assert not stopper.update(3, 1.6, last=True)  # no improvement, but nothing is left to skip
     assert stopper.stopped_at_step is None and stopper.reason() is None
+
+
+def test_the_trainer_callback_saves_no_checkpoint_at_its_stop() -> None:
+    """A checkpoint at the stop step would resume past the stop (the Trainer trains at least one step
+    after a resume); without one, a resume replays from the checkpoint before and stops at the same step."""
+    from transformers import TrainerControl, TrainerState
+
+    from stages.training.early_stopping import stopping_callback
+
+    stopper = EarlyStopper(EarlyStoppingSection(metric="eval_loss", patience=1, eval_every=5))
+    callback = stopping_callback(stopper, lambda: {"eval_loss": 1.0})
+    state, control = TrainerState(global_step=5, max_steps=100), TrainerControl()
+    callback.on_step_end(None, state, control)  # the first evaluation: the best so far
+    assert not control.should_training_stop
+    state.global_step, control.should_save = 10, True  # a save step too (the flow callback set it)
+    callback.on_step_end(None, state, control)
+    assert control.should_training_stop and not control.should_save and stopper.stopped_at_step == 10
+
+
+def test_target_kl_stops_above_one_and_a_half_times_the_target_and_only_after_an_update() -> None:
+    """Spinning Up's and SB3's rule: stop the update's remaining epochs once approx-KL > 1.5 x target_kl."""
+    import torch
+
+    from stages.io.config import PPOSection
+    from stages.ppo import _over_target_kl
+    from stages.training.distributed import LOCAL
+    from stages.training.updater import Updater
+
+    ppo = PPOSection(target_kl=0.02)
+    updater = Updater(torch.nn.Linear(2, 1), 0.1, warmup_steps=0, total_steps=4, gradient_accumulation=2)
+    assert not _over_target_kl(0.029, updater, ppo, LOCAL)  # above 1x (and 1.4x) the target: goes on
+    assert _over_target_kl(0.031, updater, ppo, LOCAL)  # above 1.5x
+    updater.micro_steps = 1  # half of an accumulated update pending: never stop between its micro-batches
+    assert not _over_target_kl(0.5, updater, ppo, LOCAL)
+    assert not _over_target_kl(0.5, Updater(torch.nn.Linear(2, 1), 0.1, 0, 4), PPOSection(), LOCAL)  # off by default

@@ -45,7 +45,8 @@ def _unmerged_logits(run_dir: Path, stage: str, batch: dict[str, torch.Tensor]) 
     ([], 1e-4), (["adapter.kind=dora"], 1e-4), (["adapter.kind=adalora", "ppo.value_model=shared"], 1e-4),  # 1.1e-5 seen
     (["adapter.kind=qlora"], 1e-3),  # merged into the dequantised nf4 weights, in float32
     (["adapter.kind=qlora", "backbone.dtype=bfloat16"], 0.25),  # the merged weights round to bf16
-], ids=["lora", "dora", "adalora", "qlora", "qlora-bf16"])
+    (["backbone.name=builtin:tiny-chat"], 1e-4),  # BOS, no pad token, a chat template's end of turn
+], ids=["lora", "dora", "adalora", "qlora", "qlora-bf16", "chat-tokenizer"])
 def test_merged_policy_loads_with_plain_transformers_and_equals_base_plus_adapter(sets: list[str], atol: float,
                                                                                   tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,7 +60,12 @@ def test_merged_policy_loads_with_plain_transformers_and_equals_base_plus_adapte
     assert not any("lora" in name or "Linear4bit" in type(m).__name__ for name, m in merged.named_modules())
     assert getattr(merged.config, "quantization_config", None) is None
     assert merged.dtype == getattr(torch, load_config(run_dir / "config.yaml").backbone.dtype)
-    assert (tmp_path / "out" / "generation_config.json").is_file()
+    from stages.model.tokenization import Tokenization
+
+    tokenization = Tokenization.of(tokenizer, "auto")  # generate() stops where the stages' generation stopped
+    stops = merged.generation_config.eos_token_id
+    assert set(stops if isinstance(stops, list) else [stops]) == set(tokenization.stop_ids)
+    assert merged.generation_config.pad_token_id == tokenization.pad_id
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         found = merged(**batch).logits.float()
@@ -141,3 +147,23 @@ def test_merging_a_reward_model_whose_tokenizer_pads_with_its_end_token_is_refus
         export_run(plan_export(run_dir, "reward", merge=True), tmp_path / "rm")
     assert not (tmp_path / "rm").exists()
     assert export_run(plan_export(run_dir, "reward", merge=False), tmp_path / "rm")["format"] == "peft-adapter"
+
+
+def test_a_hub_backbone_is_pinned_to_its_snapshot_commit(tmp_path: Path) -> None:
+    """A hub id at ``main`` (or no revision) is recorded with the commit of the snapshot it loads from, read
+    from the local HF cache's own layout (``models--ORG--NAME/refs/main``, ``snapshots/<commit>``)."""
+    import os
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = ("from stages.io.config import BackboneSection\nfrom stages.model.backbone import hub_commit\n"
+            "print(hub_commit(BackboneSection(name='acme/tiny-chat')), hub_commit(BackboneSection(name='builtin:tiny')))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}).stdout.split()
+    assert found == [commit, "None"]

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from flows.promotion import LATEST, PROMOTION, apply_gate, promote
+from flows.promotion import (
+    LATEST,
+    PROMOTION,
+    apply_gate,
+    describe,
+    promote,
+    promoted_runs,
+    read_promotion,
+    refresh_latest,
+)
 from stages.io.config import ConfigError
 from stages.io.gate import Condition
 from tests.conftest import TINY, run_cli
@@ -92,6 +101,42 @@ def test_only_a_finished_run_can_be_promoted(tmp_path: Path) -> None:
         promote(run_dir, "alice")
     assert apply_gate(run_dir, []) is None  # no gate: no decision, never promoted on its own
     assert not (run_dir / PROMOTION).exists() and not (tmp_path / "runs" / LATEST).exists()
+
+
+def test_an_approval_is_void_once_a_stage_holds_other_files_under_the_same_cache_key(tmp_path: Path) -> None:
+    """``--force`` retrains under the same cache key; on a GPU or over DeepSpeed ranks the new weights
+    differ. The approval was of the files, so it must not carry over to them."""
+    from flows.run_dir import record_status
+    from stages.io import artifacts
+    from stages.io.config import load_config
+
+    run_dir = tmp_path / "runs" / "forced"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(load_config(None, SFT_ONLY).to_yaml())
+
+    def train_sft(weights: bytes) -> None:  # what a finished stage publishes, under one cache key
+        with artifacts.staging(run_dir / "sft") as tmp:
+            (tmp / "adapter_model.safetensors").write_bytes(weights)
+            artifacts.publish(tmp, run_dir / "sft", {"cache_key": "k" * 64, "metrics": {"task_score": 0.5}})
+        record_status(run_dir, "sft", status="completed")
+
+    train_sft(b"first weights")
+    promote(run_dir, "alice")
+    assert apply_gate(run_dir, [])["approved_by"] == "alice"  # the same files: the approval stands
+    assert json.loads((tmp_path / "runs" / LATEST).read_text())["run_id"] == "forced"
+
+    # A rerun that fails (what flows.pipeline does then): the approval is on hold, not the latest promoted.
+    record_status(run_dir, "sft", status="failed", error="stage sft failed")
+    refresh_latest(tmp_path / "runs")
+    assert promoted_runs(tmp_path / "runs") == [] and not (tmp_path / "runs" / LATEST).exists()
+    assert describe(read_promotion(run_dir), finished=False).endswith("on hold: a stage has not finished "
+                                                                      "(`rlhf resume` finishes it)")
+    record_status(run_dir, "sft", status="completed")  # finished again with the same files: it counts again
+    refresh_latest(tmp_path / "runs")
+    assert [row["run_id"] for row in promoted_runs(tmp_path / "runs")] == ["forced"]
+    train_sft(b"other weights")
+    assert apply_gate(run_dir, []) is None and not (run_dir / PROMOTION).exists()
+    assert not (tmp_path / "runs" / LATEST).exists()
 
 
 def test_a_scheduled_run_promotes_only_through_its_gate(tmp_path: Path) -> None:

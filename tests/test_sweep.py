@@ -124,6 +124,16 @@ def test_grid_flags_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert bad_value.returncode == 2 and "ppo.kl_coef" in bad_value.stderr and not (tmp_path / "runs").exists()
 
 
+def test_a_storage_password_never_reaches_disk() -> None:
+    """``runs/sweeps/<name>/sweep.json`` records the storage as ``shown_url`` gives it; the URL itself is
+    kept out of the Prefect flow run's parameters (``sweep_flow``)."""
+    from flows.sweep import shown_url
+
+    assert shown_url("postgresql://bob:s3cret@db:5432/optuna") == "postgresql://bob:***@db:5432/optuna"
+    assert shown_url("sqlite:////home/me/.rlhf/sweeps.db") == "sqlite:////home/me/.rlhf/sweeps.db"
+    assert "s3cret" not in shown_url("redis://bob:s3cret@host") + shown_url("bob:s3cret")
+
+
 @pytest.mark.parametrize(("sampler", "kind"), [("grid", "GridSampler"), ("random", "RandomSampler"),
                                                ("tpe", "TPESampler")])
 def test_each_sampler_draws_only_the_listed_values(sampler: str, kind: str, tmp_path: Path) -> None:

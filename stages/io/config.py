@@ -85,6 +85,10 @@ class PipelineConfig(_Section):
             if settings is not None and settings.metric not in metrics:
                 raise ValueError(f"{stage}.early_stopping.metric: {stage} cannot evaluate {settings.metric!r} while "
                                  f"it trains; choose one of {', '.join(metrics)}")
+        rrhf = self.rrhf.early_stopping
+        if rrhf is not None and rrhf.metric == "policy_reward" and self.data.ranked:
+            raise ValueError("rrhf.early_stopping.metric: with data.ranked, rrhf trains on given rankings and has "
+                             "no reward to measure policy_reward with; choose task_score or kl_to_reference")
         return self
 
     @model_validator(mode="after")
@@ -98,15 +102,21 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _adalora_trains_one_adapter(self) -> "PipelineConfig":
-        """PEFT's AdaLoRA trains one adapter per model, and its rank allocator reads each parameter's full
-        ``.grad``, which ZeRO partitions away: refuse what it cannot do before anything launches."""
+    def _adalora_limits(self) -> "PipelineConfig":
+        """PEFT's AdaLoRA trains one adapter per model, its rank budget is scheduled to the last step, and
+        its allocator reads each parameter's full ``.grad``, which ZeRO partitions away: refuse what it
+        cannot do before anything launches."""
         if self.adapter.kind != "adalora":
             return self
         if "ppo" in self.run.stages and self.ppo.value_model == "separate":
             raise ValueError("adapter.kind=adalora: PPO with ppo.value_model: separate trains two adapters (policy "
                              "and value) and PEFT's AdaLoRA trains one per model; set ppo.value_model: shared "
                              "(the value head on the policy's states)")
+        creating = [s.name for s in STAGES if not s.inputs]  # a new adapter, whose ranks AdaLoRA allocates
+        if stopping := [s for s in creating if s in self.run.stages and getattr(getattr(self, s), "early_stopping", None)]:
+            raise ValueError(f"adapter.kind=adalora: {', '.join(stopping)} allocate AdaLoRA's ranks on a schedule that "
+                             "runs to max_steps; an early stop would publish ranks above adapter.target_r (or never "
+                             "pruned); set their early_stopping: null, or choose another adapter kind")
         if deepspeed := [s for s in self.run.stages if getattr(getattr(self, s, None), "launcher", None) == "accelerate"]:
             raise ValueError(f"adapter.kind=adalora: {', '.join(deepspeed)} launch on DeepSpeed, whose ZeRO partitions "
                              "the gradients AdaLoRA's rank allocator reads; use launcher: local for them")

@@ -113,6 +113,17 @@ def backbone_fingerprint(cfg: BackboneSection, quantized: bool) -> str:
     return digest.hexdigest()[:16]
 
 
+def hub_commit(cfg: BackboneSection) -> str | None:
+    """The commit of the hub snapshot a hub-id backbone loads from (the local HF cache names each snapshot
+    folder by its commit: ``models--ORG--NAME/snapshots/<commit>``), so a branch like ``main`` is pinned
+    to what was really trained on; None for a local folder, a built-in backbone or a model not here."""
+    location = resolve_backbone(cfg)
+    if Path(location).is_dir():
+        return None
+    folder = _local_snapshot(location, cfg.revision)
+    return folder.name if folder is not None and folder.parent.name == "snapshots" else None
+
+
 def _local_snapshot(repo_id: str, revision: str | None) -> Path | None:
     try:
         from huggingface_hub import snapshot_download

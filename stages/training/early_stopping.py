@@ -106,8 +106,9 @@ def not_stopping() -> dict[str, Any]:
 
 def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> "TrainerCallback | None":
     """Early stopping for an HF Trainer stage (SFT, DPO): evaluates in ``on_step_end`` every
-    ``eval_every`` steps and sets ``should_training_stop``; the stopper's state is a ``sidecar`` of each
-    checkpoint (``early_stopping-<step>.json``), read back when the Trainer resumes."""
+    ``eval_every`` steps and sets ``should_training_stop`` (and no checkpoint at that step); the stopper's
+    state is a ``sidecar`` of each checkpoint (``early_stopping-<step>.json``), read back when the Trainer
+    resumes."""
     if stopper is None:
         return None
     import json
@@ -125,7 +126,10 @@ def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> "Trai
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % stopper.eval_every == 0 and stopper.update(
                     state.global_step, evaluate()[stopper.settings.metric], last=state.global_step >= state.max_steps):
-                control.should_training_stop = True
+                # No checkpoint at the stop step, as in our loops: the Trainer cannot be told to train no
+                # step on resume, so a stage killed before it publishes replays from the checkpoint before
+                # and stops here again, instead of training past the stop.
+                control.should_training_stop, control.should_save = True, False
             if control.should_save and state.is_world_process_zero:  # set by the flow callback, which runs first
                 drop_orphan_sidecars(args, "early_stopping", ".json")
                 write_json(sidecar(args, "early_stopping", state.global_step, ".json"), stopper.state_dict())
