@@ -40,8 +40,7 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
     A person's approval stands while the run's artifacts are the ones approved (the same content digest
     for every stage), with the gate's new verdict beside it; once a stage holds other files (retrained,
     also by ``--force`` under the same cache key, or another configuration's from the cache) the approval
-    is void and the gate decides, or, without a
-    gate, the run is no longer promoted.
+    is void and the gate decides, or, without a gate, the run is no longer promoted.
     """
     from flows.report import run_report
 
@@ -123,7 +122,7 @@ def _write_latest(runs_dir: Path) -> None:
         artifacts.write_json(runs_dir / LATEST, latest)
 
 
-def is_finished(run_dir: Path) -> bool:
+def run_finished(run_dir: Path) -> bool:
     """Whether every stage of the run is finished (completed or cached): only then does its decision count."""
     from flows.run_dir import read_status
 
@@ -137,7 +136,7 @@ def promoted_runs(runs_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for path in Path(runs_dir).glob(f"*/{PROMOTION}"):
         record = json.loads(path.read_text())
-        if record["status"] == PROMOTED and is_finished(path.parent):
+        if record["status"] == PROMOTED and run_finished(path.parent):
             rows.append({"run_id": path.parent.name, "at": record["at"], "by": record["by"],
                          **({"approved_by": record["approved_by"]} if record["by"] == "manual" else {})})
     return sorted(rows, key=lambda row: row["at"])

@@ -16,7 +16,7 @@ HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_a
 
 def run_report(run_dir: Path) -> dict[str, Any]:
     """``{"run_id", "stages": {name: {"status", "seconds", "metrics", "artifact"}}, "finished", "promotion"}``
-    from disk only; ``finished``: every stage begun has its artifact."""
+    from disk only; ``finished``: every stage begun is completed or cached (``flows.promotion.run_finished``)."""
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise artifacts.ArtifactError(f"{run_dir}: no such run")
@@ -34,10 +34,10 @@ def run_report(run_dir: Path) -> dict[str, Any]:
         }
         if "error" in entry:
             stages[stage]["error"] = entry["error"]
-    from flows.promotion import read_promotion
+    from flows.promotion import read_promotion, run_finished
 
-    finished = bool(stages) and all(entry["artifact"] for entry in stages.values())
-    return {"run_id": run_dir.name, "stages": stages, "finished": finished, "promotion": read_promotion(run_dir)}
+    return {"run_id": run_dir.name, "stages": stages, "finished": run_finished(run_dir),
+            "promotion": read_promotion(run_dir)}
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
