@@ -58,10 +58,18 @@ def test_reward_loss_falls(trained: tuple[PipelineConfig, dict]) -> None:
 
 
 def test_rrhf_loss_falls(trained: tuple[PipelineConfig, dict], tmp_path: Path) -> None:
+    """RRHF's loss on a step is that step's batch's: ranked batches differ in how hard they are to rank
+    (single-batch losses from 0.005 to 2 in one run), so the first and last few say little. Against the
+    same batches with the adapter frozen (learning rate 0), the trained adapter's loss over the last third
+    must be clearly lower (P-tuning v2 preset: 1.44 against 2.88 measured)."""
     cfg, runs = trained
-    manifest = execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", {"sft": runs["root"] / "sft"})
-    losses = [row["loss"] for row in _history(tmp_path / "rrhf")]
-    assert _falls(losses, 0.9), (cfg.adapter.kind, losses)
+    preset, sets = PRESET[cfg.adapter.kind], [*LEARN, "rrhf.logging_steps=1"]
+    manifest = execute("rrhf", train_rrhf, load_config(preset, sets), tmp_path / "rrhf", {"sft": runs["root"] / "sft"})
+    execute("rrhf", train_rrhf, load_config(preset, [*sets, "rrhf.learning_rate=0"]), tmp_path / "frozen",
+            {"sft": runs["root"] / "sft"})
+    trained_losses, frozen = ([row["loss"] for row in _history(tmp_path / name)] for name in ("rrhf", "frozen"))
+    third = len(frozen) // 3
+    assert sum(trained_losses[-third:]) < 0.8 * sum(frozen[-third:]), (cfg.adapter.kind, trained_losses, frozen)
     assert manifest["metrics"]["warnings"] == []
 
 
