@@ -179,11 +179,13 @@ def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
-    """A learning rate of 1e8 blows the reward model up within a few steps: the stage stops with one line
-    before the update that would poison the weights, and its last good checkpoint stays for a resume."""
+    """A learning rate of 1e30 blows the reward model up within a few steps: the stage stops with one line
+    before the update that would poison the weights, and its last good checkpoint stays for a resume.
+    (1e8 ran all 30 steps with finite losses on an AVX-512/AMX CPU; Adam's steps are about the learning
+    rate whatever the gradient, so 1e30 overflows float32 on any CPU.)"""
     out = tmp_path / "reward"
     sets = [*TINY, "tracking.backend=none", "reward.max_steps=30", "reward.checkpoint_every=1",
-            "reward.learning_rate=1e8"]
+            "reward.learning_rate=1e30"]
     result = subprocess.run(stage_command("reward", out, sets), capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
