@@ -80,8 +80,11 @@ def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple["PeftModel
 
 
 def sample_groups(model: "PeftModel", tokenization: Tokenization, source: RewardSource, prompts: list[Prompt],
-                  cfg: PipelineConfig, seed: int) -> tuple[SequenceBatch, "torch.Tensor", "torch.Tensor", dict[str, float]]:
-    """G responses to each prompt from the policy, and their rewards.
+                  cfg: PipelineConfig, seed: int, positions: list[int] | None = None
+                  ) -> tuple[SequenceBatch, "torch.Tensor", "torch.Tensor", dict[str, float]]:
+    """G responses to each prompt from the policy, and their rewards. ``positions``: each prompt's place in
+    the global batch (default its index); sample j of the prompt at position p draws from the stream of key
+    p * G + j (``generate``), so a group is the same on any number of ranks.
 
     Returns the batch of (prompt, response) ids (N = len(prompts) * G rows, grouped by prompt), the
     sampling log-probs of its tokens (N, T), the rewards (N,) and statistics of the step's samples.
@@ -90,10 +93,12 @@ def sample_groups(model: "PeftModel", tokenization: Tokenization, source: Reward
 
     grpo, g = cfg.grpo, cfg.grpo.num_generations
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
+    positions = list(range(len(prompts))) if positions is None else positions
     with active_adapter(model, POLICY):
         samples = generate(model, tokenization, [ids for ids in prompt_ids for _ in range(g)],
                            max_new_tokens=grpo.max_new_tokens, temperature=grpo.temperature,
-                           batch_size=GENERATION_BATCH, seed=seed, desc="grpo samples")
+                           batch_size=GENERATION_BATCH, seed=seed, keys=[p * g + j for p in positions for j in range(g)],
+                           desc="grpo samples")
     device = model_device(model)
     rewards = torch.tensor(source(samples, [p for p in prompts for _ in range(g)]), device=device)
     batch, logprobs = sampled_batch(samples, tokenization.pad_id, device)
@@ -163,7 +168,8 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         # Every rank draws the same global sample of prompts and samples the groups of its own share.
         drawn = random.Random(cfg.run.seed + step).sample(prompts, count)
         batch, old_logprobs, rewards, stats = sample_groups(model, tokenization, source, dist.shard(drawn), cfg,
-                                                            seed=cfg.run.seed + step + 1000 * dist.rank)
+                                                            seed=cfg.run.seed + step,
+                                                            positions=dist.shard(list(range(count))))
         stats.update(grpo_step(model, batch, old_logprobs, rewards, updater, cfg, minibatch_order, dist))
         return {key: round(dist.mean(value), 5) for key, value in stats.items()}
 

@@ -156,15 +156,17 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
 
 
 def collect_rollout(models: PPOModels, prompts: list[Prompt], cfg: PipelineConfig, kl_coef: float,
-                    seed: int, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
-    """Sample with the policy, then score the sampled ids (``rollout_from_ids``)."""
+                    seed: int, dist: Distributed = LOCAL, keys: list[int] | None = None
+                    ) -> tuple[Rollout, dict[str, float]]:
+    """Sample with the policy, then score the sampled ids (``rollout_from_ids``); ``keys``: each prompt's
+    sampling stream (``generate``), its position in the global batch."""
     prompt_ids = [models.tokenization.prompt_ids(p) for p in prompts]
-    return rollout_from_ids(models, prompt_ids, cfg, kl_coef, seed, dist, prompts=prompts)
+    return rollout_from_ids(models, prompt_ids, cfg, kl_coef, seed, dist, prompts=prompts, keys=keys)
 
 
 def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: PipelineConfig, kl_coef: float,
-                     seed: int, dist: Distributed = LOCAL, prompts: list[Prompt] | None = None
-                     ) -> tuple[Rollout, dict[str, float]]:
+                     seed: int, dist: Distributed = LOCAL, prompts: list[Prompt] | None = None,
+                     keys: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample one response per prompt (token ids) with the policy, then score the sampled ids
     (``score_rollout``); ``prompts`` (what the ids render) are what a checker reads.
     ``bench/ppo_vs_trl.py`` times this with ``ppo_update`` as one PPO update."""
@@ -173,7 +175,7 @@ def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: Pipeli
     model, ppo, tokenization = models.model, cfg.ppo, models.tokenization
     with active_adapter(model, POLICY):
         samples = generate(model, tokenization, prompt_ids, max_new_tokens=ppo.max_new_tokens,
-                           temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, desc="rollout")
+                           temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, keys=keys, desc="rollout")
     device = model_device(model)
     batch, logprobs = sampled_batch(samples, tokenization.pad_id, device)
     finished = torch.tensor([s.finished for s in samples], device=device)
@@ -341,10 +343,11 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     count = dist.even_count(ppo.rollout_prompts, len(prompts), "ppo rollout prompts")
 
     def train_step(update: int, log: bool) -> dict[str, float]:
-        # Every rank draws the same global sample of prompts and rolls out an equal share of it.
+        # Every rank draws the same global sample of prompts and rolls out an equal share of it, each prompt
+        # from the sampling stream of its global position: the rollout is the same on any number of ranks.
         drawn = random.Random(cfg.run.seed + update).sample(prompts, count)
-        rollout, stats = collect_rollout(models, dist.shard(drawn), cfg, kl_ctl.value,
-                                         seed=cfg.run.seed + update + 1000 * dist.rank, dist=dist)
+        rollout, stats = collect_rollout(models, dist.shard(drawn), cfg, kl_ctl.value, seed=cfg.run.seed + update,
+                                         dist=dist, keys=dist.shard(list(range(count))))
         stats.update(ppo_update(models, rollout, updater, cfg, minibatch_order, dist))
         stats = {key: dist.mean(value) for key, value in stats.items()}  # one KL (and coefficient) on every rank
         kl_ctl.update(stats["kl"], n_steps=len(drawn))

@@ -64,14 +64,18 @@ class Group:
 
 
 def sample_groups(model: "PeftModel", source: RewardSource, tokenization: Tokenization,
-                  prompts: list[Prompt], cfg: PipelineConfig) -> list[Group]:
-    """k policy samples per prompt, scored by ``rrhf.reward`` (the reward model scores the sampled ids)."""
+                  prompts: list[Prompt], cfg: PipelineConfig, positions: list[int] | None = None) -> list[Group]:
+    """k policy samples per prompt, scored by ``rrhf.reward`` (the reward model scores the sampled ids).
+    ``positions``: each prompt's place among all ranks' prompts (default its index); candidate j of the
+    prompt at position p draws from the stream of key p * k + j (``generate``): the same on any number of ranks."""
     k = cfg.rrhf.num_candidates
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
+    positions = list(range(len(prompts))) if positions is None else positions
     with active_adapter(model, POLICY):
         samples = generate(model, tokenization, [ids for ids in prompt_ids for _ in range(k)],
                            max_new_tokens=cfg.rrhf.max_new_tokens, temperature=cfg.rrhf.temperature,
-                           batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1, desc="rrhf candidates")
+                           batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1,
+                           keys=[p * k + j for p in positions for j in range(k)], desc="rrhf candidates")
     rewards = source(samples, [p for p in prompts for _ in range(k)])
     groups = []
     for i, prompt in enumerate(prompts):
@@ -166,10 +170,12 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         ranked = load_records(cfg.data.ranked, "ranked", cfg.task)
         measure_lengths(ranked, "ranked", source_name(cfg.data.ranked), tokenization, context)
         groups = offline_groups(ranked, tokenization)
-    else:  # each rank samples candidates for its share of the prompts; then every rank holds all groups
+    else:  # each rank samples candidates for its share of the prompts; then every rank holds all groups, in order
         prompts = load_rollout_prompts(cfg.data, cfg.task, tokenization, context)
         random.Random(cfg.run.seed).shuffle(prompts)
-        groups = dist.gather(sample_groups(model, source, tokenization, dist.shard(prompts[: rr.num_prompts]), cfg))
+        chosen = prompts[: rr.num_prompts]
+        groups = dist.unshard(sample_groups(model, source, tokenization, dist.shard(chosen), cfg,
+                                            positions=dist.shard(list(range(len(chosen))))))
     accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenization, groups)
     if len(groups) < dist.world_size:
         raise ConfigError(f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "

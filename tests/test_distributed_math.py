@@ -27,18 +27,23 @@ def _rank(rank: int, store: str, results: str) -> None:
     whitened = masked_whiten(values, mask, total=dist.total)
     # What DeepSpeed applies: the mean over ranks of each rank's (weighted) loss.
     weighted_mean = dist.mean((dist.share_of_global_mean(mask.sum()) * masked_mean(values, mask)).item())
-    torch.save({"whitened": whitened, "weighted_mean": weighted_mean}, f"{results}-{rank}.pt")
+    items = list("abcdefg")  # 7 items over 2 ranks: shares of 4 and 3
+    unsharded = dist.unshard([item.upper() for item in dist.shard(items)])
+    torch.save({"whitened": whitened, "weighted_mean": weighted_mean, "unsharded": unsharded}, f"{results}-{rank}.pt")
     dist.close()  # waits for the other rank, then leaves: the group is gone
     assert not torch.distributed.is_initialized()
 
 
 def test_two_ranks_whiten_and_average_like_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    """... and every rank's share of a list, unsharded, is the whole list in its order on every rank (RRHF's
+    candidate groups, sampled per rank, are then drawn from as a local run draws them)."""
     torch.multiprocessing.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     parts = [torch.load(tmp_path / f"out-{rank}.pt") for rank in range(2)]
     values, mask = _batch()
     torch.testing.assert_close(torch.cat([p["whitened"] for p in parts]), masked_whiten(values, mask))
     for part in parts:
         assert abs(part["weighted_mean"] - masked_mean(values, mask).item()) < 1e-6
+        assert part["unsharded"] == list("ABCDEFG")
     # The plain mean of the two ranks' means is NOT the global token mean on this uneven batch.
     naive = sum(masked_mean(values[r], mask[r]).item() for r in ROWS) / 2
     assert abs(naive - masked_mean(values, mask).item()) > 1e-3

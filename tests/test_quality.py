@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.io import artifacts
 from tests.conftest import REPO, run_cli
 
 CONFIGS = sorted(REPO.glob("configs/*.yaml"), key=lambda path: (path.name != "default.yaml", path.name))
@@ -50,14 +51,24 @@ def test_shipped_config_meets_the_quality_bar(config: str, tmp_path: Path) -> No
     metrics = {stage: entry["metrics"] for stage, entry in stages.items()}
     figures = {stage: {k: v for k, v in m.items() if k in ("task_score_before", "task_score", "pair_accuracy")}
                for stage, m in metrics.items()}
-    print(f"{config}: {figures}")  # the closing note's table: pytest -s shows it
+    where = _host(stages)
+    print(f"{config}: {figures} on {where}")  # the closing note's table: pytest -s shows it
     for stage, m in metrics.items():
-        assert m.get("warnings", []) == [], (stage, m["warnings"])
+        assert m.get("warnings", []) == [], (where, stage, m["warnings"])
     sft = metrics["sft"]
-    assert sft["task_score"] > sft["task_score_before"], (config, sft)
+    assert sft["task_score"] > sft["task_score_before"], (config, where, sft)
     if "reward" in metrics:
-        assert metrics["reward"]["pair_accuracy"] >= 0.9, (config, metrics["reward"])
+        assert metrics["reward"]["pair_accuracy"] >= 0.9, (config, where, metrics["reward"])
     for policy in ("ppo", "rrhf", "dpo", "grpo"):
         if policy in metrics:
             assert metrics[policy]["task_score_sft"] == sft["task_score"]
-            assert metrics[policy]["task_score"] >= sft["task_score"] + GAIN, (config, policy, metrics[policy])
+            assert metrics[policy]["task_score"] >= sft["task_score"] + GAIN, (config, where, policy, metrics[policy])
+
+
+def _host(stages: dict) -> str:
+    """The CPU, torch's ISA level and each stage's threads, from the manifests: a failure names its host
+    (issue 27: the same seeds learned differently on an AMD EPYC host and an AMX one)."""
+    hosts = {stage: artifacts.read_manifest(Path(entry["artifact"]))["host"] for stage, entry in stages.items()}
+    first = next(iter(hosts.values()))
+    threads = ", ".join(f"{stage} {host['threads']}" for stage, host in hosts.items())
+    return f"{first['cpu']} ({first['isa']}; threads: {threads})"

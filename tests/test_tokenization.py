@@ -14,7 +14,7 @@ from stages.dpo import tokenized_pairs
 from stages.io.config import BackboneSection, load_config
 from stages.io.data import DataError, load_records, measure_lengths
 from stages.model.backbone import load_backbone
-from stages.model.builtin_backbone import CHAT_TEMPLATE, chat_stream
+from stages.model.builtin_backbone import CHAT_TEMPLATE, chat_messages, chat_stream
 from stages.model.generation import generate
 from stages.model.tokenization import Tokenization, TokenizationError
 from stages.reward import preference_batch
@@ -77,8 +77,11 @@ def test_the_chat_tokenizer_bos_once_template_and_end_of_turn(backbones) -> None
 def test_the_chat_template_renders_what_the_backbone_was_pretrained_on(backbones) -> None:
     tokenizer = backbones["builtin:tiny-chat"].tokenizer
     assert tokenizer.chat_template == CHAT_TEMPLATE
-    messages = USER + [{"role": "assistant", "content": "7;1+1=2;"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == chat_stream("3+4=7;1+1=2;")
+    line = "3+4=7;1+1=2;5+6=11;2+2=4;9+9=18;"
+    messages = chat_messages(line)  # three turns: each answer right after the assistant's role token
+    assert messages[:2] == USER + [{"role": "assistant", "content": "7;1+1=2;"}]
+    assert [m["content"] for m in messages[2:]] == ["5+6=", "11;2+2=4;", "9+9=", "18;"]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == chat_stream(line)
 
 
 @pytest.mark.parametrize(("template", "prompt_end", "end"), [

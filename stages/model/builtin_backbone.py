@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from stages.io import artifacts, paths
-from stages.io.arithmetic import Problem, pretraining_lines
+from stages.io.arithmetic import EQUATION_SEPARATOR, Problem, pretraining_lines
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -92,11 +92,28 @@ def ensure_builtin_backbone(spec: TinySpec = TinySpec(), chat: bool = False) -> 
     return target
 
 
+def chat_messages(line: str, equations_per_turn: int = 2) -> list[dict[str, str]]:
+    """A pretraining stream as a conversation: each user turn asks one equation's prompt, and the
+    assistant answers it and rambles on with the next equations of its turn, ending after a ``;`` (never
+    right after an answer: stopping there is what SFT teaches, as in the plain streams).
+
+    Several turns per stream, not one: the skill that matters in chat form is the answer right after
+    ``=<|end|><|assistant|>``, and one such answer per chat stream left it marginal, learned on one
+    CPU's kernels and not on another's (issue 27: P(answer) at T=1 0.59 on an AMX build, 0.97 on an
+    AVX2 build, with the plain format at 0.99 on both)."""
+    equations = [e + EQUATION_SEPARATOR for e in line.split(EQUATION_SEPARATOR) if e]
+    messages: list[dict[str, str]] = []
+    for start in range(0, len(equations), equations_per_turn):
+        turn = equations[start : start + equations_per_turn]
+        prompt, _, answer = turn[0].partition("=")
+        messages += [{"role": "user", "content": prompt + "="}, {"role": "assistant", "content": answer + "".join(turn[1:])}]
+    return messages
+
+
 def chat_stream(line: str) -> str:
-    """A pretraining stream as one chat conversation, exactly as CHAT_TEMPLATE renders it: the first
-    equation's prompt is the user turn, the rest of the stream the assistant's (tests check the match)."""
-    prompt, _, rest = line.partition("=")
-    return f"{BOS}{USER}{prompt}={END_OF_TURN}{ASSISTANT}{rest}{END_OF_TURN}"
+    """A pretraining stream as one chat conversation (``chat_messages``), exactly as CHAT_TEMPLATE renders
+    it (tests check the match)."""
+    return BOS + "".join(f"{ROLE_TOKENS[m['role']]}{m['content']}{END_OF_TURN}" for m in chat_messages(line))
 
 
 def _package_chat_variant(base: Path, target: Path) -> Path:

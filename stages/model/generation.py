@@ -4,12 +4,18 @@ Prompts come in as token ids from ``stages.model.tokenization.Tokenization`` and
 sampled ids (end token included when the response finished), so every stage scores and trains on
 exactly the tokens that were sampled, never a re-tokenization of their decoded text.
 
-No global state leaks out: the caller's RNG stream is restored after a seeded generation
-(``torch.random.fork_rng``), and the tokenizer's own ``padding_side`` is never changed.
+Each response is sampled from a random stream of its own, keyed by ``(seed, key)`` (Gumbel-max,
+``GumbelSampler``): what a prompt samples does not depend on which other prompts share its batch, its
+rank or its process. A local run and a DeepSpeed run that hand the same prompt the same key sample the
+same tokens (up to float noise in the logits, which flips a draw with probability ~1e-6 per token),
+where one stream per batch made them differ at every near-tie. Nothing global is drawn from or reseeded,
+and the tokenizer's own ``padding_side`` is never changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,43 +40,48 @@ class Response:
 
 def generate(
     model: "torch.nn.Module", tokenization: "Tokenization", prompts: list[list[int]], *, max_new_tokens: int,
-    temperature: float, batch_size: int, seed: int, desc: str = "generating", synced: bool = False,
+    temperature: float, batch_size: int, seed: int, keys: Sequence[int] | None = None, desc: str = "generating",
+    synced: bool = False,
 ) -> list[Response]:
     """Sample one response per prompt (token ids, ``Tokenization.prompt_ids``) by temperature sampling
-    (no top-k/top-p), reproducibly from ``seed``; a response ends at any of ``tokenization.stop_ids``.
+    (no top-k/top-p); a response ends at any of ``tokenization.stop_ids``.
+
+    ``keys`` (one int per prompt, default its position): prompt i draws from the stream of
+    ``(seed, keys[i])``, so the same (seed, key, prompt ids) sample the same response in any batch; a
+    caller that shards prompts over ranks passes their global positions. Two prompts that must sample
+    independently (a group's G samples) need different keys.
+
     Each response carries the log-probability of every sampled token under softmax(logits / temperature),
     so PPO need not run the policy again to score what it sampled (TRL's PPO did the same).
 
     ``synced``: every rank of a ZeRO-3 job runs the same generation, in lockstep (``synced_gpus``).
+    Raises ``ValueError`` when ``keys`` and ``prompts`` differ in length.
     """
     import torch
 
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    if len(keys) != len(prompts):
+        raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts")
     responses: list[Response] = []
     was_training = model.training
     model.eval()
-    # HF sampling draws from the global generators: seed a fork of them, so the caller's streams go on as before.
     device = model_device(model)
-    on_cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if on_cuda else []):
-        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU, unforked
-        if on_cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        try:
-            for start in progress(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-                input_ids, attention_mask = left_padded(prompts[start : start + batch_size], tokenization.pad_id, device)
-                scaled = SampledLogProbs(temperature)
-                with torch.no_grad():
-                    out = model.generate(  # temperature 1: ``scaled`` divides the logits, as HF's warper would
-                        input_ids=input_ids, attention_mask=attention_mask, logits_processor=[scaled],
-                        max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                        pad_token_id=tokenization.pad_id, eos_token_id=list(tokenization.stop_ids), synced_gpus=synced,
-                    )
-                new_tokens = out[:, input_ids.shape[1] :]
-                logprobs = scaled.of(new_tokens).cpu()
-                responses.extend(_responses(prompts[start : start + batch_size], new_tokens.cpu(), logprobs, tokenization))
-        finally:
-            model.train(was_training)
+    try:
+        for start in progress(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+            chunk = prompts[start : start + batch_size]
+            input_ids, attention_mask = left_padded(chunk, tokenization.pad_id, device)
+            sampler = GumbelSampler(temperature, seed, keys[start : start + batch_size], device)
+            with torch.no_grad():
+                out = model.generate(  # greedy over ``sampler``'s perturbed scores = sampling at ``temperature``
+                    input_ids=input_ids, attention_mask=attention_mask, logits_processor=[sampler],
+                    max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0,
+                    pad_token_id=tokenization.pad_id, eos_token_id=list(tokenization.stop_ids), synced_gpus=synced,
+                )
+            new_tokens = out[:, input_ids.shape[1] :]
+            logprobs = sampler.of(new_tokens).cpu()
+            responses.extend(_responses(chunk, new_tokens.cpu(), logprobs, tokenization))
+    finally:
+        model.train(was_training)
     return responses
 
 
@@ -87,18 +98,33 @@ def left_padded(prompts: list[list[int]], pad_id: int, device: "torch.device | s
             torch.tensor(attention_mask, dtype=torch.long, device=device))
 
 
-class SampledLogProbs:
-    """A logits processor that samples at ``temperature`` (it returns logits / T, as HF's temperature
-    warper does) and keeps the log-probability of each token then sampled. The token drawn from step t's
-    distribution is only known at step t+1 (or after ``generate`` returns), so one step's log-softmax
-    (B, V) is held until then: memory O(B x V), not O(B x new tokens x V) as ``output_logits`` would hold.
+def row_seed(seed: int, key: int) -> int:
+    """The seed of one response's random stream: a 63-bit digest of ``(seed, key)``, so neighbouring
+    seeds and keys (update n, prompt k+1) get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    It must see the raw logits: ``generate`` is called with temperature 1, no top-k/top-p and no
-    repetition settings, so HF adds no processor before it (custom processors run after the defaults).
+
+class GumbelSampler:
+    """A logits processor that samples at ``temperature`` by the Gumbel-max trick: ``generate`` runs
+    greedy over log softmax(logits / T) + G, with G ~ Gumbel(0, 1) drawn for each row from its own
+    generator (``row_seed``), and argmax(log p + G) is a draw from p (Gumbel 1954; Maddison et al. 2014,
+    "A* Sampling"). Row r's t-th draw depends only on (seed, key_r, t): batch-invariant.
+
+    It keeps the log-probability of each token sampled: the token drawn from step t's distribution is
+    only known at step t+1 (or after ``generate`` returns), so one step's log-softmax (B, V) is held
+    until then: memory O(B x V), not O(B x new tokens x V) as ``output_logits`` would hold.
+
+    It must see the raw logits and be the last processor: ``generate`` is called greedy with temperature
+    1, so HF adds no warper before it, and custom processors run after the defaults.
     """
 
-    def __init__(self, temperature: float) -> None:
+    def __init__(self, temperature: float, seed: int, keys: Sequence[int], device: "torch.device | str") -> None:
+        import torch
+
         self.temperature = temperature
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(row_seed(seed, key)) for key in keys]
         self.pending: "torch.Tensor | None" = None  # (B, V) log-softmax of the step not yet sampled from
         self.steps: list["torch.Tensor"] = []  # (B,) per completed step
 
@@ -106,9 +132,10 @@ class SampledLogProbs:
         import torch
 
         self._take(input_ids[:, -1])
-        scaled = scores / self.temperature
-        self.pending = torch.log_softmax(scaled.float(), dim=-1)
-        return scaled
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        vocab = scores.shape[-1]
+        uniform = torch.stack([torch.rand(vocab, generator=g, device=self.device) for g in self.generators])  # (B, V)
+        return self.pending - torch.log(-torch.log(uniform))  # + Gumbel(0, 1); u = 0 gives -inf, never picked
 
     def _take(self, sampled: "torch.Tensor") -> None:
         if self.pending is not None:

@@ -114,6 +114,28 @@ def stage_threads(requested: int | Literal["auto"], cores: int | None = None, bu
     return max(1, min(cores, round(cores - busy)))
 
 
+def host_facts(threads: int) -> dict[str, str | int]:
+    """The machine a stage computed on, for its manifest and the quality tier: the CPU model, the ISA level
+    torch's CPU kernels dispatch to (``AVX2``, ``AVX512``, ...) and the torch threads. Learning outcomes of
+    marginal settings differ between CPUs with the same seeds (issue 27): figures name their host."""
+    import torch
+
+    return {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": threads}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows, else "unknown"."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -125,6 +125,18 @@ class Distributed:
         torch.distributed.all_gather_object(gathered, list(values))
         return [value for part in gathered for value in part]
 
+    def unshard(self, share: list[T]) -> list[T]:
+        """The inverse of ``shard``: every rank's share, gathered, back in the global order on every rank
+        (item i came from rank i % world_size), so what follows sees the list a local run sees."""
+        if self.world_size == 1:
+            return list(share)
+        import torch.distributed
+
+        gathered: list[list[T]] = [[] for _ in range(self.world_size)]
+        torch.distributed.all_gather_object(gathered, list(share))
+        total = sum(len(part) for part in gathered)
+        return [gathered[i % self.world_size][i // self.world_size] for i in range(total)]
+
 
 LOCAL = Distributed()
 

@@ -26,7 +26,7 @@ from stages.io import artifacts
 from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import DataError
 from stages.io.provenance import stage_datasets, stage_provenance
-from stages.model.placement import available_cores, stage_threads
+from stages.model.placement import available_cores, host_facts, stage_threads
 from stages.model.tokenization import TokenizationError
 from stages.registry import spec
 from stages.training.checkpoints import checkpoint_root
@@ -87,6 +87,7 @@ def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, 
             **provenance,
             "metrics": metrics,
             "engine": {"name": dist.engine, "world_size": dist.world_size},
+            "host": host_facts(threads),
             "seconds": round(time.time() - started, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
