@@ -16,6 +16,8 @@ from stages.io import paths
 if TYPE_CHECKING:
     import subprocess
 
+    from filelock import BaseFileLock
+
 
 def configure_prefect() -> None:
     home = paths.rlhf_home()
@@ -23,6 +25,9 @@ def configure_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary local server can take a while to come up on a loaded 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Several runs share one SQLite database (a nightly run beside a manual one, a sweep's trials): a write
+    # waits up to a minute for another server's lock instead of Prefect's default 10 s.
+    os.environ.setdefault("PREFECT_API_DATABASE_TIMEOUT", "60")
 
 
 def start_server_early() -> Callable[[], None]:
@@ -45,6 +50,8 @@ def start_server_early() -> Callable[[], None]:
 
     if os.environ.get("PREFECT_API_URL"):  # a real server is configured: nothing to start
         return lambda: None
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    creating = _lock_unless_migrated(timeout)
     spec = find_spec("prefect")
     assert spec is not None and spec.submodule_search_locations, "prefect is not installed"
     port = _free_port()
@@ -59,8 +66,65 @@ def start_server_early() -> Callable[[], None]:
     atexit.register(server.terminate)  # no wait: the watchdog kills it if it outlives us by 5 s
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ.setdefault("PREFECT_UI_URL", "")  # no "View at" links: this server has no UI and ends with the run
-    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
-    return lambda: _wait_until_healthy(server, os.environ["PREFECT_API_URL"], timeout)
+
+    def ready() -> None:
+        try:
+            _wait_until_healthy(server, os.environ["PREFECT_API_URL"], timeout)
+            if creating is not None:  # healthy: its start-up created and migrated the database
+                _migrated_marker().write_text(_prefect_version())
+        finally:
+            if creating is not None:
+                creating.release()
+
+    return ready
+
+
+def _lock_unless_migrated(timeout: float) -> "BaseFileLock | None":
+    """The lock on creating Prefect's database, held from here until this process's server answers, or None
+    when a server of this Prefect version has already created and migrated it (the usual case).
+
+    Every ``rlhf`` command starts a temporary server on the one SQLite file in ``$PREFECT_HOME``, and each
+    server creates and migrates the database as it starts: two commands started at once on a fresh home
+    raced, and one died with ``no such table: flow_run_alert_policy`` (Prefect #18934, #19771). The first
+    takes this lock; the others wait for its server, then find the database ready.
+
+    Raises ``RuntimeError`` when another process holds the lock for more than ``timeout`` seconds.
+    """
+    from filelock import FileLock, Timeout
+
+    if _migrated():
+        return None
+    lock = FileLock(str(Path(os.environ["PREFECT_HOME"]) / ".rlhf-database.lock"))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise RuntimeError(f"another rlhf command has been creating Prefect's database in {os.environ['PREFECT_HOME']} "
+                           f"for {timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)") from None
+    if _migrated():  # created while this process waited
+        lock.release()
+        return None
+    return lock
+
+
+def _migrated() -> bool:
+    """Whether a server of this Prefect version created and migrated the database (its marker is current and
+    the default database file exists, or the database lives elsewhere: PREFECT_API_DATABASE_CONNECTION_URL)."""
+    marker = _migrated_marker()
+    elsewhere = bool(os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"))
+    return (marker.is_file() and marker.read_text() == _prefect_version()
+            and (elsewhere or (marker.parent / "prefect.db").is_file()))
+
+
+def _migrated_marker() -> Path:
+    home = Path(os.environ["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    return home / ".rlhf-database-migrated"
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")  # a new version may bring migrations: its first server takes the lock again
 
 
 def _free_port() -> int:

@@ -22,6 +22,8 @@ import hashlib
 import itertools
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,7 @@ SWEEPS = "sweeps"  # <runs-dir>/sweeps/<name>/: the sweep's definition, leaderbo
 TRIAL_FILE = "sweep.json"  # in each trial's run folder: which sweep and trial it belongs to
 INTERRUPTED = "interrupted"  # user attr of a trial killed or stopped by Ctrl-C: its settings run again
 RUN_LOCK = ".running.lock"  # in a run folder: held by the process running its pipeline
+DB_WAIT_S = 120.0  # --db-wait: how long a statement waits for another process's lock on a SQLite study
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,70 @@ def storage_url(storage: str | None) -> str:
     return storage or f"sqlite:///{rlhf_home() / 'sweeps.db'}"
 
 
+class StudyLocked(RuntimeError):
+    """The study's SQLite database stayed locked by another process for longer than ``--db-wait``."""
+
+
+def study_storage(storage: str | None, wait_s: float = DB_WAIT_S) -> "optuna.storages.RDBStorage":
+    """The Optuna storage of ``storage_url``. On SQLite every statement waits up to ``wait_s`` seconds for
+    a lock another process holds (SQLite's busy timeout, 5 s by default), instead of failing at once:
+    a backup, a second sweep or a ``sqlite3`` shell that writes for longer crashed the sweep with a
+    SQLAlchemy traceback, after a trial had trained, and lost its result (Optuna #820, #4994)."""
+    import optuna
+
+    url = storage_url(storage)
+    if not url.startswith("sqlite:///"):
+        return optuna.storages.RDBStorage(url)
+    Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": wait_s}})
+
+
+@contextmanager
+def locked_study_named(storage: str | None, wait_s: float) -> Iterator[None]:
+    """Turn SQLite's "database is locked", after ``wait_s`` seconds of waiting, into ``StudyLocked``: one line
+    naming the database and, where /proc shows it, the process holding it."""
+    try:
+        yield
+    except Exception as err:  # Optuna's own post-processing turns a failed tell into an UnboundLocalError
+        if not _caused_by_a_lock(err):
+            raise
+        database = storage_url(storage).removeprefix("sqlite:///")
+        holders = ", ".join(_processes_holding(Path(database))) or "no other process of this machine"
+        raise StudyLocked(f"{database}: the sweep database stayed locked for {wait_s:g} s (held by {holders}); "
+                          "finished trials are kept: run the same command again once it is free, or raise "
+                          "--db-wait") from None
+
+
+def _caused_by_a_lock(err: BaseException | None) -> bool:
+    """Whether SQLite's "database is locked" is ``err`` or anywhere in its chain of causes and contexts."""
+    from sqlalchemy.exc import OperationalError
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OperationalError) and "locked" in str(err.orig):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _processes_holding(path: Path) -> list[str]:
+    """'pid 123 (python -m ...)' for each other process with ``path`` (or its journal) open (Linux /proc)."""
+    import os
+
+    names = {str(path.resolve()) + suffix for suffix in ("", "-journal", "-wal")}
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) in names for fd in (proc / "fd").iterdir()):
+                command = " ".join((proc / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
+                found.append(f"pid {proc.name} ({command[:80]})")
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
 def shown_url(url: str) -> str:
     """``url`` with its password masked (``postgresql://user:***@host/db``): what may be written to disk
     or shown. A URL SQLAlchemy cannot parse is shown only by its scheme, if it has one."""
@@ -144,7 +211,8 @@ def shown_url(url: str) -> str:
         return f"{scheme}://..." if separator else "(a storage URL, not shown)"
 
 
-def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path | None = None) -> "optuna.Study":
+def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path | None = None,
+               wait_s: float = DB_WAIT_S) -> "optuna.Study":
     """The sweep's Optuna study, created or continued, with its sampler.
 
     Continuing, a trial to run again has its settings queued first: one interrupted by Ctrl-C (marked
@@ -158,10 +226,8 @@ def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path 
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage_url(storage)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=sweep, storage=url, direction=spec.direction, load_if_exists=True)
+    study = optuna.create_study(study_name=sweep, storage=study_storage(storage, wait_s), direction=spec.direction,
+                                load_if_exists=True)
     trials = study.get_trials(deepcopy=False)
     seed = spec.seed + len(trials)
     study.sampler = {"grid": lambda: optuna.samplers.GridSampler(spec.grid, seed=spec.seed),
@@ -192,9 +258,12 @@ def _queued_again(trial: "optuna.trial.FrozenTrial", trials: list["optuna.trial.
                for t in trials)
 
 
-def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name: str | None = None) -> dict[str, Any]:
+def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name: str | None = None,
+              wait_s: float = DB_WAIT_S) -> dict[str, Any]:
     """Run the sweep's remaining trials as Prefect subflows of one ``rlhf-sweep`` flow run; return its
-    leaderboard (``leaderboard``)."""
+    leaderboard (``leaderboard``). Raises ``StudyLocked`` when a SQLite study stays locked by another
+    process for ``wait_s`` seconds (a trial that finished meanwhile is recorded by the next run: its
+    settings are queued again, and its stages come from the cache of its run folder)."""
     sweep = name or spec.name(runs_dir)
     folder = Path(runs_dir) / SWEEPS / sweep
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,8 +271,11 @@ def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name:
         "name": sweep, "config": str(spec.config) if spec.config else None, "overrides": list(spec.overrides),
         "grid": spec.grid, "metric": spec.metric, "direction": spec.direction, "sampler": spec.sampler,
         "trials": spec.target, "storage": shown_url(storage_url(storage))})
-    sweep_flow(spec, sweep, str(Path(runs_dir).resolve()), storage)
-    return leaderboard(spec, sweep, Path(runs_dir), storage)
+    locked = sweep_flow(spec, sweep, str(Path(runs_dir).resolve()), storage, wait_s)
+    if locked:
+        raise StudyLocked(locked)
+    with locked_study_named(storage, wait_s):
+        return leaderboard(spec, sweep, Path(runs_dir), storage, wait_s)
 
 
 def _sweep_flow_run_name() -> str:
@@ -225,15 +297,25 @@ def remaining_trials(study: "optuna.Study", target: int) -> int:
     return max(target - len(finished), 0)
 
 
-def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None) -> None:
-    """Optuna's ``optimize`` over the remaining trials; each trial runs its pipeline as a subflow."""
+def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float) -> str | None:
+    """Optuna's ``optimize`` over the remaining trials; each trial runs its pipeline as a subflow. Returns
+    ``StudyLocked``'s message instead of raising it, so the flow ends without a traceback in its log."""
+    try:
+        with locked_study_named(storage, wait_s):
+            _optimize(spec, sweep, runs_dir, storage, wait_s)
+    except StudyLocked as err:
+        return str(err)
+    return None
+
+
+def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float) -> None:
     from filelock import FileLock
 
     from flows.pipeline import pipeline
     from flows.report import run_report
     from flows.run_dir import prepare_run_dir
 
-    study = open_study(spec, sweep, storage, Path(runs_dir))
+    study = open_study(spec, sweep, storage, Path(runs_dir), wait_s)
     stage, _, metric = spec.metric.partition(".")
 
     def objective(trial: "optuna.Trial") -> float:
@@ -264,25 +346,27 @@ def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None)
     study.optimize(objective, n_trials=remaining_trials(study, spec.target), catch=(TrialFailed,))
 
 
-def sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None) -> None:
+def sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float = DB_WAIT_S
+               ) -> str | None:
     """``_sweep_flow`` as the ``rlhf-sweep`` flow run. The storage URL is not one of its parameters:
     Prefect keeps those in its database, and a URL may hold a password."""
     from prefect import flow
 
-    def rlhf_sweep(spec: SweepSpec, sweep: str, runs_dir: str) -> None:
-        _sweep_flow(spec, sweep, runs_dir, storage)
+    def rlhf_sweep(spec: SweepSpec, sweep: str, runs_dir: str) -> str | None:
+        return _sweep_flow(spec, sweep, runs_dir, storage, wait_s)
 
-    flow(name="rlhf-sweep", flow_run_name=_sweep_flow_run_name, validate_parameters=False)(rlhf_sweep)(
+    return flow(name="rlhf-sweep", flow_run_name=_sweep_flow_run_name, validate_parameters=False)(rlhf_sweep)(
         spec, sweep, runs_dir)
 
 
-def leaderboard(spec: SweepSpec, sweep: str, runs_dir: Path, storage: str | None) -> dict[str, Any]:
+def leaderboard(spec: SweepSpec, sweep: str, runs_dir: Path, storage: str | None, wait_s: float = DB_WAIT_S
+                ) -> dict[str, Any]:
     """Every trial, best first (failed ones last): number, settings, metric, seconds, run id; written to
     ``<runs-dir>/sweeps/<name>/leaderboard.json`` with an HTML report beside it."""
     import optuna
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=sweep, storage=storage_url(storage))
+    study = optuna.load_study(study_name=sweep, storage=study_storage(storage, wait_s))
     rows = [{"trial": t.number, "params": t.params, "value": t.value if t.state == TrialState.COMPLETE else None,
              "state": INTERRUPTED if t.user_attrs.get(INTERRUPTED) else t.state.name.lower(),
              "seconds": t.user_attrs.get("seconds"), "run_id": t.user_attrs.get("run_id"), "error": t.user_attrs.get("error")}

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import Record, load_records, measure_lengths, source_name, split_by_prompt
+from stages.io.data import DataError, Record, load_records, measure_lengths, source_name, split_by_prompt
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
@@ -43,6 +43,7 @@ from stages.training.hf_trainer import (
     TRL_TOKEN_CHUNK,
     TRL_VOCAB_CHUNK,
     adalora_callbacks,
+    adapter_dtype_kept,
     agreed_resume_point,
     check_engine,
     logged_history,
@@ -67,6 +68,24 @@ def tokenized_pairs(pairs: list[Record], tokenization: Tokenization) -> list[dic
     return [{"prompt_ids": tokenization.prompt_ids(p["prompt"]),
              "chosen_ids": tokenization.response_ids(p["prompt"], p["chosen"]),
              "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"])} for p in pairs]
+
+
+def distinct_after_truncation(pairs: list[Record], tokenization: Tokenization, max_length: int
+                              ) -> tuple[list[Record], list[int]]:
+    """(the pairs whose chosen and rejected still differ once DPOTrainer's collator keeps the first
+    ``max_length`` ids of prompt + response, the record numbers (from 1) of those that do not).
+
+    A pair whose prompt fills the budget, or whose responses agree up to it, has a log-ratio margin of 0
+    whatever the policy: loss ln 2, no gradient, and a wrong pair in ``reward_accuracy``. TRL drops the
+    first kind in the dataset preparation this stage replaces (TRL #3382 / PR #3398); both go here."""
+    kept, dropped = [], []
+    for number, (pair, row) in enumerate(zip(pairs, tokenized_pairs(pairs, tokenization), strict=True), start=1):
+        chosen, rejected = (row["prompt_ids"] + row[side][:max_length] for side in ("chosen_ids", "rejected_ids"))
+        if chosen[:max_length] != rejected[:max_length]:
+            kept.append(pair)
+        else:
+            dropped.append(number)
+    return kept, dropped
 
 
 @contextmanager
@@ -106,11 +125,12 @@ def build_dpo_trainer(model: "PeftModel", tokenization: Tokenization, train: lis
         output_dir=str(checkpoints), max_steps=dpo.max_steps, per_device_train_batch_size=dpo.batch_size,
         per_device_eval_batch_size=dpo.batch_size, learning_rate=dpo.learning_rate, warmup_steps=dpo.warmup_steps,
         lr_scheduler_type="cosine", logging_steps=dpo.logging_steps, save_steps=dpo.checkpoint_every,
-        beta=dpo.beta, loss_type=[dpo.loss_type], max_length=context, eval_strategy="no",
+        beta=dpo.beta, loss_type=[dpo.loss_type, "sft"] if dpo.sft_weight else [dpo.loss_type],
+        loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight else None, max_length=context, eval_strategy="no",
         **trainer_arguments(model, cfg, dist, "dpo", micro_batch_size=dpo.batch_size),
     )
     refuse_data_parallel(args, "dpo")
-    with _reference_config_frozen(model):
+    with _reference_config_frozen(model), adapter_dtype_kept(model):
         trainer = ContractDPOTrainer(model=model, args=args, processing_class=tokenization.tokenizer,
                                      train_dataset=Dataset.from_list(tokenized_pairs(train, tokenization)),
                                      eval_dataset=Dataset.from_list(tokenized_pairs(held, tokenization)))
@@ -137,6 +157,15 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)
     if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; DPOTrainer keeps the first {context} tokens of each pair", flush=True)
+    pairs, dropped = distinct_after_truncation(pairs, tokenization, context)
+    if dist.is_main and dropped:
+        shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
+        print(f"warning: {source_name(cfg.data.preferences)}: dropped {len(dropped)} of {len(pairs) + len(dropped)} "
+              f"pairs (records {shown}): chosen and rejected are the same in their first {context} tokens, so DPO "
+              "cannot tell them apart", flush=True)
+    if not pairs:
+        raise DataError(f"{source_name(cfg.data.preferences)}: no pair's chosen and rejected differ within the "
+                        f"backbone's {context}-token context; shorten the prompts")
     train, held = split_by_prompt(pairs, dpo.eval_fraction, source_name(cfg.data.preferences), "dpo.eval_fraction")
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
@@ -173,6 +202,7 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "final_loss": history[-1]["loss"] if history else None,
         "train_pairs": len(train),
         "eval_pairs": len(held),
+        "dropped_pairs": len(dropped),  # chosen = rejected once truncated (distinct_after_truncation)
         "trainable_parameters": trainable,
         "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": resumed_step(resume),

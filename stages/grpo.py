@@ -9,11 +9,12 @@ Adapters: ``reference`` (the SFT adapter, frozen), ``policy`` (starts from SFT, 
 Each step: draw ``prompts_per_step`` prompts; sample ``num_generations`` (G) responses to each with the
 policy (the tokenization contract's prompt ids; generation keeps each sampled token's log-prob);
 reward them (``stages.training.rewards``: reward model, checker, or both); advantages are the rewards
-centred in each prompt's group, divided by its std unless ``scale_rewards`` is false (Dr. GRPO); the
-reference log-probs of the sampled ids come from one forward without gradients. Then
-``num_iterations`` passes over minibatches of ``grpo_loss``: the clipped surrogate plus ``beta`` times
-the k3 KL to the reference. Dropout stays off throughout, as in PPO: the policy that is trained is the
-one that sampled.
+centred in each prompt's group, divided by its std unless ``scale_rewards`` is false (the default: no
+std division, as in Dr. GRPO; the loss stays a token mean over the batch, DAPO's aggregation, not Dr.
+GRPO's constant divisor; a group of tied rewards has advantage 0); the reference log-probs of the
+sampled ids come from one forward without gradients. Then ``num_iterations`` passes over minibatches
+of ``grpo_loss``: the clipped surrogate plus ``beta`` times the k3 KL to the reference. Dropout stays
+off throughout, as in PPO: the policy that is trained is the one that sampled.
 
 Why not TRL's GRPOTrainer: it renders and tokenizes prompts itself and samples with its own stopping
 rule, where this chain's contract fixes the ids (chat template, BOS once, the template's end of turn)
@@ -39,7 +40,7 @@ from stages.model.placement import model_device
 from stages.model.probes import save_probe
 from stages.model.sequences import SequenceBatch, sampled_batch, token_logprobs
 from stages.model.tokenization import Tokenization
-from stages.objectives.losses import group_advantages, grpo_loss
+from stages.objectives.losses import group_advantages, grpo_loss, tied_groups
 from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
@@ -104,6 +105,7 @@ def sample_groups(model: "PeftModel", tokenization: Tokenization, source: Reward
     batch, logprobs = sampled_batch(samples, tokenization.pad_id, device)
     grouped = rewards.view(len(prompts), g)
     stats = {"reward": rewards.mean().item(), "reward_std": grouped.std(dim=1).mean().item(),
+             "tied_groups": tied_groups(grouped).float().mean().item(),  # their advantages are 0
              "finished": sum(s.finished for s in samples) / len(samples),
              "response_length": batch.response_mask.sum(-1).float().mean().item()}
     return batch, logprobs, rewards, stats
@@ -184,7 +186,7 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     write_json(out / "history.json", history)
     # GRPO's loss is not meant to fall (advantages are re-centred every step): weights only.
     warnings = learning.warnings([])
-    if all(row["reward_std"] == 0 for row in history):
+    if all(row["tied_groups"] == 1 for row in history):
         warnings.append("grpo: every group's rewards were tied at every step, so every advantage was 0: the reward "
                         f"({grpo.reward}) cannot tell the policy's samples apart")
     return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": loop.last_step,

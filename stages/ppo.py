@@ -246,8 +246,10 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
                generator: "torch.Generator", dist: Distributed = LOCAL) -> dict[str, float]:
     """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping.
 
-    Under DeepSpeed each rank's token means are weighted by its share of the minibatch's tokens, so the
-    averaged gradient (and the logged losses, averaged over ranks) are those of the global minibatch.
+    Each minibatch's token means are weighted by its share of the tokens of its update (every rank's,
+    every accumulated minibatch's), so an update's gradient (and the logged losses, averaged over ranks)
+    is the token mean over all it covers: ``minibatch_size=4`` with ``gradient_accumulation=2`` equals
+    ``minibatch_size=8`` (tests/test_ppo.py), and a launched run equals the local one.
     ``generator`` draws the minibatch order (a sampler of the training loop: resumed exactly).
     """
     import torch
@@ -258,11 +260,16 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     stopped = False
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(rollout.input_ids.shape[0], generator=generator, device="cpu")  # indexes any device
-        for start in range(0, len(order), ppo.minibatch_size):
-            mb = rollout.select(order[start : start + ppo.minibatch_size])
-            share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally
+        minibatches = list(order.split(ppo.minibatch_size))
+        for index, rows in enumerate(minibatches):
+            mb = rollout.select(rows)
+            # The update's window: ``gradient_accumulation`` minibatches from the epoch's start (the last one
+            # may be short); each is weighed by its tokens in it, over every rank (1.0 locally without accumulation).
+            first = index - index % ppo.gradient_accumulation
+            window = sum(rollout.response_mask[r].sum() for r in minibatches[first : first + ppo.gradient_accumulation])
+            share = dist.share_of_global_mean(mb.response_mask.sum(), window, ppo.gradient_accumulation)
             policy_loss, value_loss, entropy, loss_stats = _add_minibatch_losses(models, mb, updater, share, ppo)
-            updater.finish_micro_step(boundary=start + ppo.minibatch_size >= len(order))  # an epoch ends on an update
+            updater.finish_micro_step(boundary=index == len(minibatches) - 1)  # an epoch ends on an update
             step_stats = {"policy_loss": share * policy_loss.item(), "value_loss": share * value_loss.item(),
                           "entropy": masked_mean(entropy, mb.response_mask).item(), **loss_stats}
             for key, value in step_stats.items():

@@ -38,6 +38,7 @@ from stages.training.hf_trainer import (
     TRL_TOKEN_CHUNK,
     TRL_VOCAB_CHUNK,
     adalora_callbacks,
+    adapter_dtype_kept,
     agreed_resume_point,
     check_engine,
     logged_history,
@@ -79,8 +80,9 @@ def build_sft_trainer(model: "PeftModel", tokenization: Tokenization, demos: lis
         save_steps=sft.checkpoint_every, **trainer_arguments(model, cfg, dist, "sft", micro_batch_size=sft.batch_size),
     )
     refuse_data_parallel(args, "sft")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
-                         processing_class=tokenization.tokenizer)
+    with adapter_dtype_kept(model):
+        trainer = SFTTrainer(model=model, args=args, processing_class=tokenization.tokenizer,
+                             train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)))
     check_engine(trainer, dist, "sft")
     adalora_callbacks(trainer, model, RankAllocation.of(model))
     return trainer

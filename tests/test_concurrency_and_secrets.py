@@ -50,3 +50,25 @@ def test_no_secret_reaches_any_file_of_a_run(tmp_path: Path) -> None:
         data = path.read_bytes()
         for name, value in SECRETS.items():
             assert value.encode() not in data, f"{name} leaked into {path}"
+
+
+def test_runs_started_at_the_same_instant_on_a_fresh_home_all_finish(tmp_path: Path) -> None:
+    """Issue 29, fault 4: each `rlhf` command starts a temporary Prefect server on the one SQLite file of
+    its RLHF_HOME, and each server creates the database as it starts: two runs started at once on a fresh
+    home raced, and one died (`no such table: flow_run_alert_policy`) in one try of two. Four runs at the
+    same instant, on three fresh homes in turn, must all finish."""
+    backbones = Path(os.environ["RLHF_HOME"]) / "backbones"
+    sets = [arg for item in [*TINY, "tracking.backend=none", "run.stages=[sft]", "sft.max_steps=1",
+                             "eval.num_prompts=2"] for arg in ("--set", item)]
+    rlhf = Path(sys.executable).parent / "rlhf"
+    for attempt in range(3):
+        home = tmp_path / f"home{attempt}"
+        home.mkdir()
+        (home / "backbones").symlink_to(backbones, target_is_directory=True)
+        env = {**os.environ, "RLHF_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
+        runs = [subprocess.Popen([str(rlhf), "run", *sets, "--set", f"run.seed={n}", "--run-id", f"r{n}"],
+                                 cwd=tmp_path / f"home{attempt}", text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=env) for n in range(4)]
+        for n, run in enumerate(runs):
+            _, err = run.communicate(timeout=900)
+            assert run.returncode == 0, (attempt, n, err[-3000:])

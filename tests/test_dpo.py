@@ -4,6 +4,8 @@ ZeRO-2: tests/test_deepspeed.py; the quality bar: tests/test_quality.py.)"""
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,37 @@ def test_a_policy_equal_to_its_reference_is_zero_kl_from_it(tmp_path: Path) -> N
     found = evaluate_policy(model, tokenization, held_out, cfg.eval, seed=3, reference="twin")
     assert abs(found["kl_to_reference"]) < 1e-4, found
     assert found["task_score"] == task_score(model, tokenization, held_out, cfg.eval, seed=3)
+
+
+def _padded_prompt(tokenization: Tokenization, room: int, context: int) -> str:
+    """'000...0;3+4=' (one id per digit) whose ids leave exactly ``room`` ids of the context for the response."""
+    for count in range(context):
+        prompt = "0" * count + ";3+4="
+        if len(tokenization.prompt_ids(prompt)) >= context - room:
+            assert len(tokenization.prompt_ids(prompt)) == context - room, "no prompt of that length"
+            return prompt
+    raise AssertionError("unreachable")
+
+
+def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tmp_path: Path) -> None:
+    """Issue 29, fault 6: the stage replaces TRL's dataset preparation, and with it TRL's filter of pairs
+    whose prompt fills the context; such a pair (and one whose responses agree within it) trained at loss
+    ln 2 with no gradient and counted as a wrong pair. Now they are dropped, counted and named."""
+    sft = _sft("lora", tmp_path)
+    cfg = load_config(None, FAST)
+    tokenization = Tokenization.of(load_backbone(cfg.backbone).tokenizer)
+    context = 128  # the built-in backbone's max_position_embeddings
+    pairs = load_records("builtin", "preferences", cfg.task)
+    long = [{"prompt": _padded_prompt(tokenization, room, context), "chosen": "7", "rejected": "7;1+1=2"}
+            for room in (0, 1, 2)]  # no room; room for "7" alone (the same in both); room to differ
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in [*pairs, *long]))
+    result = subprocess.run([sys.executable, "-m", "stages.dpo", "--out", str(tmp_path / "dpo"), "--input",
+                             f"sft={sft}", *(a for s in [*FAST, f"data.preferences={data}"] for a in ("--set", s))],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    n = len(pairs)
+    assert (f"{data}: dropped 2 of {n + 3} pairs (records {n + 1}, {n + 2}): chosen and rejected are the same in "
+            f"their first {context} tokens") in result.stdout
+    metrics = artifacts.read_manifest(tmp_path / "dpo")["metrics"]
+    assert metrics["dropped_pairs"] == 2 and metrics["train_pairs"] + metrics["eval_pairs"] == n + 1

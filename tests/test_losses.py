@@ -23,6 +23,7 @@ from stages.objectives.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     rrhf_loss,
+    tied_groups,
 )
 
 
@@ -316,6 +317,20 @@ def test_group_advantages_centre_and_scale_per_group() -> None:
     assert_close(group_advantages(rewards, scale=True),
                  torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]) / torch.tensor([[std + 1e-4], [1e-4]]))
     assert_close(group_advantages(rewards, scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]))
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_tied_rewards_at_a_large_non_round_value_give_exactly_zero_advantage(scale: bool) -> None:
+    """Issue 29, fault 5: a checker returning 960.666259765625 for all G=8 responses gave advantages up to
+    0.53 (scale) and 1.2e-4 (no scale) from float32 rounding of the group mean, and Adam made full steps
+    of them. A tied group is exactly 0; a group that really differs, at the same scale, is not."""
+    tied = torch.full((1, 8), 960.666259765625)
+    differs = torch.tensor([[960.666259765625] * 7 + [961.666259765625]])
+    rewards = torch.cat([tied, differs, torch.zeros(1, 8)])
+    advantages = group_advantages(rewards, scale=scale)
+    assert torch.equal(advantages[0], torch.zeros(8)) and torch.equal(advantages[2], torch.zeros(8))
+    assert advantages[1, -1] > 0.5 and advantages[1, 0] < 0
+    assert tied_groups(rewards).tolist() == [True, False, True]
 
 
 def test_grpo_loss_hand_computed_surrogate_clip_and_kl() -> None:

@@ -41,6 +41,22 @@ def test_conditions_check_final_metrics_and_name_what_is_missing() -> None:
             Condition.parse(bad)
 
 
+def test_a_threshold_or_metric_that_is_not_finite_decides_nothing() -> None:
+    """Issue 29, fault 7: 'sft.task_score != nan' passed validation and promoted a run whose task_score was
+    0.0 (NaN is unequal to everything), and '>= nan' could never pass. Now such a threshold is a config
+    error naming the condition, and a NaN metric fails any condition with the reason."""
+    from stages.io.config import ConfigError, load_config
+
+    for bad in ("sft.task_score != nan", "sft.task_score >= NaN", "ppo.kl_to_reference <= inf", "sft.task_score > -inf"):
+        with pytest.raises(ValueError, match="is not a finite number"):
+            Condition.parse(bad)
+    with pytest.raises(ConfigError, match=r"'sft.task_score != nan': the threshold nan is not a finite number"):
+        load_config(None, ["run.stages=[sft]", 'gate.conditions=["sft.task_score != nan"]'])
+    diverged = Condition.parse("sft.train_loss != 1.0").check({"sft": {"train_loss": float("nan")}})
+    assert diverged == {"condition": "sft.train_loss != 1.0", "value": None, "passed": False,
+                        "reason": "sft.train_loss is nan, not a finite number"}
+
+
 def test_gate_promotes_or_not_and_a_person_can_promote(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     passing = run_cli("run", "--run-id", "good", "--runs-dir", str(runs),

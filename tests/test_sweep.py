@@ -191,3 +191,63 @@ def test_a_restart_requeues_dead_and_interrupted_trials_only(tmp_path: Path) -> 
     with FileLock(str(runs / "live" / ".running.lock")):
         open_study(spec, "s", storage, runs)  # a second restart queues nothing twice
     assert len(reopened.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 2
+
+
+LOCKER = """import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN EXCLUSIVE")  # no other connection may read or write until COMMIT
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+connection.execute("COMMIT")
+"""
+
+
+def _lock(database: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding a write lock on ``database`` for ``seconds`` (as a backup or a sqlite3 shell
+    would); returns once the lock is held."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(database), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    return locker
+
+
+def test_a_sweep_waits_out_a_database_locked_as_a_trial_finishes(tmp_path: Path) -> None:
+    """Issue 29, fault 3: a write lock held for more than SQLite's 5 s while a trial trained crashed the
+    sweep after the trial finished (UnboundLocalError in Optuna, 125 lines), and the trial's result was
+    lost. Now statements wait up to --db-wait (120 s): locked for 10 s from the moment the first trial's
+    stage is published, the sweep finishes with both trials recorded."""
+    env = _empty_cache(tmp_path)
+    command = [str(Path(sys.executable).parent / "rlhf"), "sweep",
+               *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]", "reward.max_steps=8"]),
+               "--grid", "reward.learning_rate=[1e-3,2e-3]", "--metric", "reward.pair_accuracy", "--name", "locked"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **env})
+    deadline = time.time() + 300
+    while not any((d / "reward" / "manifest.json").is_file() for d in (tmp_path / "runs").glob("locked-*")):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    locker = _lock(Path(env["RLHF_HOME"]) / "sweeps.db", 10)  # as trial 0 is told, or trial 1 asked for
+    out, err = process.communicate(timeout=600)
+    locker.wait()
+    assert process.returncode == 0, err[-3000:]
+    trials = json.loads((tmp_path / "runs" / "sweeps" / "locked" / "leaderboard.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["complete", "complete"], trials
+
+
+def test_a_database_locked_past_the_wait_stops_the_sweep_in_one_line(tmp_path: Path) -> None:
+    env = _empty_cache(tmp_path)
+    database = Path(env["RLHF_HOME"]) / "sweeps.db"
+    locker = _lock(database, 60)
+    try:
+        done = run_cli("sweep", *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]"]), "--grid",
+                       "reward.learning_rate=[1e-3,2e-3]", "--metric", "reward.pair_accuracy", "--db-wait", "2",
+                       cwd=tmp_path, env=env, timeout=300)
+    finally:
+        locker.kill()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {database}: the sweep database stayed locked for 2 s (held by ")
+    assert f"pid {locker.pid} ({sys.executable} -c import sqlite3" in last, last
+    assert last.endswith("finished trials are kept: run the same command again once it is free, or raise --db-wait")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*-*"))

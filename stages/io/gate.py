@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ class Condition:
         if match is None or threshold is None:
             raise ValueError(f"{text!r}: expected STAGE.METRIC OP NUMBER with OP one of {' '.join(_OPERATORS)}, "
                              "e.g. 'ppo.task_score >= 0.8'")
+        if not math.isfinite(threshold):  # nan: every comparison but != is false; inf: >= and <= decide nothing
+            raise ValueError(f"{text!r}: the threshold {match.group(4)} is not a finite number, so the condition "
+                             "cannot tell a good run from a bad one; write a finite NUMBER")
         return cls(match.group(1), match.group(2), match.group(3), threshold, match.group(4))
 
     def __str__(self) -> str:
@@ -47,4 +51,7 @@ class Condition:
             reason = (f"{self.stage} has no finished metrics" if not found else
                       f"{self.stage} has no numeric metric {self.metric!r}; it has {', '.join(numeric)}")
             return {"condition": str(self), "value": None, "passed": False, "reason": reason}
+        if not math.isfinite(value):  # a diverged metric passes no gate, not even a != condition
+            return {"condition": str(self), "value": None, "passed": False,
+                    "reason": f"{self.stage}.{self.metric} is {value}, not a finite number"}
         return {"condition": str(self), "value": value, "passed": bool(_OPERATORS[self.op](value, self.threshold))}

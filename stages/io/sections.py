@@ -291,6 +291,11 @@ class DPOSection(_CheckpointsFollowLogs):
     # beta = its regulariser tau.
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     beta: float = Field(default=0.1, gt=0)
+    # Weight of an NLL term on the chosen responses beside the preference loss (RPO: Pang et al. 2024,
+    # "Iterative Reasoning Preference Optimization"; Liu et al. 2024; TRL's loss_type "sft"). DPO's margin
+    # can grow while the chosen responses' own likelihood falls with the rejected ones (likelihood
+    # displacement, Razin et al. 2024): configs/sft-dpo.yaml measures it. 0: plain DPO.
+    sft_weight: float = Field(default=0.0, ge=0)
     eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for reward_accuracy
     checkpoint_every: int = Field(default=30, ge=1)  # steps between resumable checkpoints
 
@@ -309,7 +314,8 @@ class GRPOSection(_RewardSourceSection):
     max_grad_norm: float = Field(default=1.0, gt=0)
     clip_range: float = Field(default=0.2, gt=0)  # policy ratio clip (the paper's epsilon)
     beta: float = Field(default=0.04, ge=0)  # weight of the KL to the SFT reference; 0 turns it off
-    # Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO, the default): with a reward model, the
+    # Divide advantages by the group's reward std (GRPO) or not (the default, Dr. GRPO's advantage; the loss
+    # stays a token mean over the batch, DAPO's aggregation, not Dr. GRPO's constant divisor): with a reward model, the
     # std of a group whose responses all stop is RM noise (~0.002), and dividing by it made that noise the signal:
     # task_score 0.750 -> 0.453 at KL 4.3 (false: 1.000 at KL 0.32; beta=0.2 with it: 0.938).
     scale_rewards: bool = False

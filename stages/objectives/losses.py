@@ -289,13 +289,23 @@ def group_advantages(rewards: Tensor, scale: bool, eps: float = 1e-4) -> Tensor:
     """GRPO's group-relative advantages, Shao et al. 2024 (DeepSeekMath) sec. 4.1.2: each response's
     reward minus the mean reward of its prompt's group, divided by the group's std when ``scale``.
 
-    ``rewards`` (B, G): G responses to each of B prompts. Returns (B, G). ``scale=False`` is Dr. GRPO
-    (Liu et al. 2025): the std division up-weights groups whose rewards barely differ (too easy or too
-    hard prompts), a bias it removes. The std is the unbiased one (torch's default, as TRL's GRPO), and
-    ``eps`` keeps a group of equal rewards at advantage 0 rather than 0/0.
+    ``rewards`` (B, G): G responses to each of B prompts. Returns (B, G). ``scale=False`` drops the std
+    division (as Dr. GRPO, Liu et al. 2025, does): it up-weights groups whose rewards barely differ (too
+    easy or too hard prompts). The std is the unbiased one (torch's default, as TRL's GRPO). A group whose
+    rewards are tied (``tied_groups``) has advantage exactly 0: float32's mean of G equal rewards of 960.67
+    is an ulp off them, which the std division turned into advantages up to 0.53 (NeMo-RL PR #4161).
     """
     centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
+    advantages = centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
+    return advantages.masked_fill(tied_groups(rewards)[:, None], 0.0)
+
+
+def tied_groups(rewards: Tensor, rtol: float = 1e-5) -> Tensor:
+    """(B,) bool: the groups of ``rewards`` (B, G) whose rewards are equal within ``rtol`` of their scale
+    (the largest |reward| of the group): the range of a float32 reward computed twice (batch position,
+    kernels) is a few ulps, about 1e-7 relative; 1e-5 leaves a hundredfold margin."""
+    spread = rewards.amax(dim=1) - rewards.amin(dim=1)
+    return spread <= rtol * rewards.abs().amax(dim=1)
 
 
 def grpo_loss(

@@ -104,16 +104,24 @@ class Distributed:
         torch.distributed.all_reduce(summed)
         return summed
 
-    def share_of_global_mean(self, count: "torch.Tensor") -> float:
+    def share_of_global_mean(self, count: "torch.Tensor", window: "torch.Tensor | None" = None,
+                             accumulation: int = 1) -> float:
         """Factor turning this rank's mean over its ``count`` items into its part of the global mean.
 
         DeepSpeed averages the ranks' gradients; a rank's mean over its own tokens, times this factor
         (``count * world_size / global count``), makes that average the gradient of the mean over every
         rank's tokens - what one process would compute on the whole global batch. 1.0 locally.
+
+        With gradient accumulation, ``window`` is this rank's count over every micro-step of the update
+        and ``accumulation`` what the updater divides each micro-step's loss by: the factor
+        ``count * world_size * accumulation / global window count`` then weighs each micro-batch by its
+        tokens, so the update is the token mean over the whole window, as one micro-batch of it all would
+        give (the HF gradient-accumulation fix of Oct 2024; a plain mean of micro-batch means is not).
         """
-        if self.world_size == 1:
+        if window is None and accumulation == 1 and self.world_size == 1:
             return 1.0
-        return float(count) * self.world_size / max(float(self.total(count.float())), 1.0)
+        window = count if window is None else window
+        return float(count) * self.world_size * accumulation / max(float(self.total(window.float())), 1.0)
 
     def gather(self, values: list[T]) -> list[T]:
         """Every rank's ``values`` concatenated in rank order, on every rank."""

@@ -9,12 +9,15 @@ share instead, here:
 * resumable checkpoints: the HF Trainer's own (``.<stage>.checkpoints/checkpoint-N``), tagged with the
   stage's cache key, so a rerun resumes only a run of the same configuration;
 * a stop at the first logged NaN/inf loss, before a checkpoint could save its weights;
-* AdaLoRA's rank allocation and checkpoints (``adalora_callbacks``).
+* AdaLoRA's rank allocation and checkpoints (``adalora_callbacks``);
+* the adapters' own dtype, which TRL casts to bf16 on a 4-bit backbone (``adapter_dtype_kept``).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,7 @@ from stages.training.distributed import Distributed, filled_deepspeed_config
 from stages.training.updater import NonFiniteLoss
 
 if TYPE_CHECKING:
+    import torch
     from peft import PeftModel
     from transformers import Trainer, TrainerCallback
 
@@ -56,6 +60,22 @@ def trainer_arguments(model: "PeftModel", cfg: PipelineConfig, dist: Distributed
         # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
         "bf16": False, "fp16": False, "gradient_checkpointing": False, **launch,
     }
+
+
+@contextmanager
+def adapter_dtype_kept(model: "torch.nn.Module") -> Iterator[None]:
+    """Build a TRL trainer inside this block: the trainable parameters come out of it holding exactly the
+    tensors they went in with. TRL 1.16's SFTTrainer and DPOTrainer cast a 4-bit model's trainable
+    parameters to bf16 in their constructors, whatever ``bf16=`` says (PEFT #2889 / PR #2891), so QLoRA
+    adapters trained and saved in bf16 on the float32 backbone, every later load computed logits 7e-3 to
+    1e-2 away from the stage's probes, and ``rlhf export`` refused them (issue 29, fault 1). Adapters stay
+    fp32 on every backbone dtype, as PEFT's ``autocast_adapter_dtype`` makes them; the optimizer is built
+    later, in ``train()``, on the restored tensors."""
+    kept = {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+    yield
+    for name, param in model.named_parameters():
+        if name in kept and param.data.dtype != kept[name].dtype:
+            param.data = kept[name]
 
 
 def refuse_data_parallel(args: Any, stage: str) -> None:
