@@ -7,6 +7,7 @@ user already set (for example ``PREFECT_API_URL`` pointing at a real server) win
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +26,6 @@ def configure_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary local server can take a while to come up on a loaded 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # Several runs share one SQLite database (a nightly run beside a manual one, a sweep's trials): a write
-    # waits up to a minute for another server's lock instead of Prefect's default 10 s.
-    os.environ.setdefault("PREFECT_API_DATABASE_TIMEOUT", "60")
 
 
 def start_server_early() -> Callable[[], None]:
@@ -67,16 +65,34 @@ def start_server_early() -> Callable[[], None]:
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ.setdefault("PREFECT_UI_URL", "")  # no "View at" links: this server has no UI and ends with the run
 
+    api_url = os.environ["PREFECT_API_URL"]
+    if creating is None:
+        return lambda: _wait_until_healthy(server, api_url, timeout)
+    # Creating the database: release the lock the moment the server is healthy, not when this command
+    # next asks (its pre-flight may build the backbone for minutes while the other commands wait).
+    failed: list[BaseException] = []
+    created = threading.Thread(target=_create_database, args=(server, api_url, timeout, creating, failed), daemon=True)
+    created.start()
+
     def ready() -> None:
-        try:
-            _wait_until_healthy(server, os.environ["PREFECT_API_URL"], timeout)
-            if creating is not None:  # healthy: its start-up created and migrated the database
-                _migrated_marker().write_text(_prefect_version())
-        finally:
-            if creating is not None:
-                creating.release()
+        created.join()
+        if failed:
+            raise failed[0]
 
     return ready
+
+
+def _create_database(server: "subprocess.Popen[bytes]", api_url: str, timeout: float, lock: "BaseFileLock",
+                     failed: list[BaseException]) -> None:
+    """Wait until ``server`` answers (its start-up has created and migrated the database), mark the database
+    migrated, and release ``lock`` whatever happens; an error is appended to ``failed``."""
+    try:
+        _wait_until_healthy(server, api_url, timeout)
+        _migrated_marker().write_text(_prefect_version())
+    except BaseException as err:  # handed to ready(), in the command's own thread
+        failed.append(err)
+    finally:
+        lock.release()
 
 
 def _lock_unless_migrated(timeout: float) -> "BaseFileLock | None":
@@ -88,18 +104,19 @@ def _lock_unless_migrated(timeout: float) -> "BaseFileLock | None":
     raced, and one died with ``no such table: flow_run_alert_policy`` (Prefect #18934, #19771). The first
     takes this lock; the others wait for its server, then find the database ready.
 
-    Raises ``RuntimeError`` when another process holds the lock for more than ``timeout`` seconds.
+    Raises ``RuntimeError`` when another process holds the lock for more than twice ``timeout`` seconds.
     """
     from filelock import FileLock, Timeout
 
     if _migrated():
         return None
-    lock = FileLock(str(Path(os.environ["PREFECT_HOME"]) / ".rlhf-database.lock"))
-    try:
-        lock.acquire(timeout=timeout)
+    # Released by _create_database's thread, not the one that acquires it.
+    lock = FileLock(str(Path(os.environ["PREFECT_HOME"]) / ".rlhf-database.lock"), thread_local=False)
+    try:  # the holder gives up after ``timeout``: waiting twice that never gives up first
+        lock.acquire(timeout=2 * timeout)
     except Timeout:
         raise RuntimeError(f"another rlhf command has been creating Prefect's database in {os.environ['PREFECT_HOME']} "
-                           f"for {timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)") from None
+                           f"for {2 * timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS x 2)") from None
     if _migrated():  # created while this process waited
         lock.release()
         return None

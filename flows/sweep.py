@@ -154,18 +154,20 @@ def study_storage(storage: str | None, wait_s: float = DB_WAIT_S) -> "optuna.sto
 
 @contextmanager
 def locked_study_named(storage: str | None, wait_s: float) -> Iterator[None]:
-    """Turn SQLite's "database is locked", after ``wait_s`` seconds of waiting, into ``StudyLocked``: one line
-    naming the database and, where /proc shows it, the process holding it."""
+    """Turn SQLite's "database is locked" (after up to ``wait_s`` seconds of waiting) into ``StudyLocked``:
+    one line naming the database and, where /proc shows them, the other processes that have it open. Other
+    storages' errors pass unchanged (their message may hold a password: ``shown_url``)."""
+    url = storage_url(storage)
     try:
         yield
     except Exception as err:  # Optuna's own post-processing turns a failed tell into an UnboundLocalError
-        if not _caused_by_a_lock(err):
+        if not url.startswith("sqlite:///") or not _caused_by_a_lock(err):
             raise
-        database = storage_url(storage).removeprefix("sqlite:///")
+        database = url.removeprefix("sqlite:///")
         holders = ", ".join(_processes_holding(Path(database))) or "no other process of this machine"
-        raise StudyLocked(f"{database}: the sweep database stayed locked for {wait_s:g} s (held by {holders}); "
-                          "finished trials are kept: run the same command again once it is free, or raise "
-                          "--db-wait") from None
+        raise StudyLocked(f"{database}: the sweep database was locked by another process past --db-wait ({wait_s:g} s; "
+                          f"open in {holders}); finished trials are kept: run the same command again once it is "
+                          "free, or raise --db-wait") from None
 
 
 def _caused_by_a_lock(err: BaseException | None) -> bool:

@@ -6,7 +6,9 @@ rollouts, using TRL's ``DPOTrainer``, on ONE copy of the frozen backbone.
 The SFT adapter is loaded twice on the backbone: as ``default``, the policy that trains, and as TRL's
 ``ref``, a frozen copy that DPOTrainer makes of it and switches to for the reference log-probs (no
 second model). Loss: ``dpo.loss_type`` ``sigmoid`` (the paper's eq. 7, strength ``dpo.beta``) or
-``ipo`` (Azar et al. 2023, regulariser ``dpo.beta``).
+``ipo`` (Azar et al. 2023, regulariser ``dpo.beta``), plus ``dpo.sft_weight`` times the NLL of the chosen
+responses when it is not 0 (RPO; the logged loss then includes it). Pairs that truncation to the
+backbone's context leaves identical are dropped and counted (``distinct_after_truncation``).
 
 DPOTrainer tokenizes text itself; here it gets the tokenization contract's ids instead (``prompt_ids``,
 ``chosen_ids``, ``rejected_ids``), so DPO trains on exactly the ids that SFT, the reward model and

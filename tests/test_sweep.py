@@ -247,7 +247,8 @@ def test_a_database_locked_past_the_wait_stops_the_sweep_in_one_line(tmp_path: P
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {database}: the sweep database stayed locked for 2 s (held by ")
+    assert last.startswith(f"error: {database}: the sweep database was locked by another process past --db-wait (2 s; "
+                           "open in ")
     assert f"pid {locker.pid} ({sys.executable} -c import sqlite3" in last, last
     assert last.endswith("finished trials are kept: run the same command again once it is free, or raise --db-wait")
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*-*"))

@@ -115,8 +115,10 @@ class GumbelSampler:
     only known at step t+1 (or after ``generate`` returns), so one step's log-softmax (B, V) is held
     until then: memory O(B x V), not O(B x new tokens x V) as ``output_logits`` would hold.
 
-    It must see the raw logits and be the last processor: ``generate`` is called greedy with temperature
-    1, so HF adds no warper before it, and custom processors run after the defaults.
+    It must see the logits the training forward computes: ``generate`` runs greedy, so HF adds no
+    temperature, top-k or top-p warper, and custom processors run after HF's own. Processors that a
+    model's ``generation_config`` asks for (a ``repetition_penalty``, ``min_new_tokens``) would still run
+    before it: the built-in backbones set none (issue 28 covers hub models' generation configs).
     """
 
     def __init__(self, temperature: float, seed: int, keys: Sequence[int], device: "torch.device | str") -> None:

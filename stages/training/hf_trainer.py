@@ -72,10 +72,12 @@ def adapter_dtype_kept(model: "torch.nn.Module") -> Iterator[None]:
     fp32 on every backbone dtype, as PEFT's ``autocast_adapter_dtype`` makes them; the optimizer is built
     later, in ``train()``, on the restored tensors."""
     kept = {name: param.data for name, param in model.named_parameters() if param.requires_grad}
-    yield
-    for name, param in model.named_parameters():
-        if name in kept and param.data.dtype != kept[name].dtype:
-            param.data = kept[name]
+    try:
+        yield
+    finally:
+        for name, param in model.named_parameters():
+            if name in kept and param.data.dtype != kept[name].dtype:
+                param.data = kept[name]
 
 
 def refuse_data_parallel(args: Any, stage: str) -> None:
