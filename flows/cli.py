@@ -29,7 +29,6 @@ def _add_skip_memory_check(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.sweep import DB_WAIT_S
     from stages.registry import STAGE_ORDER  # pure data: --help stays fast
 
     parser = argparse.ArgumentParser(prog="rlhf", description="SFT -> reward model -> PPO/RRHF on one frozen backbone.")
@@ -103,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     sweep.add_argument("--name", help="the study's name (default: derived from the command, so rerunning it resumes)")
     sweep.add_argument("--storage", help="Optuna storage URL (default: sqlite under $RLHF_HOME/sweeps.db)")
-    sweep.add_argument("--db-wait", type=float, default=DB_WAIT_S, metavar="SECONDS",
+    sweep.add_argument("--db-wait", type=float, metavar="SECONDS",  # default: flows.sweep.DB_WAIT_S, read lazily
                        help="how long to wait for another process's lock on a SQLite study before stopping "
-                            f"(default {DB_WAIT_S:g})")
+                            "(default 120)")
     sweep.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     _add_skip_memory_check(sweep)
     sweep.set_defaults(handler=_cmd_sweep)
@@ -324,7 +323,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.sweep import StudyLocked, SweepSpec, check_spec, format_leaderboard, parse_grid, run_sweep
+    from flows.sweep import DB_WAIT_S, StudyLocked, SweepSpec, check_spec, format_leaderboard, parse_grid, run_sweep
     from stages.io.config import load_config
 
     server_ready = _boot_prefect()
@@ -336,7 +335,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _preflight(cfg, memory_stages=None if args.skip_memory_check else cfg.run.stages)
     server_ready()
     try:
-        board = run_sweep(spec, args.runs_dir, storage=args.storage, name=args.name, wait_s=args.db_wait)
+        board = run_sweep(spec, args.runs_dir, storage=args.storage, name=args.name,
+                          wait_s=DB_WAIT_S if args.db_wait is None else args.db_wait)
     except StudyLocked as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -252,3 +252,13 @@ def test_a_database_locked_past_the_wait_stops_the_sweep_in_one_line(tmp_path: P
     assert f"pid {locker.pid} ({sys.executable} -c import sqlite3" in last, last
     assert last.endswith("finished trials are kept: run the same command again once it is free, or raise --db-wait")
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*-*"))
+
+
+def test_the_db_wait_help_names_the_default_the_sweep_uses() -> None:
+    """`--db-wait`'s default lives in flows.sweep, which `rlhf --help` does not import (pydantic, yaml)."""
+    from flows.cli import build_parser
+    from flows.sweep import DB_WAIT_S
+
+    sweep = next(a for a in build_parser()._subparsers._group_actions[0].choices["sweep"]._actions
+                 if a.dest == "db_wait")
+    assert sweep.default is None and f"(default {DB_WAIT_S:g})" in sweep.help
