@@ -181,11 +181,11 @@ def _write_merged(plan: ExportPlan, folder: Path) -> None:
 
 def _stop_where_the_stages_stop(model: Any, tokenizer: Any, cfg: PipelineConfig) -> None:
     """The generation config ends a response where the pipeline's generation did (``Tokenization.stop_ids``:
-    EOS, and a chat template's end of turn when it is another token), and pads as the stages padded; else
-    a chat model served with plain ``generate`` would talk on past its turn."""
-    from stages.model.tokenization import Tokenization
+    EOS, a chat template's end of turn and the model's own end ids), and pads as the stages padded; else a
+    chat model served with plain ``generate`` would talk on past its turn. Its other settings stay."""
+    from stages.model.tokenization import Tokenization, generation_end_ids
 
-    tokenization = Tokenization.of(tokenizer, cfg.data.chat_template)
+    tokenization = Tokenization.of(tokenizer, cfg.data.chat_template, generation_end_ids(model))
     stops = list(tokenization.stop_ids)
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.pad_token_id = tokenization.pad_id

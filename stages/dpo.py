@@ -153,7 +153,7 @@ def held_out_rewards(trainer: "DPOTrainer") -> dict[str, float]:
 def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, dist, dpo = ctx.staging, ctx.dist, cfg.dpo
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
+    tokenization = backbone.tokenization(cfg.data.chat_template)
     context = backbone.model.config.max_position_embeddings
     pairs = load_records(cfg.data.preferences, "preferences", cfg.task)
     lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)

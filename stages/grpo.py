@@ -48,6 +48,7 @@ from stages.training.distributed import LOCAL, Distributed
 from stages.training.early_stopping import stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
+from stages.training.logprob_gap import LogprobGap, gap_warning
 from stages.training.loop import TrainingLoop
 from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
@@ -64,7 +65,7 @@ def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple["PeftModel
     """One backbone with the reference and policy adapters (both from SFT) and, when the reward uses the
     model, the reward adapter and head; the policy active and the only trainable adapter."""
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
+    tokenization = backbone.tokenization(cfg.data.chat_template)
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, backbone.fingerprint)
     model = load_adapter(model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
     scores = None
@@ -115,7 +116,8 @@ def grpo_step(model: "PeftModel", batch: SequenceBatch, old_logprobs: "torch.Ten
               updater: Updater, cfg: PipelineConfig, generator: "torch.Generator", dist: Distributed = LOCAL
               ) -> dict[str, float]:
     """Group advantages, the reference's log-probs, then ``num_iterations`` passes of minibatch updates of
-    ``grpo_loss``. Token means are over the global minibatch under DeepSpeed (each rank's share)."""
+    ``grpo_loss``. Token means are over the global minibatch under DeepSpeed (each rank's share).
+    The first minibatch, trained before any step, measures the log-prob gap (``stages.training.logprob_gap``)."""
     import torch
 
     grpo = cfg.grpo
@@ -124,6 +126,7 @@ def grpo_step(model: "PeftModel", batch: SequenceBatch, old_logprobs: "torch.Ten
         ref_logprobs = token_logprobs(model, batch, grpo.temperature)  # (N, T)
     totals: dict[str, float] = {}
     steps = 0
+    gap = LogprobGap()
     for _ in range(grpo.num_iterations):
         order = torch.randperm(len(advantages), generator=generator, device="cpu")
         for start in range(0, len(order), grpo.minibatch_size):
@@ -132,13 +135,15 @@ def grpo_step(model: "PeftModel", batch: SequenceBatch, old_logprobs: "torch.Ten
             share = dist.share_of_global_mean(mb.response_mask.sum())  # 1.0 locally
             with active_adapter(model, POLICY):
                 logprobs = token_logprobs(model, mb, grpo.temperature)
+            if steps == 0:
+                gap.add(old_logprobs[index], logprobs, mb.response_mask)
             loss, stats = grpo_loss(logprobs, old_logprobs[index], ref_logprobs[index], advantages[index],
                                     mb.response_mask, grpo.clip_range, grpo.beta)
             updater.step(share * loss, what="grpo loss")
             for key, value in {"loss": share * loss.item(), **stats}.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
-    return {key: value / steps for key, value in totals.items()}
+    return {**{key: value / steps for key, value in totals.items()}, **gap.row(dist)}
 
 
 def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
@@ -186,6 +191,8 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     write_json(out / "history.json", history)
     # GRPO's loss is not meant to fall (advantages are re-centred every step): weights only.
     warnings = learning.warnings([])
+    if gap := gap_warning(history, cfg.backbone.dtype, "grpo"):
+        warnings.append(gap)
     if all(row["tied_groups"] == 1 for row in history):
         warnings.append("grpo: every group's rewards were tied at every step, so every advantage was 0: the reward "
                         f"({grpo.reward}) cannot tell the policy's samples apart")

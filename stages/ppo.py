@@ -62,6 +62,7 @@ from stages.training.distributed import LOCAL, Distributed
 from stages.training.early_stopping import stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
+from stages.training.logprob_gap import LogprobGap, gap_warning
 from stages.training.loop import TrainingLoop
 from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
@@ -125,7 +126,7 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
 
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     fp = backbone.fingerprint
-    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
+    tokenization = backbone.tokenization(cfg.data.chat_template)
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, fp)
     model = load_adapter(model, inputs["sft"], POLICY, fp, trainable=True)
     reward_head, scores = None, None
@@ -251,6 +252,8 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     is the token mean over all it covers: ``minibatch_size=4`` with ``gradient_accumulation=2`` equals
     ``minibatch_size=8`` (tests/test_ppo.py), and a launched run equals the local one.
     ``generator`` draws the minibatch order (a sampler of the training loop: resumed exactly).
+    The minibatches before the update's first optimizer step also measure the log-prob gap
+    (``stages.training.logprob_gap``): sampling's log-probs against the training forward's.
     """
     import torch
 
@@ -258,7 +261,8 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     totals: dict[str, float] = {}
     steps = 0
     stopped = False
-    for _ in range(ppo.ppo_epochs):
+    gap = LogprobGap()
+    for epoch in range(ppo.ppo_epochs):
         order = torch.randperm(rollout.input_ids.shape[0], generator=generator, device="cpu")  # indexes any device
         minibatches = list(order.split(ppo.minibatch_size))
         for index, rows in enumerate(minibatches):
@@ -268,7 +272,9 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
             first = index - index % ppo.gradient_accumulation
             window = sum(rollout.response_mask[r].sum() for r in minibatches[first : first + ppo.gradient_accumulation])
             share = dist.share_of_global_mean(mb.response_mask.sum(), window, ppo.gradient_accumulation)
-            policy_loss, value_loss, entropy, loss_stats = _add_minibatch_losses(models, mb, updater, share, ppo)
+            before_any_step = epoch == 0 and index < ppo.gradient_accumulation
+            policy_loss, value_loss, entropy, loss_stats = _add_minibatch_losses(models, mb, updater, share, ppo,
+                                                                                 gap if before_any_step else None)
             updater.finish_micro_step(boundary=index == len(minibatches) - 1)  # an epoch ends on an update
             step_stats = {"policy_loss": share * policy_loss.item(), "value_loss": share * value_loss.item(),
                           "entropy": masked_mean(entropy, mb.response_mask).item(), **loss_stats}
@@ -281,7 +287,7 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
         if stopped:
             break
     return {**{key: value / steps for key, value in totals.items()}, "stopped_by_target_kl": float(stopped),
-            "minibatches": float(steps)}
+            "minibatches": float(steps), **gap.row(dist)}
 
 
 def _over_target_kl(approx_kl: float, updater: Updater, ppo: PPOSection, dist: Distributed) -> bool:
@@ -294,15 +300,19 @@ def _over_target_kl(approx_kl: float, updater: Updater, ppo: PPOSection, dist: D
     return dist.mean(approx_kl) > 1.5 * ppo.target_kl
 
 
-def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, share: float, ppo: PPOSection
+def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, share: float, ppo: PPOSection,
+                          gap: LogprobGap | None = None
                           ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", dict[str, float]]:
     """The clipped policy and value losses of one minibatch, handed to ``updater`` (each scaled by the
-    rank's ``share``); returns them, the entropies (B, T) and their stats."""
+    rank's ``share``); returns them, the entropies (B, T) and their stats. ``gap``: add the minibatch's
+    sampling-versus-training log-prob gap to it (only before the update's first step)."""
     model = models.model
     if models.value_adapter == POLICY:  # shared: one forward, one backward for both losses
         with active_adapter(model, POLICY):
             logprobs, entropy, values = token_logprobs_entropy_and_values(model, models.value_head, mb.batch,
                                                                          ppo.temperature)
+        if gap is not None:
+            gap.add(mb.old_logprobs, logprobs, mb.response_mask)
         policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
                                                     ppo.clip_range)
         value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
@@ -311,6 +321,8 @@ def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, shar
         return policy_loss, value_loss, entropy, {**policy_stats, **value_stats}
     with active_adapter(model, POLICY):
         logprobs, entropy = token_logprobs_and_entropy(model, mb.batch, ppo.temperature)
+    if gap is not None:
+        gap.add(mb.old_logprobs, logprobs, mb.response_mask)
     policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
                                                 ppo.clip_range)
     updater.add_loss(share * policy_loss, "ppo policy loss")  # locally its graph is freed here
@@ -376,7 +388,10 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_head(models.value_head, out / VALUE_HEAD, models.fingerprint)
     write_json(out / "history.json", history)
     # PPO's losses are not meant to fall (advantages are re-whitened every update): weights only.
-    return {**metrics, "warnings": learning.warnings([]), "reward_source": ppo.reward, "updates": loop.last_step,
+    warnings = learning.warnings([])
+    if gap := gap_warning(history, cfg.backbone.dtype, "ppo"):
+        warnings.append(gap)
+    return {**metrics, "warnings": warnings, "reward_source": ppo.reward, "updates": loop.last_step,
             "resumed_from_update": loop.start, "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
             "adapter_kind": cfg.adapter.kind, "updates_stopped_by_target_kl": sum(row.get("stopped_by_target_kl", 0)
                                                                                     for row in history),

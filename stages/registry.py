@@ -104,7 +104,8 @@ BUILTIN: tuple[StageSpec, ...] = (
               optional_datasets=("prompts",),
               step_key="update", samples_while_training=True, prefix_min_learning_rate=0.001,
               curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
-                      Curve("entropy", "PPO policy entropy"))),
+                      Curve("entropy", "PPO policy entropy"),
+                      Curve("logprob_gap_max", "PPO log-prob gap, sampling vs training (nats, largest)"))),
     StageSpec("dpo", (*_GENERATIVE, "dpo", "eval"), inputs=("sft",), datasets=("preferences", "eval"),
               prefix_min_learning_rate=0.01, import_overhead_mib=520, hf_trainer=True,
               curves=(Curve("loss", "DPO loss"), Curve("rewards/margins", "DPO reward margin (train batches)"),
@@ -113,7 +114,8 @@ BUILTIN: tuple[StageSpec, ...] = (
               datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
               prefix_min_learning_rate=0.001,
               curves=(Curve("reward", "GRPO reward (mean of the sampled groups)"),
-                      Curve("kl", "GRPO KL to reference (k3, per token)"), Curve("reward_std", "GRPO reward std within groups"))),
+                      Curve("kl", "GRPO KL to reference (k3, per token)"), Curve("reward_std", "GRPO reward std within groups"),
+                      Curve("logprob_gap_max", "GRPO log-prob gap, sampling vs training (nats, largest)"))),
 )
 PLUGIN_GROUP = "rlhf.stages"
 

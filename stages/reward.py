@@ -91,7 +91,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
 
     out, dist, rm = ctx.staging, ctx.dist, cfg.reward
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
+    tokenization = backbone.tokenization(cfg.data.chat_template)
     pairs = load_records(cfg.data.preferences, "preferences", cfg.task)
     context = backbone.model.config.max_position_embeddings
     lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)

@@ -135,7 +135,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
 
     out, inputs, dist, rr = ctx.staging, ctx.inputs, ctx.dist, cfg.rrhf
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = Tokenization.of(backbone.tokenizer, cfg.data.chat_template)
+    tokenization = backbone.tokenization(cfg.data.chat_template)
     context = backbone.model.config.max_position_embeddings
     held_out = load_records(cfg.data.eval, "eval", cfg.task)
     measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)

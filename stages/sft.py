@@ -98,7 +98,7 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, dist = ctx.staging, ctx.dist
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenizer = backbone.tokenizer
-    tokenization = Tokenization.of(tokenizer, cfg.data.chat_template)
+    tokenization = backbone.tokenization(cfg.data.chat_template)
     demos = load_records(cfg.data.sft, "sft", cfg.task)
     _warn_if_too_long(measure_lengths(demos, "sft", source_name(cfg.data.sft), tokenization, cfg.sft.max_length), dist)
     held_out = load_records(cfg.data.eval, "eval", cfg.task)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from stages.model.tokenization import ChatTemplateUse, Tokenization
+
 BUILTIN_PREFIX = "builtin:"
 # The default simple tokenizer, and the same weights with a chat model's tokenizer (stages.model.builtin_backbone).
 BUILTIN_NAMES = ("builtin:tiny", "builtin:tiny-chat")
@@ -40,6 +42,13 @@ class Backbone:
     model: "PreTrainedModel"
     tokenizer: "PreTrainedTokenizerBase"
     fingerprint: str
+
+    def tokenization(self, chat_template: "ChatTemplateUse" = "auto") -> "Tokenization":
+        """The tokenization contract of this tokenizer, ending responses also at the end ids of the
+        model's ``generation_config`` (``stages.model.tokenization``)."""
+        from stages.model.tokenization import Tokenization, generation_end_ids
+
+        return Tokenization.of(self.tokenizer, chat_template, generation_end_ids(self.model))
 
 
 def resolve_backbone(cfg: BackboneSection) -> str:
@@ -171,8 +180,22 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
             raise BackboneError(f"backbone.name={cfg.name!r}: the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    _say_ignored_generation_settings(model, cfg)
     freeze(model)
     return Backbone(model=model, tokenizer=tokenizer, fingerprint=backbone_fingerprint(cfg, quantize_4bit))
+
+
+def _say_ignored_generation_settings(model: "PreTrainedModel", cfg: BackboneSection) -> None:
+    """One line naming what the model's ``generation_config`` sets that the stages' sampling ignores
+    (``stages.model.generation``), so a user who relied on a hub default learns it did not apply."""
+    from stages.model.generation import ignored_generation_settings
+
+    ignored = ignored_generation_settings(model.generation_config)
+    if ignored and os.environ.get("RANK", "0") == "0":
+        settings = ", ".join(f"{name}={value}" for name, value in ignored.items())
+        print(f"backbone {cfg.name}: its generation_config sets {settings}; the stages ignore these and sample "
+              "at each stage's own temperature, from the distribution they train on (rlhf export keeps them)",
+              flush=True)
 
 
 def _prepare_for_kbit_training(model: "torch.nn.Module") -> None:

@@ -10,14 +10,21 @@ rank or its process. A local run and a DeepSpeed run that hand the same prompt t
 same tokens (up to float noise in the logits, which flips a draw with probability ~1e-6 per token),
 where one stream per batch made them differ at every near-tie. Nothing global is drawn from or reseeded,
 and the tokenizer's own ``padding_side`` is never changed.
+
+The model's own ``generation_config`` (Qwen2.5-Instruct's ``repetition_penalty: 1.05``, ``top_k: 20``,
+``temperature: 0.7``) does not apply: a stage samples from softmax(logits / its temperature), exactly the
+distribution whose log-probs it trains on (issue 28, fault 2: penalised samples were up to 0.64 nats off
+the training forward). ``ignored_generation_settings`` names what is ignored (``load_backbone`` prints
+it); its end ids do apply (``Tokenization.stop_ids``), and ``rlhf export`` keeps the rest for serving.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stages.io.progress import progress
 from stages.model.placement import model_device
@@ -71,7 +78,7 @@ def generate(
             chunk = prompts[start : start + batch_size]
             input_ids, attention_mask = left_padded(chunk, tokenization.pad_id, device)
             sampler = GumbelSampler(temperature, seed, keys[start : start + batch_size], device)
-            with torch.no_grad():
+            with torch.no_grad(), _model_defaults_off(model):
                 out = model.generate(  # greedy over ``sampler``'s perturbed scores = sampling at ``temperature``
                     input_ids=input_ids, attention_mask=attention_mask, logits_processor=[sampler],
                     max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0,
@@ -83,6 +90,46 @@ def generate(
     finally:
         model.train(was_training)
     return responses
+
+
+# What a model's generation_config can set that changes which token greedy/sampled decoding picks, with
+# the value that changes nothing (None: unset). Length limits and end ids are the stage's own.
+_NEUTRAL_SETTINGS: dict[str, Any] = {
+    "temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "top_h": None,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "exponential_decay_length_penalty": None, "renormalize_logits": False, "guidance_scale": None,
+}
+
+
+def ignored_generation_settings(generation_config: Any) -> dict[str, Any]:
+    """The settings of a model's ``generation_config`` (a ``transformers.GenerationConfig``) that would
+    change sampling and that ``generate`` does not apply, with their values: {} for a neutral one."""
+    ignored = {}
+    for name, neutral in _NEUTRAL_SETTINGS.items():
+        value = getattr(generation_config, name, None)
+        if value is not None and value != neutral:
+            ignored[name] = value
+    return ignored
+
+
+@contextmanager
+def _model_defaults_off(model: "torch.nn.Module") -> Iterator[None]:
+    """Within it, every transformers model inside ``model`` (a PEFT wrapper, a DeepSpeed engine) has a
+    blank ``generation_config``: transformers fills what ``generate`` is not passed from the model's own
+    config, so its repetition penalty or ``min_new_tokens`` would otherwise run before ``GumbelSampler``."""
+    from transformers import GenerationConfig
+
+    holders = [m for m in model.modules() if isinstance(m.__dict__.get("generation_config"), GenerationConfig)]
+    saved = [m.generation_config for m in holders]
+    try:
+        for holder in holders:
+            holder.generation_config = GenerationConfig()
+        yield
+    finally:
+        for holder, config in zip(holders, saved):
+            holder.generation_config = config
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device: "torch.device | str"
@@ -116,9 +163,8 @@ class GumbelSampler:
     until then: memory O(B x V), not O(B x new tokens x V) as ``output_logits`` would hold.
 
     It must see the logits the training forward computes: ``generate`` runs greedy, so HF adds no
-    temperature, top-k or top-p warper, and custom processors run after HF's own. Processors that a
-    model's ``generation_config`` asks for (a ``repetition_penalty``, ``min_new_tokens``) would still run
-    before it: the built-in backbones set none (issue 28 covers hub models' generation configs).
+    temperature, top-k or top-p warper, and the model's ``generation_config`` is blanked while it runs,
+    so no processor it asks for (a ``repetition_penalty``, ``min_new_tokens``) runs before this one.
     """
 
     def __init__(self, temperature: float, seed: int, keys: Sequence[int], device: "torch.device | str") -> None:

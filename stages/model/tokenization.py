@@ -16,9 +16,17 @@ The rules:
   token: the template's end of an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...) for a templated
   prompt, EOS otherwise; once (a response text that already ends with an end token gets no second).
   Generation stops at either end token; the one it emitted stays in the sampled ids that are scored.
-* **Boundary.** The ids are the prompt's ids followed by the response's ids, never the tokens of the
-  joined string: a prompt's trailing whitespace stays a token of the prompt, and a response never
-  merges into the prompt's last token. That is what generation produces (it continues the prompt ids).
+* **Boundary.** The ids are the prompt's ids followed by the response's ids: a prompt's ids never change
+  (generation continues exactly them), and a response never merges into the prompt's last token. For a
+  standard prompt the response ids are the ones that continue the prompt's ids into the joined text:
+  ``decode(prompt_ids + response_ids) == decode(prompt_ids) + response`` for every tokenizer kind. Alone,
+  a SentencePiece tokenizer (Llama-2, Mistral) writes a word-start ``▁`` before a response, so
+  ``"3+4="`` + ``"7"`` would train on ``"3+4= 7"`` (issue 28); the tail of the joined text's
+  tokenization, as TRL tokenizes it, is used wherever it starts with the prompt's ids, else the
+  response's own tokens without that invented space (``continuation_ids``). A templated prompt ends
+  in the template's own markup, after which the family's tokenizer encodes each message on its own.
+* **End ids.** A response ends at the first of EOS, the template's end of turn and the model's own
+  ``generation_config`` end ids (Llama 3.1's ``<|eom_id|>``, Qwen's ``<|endoftext|>``): ``stop_ids``.
 * **Padding.** The tokenizer's pad token, or EOS when it has none (``load_backbone``); sequences are
   padded by length (``attention_mask``), so a real EOS is never masked out of labels or scores.
 """
@@ -26,6 +34,7 @@ The rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from stages.io.formats import Prompt, is_conversational
@@ -38,6 +47,7 @@ if TYPE_CHECKING:
 
 ChatTemplateUse = Literal["auto", "always", "never"]
 _PROBE_PROMPT, _PROBE_RESPONSE = "PROMPT", "RESPONSE"  # rendered once to find the template's end of turn
+_SENTINEL = "\n"  # ends a word in every tokenizer kind: what follows it starts no new SentencePiece word
 
 
 class TokenizationError(ValueError):
@@ -54,10 +64,14 @@ class Tokenization:
     eos_id: int
     pad_id: int
     turn_end_id: int | None  # the chat template's end of an assistant turn; None without a template
+    model_end_ids: tuple[int, ...] = ()  # the end ids of the model's generation_config
 
     @classmethod
-    def of(cls, tokenizer: "PreTrainedTokenizerBase", chat_template: ChatTemplateUse = "auto") -> "Tokenization":
-        """Read the tokenizer's conventions. Raises ``TokenizationError`` for ``always`` without a template."""
+    def of(cls, tokenizer: "PreTrainedTokenizerBase", chat_template: ChatTemplateUse = "auto",
+           model_end_ids: Sequence[int] = ()) -> "Tokenization":
+        """Read the tokenizer's conventions; ``model_end_ids``: the ``eos_token_id`` (int or list) of the
+        model's ``generation_config`` (``stages.model.backbone.Backbone.tokenization`` passes them).
+        Raises ``TokenizationError`` for ``always`` without a template."""
         if tokenizer.eos_token_id is None:
             raise TokenizationError("the tokenizer has no EOS token, so no response can end")
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -65,7 +79,8 @@ class Tokenization:
             raise TokenizationError("data.chat_template=always, but the tokenizer has no chat template")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         turn_end = _turn_end(tokenizer) if has_template and chat_template != "never" else None
-        return cls(tokenizer, chat_template, _added_bos(tokenizer), tokenizer.eos_token_id, pad, turn_end)
+        return cls(tokenizer, chat_template, _added_bos(tokenizer), tokenizer.eos_token_id, pad, turn_end,
+                   tuple(model_end_ids))
 
     def templated(self, prompt: Prompt) -> bool:
         """Whether ``prompt`` (and its responses) go through the chat template."""
@@ -84,8 +99,10 @@ class Tokenization:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Every token that ends a response (generation stops at any of them)."""
-        return (self.eos_id,) if self.turn_end_id in (None, self.eos_id) else (self.eos_id, self.turn_end_id)
+        """Every token that ends a response, in order: EOS, the template's end of turn, the model's
+        ``generation_config`` end ids; generation stops at the first of them (and exports them all)."""
+        ids = (self.eos_id, self.turn_end_id, *self.model_end_ids)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: the template's rendering, or the text with BOS where the tokenizer adds one.
@@ -102,8 +119,8 @@ class Tokenization:
 
     def response_ids(self, prompt: Prompt, response: str, finished: bool = True) -> list[int]:
         """Token ids of a response to ``prompt``, with its end token when ``finished``; a text that already
-        ends with an end token (EOS or the template's) gets no second one."""
-        ids = self._ids(response)
+        ends with an end token (``stop_ids``) gets no second one."""
+        ids = self._ids(response) if self.templated(prompt) else self.continuation_ids(prompt, response)  # type: ignore[arg-type]
         ends = bool(ids) and ids[-1] in self.stop_ids
         return ids + [self.stop_id(prompt)] if finished and not ends else ids
 
@@ -125,8 +142,39 @@ class Tokenization:
         the answer ``7``); the caller leaves out the end token."""
         return self.tokenizer.decode(list(response_ids), skip_special_tokens=False)
 
+    def continuation_ids(self, prompt: str, response: str) -> list[int]:
+        """The ids of ``response`` that continue the ids of the standard ``prompt``, so that their joined
+        decoding is ``prompt + response`` (module docstring, "Boundary"), without touching the prompt's.
+
+        In order: the tail of ``ids(prompt + response)`` where it starts with ``ids(prompt)`` (TRL's
+        tokenization of the joined text); else, where the two merge across the boundary (``"Q: "`` +
+        ``"Paris"``), the response's tokens after a newline, dropped again (a newline ends a SentencePiece
+        word, so no ``▁`` is invented), if they decode right; else the response's own tokens.
+        """
+        if not response:
+            return []
+        head = self._ids(prompt)
+        joined = self._ids(prompt + response)
+        if joined[: len(head)] == head and len(joined) > len(head):
+            return joined[len(head):]
+        newline = self._ids(_SENTINEL)
+        after = self._ids(_SENTINEL + response)
+        if after[: len(newline)] == newline and self._decodes_to(head, after[len(newline):], response):
+            return after[len(newline):]
+        return self._ids(response)
+
+    def _decodes_to(self, head: list[int], tail: list[int], response: str) -> bool:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
+        return decode(head + tail) == decode(head) + response
+
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+
+def generation_end_ids(model: Any) -> tuple[int, ...]:
+    """The end ids of ``model``'s ``generation_config`` (its ``eos_token_id``: an int, a list or unset)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return () if ids is None else (ids,) if isinstance(ids, int) else tuple(ids)
 
 
 def _added_bos(tokenizer: "PreTrainedTokenizerBase") -> int | None:

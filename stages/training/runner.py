@@ -125,6 +125,8 @@ def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
         sys.exit(2)
     if manifest is not None:
         print(f"{stage}: published {args.out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
+        for warning in manifest["metrics"].get("warnings", []):
+            print(f"warning: {warning}", flush=True)
 
 
 def quiet_other_ranks() -> None:

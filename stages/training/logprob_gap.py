@@ -1,0 +1,66 @@
+"""The log-prob gap: how far the log-probability each token was sampled with is from the one the training
+forward gives it, before any update.
+
+An RL stage trains on log-probs it recomputes, and PPO's ratio and GRPO's old log-probs assume those are
+the probabilities the tokens were sampled with. Anything that samples from another distribution (a
+model's ``generation_config`` penalising repeats, a top-k the loss never sees, a different adapter, a
+cache bug) shows up here as a gap far above float noise, on the first update (issue 28, fault 2: 0.64
+nats at most, 1.025 mean ratio). vLLM-based trainers watch the same quantity (TRL's
+``vllm_importance_sampling``); nothing watched it on the ``generate`` path.
+
+Measured float noise between a KV-cached sampling step and the padded training forward of the same
+tokens (``tests/test_logprob_gap.py``, the six tokenizer families and the built-in backbone): fp32 at
+most ~1e-5 nats, bf16 at most ~0.1. ``GAP_WARN_NATS`` sits well above both and well below a sampling
+mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from stages.training.distributed import Distributed
+
+# Largest |sampled - trained| log-prob (nats) that float noise explains, by backbone dtype.
+GAP_WARN_NATS = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.25}
+GAP_KEYS = ("logprob_gap_max", "logprob_gap_mean")
+
+
+@dataclass
+class LogprobGap:
+    """The gap over one update's pre-update training forwards: ``add`` each, then ``row``."""
+
+    largest: float = 0.0
+    total: float = 0.0
+    tokens: int = 0
+
+    def add(self, sampled: "torch.Tensor", trained: "torch.Tensor", mask: "torch.Tensor") -> None:
+        """``sampled``, ``trained`` (B, T): log-probs of the same tokens at sampling time and in a training
+        forward of the same weights; ``mask`` (B, T): 1 on response tokens."""
+        gap = (sampled.detach().float() - trained.detach().float()).abs() * mask
+        self.largest = max(self.largest, gap.max().item() if gap.numel() else 0.0)
+        self.total += gap.sum().item()
+        self.tokens += int(mask.sum().item())
+
+    def row(self, dist: "Distributed") -> dict[str, float]:
+        """``logprob_gap_max`` (over every rank's tokens) and ``logprob_gap_mean`` (per token), in nats."""
+        largest = max(dist.gather([self.largest]))
+        totals = dist.gather([(self.total, self.tokens)])
+        tokens = sum(n for _, n in totals)
+        return {"logprob_gap_max": largest, "logprob_gap_mean": sum(t for t, _ in totals) / max(tokens, 1)}
+
+
+def gap_warning(history: list[dict[str, float]], dtype: str, stage: str) -> str | None:
+    """A warning when an update's largest gap exceeds float noise for ``dtype``; None otherwise."""
+    limit = GAP_WARN_NATS[dtype]
+    over = [row for row in history if row.get("logprob_gap_max", 0.0) > limit]
+    if not over:
+        return None
+    worst = max(over, key=lambda row: row["logprob_gap_max"])
+    return (f"{stage}: the log-probs tokens were sampled with differ from the training forward's by up to "
+            f"{worst['logprob_gap_max']:.3g} nats ({len(over)} of {len(history)} updates over {limit:g}, "
+            f"the float noise of {dtype}): the stage trains on a distribution it did not sample from; check the "
+            "model's generation settings and `rlhf inspect`")

@@ -1,0 +1,74 @@
+"""The log-prob gap monitor (stages/training/logprob_gap.py) and the sampling it watches: a model's own
+generation_config never reaches sampling (issue 28, fault 2), the gap of a clean run is float noise, and a
+run that samples from another distribution than it trains on is caught in its history and warned about."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.io.config import load_config
+from stages.model.generation import generate, ignored_generation_settings
+from stages.model.sequences import sampled_batch, token_logprobs
+from stages.ppo import build_models, collect_rollout, ppo_update, ppo_updater, train_ppo
+from stages.training.logprob_gap import GAP_WARN_NATS, gap_warning
+from stages.training.runner import execute
+from tests.conftest import TINY, train_upstream
+
+FAST = [*TINY, "ppo.checkpoint_every=10"]
+PROMPTS = ["3+4=", "12+9=", "5+5=", "7+1="]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return train_upstream(tmp_path_factory.mktemp("gap"), FAST)
+
+
+def _sampling_gap(models, temperature: float) -> float:
+    """Largest |log-prob at sampling - log-prob in a training forward| over PROMPTS' sampled tokens."""
+    tokenization = models.tokenization
+    samples = generate(models.model, tokenization, [tokenization.prompt_ids(p) for p in PROMPTS],
+                       max_new_tokens=8, temperature=temperature, batch_size=4, seed=0)
+    batch, sampled = sampled_batch(samples, tokenization.pad_id, "cpu")
+    with torch.no_grad():
+        trained = token_logprobs(models.model, batch, temperature)
+    return ((sampled - trained).abs() * batch.response_mask).max().item()
+
+
+def test_a_models_generation_config_does_not_change_what_is_sampled(inputs: dict[str, Path]) -> None:
+    models = build_models(load_config(None, FAST), inputs)
+    config = models.model.get_base_model().generation_config
+    clean = _sampling_gap(models, 1.0)
+    # Qwen2.5-Instruct's hub defaults, and a penalty strong enough to move every repeated digit.
+    config.update(repetition_penalty=1.5, top_k=20, top_p=0.8, temperature=0.7, no_repeat_ngram_size=2)
+    assert ignored_generation_settings(config) == {"temperature": 0.7, "top_k": 20, "top_p": 0.8,
+                                                   "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    assert _sampling_gap(models, 1.0) == pytest.approx(clean, abs=1e-6) and clean < GAP_WARN_NATS["float32"]
+    assert config.repetition_penalty == 1.5  # restored after sampling (export keeps it)
+
+
+def test_the_gap_of_a_clean_update_is_float_noise_and_a_mismatched_one_warns(inputs: dict[str, Path]) -> None:
+    cfg = load_config(None, FAST)
+    models = build_models(cfg, inputs)
+    rollout, _ = collect_rollout(models, PROMPTS, cfg, kl_coef=0.1, seed=0)
+    clean = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    assert 0 <= clean["logprob_gap_mean"] <= clean["logprob_gap_max"] < GAP_WARN_NATS["float32"]
+    assert gap_warning([clean], "float32", "ppo") is None
+    # Sampled at 0.5, trained at the configured 1.0: the distributions differ, as a penalty's did.
+    colder = load_config(None, [*FAST, "ppo.temperature=0.5"])
+    rollout, _ = collect_rollout(models, PROMPTS, colder, kl_coef=0.1, seed=0)
+    mismatched = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    assert mismatched["logprob_gap_max"] > 100 * GAP_WARN_NATS["float32"]
+    assert "differ from the training forward's by up to" in gap_warning([clean, mismatched], "float32", "ppo")
+
+
+def test_the_gap_is_in_the_history_of_ppo_and_grpo(inputs: dict[str, Path], tmp_path: Path) -> None:
+    from stages.grpo import train_grpo
+    import json
+
+    cfg = load_config(None, FAST)
+    for stage, train in (("ppo", train_ppo), ("grpo", train_grpo)):
+        manifest = execute(stage, train, cfg, tmp_path / stage, inputs)
+        history = json.loads((tmp_path / stage / "history.json").read_text())
+        assert all(0 <= row["logprob_gap_max"] < GAP_WARN_NATS["float32"] for row in history), history
+        assert not [w for w in manifest["metrics"]["warnings"] if "log-probs" in w]
