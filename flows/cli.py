@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print machine-readable JSON (sizes in bytes)")
     plan.set_defaults(handler=_cmd_plan)
 
+    inspect = commands.add_parser("inspect", help="show the ids each stage trains on for one row of each dataset: "
+                                  "token boundaries, where the loss applies, where generation stops")
+    _add_config_args(inspect)
+    inspect.add_argument("--row", type=int, default=1, help="the record to show, from 1 (default: the first)")
+    inspect.set_defaults(handler=_cmd_inspect)
+
     resume = commands.add_parser("resume", help="finish a killed or failed run: finished stages are kept, "
                                                 "an interrupted one resumes from its last checkpoint")
     resume.add_argument("run_id")
@@ -182,6 +188,7 @@ def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) ->
     from stages.io.provenance import check_datasets
     from stages.model.adapters import check_target_modules
     from stages.model.backbone import resolve_backbone
+    from stages.model.contract_check import start_check
     from stages.model.placement import device_type
 
     device_type(cfg.backbone)  # backbone.device: cuda where no GPU is visible fails here, not in a stage
@@ -189,11 +196,15 @@ def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) ->
         check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
     check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
     location = resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
+    tokenization_checked = start_check(cfg)  # the template on every prompt shape, the budgets: in its own process
     check_target_modules(cfg.adapter, location, cfg.backbone.revision, cfg.backbone.trust_remote_code)
     if memory_stages:  # and a stage that would run out of memory is refused now, not minutes into the run
         from flows.memory_check import check_memory
 
         check_memory(cfg, memory_stages)
+    for count in tokenization_checked():  # every budget that cuts or drops rows; most of them cut: loudly
+        if count["cut"] or count["dropped"]:
+            print(count["line"], file=sys.stderr if count["mostly_cut"] else sys.stdout, flush=True)
 
 
 def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path,
@@ -279,9 +290,33 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from flows.memory_check import format_plan, plan_json, plan_memory
     from stages.io.config import load_config
 
-    plan = plan_memory(load_config(args.config, args.overrides))
-    print(json.dumps(plan_json(plan), indent=2) if args.json else format_plan(plan))
+    from stages.model.contract_check import start_check
+
+    cfg = load_config(args.config, args.overrides)
+    budgets = start_check(cfg)
+    plan = plan_memory(cfg)
+    counts = budgets()
+    if args.json:
+        print(json.dumps({**plan_json(plan), "budgets": counts}, indent=2))
+    else:
+        print(format_plan(plan))
+        print("\nrows the token budgets cut or drop (the exact ids each stage trains on):")
+        print("\n".join(f"  {count['line']}" for count in counts))
     return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+
+    from stages.io.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    with tempfile.TemporaryDirectory(prefix="rlhf-inspect-") as folder:
+        config = Path(folder) / "config.yaml"
+        config.write_text(cfg.to_yaml())
+        return subprocess.run([sys.executable, "-m", "stages.model.explain", "--config", str(config),
+                               "--row", str(args.row)]).returncode
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

@@ -185,7 +185,7 @@ def _stop_where_the_stages_stop(model: Any, tokenizer: Any, cfg: PipelineConfig)
     chat model served with plain ``generate`` would talk on past its turn. Its other settings stay."""
     from stages.model.tokenization import Tokenization, generation_end_ids
 
-    tokenization = Tokenization.of(tokenizer, cfg.data.chat_template, generation_end_ids(model))
+    tokenization = Tokenization.of(tokenizer, cfg.data.chat_template, generation_end_ids(model.generation_config))
     stops = list(tokenization.stop_ids)
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.pad_token_id = tokenization.pad_id

@@ -33,9 +33,10 @@ TIERS = {
              "test_distributed_math", "test_sequences", "test_artifacts_and_cache", "test_memory_plan",
              "test_progress", "test_layout", "test_updater", "test_formats", "test_early_stopping"),
     "stage": ("test_adapters", "test_learning_check", "test_learning_per_kind", "test_ppo", "test_reward_rrhf", "test_dpo", "test_grpo",
-              "test_deepspeed", "test_tokenization", "test_logprob_gap", "test_devices", "test_export", "test_early_stops"),
+              "test_deepspeed", "test_tokenization", "test_family_contract", "test_logprob_gap", "test_devices", "test_export", "test_early_stops",
+              "test_families"),
     "e2e": ("test_cli_pipeline", "test_bad_inputs", "test_concurrency_and_secrets", "test_prefect_server",
-            "test_resume", "test_plugin_stage", "test_promotion", "test_sweep"),
+            "test_resume", "test_family_runs", "test_plugin_stage", "test_promotion", "test_sweep"),
     "quality": ("test_quality",),
     "gpu": ("test_gpu",),  # skipped where no CUDA device is visible (bench/gpu_check.sh runs them on a GPU)
 }

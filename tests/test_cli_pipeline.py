@@ -142,11 +142,17 @@ def test_bad_data_names_the_line_and_leaves_no_artifact(tmp_path: Path) -> None:
 
 
 def test_failing_stage_is_reported_failed_with_its_error(tmp_path: Path) -> None:
-    # Data that passes the pre-flight check but cannot train: a prompt longer than max_length.
-    data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"prompt": "1+" * 200 + "1=", "completion": "201"}) + "\n")
-    result = run_cli("run", *SETS, "--set", f"data.sft={data}", "--set", "sft.max_length=8",
-                     "--run-id", "fails", cwd=tmp_path)
+    # A backbone that passes the pre-flight checks (its config and tokenizer read fine) but whose weights
+    # cannot load: the stage fails inside the run.
+    import shutil
+
+    from stages.io.config import BackboneSection
+    from stages.model.backbone import resolve_backbone
+
+    broken = tmp_path / "broken-backbone"
+    shutil.copytree(resolve_backbone(BackboneSection()), broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = run_cli("run", *SETS, "--set", f"backbone.name={broken}", "--run-id", "fails", cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "error: " in result.stderr and "stage sft failed" in result.stderr
     run_dir = tmp_path / "runs" / "fails"

@@ -11,7 +11,7 @@ from stages.io.config import load_config
 from stages.model.generation import generate, ignored_generation_settings
 from stages.model.sequences import sampled_batch, token_logprobs
 from stages.ppo import build_models, collect_rollout, ppo_update, ppo_updater, train_ppo
-from stages.training.logprob_gap import GAP_WARN_NATS, gap_warning
+from stages.training.logprob_gap import GAP_LIMITS, gap_warning
 from stages.training.runner import execute
 from tests.conftest import TINY, train_upstream
 
@@ -43,7 +43,7 @@ def test_a_models_generation_config_does_not_change_what_is_sampled(inputs: dict
     config.update(repetition_penalty=1.5, top_k=20, top_p=0.8, temperature=0.7, no_repeat_ngram_size=2)
     assert ignored_generation_settings(config) == {"temperature": 0.7, "top_k": 20, "top_p": 0.8,
                                                    "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
-    assert _sampling_gap(models, 1.0) == pytest.approx(clean, abs=1e-6) and clean < GAP_WARN_NATS["float32"]
+    assert _sampling_gap(models, 1.0) == pytest.approx(clean, abs=1e-6) and clean < GAP_LIMITS["float32"].largest
     assert config.repetition_penalty == 1.5  # restored after sampling (export keeps it)
 
 
@@ -52,13 +52,13 @@ def test_the_gap_of_a_clean_update_is_float_noise_and_a_mismatched_one_warns(inp
     models = build_models(cfg, inputs)
     rollout, _ = collect_rollout(models, PROMPTS, cfg, kl_coef=0.1, seed=0)
     clean = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
-    assert 0 <= clean["logprob_gap_mean"] <= clean["logprob_gap_max"] < GAP_WARN_NATS["float32"]
+    assert 0 <= clean["logprob_gap_mean"] <= clean["logprob_gap_max"] < GAP_LIMITS["float32"].largest
     assert gap_warning([clean], "float32", "ppo") is None
     # Sampled at 0.5, trained at the configured 1.0: the distributions differ, as a penalty's did.
     colder = load_config(None, [*FAST, "ppo.temperature=0.5"])
     rollout, _ = collect_rollout(models, PROMPTS, colder, kl_coef=0.1, seed=0)
     mismatched = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
-    assert mismatched["logprob_gap_max"] > 100 * GAP_WARN_NATS["float32"]
+    assert mismatched["logprob_gap_max"] > 100 * GAP_LIMITS["float32"].largest
     assert "differ from the training forward's by up to" in gap_warning([clean, mismatched], "float32", "ppo")
 
 
@@ -70,5 +70,5 @@ def test_the_gap_is_in_the_history_of_ppo_and_grpo(inputs: dict[str, Path], tmp_
     for stage, train in (("ppo", train_ppo), ("grpo", train_grpo)):
         manifest = execute(stage, train, cfg, tmp_path / stage, inputs)
         history = json.loads((tmp_path / stage / "history.json").read_text())
-        assert all(0 <= row["logprob_gap_max"] < GAP_WARN_NATS["float32"] for row in history), history
+        assert all(0 <= row["logprob_gap_max"] < GAP_LIMITS["float32"].largest for row in history), history
         assert not [w for w in manifest["metrics"]["warnings"] if "log-probs" in w]

@@ -28,3 +28,22 @@ def test_other_ranks_report_nothing_and_a_terminal_gets_a_bar(monkeypatch: pytes
     from tqdm import tqdm
 
     assert isinstance(progress(items, desc="ppo", unit="update"), tqdm)
+
+
+def test_known_library_noise_is_silenced_exactly_where_it_is_harmless() -> None:
+    import logging
+
+    from stages.io.config import load_config
+    from stages.training.runner import silence_known_noise
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    noise = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                              "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'", (), None)
+    other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", (), None)
+    try:
+        silence_known_noise(load_config(None, ["adapter.kind=qlora"]))  # 4-bit kernels in use: the hint stays
+        assert logger.filter(noise)
+        silence_known_noise(load_config(None, ["adapter.kind=lora"]))
+        assert not logger.filter(noise) and logger.filter(other)
+    finally:
+        logger.filters.clear()

@@ -53,6 +53,16 @@ def load_records(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> list[Re
     return copy.deepcopy(list(_cached_records(source, columns, kind, task_cfg, _file_stamp(source))))
 
 
+def record_location(ref: DataRef, kind: DataKind, task_cfg: TaskSection, index: int) -> str:
+    """Where record ``index`` (from 0, as ``load_records`` lists them) is in its file: ``line N`` of a
+    JSONL file (blank lines hold no record), ``row N`` of Parquet or an HF dataset, else ``record N``."""
+    source = source_name(ref)
+    if source.endswith(".jsonl"):
+        lines = (number for number, _ in _jsonl_rows(Path(source)))
+        return f"line {next(n for i, n in enumerate(lines) if i == index)}"
+    return f"row {index + 1}" if source.endswith(".parquet") or source.startswith("hf:") else f"record {index + 1}"
+
+
 def source_name(ref: DataRef) -> str:
     """The file (or ``builtin``, or ``hf:`` name) a dataset reference reads, with or without a column
     mapping: what messages name."""

@@ -48,7 +48,7 @@ class Backbone:
         model's ``generation_config`` (``stages.model.tokenization``)."""
         from stages.model.tokenization import Tokenization, generation_end_ids
 
-        return Tokenization.of(self.tokenizer, chat_template, generation_end_ids(self.model))
+        return Tokenization.of(self.tokenizer, chat_template, generation_end_ids(self.model.generation_config))
 
 
 def resolve_backbone(cfg: BackboneSection) -> str:

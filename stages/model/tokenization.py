@@ -139,8 +139,9 @@ class Tokenization:
 
     def text(self, response_ids: list[int] | tuple[int, ...]) -> str:
         """A response's text: its ids decoded, special tokens included (a sampled ``<|assistant|>7`` is not
-        the answer ``7``); the caller leaves out the end token."""
-        return self.tokenizer.decode(list(response_ids), skip_special_tokens=False)
+        the answer ``7``), and no "clean-up" of spaces (it would strip the space before punctuation that
+        the ids hold); the caller leaves out the end token."""
+        return self.tokenizer.decode(list(response_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def continuation_ids(self, prompt: str, response: str) -> list[int]:
         """The ids of ``response`` that continue the ids of the standard ``prompt``, so that their joined
@@ -164,16 +165,16 @@ class Tokenization:
         return self._ids(response)
 
     def _decodes_to(self, head: list[int], tail: list[int], response: str) -> bool:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
-        return decode(head + tail) == decode(head) + response
+        return self.text(head + tail) == self.text(head) + response
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
 
-def generation_end_ids(model: Any) -> tuple[int, ...]:
-    """The end ids of ``model``'s ``generation_config`` (its ``eos_token_id``: an int, a list or unset)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+def generation_end_ids(generation_config: Any) -> tuple[int, ...]:
+    """The end ids of a model's ``transformers.GenerationConfig`` (its ``eos_token_id``: an int, a list or
+    unset; none for a model without one)."""
+    ids = getattr(generation_config, "eos_token_id", None)
     return () if ids is None else (ids,) if isinstance(ids, int) else tuple(ids)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -118,6 +119,7 @@ def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
     args = parse_args(stage, argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        silence_known_noise(cfg)
         inputs = dict(_parse_input(item) for item in args.inputs)
         manifest = execute(stage, fn, cfg, args.out, inputs)
     except USER_ERRORS as err:
@@ -127,6 +129,22 @@ def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
         print(f"{stage}: published {args.out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
         for warning in manifest["metrics"].get("warnings", []):
             print(f"warning: {warning}", flush=True)
+
+
+# Library log lines known to be harmless where they print: (logger, message start, when it is harmless).
+_KNOWN_NOISE = (
+    # bitsandbytes, imported by PEFT on every run, looks for an optional CPU kernel package on AVX512-BF16
+    # hosts and falls back to its own 4-bit kernels; only a QLoRA run (4-bit weights) uses either.
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward", lambda cfg: cfg.adapter.kind != "qlora"),
+)
+
+
+def silence_known_noise(cfg: PipelineConfig) -> None:
+    """Drop exactly the library log lines of ``_KNOWN_NOISE`` that are harmless for ``cfg`` (the loggers
+    exist before their libraries are imported, so the filter is in place when they print)."""
+    for logger, start, harmless in _KNOWN_NOISE:
+        if harmless(cfg):
+            logging.getLogger(logger).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
 
 
 def quiet_other_ranks() -> None:
