@@ -38,6 +38,7 @@ from stages.training.checkpoints import Checkpointer
 from stages.training.early_stopping import evaluating, stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.learning_check import LearningCheck
+from stages.training.logprob_gap import LogprobGap, gap_warning
 from stages.training.loop import TrainingLoop
 from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
@@ -64,10 +65,12 @@ class Group:
 
 
 def sample_groups(model: "PeftModel", source: RewardSource, tokenization: Tokenization,
-                  prompts: list[Prompt], cfg: PipelineConfig, positions: list[int] | None = None) -> list[Group]:
+                  prompts: list[Prompt], cfg: PipelineConfig, positions: list[int] | None = None,
+                  gap: LogprobGap | None = None) -> list[Group]:
     """k policy samples per prompt, scored by ``rrhf.reward`` (the reward model scores the sampled ids).
     ``positions``: each prompt's place among all ranks' prompts (default its index); candidate j of the
-    prompt at position p draws from the stream of key p * k + j (``generate``): the same on any number of ranks."""
+    prompt at position p draws from the stream of key p * k + j (``generate``): the same on any number of ranks.
+    ``gap``: add the samples' sampling-versus-scoring log-prob gap to it (``stages.training.logprob_gap``)."""
     k = cfg.rrhf.num_candidates
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     positions = list(range(len(prompts))) if positions is None else positions
@@ -76,6 +79,8 @@ def sample_groups(model: "PeftModel", source: RewardSource, tokenization: Tokeni
                            max_new_tokens=cfg.rrhf.max_new_tokens, temperature=cfg.rrhf.temperature,
                            batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1,
                            keys=[p * k + j for p in positions for j in range(k)], desc="rrhf candidates")
+        if gap is not None:
+            gap.add_scored(model, samples, tokenization.pad_id, cfg.rrhf.temperature)
     rewards = source(samples, [p for p in prompts for _ in range(k)])
     groups = []
     for i, prompt in enumerate(prompts):
@@ -164,8 +169,10 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                         checkpoint_every=rr.checkpoint_every, samplers={"draws": draws},
                         stopper=stopper_for(rr.early_stopping), evaluate=measure)
     state = loop.resume()
+    sampling_gap: dict[str, float] = {}  # of the sampled candidates (none for data.ranked)
     if state is not None:  # the candidates are part of the state: resuming never resamples them
         groups = [Group(**g) for g in state["groups"]]
+        sampling_gap = state["sampling_gap"]
     elif cfg.data.ranked:
         ranked = load_records(cfg.data.ranked, "ranked", cfg.task)
         measure_lengths(ranked, "ranked", source_name(cfg.data.ranked), tokenization, context)
@@ -174,8 +181,10 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         prompts = load_rollout_prompts(cfg.data, cfg.task, tokenization, context)
         random.Random(cfg.run.seed).shuffle(prompts)
         chosen = prompts[: rr.num_prompts]
+        gap = LogprobGap()
         groups = dist.unshard(sample_groups(model, source, tokenization, dist.shard(chosen), cfg,
-                                            positions=dist.shard(list(range(len(chosen))))))
+                                            positions=dist.shard(list(range(len(chosen)))), gap=gap))
+        sampling_gap = gap.row(dist)
     accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenization, groups)
     if len(groups) < dist.world_size:
         raise ConfigError(f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "
@@ -195,7 +204,7 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                 **{key: dist.mean(share * value) for key, value in stats.items()}}
 
     model.train()
-    history = loop.run(train_step, lambda: {"accuracy_before": accuracy_before,
+    history = loop.run(train_step, lambda: {"accuracy_before": accuracy_before, "sampling_gap": sampling_gap,
                                             "groups": [asdict(g) for g in groups]})
     model.eval()
 
@@ -211,12 +220,14 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     save_adapter(model, POLICY, out / "adapter")
     write_json(out / "history.json", history)
     warnings = learning.warnings(history, rr.warmup_steps)
+    if sampling_gap and (gap_warned := gap_warning([sampling_gap], cfg.backbone.dtype, "rrhf")):
+        warnings.append(gap_warned)
     if accuracy_before is None:
         warnings.append("every candidate group's rewards are tied: the ranking loss is zero and only the SFT term "
                         "trained (ranking_accuracy is null)")
     return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start,
-            "reward_source": "data.ranked" if cfg.data.ranked else rr.reward, **loop.stopping_metrics()}
+            "reward_source": "data.ranked" if cfg.data.ranked else rr.reward, **sampling_gap, **loop.stopping_metrics()}
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

@@ -62,7 +62,7 @@ def test_the_gap_of_a_clean_update_is_float_noise_and_a_mismatched_one_warns(inp
     assert "differ from the training forward's by up to" in gap_warning([clean, mismatched], "float32", "ppo")
 
 
-def test_the_gap_is_in_the_history_of_ppo_and_grpo(inputs: dict[str, Path], tmp_path: Path) -> None:
+def test_the_gap_is_in_the_history_of_ppo_and_grpo_and_in_rrhfs_metrics(inputs: dict[str, Path], tmp_path: Path) -> None:
     from stages.grpo import train_grpo
     import json
 
@@ -72,3 +72,7 @@ def test_the_gap_is_in_the_history_of_ppo_and_grpo(inputs: dict[str, Path], tmp_
         history = json.loads((tmp_path / stage / "history.json").read_text())
         assert all(0 <= row["logprob_gap_max"] < GAP_LIMITS["float32"].largest for row in history), history
         assert not [w for w in manifest["metrics"]["warnings"] if "log-probs" in w]
+    from stages.rrhf import train_rrhf  # samples its candidates once: the gap of those, in its metrics
+
+    metrics = execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", inputs)["metrics"]
+    assert 0 <= metrics["logprob_gap_mean"] <= metrics["logprob_gap_max"] < GAP_LIMITS["float32"].largest

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from stages.model.generation import Response
     from stages.training.distributed import Distributed
 
 
@@ -54,6 +55,24 @@ class LogprobGap:
         self.largest = max(self.largest, gap.max().item() if gap.numel() else 0.0)
         self.total += gap.sum().item()
         self.tokens += int(mask.sum().item())
+
+    def add_scored(self, model: "torch.nn.Module", samples: "list[Response]", pad_id: int, temperature: float) -> None:
+        """Score ``samples`` (``generate``'s, with their sampling log-probs) with ``model`` as it is now, in
+        eval mode and without gradients, at the temperature they were sampled at, and add the gap: for a
+        stage that samples once and trains on other forwards (RRHF)."""
+        import torch
+
+        from stages.model.placement import model_device
+        from stages.model.sequences import sampled_batch, token_logprobs
+
+        batch, sampled = sampled_batch(samples, pad_id, model_device(model))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.add(sampled, token_logprobs(model, batch, temperature), batch.response_mask)
+        finally:
+            model.train(was_training)
 
     def row(self, dist: "Distributed") -> dict[str, float]:
         """``logprob_gap_max`` (over every rank's tokens) and ``logprob_gap_mean`` (per token), in nats."""
