@@ -130,3 +130,20 @@ def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tmp_path:
             f"their first {context} tokens") in result.stdout
     metrics = artifacts.read_manifest(tmp_path / "dpo")["metrics"]
     assert metrics["dropped_pairs"] == 2 and metrics["train_pairs"] + metrics["eval_pairs"] == n + 1
+
+
+def test_the_pre_flight_counts_the_pairs_truncation_makes_identical(tmp_path: Path) -> None:
+    """``rlhf plan`` and pre-flight count, with the exact ids, the pairs DPO will drop (issue 29): here 3
+    of 10 pairs whose chosen and rejected differ only after the backbone's 128-token context."""
+    from stages.model.contract_check import budget_counts, contract_tokenization
+
+    long = "1+" * 70
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(7)]
+    rows += [{"prompt": "0=", "chosen": long + "1", "rejected": long + "2"} for _ in range(3)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = load_config(None, [*TINY, "run.stages=[sft,dpo]", f"data.preferences={data}"])
+    tokenization, context = contract_tokenization(cfg)
+    [dpo] = [count for count in budget_counts(cfg, tokenization, context) if count.stage == "dpo"]
+    assert (dpo.rows, dpo.cut, dpo.dropped, dpo.estimated) == (10, 3, 3, False)
+    assert dpo.line() == f"dpo: {data} (preferences): 3 of 10 rows over the context=128 (cut), 3 dropped"
