@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show the ids each stage trains on for one row of each dataset: "
                                   "token boundaries, where the loss applies, where generation stops")
     _add_config_args(inspect)
-    inspect.add_argument("--row", type=int, default=1, help="the record to show, from 1 (default: the first)")
+    inspect.add_argument("--row", type=_row_number, default=1, help="the record to show, from 1 (default: the first)")
     inspect.set_defaults(handler=_cmd_inspect)
 
     resume = commands.add_parser("resume", help="finish a killed or failed run: finished stages are kept, "
@@ -188,7 +188,7 @@ def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) ->
     from stages.io.provenance import check_datasets
     from stages.model.adapters import check_target_modules
     from stages.model.backbone import resolve_backbone
-    from stages.model.contract_check import start_check
+    from stages.model.contract_check import budget_lines, start_check
     from stages.model.placement import device_type
 
     device_type(cfg.backbone)  # backbone.device: cuda where no GPU is visible fails here, not in a stage
@@ -196,15 +196,15 @@ def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) ->
         check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
     check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
     location = resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
-    tokenization_checked = start_check(cfg)  # the template on every prompt shape, the budgets: in its own process
-    check_target_modules(cfg.adapter, location, cfg.backbone.revision, cfg.backbone.trust_remote_code)
-    if memory_stages:  # and a stage that would run out of memory is refused now, not minutes into the run
-        from flows.memory_check import check_memory
+    with start_check(cfg) as check:  # the template on every prompt shape, and the budgets: in its own process
+        check_target_modules(cfg.adapter, location, cfg.backbone.revision, cfg.backbone.trust_remote_code)
+        if memory_stages:  # and a stage that would run out of memory is refused now, not minutes into the run
+            from flows.memory_check import check_memory
 
-        check_memory(cfg, memory_stages)
-    for count in tokenization_checked():  # every budget that cuts or drops rows; most of them cut: loudly
-        if count["cut"] or count["dropped"]:
-            print(count["line"], file=sys.stderr if count["mostly_cut"] else sys.stdout, flush=True)
+            check_memory(cfg, memory_stages)
+        for count in budget_lines(check):  # every budget that cuts or drops rows; most of them: loudly
+            if count["cut"] or count["dropped"]:
+                print(count["line"], file=sys.stderr if count["mostly_cut"] else sys.stdout, flush=True)
 
 
 def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path,
@@ -290,12 +290,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from flows.memory_check import format_plan, plan_json, plan_memory
     from stages.io.config import load_config
 
-    from stages.model.contract_check import start_check
+    from stages.model.contract_check import budget_lines, start_check
 
     cfg = load_config(args.config, args.overrides)
-    budgets = start_check(cfg)
-    plan = plan_memory(cfg)
-    counts = budgets()
+    with start_check(cfg) as check:
+        plan = plan_memory(cfg)
+        counts = budget_lines(check)
     if args.json:
         print(json.dumps({**plan_json(plan), "budgets": counts}, indent=2))
     else:
@@ -305,18 +305,19 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _row_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a record number, from 1")
+    return int(text)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    import subprocess
-    import tempfile
-
     from stages.io.config import load_config
+    from stages.model.contract_check import ConfigProcess
 
-    cfg = load_config(args.config, args.overrides)
-    with tempfile.TemporaryDirectory(prefix="rlhf-inspect-") as folder:
-        config = Path(folder) / "config.yaml"
-        config.write_text(cfg.to_yaml())
-        return subprocess.run([sys.executable, "-m", "stages.model.explain", "--config", str(config),
-                               "--row", str(args.row)]).returncode
+    with ConfigProcess("stages.model.explain", load_config(args.config, args.overrides), "--row", str(args.row),
+                       capture=False) as explaining:
+        return explaining.wait()[0]
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

@@ -146,4 +146,5 @@ def test_the_pre_flight_counts_the_pairs_truncation_makes_identical(tmp_path: Pa
     tokenization, context = contract_tokenization(cfg)
     [dpo] = [count for count in budget_counts(cfg, tokenization, context) if count.stage == "dpo"]
     assert (dpo.rows, dpo.cut, dpo.dropped, dpo.estimated) == (10, 3, 3, False)
-    assert dpo.line() == f"dpo: {data} (preferences): 3 of 10 rows over the context=128 (cut), 3 dropped"
+    assert dpo.line() == (f"dpo: {data} (preferences): 3 of 10 rows over the backbone's context=128 (cut at the "
+                          "context), 3 dropped")

@@ -20,6 +20,11 @@ from stages.training.logprob_gap import GAP_LIMITS
 from tests.families import FAMILIES, family_folder
 
 USER = [{"role": "user", "content": "3+4="}]
+# Each family's stop set, from its hub files (tokenizer EOS, the template's end of turn, generation_config).
+STOPS = {"mistral-v0.1": {"</s>"}, "mistral-v0.3": {"</s>"},
+         "llama-3.1": {"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"},
+         "qwen2.5-instruct": {"<|im_end|>", "<|endoftext|>"}, "qwen2.5-base": {"<|im_end|>", "<|endoftext|>"},
+         "deepseek-v3": {"<｜end▁of▁sentence｜>"}}
 SHARPEN = 200.0  # embedding scale that makes a random tiny model's logits of order 10
 # (prompt, response) rows of plain-string data, with boundaries that SentencePiece and BPE treat differently.
 PLAIN = [("3+4=", "7"), ("### Response:\n", "Paris"), ("Question: ", "Paris"), ("Q:", " Paris"), ("a", "b c"),
@@ -39,7 +44,7 @@ def test_plain_rows_decode_to_the_data_and_keep_the_prompt_ids(family) -> None:
         assert prompt_ids == tok.prompt_ids(prompt)  # generation continues exactly these
         assert response_ids[-1] == tok.eos_id and tok.eos_id not in response_ids[:-1], (name, prompt)
         assert tok.text(prompt_ids + response_ids[:-1]) == tok.text(prompt_ids) + response, (name, prompt, response)
-        assert prompt_ids.count(tok.tokenizer.bos_token_id) <= 1 if tok.tokenizer.bos_token_id is not None else True
+        assert prompt_ids.count(tok.bos_id) == 1 if tok.bos_id is not None else tok.tokenizer.bos_token_id not in prompt_ids
     # Fault 1 where it was found: "3+4=" + "7" trained on "= ▁7", decoded "3+4= 7".
     if name.startswith("mistral"):
         assert tok.tokenizer.convert_ids_to_tokens(tok.response_ids("3+4=", "7")) == ["7", "</s>"]
@@ -49,22 +54,19 @@ def test_chat_rows_are_the_familys_own_rendering_with_bos_once_and_one_end(famil
     name, backbone = family
     tok, tokenizer = backbone.tokenization(), backbone.tokenizer
     prompt_ids, response_ids = tok.pair(USER, "7")
-    rendered = tokenizer.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
-    own = tokenizer(rendered, add_special_tokens=False).input_ids
-    assert prompt_ids == own, name
-    if tokenizer.bos_token_id is not None:
-        assert prompt_ids.count(tokenizer.bos_token_id) <= 1, name
+    own = tokenizer.apply_chat_template(USER, add_generation_prompt=True, tokenize=True)  # transformers' own path
+    assert prompt_ids == list(own["input_ids"] if hasattr(own, "keys") else own), name
+    if tokenizer.bos_token_id is not None and tokenizer.bos_token in tokenizer.chat_template:
+        assert prompt_ids.count(tokenizer.bos_token_id) == 1, name  # the template writes it, the tokenizer may add it
     assert response_ids[-1] == tok.turn_end_id and response_ids.count(tok.turn_end_id) == 1, name
-    assert tok.text(response_ids[:-1]).strip() == "7", name
+    assert tok.text(response_ids[:-1]) == "7", name
     assert tok.response_ids(USER, "7" + tokenizer.convert_ids_to_tokens(tok.turn_end_id)) == response_ids
 
 
 def test_the_stop_set_holds_the_models_end_ids_and_the_export_keeps_them(family) -> None:
     name, backbone = family
     tok = backbone.tokenization()
-    configured = backbone.model.generation_config.eos_token_id
-    configured = [configured] if isinstance(configured, int) else list(configured)
-    assert set(configured) | {tok.eos_id, tok.turn_end_id} == set(tok.stop_ids), name
+    assert set(backbone.tokenizer.convert_ids_to_tokens(list(tok.stop_ids))) == STOPS[name]
     cfg = load_config(None, [f"backbone.name={family_folder(name)}"])
     exported = _ModelStub(backbone.model.generation_config.__class__.from_dict(backbone.model.generation_config.to_dict()))
     _stop_where_the_stages_stop(exported, backbone.tokenizer, cfg)
@@ -104,10 +106,9 @@ def test_sampling_logprobs_equal_the_training_forwards_under_each_generation_con
     the (tied) embeddings scaled up so that the random model's next-token distributions are as peaked as a
     trained model's (logits of order 10, where a penalty moves them; near 0 it would not)."""
     name, backbone = family
-    embeddings = backbone.model.get_input_embeddings().weight
-    original = embeddings.detach().clone()
+    original = {key: value.clone() for key, value in backbone.model.state_dict().items()}
     with torch.no_grad():
-        embeddings.mul_(SHARPEN)
+        backbone.model.get_input_embeddings().weight.mul_(SHARPEN)
     model = backbone.model.to(getattr(torch, dtype))
     try:
         tok = backbone.tokenization()
@@ -120,6 +121,4 @@ def test_sampling_logprobs_equal_the_training_forwards_under_each_generation_con
         print(f"{name} {dtype}: largest sampling/training log-prob gap {gap:.3g} nats")
         assert gap < GAP_LIMITS[dtype].largest, (name, dtype, gap)
     finally:
-        model.float()
-        with torch.no_grad():
-            backbone.model.get_input_embeddings().weight.copy_(original)
+        backbone.model.float().load_state_dict(original)

@@ -61,8 +61,11 @@ def test_plan_counts_the_rows_a_templates_overhead_cuts_and_run_warns_loudly(tmp
     assert plan.returncode == 0, plan.stderr[-2000:]
     sft = next(count for count in json.loads(plan.stdout)["budgets"] if count["stage"] == "sft")
     assert sft["budget"] == "sft.max_length=48" and sft["rows"] == 512 and sft["cut"] > 256 and sft["mostly_cut"]
-    text = run_cli("plan", "--config", str(CHAT), *overrides, cwd=tmp_path).stdout
-    assert f"WARNING: {sft['line'].removeprefix('WARNING: ')}" in text
+    assert sft["line"].startswith("WARNING: ") and sft["line"] in run_cli("plan", "--config", str(CHAT), *overrides,
+                                                                          cwd=tmp_path).stdout
+    run = run_cli("run", "--config", str(CHAT), *SETS, *overrides, *_sets("run.stages=[sft]"), "--runs-dir", "runs",
+                  cwd=tmp_path)
+    assert run.returncode == 0 and sft["line"] in run.stderr, run.stderr[-2000:]
 
 
 def test_inspect_shows_the_ids_each_stage_trains_on(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def load_records(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> list[Re
     return copy.deepcopy(list(_cached_records(source, columns, kind, task_cfg, _file_stamp(source))))
 
 
-def record_location(ref: DataRef, kind: DataKind, task_cfg: TaskSection, index: int) -> str:
+def record_location(ref: DataRef, index: int) -> str:
     """Where record ``index`` (from 0, as ``load_records`` lists them) is in its file: ``line N`` of a
     JSONL file (blank lines hold no record), ``row N`` of Parquet or an HF dataset, else ``record N``."""
     source = source_name(ref)

@@ -8,30 +8,36 @@ With the backbone's real tokenizer (no weights loaded) and the contract every st
   once. A template that refuses one (Mistral v0.1's has no system role) is a ``DataError`` naming the
   file, the line and the template's own complaint, instead of a failure minutes into the run.
 * **Budgets.** Per stage, how many rows its token budgets cut or drop, counted with the exact ids the
-  stage trains on (templates add tens of ids: Llama 3.1's date header makes ``3+4=`` 44 ids): SFT's
+  stage trains on (templates add tens of ids: Llama 3.1's date header makes the chat prompt ``3+4=`` 44-45 ids): SFT's
   ``sft.max_length``, the context for the reward model and DPO (with DPO's pairs that truncation makes
-  identical, ``stages.dpo.distinct_after_truncation``), and the context against a rollout prompt plus
-  the stage's ``max_new_tokens``. A dataset of more than ``SAMPLE_ROWS`` rows is counted on an even
-  sample of them and the counts are scaled (said as "about").
+  identical, ``stages.dpo.distinct_after_truncation``), and the rollout prompts that would generate past
+  the context with the stage's ``max_new_tokens``. A dataset of more than ``SAMPLE_ROWS`` rows is counted
+  on an even sample of them and the counts are scaled (said as "about").
 
 It runs in a process of its own (``python -m stages.model.contract_check``), because the tokenizer needs
 transformers and the CLI's process never imports torch: ``rlhf run``/``stage``/``resume``/``sweep`` call it
-in pre-flight, ``rlhf plan`` prints its lines. Exit status 2 with ``error: ...`` on a refusal.
+in pre-flight, ``rlhf plan`` prints its lines. Exit status 2 with ``error: ...`` on a refusal. A backbone
+whose files are not here (a hub id not downloaded, offline) is not refused: the check notes it and the
+stages check the data when they load the tokenizer, as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from stages.io.artifacts import ArtifactError
 from stages.io.config import PipelineConfig, load_config
-from stages.io.data import DataError, DataKind, Record, load_records, load_rollout_prompts, record_location, source_name
+from stages.io.data import DataError, DataKind, load_records, load_rollout_prompts, record_location, source_name
 from stages.io.formats import is_conversational
 from stages.io.provenance import stage_datasets
 from stages.registry import spec
@@ -40,26 +46,29 @@ if TYPE_CHECKING:
     from stages.model.tokenization import Tokenization
 
 SAMPLE_ROWS = 5000  # rows tokenized per dataset for the budget counts (all of them up to this many)
-MOST = 0.5  # a stage that cuts more than this share of its rows' responses is warned about loudly
+MOST = 0.5  # a budget that cuts more than this share of a dataset's rows is warned about loudly
+CHECK_TIMEOUT_S = 900  # a tokenizer download that stalls ends the check, not the command
 
 
 @dataclass(frozen=True)
 class BudgetCount:
-    """What one stage's budget does to one dataset's rows."""
+    """What one stage's token budget does to one dataset's rows."""
 
     stage: str
     dataset: str  # the file (or builtin) and its kind
-    budget: str  # the setting and its value, e.g. "sft.max_length=64"
+    budget: str  # the limit and where it comes from, e.g. "sft.max_length=64"
     rows: int
-    cut: int  # rows longer than the budget: their end is cut (an SFT demo loses its end token)
+    cut: int  # rows over the budget (an SFT demo loses its end token; a rollout runs past the context)
     dropped: int  # rows the stage leaves out (no room for a response; DPO pairs made identical)
-    estimated: bool  # counted on a sample of SAMPLE_ROWS rows
+    estimated: bool  # counted on an even sample of SAMPLE_ROWS rows, then scaled
+    effect: str  # what being over the budget does to a row
+    remedy: str  # the setting to change
 
     def line(self) -> str:
         about = "about " if self.estimated else ""
         text = (f"{self.stage}: {self.dataset}: {about}{self.cut} of {self.rows} rows over {self.budget}"
-                f"{' (cut)' if self.cut else ''}, {about}{self.dropped} dropped")
-        return f"WARNING: {text}: most responses are cut; raise {self.budget.split('=')[0]}" if self.mostly_cut else text
+                f"{f' ({self.effect})' if self.cut else ''}, {about}{self.dropped} dropped")
+        return f"WARNING: {text}: most rows are over it; {self.remedy}" if self.mostly_cut else text
 
     @property
     def mostly_cut(self) -> bool:
@@ -68,7 +77,8 @@ class BudgetCount:
 
 def contract_tokenization(cfg: PipelineConfig) -> tuple["Tokenization", int]:
     """The stages' ``Tokenization`` of the configured backbone, and its context length, from its files
-    (tokenizer, ``generation_config.json``, ``config.json``) without loading the weights."""
+    (tokenizer, ``generation_config.json`` or, as transformers does without one, ``config.json``)
+    without loading the weights. Raises ``OSError`` when they are not here."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from stages.model.backbone import resolve_backbone
@@ -77,11 +87,12 @@ def contract_tokenization(cfg: PipelineConfig) -> tuple["Tokenization", int]:
     location = resolve_backbone(cfg.backbone)
     options = {"revision": cfg.backbone.revision, "trust_remote_code": cfg.backbone.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(location, **options)
+    config = AutoConfig.from_pretrained(location, **options)
     try:
         generation = GenerationConfig.from_pretrained(location, revision=cfg.backbone.revision)
-    except OSError:  # a model without generation_config.json
-        generation = None
-    context = AutoConfig.from_pretrained(location, **options).max_position_embeddings
+    except OSError:  # no generation_config.json: transformers builds the model's from config.json
+        generation = GenerationConfig.from_model_config(config)
+    context = config.max_position_embeddings
     return Tokenization.of(tokenizer, cfg.data.chat_template, generation_end_ids(generation)), context
 
 
@@ -103,10 +114,9 @@ def check_rendering(cfg: PipelineConfig, tokenization: "Tokenization") -> None:
             try:
                 tokenization.prompt_ids(prompt)
             except TokenizationError as err:
-                where = record_location(ref, kind, cfg.task, index)
                 roles = f"roles {list(shape)}" if shape != ("text",) else "a plain-text prompt"
-                raise DataError(f"{source_name(ref)}: {where}: a prompt with {roles}: {err} (backbone.name="
-                                f"{cfg.backbone.name})") from None
+                raise DataError(f"{source_name(ref)}: {record_location(ref, index)}: a prompt with {roles}: {err} "
+                                f"(backbone.name={cfg.backbone.name})") from None
 
 
 def budget_counts(cfg: PipelineConfig, tokenization: "Tokenization", context: int) -> list[BudgetCount]:
@@ -115,35 +125,52 @@ def budget_counts(cfg: PipelineConfig, tokenization: "Tokenization", context: in
     for stage in cfg.run.stages:
         datasets, rolls_out = spec(stage).datasets, "prompts" in spec(stage).optional_datasets
         if rolls_out and not (stage == "rrhf" and cfg.data.ranked):
-            new = getattr(cfg, stage).max_new_tokens
-            prompts = [{"prompt": p} for p in load_rollout_prompts(cfg.data, cfg.task)]
-            counts.append(_count(stage, cfg, "prompts", tokenization, f"the context={context} - {stage}.max_new_tokens="
-                                 f"{new}", context - new, records=prompts))
+            counts.append(_rollout_count(stage, cfg, tokenization, context))
         elif "sft" in datasets and not rolls_out:
             counts.append(_count(stage, cfg, "sft", tokenization, f"sft.max_length={cfg.sft.max_length}",
-                                 cfg.sft.max_length))
+                                 cfg.sft.max_length, "cut: the demo loses its end", "raise sft.max_length"))
         elif "preferences" in datasets:
-            counts.append(_count(stage, cfg, "preferences", tokenization, f"the context={context}", context,
-                                 dpo_pairs=stage == "dpo"))
+            counts.append(_count(stage, cfg, "preferences", tokenization, f"the backbone's context={context}", context,
+                                 "cut at the context", "shorten the pairs", dpo_pairs=stage == "dpo"))
     return counts
 
 
+def _even_sample(rows: list[Any]) -> list[Any]:
+    return rows if len(rows) <= SAMPLE_ROWS else [rows[i * len(rows) // SAMPLE_ROWS] for i in range(SAMPLE_ROWS)]
+
+
 def _count(stage: str, cfg: PipelineConfig, kind: DataKind, tokenization: "Tokenization", budget: str, limit: int,
-           records: list[Record] | None = None, dpo_pairs: bool = False) -> BudgetCount:
+           effect: str, remedy: str, dpo_pairs: bool = False) -> BudgetCount:
     from stages.io.data import measure_lengths
 
-    ref = (cfg.data.prompts or cfg.data.sft) if kind == "prompts" else getattr(cfg.data, kind)
-    rows = records if records is not None else load_records(ref, kind, cfg.task)
-    sample = rows if len(rows) <= SAMPLE_ROWS else rows[:: len(rows) // SAMPLE_ROWS][:SAMPLE_ROWS]
-    lengths = measure_lengths(sample, kind, source_name(ref), tokenization, max(limit, 1))
-    cut, dropped = len(lengths.too_long), len(lengths.no_room)
+    ref = getattr(cfg.data, kind)
+    rows = load_records(ref, kind, cfg.task)
+    sample = _even_sample(rows)
+    lengths = measure_lengths(sample, kind, source_name(ref), tokenization, limit)
+    dropped = len(lengths.no_room)
     if dpo_pairs:
         from stages.dpo import distinct_after_truncation
 
         dropped = len(distinct_after_truncation(sample, tokenization, limit)[1])
-    scale = len(rows) / max(len(sample), 1)
-    return BudgetCount(stage, f"{source_name(ref)} ({kind})", budget, len(rows), round(cut * scale),
-                       round(dropped * scale), len(sample) < len(rows))
+    scale = len(rows) / len(sample)
+    return BudgetCount(stage, f"{source_name(ref)} ({kind})", budget, len(rows), round(len(lengths.too_long) * scale),
+                       round(dropped * scale), len(sample) < len(rows), effect, remedy)
+
+
+def _rollout_count(stage: str, cfg: PipelineConfig, tokenization: "Tokenization", context: int) -> BudgetCount:
+    """Rollout prompts whose ids plus ``<stage>.max_new_tokens`` exceed the context: the stages sample them
+    anyway (a prompt alone over the context is the ``DataError`` the stage raises too)."""
+    from stages.io.data import measure_lengths
+
+    new, ref = getattr(cfg, stage).max_new_tokens, cfg.data.prompts or cfg.data.sft
+    prompts = load_rollout_prompts(cfg.data, cfg.task)
+    sample = _even_sample(prompts)
+    measure_lengths([{"prompt": p} for p in sample], "prompts", source_name(ref), tokenization, context)
+    over = sum(len(tokenization.prompt_ids(p)) + new > context for p in sample)
+    return BudgetCount(stage, f"{source_name(ref)} (rollout prompts)", f"the context={context} with "
+                       f"{stage}.max_new_tokens={new}", len(prompts), round(over * len(prompts) / len(sample)), 0,
+                       len(sample) < len(prompts), "would generate past the context",
+                       f"lower {stage}.max_new_tokens or shorten the prompts")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,49 +178,96 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--json", action="store_true", help="print the budget counts as JSON")
     args = parser.parse_args(argv)
-    from stages.model.tokenization import TokenizationError
-
-    try:
-        cfg = load_config(args.config, [])
-        tokenization, context = contract_tokenization(cfg)
-        check_rendering(cfg, tokenization)
-        counts = budget_counts(cfg, tokenization, context)
-    except (DataError, TokenizationError, ArtifactError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # hub and file errors span several lines; the first says what went wrong
-        print(f"error: backbone.name={cfg.backbone.name!r}: cannot read its tokenizer or config "
-              f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})", file=sys.stderr)
-        sys.exit(2)
+    cfg = load_config(args.config, [])
+    with one_line_errors(cfg):
+        try:
+            tokenization, context = contract_tokenization(cfg)
+        except OSError as err:  # not here (a hub id not downloaded, offline): the stages check when they load it
+            print(f"note: backbone.name={cfg.backbone.name!r}: its tokenizer is not readable here ({first_line(err)}); "
+                  "the data's tokenization is checked when each stage loads it", file=sys.stderr)
+            counts = []
+        else:
+            check_rendering(cfg, tokenization)
+            counts = budget_counts(cfg, tokenization, context)
     if args.json:
         print(json.dumps([asdict(c) | {"line": c.line(), "mostly_cut": c.mostly_cut} for c in counts]))
     else:
-        for count in counts:
-            print(count.line())
+        print("\n".join(count.line() for count in counts))
 
 
-def start_check(cfg: PipelineConfig) -> Callable[[], list[dict[str, Any]]]:
-    """Start this check in a process of its own (the CLI's process never imports torch) and return the
-    function that waits for it: it returns the budget counts (``BudgetCount`` fields and ``line``) or
-    raises ``DataError`` with the check's one-line refusal."""
-    import subprocess
-    import tempfile
+def first_line(err: BaseException) -> str:
+    """An exception's first line, or its type: library errors often span several lines."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
-    folder = tempfile.TemporaryDirectory(prefix="rlhf-contract-")
-    config = Path(folder.name) / "config.yaml"
-    config.write_text(cfg.to_yaml())
-    process = subprocess.Popen([sys.executable, "-m", "stages.model.contract_check", "--config", str(config), "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def wait() -> list[dict[str, Any]]:
-        out, err = process.communicate()
-        folder.cleanup()
-        if process.returncode != 0:
-            lines = [line for line in err.splitlines() if line.startswith("error: ")]
-            raise DataError(lines[-1].removeprefix("error: ") if lines else f"the tokenization check failed:\n{err}")
-        return json.loads(out.strip().splitlines()[-1])
+@contextmanager
+def one_line_errors(cfg: PipelineConfig) -> Iterator[None]:
+    """Inside it, any exception ends the process with ``error: <one line>`` and status 2: a user error
+    as itself, anything else (a tokenizer that needs ``trust_remote_code``, a missing package) by its
+    type and first line, never as a traceback (``RLHF_TRACEBACK=1`` shows it)."""
+    from stages.model.tokenization import TokenizationError
 
-    return wait
+    try:
+        yield
+    except Exception as err:
+        if os.environ.get("RLHF_TRACEBACK"):
+            raise
+        known = isinstance(err, (DataError, TokenizationError, ArtifactError))
+        message = str(err) if known else f"backbone.name={cfg.backbone.name!r}: {type(err).__name__}: {first_line(err)}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ConfigProcess:
+    """``python -m <module> --config <cfg as a temporary file> [args]`` in a process of its own: the
+    CLI's process never imports torch. ``close`` ends it (if still running) and removes the file."""
+
+    def __init__(self, module: str, cfg: PipelineConfig, *args: str, capture: bool = True) -> None:
+        self.folder = tempfile.TemporaryDirectory(prefix="rlhf-config-")
+        config = Path(self.folder.name) / "config.yaml"
+        config.write_text(cfg.to_yaml())
+        pipe = subprocess.PIPE if capture else None
+        self.process = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), *args],
+                                        stdout=pipe, stderr=pipe, text=True)
+
+    def wait(self, timeout: float | None = None) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr); raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+        out, err = self.process.communicate(timeout=timeout)
+        return self.process.returncode, out or "", err or ""
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.folder.cleanup()
+
+    def __enter__(self) -> "ConfigProcess":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def budget_lines(check: ConfigProcess) -> list[dict[str, Any]]:
+    """Wait for a started check (``ConfigProcess("stages.model.contract_check", cfg, "--json")``): the budget
+    counts (``BudgetCount`` fields, ``line``, ``mostly_cut``); raises ``DataError`` with its one-line refusal."""
+    try:
+        status, out, err = check.wait(CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DataError(f"the tokenization check took over {CHECK_TIMEOUT_S} s (a stalled tokenizer download?)") from None
+    for line in err.splitlines():
+        if line.startswith("note: "):
+            print(line, file=sys.stderr, flush=True)
+    if status != 0:
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        raise DataError(lines[-1].removeprefix("error: ") if lines else f"the tokenization check failed:\n{err}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def start_check(cfg: PipelineConfig) -> ConfigProcess:
+    """Start this check on ``cfg`` in its own process; ``budget_lines`` waits for it, ``close`` ends it."""
+    return ConfigProcess("stages.model.contract_check", cfg, "--json")
 
 
 if __name__ == "__main__":

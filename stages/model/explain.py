@@ -10,11 +10,9 @@ where the prompt ends, which ids the loss applies to, where a budget cuts, and w
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.io.artifacts import ArtifactError
 from stages.io.config import PipelineConfig, load_config
 from stages.io.data import DataError, load_records, load_rollout_prompts, record_location, source_name
 from stages.io.formats import Prompt
@@ -26,9 +24,14 @@ if TYPE_CHECKING:
 
 
 def marked(tokenization: "Tokenization", ids: list[int]) -> str:
-    """``ids`` as ``id:token`` pieces (the token as the tokenizer spells it, escaped), space-separated."""
+    """``ids`` as ``id:token`` pieces (the token as the tokenizer spells it: ``▁7``, ``Ġthe``; a character
+    that does not print, such as a raw newline, escaped), space-separated."""
     tokens = tokenization.tokenizer.convert_ids_to_tokens(ids)
-    return " ".join(f"{i}:{t.encode('unicode_escape').decode() if isinstance(t, str) else t}" for i, t in zip(ids, tokens))
+    return " ".join(f"{i}:{_printable(str(t))}" for i, t in zip(ids, tokens))
+
+
+def _printable(token: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in token)
 
 
 def _pair_lines(tokenization: "Tokenization", prompt: Prompt, response: str, label: str, budget: int) -> list[str]:
@@ -41,7 +44,10 @@ def _pair_lines(tokenization: "Tokenization", prompt: Prompt, response: str, lab
 
 
 def explain(cfg: PipelineConfig, tokenization: "Tokenization", context: int, row: int = 0) -> list[str]:
-    """The lines of ``rlhf inspect`` for record ``row`` (from 0) of each dataset of each configured stage."""
+    """The lines of ``rlhf inspect`` for record ``row`` (from 0) of each dataset of each configured stage.
+    Raises ``DataError`` for a row a dataset does not hold."""
+    if row < 0:
+        raise DataError(f"--row {row + 1}: rows count from 1")
     stops = ", ".join(marked(tokenization, [i]) for i in tokenization.stop_ids)
     lines = [f"backbone {cfg.backbone.name}: BOS added to plain prompts: {tokenization.bos_id is not None}; "
              f"pad {marked(tokenization, [tokenization.pad_id])}; a response ends at the first of: {stops}"]
@@ -54,7 +60,7 @@ def explain(cfg: PipelineConfig, tokenization: "Tokenization", context: int, row
             if row >= len(records):
                 raise DataError(f"{source_name(ref)}: --row {row + 1}, but it holds {len(records)} records")
             record = records[row]
-            where = f"{source_name(ref)} {record_location(ref, kind, cfg.task, row)}"
+            where = f"{source_name(ref)} {record_location(ref, row)}"
             if kind == "sft":
                 lines += [f"{stage} trains on {where} (sft.max_length={cfg.sft.max_length}):",
                           *_pair_lines(tokenization, record["prompt"], record["completion"], "completion",
@@ -74,7 +80,10 @@ def explain(cfg: PipelineConfig, tokenization: "Tokenization", context: int, row
                 for response in record["responses"]:
                     lines += _pair_lines(tokenization, record["query"], response, "candidate", context)
         if "prompts" in spec(stage).optional_datasets and not (stage == "rrhf" and cfg.data.ranked):
-            prompt = load_rollout_prompts(cfg.data, cfg.task)[row]
+            prompts = load_rollout_prompts(cfg.data, cfg.task)
+            if row >= len(prompts):
+                raise DataError(f"{stage}'s rollout prompts: --row {row + 1}, but there are {len(prompts)} distinct ones")
+            prompt = prompts[row]
             prompt_ids = tokenization.prompt_ids(prompt)
             new = getattr(cfg, stage).max_new_tokens
             lines += [f"{stage} rolls out on its prompts ({source_name(cfg.data.prompts or cfg.data.sft)}, distinct prompt "
@@ -87,22 +96,14 @@ def explain(cfg: PipelineConfig, tokenization: "Tokenization", context: int, row
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.model.explain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--row", type=int, default=1, help="the record to show, from 1 (default: the first)")
+    parser.add_argument("--row", type=int, default=1, help="the record to show, from 1 (rlhf inspect checks it)")
     args = parser.parse_args(argv)
-    from stages.model.contract_check import contract_tokenization
-    from stages.model.tokenization import TokenizationError
+    from stages.model.contract_check import contract_tokenization, one_line_errors
 
-    try:
-        cfg = load_config(args.config, [])
+    cfg = load_config(args.config, [])
+    with one_line_errors(cfg):
         tokenization, context = contract_tokenization(cfg)
         print("\n".join(explain(cfg, tokenization, context, args.row - 1)))
-    except (DataError, TokenizationError, ArtifactError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # hub and file errors span several lines; the first says what went wrong
-        print(f"error: backbone.name={cfg.backbone.name!r}: cannot read its tokenizer or config "
-              f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -96,10 +96,12 @@ def generate(
 # the value that changes nothing (None: unset). Length limits and end ids are the stage's own.
 _NEUTRAL_SETTINGS: dict[str, Any] = {
     "temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "top_h": None,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
-    "exponential_decay_length_penalty": None, "renormalize_logits": False, "guidance_scale": None,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "guidance_scale": None, "num_beams": 1, "penalty_alpha": None, "diversity_penalty": 0.0,
+    "watermarking_config": None, "stop_strings": None,  # an end condition by text: the stop set holds ids only
 }
 
 

@@ -142,9 +142,21 @@ _KNOWN_NOISE = (
 def silence_known_noise(cfg: PipelineConfig) -> None:
     """Drop exactly the library log lines of ``_KNOWN_NOISE`` that are harmless for ``cfg`` (the loggers
     exist before their libraries are imported, so the filter is in place when they print)."""
-    for logger, start, harmless in _KNOWN_NOISE:
-        if harmless(cfg):
-            logging.getLogger(logger).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
+    for name, start, harmless in _KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if harmless(cfg) and not any(getattr(f, "noise", None) == start for f in logger.filters):
+            logger.addFilter(_NoiseFilter(start))
+
+
+class _NoiseFilter(logging.Filter):
+    """Drops the records whose message starts with ``noise``."""
+
+    def __init__(self, noise: str) -> None:
+        super().__init__()
+        self.noise = noise
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.noise)
 
 
 def quiet_other_ranks() -> None:
