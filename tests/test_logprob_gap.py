@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from stages.io.config import load_config
+from stages.model.adapters import active_adapter
 from stages.model.generation import generate, ignored_generation_settings
 from stages.model.sequences import sampled_batch, token_logprobs
-from stages.ppo import build_models, collect_rollout, ppo_update, ppo_updater, train_ppo
+from stages.ppo import POLICY, build_models, collect_rollout, ppo_update, ppo_updater, train_ppo
 from stages.training.logprob_gap import GAP_LIMITS, gap_warning
 from stages.training.runner import execute
 from tests.conftest import TINY, train_upstream
@@ -60,6 +61,22 @@ def test_the_gap_of_a_clean_update_is_float_noise_and_a_mismatched_one_warns(inp
     mismatched = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
     assert mismatched["logprob_gap_max"] > 100 * GAP_LIMITS["float32"].largest
     assert "differ from the training forward's by up to" in gap_warning([clean, mismatched], "float32", "ppo")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_gap_counts_only_forwards_before_the_updates_first_step(inputs: dict[str, Path], temperature: float) -> None:
+    """With accumulation (2 minibatches per step), 3 epochs and a learning rate that moves the log-probs
+    by far more than float noise after one step, the gap stays noise: only the forwards before the first
+    optimizer step are measured. At T=0.7 both sides divide by the same temperature."""
+    cfg = load_config(None, [*FAST, f"ppo.temperature={temperature}", "ppo.minibatch_size=2",
+                             "ppo.gradient_accumulation=2", "ppo.ppo_epochs=3", "ppo.learning_rate=0.05"])
+    models = build_models(cfg, inputs)
+    rollout, _ = collect_rollout(models, PROMPTS, cfg, kl_coef=0.1, seed=0)
+    stats = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    assert stats["minibatches"] == 6 and stats["logprob_gap_max"] < GAP_LIMITS["float32"].largest, stats
+    with torch.no_grad(), active_adapter(models.model, POLICY):  # a forward after a step would have shown a gap
+        moved = token_logprobs(models.model, rollout.batch, temperature)
+    assert ((moved - rollout.old_logprobs).abs() * rollout.response_mask).max() > 10 * GAP_LIMITS["float32"].largest
 
 
 def test_the_gap_is_in_the_history_of_ppo_and_grpo_and_in_rrhfs_metrics(inputs: dict[str, Path], tmp_path: Path) -> None:

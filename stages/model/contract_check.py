@@ -123,16 +123,21 @@ def budget_counts(cfg: PipelineConfig, tokenization: "Tokenization", context: in
     """``BudgetCount`` of every configured stage's token budgets on its datasets (module docstring)."""
     counts = []
     for stage in cfg.run.stages:
-        datasets, rolls_out = spec(stage).datasets, "prompts" in spec(stage).optional_datasets
-        if rolls_out and not (stage == "rrhf" and cfg.data.ranked):
+        datasets = spec(stage).datasets
+        if rolls_out(stage, cfg):
             counts.append(_rollout_count(stage, cfg, tokenization, context))
-        elif "sft" in datasets and not rolls_out:
+        elif "sft" in datasets and "prompts" not in spec(stage).optional_datasets:
             counts.append(_count(stage, cfg, "sft", tokenization, f"sft.max_length={cfg.sft.max_length}",
                                  cfg.sft.max_length, "cut: the demo loses its end", "raise sft.max_length"))
         elif "preferences" in datasets:
             counts.append(_count(stage, cfg, "preferences", tokenization, f"the backbone's context={context}", context,
                                  "cut at the context", "shorten the pairs", dpo_pairs=stage == "dpo"))
     return counts
+
+
+def rolls_out(stage: str, cfg: PipelineConfig) -> bool:
+    """Whether ``stage`` samples responses to rollout prompts in this run (RRHF on ``data.ranked`` does not)."""
+    return "prompts" in spec(stage).optional_datasets and not (stage == "rrhf" and cfg.data.ranked)
 
 
 def _even_sample(rows: list[Any]) -> list[Any]:

@@ -17,7 +17,7 @@ from stages.io.config import PipelineConfig, load_config
 from stages.io.data import DataError, load_records, load_rollout_prompts, record_location, source_name
 from stages.io.formats import Prompt
 from stages.io.provenance import stage_datasets
-from stages.registry import spec
+from stages.model.contract_check import contract_tokenization, one_line_errors, rolls_out
 
 if TYPE_CHECKING:
     from stages.model.tokenization import Tokenization
@@ -79,7 +79,7 @@ def explain(cfg: PipelineConfig, tokenization: "Tokenization", context: int, row
                 lines.append(f"{stage} ranks the candidates of {where}:")
                 for response in record["responses"]:
                     lines += _pair_lines(tokenization, record["query"], response, "candidate", context)
-        if "prompts" in spec(stage).optional_datasets and not (stage == "rrhf" and cfg.data.ranked):
+        if rolls_out(stage, cfg):
             prompts = load_rollout_prompts(cfg.data, cfg.task)
             if row >= len(prompts):
                 raise DataError(f"{stage}'s rollout prompts: --row {row + 1}, but there are {len(prompts)} distinct ones")
@@ -98,8 +98,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--row", type=int, default=1, help="the record to show, from 1 (rlhf inspect checks it)")
     args = parser.parse_args(argv)
-    from stages.model.contract_check import contract_tokenization, one_line_errors
-
     cfg = load_config(args.config, [])
     with one_line_errors(cfg):
         tokenization, context = contract_tokenization(cfg)

@@ -160,12 +160,10 @@ class Tokenization:
             return joined[len(head):]
         newline = self._ids(_SENTINEL)
         after = self._ids(_SENTINEL + response)
-        if after[: len(newline)] == newline and self._decodes_to(head, after[len(newline):], response):
-            return after[len(newline):]
+        tail = after[len(newline):]
+        if after[: len(newline)] == newline and self.text(head + tail) == self.text(head) + response:
+            return tail
         return self._ids(response)
-
-    def _decodes_to(self, head: list[int], tail: list[int], response: str) -> bool:
-        return self.text(head + tail) == self.text(head) + response
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
