@@ -183,28 +183,10 @@ def _boot_prefect() -> Callable[[], None]:
     return start_server_early()
 
 
-def _preflight(cfg: "PipelineConfig", memory_stages: list[str] | None = None) -> None:
-    from stages.io.deepspeed_config import check_launch
-    from stages.io.provenance import check_datasets
-    from stages.model.adapters import check_target_modules
-    from stages.model.backbone import resolve_backbone
-    from stages.model.contract_check import budget_lines, start_check
-    from stages.model.placement import device_type
+def _preflight(cfg: PipelineConfig, memory_stages: list[str] | None = None) -> None:
+    from flows.preflight import preflight
 
-    device_type(cfg.backbone)  # backbone.device: cuda where no GPU is visible fails here, not in a stage
-    for stage in cfg.run.stages:
-        check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
-    check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
-    location = resolve_backbone(cfg.backbone)  # a first-use build happens now, not inside the flow's server process
-    with start_check(cfg) as check:  # the template on every prompt shape, and the budgets: in its own process
-        check_target_modules(cfg.adapter, location, cfg.backbone.revision, cfg.backbone.trust_remote_code)
-        if memory_stages:  # and a stage that would run out of memory is refused now, not minutes into the run
-            from flows.memory_check import check_memory
-
-            check_memory(cfg, memory_stages)
-        for count in budget_lines(check):  # every budget that cuts or drops rows; most of them: loudly
-            if count["cut"] or count["dropped"]:
-                print(count["line"], file=sys.stderr if count["mostly_cut"] else sys.stdout, flush=True)
+    preflight(cfg, memory_stages)
 
 
 def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path,
@@ -288,11 +270,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from flows.memory_check import format_plan, plan_json, plan_memory
+    from flows.preflight import budget_lines, build_backbone, start_check
     from stages.io.config import load_config
 
-    from stages.model.contract_check import budget_lines, start_check
-
     cfg = load_config(args.config, args.overrides)
+    build_backbone(cfg.backbone)
     with start_check(cfg) as check:
         plan = plan_memory(cfg)
         counts = budget_lines(check)
@@ -312,11 +294,12 @@ def _row_number(text: str) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from flows.preflight import ConfigProcess, build_backbone
     from stages.io.config import load_config
-    from stages.model.contract_check import ConfigProcess
 
-    with ConfigProcess("stages.model.explain", load_config(args.config, args.overrides), "--row", str(args.row),
-                       capture=False) as explaining:
+    cfg = load_config(args.config, args.overrides)
+    build_backbone(cfg.backbone)
+    with ConfigProcess("stages.tools.explain", cfg, "--row", str(args.row), capture=False) as explaining:
         return explaining.wait()[0]
 
 
@@ -382,22 +365,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from flows.export import ExportError, export_run, plan_export
+    from flows.preflight import ConfigProcess
+    from flows.run_dir import CONFIG
+    from stages.io.config import load_config
 
-    try:
-        record = export_run(plan_export(args.runs_dir / args.run_id, args.stage, args.merge), args.out)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"exported {record['run_id']}/{record['stage']} as {record['format']} to {args.out}")
-    return 0
+    run_dir = args.runs_dir / args.run_id
+    if not (run_dir / CONFIG).is_file():
+        raise _usage_error(f"{run_dir}: no such run (see `rlhf runs`)")
+    options = [*(["--stage", args.stage] if args.stage else []), *(["--merge"] if args.merge else [])]
+    with ConfigProcess("stages.tools.export", load_config(run_dir / CONFIG), str(run_dir), "--out", str(args.out),
+                       *options, capture=False) as exporting:  # torch and the model load in their own process
+        return exporting.wait()[0]
 
 
 def _cmd_build_backbone(args: argparse.Namespace) -> int:
-    from stages.model.builtin_backbone import ensure_builtin_backbone
+    import subprocess
 
-    print(ensure_builtin_backbone())
-    return 0
+    return subprocess.run([sys.executable, "-m", "stages.model.builtin_backbone"]).returncode
 
 
 def _usage_error(message: str) -> Exception:
@@ -408,8 +392,7 @@ def _usage_error(message: str) -> Exception:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flows.launch import StageFailed
-    from stages.training.runner import USER_ERRORS
+    from flows.launch import USER_ERRORS, StageFailed
 
     try:
         return args.handler(args)

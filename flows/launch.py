@@ -6,14 +6,21 @@ from __future__ import annotations
 import os
 import sys
 
-from stages.io.config import DEEPSPEED_PRESETS, PipelineConfig
+from stages.io.artifacts import ArtifactError
+from stages.io.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
+from stages.io.data import DataError
 from stages.io.deepspeed_config import INFRA, check_launch, deepspeed_config_path
-from stages.model.placement import visible_gpus_env
+from stages.io.devices import visible_gpus_env
 from stages.registry import spec
 
 
 class StageFailed(RuntimeError):
     """A stage process exited non-zero; the message carries its last lines and the log's path."""
+
+
+# The errors the flow's own process raises for the user to fix (config, data, a missing artifact or
+# backbone): printed as one line (exit 2 from the CLI), a failed task without a traceback in Prefect.
+USER_ERRORS = (ConfigError, DataError, ArtifactError)
 
 
 def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], machine_rank: int = 0) -> list[str]:

@@ -48,7 +48,7 @@ def plan_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> MemoryP
         read_model_shape,
         read_parallel,
     )
-    from stages.model.placement import device_type
+    from stages.io.devices import device_type
 
     shape, data, device = read_model_shape(cfg), read_data_shape(cfg), device_type(cfg.backbone)
     estimates = []

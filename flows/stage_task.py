@@ -23,14 +23,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
 from flows.cache import ArtifactCache
-from flows.launch import StageFailed, accelerate_command, launch_env
+from flows.launch import USER_ERRORS, StageFailed, accelerate_command, launch_env
 from flows.run_dir import CONFIG, record_status
 from stages.io import artifacts
 from stages.io.config import PipelineConfig, load_config
 from stages.io.progress import PROGRESS_ENV
 from stages.io.provenance import stage_provenance
 from stages.registry import spec
-from stages.training.runner import USER_ERRORS
 
 # The line that explains a failure: our own one-line errors, else the last exception of any rank.
 _ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?(error: |([\w.]+(Error|Exception|Interrupt)|NonFiniteLoss)(: |$))")

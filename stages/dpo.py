@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import DataError, Record, load_records, measure_lengths, source_name, split_by_prompt
+from stages.io.sections import needs_4bit
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
-from stages.model.adapters import count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.adapters import count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
 from stages.model.probes import save_probe
 from stages.model.tokenization import Tokenization
@@ -91,7 +92,7 @@ def distinct_after_truncation(pairs: list[Record], tokenization: Tokenization, m
 
 
 @contextmanager
-def _reference_config_frozen(model: "PeftModel") -> Iterator[None]:
+def _reference_config_frozen(model: PeftModel) -> Iterator[None]:
     """DPOTrainer adds its reference with ``add_adapter("ref", <the policy's config>)``, and PEFT's AdaLoRA
     refuses a second adapter that is not in inference mode (it trains one per model). For AdaLoRA the
     policy's config is swapped, while TRL builds, for an inference-mode copy, which the reference keeps."""
@@ -108,8 +109,8 @@ def _reference_config_frozen(model: "PeftModel") -> Iterator[None]:
         model.peft_config[POLICY] = config
 
 
-def build_dpo_trainer(model: "PeftModel", tokenization: Tokenization, train: list[Record], held: list[Record],
-                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> "DPOTrainer":
+def build_dpo_trainer(model: PeftModel, tokenization: Tokenization, train: list[Record], held: list[Record],
+                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> DPOTrainer:
     """TRL's DPOTrainer on the contract's ids; ``model`` holds the SFT adapter as ``default`` (trainable),
     and the trainer adds its frozen copy ``ref`` on the same backbone."""
     from datasets import Dataset
@@ -144,7 +145,7 @@ def build_dpo_trainer(model: "PeftModel", tokenization: Tokenization, train: lis
     return trainer
 
 
-def held_out_rewards(trainer: "DPOTrainer") -> dict[str, float]:
+def held_out_rewards(trainer: DPOTrainer) -> dict[str, float]:
     """DPO's implicit reward on the held-out pairs: accuracy (chosen above rejected) and mean margin."""
     found = trainer.evaluate()
     return {"reward_accuracy": found["eval_rewards/accuracies"], "reward_margin": found["eval_rewards/margins"]}

@@ -32,16 +32,17 @@ from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
+from stages.io.sections import needs_4bit
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
-from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
-from stages.model.generation import Response, generate
+from stages.model.generation import generate
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
-from stages.model.sequences import SequenceBatch, sampled_batch, token_logprobs
+from stages.model.reward_model import attach_reward, reward_of
+from stages.model.sequences import Response, SequenceBatch, sampled_batch, token_logprobs
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import group_advantages, grpo_loss, tied_groups
-from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
@@ -61,7 +62,7 @@ REFERENCE, POLICY = "reference", "policy"
 GENERATION_BATCH = 64  # responses sampled at once (a memory bound, not a hyper-parameter)
 
 
-def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple["PeftModel", Tokenization, RewardSource, str]:
+def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple[PeftModel, Tokenization, RewardSource, str]:
     """One backbone with the reference and policy adapters (both from SFT) and, when the reward uses the
     model, the reward adapter and head; the policy active and the only trainable adapter."""
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
@@ -81,9 +82,9 @@ def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple["PeftModel
     return model, tokenization, source, backbone.fingerprint
 
 
-def sample_groups(model: "PeftModel", tokenization: Tokenization, source: RewardSource, prompts: list[Prompt],
+def sample_groups(model: PeftModel, tokenization: Tokenization, source: RewardSource, prompts: list[Prompt],
                   cfg: PipelineConfig, seed: int, positions: list[int] | None = None
-                  ) -> tuple[SequenceBatch, "torch.Tensor", "torch.Tensor", dict[str, float]]:
+                  ) -> tuple[SequenceBatch, torch.Tensor, torch.Tensor, dict[str, float]]:
     """G responses to each prompt from the policy, and their rewards. ``positions``: each prompt's place in
     the global batch (default its index); sample j of the prompt at position p draws from the stream of key
     p * G + j (``generate``), so a group is the same on any number of ranks.
@@ -112,8 +113,8 @@ def sample_groups(model: "PeftModel", tokenization: Tokenization, source: Reward
     return batch, logprobs, rewards, stats
 
 
-def grpo_step(model: "PeftModel", batch: SequenceBatch, old_logprobs: "torch.Tensor", rewards: "torch.Tensor",
-              updater: Updater, cfg: PipelineConfig, generator: "torch.Generator", dist: Distributed = LOCAL
+def grpo_step(model: PeftModel, batch: SequenceBatch, old_logprobs: torch.Tensor, rewards: torch.Tensor,
+              updater: Updater, cfg: PipelineConfig, generator: torch.Generator, dist: Distributed = LOCAL
               ) -> dict[str, float]:
     """Group advantages, the reference's log-probs, then ``num_iterations`` passes of minibatch updates of
     ``grpo_loss``. Token means are over the global minibatch under DeepSpeed (each rank's share).

@@ -30,14 +30,17 @@ from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig, PPOSection
 from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
+from stages.io.sections import needs_4bit
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
-from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
-from stages.model.generation import Response, generate
+from stages.model.generation import generate
 from stages.model.heads import new_head, save_head, sequence_scores
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
+from stages.model.reward_model import attach_reward, reward_of
 from stages.model.sequences import (
+    Response,
     SequenceBatch,
     sampled_batch,
     token_logprobs,
@@ -55,7 +58,6 @@ from stages.objectives.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
@@ -82,10 +84,10 @@ class PPOModels:
     """What PPO runs on: one model holding the four adapters (reference, policy, reward, value) and the
     two small heads. Not RL's "actor": the policy is only one adapter of it."""
 
-    model: "PeftModel"
+    model: PeftModel
     tokenization: Tokenization
-    reward_head: "torch.nn.Linear | None"  # None when ppo.reward is the checker alone
-    value_head: "torch.nn.Linear"
+    reward_head: torch.nn.Linear | None  # None when ppo.reward is the checker alone
+    value_head: torch.nn.Linear
     fingerprint: str
     value_adapter: str = VALUE  # POLICY for ppo.value_model: shared
     # The score of a rollout (ppo.reward); None: the reward head alone, minus ppo.missing_eos_penalty
@@ -100,15 +102,15 @@ class PPOModels:
 
 @dataclass
 class Rollout:
-    input_ids: "torch.Tensor"  # (B, T)
-    attention_mask: "torch.Tensor"  # (B, T)
-    response_mask: "torch.Tensor"  # (B, T)
-    old_logprobs: "torch.Tensor"  # (B, T)
-    old_values: "torch.Tensor"  # (B, T)
-    advantages: "torch.Tensor"  # (B, T) whitened
-    returns: "torch.Tensor"  # (B, T)
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T)
+    old_logprobs: torch.Tensor  # (B, T)
+    old_values: torch.Tensor  # (B, T)
+    advantages: torch.Tensor  # (B, T) whitened
+    returns: torch.Tensor  # (B, T)
 
-    def select(self, index: "torch.Tensor") -> "Rollout":
+    def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @property
@@ -188,9 +190,9 @@ def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: Pipeli
     return score_rollout(models, batch, finished, cfg, kl_coef, dist, logprobs=logprobs, scores=scores)
 
 
-def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tensor", cfg: PipelineConfig,
-                  kl_coef: float, dist: Distributed = LOCAL, logprobs: "torch.Tensor | None" = None,
-                  scores: "torch.Tensor | None" = None) -> tuple[Rollout, dict[str, float]]:
+def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tensor, cfg: PipelineConfig,
+                  kl_coef: float, dist: Distributed = LOCAL, logprobs: torch.Tensor | None = None,
+                  scores: torch.Tensor | None = None) -> tuple[Rollout, dict[str, float]]:
     """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``.
 
     ``logprobs`` (B, T): the policy's log-probs of the sampled tokens as generation computed them
@@ -216,8 +218,8 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: "torch.Tens
     return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef, dist)
 
 
-def shape_rollout(batch: SequenceBatch, finished: "torch.Tensor", scores: "torch.Tensor", logprobs: "torch.Tensor",
-                  ref_logprobs: "torch.Tensor", values: "torch.Tensor", cfg: PipelineConfig,
+def shape_rollout(batch: SequenceBatch, finished: torch.Tensor, scores: torch.Tensor, logprobs: torch.Tensor,
+                  ref_logprobs: torch.Tensor, values: torch.Tensor, cfg: PipelineConfig,
                   kl_coef: float, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
     """KL-penalised per-token rewards (score on the last token), GAE and advantages whitened over the
     global batch (every rank's share of it under DeepSpeed)."""
@@ -244,7 +246,7 @@ def ppo_updater(models: PPOModels, cfg: PipelineConfig, dist: Distributed = LOCA
 
 
 def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: PipelineConfig,
-               generator: "torch.Generator", dist: Distributed = LOCAL) -> dict[str, float]:
+               generator: torch.Generator, dist: Distributed = LOCAL) -> dict[str, float]:
     """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping.
 
     Each minibatch's token means are weighted by its share of the tokens of its update (every rank's,
@@ -302,7 +304,7 @@ def _over_target_kl(approx_kl: float, updater: Updater, ppo: PPOSection, dist: D
 
 def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, share: float, ppo: PPOSection,
                           gap: LogprobGap | None = None
-                          ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", dict[str, float]]:
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """The clipped policy and value losses of one minibatch, handed to ``updater`` (each scaled by the
     rank's ``share``); returns them, the entropies (B, T) and their stats. ``gap``: add the minibatch's
     sampling-versus-training log-prob gap to it (only before the update's first step)."""

@@ -14,27 +14,23 @@ texts, which every later stage re-computes to prove the head it loaded is the on
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.io.artifacts import ArtifactError, write_json
+from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import Record, load_records, measure_lengths, source_name, split_by_prompt
+from stages.io.sections import needs_4bit
 from stages.memory.plan import DataShape, Parallel, Phase, Workload
 from stages.model.adapters import (
     RankAllocation,
-    active_adapter,
     attach_adapter,
     count_trainable,
-    load_adapter,
-    needs_4bit,
     save_adapter,
 )
 from stages.model.backbone import load_backbone
-from stages.model.heads import SCORE_HEAD, load_head, new_head, save_head, sequence_scores
+from stages.model.heads import SCORE_HEAD, new_head, save_head, sequence_scores
 from stages.model.placement import model_device
-from stages.model.sequences import from_token_ids
+from stages.model.reward_model import ADAPTER_NAME, PROBES, probe_scores
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import pairwise_reward_loss
 from stages.training import runner
@@ -49,30 +45,26 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-    from stages.model.generation import Response
     from stages.model.sequences import SequenceBatch
 
-ADAPTER_NAME = "reward"
-PROBES = "probe_scores.json"
-PROBE_TOLERANCE = 1e-4
 EVAL_PAIRS = 64  # held-out pairs scored at once (a memory bound, not a hyper-parameter)
 
 
-def preference_batch(tokenization: Tokenization, pairs: list[Record], device: "torch.device | str") -> "SequenceBatch":
+def preference_batch(tokenization: Tokenization, pairs: list[Record], device: torch.device | str) -> SequenceBatch:
     """The B chosen rows, then the B rejected rows, of preference pairs, on ``device``: (2B, T)."""
     prompts = [p["prompt"] for p in pairs]
     return tokenization.batch(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)
 
 
-def score_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
-                pairs: list[Record]) -> tuple["torch.Tensor", "torch.Tensor"]:
+def score_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization,
+                pairs: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores, rejected scores), each (B,), in one forward over both sides."""
     batch = preference_batch(tokenization, pairs, model_device(model))
     scores = sequence_scores(model, head, batch)  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def evaluate_pairs(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
+def evaluate_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization,
                    pairs: list[Record], batch_size: int = EVAL_PAIRS) -> dict[str, float]:
     import torch
 
@@ -134,7 +126,7 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     history = loop.run(train_step)
     model.eval()
     metrics = evaluate_pairs(model, head, tokenization, held)
-    probes = _probe_scores(model, head, tokenization, held[:8])
+    probes = probe_scores(model, head, tokenization, held[:8])
 
     with gathered(dist, updater.module, also=[head.bias]):
         save_adapter(model, ADAPTER_NAME, out / "adapter")
@@ -179,62 +171,6 @@ class EpochBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.order = list(state["order"])
-
-
-def _probe_scores(model: "PeftModel", head: "torch.nn.Linear", tokenization: Tokenization,
-                  pairs: list[Record]) -> list[dict[str, Any]]:
-    """Held-out (prompt, response) texts with the ids they were scored on and their scores."""
-    import torch
-
-    probes = [{"prompt": p["prompt"], "response": p[side]} for p in pairs for side in ("chosen", "rejected")]
-    rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
-    with torch.no_grad():
-        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id, model_device(model)))
-    return [{**probe, "ids": prompt + response, "score": score}
-            for probe, (prompt, response), score in zip(probes, rows, scores.tolist())]
-
-
-def attach_reward(model: "PeftModel | torch.nn.Module", folder: Path, tokenization: Tokenization,
-                  backbone_fingerprint: str) -> tuple["PeftModel", "torch.nn.Linear"]:
-    """Load a reward artifact onto the shared backbone as adapter ``reward`` plus its head, and prove it
-    scores the reward stage's probe texts exactly as the reward stage did: the same token ids (the
-    tokenization contract holds across the two stages), then the same scores."""
-    import torch
-
-    model = load_adapter(model, folder, ADAPTER_NAME, backbone_fingerprint)
-    head = load_head(Path(folder) / SCORE_HEAD, model.get_base_model().config.hidden_size, backbone_fingerprint,
-                     model_device(model))
-    probes = json.loads((Path(folder) / PROBES).read_text())
-    rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
-    changed = [p for p, (prompt, response) in zip(probes, rows) if p["ids"] != prompt + response]
-    if changed:
-        raise ArtifactError(
-            f"{folder}: this stage tokenizes the reward model's probe text {changed[0]['prompt']!r} + "
-            f"{changed[0]['response']!r} into other ids than the reward stage did; the tokenizer or "
-            "data.chat_template differs between the stages, so the rewards would be wrong"
-        )
-    with active_adapter(model, ADAPTER_NAME), torch.no_grad():
-        scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id, model_device(model)))
-    expected = torch.tensor([p["score"] for p in probes], device=scores.device)
-    worst = (scores - expected).abs().max().item()
-    if worst > PROBE_TOLERANCE:
-        raise ArtifactError(
-            f"{folder}: the loaded reward model scores its probe texts {worst:.2e} away from what the reward "
-            f"stage computed (tolerance {PROBE_TOLERANCE}); the head or adapter does not match"
-        )
-    return model, head
-
-
-def reward_of(model: "PeftModel", head: "torch.nn.Linear", samples: list["Response"], pad_id: int,
-              missing_eos_penalty: float) -> list[float]:
-    """Reward-model scores of sampled responses, on the ids that were sampled (reward adapter active),
-    minus a penalty for responses that never stopped."""
-    import torch
-
-    batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id, model_device(model))
-    with active_adapter(model, ADAPTER_NAME), torch.no_grad():
-        scores = sequence_scores(model, head, batch).tolist()
-    return [score - (0.0 if s.finished else missing_eos_penalty) for score, s in zip(scores, samples)]
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:

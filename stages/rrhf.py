@@ -23,16 +23,17 @@ from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
+from stages.io.sections import needs_4bit
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
-from stages.model.adapters import active_adapter, count_trainable, load_adapter, needs_4bit, save_adapter, set_trainable
+from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
-from stages.model.generation import Response, generate
+from stages.model.generation import generate
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
-from stages.model.sequences import from_token_ids, token_logprobs
+from stages.model.reward_model import attach_reward, reward_of
+from stages.model.sequences import Response, from_token_ids, token_logprobs
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import rrhf_loss
-from stages.reward import attach_reward, reward_of
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.early_stopping import evaluating, stopper_for
@@ -64,7 +65,7 @@ class Group:
     response_ids: list[list[int]]  # the sampled ids (end token included when finished), or the contract's
 
 
-def sample_groups(model: "PeftModel", source: RewardSource, tokenization: Tokenization,
+def sample_groups(model: PeftModel, source: RewardSource, tokenization: Tokenization,
                   prompts: list[Prompt], cfg: PipelineConfig, positions: list[int] | None = None,
                   gap: LogprobGap | None = None) -> list[Group]:
     """k policy samples per prompt, scored by ``rrhf.reward`` (the reward model scores the sampled ids).
@@ -97,8 +98,8 @@ def offline_groups(records: list[dict[str, Any]], tokenization: Tokenization) ->
             for r in records]
 
 
-def group_logprobs(model: "PeftModel", tokenization: Tokenization,
-                   groups: list[Group]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+def group_logprobs(model: PeftModel, tokenization: Tokenization,
+                   groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Length-normalised response log-probs (B, K), rewards (B, K) and the mask of real candidates (B, K)."""
     import torch
 
@@ -120,7 +121,7 @@ def group_logprobs(model: "PeftModel", tokenization: Tokenization,
     return logprobs, rewards, mask
 
 
-def ranking_accuracy(model: "PeftModel", tokenization: Tokenization, groups: list[Group]) -> float | None:
+def ranking_accuracy(model: PeftModel, tokenization: Tokenization, groups: list[Group]) -> float | None:
     """Share of differently-rewarded candidate pairs that the policy's log-probs order like the reward;
     None when every group's rewards are tied (no pair to order: the ranking loss is zero)."""
     import torch

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import LengthReport, Record, load_records, measure_lengths, source_name
+from stages.io.sections import needs_4bit
 from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
-from stages.model.adapters import RankAllocation, attach_adapter, count_trainable, needs_4bit, save_adapter
+from stages.model.adapters import RankAllocation, attach_adapter, count_trainable, save_adapter
 from stages.model.backbone import load_backbone
 from stages.model.probes import save_probe
 from stages.model.tokenization import Tokenization
@@ -66,8 +67,8 @@ def tokenized_demos(demos: list[Record], tokenization: Tokenization) -> list[dic
     return rows
 
 
-def build_sft_trainer(model: "PeftModel", tokenization: Tokenization, demos: list[Record],
-                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> "SFTTrainer":
+def build_sft_trainer(model: PeftModel, tokenization: Tokenization, demos: list[Record],
+                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> SFTTrainer:
     """TRL's SFTTrainer on the contract's ids of the demonstrations; loss on completion tokens only."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

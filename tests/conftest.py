@@ -45,7 +45,7 @@ TIERS = {
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test with its file's tier; a test file in no tier is an error, not a silent omission.
     The ``gpu`` tier is skipped where no CUDA device is visible."""
-    from stages.model.placement import cuda_available
+    from stages.io.devices import cuda_available
 
     tier_of = {module: tier for tier, modules in TIERS.items() for module in modules}
     for item in items:

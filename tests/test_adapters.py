@@ -8,7 +8,8 @@ import torch
 
 from stages.io.config import load_config
 from stages.io.data import load_records
-from stages.model.adapters import active_adapter, attach_adapter, needs_4bit, save_adapter, set_trainable
+from stages.io.sections import needs_4bit
+from stages.model.adapters import active_adapter, attach_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone, weights_digest
 from stages.model.tokenization import Tokenization
 from stages.sft import build_sft_trainer
@@ -104,7 +105,7 @@ def test_switch_is_restored_when_the_block_raises() -> None:
 
 
 def test_backbone_is_frozen_and_fingerprint_is_stable() -> None:
-    from stages.model.backbone import backbone_fingerprint
+    from stages.io.backbone_files import backbone_fingerprint
 
     cfg = load_config()
     backbone = load_backbone(cfg.backbone)

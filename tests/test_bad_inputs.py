@@ -26,11 +26,12 @@ import pytest
 
 from flows.cache import ArtifactCache
 from stages.io import artifacts
+from stages.io.backbone_files import BackboneError
 from stages.io.config import BackboneSection, TaskSection, load_config
 from stages.io.data import DataError, load_records, measure_lengths
+from stages.io.devices import cuda_available
 from stages.io.provenance import check_datasets
-from stages.model.backbone import BackboneError, load_backbone, resolve_backbone
-from stages.model.placement import cuda_available
+from stages.model.backbone import load_backbone, resolve_backbone
 from stages.training.runner import USER_ERRORS
 from tests.conftest import TINY, run_cli
 
@@ -54,7 +55,7 @@ def test_cli_missing_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 def test_non_utf8_jsonl_names_file_line_and_byte(tmp_path: Path) -> None:
     path = tmp_path / "latin1.jsonl"
-    good = '{"prompt": "1+1=", "completion": "2"}\n'.encode()
+    good = b'{"prompt": "1+1=", "completion": "2"}\n'
     path.write_bytes(good + '{"prompt": "café", "completion": "2"}\n'.encode("latin-1"))
     with pytest.raises(DataError) as err:
         load_records(str(path), "sft", TASK)

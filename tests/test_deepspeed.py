@@ -134,7 +134,7 @@ def local_reward(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("preset", ["zero2", "zero3", "zero3_offload"])
 def test_reward_under_deepspeed_trains_exactly_as_locally(preset: str, local_reward: Path, tmp_path: Path) -> None:
     from stages.model.backbone import load_backbone
-    from stages.reward import attach_reward
+    from stages.model.reward_model import attach_reward
 
     sets = [*REWARD_CURVE, "reward.batch_size=4", "reward.launcher=accelerate", f"distributed.deepspeed={preset}"]
     _launch("reward", tmp_path / "reward", sets)

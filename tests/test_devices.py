@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import stages.model.placement as placement
+import stages.io.devices as devices
 import tests.device_double as double
 from stages.io.config import load_config
 from stages.training.runner import execute
@@ -52,29 +52,29 @@ def test_the_cache_key_holds_the_resolved_device_not_the_setting(monkeypatch: py
         return stage_provenance("sft", load_config(None, [f"backbone.device={setting}"]), {})["cache_key"]
 
     assert key("auto") == key("cpu")  # no GPU here
-    monkeypatch.setattr(placement, "cuda_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)  # as on a GPU machine
     assert key("auto") == key("cuda") != key("cpu")
 
 
 def test_what_each_stage_process_sees_of_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU machine (its probe faked): ``cpu`` hides every GPU from accelerate and DeepSpeed, a local
     stage sees one (the first visible), and accelerate ranks see them all (one each, by LOCAL_RANK)."""
-    monkeypatch.setattr(placement, "cuda_available", lambda: True)
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     cpu, auto = (load_config(None, [f"backbone.device={d}"]).backbone for d in ("cpu", "auto"))
-    assert placement.visible_gpus_env(cpu, launched=False) == {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    assert placement.visible_gpus_env(cpu, launched=True) == {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    assert placement.visible_gpus_env(auto, launched=False) == {"CUDA_VISIBLE_DEVICES": "3"}
-    assert placement.visible_gpus_env(auto, launched=True) == {}
-    monkeypatch.setattr(placement, "cuda_available", lambda: False)
-    assert placement.visible_gpus_env(cpu, launched=False) == {}  # nothing to hide
+    assert devices.visible_gpus_env(cpu, launched=False) == {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    assert devices.visible_gpus_env(cpu, launched=True) == {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    assert devices.visible_gpus_env(auto, launched=False) == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert devices.visible_gpus_env(auto, launched=True) == {}
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    assert devices.visible_gpus_env(cpu, launched=False) == {}  # nothing to hide
 
 
 def test_more_ranks_than_gpus_is_refused_before_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     import stages.io.deepspeed_config as launch
     from stages.io.config import ConfigError
 
-    monkeypatch.setattr(placement, "cuda_available", lambda: True)
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
     monkeypatch.setattr(launch, "gpu_count", lambda: 1)
     cfg = load_config(None, ["reward.launcher=accelerate", "distributed.num_processes=2"])
     with pytest.raises(ConfigError, match=r"^reward.launcher: accelerate starts 2 ranks on this machine, one per GPU, "
@@ -89,15 +89,15 @@ def test_backbone_device_resolves_auto_cpu_and_cuda() -> None:
     from stages.io.config import ConfigError
 
     auto, cpu, cuda = (load_config(None, [f"backbone.device={d}"]).backbone for d in ("auto", "cpu", "cuda"))
-    assert placement.device_type(auto, cuda=True) == "cuda" and placement.device_type(auto, cuda=False) == "cpu"
-    assert placement.device_type(cpu, cuda=True) == "cpu" and placement.device_type(cuda, cuda=True) == "cuda"
+    assert devices.device_type(auto, cuda=True) == "cuda" and devices.device_type(auto, cuda=False) == "cpu"
+    assert devices.device_type(cpu, cuda=True) == "cpu" and devices.device_type(cuda, cuda=True) == "cuda"
     with pytest.raises(ConfigError, match=r"^backbone.device: cuda, but no CUDA device is visible"):
-        placement.device_type(cuda, cuda=False)
+        devices.device_type(cuda, cuda=False)
 
 
 def test_auto_threads_take_the_cores_other_processes_leave_free() -> None:
     """run.threads=auto (issue 15, item 3): one thread per free core, at least one; a number is kept."""
-    from stages.model.placement import stage_threads
+    from stages.io.devices import stage_threads
 
     assert stage_threads("auto", cores=2, busy=0.1) == 2  # a quiet machine: every core
     assert stage_threads("auto", cores=2, busy=1.9) == 1  # beside a 2-thread training job
@@ -112,7 +112,7 @@ def test_busy_cores_sees_a_process_spinning_on_a_core() -> None:
     import sys
     import time
 
-    from stages.model.placement import busy_cores
+    from stages.io.devices import busy_cores
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -126,7 +126,7 @@ def test_busy_cores_sees_a_process_spinning_on_a_core() -> None:
 def test_a_local_stage_runs_with_the_threads_auto_chose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                                         tmp_path: Path) -> None:
     """The runner applies ``auto``'s choice to torch and says so (busy cores stubbed: one core left free)."""
-    monkeypatch.setattr(placement, "busy_cores", lambda window_s=0.1: placement.available_cores() - 1)
+    monkeypatch.setattr(devices, "busy_cores", lambda window_s=0.1: devices.available_cores() - 1)
     seen: list[int] = []
 
     def probe(cfg, ctx):  # a stage that only records what it ran with

@@ -15,7 +15,8 @@ from stages.dpo import POLICY, REFERENCE, build_dpo_trainer, train_dpo
 from stages.io import artifacts
 from stages.io.config import load_config
 from stages.io.data import load_records, split_by_prompt
-from stages.model.adapters import load_adapter, needs_4bit
+from stages.io.sections import needs_4bit
+from stages.model.adapters import load_adapter
 from stages.model.backbone import load_backbone, weights_digest
 from stages.model.tokenization import Tokenization
 from stages.sft import train_sft
@@ -135,7 +136,7 @@ def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tmp_path:
 def test_the_pre_flight_counts_the_pairs_truncation_makes_identical(tmp_path: Path) -> None:
     """``rlhf plan`` and pre-flight count, with the exact ids, the pairs DPO will drop (issue 29): here 3
     of 10 pairs whose chosen and rejected differ only after the backbone's 128-token context."""
-    from stages.model.contract_check import budget_counts, contract_tokenization
+    from stages.tools.contract_check import budget_counts, contract_tokenization
 
     long = "1+" * 70
     rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(7)]

@@ -7,18 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.export import EXPORT_FILE, ExportError, export_run, plan_export
-from stages.io.config import ConfigError, load_config
-from stages.model.adapters import needs_4bit
 from stages.dpo import train_dpo
+from stages.io.config import ConfigError, load_config
+from stages.io.sections import needs_4bit
 from stages.model.backbone import load_backbone
-from stages.reward import PROBES, train_reward
+from stages.model.reward_model import PROBES
+from stages.reward import train_reward
 from stages.sft import train_sft
+from stages.tools.export import EXPORT_FILE, ExportError, export_run
+from stages.tools.export import plan_export as _plan_export
 from stages.training.runner import execute
 from tests.conftest import TINY, run_cli
 
 TEXTS = ["3+4=", "12+19=31", "Hello, world"]
 
+
+
+def plan_export(run_dir: Path, stage: str | None, merge: bool):
+    return _plan_export(run_dir, load_config(run_dir / "config.yaml"), stage, merge)
 
 def _run(root: Path, sets: list[str], stages: tuple[str, ...] = ("sft",)) -> Path:
     """A run folder as the flow leaves it: its config.yaml and one finished artifact per stage."""
@@ -138,7 +144,7 @@ def test_adapter_export_names_the_exact_base_and_ptuning_refuses_to_merge(tmp_pa
 
 def test_export_refuses_what_it_cannot_do_and_publishes_nothing_on_failure(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import flows.export
+    import stages.tools.export
 
     run_dir = _run(tmp_path, [])
     (tmp_path / "taken").mkdir()
@@ -146,7 +152,7 @@ def test_export_refuses_what_it_cannot_do_and_publishes_nothing_on_failure(tmp_p
         export_run(plan_export(run_dir, "sft", merge=True), tmp_path / "taken")
     with pytest.raises(ConfigError, match=r"--stage ppo: not among run r's stages \['sft'\]"):
         plan_export(run_dir, "ppo", merge=True)
-    monkeypatch.setitem(flows.export.TOLERANCE, "float32", -1.0)  # any drift at all now fails the check
+    monkeypatch.setitem(stages.tools.export.TOLERANCE, "float32", -1.0)  # any drift at all now fails the check
     with pytest.raises(ExportError, match="differ from its stage's"):
         export_run(plan_export(run_dir, "sft", merge=True), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "taken"]  # no out, no .out.partial
@@ -183,7 +189,7 @@ def test_a_hub_backbone_is_pinned_to_its_snapshot_commit(tmp_path: Path) -> None
     (repo / "snapshots" / commit / "config.json").write_text("{}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    code = ("from stages.io.config import BackboneSection\nfrom stages.model.backbone import hub_commit\n"
+    code = ("from stages.io.config import BackboneSection\nfrom stages.io.backbone_files import hub_commit\n"
             "print(hub_commit(BackboneSection(name='acme/tiny-chat')), hub_commit(BackboneSection(name='builtin:tiny')))")
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}).stdout.split()

@@ -11,11 +11,11 @@ the log-probs sampling records equal the training forward's under the family's g
 import pytest
 import torch
 
-from flows.export import _stop_where_the_stages_stop
 from stages.io.config import BackboneSection, load_config
 from stages.model.backbone import Backbone, load_backbone
 from stages.model.generation import generate
 from stages.model.sequences import sampled_batch, token_logprobs
+from stages.tools.export import _stop_where_the_stages_stop
 from stages.training.logprob_gap import GAP_LIMITS
 from tests.families import FAMILIES, family_folder
 

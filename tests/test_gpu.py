@@ -10,8 +10,9 @@ import pytest
 
 from stages.io.config import load_config
 from stages.model.backbone import load_backbone
+from stages.model.reward_model import attach_reward
 from stages.model.tokenization import Tokenization
-from stages.reward import attach_reward, train_reward
+from stages.reward import train_reward
 from stages.training.runner import execute
 from tests.conftest import TINY, chain_stages
 

@@ -14,7 +14,7 @@ from stages.grpo import POLICY, REFERENCE, build_model, grpo_step, sample_groups
 from stages.io import artifacts
 from stages.io.config import load_config
 from stages.model.backbone import load_backbone
-from stages.reward import ADAPTER_NAME as REWARD
+from stages.model.reward_model import ADAPTER_NAME as REWARD
 from stages.training.runner import execute
 from stages.training.updater import Updater
 from tests.conftest import TINY, base_elements, stage_command, train_upstream

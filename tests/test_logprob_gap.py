@@ -80,8 +80,9 @@ def test_the_gap_counts_only_forwards_before_the_updates_first_step(inputs: dict
 
 
 def test_the_gap_is_in_the_history_of_ppo_and_grpo_and_in_rrhfs_metrics(inputs: dict[str, Path], tmp_path: Path) -> None:
-    from stages.grpo import train_grpo
     import json
+
+    from stages.grpo import train_grpo
 
     cfg = load_config(None, FAST)
     for stage, train in (("ppo", train_ppo), ("grpo", train_grpo)):

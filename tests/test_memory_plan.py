@@ -62,7 +62,7 @@ def test_parameter_and_adapter_counts_match_the_real_models() -> None:
     assert shape.parameters == sum(p.numel() for p in model.parameters())  # tied embeddings count once
     for kind in ("lora", "dora", "adalora", "ptuning_v2"):
         adapter = AdapterSection(kind=kind)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), ADAPTER_KINDS[kind][0](adapter, 10))
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), ADAPTER_KINDS[kind](adapter, 10))
         assert adapter_parameters(shape, adapter) == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 

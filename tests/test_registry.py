@@ -68,7 +68,8 @@ def test_each_stage_is_versioned_by_its_own_code(tmp_path: Path) -> None:
     files = {stage.name: {str(f.relative_to(copy)) for f in code_files(stage.module, {"stages": copy}).values()}
              for stage in STAGES}
     assert "objectives/losses.py" not in files["sft"] and "registry.py" not in files["sft"]
-    assert {"reward.py", "objectives/losses.py", "training/loop.py", "model/adapters.py"} <= files["ppo"]
+    assert {"model/reward_model.py", "objectives/losses.py", "training/loop.py", "model/adapters.py"} <= files["ppo"]
+    assert "reward.py" not in files["ppo"] | files["rrhf"] | files["grpo"]  # no recipe imports another
     assert "rrhf.py" not in files["ppo"] | files["reward"] | files["sft"]
     assert not any(f.startswith("memory/") or f == "io/progress.py" for f in files["ppo"])  # no effect on results
 

@@ -8,12 +8,13 @@ import torch
 
 from stages.io import artifacts
 from stages.io.config import load_config
-from stages.model.adapters import needs_4bit
+from stages.io.sections import needs_4bit
 from stages.model.backbone import load_backbone
 from stages.model.heads import SCORE_HEAD, sequence_scores
+from stages.model.reward_model import PROBES, attach_reward
 from stages.model.tokenization import Tokenization
 from stages.ppo import train_ppo
-from stages.reward import PROBES, attach_reward, train_reward
+from stages.reward import train_reward
 from stages.rrhf import train_rrhf
 from stages.sft import train_sft
 from stages.training.runner import execute
@@ -161,8 +162,8 @@ def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[s
     characters, special tokens); the log-probs RRHF trains on are those of the sampled ids themselves."""
     from stages.model.adapters import load_adapter
     from stages.model.generation import generate
+    from stages.model.reward_model import reward_of
     from stages.model.sequences import from_token_ids, token_logprobs
-    from stages.reward import reward_of
     from stages.rrhf import POLICY, group_logprobs, sample_groups
     from stages.training.rewards import reward_source
 

@@ -8,7 +8,7 @@ import pytest
 
 from stages.io.config import ConfigError, load_config
 from stages.io.provenance import check_datasets, checker_digest
-from stages.model.generation import Response
+from stages.model.sequences import Response
 from stages.registry import missing_inputs
 from stages.training.rewards import CheckerError, builtin_checker, load_checker, reward_source
 

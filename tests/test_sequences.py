@@ -34,7 +34,8 @@ def test_generation_log_probs_match_a_forward_pass(kind: str, dtype: str) -> Non
     """PPO's old log-probs come from generation (KV cache, left padding), its new ones from a training
     forward (right padding): the two agree on the sampled tokens for every adapter kind and dtype, within
     float rounding. Prompts of different lengths make the left padding matter; T=0.7 makes the scaling."""
-    from stages.model.adapters import attach_adapter, needs_4bit
+    from stages.io.sections import needs_4bit
+    from stages.model.adapters import attach_adapter
     from stages.model.generation import generate
     from stages.model.sequences import from_token_ids, token_logprobs
 

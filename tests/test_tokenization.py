@@ -11,10 +11,11 @@ import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from stages.dpo import tokenized_pairs
+from stages.io.builtin_spec import CHAT_TEMPLATE
 from stages.io.config import BackboneSection, load_config
 from stages.io.data import DataError, load_records, measure_lengths
 from stages.model.backbone import load_backbone
-from stages.model.builtin_backbone import CHAT_TEMPLATE, chat_messages, chat_stream
+from stages.model.builtin_backbone import chat_messages, chat_stream
 from stages.model.generation import generate
 from stages.model.tokenization import Tokenization, TokenizationError
 from stages.reward import preference_batch

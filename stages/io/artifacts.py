@@ -177,7 +177,7 @@ def tree_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _feed(digest: "hashlib._Hash", path: Path) -> "hashlib._Hash":
+def _feed(digest: hashlib._Hash, path: Path) -> hashlib._Hash:
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)

@@ -73,13 +73,13 @@ class PipelineConfig(_Section):
     gate: GateSection = GateSection()
 
     @model_validator(mode="after")
-    def _stages_have_inputs(self) -> "PipelineConfig":
+    def _stages_have_inputs(self) -> PipelineConfig:
         if problems := missing_inputs(self.run.stages, self):
             raise ValueError(f"run.stages: {'; '.join(problems)}")
         return self
 
     @model_validator(mode="after")
-    def _stopping_metrics_exist(self) -> "PipelineConfig":
+    def _stopping_metrics_exist(self) -> PipelineConfig:
         for stage, metrics in STOPPING_METRICS.items():
             settings = getattr(self, stage).early_stopping
             if settings is not None and settings.metric not in metrics:
@@ -92,7 +92,7 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _gate_names_run_stages(self) -> "PipelineConfig":
+    def _gate_names_run_stages(self) -> PipelineConfig:
         from stages.io.gate import Condition
 
         for text in self.gate.conditions:
@@ -102,7 +102,7 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _adalora_limits(self) -> "PipelineConfig":
+    def _adalora_limits(self) -> PipelineConfig:
         """PEFT's AdaLoRA trains one adapter per model, its rank budget is scheduled to the last step, and
         its allocator reads each parameter's full ``.grad``, which ZeRO partitions away: refuse what it
         cannot do before anything launches."""

@@ -25,14 +25,21 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from stages.io import arithmetic
 from stages.io.config import DataRef, DataSource, TaskSection
 from stages.io.formats import RESPONSE_FIELDS, FormatError, Prompt, prompt_key, to_record
 
-if TYPE_CHECKING:
-    from stages.model.tokenization import Tokenization
+
+class Tokenization(Protocol):
+    """What this module asks of ``stages.model.tokenization.Tokenization``: the ids of a prompt and of a
+    response to it (a protocol, so the torch-free data layer never imports the model layer)."""
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]: ...
+
+    def response_ids(self, prompt: Prompt, response: str) -> list[int]: ...
+
 
 DataKind = Literal["sft", "preferences", "eval", "prompts", "ranked"]
 Record = dict[str, Any]
@@ -69,7 +76,7 @@ def source_name(ref: DataRef) -> str:
     return ref.source if isinstance(ref, DataSource) else ref
 
 
-def load_rollout_prompts(data: Any, task_cfg: TaskSection, tokenization: "Tokenization | None" = None,
+def load_rollout_prompts(data: Any, task_cfg: TaskSection, tokenization: Tokenization | None = None,
                          max_tokens: int = 0) -> list[Prompt]:
     """The distinct prompts PPO and RRHF roll out on, in a fixed order: ``data.prompts``, or by default
     the SFT demonstrations' prompts (``data`` is the config's ``data`` section). Given the stage's
@@ -169,7 +176,7 @@ class LengthReport:
                 f"{len(self.no_room)} of them have no room for the response")
 
 
-def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenization: "Tokenization",
+def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenization: Tokenization,
                     max_tokens: int) -> LengthReport:
     """Count the records longer than ``max_tokens``, tokenized by the stage's contract (prompt ids, then
     the longest response's ids with its end token), which every stage trains and scores on.
@@ -195,7 +202,7 @@ def measure_lengths(records: list[Record], kind: DataKind, source: str, tokeniza
     return report
 
 
-def _token_lengths(record: Record, kind: DataKind, tokenization: "Tokenization") -> tuple[int, int]:
+def _token_lengths(record: Record, kind: DataKind, tokenization: Tokenization) -> tuple[int, int]:
     """(prompt tokens, prompt + longest response + end token) of one record."""
     if kind == "ranked":
         prompt, responses = record["query"], list(record["responses"])

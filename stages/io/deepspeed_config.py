@@ -16,8 +16,8 @@ from typing import Any
 
 import infra
 from stages.io.config import DEEPSPEED_PRESETS, ConfigError, DistributedSection, PipelineConfig
-from stages.model.adapters import needs_4bit
-from stages.model.placement import device_type, gpu_count
+from stages.io.devices import device_type, gpu_count
+from stages.io.sections import needs_4bit
 from stages.registry import spec
 
 INFRA = Path(infra.__file__).resolve().parent  # package data, so a wheel install finds the presets

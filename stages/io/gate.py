@@ -24,7 +24,7 @@ class Condition:
     written: str = ""  # the threshold as written, so messages quote it as the config does
 
     @classmethod
-    def parse(cls, text: str) -> "Condition":
+    def parse(cls, text: str) -> Condition:
         """Raises ``ValueError`` naming the condition and the expected form."""
         match = _CONDITION.match(text)
         try:

@@ -11,19 +11,20 @@ import hashlib
 import json
 import os
 import sys
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 from stages.io import artifacts
+from stages.io.backbone_files import backbone_fingerprint, has_chat_template
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.data import DataError, DataKind, dataset_digest, load_records, source_name, split_by_prompt
 from stages.io.deepspeed_config import launch_identity
 from stages.io.formats import is_conversational
-from stages.model.adapters import needs_4bit
-from stages.model.backbone import backbone_fingerprint, has_chat_template
+from stages.io.sections import needs_4bit
 from stages.registry import spec
 
 # Libraries whose version changes numerics enough to invalidate cached results.
@@ -76,7 +77,7 @@ def check_datasets(cfg: PipelineConfig) -> None:
                         "always, or make the datasets agree")
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_version(stage: str, package_dir: Path | None = None) -> str:
     """Digest of the code that computes ``stage``'s result: its recipe module and every module of the
     recipe's package it imports, transitively (``code_files``); its registry entry; and the pinned
@@ -98,8 +99,8 @@ def code_version(stage: str, package_dir: Path | None = None) -> str:
 def code_files(module: str, roots: dict[str, Path]) -> dict[str, Path]:
     """``{module name: file}`` of ``module`` and of every module it imports from the packages in
     ``roots`` (top-level name -> its source: a package folder, or a one-file module), directly or through
-    others. Read statically (``ast``: imports inside functions count; nothing runs, so the flow never
-    imports torch for this). Relative imports are resolved, ancestor packages' ``__init__`` files count, and
+    others. Read statically (``ast``: imports inside functions count, those under ``if TYPE_CHECKING:``
+    do not, as they never run; nothing runs, so the flow never imports torch for this). Relative imports are resolved, ancestor packages' ``__init__`` files count, and
     ``NOT_RESULTS`` are left out.
 
     Raises ``ModuleNotFoundError`` when ``module`` itself has no file.
@@ -118,7 +119,7 @@ def code_files(module: str, roots: dict[str, Path]) -> dict[str, Path]:
         files[name] = path
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         todo += [package.rsplit(".", depth)[0] for depth in range(package.count(".") + 1)]  # its __init__ files run
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        for node in runtime_imports(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names if alias.name.split(".")[0] in roots]
             elif isinstance(node, ast.ImportFrom):
@@ -126,6 +127,25 @@ def code_files(module: str, roots: dict[str, Path]) -> dict[str, Path]:
                 if base.split(".")[0] in roots:
                     todo += [base, *(f"{base}.{alias.name}" for alias in node.names)]
     return dict(sorted(files.items()))
+
+
+def runtime_imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The import statements of a parsed module that can run: at its top, in functions and classes, but
+    not under ``if TYPE_CHECKING:`` (annotations only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for branch in node.orelse:
+                yield from runtime_imports(ast.Module(body=[branch], type_ignores=[]))
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        else:
+            yield from runtime_imports(node)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 # Modules that cannot change what a stage computes, left out of every code version: the registry (its

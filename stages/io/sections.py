@@ -27,7 +27,7 @@ class RunSection(_Section):
     stages: list[StageName] = Field(default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
     seed: int = 0
     # Torch threads per local stage process. auto: the cores no other process is using when the stage starts
-    # (stages.model.placement.stage_threads); more threads than free cores makes CPU training crawl.
+    # (stages.io.devices.stage_threads); more threads than free cores makes CPU training crawl.
     threads: int | Literal["auto"] = Field(default="auto")
 
     @field_validator("threads")
@@ -38,7 +38,7 @@ class RunSection(_Section):
         return value
 
     @model_validator(mode="after")
-    def _stages_in_order(self) -> "RunSection":
+    def _stages_in_order(self) -> RunSection:
         order = list(STAGE_ORDER)
         positions = [order.index(s) for s in self.stages]
         if positions != sorted(positions) or len(set(positions)) != len(positions):
@@ -61,6 +61,14 @@ class BackboneSection(_Section):
     trust_remote_code: bool = False
 
 
+QUANTIZED_KINDS = ("qlora",)  # the adapter kinds that train on the backbone loaded in nf4 4-bit
+
+
+def needs_4bit(kind: str) -> bool:
+    """Whether adapter ``kind`` trains on the 4-bit backbone (QLoRA); part of every stage's cache key."""
+    return kind in QUANTIZED_KINDS
+
+
 class AdapterSection(_Section):
     # stages.model.adapters: lora, qlora (4-bit backbone), dora (weight-decomposed LoRA), adalora (ranks
     # pruned while training; one trainable adapter per model), ptuning_v2 (prefix tuning).
@@ -73,7 +81,7 @@ class AdapterSection(_Section):
     num_virtual_tokens: int = Field(default=8, ge=1)  # P-tuning v2 prefix length, on every layer
 
     @model_validator(mode="after")
-    def _adalora_prunes(self) -> "AdapterSection":
+    def _adalora_prunes(self) -> AdapterSection:
         if self.kind == "adalora" and self.target_r > self.r:
             raise ValueError(f"target_r={self.target_r} is above r={self.r}: AdaLoRA prunes from r down to target_r")
         return self
@@ -97,7 +105,7 @@ class TaskSection(_Section):
     label_noise: float = Field(default=0.0, ge=0.0, lt=0.5)
 
     @model_validator(mode="after")
-    def _enough_problems(self) -> "TaskSection":
+    def _enough_problems(self) -> TaskSection:
         total = (self.max_operand + 1) ** 2
         if self.num_eval >= total:
             raise ValueError(f"num_eval={self.num_eval} leaves no training problems out of {total}")
@@ -128,7 +136,7 @@ class DataSection(_Section):
     chat_template: Literal["auto", "always", "never"] = "auto"
 
     @model_validator(mode="after")
-    def _columns_name_format_keys(self) -> "DataSection":
+    def _columns_name_format_keys(self) -> DataSection:
         from stages.io.formats import format_keys
 
         for kind in DATA_KINDS:
@@ -181,7 +189,7 @@ class _CheckpointsFollowLogs(_Stoppable):
     checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
 
     @model_validator(mode="after")
-    def _checkpoints_follow_logs(self) -> "_CheckpointsFollowLogs":
+    def _checkpoints_follow_logs(self) -> _CheckpointsFollowLogs:
         if self.checkpoint_every % self.logging_steps:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of logging_steps="
                              f"{self.logging_steps}, so a NaN loss is caught before a checkpoint saves its weights")
@@ -338,7 +346,7 @@ class DistributedSection(_Section):
     join_timeout_s: int = Field(default=600, ge=1)
 
     @model_validator(mode="after")
-    def _multi_node_needs_address(self) -> "DistributedSection":
+    def _multi_node_needs_address(self) -> DistributedSection:
         if self.num_machines > 1 and not (self.main_process_ip and self.main_process_port):
             raise ValueError("num_machines > 1 needs main_process_ip and main_process_port (the machine running the flow)")
         if self.num_processes < self.num_machines:

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stages.io.backbone_files import built_location
 from stages.io.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
 from stages.io.data import load_records, load_rollout_prompts
 from stages.io.deepspeed_config import INFRA
 from stages.io.formats import Prompt, prompt_text
 from stages.memory.plan import DTYPE_BYTES, DataShape, ModelShape, Parallel
-from stages.model.backbone import resolve_backbone
 from stages.registry import spec
 
 DEEPSPEED_DIR = INFRA / "deepspeed"
@@ -27,9 +27,10 @@ TEMPLATE_TOKENS_PER_MESSAGE = 6
 
 
 def read_model_shape(cfg: PipelineConfig) -> ModelShape:
-    """The backbone's shape from its config.json: a local folder (the built-in backbone is built first if
-    needed) or a hub id already in the local HF cache. Raises ``ConfigError`` naming backbone.name."""
-    location = resolve_backbone(cfg.backbone)
+    """The backbone's shape from its config.json: a local folder (a built-in backbone once built) or a hub
+    id already in the local HF cache. Raises ``ConfigError`` naming backbone.name, ``BackboneError`` for a
+    built-in backbone not built yet."""
+    location = built_location(cfg.backbone)
     if Path(location).is_dir():
         path = Path(location) / "config.json"
         if not path.is_file():
@@ -150,7 +151,7 @@ def _token_counter(cfg: PipelineConfig) -> Callable[[list[str]], list[int]]:
 
 
 def _tokenizer_file(cfg: PipelineConfig) -> Path | None:
-    location = resolve_backbone(cfg.backbone)
+    location = built_location(cfg.backbone)
     if Path(location).is_dir():
         path = Path(location) / "tokenizer.json"
         return path if path.is_file() else None

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-def _lora(cfg: AdapterSection, total_steps: int | None) -> "PeftConfig":
+def _lora(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -43,7 +43,7 @@ def _lora(cfg: AdapterSection, total_steps: int | None) -> "PeftConfig":
     )
 
 
-def _adalora(cfg: AdapterSection, total_steps: int | None) -> "PeftConfig":
+def _adalora(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
     """AdaLoRA starting at rank ``r`` and pruned to an average of ``target_r``: the first and last fifth
     of the stage's updates keep the ranks fixed (PEFT's ``tinit``/``tfinal``), the middle prunes."""
     from peft import AdaLoraConfig
@@ -92,49 +92,46 @@ def check_target_modules(cfg: AdapterSection, backbone_location: str, revision: 
                           f"{', '.join(linear)} (or use all-linear)")
 
 
-def _prefix(cfg: AdapterSection, total_steps: int | None) -> "PeftConfig":
+def _prefix(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
     from peft import PrefixTuningConfig
 
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
 
 
-# kind -> (PEFT config builder taking the section and the stage's number of updates, needs the 4-bit backbone)
+# kind -> PEFT config builder taking the section and the stage's number of updates (which kinds load the
+# backbone in 4 bits: ``stages.io.sections.needs_4bit``)
 ConfigBuilder = Callable[[AdapterSection, "int | None"], "PeftConfig"]
-ADAPTER_KINDS: dict[str, tuple[ConfigBuilder, bool]] = {
-    "lora": (_lora, False),
-    "qlora": (_lora, True),
-    "dora": (_lora, False),
-    "adalora": (_adalora, False),
-    "ptuning_v2": (_prefix, False),
+ADAPTER_KINDS: dict[str, ConfigBuilder] = {
+    "lora": _lora,
+    "qlora": _lora,
+    "dora": _lora,
+    "adalora": _adalora,
+    "ptuning_v2": _prefix,
 }
 
 
-def needs_4bit(kind: str) -> bool:
-    return _registered(kind)[1]
-
-
-def _registered(kind: str) -> tuple[ConfigBuilder, bool]:
+def _registered(kind: str) -> ConfigBuilder:
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"adapter.kind: unknown kind {kind!r}; choose one of {sorted(ADAPTER_KINDS)}")
     return ADAPTER_KINDS[kind]
 
 
-def attach_adapter(base: "PreTrainedModel", cfg: AdapterSection, name: str,
-                   total_steps: int | None = None) -> "PeftModel":
+def attach_adapter(base: PreTrainedModel, cfg: AdapterSection, name: str,
+                   total_steps: int | None = None) -> PeftModel:
     """Wrap the frozen base in a PeftModel with one new trainable adapter called ``name`` (a 4-bit base
     comes k-bit-prepared from ``load_backbone``, in every stage alike). ``total_steps``: the optimizer
     updates the stage makes (AdaLoRA's budget schedule needs it; ``ValueError`` without it)."""
     from peft import get_peft_model
 
-    build, _ = _registered(cfg.kind)
+    build = _registered(cfg.kind)
     model = get_peft_model(base, build(cfg, total_steps), adapter_name=name)
     set_trainable(model, [name])
     return model
 
 
 def load_adapter(
-    model: "PreTrainedModel | PeftModel", folder: Path, name: str, backbone_fingerprint: str, trainable: bool = False
-) -> "PeftModel":
+    model: PreTrainedModel | PeftModel, folder: Path, name: str, backbone_fingerprint: str, trainable: bool = False
+) -> PeftModel:
     """Load a published adapter artifact under ``name``, refusing one trained on another backbone and one
     whose ``adapter/`` files changed after publishing (a truncated or garbled file is named here, rather
     than failing as a safetensors traceback inside PEFT). Heads are checked by ``heads.load_head``."""
@@ -167,7 +164,7 @@ def _is_prompt_learning(path: str) -> bool:
     return PeftConfig.from_pretrained(path).is_prompt_learning
 
 
-def save_adapter(model: "PeftModel", name: str, dest: Path) -> None:
+def save_adapter(model: PeftModel, name: str, dest: Path) -> None:
     """Save one adapter as a standard PEFT folder (``PeftModel.from_pretrained(base, dest)`` loads it)."""
     from safetensors import SafetensorError
 
@@ -191,7 +188,7 @@ def _sort_target_modules(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def adapter_of(model: "PeftModel", param_name: str) -> str | None:
+def adapter_of(model: PeftModel, param_name: str) -> str | None:
     """Which named adapter a parameter belongs to (None for base weights)."""
     for name in model.peft_config:
         if f".{name}." in param_name or param_name.endswith(f".{name}"):
@@ -204,7 +201,7 @@ def adapter_of(model: "PeftModel", param_name: str) -> str | None:
 CONSTANTS = (".ranknum.",)
 
 
-def set_trainable(model: "PeftModel", names: Iterable[str]) -> None:
+def set_trainable(model: PeftModel, names: Iterable[str]) -> None:
     """Exactly the adapters in ``names`` get gradients; every other adapter and the base do not."""
     wanted = set(names)
     for param_name, param in model.named_parameters():
@@ -214,7 +211,7 @@ def set_trainable(model: "PeftModel", names: Iterable[str]) -> None:
 
 
 @contextmanager
-def active_adapter(model: "PeftModel", name: str) -> Iterator["PeftModel"]:
+def active_adapter(model: PeftModel, name: str) -> Iterator[PeftModel]:
     """Run the block with adapter ``name`` active; restore the previous adapter and every adapter's
     ``requires_grad`` afterwards, even if the block raises."""
     grads = {n: p.requires_grad for n, p in model.named_parameters() if adapter_of(model, n) is not None}
@@ -228,7 +225,7 @@ def active_adapter(model: "PeftModel", name: str) -> Iterator["PeftModel"]:
         _restore_grads(model, grads)
 
 
-def _restore_grads(model: "PeftModel", grads: dict[str, bool]) -> None:
+def _restore_grads(model: PeftModel, grads: dict[str, bool]) -> None:
     for param_name, param in model.named_parameters():
         if param_name in grads:
             param.requires_grad_(grads[param_name])
@@ -241,12 +238,12 @@ class RankAllocation:
     training state: ``state_dict``/``load_state_dict`` carry them through a checkpoint, so a resumed
     stage prunes exactly as an uninterrupted one."""
 
-    def __init__(self, model: "PeftModel") -> None:
+    def __init__(self, model: PeftModel) -> None:
         self.model = model
         self.tuner = model.base_model
 
     @classmethod
-    def of(cls, model: "PeftModel") -> "RankAllocation | None":
+    def of(cls, model: PeftModel) -> RankAllocation | None:
         """The allocation of a model whose trainable adapter is a fresh AdaLoRA one (no ranks allocated
         yet), else None: an adapter loaded from an earlier stage keeps the ranks that stage allocated."""
         from peft import AdaLoraModel
@@ -270,7 +267,7 @@ class RankAllocation:
         self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
 
 
-def pop_rank_patterns(model: "PeftModel") -> dict[str, dict]:
+def pop_rank_patterns(model: PeftModel) -> dict[str, dict]:
     """Take the rank patterns off every AdaLoRA adapter of ``model`` (for ``put_rank_patterns``), so PEFT
     saves and loads a checkpoint at the shapes the modules have now.
 
@@ -287,13 +284,13 @@ def pop_rank_patterns(model: "PeftModel") -> dict[str, dict]:
     return patterns
 
 
-def put_rank_patterns(model: "PeftModel", patterns: dict[str, dict]) -> None:
+def put_rank_patterns(model: PeftModel, patterns: dict[str, dict]) -> None:
     for name, pattern in patterns.items():
         model.peft_config[name].rank_pattern = pattern
 
 
 @contextmanager
-def checkpoint_shapes(model: "PeftModel") -> Iterator[None]:
+def checkpoint_shapes(model: PeftModel) -> Iterator[None]:
     """Save or load a checkpoint's adapters at their current shapes (``pop_rank_patterns``)."""
     patterns = pop_rank_patterns(model)
     try:
@@ -302,5 +299,5 @@ def checkpoint_shapes(model: "PeftModel") -> Iterator[None]:
         put_rank_patterns(model, patterns)
 
 
-def count_trainable(model: "PeftModel") -> int:
+def count_trainable(model: PeftModel) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

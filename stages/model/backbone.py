@@ -1,8 +1,8 @@
 """The one place a backbone is loaded: dtype, optional nf4 4-bit, frozen, verified, fingerprinted.
 
-``backbone_fingerprint`` identifies the base weights without importing torch (the flow needs it for
-cache keys); ``weights_digest`` hashes the loaded weights themselves, which tests use to prove that
-training an adapter never changed a byte of the backbone.
+``stages.io.backbone_files`` identifies the base weights without importing torch (the flow needs the
+fingerprint for cache keys); ``weights_digest`` hashes the loaded weights themselves, which tests use to
+prove that training an adapter never changed a byte of the backbone.
 """
 
 from __future__ import annotations
@@ -10,11 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages.io.artifacts import ArtifactError
+from stages.io.backbone_files import (
+    BUILTIN_NAMES,
+    BackboneError,
+    backbone_fingerprint,
+    backbone_location,
+    is_builtin_chat,
+)
 from stages.io.config import BackboneSection
+from stages.model.builtin_backbone import ensure_builtin_backbone
 from stages.model.placement import stage_device
 
 if TYPE_CHECKING:
@@ -23,27 +29,13 @@ if TYPE_CHECKING:
 
     from stages.model.tokenization import ChatTemplateUse, Tokenization
 
-BUILTIN_PREFIX = "builtin:"
-# The default simple tokenizer, and the same weights with a chat model's tokenizer (stages.model.builtin_backbone).
-BUILTIN_NAMES = ("builtin:tiny", "builtin:tiny-chat")
-_SAMPLE_BYTES = 1 << 20  # weight files are fingerprinted by size plus their first and last MiB
-
-
-class BackboneError(ArtifactError):
-    """A backbone that cannot be found, loaded, or is not frozen.
-
-    An ``ArtifactError`` because the backbone is the input artifact of every stage: a missing one is the
-    user's to fix, so the CLI and the stage runner print it as one line and exit with status 2.
-    """
-
-
 @dataclass
 class Backbone:
-    model: "PreTrainedModel"
-    tokenizer: "PreTrainedTokenizerBase"
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     fingerprint: str
 
-    def tokenization(self, chat_template: "ChatTemplateUse" = "auto") -> "Tokenization":
+    def tokenization(self, chat_template: ChatTemplateUse = "auto") -> Tokenization:
         """The tokenization contract of this tokenizer, ending responses also at the end ids of the
         model's ``generation_config`` (``stages.model.tokenization``)."""
         from stages.model.tokenization import Tokenization, generation_end_ids
@@ -52,94 +44,11 @@ class Backbone:
 
 
 def resolve_backbone(cfg: BackboneSection) -> str:
-    """A local folder for builtin/local backbones (building the built-in one on first use), else the hub id."""
-    if cfg.name.startswith(BUILTIN_PREFIX):
-        if cfg.name not in BUILTIN_NAMES:
-            raise BackboneError(f"backbone.name: unknown built-in backbone {cfg.name!r}; choose one of {list(BUILTIN_NAMES)}")
-        from stages.model.builtin_backbone import ensure_builtin_backbone
-
-        return str(ensure_builtin_backbone(chat=cfg.name == "builtin:tiny-chat"))
-    if Path(cfg.name).exists():
-        return str(Path(cfg.name).resolve())
-    _check_hub_id(cfg)
-    return cfg.name
-
-
-def has_chat_template(cfg: BackboneSection) -> bool | None:
-    """Whether the backbone's tokenizer has a chat template, read from its files without loading it;
-    None when its files are not here (a hub id not downloaded yet)."""
-    import json
-
-    location = resolve_backbone(cfg)
-    folder = Path(location) if Path(location).is_dir() else _local_snapshot(location, cfg.revision)
-    if folder is None:
-        return None
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    config = folder / "tokenizer_config.json"
-    return bool(config.is_file() and json.loads(config.read_text()).get("chat_template"))
-
-
-def _check_hub_id(cfg: BackboneSection) -> None:
-    """Fail now, in one line, on a name that can only be a missing folder or an unreachable hub model;
-    otherwise the first sign would be a hub client traceback inside a stage process."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(cfg.name)
-    except HFValidationError:
-        raise BackboneError(
-            f"backbone.name={cfg.name!r}: no such folder, and not a hub id (NAME or ORG/NAME)"
-        ) from None
-    if _hub_offline() and _local_snapshot(cfg.name, cfg.revision) is None:
-        revision = f" at revision {cfg.revision!r}" if cfg.revision else ""
-        raise BackboneError(
-            f"backbone.name={cfg.name!r}: not a local folder, and not in the local HF cache{revision} while "
-            f"HF_HUB_OFFLINE=1; download it first (`hf download {cfg.name}`) or point backbone.name at a folder"
-        )
-
-
-def _hub_offline() -> bool:
-    # Read at call time (huggingface_hub reads it once, at import), with the values huggingface_hub accepts.
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def backbone_fingerprint(cfg: BackboneSection, quantized: bool) -> str:
-    """Digest of the base weights' identity plus how they are loaded (dtype, 4-bit)."""
-    location = resolve_backbone(cfg)
-    folder = Path(location) if Path(location).is_dir() else _local_snapshot(location, cfg.revision)
-    digest = hashlib.sha256(f"dtype={cfg.dtype};nf4={quantized}".encode())
-    if folder is None:  # not downloaded yet: the hub id and revision are all we can know
-        digest.update(f"hub:{location}@{cfg.revision or 'main'}".encode())
-        return digest.hexdigest()[:16]
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        digest.update(path.relative_to(folder).as_posix().encode() + str(path.stat().st_size).encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(_SAMPLE_BYTES))
-            if path.stat().st_size > 2 * _SAMPLE_BYTES:
-                handle.seek(-_SAMPLE_BYTES, 2)
-                digest.update(handle.read(_SAMPLE_BYTES))
-    return digest.hexdigest()[:16]
-
-
-def hub_commit(cfg: BackboneSection) -> str | None:
-    """The commit of the hub snapshot a hub-id backbone loads from (the local HF cache names each snapshot
-    folder by its commit: ``models--ORG--NAME/snapshots/<commit>``), so a branch like ``main`` is pinned
-    to what was really trained on; None for a local folder, a built-in backbone or a model not here."""
-    location = resolve_backbone(cfg)
-    if Path(location).is_dir():
-        return None
-    folder = _local_snapshot(location, cfg.revision)
-    return folder.name if folder is not None and folder.parent.name == "snapshots" else None
-
-
-def _local_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except Exception:  # not in the local HF cache (or not a valid id): fingerprint by name
-        return None
+    """``backbone_location``, building the built-in backbone first where it is not built yet (the one
+    place a stage process builds it; the CLI builds it in its pre-flight)."""
+    if cfg.name in BUILTIN_NAMES:
+        ensure_builtin_backbone(chat=is_builtin_chat(cfg))
+    return backbone_location(cfg)
 
 
 def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone:
@@ -185,7 +94,7 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
     return Backbone(model=model, tokenizer=tokenizer, fingerprint=backbone_fingerprint(cfg, quantize_4bit))
 
 
-def _say_ignored_generation_settings(model: "PreTrainedModel", cfg: BackboneSection) -> None:
+def _say_ignored_generation_settings(model: PreTrainedModel, cfg: BackboneSection) -> None:
     """One line naming what the model's ``generation_config`` sets that the stages' sampling ignores
     (``stages.model.generation``), so a user who relied on a hub default learns it did not apply."""
     from stages.model.generation import ignored_generation_settings
@@ -198,7 +107,7 @@ def _say_ignored_generation_settings(model: "PreTrainedModel", cfg: BackboneSect
               flush=True)
 
 
-def _prepare_for_kbit_training(model: "torch.nn.Module") -> None:
+def _prepare_for_kbit_training(model: torch.nn.Module) -> None:
     """PEFT's QLoRA preparation: the weights left unquantized (norms, embeddings, the LM head) go to fp32
     (PEFT makes embedding outputs require grad only with gradient checkpointing, which is off).
 
@@ -211,7 +120,7 @@ def _prepare_for_kbit_training(model: "torch.nn.Module") -> None:
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def _keep_one_4bit_layout(model: "torch.nn.Module") -> None:
+def _keep_one_4bit_layout(model: torch.nn.Module) -> None:
     """Turn off bitsandbytes' CPU fast path, which repacks 4-bit weights in place on the first inference
     forward and unpacks them in ``state_dict()``: after saving an adapter (or hashing the weights) the
     same model then computes different outputs (measured with bitsandbytes 0.50.2: logits off by ~10).
@@ -221,7 +130,7 @@ def _keep_one_4bit_layout(model: "torch.nn.Module") -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def freeze(model: "torch.nn.Module") -> None:
+def freeze(model: torch.nn.Module) -> None:
     """Turn off gradients on every base weight and check that it took."""
     model.eval()
     for param in model.parameters():
@@ -231,7 +140,7 @@ def freeze(model: "torch.nn.Module") -> None:
         raise BackboneError(f"backbone is not frozen: {still[:3]} still require gradients")
 
 
-def base_parameters(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+def base_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Base weights and buffers only, named as in the plain model (PEFT wrappers and adapters removed)."""
     if hasattr(model, "get_base_model"):  # a PeftModel: look at the transformers model inside it
         model = model.get_base_model()
@@ -242,7 +151,7 @@ def base_parameters(model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
     }
 
 
-def weights_digest(model: "torch.nn.Module") -> str:
+def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of the base weights' bytes; a PEFT wrapper around the same weights gives the same digest."""
     import torch
 

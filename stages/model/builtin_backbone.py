@@ -2,7 +2,8 @@
 
 No hub is reachable in CI, so the project builds its own real (if small) pretrained base model. The
 build is a pure function of ``TinySpec`` (seeded; torch runs deterministic kernels on CPU), is cached
-under ``$RLHF_HOME/backbones/`` by the digest of the spec and this file, and is published atomically.
+under ``$RLHF_HOME/backbones/`` by the digest of the spec and this file (``stages.io.builtin_spec``: the
+flow finds the build without importing this module), and is published atomically.
 
 Two names share the one set of weights:
 
@@ -12,60 +13,32 @@ Two names share the one set of weights:
   turns end with ``<|end|>``, not EOS. A quarter of the pretraining streams are rendered in that
   template, so the base model knows it, as a real chat model does.
 
-    python -m stages.model.builtin_backbone      # or: rlhf build-backbone
+    python -m stages.model.builtin_backbone [--chat]     # or: rlhf build-backbone
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from stages.io import artifacts, paths
-from stages.io.arithmetic import EQUATION_SEPARATOR, Problem, pretraining_lines
-
-PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
-ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-# The chat variant's template: BOS as text (as Llama-3's does), then role token, content, end of turn.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+from stages.io import artifacts
+from stages.io.arithmetic import EQUATION_SEPARATOR, pretraining_lines
+from stages.io.builtin_spec import (
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATE,
+    END_OF_TURN,
+    EOS,
+    PAD,
+    ROLE_TOKENS,
+    SYSTEM,
+    USER,
+    TinySpec,
+    builtin_dir,
 )
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Every knob of the built-in backbone; its digest names the cached folder."""
-
-    seed: int = 0
-    max_operand: int = 19  # pretraining covers every sum a+b with a, b <= 19
-    vocab_size: int = 300
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    max_positions: int = 128
-    equations_per_line: int = 8
-    batch_size: int = 32
-    steps: int = 800  # ~2 min on 2 CPU cores; greedy accuracy on all sums reaches 100%
-    learning_rate: float = 3e-3
-    chat_every: int = 4  # every 4th pretraining stream is a chat conversation (CHAT_TEMPLATE)
-
-    def digest(self) -> str:
-        # This module plus the corpus generator: editing the rest of stages/io/arithmetic.py keeps the cached build.
-        source = Path(__file__).read_text() + inspect.getsource(pretraining_lines) + inspect.getsource(Problem)
-        payload = (json.dumps(asdict(self), sort_keys=True) + source).encode()
-        return hashlib.sha256(payload).hexdigest()[:16]
-
-
-def builtin_dir(spec: TinySpec = TinySpec(), chat: bool = False) -> Path:
-    return paths.rlhf_home() / "backbones" / f"builtin-tiny{'-chat' if chat else ''}-{spec.digest()}"
 
 
 def ensure_builtin_backbone(spec: TinySpec = TinySpec(), chat: bool = False) -> Path:
@@ -205,8 +178,9 @@ def _build(spec: TinySpec, out: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    print(ensure_builtin_backbone())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chat", action="store_true", help="also package the chat-tokenizer variant (builtin:tiny-chat)")
+    print(ensure_builtin_backbone(chat=parser.parse_args(argv).chat))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages.io.progress import progress
 from stages.model.placement import model_device
+from stages.model.sequences import Response
 
 if TYPE_CHECKING:
     import torch
@@ -35,18 +35,8 @@ if TYPE_CHECKING:
     from stages.model.tokenization import Tokenization
 
 
-@dataclass(frozen=True)
-class Response:
-    text: str  # decoded response up to (not including) its end token
-    finished: bool  # the policy emitted an end token (EOS or the template's end of turn) within the budget
-    prompt_ids: tuple[int, ...] = ()  # the prompt's tokens, padding removed
-    token_ids: tuple[int, ...] = ()  # the response's tokens, the end token included when finished
-    # log softmax(logits / temperature) of each token in ``token_ids``: the probability it was sampled with
-    token_logprobs: tuple[float, ...] = ()
-
-
 def generate(
-    model: "torch.nn.Module", tokenization: "Tokenization", prompts: list[list[int]], *, max_new_tokens: int,
+    model: torch.nn.Module, tokenization: Tokenization, prompts: list[list[int]], *, max_new_tokens: int,
     temperature: float, batch_size: int, seed: int, keys: Sequence[int] | None = None, desc: str = "generating",
     synced: bool = False,
 ) -> list[Response]:
@@ -117,7 +107,7 @@ def ignored_generation_settings(generation_config: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def _model_defaults_off(model: "torch.nn.Module") -> Iterator[None]:
+def _model_defaults_off(model: torch.nn.Module) -> Iterator[None]:
     """Within it, every transformers model inside ``model`` (a PEFT wrapper, a DeepSpeed engine) has a
     blank ``generation_config``: transformers fills what ``generate`` is not passed from the model's own
     config, so its repetition penalty or ``min_new_tokens`` would otherwise run before ``GumbelSampler``."""
@@ -134,8 +124,8 @@ def _model_defaults_off(model: "torch.nn.Module") -> Iterator[None]:
             holder.generation_config = config
 
 
-def left_padded(prompts: list[list[int]], pad_id: int, device: "torch.device | str"
-                ) -> tuple["torch.Tensor", "torch.Tensor"]:
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device | str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) on ``device``, each (B, T): decoder-only batches must end where
     generation starts."""
     import torch
@@ -169,16 +159,16 @@ class GumbelSampler:
     so no processor it asks for (a ``repetition_penalty``, ``min_new_tokens``) runs before this one.
     """
 
-    def __init__(self, temperature: float, seed: int, keys: Sequence[int], device: "torch.device | str") -> None:
+    def __init__(self, temperature: float, seed: int, keys: Sequence[int], device: torch.device | str) -> None:
         import torch
 
         self.temperature = temperature
         self.device = torch.device(device)
         self.generators = [torch.Generator(self.device).manual_seed(row_seed(seed, key)) for key in keys]
-        self.pending: "torch.Tensor | None" = None  # (B, V) log-softmax of the step not yet sampled from
-        self.steps: list["torch.Tensor"] = []  # (B,) per completed step
+        self.pending: torch.Tensor | None = None  # (B, V) log-softmax of the step not yet sampled from
+        self.steps: list[torch.Tensor] = []  # (B,) per completed step
 
-    def __call__(self, input_ids: "torch.Tensor", scores: "torch.Tensor") -> "torch.Tensor":
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         import torch
 
         self._take(input_ids[:, -1])
@@ -187,12 +177,12 @@ class GumbelSampler:
         uniform = torch.stack([torch.rand(vocab, generator=g, device=self.device) for g in self.generators])  # (B, V)
         return self.pending - torch.log(-torch.log(uniform))  # + Gumbel(0, 1); u = 0 gives -inf, never picked
 
-    def _take(self, sampled: "torch.Tensor") -> None:
+    def _take(self, sampled: torch.Tensor) -> None:
         if self.pending is not None:
             self.steps.append(self.pending.gather(1, sampled[:, None]).squeeze(1))
             self.pending = None
 
-    def of(self, new_tokens: "torch.Tensor") -> "torch.Tensor":
+    def of(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) log-probs of the ``new_tokens`` (B, N) that ``generate`` returned (after a row ended, the
         values belong to padding and are dropped with it)."""
         import torch
@@ -201,8 +191,8 @@ class GumbelSampler:
         return torch.stack(self.steps, dim=1)
 
 
-def _responses(prompts: list[list[int]], new_tokens: "torch.Tensor", logprobs: "torch.Tensor",
-               tokenization: "Tokenization") -> list[Response]:
+def _responses(prompts: list[list[int]], new_tokens: torch.Tensor, logprobs: torch.Tensor,
+               tokenization: Tokenization) -> list[Response]:
     stops = set(tokenization.stop_ids)
     responses = []
     for prompt, row, row_logprobs in zip(prompts, new_tokens.tolist(), logprobs.tolist()):

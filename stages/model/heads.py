@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 SCORE_HEAD = "score_head.safetensors"
 
 
-def new_head(hidden_size: int, seed: int, device: "torch.device | str") -> "torch.nn.Linear":
+def new_head(hidden_size: int, seed: int, device: torch.device | str) -> torch.nn.Linear:
     """A zero-bias fp32 linear head on ``device`` with small deterministic init (scores start near 0).
     The init is drawn on the CPU, so a seed gives the same head on every device."""
     import torch
@@ -32,7 +32,7 @@ def new_head(hidden_size: int, seed: int, device: "torch.device | str") -> "torc
     return head
 
 
-def save_head(head: "torch.nn.Linear", path: Path, backbone_fingerprint: str) -> None:
+def save_head(head: torch.nn.Linear, path: Path, backbone_fingerprint: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -43,8 +43,8 @@ def save_head(head: "torch.nn.Linear", path: Path, backbone_fingerprint: str) ->
         raise storage_error(err, path) from err
 
 
-def load_head(path: Path, hidden_size: int, backbone_fingerprint: str, device: "torch.device | str"
-              ) -> "torch.nn.Linear":
+def load_head(path: Path, hidden_size: int, backbone_fingerprint: str, device: torch.device | str
+              ) -> torch.nn.Linear:
     """Load a saved head onto ``device``; missing file, wrong shape or another backbone's head are errors."""
     import torch
     from safetensors import SafetensorError, safe_open
@@ -71,7 +71,7 @@ def load_head(path: Path, hidden_size: int, backbone_fingerprint: str, device: "
     return head
 
 
-def sequence_scores(model: "torch.nn.Module", head: "torch.nn.Linear", batch: SequenceBatch) -> "torch.Tensor":
+def sequence_scores(model: torch.nn.Module, head: torch.nn.Linear, batch: SequenceBatch) -> torch.Tensor:
     """One scalar per sequence from the last real token's hidden state: (B,)."""
     hidden = last_hidden_states(model, batch)  # (B, H)
     return head(hidden.to(head.weight.dtype)).squeeze(-1)

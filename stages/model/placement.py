@@ -10,58 +10,23 @@ engine does (pre-flight refuses more ranks than GPUs). The flow shows each stage
 may use (``visible_gpus_env``): none for ``backbone.device: cpu`` on a GPU machine, so accelerate and
 DeepSpeed pick the CPU too, and one for a local stage.
 
-This module imports torch only inside its functions, so configs and the CLI stay torch-free.
+The torch-free facts (is a GPU visible, how many, which device ``backbone.device`` resolves to, what a
+stage process may see, how many threads it takes) are ``stages.io.devices``: the flow reads them too.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from stages.io.config import BackboneSection, ConfigError
+from stages.io.config import BackboneSection
+from stages.io.devices import cpu_model, device_type
 
 if TYPE_CHECKING:
     import torch
 
-DeviceType = Literal["cpu", "cuda"]
 
-
-def cuda_available() -> bool:
-    """Whether a CUDA device is visible; torch is imported only where an NVIDIA driver is (Linux, or
-    WSL2's ``/dev/dxg``), so the CLI stays quick on CPU machines."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-        return False
-    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/dxg").exists()):
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def gpu_count() -> int:
-    """How many CUDA devices this process sees (0 without CUDA)."""
-    if not cuda_available():
-        return 0
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def device_type(cfg: BackboneSection, cuda: bool | None = None) -> DeviceType:
-    """``backbone.device`` resolved: "cuda" or "cpu". ``cuda`` (whether a GPU is visible) is asked when None.
-
-    Raises:
-        ConfigError: ``backbone.device: cuda`` where no CUDA device is visible.
-    """
-    cuda = cuda_available() if cuda is None else cuda
-    if cfg.device == "cuda" and not cuda:
-        raise ConfigError("backbone.device: cuda, but no CUDA device is visible here (check the driver and "
-                          "CUDA_VISIBLE_DEVICES), or set backbone.device: auto or cpu")
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
-
-
-def stage_device(cfg: BackboneSection) -> "torch.device":
+def stage_device(cfg: BackboneSection) -> torch.device:
     """The device this process loads the backbone onto: ``cuda:<LOCAL_RANK>`` or ``cpu``."""
     import torch
 
@@ -70,48 +35,9 @@ def stage_device(cfg: BackboneSection) -> "torch.device":
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def model_device(model: "torch.nn.Module") -> "torch.device":
+def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's (first) parameter: where a stage creates the tensors it feeds the model."""
     return next(model.parameters()).device
-
-
-def visible_gpus_env(cfg: BackboneSection, launched: bool) -> dict[str, str]:
-    """What a stage process may see of the machine's GPUs.
-
-    * ``backbone.device: cpu`` on a GPU machine: none, and DeepSpeed told to use its CPU accelerator,
-      so accelerate and DeepSpeed compute on the CPU too.
-    * A local (not ``launched``) stage on CUDA: one GPU, the first visible one. Seeing several, the HF
-      Trainer would wrap SFT in ``DataParallel`` and multiply its batch by the GPU count, a result
-      that would depend on the machine.
-
-    Empty where nothing needs hiding (``accelerate launch`` gives each rank its GPU by ``LOCAL_RANK``).
-    """
-    if not cuda_available():
-        return {}
-    if cfg.device == "cpu":
-        return {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    if launched:
-        return {}
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return {"CUDA_VISIBLE_DEVICES": visible.split(",")[0] if visible else "0"}
-
-
-def stage_threads(requested: int | Literal["auto"], cores: int | None = None, busy: float | None = None) -> int:
-    """Torch threads for a local stage process: ``requested``, or for ``auto`` the cores that no other
-    process is using as the stage starts (at least 1).
-
-    Why not every core: torch's OpenMP threads meet at a barrier after each parallel region, so one
-    thread descheduled by a neighbouring job stalls all of them, and libgomp's waiting threads spin on
-    the cores the neighbour needs. Beside a CPU-bound job on 2 cores the default PPO stage ran 22x
-    slower with 2 threads (``bench/neighbour.py``); with one thread per free core it does not.
-
-    ``cores`` (default: this process's CPU affinity) and ``busy`` (default: ``busy_cores()``) are for tests.
-    """
-    if requested != "auto":
-        return requested
-    cores = cores if cores is not None else available_cores()
-    busy = busy if busy is not None else busy_cores()
-    return max(1, min(cores, round(cores - busy)))
 
 
 def host_facts(threads: int) -> dict[str, str | int]:
@@ -121,41 +47,3 @@ def host_facts(threads: int) -> dict[str, str | int]:
     import torch
 
     return {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": threads}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows, else "unknown"."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def busy_cores(window_s: float = 0.1) -> float:
-    """Cores kept busy by every process of the machine over ``window_s`` seconds (Linux ``/proc/stat``;
-    this process sleeps meanwhile, so it counts nothing of its own). 0.0 where ``/proc/stat`` is missing."""
-    import time
-
-    def sample() -> tuple[int, int, int]:  # (busy, total) jiffies over all CPUs, and the CPU count
-        lines = Path("/proc/stat").read_text().splitlines()
-        fields = [int(v) for v in lines[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields), sum(1 for line in lines if line.startswith("cpu") and line[3].isdigit())
-
-    try:
-        busy0, total0, cpus = sample()
-        time.sleep(window_s)
-        busy1, total1, _ = sample()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return cpus * (busy1 - busy0) / max(total1 - total0, 1)

@@ -20,7 +20,7 @@ PROBE_FILE = "probe_logits.safetensors"
 PROBE_TEXTS = ("3+4=", "12+19=", "7+0=7", "Hello, world")
 
 
-def probe_inputs(tokenizer: "PreTrainedTokenizerBase", device: "torch.device | str") -> dict[str, "torch.Tensor"]:
+def probe_inputs(tokenizer: PreTrainedTokenizerBase, device: torch.device | str) -> dict[str, torch.Tensor]:
     """The probe texts right-padded on ``device``: input_ids and attention_mask, (N, T) each."""
     import torch
 
@@ -29,7 +29,7 @@ def probe_inputs(tokenizer: "PreTrainedTokenizerBase", device: "torch.device | s
             for name in ("input_ids", "attention_mask")}
 
 
-def probe_logits(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase") -> "torch.Tensor":
+def probe_logits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """Logits of the active adapter on the fixed probe texts, (N, T, V) in float32, on the CPU."""
     import torch
 
@@ -37,7 +37,7 @@ def probe_logits(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase")
         return model(**probe_inputs(tokenizer, model_device(model))).logits.float().cpu()
 
 
-def save_probe(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase", folder: Path) -> None:
+def save_probe(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({"logits": probe_logits(model, tokenizer).contiguous(), **probe_inputs(tokenizer, "cpu")},

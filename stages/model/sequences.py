@@ -15,20 +15,30 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from stages.model.generation import Response
+
+@dataclass(frozen=True)
+class Response:
+    """One sampled response (``stages.model.generation.generate``): its text, ids and sampling log-probs."""
+
+    text: str  # decoded response up to (not including) its end token
+    finished: bool  # the policy emitted an end token (EOS or the template's end of turn) within the budget
+    prompt_ids: tuple[int, ...] = ()  # the prompt's tokens, padding removed
+    token_ids: tuple[int, ...] = ()  # the response's tokens, the end token included when finished
+    # log softmax(logits / temperature) of each token in ``token_ids``: the probability it was sampled with
+    token_logprobs: tuple[float, ...] = ()
 
 
 @dataclass
 class SequenceBatch:
-    input_ids: "torch.Tensor"  # (B, T) right-padded
-    attention_mask: "torch.Tensor"  # (B, T) 1 on real tokens
-    response_mask: "torch.Tensor"  # (B, T) 1 on response tokens, the end token included
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    response_mask: torch.Tensor  # (B, T) 1 on response tokens, the end token included
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
-def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int, device: "torch.device | str") -> SequenceBatch:
+def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str) -> SequenceBatch:
     """Right-pad (prompt ids, response ids) rows into a batch on ``device`` (the model's: ``model_device``)."""
     import torch
 
@@ -39,14 +49,14 @@ def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int, device:
         ids.append(prompt + completion + [pad_id] * pad)
         attention.append([1] * (len(prompt) + len(completion)) + [0] * pad)
         response.append([0] * len(prompt) + [1] * len(completion) + [0] * pad)
-    def tensor(values: list[list[int]]) -> "torch.Tensor":
+    def tensor(values: list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return SequenceBatch(tensor(ids), tensor(attention), tensor(response))
 
 
-def sampled_batch(samples: list["Response"], pad_id: int, device: "torch.device | str"
-                  ) -> tuple[SequenceBatch, "torch.Tensor"]:
+def sampled_batch(samples: list[Response], pad_id: int, device: torch.device | str
+                  ) -> tuple[SequenceBatch, torch.Tensor]:
     """The batch of sampled (prompt ids, response ids) and the log-probs the tokens were sampled with,
     (B, T) aligned with ``input_ids`` (0 off the response): what an RL stage scores and trains on."""
     import torch
@@ -57,13 +67,13 @@ def sampled_batch(samples: list["Response"], pad_id: int, device: "torch.device 
     return batch, logprobs
 
 
-def token_logprobs(model: "torch.nn.Module", batch: SequenceBatch, temperature: float = 1.0) -> "torch.Tensor":
+def token_logprobs(model: torch.nn.Module, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
     """log p(token_t | tokens_<t) at every position, 0 at position 0 and off the response: (B, T)."""
     return token_logprobs_and_entropy(model, batch, temperature)[0]
 
 
-def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch, temperature: float = 1.0
-                               ) -> tuple["torch.Tensor", "torch.Tensor"]:
+def token_logprobs_and_entropy(model: torch.nn.Module, batch: SequenceBatch, temperature: float = 1.0
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the actual tokens and entropies of the predicted distributions: (B, T) each,
     aligned with ``input_ids`` (position t scores token t from the logits at t-1), 0 off the response.
 
@@ -77,9 +87,9 @@ def token_logprobs_and_entropy(model: "torch.nn.Module", batch: SequenceBatch, t
     return logprobs, entropy
 
 
-def token_logprobs_entropy_and_values(model: "torch.nn.Module", head: "torch.nn.Linear", batch: SequenceBatch,
+def token_logprobs_entropy_and_values(model: torch.nn.Module, head: torch.nn.Linear, batch: SequenceBatch,
                                       temperature: float = 1.0
-                                      ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``token_logprobs_and_entropy`` and ``token_values`` of one adapter from one forward pass, for a value
     head on the policy's own hidden states (``ppo.value_model: shared``): (B, T) each, the same numbers
     as the two separate calls. The values read the hidden states detached: the value loss trains the head
@@ -89,8 +99,8 @@ def token_logprobs_entropy_and_values(model: "torch.nn.Module", head: "torch.nn.
     return logprobs, entropy, _values(head, hidden.detach(), batch)
 
 
-def _response_forward(model: "torch.nn.Module", batch: SequenceBatch, temperature: float, with_hidden: bool
-                      ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None"]:
+def _response_forward(model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_hidden: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     import torch
 
     width = batch.input_ids.shape[1]
@@ -107,17 +117,17 @@ def _response_forward(model: "torch.nn.Module", batch: SequenceBatch, temperatur
     return _align(picked, batch), _align(entropy, batch), hidden
 
 
-def token_values(model: "torch.nn.Module", head: "torch.nn.Linear", batch: SequenceBatch) -> "torch.Tensor":
+def token_values(model: torch.nn.Module, head: torch.nn.Linear, batch: SequenceBatch) -> torch.Tensor:
     """Value head on the hidden state that predicts each token (position t uses hidden t-1): (B, T)."""
     return _values(head, final_hidden_states(model, batch), batch)
 
 
-def _values(head: "torch.nn.Linear", hidden: "torch.Tensor", batch: SequenceBatch) -> "torch.Tensor":
+def _values(head: torch.nn.Linear, hidden: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
     """(B, T, H) final hidden states -> (B, T) values, position t from hidden t-1, zero off the response."""
     return _align(head(hidden[:, :-1].to(head.weight.dtype)).squeeze(-1), batch)
 
 
-def final_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":
+def final_hidden_states(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """The decoder's final hidden states (after its final norm, what HF returns as ``hidden_states[-1]``):
     (B, T, H). Through the full (PEFT) model forward, so LoRA and prefix adapters both apply.
 
@@ -133,10 +143,10 @@ def final_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torc
 
 
 @contextlib.contextmanager
-def _capture_final_hidden(model: "torch.nn.Module") -> Iterator[list["torch.Tensor"]]:
+def _capture_final_hidden(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """A list that receives the final norm's output during forwards inside the block (stays empty for an
     architecture without a final norm: the caller then asks for ``output_hidden_states``)."""
-    captured: list["torch.Tensor"] = []
+    captured: list[torch.Tensor] = []
     norm = _final_norm(model)
     handle = norm.register_forward_hook(lambda module, inputs, output: captured.append(output)) if norm else None
     try:
@@ -146,13 +156,13 @@ def _capture_final_hidden(model: "torch.nn.Module") -> Iterator[list["torch.Tens
             handle.remove()
 
 
-def _final_norm(model: "torch.nn.Module") -> "torch.nn.Module | None":
+def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     return getattr(decoder, "norm", None)
 
 
-def _align(shifted: "torch.Tensor", batch: SequenceBatch) -> "torch.Tensor":
+def _align(shifted: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
     """(B, k) values for the last k tokens -> (B, T) aligned with input positions, zero off the response."""
     import torch
 
@@ -161,7 +171,7 @@ def _align(shifted: "torch.Tensor", batch: SequenceBatch) -> "torch.Tensor":
     return aligned * batch.response_mask
 
 
-def last_hidden_states(model: "torch.nn.Module", batch: SequenceBatch) -> "torch.Tensor":
+def last_hidden_states(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """Final-layer hidden state (after the final norm) at each row's last real token: (B, H).
 
     Goes through the full (PEFT) model forward, so LoRA and prefix adapters both apply.

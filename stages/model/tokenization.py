@@ -33,17 +33,16 @@ The rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from stages.io.formats import Prompt, is_conversational
+from stages.model.sequences import SequenceBatch, from_token_ids
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
-
-    from stages.model.sequences import SequenceBatch
 
 ChatTemplateUse = Literal["auto", "always", "never"]
 _PROBE_PROMPT, _PROBE_RESPONSE = "PROMPT", "RESPONSE"  # rendered once to find the template's end of turn
@@ -58,7 +57,7 @@ class TokenizationError(ValueError):
 class Tokenization:
     """The contract for one tokenizer and one ``data.chat_template`` setting (module docstring)."""
 
-    tokenizer: "PreTrainedTokenizerBase"
+    tokenizer: PreTrainedTokenizerBase
     chat_template: ChatTemplateUse
     bos_id: int | None  # put in front of a standard prompt: the tokenizer adds BOS by itself
     eos_id: int
@@ -67,8 +66,8 @@ class Tokenization:
     model_end_ids: tuple[int, ...] = ()  # the end ids of the model's generation_config
 
     @classmethod
-    def of(cls, tokenizer: "PreTrainedTokenizerBase", chat_template: ChatTemplateUse = "auto",
-           model_end_ids: Sequence[int] = ()) -> "Tokenization":
+    def of(cls, tokenizer: PreTrainedTokenizerBase, chat_template: ChatTemplateUse = "auto",
+           model_end_ids: Sequence[int] = ()) -> Tokenization:
         """Read the tokenizer's conventions; ``model_end_ids``: the ``eos_token_id`` (int or list) of the
         model's ``generation_config`` (``stages.model.backbone.Backbone.tokenization`` passes them).
         Raises ``TokenizationError`` for ``always`` without a template."""
@@ -128,11 +127,9 @@ class Tokenization:
         """(prompt ids, response ids): the one encoding of a (prompt, response) in every stage."""
         return self.prompt_ids(prompt), self.response_ids(prompt, response, finished)
 
-    def batch(self, prompts: list[Prompt], responses: list[str], device: "torch.device | str",
-              finished: list[bool] | None = None) -> "SequenceBatch":
+    def batch(self, prompts: list[Prompt], responses: list[str], device: torch.device | str,
+              finished: list[bool] | None = None) -> SequenceBatch:
         """A right-padded batch of (prompt, response) pairs on ``device`` (``stages.model.sequences.SequenceBatch``)."""
-        from stages.model.sequences import from_token_ids
-
         finished = finished if finished is not None else [True] * len(prompts)
         rows = [self.pair(p, r, done) for p, r, done in zip(prompts, responses, finished, strict=True)]
         return from_token_ids(rows, self.pad_id, device)
@@ -176,7 +173,7 @@ def generation_end_ids(generation_config: Any) -> tuple[int, ...]:
     return () if ids is None else (ids,) if isinstance(ids, int) else tuple(ids)
 
 
-def _added_bos(tokenizer: "PreTrainedTokenizerBase") -> int | None:
+def _added_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """BOS's id if the tokenizer puts BOS in front of a text by itself, else None."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -186,7 +183,7 @@ def _added_bos(tokenizer: "PreTrainedTokenizerBase") -> int | None:
     return bos if with_special[:1] == [bos] and without[:1] != [bos] else None
 
 
-def _turn_end(tokenizer: "PreTrainedTokenizerBase") -> int:
+def _turn_end(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that ends an assistant turn in the chat template: the first special token written after
     a probe response (``<|im_end|>`` after ChatML's content, even behind a newline); EOS for a template
     that writes none there. Raises ``TokenizationError`` for a template that cannot render an exchange."""

@@ -45,8 +45,8 @@ class Checkpointer:
     """Saves and restores one stage's training state: its trainable adapters, heads and updater, and per
     rank torch's CPU and CUDA generators and the training loop's samplers (``save``/``resume`` take them)."""
 
-    def __init__(self, final: Path, cache_key: str, updater: "Updater", model: "PeftModel", adapters: list[str],
-                 heads: dict[str, "torch.nn.Linear"], fingerprint: str, dist: Distributed = LOCAL) -> None:
+    def __init__(self, final: Path, cache_key: str, updater: Updater, model: PeftModel, adapters: list[str],
+                 heads: dict[str, torch.nn.Linear], fingerprint: str, dist: Distributed = LOCAL) -> None:
         self.root = checkpoint_root(final)
         self.cache_key, self.updater, self.dist = cache_key, updater, dist
         self.model, self.adapters, self.heads, self.fingerprint = model, adapters, heads, fingerprint
@@ -112,7 +112,7 @@ class Checkpointer:
         return final
 
 
-def _cuda_rng_state(model: "torch.nn.Module") -> "torch.Tensor | None":
+def _cuda_rng_state(model: torch.nn.Module) -> torch.Tensor | None:
     """The generator state of the GPU the model is on (None on the CPU): what its dropout draws from.
     Only that one: a resume may see another number of GPUs."""
     import torch
@@ -130,7 +130,7 @@ def latest_checkpoint(root: Path, cache_key: str) -> Path | None:
     return max(found, key=lambda f: artifacts.read_manifest(f)["step"], default=None)
 
 
-def load_adapter_weights(folder: Path, model: "PeftModel", names: list[str]) -> None:
+def load_adapter_weights(folder: Path, model: PeftModel, names: list[str]) -> None:
     """Load the checkpoint's copy of each named adapter into the model in place."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file

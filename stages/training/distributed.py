@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.deepspeed_config import deepspeed_config_path, is_distributed_process, load_deepspeed_config, zero_stage
-from stages.model.placement import device_type
+from stages.io.devices import device_type
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +94,7 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
 
-    def total(self, tensor: "torch.Tensor") -> "torch.Tensor":
+    def total(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over the ranks, detached (``tensor`` itself is never modified)."""
         if self.world_size == 1:
             return tensor.detach()
@@ -104,7 +104,7 @@ class Distributed:
         torch.distributed.all_reduce(summed)
         return summed
 
-    def share_of_global_mean(self, count: "torch.Tensor", window: "torch.Tensor | None" = None,
+    def share_of_global_mean(self, count: torch.Tensor, window: torch.Tensor | None = None,
                              accumulation: int = 1) -> float:
         """Factor turning this rank's mean over its ``count`` items into its part of the global mean.
 
@@ -225,7 +225,7 @@ def synced_generation(dist: Distributed) -> bool:
 
 
 @contextmanager
-def gathered(dist: Distributed, module: "torch.nn.Module", also: "Iterable[torch.nn.Parameter]" = ()) -> Iterator[None]:
+def gathered(dist: Distributed, module: torch.nn.Module, also: Iterable[torch.nn.Parameter] = ()) -> Iterator[None]:
     """Under ZeRO-3, make the trainable weights (and the frozen ones in ``also``, saved with them, such as
     the reward head's bias) whole on every rank for the block (to save them)."""
     if dist.zero_stage != 3:

@@ -104,7 +104,7 @@ def not_stopping() -> dict[str, Any]:
     return {"stopped_at_step": None, "stop_reason": None, "early_stopping": None}
 
 
-def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> "TrainerCallback | None":
+def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> TrainerCallback | None:
     """Early stopping for an HF Trainer stage (SFT, DPO): evaluates in ``on_step_end`` every
     ``eval_every`` steps and sets ``should_training_stop`` (and no checkpoint at that step); the stopper's
     state is a ``sidecar`` of each checkpoint (``early_stopping-<step>.json``), read back when the Trainer

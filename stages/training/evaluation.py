@@ -10,8 +10,9 @@ from stages.io.arithmetic import check
 from stages.io.config import EvalSection
 from stages.io.data import Record
 from stages.model.adapters import active_adapter
-from stages.model.generation import Response, generate
+from stages.model.generation import generate
 from stages.model.placement import model_device
+from stages.model.sequences import Response
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -30,7 +31,7 @@ def score_responses(responses: list[Response], answers: list[str]) -> float:
 
 
 def task_score(
-    model: "torch.nn.Module", tokenization: "Tokenization", records: list[Record], cfg: EvalSection,
+    model: torch.nn.Module, tokenization: Tokenization, records: list[Record], cfg: EvalSection,
     seed: int, desc: str = "task_score", synced: bool = False,
 ) -> float:
     """Sample on the first ``cfg.num_prompts`` held-out prompts (rendered by the tokenization contract,
@@ -41,9 +42,9 @@ def task_score(
 
 
 def evaluate_policy(
-    model: "PeftModel", tokenization: "Tokenization", records: list[Record], cfg: EvalSection, seed: int, *,
+    model: PeftModel, tokenization: Tokenization, records: list[Record], cfg: EvalSection, seed: int, *,
     reference: str, desc: str = "task_score", synced: bool = False,
-    reward: "Callable[[list[Response], list[Prompt]], list[float]] | None" = None,
+    reward: Callable[[list[Response], list[Prompt]], list[float]] | None = None,
 ) -> dict[str, float]:
     """``task_score`` of the active adapter (the policy) and, on the same samples, its KL to the adapter
     ``reference``: the Monte-Carlo estimate of KL(policy || reference) per response, the mean over samples
@@ -75,7 +76,7 @@ def evaluate_policy(
     return found
 
 
-def _samples(model: "torch.nn.Module", tokenization: "Tokenization", records: list[Record], cfg: EvalSection,
+def _samples(model: torch.nn.Module, tokenization: Tokenization, records: list[Record], cfg: EvalSection,
              seed: int, desc: str, synced: bool) -> list[Response]:
     return generate(
         model, tokenization, [tokenization.prompt_ids(r["prompt"]) for r in records], max_new_tokens=cfg.max_new_tokens,
@@ -83,7 +84,7 @@ def _samples(model: "torch.nn.Module", tokenization: "Tokenization", records: li
     )
 
 
-def held_out_loss(model: "torch.nn.Module", tokenization: "Tokenization", records: list[Record], cfg: EvalSection
+def held_out_loss(model: torch.nn.Module, tokenization: Tokenization, records: list[Record], cfg: EvalSection
                   ) -> float:
     """SFT's loss on held-out data: the mean negative log-likelihood (nats per token) of the reference
     answers of the first ``cfg.num_prompts`` held-out records, end token included, given their prompts

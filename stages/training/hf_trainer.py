@@ -40,7 +40,7 @@ KEY_FILE = "cache_key"  # in .<stage>.checkpoints/: whose progress the Trainer c
 TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 
 
-def trainer_arguments(model: "PeftModel", cfg: PipelineConfig, dist: Distributed, stage: str, *,
+def trainer_arguments(model: PeftModel, cfg: PipelineConfig, dist: Distributed, stage: str, *,
                       micro_batch_size: int, max_grad_norm: float = 1.0) -> dict[str, Any]:
     """Keyword arguments that every TRL config of a stage shares (``SFTConfig``, ``DPOConfig``): the
     engine or device, W&B on the main rank, the seed, progress bars, and no autocast or checkpointing."""
@@ -63,7 +63,7 @@ def trainer_arguments(model: "PeftModel", cfg: PipelineConfig, dist: Distributed
 
 
 @contextmanager
-def adapter_dtype_kept(model: "torch.nn.Module") -> Iterator[None]:
+def adapter_dtype_kept(model: torch.nn.Module) -> Iterator[None]:
     """Build a TRL trainer inside this block: the trainable parameters come out of it holding exactly the
     tensors they went in with. TRL 1.16's SFTTrainer and DPOTrainer cast a 4-bit model's trainable
     parameters to bf16 in their constructors, whatever ``bf16=`` says (PEFT #2889 / PR #2891), so QLoRA
@@ -88,7 +88,7 @@ def refuse_data_parallel(args: Any, stage: str) -> None:
                           "or set CUDA_VISIBLE_DEVICES to one GPU")
 
 
-def check_engine(trainer: "Trainer", dist: Distributed, stage: str) -> None:
+def check_engine(trainer: Trainer, dist: Distributed, stage: str) -> None:
     """The Trainer runs on the configured engine (``use_cpu=True`` with ranks would silently mean DDP),
     and stops at the first non-finite loss it logs."""
     if trainer.is_deepspeed_enabled != (dist.deepspeed is not None):
@@ -96,7 +96,7 @@ def check_engine(trainer: "Trainer", dist: Distributed, stage: str) -> None:
     trainer.add_callback(stop_on_non_finite_loss(stage))
 
 
-def stop_on_non_finite_loss(stage: str) -> "TrainerCallback":
+def stop_on_non_finite_loss(stage: str) -> TrainerCallback:
     """Raise at the first logged NaN/inf loss. ``checkpoint_every`` is a multiple of ``logging_steps``
     (config validation), so a non-finite loss is seen before any checkpoint could save its weights."""
     import math
@@ -131,7 +131,7 @@ def drop_orphan_sidecars(args: Any, name: str, suffix: str) -> None:
             old.unlink()
 
 
-def adalora_callbacks(trainer: "Trainer", model: "PeftModel", allocation: "RankAllocation | None") -> None:
+def adalora_callbacks(trainer: Trainer, model: PeftModel, allocation: RankAllocation | None) -> None:
     """What AdaLoRA adapters need from the Trainer (nothing is added for other kinds).
 
     * A fresh adapter's ``allocation`` runs in ``on_optimizer_step``, with the update's 1-based number:
@@ -205,7 +205,7 @@ def agreed_resume_point(root: Path, cache_key: str, dist: Distributed, stage: st
     return resume
 
 
-def train_from(trainer: "Trainer", resume: str | None) -> Any:
+def train_from(trainer: Trainer, resume: str | None) -> Any:
     """``trainer.train()`` from the checkpoint ``resume`` (None: from the start); returns its TrainOutput.
 
     TRL's trainers count the tokens they trained on (their logs' ``num_tokens``) from 0 in every new
@@ -232,6 +232,6 @@ def resumed_step(resume: str | None) -> int:
     return int(resume.rsplit("-", 1)[1]) if resume else 0
 
 
-def logged_history(trainer: "Trainer") -> list[dict[str, Any]]:
+def logged_history(trainer: Trainer) -> list[dict[str, Any]]:
     """The Trainer's training log: its rows with a loss (not the final summary or evaluation rows)."""
     return [row for row in trainer.state.log_history if "loss" in row]

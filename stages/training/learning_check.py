@@ -39,7 +39,7 @@ class LearningCheck:
     A learning rate too low for the adapter kind is reported at once (printed) and again at the end.
     """
 
-    def __init__(self, module: "torch.nn.Module", dist: Distributed = LOCAL, *, stage: str,
+    def __init__(self, module: torch.nn.Module, dist: Distributed = LOCAL, *, stage: str,
                  adapter_kind: str = "lora", learning_rate: float | None = None) -> None:
         self.module, self.dist, self.stage = module, dist, stage
         self.rate_warning = _prefix_rate_warning(stage, adapter_kind, learning_rate)
@@ -48,7 +48,7 @@ class LearningCheck:
         with self._whole():
             self.initial = {name: p.detach().cpu().clone() for name, p in self._trainable()}
 
-    def _trainable(self) -> Iterator[tuple[str, "torch.nn.Parameter"]]:
+    def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((name, p) for name, p in self.module.named_parameters() if p.requires_grad)
 
     @contextmanager

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from stages.model.generation import Response
+    from stages.model.sequences import Response
     from stages.training.distributed import Distributed
 
 
@@ -52,7 +52,7 @@ class LogprobGap:
     total: float = 0.0
     tokens: int = 0
 
-    def add(self, sampled: "torch.Tensor", trained: "torch.Tensor", mask: "torch.Tensor") -> None:
+    def add(self, sampled: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor) -> None:
         """``sampled``, ``trained`` (B, T): log-probs of the same tokens at sampling time and in a training
         forward of the same weights; ``mask`` (B, T): 1 on response tokens."""
         gap = (sampled.detach().float() - trained.detach().float()).abs() * mask
@@ -60,7 +60,7 @@ class LogprobGap:
         self.total += gap.sum().item()
         self.tokens += int(mask.sum().item())
 
-    def add_scored(self, model: "torch.nn.Module", samples: "list[Response]", pad_id: int, temperature: float) -> None:
+    def add_scored(self, model: torch.nn.Module, samples: list[Response], pad_id: int, temperature: float) -> None:
         """Score ``samples`` (``generate``'s, with their sampling log-probs) with ``model`` as it is now, in
         eval mode and without gradients, at the temperature they were sampled at, and add the gap: for a
         stage that samples once and trains on other forwards (RRHF)."""
@@ -78,7 +78,7 @@ class LogprobGap:
         finally:
             model.train(was_training)
 
-    def row(self, dist: "Distributed") -> dict[str, float]:
+    def row(self, dist: Distributed) -> dict[str, float]:
         """``logprob_gap_max`` (over every rank's tokens) and ``logprob_gap_mean`` (per token), in nats."""
         ranks = dist.gather([(self.largest, self.total, self.tokens)])  # one collective per update
         largest, total, tokens = max(r[0] for r in ranks), sum(r[1] for r in ranks), sum(r[2] for r in ranks)

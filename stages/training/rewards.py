@@ -1,8 +1,7 @@
 """Where an RL stage's rewards come from (``<stage>.reward``): the reward model, a checker, or both.
 
 * ``model``: the reward stage's adapter and score head on the shared backbone, scoring the ids that
-  were sampled (the recipe passes ``stages.reward.reward_of`` bound to them: this module stays free of
-  the reward recipe, whose code would otherwise version every stage, as the runner imports it);
+  were sampled (the recipe passes ``stages.model.reward_model.reward_of`` bound to them);
 * ``checker``: a verifiable reward, a function called with the keywords ``prompts`` and
   ``completions`` (TRL's reward-function names; a function that takes ``**kwargs`` may ignore one) that
   returns one float per completion. ``<stage>.checker: builtin`` is the built-in task's checker (1.0
@@ -27,7 +26,7 @@ from stages.io.config import ConfigError
 from stages.io.formats import Prompt, prompt_text
 
 if TYPE_CHECKING:
-    from stages.model.generation import Response
+    from stages.model.sequences import Response
 
 Checker = Callable[[list[Prompt], list[str]], Sequence[float]]
 ModelScores = Callable[[list["Response"]], list[float]]  # the reward model's score of each sampled response
@@ -91,7 +90,7 @@ class RewardSource:
     def uses_model(self) -> bool:
         return self.model_scores is not None
 
-    def __call__(self, samples: list["Response"], prompts: list[Prompt]) -> list[float]:
+    def __call__(self, samples: list[Response], prompts: list[Prompt]) -> list[float]:
         """One reward per sample, (N,) floats; ``prompts``: the prompt of each sample. A checker reads the
         prompts and the response texts; the reward model scores the sampled ids."""
         total = [0.0] * len(samples)

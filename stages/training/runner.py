@@ -19,15 +19,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from stages.io import artifacts
 from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import DataError
+from stages.io.devices import available_cores, stage_threads
 from stages.io.provenance import stage_datasets, stage_provenance
-from stages.model.placement import available_cores, host_facts, stage_threads
+from stages.model.backbone import resolve_backbone
+from stages.model.placement import host_facts
 from stages.model.tokenization import TokenizationError
 from stages.registry import spec
 from stages.training.checkpoints import checkpoint_root
@@ -76,6 +78,7 @@ def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, 
         print(f"{stage}: {threads} torch thread(s) of {available_cores()} core(s) (run.threads=auto: "
               "the cores other processes leave free)", file=sys.stderr)
     torch.manual_seed(cfg.run.seed)
+    resolve_backbone(cfg.backbone)  # a built-in backbone is built first, explicitly: its files enter the key
     provenance = stage_provenance(stage, cfg, inputs)
     datasets = {kind: getattr(cfg.data, kind) for kind in stage_datasets(stage, cfg)}
     tracker = start_tracking(cfg, stage, Path(out).resolve().parent, datasets) if dist.is_main else NoTracker()
@@ -90,7 +93,7 @@ def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, 
             "engine": {"name": dist.engine, "world_size": dist.world_size},
             "host": host_facts(threads),
             "seconds": round(time.time() - started, 2),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         artifacts.write_json(Path(tmp) / "metrics.json", metrics)
         if not spec(stage).hf_trainer:

@@ -45,10 +45,10 @@ class Updater:
     before the gradients it reads are zeroed, and is saved with the optimizer.
     """
 
-    def __init__(self, module: "torch.nn.Module", learning_rate: float, warmup_steps: int, total_steps: int,
+    def __init__(self, module: torch.nn.Module, learning_rate: float, warmup_steps: int, total_steps: int,
                  max_grad_norm: float = 1.0, *, gradient_accumulation: int = 1, micro_batch_size: int = 1,
                  schedule: str = "cosine", dist: Distributed = LOCAL, bf16: bool = False,
-                 rank_allocation: "RankAllocation | None" = None) -> None:
+                 rank_allocation: RankAllocation | None = None) -> None:
         import torch
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -64,7 +64,7 @@ class Updater:
                          if schedule == "cosine" else get_constant_schedule_with_warmup(self.optimizer, warmup_steps))
         self.rank_allocation = rank_allocation
         self.engine = None
-        self._pending: "torch.Tensor | None" = None  # DeepSpeed: this micro-step's losses, summed
+        self._pending: torch.Tensor | None = None  # DeepSpeed: this micro-step's losses, summed
         if dist.deepspeed is not None:
             from accelerate import Accelerator, DeepSpeedPlugin
 
@@ -79,13 +79,13 @@ class Updater:
             if rank_allocation is not None:  # config validation refuses it first; this guards direct use
                 raise RuntimeError("AdaLoRA's rank allocation reads full gradients, which DeepSpeed partitions")
 
-    def step(self, loss: "torch.Tensor", what: str = "loss", *, boundary: bool = False) -> None:
+    def step(self, loss: torch.Tensor, what: str = "loss", *, boundary: bool = False) -> None:
         """One micro-step of ``loss`` (refused if not finite, before it touches any weight); updates after
         ``accumulation`` micro-steps, or now if ``boundary`` (e.g. the last minibatch of a PPO epoch)."""
         self.add_loss(loss, what)
         self.finish_micro_step(boundary)
 
-    def add_loss(self, loss: "torch.Tensor", what: str = "loss") -> None:
+    def add_loss(self, loss: torch.Tensor, what: str = "loss") -> None:
         """One of several losses of this micro-step (PPO's policy and value losses), refused if not finite.
 
         Locally its gradient is taken at once, so only one autograd graph over the shared backbone is
@@ -142,7 +142,7 @@ class Updater:
         self.schedule.step()
         self.micro_steps = 0
 
-    def check_finite(self, loss: "torch.Tensor", what: str) -> None:
+    def check_finite(self, loss: torch.Tensor, what: str) -> None:
         value = loss.detach().float().item()
         if not math.isfinite(value):
             raise NonFiniteLoss(f"{what} is {value} at micro-step {self.micro_steps + 1}: stopped before the update "

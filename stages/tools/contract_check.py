@@ -14,9 +14,12 @@ With the backbone's real tokenizer (no weights loaded) and the contract every st
   the context with the stage's ``max_new_tokens``. A dataset of more than ``SAMPLE_ROWS`` rows is counted
   on an even sample of them and the counts are scaled (said as "about").
 
-It runs in a process of its own (``python -m stages.model.contract_check``), because the tokenizer needs
-transformers and the CLI's process never imports torch: ``rlhf run``/``stage``/``resume``/``sweep`` call it
-in pre-flight, ``rlhf plan`` prints its lines. Exit status 2 with ``error: ...`` on a refusal. A backbone
+* **LoRA targets.** ``adapter.target_modules`` that name no module of the backbone
+  (``stages.model.adapters.check_target_modules``, on the meta device).
+
+It runs in a process of its own (``python -m stages.tools.contract_check``), because the tokenizer needs
+transformers and the CLI's process never imports torch: ``rlhf run``/``stage``/``resume``/``sweep`` start it
+in pre-flight (``flows.preflight``), ``rlhf plan`` prints its lines. Exit status 2 with ``error: ...`` on a refusal. A backbone
 whose files are not here (a hub id not downloaded, offline) is not refused: the check notes it and the
 stages check the data when they load the tokenizer, as before.
 """
@@ -26,28 +29,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from stages.dpo import distinct_after_truncation
 from stages.io.artifacts import ArtifactError
 from stages.io.config import PipelineConfig, load_config
-from stages.io.data import DataError, DataKind, load_records, load_rollout_prompts, record_location, source_name
+from stages.io.data import (
+    DataError,
+    DataKind,
+    load_records,
+    load_rollout_prompts,
+    measure_lengths,
+    record_location,
+    source_name,
+)
 from stages.io.formats import is_conversational
 from stages.io.provenance import stage_datasets
+from stages.model.adapters import check_target_modules
+from stages.model.backbone import resolve_backbone
+from stages.model.tokenization import Tokenization, TokenizationError, generation_end_ids
 from stages.registry import spec
-
-if TYPE_CHECKING:
-    from stages.model.tokenization import Tokenization
 
 SAMPLE_ROWS = 5000  # rows tokenized per dataset for the budget counts (all of them up to this many)
 MOST = 0.5  # a budget that cuts more than this share of a dataset's rows is warned about loudly
-CHECK_TIMEOUT_S = 900  # a tokenizer download that stalls ends the check, not the command
 
 
 @dataclass(frozen=True)
@@ -75,15 +86,10 @@ class BudgetCount:
         return self.rows > 0 and self.cut > MOST * self.rows
 
 
-def contract_tokenization(cfg: PipelineConfig) -> tuple["Tokenization", int]:
+def contract_tokenization(cfg: PipelineConfig) -> tuple[Tokenization, int]:
     """The stages' ``Tokenization`` of the configured backbone, and its context length, from its files
     (tokenizer, ``generation_config.json`` or, as transformers does without one, ``config.json``)
     without loading the weights. Raises ``OSError`` when they are not here."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from stages.model.backbone import resolve_backbone
-    from stages.model.tokenization import Tokenization, generation_end_ids
-
     location = resolve_backbone(cfg.backbone)
     options = {"revision": cfg.backbone.revision, "trust_remote_code": cfg.backbone.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(location, **options)
@@ -96,11 +102,9 @@ def contract_tokenization(cfg: PipelineConfig) -> tuple["Tokenization", int]:
     return Tokenization.of(tokenizer, cfg.data.chat_template, generation_end_ids(generation)), context
 
 
-def check_rendering(cfg: PipelineConfig, tokenization: "Tokenization") -> None:
+def check_rendering(cfg: PipelineConfig, tokenization: Tokenization) -> None:
     """Render one prompt of every distinct shape of every dataset the run reads; raises ``DataError``
     naming the file, the line, the shape and the template's complaint for one it refuses."""
-    from stages.model.tokenization import TokenizationError
-
     kinds = sorted({kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)})
     for kind in kinds:
         ref = getattr(cfg.data, kind)
@@ -119,7 +123,7 @@ def check_rendering(cfg: PipelineConfig, tokenization: "Tokenization") -> None:
                                 f"(backbone.name={cfg.backbone.name})") from None
 
 
-def budget_counts(cfg: PipelineConfig, tokenization: "Tokenization", context: int) -> list[BudgetCount]:
+def budget_counts(cfg: PipelineConfig, tokenization: Tokenization, context: int) -> list[BudgetCount]:
     """``BudgetCount`` of every configured stage's token budgets on its datasets (module docstring)."""
     counts = []
     for stage in cfg.run.stages:
@@ -144,29 +148,23 @@ def _even_sample(rows: list[Any]) -> list[Any]:
     return rows if len(rows) <= SAMPLE_ROWS else [rows[i * len(rows) // SAMPLE_ROWS] for i in range(SAMPLE_ROWS)]
 
 
-def _count(stage: str, cfg: PipelineConfig, kind: DataKind, tokenization: "Tokenization", budget: str, limit: int,
+def _count(stage: str, cfg: PipelineConfig, kind: DataKind, tokenization: Tokenization, budget: str, limit: int,
            effect: str, remedy: str, dpo_pairs: bool = False) -> BudgetCount:
-    from stages.io.data import measure_lengths
-
     ref = getattr(cfg.data, kind)
     rows = load_records(ref, kind, cfg.task)
     sample = _even_sample(rows)
     lengths = measure_lengths(sample, kind, source_name(ref), tokenization, limit)
     dropped = len(lengths.no_room)
     if dpo_pairs:
-        from stages.dpo import distinct_after_truncation
-
         dropped = len(distinct_after_truncation(sample, tokenization, limit)[1])
     scale = len(rows) / len(sample)
     return BudgetCount(stage, f"{source_name(ref)} ({kind})", budget, len(rows), round(len(lengths.too_long) * scale),
                        round(dropped * scale), len(sample) < len(rows), effect, remedy)
 
 
-def _rollout_count(stage: str, cfg: PipelineConfig, tokenization: "Tokenization", context: int) -> BudgetCount:
+def _rollout_count(stage: str, cfg: PipelineConfig, tokenization: Tokenization, context: int) -> BudgetCount:
     """Rollout prompts whose ids plus ``<stage>.max_new_tokens`` exceed the context: the stages sample them
     anyway (a prompt alone over the context is the ``DataError`` the stage raises too)."""
-    from stages.io.data import measure_lengths
-
     new, ref = getattr(cfg, stage).max_new_tokens, cfg.data.prompts or cfg.data.sft
     prompts = load_rollout_prompts(cfg.data, cfg.task)
     sample = _even_sample(prompts)
@@ -179,12 +177,14 @@ def _rollout_count(stage: str, cfg: PipelineConfig, tokenization: "Tokenization"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.model.contract_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.tools.contract_check", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--json", action="store_true", help="print the budget counts as JSON")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [])
     with one_line_errors(cfg):
+        location = resolve_backbone(cfg.backbone)
+        check_target_modules(cfg.adapter, location, cfg.backbone.revision, cfg.backbone.trust_remote_code)
         try:
             tokenization, context = contract_tokenization(cfg)
         except OSError as err:  # not here (a hub id not downloaded, offline): the stages check when they load it
@@ -211,8 +211,6 @@ def one_line_errors(cfg: PipelineConfig) -> Iterator[None]:
     """Inside it, any exception ends the process with ``error: <one line>`` and status 2: a user error
     as itself, anything else (a tokenizer that needs ``trust_remote_code``, a missing package) by its
     type and first line, never as a traceback (``RLHF_TRACEBACK=1`` shows it)."""
-    from stages.model.tokenization import TokenizationError
-
     try:
         yield
     except Exception as err:
@@ -222,57 +220,6 @@ def one_line_errors(cfg: PipelineConfig) -> Iterator[None]:
         message = str(err) if known else f"backbone.name={cfg.backbone.name!r}: {type(err).__name__}: {first_line(err)}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-class ConfigProcess:
-    """``python -m <module> --config <cfg as a temporary file> [args]`` in a process of its own: the
-    CLI's process never imports torch. ``close`` ends it (if still running) and removes the file."""
-
-    def __init__(self, module: str, cfg: PipelineConfig, *args: str, capture: bool = True) -> None:
-        self.folder = tempfile.TemporaryDirectory(prefix="rlhf-config-")
-        config = Path(self.folder.name) / "config.yaml"
-        config.write_text(cfg.to_yaml())
-        pipe = subprocess.PIPE if capture else None
-        self.process = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), *args],
-                                        stdout=pipe, stderr=pipe, text=True)
-
-    def wait(self, timeout: float | None = None) -> tuple[int, str, str]:
-        """(exit status, stdout, stderr); raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
-        out, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, out or "", err or ""
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self.folder.cleanup()
-
-    def __enter__(self) -> "ConfigProcess":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
-
-
-def budget_lines(check: ConfigProcess) -> list[dict[str, Any]]:
-    """Wait for a started check (``ConfigProcess("stages.model.contract_check", cfg, "--json")``): the budget
-    counts (``BudgetCount`` fields, ``line``, ``mostly_cut``); raises ``DataError`` with its one-line refusal."""
-    try:
-        status, out, err = check.wait(CHECK_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise DataError(f"the tokenization check took over {CHECK_TIMEOUT_S} s (a stalled tokenizer download?)") from None
-    for line in err.splitlines():
-        if line.startswith("note: "):
-            print(line, file=sys.stderr, flush=True)
-    if status != 0:
-        lines = [line for line in err.splitlines() if line.startswith("error: ")]
-        raise DataError(lines[-1].removeprefix("error: ") if lines else f"the tokenization check failed:\n{err}")
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def start_check(cfg: PipelineConfig) -> ConfigProcess:
-    """Start this check on ``cfg`` in its own process; ``budget_lines`` waits for it, ``close`` ends it."""
-    return ConfigProcess("stages.model.contract_check", cfg, "--json")
 
 
 if __name__ == "__main__":

@@ -20,18 +20,24 @@ an adapter) in this process: a policy must reproduce the logits its stage saved
 (``probe_logits.safetensors``), a reward model the scores of its stage's probe texts
 (``probe_scores.json``). The folder is written beside ``--out`` and renamed into place when complete, so a
 failed export leaves nothing a later command could mistake for one.
+
+It runs in a process of its own (``python -m stages.tools.export``; ``rlhf export`` starts it with the
+run's config): the CLI's process never imports torch.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stages.io import artifacts
+from stages.io.artifacts import ArtifactError
 from stages.io.config import ConfigError, PipelineConfig, load_config
 
 EXPORT_FILE = "export.json"
@@ -63,18 +69,13 @@ class ExportPlan:
         return self.stage == "reward"
 
 
-def plan_export(run_dir: Path, stage: str | None, merge: bool) -> ExportPlan:
-    """Check the run and its stage artifact before anything loads (``ConfigError`` naming what is wrong).
+def plan_export(run_dir: Path, cfg: PipelineConfig, stage: str | None, merge: bool) -> ExportPlan:
+    """Check the run (``run_dir``, whose config is ``cfg``) and its stage artifact before anything loads.
 
-    ``stage`` defaults to the run's last stage. Raises ``ConfigError`` for a missing run, a stage not in
-    the run, or a stage whose artifact is not finished (``artifacts.verify`` names a changed file).
+    ``stage`` defaults to the run's last stage. Raises ``ConfigError`` for a stage not in the run, or a
+    stage whose artifact is not finished (``artifacts.verify`` names a changed file).
     """
-    from flows.run_dir import CONFIG
-
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise ConfigError(f"{run_dir}: no such run (see `rlhf runs`)")
-    cfg = load_config(run_dir / CONFIG)
     stage = stage or cfg.run.stages[-1]
     if stage not in cfg.run.stages:
         raise ConfigError(f"--stage {stage}: not among run {run_dir.name}'s stages {cfg.run.stages}")
@@ -151,7 +152,7 @@ def _write_adapter(plan: ExportPlan, folder: Path) -> None:
 
 def _load_base(plan: ExportPlan) -> Any:
     """The backbone on the CPU as the stage loaded it (4-bit for QLoRA)."""
-    from stages.model.adapters import needs_4bit
+    from stages.io.sections import needs_4bit
     from stages.model.backbone import load_backbone
 
     cpu = plan.cfg.backbone.model_copy(update={"device": "cpu"})
@@ -276,7 +277,7 @@ def _compare_logits(plan: ExportPlan, logits_of: Any) -> None:
 def _compare_scores(plan: ExportPlan, score_of: Any) -> None:
     import torch
 
-    from stages.reward import PROBES
+    from stages.model.reward_model import PROBES
 
     probes = json.loads((plan.artifact / PROBES).read_text())
     with torch.no_grad():  # one sequence at a time: no padding, so the last token is the last real token
@@ -310,3 +311,26 @@ def _readme(record: dict[str, Any]) -> str:
             + (f"\nNotes:{notes}\n" if notes else "")
             + f"\nMetrics of the stage: `{json.dumps(record['metrics'], sort_keys=True)}`\n")
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.tools.export", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--config", type=Path, required=True, help="the run's config")
+    parser.add_argument("--stage")
+    parser.add_argument("--merge", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        plan = plan_export(args.run_dir, load_config(args.config), args.stage, args.merge)
+        record = export_run(plan, args.out)
+    except (ConfigError, ArtifactError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(f"exported {record['run_id']}/{record['stage']} as {record['format']} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ The tool to reach for when a new model misbehaves: for a row of every dataset th
 exact ids of the tokenization contract (``stages.model.tokenization``), each shown as ``id:token``, with
 where the prompt ends, which ids the loss applies to, where a budget cuts, and which ids end a response
 (where generation stops). It loads the tokenizer, not the weights, in a process of its own
-(``python -m stages.model.explain``), like the pre-flight check (``stages.model.contract_check``).
+(``python -m stages.tools.explain``), like the pre-flight check (``stages.tools.contract_check``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from stages.io.config import PipelineConfig, load_config
 from stages.io.data import DataError, load_records, load_rollout_prompts, record_location, source_name
 from stages.io.formats import Prompt
 from stages.io.provenance import stage_datasets
-from stages.model.contract_check import contract_tokenization, one_line_errors, rolls_out
+from stages.tools.contract_check import contract_tokenization, one_line_errors, rolls_out
 
 if TYPE_CHECKING:
     from stages.model.tokenization import Tokenization
 
 
-def marked(tokenization: "Tokenization", ids: list[int]) -> str:
+def marked(tokenization: Tokenization, ids: list[int]) -> str:
     """``ids`` as ``id:token`` pieces (the token as the tokenizer spells it: ``▁7``, ``Ġthe``; a character
     that does not print, such as a raw newline, escaped), space-separated."""
     tokens = tokenization.tokenizer.convert_ids_to_tokens(ids)
@@ -34,7 +34,7 @@ def _printable(token: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in token)
 
 
-def _pair_lines(tokenization: "Tokenization", prompt: Prompt, response: str, label: str, budget: int) -> list[str]:
+def _pair_lines(tokenization: Tokenization, prompt: Prompt, response: str, label: str, budget: int) -> list[str]:
     prompt_ids, response_ids = tokenization.pair(prompt, response)
     total = len(prompt_ids) + len(response_ids)
     cut = f"; CUT at {budget}: the last {total - budget} ids are not trained on" if total > budget else ""
@@ -43,7 +43,7 @@ def _pair_lines(tokenization: "Tokenization", prompt: Prompt, response: str, lab
             f"  decoded: {tokenization.text(prompt_ids + response_ids)!r}"]
 
 
-def explain(cfg: PipelineConfig, tokenization: "Tokenization", context: int, row: int = 0) -> list[str]:
+def explain(cfg: PipelineConfig, tokenization: Tokenization, context: int, row: int = 0) -> list[str]:
     """The lines of ``rlhf inspect`` for record ``row`` (from 0) of each dataset of each configured stage.
     Raises ``DataError`` for a row a dataset does not hold."""
     if row < 0:
@@ -94,7 +94,7 @@ def explain(cfg: PipelineConfig, tokenization: "Tokenization", context: int, row
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.model.explain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stages.tools.explain", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--row", type=int, default=1, help="the record to show, from 1 (rlhf inspect checks it)")
     args = parser.parse_args(argv)
