@@ -41,7 +41,7 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
 def run_stage(stage: str, out: Path, config: Path, sets: list[str], inputs: dict[str, Path],
               env: dict[str, str]) -> tuple[dict, float, float]:
     """One stage process: its metrics, wall seconds and peak RSS in MiB."""
-    command = [sys.executable, "-m", f"stages.{stage}", "--config", str(config), "--out", str(out),
+    command = [sys.executable, "-m", "stages.training.entry", stage, "--config", str(config), "--out", str(out),
                *(f"--input={name}={path}" for name, path in inputs.items()),
                *(a for item in ["tracking.backend=none", *sets] for a in ("--set", item))]
     log = out.with_suffix(".log")  # a file, not a pipe: nobody reads a pipe until wait4 returns

@@ -5,7 +5,7 @@
 Both runs train the same LoRA adapter on a 10 x 640 random-init Llama (about 50M parameters) for the
 same number of steps on the same global batch: locally 1 process x 2 threads x batch 8; under ZeRO-2
 2 processes x 1 thread x batch 4 (DeepSpeed's CPU accelerator, gloo). Both are the real stage
-(``python -m stages.sft`` and the ``accelerate launch`` the flow runs); the figure is the Trainer's
+(``python -m stages.training.entry sft`` and the ``accelerate launch`` the flow runs); the figure is the Trainer's
 own ``train_runtime``, so model loading, the JIT build and evaluation are excluded (and reported apart).
 """
 
@@ -37,7 +37,7 @@ def run(label: str, sets: list[str], work: Path, env: dict[str, str]) -> dict[st
     if cfg.launcher("sft") == "accelerate":
         command, env = accelerate_command("sft", cfg, args), {**launch_env(cfg, "sft"), **{k: env[k] for k in ("RLHF_HOME",)}}
     else:
-        command = [sys.executable, "-m", "stages.sft", *args]
+        command = [sys.executable, "-m", "stages.training.entry", "sft", *args]
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - started

@@ -53,7 +53,7 @@ TARGET = 0.30
 
 def run_stage(stage: str, config: Path, out: Path, inputs: Path, env: dict[str, str]) -> tuple[int, float]:
     """Run one stage as a child process (upstream artifacts from ``inputs``); (its peak RSS, seconds)."""
-    args = [sys.executable, "-m", f"stages.{stage}", "--config", str(config), "--out", str(out)]
+    args = [sys.executable, "-m", "stages.training.entry", stage, "--config", str(config), "--out", str(out)]
     for name in INPUTS[stage]:
         args += ["--input", f"{name}={inputs / name}"]
     started = time.perf_counter()

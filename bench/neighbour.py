@@ -3,7 +3,7 @@
     python bench/neighbour.py                       # about 20 minutes on 2 cores, quiet machine first
     python bench/neighbour.py --variants "OMP_WAIT_POLICY=PASSIVE;GOMP_SPINCOUNT=20000"
 
-The PPO stage runs as the flow runs it (``python -m stages.ppo`` with ``flows.launch.launch_env``), on
+The PPO stage runs as the flow runs it (``python -m stages.training.entry ppo`` with ``flows.launch.launch_env``), on
 SFT and reward artifacts built once. The neighbour is another training-like job: a torch matmul loop
 using every core. Each variant of the stage's OpenMP environment (``OMP_WAIT_POLICY``, libgomp's
 ``GOMP_SPINCOUNT``, thread counts) is timed alone and beside the neighbour; the ratio is what a user
@@ -32,7 +32,7 @@ while True:
 
 
 def stage(name: str, out: Path, env: dict[str, str], inputs: dict[str, Path] | None = None) -> float:
-    command = [sys.executable, "-m", f"stages.{name}", "--out", str(out), "--set", "tracking.backend=none",
+    command = [sys.executable, "-m", "stages.training.entry", name, "--out", str(out), "--set", "tracking.backend=none",
                *(f"--input={k}={v}" for k, v in (inputs or {}).items())]
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)

@@ -1,5 +1,5 @@
-"""The command lines that start a stage: ``python -m <recipe>`` locally, or ``accelerate launch`` of
-it on DeepSpeed ZeRO (``launcher: accelerate``), with the thread budget each rank gets."""
+"""The command lines that start a stage: ``python -m stages.training.entry <stage>`` locally, or
+``accelerate launch`` of it on DeepSpeed ZeRO (``launcher: accelerate``), with the thread budget each rank gets."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from stages.io.devices import visible_gpus_env
 from stages.registry import spec
 
 
+# The module a stage process starts in (``python -m stages.training.entry <stage> ...``): it sets the
+# process up, then imports the stage's recipe. A name, not an import: the flow never imports torch.
+STAGE_ENTRY = "stages.training.entry"
+
+
 class StageFailed(RuntimeError):
     """A stage process exited non-zero; the message carries its last lines and the log's path."""
 
@@ -24,7 +29,7 @@ USER_ERRORS = (ConfigError, DataError, ArtifactError)
 
 
 def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], machine_rank: int = 0) -> list[str]:
-    """``accelerate launch`` of ``python -m <recipe>`` with the configured DeepSpeed preset."""
+    """``accelerate launch`` of the stage process (``STAGE_ENTRY``) with the configured DeepSpeed preset."""
     dist = cfg.distributed
     check_launch(stage, cfg)  # fail before launching anything
     preset = dist.deepspeed if dist.deepspeed in DEEPSPEED_PRESETS else "zero2"
@@ -38,7 +43,7 @@ def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], m
     ]
     if dist.main_process_ip:
         command += ["--main_process_ip", dist.main_process_ip]
-    return [*command, "-m", spec(stage).module, *stage_args]
+    return [*command, "-m", STAGE_ENTRY, stage, *stage_args]
 
 
 def launch_env(cfg: PipelineConfig, stage: str) -> dict[str, str]:

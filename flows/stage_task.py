@@ -1,8 +1,8 @@
 """One stage of a run, as a Prefect task: reuse the cached artifact when the key matches, else launch the
 stage module.
 
-Stages run as ``python -m <recipe>`` in a child process (the same command a user can run by hand),
-or as ``accelerate launch ... -m <recipe>`` for a stage with ``launcher: accelerate``, so the flow
+Stages run as ``python -m stages.training.entry <stage>`` in a child process (the same command a user can run by hand),
+or as ``accelerate launch ... -m stages.training.entry <stage>`` for a stage with ``launcher: accelerate``, so the flow
 process never imports torch and a crashed stage cannot corrupt the flow's state. The child's output is
 streamed to the terminal and the Prefect log (progress bars included) and kept in ``<run>/logs/<stage>.log``.
 """
@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed, State
 
 from flows.cache import ArtifactCache
-from flows.launch import USER_ERRORS, StageFailed, accelerate_command, launch_env
+from flows.launch import STAGE_ENTRY, USER_ERRORS, StageFailed, accelerate_command, launch_env
 from flows.run_dir import CONFIG, record_status
 from stages.io import artifacts
 from stages.io.config import PipelineConfig, load_config
@@ -110,7 +110,7 @@ def stage_command(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipel
             *(f"--input={name}={path}" for name, path in inputs.items())]
     if cfg.launcher(stage) == "accelerate":
         return accelerate_command(stage, cfg, args)
-    return [sys.executable, "-m", spec(stage).module, *args]
+    return [sys.executable, "-m", STAGE_ENTRY, stage, *args]
 
 
 def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: PipelineConfig) -> None:

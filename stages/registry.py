@@ -1,20 +1,28 @@
-"""The stage registry: everything that is specific to a stage, declared once.
+"""The stage registry: every stage, declared once, in its own folder.
 
-The pipeline order and the ``run.stages`` choices, the config's dependency checks, provenance and the
-cache key (with the stage's own code version), the launcher, the ZeRO-3 launch refusal, ``rlhf plan``
-(the recipe's ``memory_workload``), the CLI's ``rlhf stage`` choices, W&B's step axis and the report's
-curves all read this table; ``tests/test_registry.py`` checks that no other module spells out the
-stage list. Adding a stage: a recipe module with ``main()`` and ``memory_workload()``, a config section
-and one entry here (docs/architecture.md, "How to add a stage"). Another package can add a stage
-without touching this one: an entry point in the ``rlhf.stages`` group naming its ``StageSpec``, whose
-``settings`` names its config section (``PLUGIN_GROUP``).
+A stage is a folder ``stages/<name>/`` with a torch-free ``spec.py`` (its ``SPEC``: a ``StageSpec``
+naming its config section, inputs, datasets, curves, stopping metrics, config checks and memory plan)
+and its ``recipe.py`` (``main()`` trains and publishes). Another package adds a stage the same way: an
+entry point in the ``rlhf.stages`` group naming its ``StageSpec`` (``PLUGIN_GROUP``). Both kinds go
+through one check (``_registered``) into one table.
 
-Pure data: no torch, no pydantic, so ``rlhf --help`` stays instant.
+The pipeline order and the ``run.stages`` choices, the config's sections and dependency checks,
+provenance and the cache key (with the stage's own code version), the launcher, the ZeRO-3 launch
+refusal, ``rlhf plan``, the CLI's ``rlhf stage`` choices, W&B's step axis and the report's curves all
+read this table; ``tests/test_registry.py`` checks that no other module spells out the stage list.
+
+The table is built on first use (``STAGES``, ``STAGE_ORDER``: PEP 562 module attributes), by importing
+each spec module, so that importing this module costs nothing and a spec module may import it for
+``StageSpec``. This module itself is pure data: no torch, no pydantic.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import import_module
+from pathlib import Path
 from typing import Any
 
 
@@ -55,16 +63,24 @@ class StageSpec:
     # Trains with an HF Trainer (TRL's): its own loop and checkpoints (``stages.training.hf_trainer``), and its
     # own W&B reporting logs the curves (the runner does not).
     hf_trainer: bool = False
-    # The recipe the flow launches as ``python -m <module>``: ``main()`` trains and publishes, and
-    # ``memory_workload(cfg, data, parallel)`` declares its memory phases (default ``stages.<name>``).
+    # The recipe the flow launches as ``python -m <module>``: ``main()`` trains and publishes (default
+    # ``stages.<name>.recipe``).
     recipe: str | None = None
-    # A plugin stage's config section, "module:Class": a pydantic model (extra="forbid", frozen) with a
-    # ``launcher`` field. Built-in stages' sections are fields of ``stages.io.config.PipelineConfig``.
+    # The stage's config section, "module:Class": a pydantic model (extra="forbid", frozen) with a
+    # ``launcher`` field; ``stages.io.config.PipelineConfig`` gets one field per stage from it.
     settings: str | None = None
+    # Where it runs in the chain: ascending, built-in stages 10-60, a plugin after them by default.
+    order: int = 100
+    # The held-out metrics its ``early_stopping.metric`` may name (``stages.training.early_stopping``).
+    stopping_metrics: tuple[str, ...] = ()
+    # ``memory_workload(cfg, data, parallel) -> Workload``: the phases ``rlhf plan`` sizes (torch-free).
+    memory_workload: Callable[..., Any] | None = None
+    # ``check(cfg)``: rules across sections that only this stage knows; raises ``ValueError`` (one line).
+    check: Callable[[Any], None] | None = None
 
     @property
     def module(self) -> str:
-        return self.recipe or f"stages.{self.name}"
+        return self.recipe or f"stages.{self.name}.recipe"
 
     def identity(self) -> dict[str, Any]:
         """The fields that change what the stage computes: they enter its code version (cache key)."""
@@ -88,73 +104,72 @@ class StageSpec:
         return self.datasets + tuple(kind for kind in configured if getattr(cfg.data, kind) is not None)
 
 
-_GENERATIVE = ("backbone", "adapter")  # every stage's result depends on these sections
-
-BUILTIN: tuple[StageSpec, ...] = (
-    StageSpec("sft", (*_GENERATIVE, "sft", "eval"), datasets=("sft", "eval"), prefix_min_learning_rate=0.05,
-              import_overhead_mib=520, curves=(Curve("loss", "SFT loss"),), hf_trainer=True),
-    StageSpec("reward", (*_GENERATIVE, "reward"), datasets=("preferences",), prefix_min_learning_rate=0.01,
-              curves=(Curve("accuracy", "reward model accuracy (train batches)"), Curve("loss", "reward model loss"))),
-    StageSpec("rrhf", (*_GENERATIVE, "rrhf", "eval"), inputs=("sft", "reward"), unless_data={"reward": "ranked"},
-              reward_source=True,
-              datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
-              prefix_min_learning_rate=0.01,
-              curves=(Curve("loss", "RRHF loss"),)),
-    StageSpec("ppo", (*_GENERATIVE, "ppo", "eval"), inputs=("sft", "reward"), reward_source=True, datasets=("sft", "eval"),
-              optional_datasets=("prompts",),
-              step_key="update", samples_while_training=True, prefix_min_learning_rate=0.001,
-              curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
-                      Curve("entropy", "PPO policy entropy"),
-                      Curve("logprob_gap_max", "PPO log-prob gap, sampling vs training (nats, largest)"))),
-    StageSpec("dpo", (*_GENERATIVE, "dpo", "eval"), inputs=("sft",), datasets=("preferences", "eval"),
-              prefix_min_learning_rate=0.01, import_overhead_mib=520, hf_trainer=True,
-              curves=(Curve("loss", "DPO loss"), Curve("rewards/margins", "DPO reward margin (train batches)"),
-                      Curve("rewards/accuracies", "DPO reward accuracy (train batches)"))),
-    StageSpec("grpo", (*_GENERATIVE, "grpo", "eval"), inputs=("sft", "reward"), reward_source=True,
-              datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
-              prefix_min_learning_rate=0.001,
-              curves=(Curve("reward", "GRPO reward (mean of the sampled groups)"),
-                      Curve("kl", "GRPO KL to reference (k3, per token)"), Curve("reward_std", "GRPO reward std within groups"),
-                      Curve("logprob_gap_max", "GRPO log-prob gap, sampling vs training (nats, largest)"))),
-)
+GENERATIVE = ("backbone", "adapter")  # every stage's result depends on these sections
 PLUGIN_GROUP = "rlhf.stages"
+SPEC_FILE = "spec.py"  # a folder of stages/ holding one is a stage: its module defines SPEC
+
+
+def builtin_stages() -> tuple[StageSpec, ...]:
+    """The stages of this package: each folder ``stages/<name>/`` with a ``spec.py`` defining ``SPEC``."""
+    here = Path(__file__).parent
+    found = []
+    for folder in sorted(p.parent for p in here.glob(f"*/{SPEC_FILE}")):
+        stage = import_module(f"{__package__}.{folder.name}.spec").SPEC
+        found.append(_registered(stage, f"{folder}/{SPEC_FILE}", folder.name))
+    return tuple(found)
 
 
 def plugin_stages() -> tuple[StageSpec, ...]:
     """Stages that installed packages add through the ``rlhf.stages`` entry-point group, by name; each
-    entry point names a ``StageSpec`` of the same name. Its module is imported while this registry loads:
-    at its top it may import ``stages.registry`` and pydantic only (the recipe's other imports go inside
-    its functions, as in the built-in recipes)."""
+    entry point names a ``StageSpec`` of the same name. Its module is imported when the table is first
+    used: at its top it may import ``stages.registry``, ``stages.io.sections``, ``stages.memory.plan``
+    and pydantic (the recipe's other imports go in its recipe module, as in the built-in stages)."""
     from importlib.metadata import entry_points
 
     found = []
     for point in sorted(entry_points(group=PLUGIN_GROUP), key=lambda p: p.name):
         try:
             stage = point.load()
-        except ImportError as err:  # most often a spec module that imports stages.* beyond this registry
+        except ImportError as err:  # most often a spec module that imports torch-side stages.* modules
             raise ImportError(f"entry point {point.name} = {point.value} ({PLUGIN_GROUP}): {err}; the module that "
-                              "holds the StageSpec is imported while this registry loads, so it may import "
-                              "stages.registry and pydantic, not other stages.* modules at its top") from err
-        if not isinstance(stage, StageSpec) or stage.name != point.name or stage.settings is None:
-            raise TypeError(f"entry point {point.name} = {point.value} ({PLUGIN_GROUP}): expected a StageSpec named "
-                            f"{point.name!r} with its settings (its config section)")
-        if any(stage.name == builtin.name for builtin in BUILTIN):
-            raise TypeError(f"entry point {point.value} ({PLUGIN_GROUP}): stage {stage.name!r} is built in")
-        found.append(stage)
+                              "holds the StageSpec is imported while the stage table is built, so it may import "
+                              "stages.registry, stages.io.sections, stages.memory.plan and pydantic at its top, "
+                              "not the model or training packages") from err
+        found.append(_registered(stage, f"entry point {point.name} = {point.value} ({PLUGIN_GROUP})", point.name))
     return tuple(found)
 
 
-STAGES: tuple[StageSpec, ...] = BUILTIN + plugin_stages()  # plugins run after the built-in stages
-STAGE_ORDER: tuple[str, ...] = tuple(spec.name for spec in STAGES)  # the pipeline order
-_BY_NAME = {spec.name: spec for spec in STAGES}
+def _registered(stage: Any, where: str, name: str) -> StageSpec:
+    """``stage`` if it is a ``StageSpec`` named ``name`` with its config section; else ``TypeError``."""
+    if not isinstance(stage, StageSpec) or stage.name != name or stage.settings is None:
+        raise TypeError(f"{where}: expected a StageSpec named {name!r} with its settings (its config section)")
+    return stage
+
+
+@cache
+def _table() -> tuple[StageSpec, ...]:
+    builtin, plugins = builtin_stages(), plugin_stages()
+    for stage in plugins:
+        if any(stage.name == b.name for b in builtin):
+            raise TypeError(f"entry point {stage.name} ({PLUGIN_GROUP}): stage {stage.name!r} is built in")
+    return tuple(sorted(builtin + plugins, key=lambda s: (s.order, s.name)))
+
+
+def __getattr__(name: str) -> Any:
+    """``STAGES`` (every stage, in pipeline order) and ``STAGE_ORDER`` (their names), built on first use."""
+    if name == "STAGES":
+        return _table()
+    if name == "STAGE_ORDER":
+        return tuple(stage.name for stage in _table())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def spec(name: str) -> StageSpec:
     """The declaration of stage ``name``; KeyError names the known stages."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGE_ORDER)}") from None
+    for stage in _table():
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown stage {name!r}; known: {', '.join(s.name for s in _table())}") from None
 
 
 def missing_inputs(stages: list[str], cfg: Any) -> list[str]:

@@ -77,6 +77,9 @@ def rlhf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["WANDB_MODE"] = "offline"
     os.environ["HF_HUB_OFFLINE"] = "1"  # no hub here: fail at once instead of retrying for 25 s
+    # Built once, explicitly, as the CLI's pre-flight does: a cache key or a memory plan never builds it.
+    subprocess.run([sys.executable, "-m", "stages.model.builtin_backbone", "--chat"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return home
 
 
@@ -98,8 +101,8 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | Non
 def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
     """Local SFT and reward artifacts, for tests of the stages that consume them (PPO, RRHF)."""
     from stages.io.config import load_config
-    from stages.reward import train_reward
-    from stages.sft import train_sft
+    from stages.reward.recipe import train_reward
+    from stages.sft.recipe import train_sft
     from stages.training.runner import execute
 
     cfg = load_config(None, overrides)
@@ -110,12 +113,12 @@ def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
 
 def chain_stages() -> dict[str, tuple[Callable[..., Any], list[str]]]:
     """Each built-in stage's train function and the upstream artifacts it reads, in chain order."""
-    from stages.dpo import train_dpo
-    from stages.grpo import train_grpo
-    from stages.ppo import train_ppo
-    from stages.reward import train_reward
-    from stages.rrhf import train_rrhf
-    from stages.sft import train_sft
+    from stages.dpo.recipe import train_dpo
+    from stages.grpo.recipe import train_grpo
+    from stages.ppo.recipe import train_ppo
+    from stages.reward.recipe import train_reward
+    from stages.rrhf.recipe import train_rrhf
+    from stages.sft.recipe import train_sft
 
     return {"sft": (train_sft, []), "reward": (train_reward, []), "ppo": (train_ppo, ["sft", "reward"]),
             "rrhf": (train_rrhf, ["sft", "reward"]), "dpo": (train_dpo, ["sft"]),
@@ -132,4 +135,4 @@ def stage_command(stage: str, out: Path, overrides: list[str], inputs: dict[str,
     cfg = load_config(None, overrides)
     if cfg.launcher(stage) == "accelerate":
         return accelerate_command(stage, cfg, args)
-    return [sys.executable, "-m", f"stages.{stage}", *args]
+    return [sys.executable, "-m", "stages.training.entry", stage, *args]

@@ -12,7 +12,7 @@ from stages.io.sections import needs_4bit
 from stages.model.adapters import active_adapter, attach_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone, weights_digest
 from stages.model.tokenization import Tokenization
-from stages.sft import build_sft_trainer
+from stages.sft.recipe import build_sft_trainer
 from stages.training.distributed import LOCAL
 from tests.conftest import TINY
 

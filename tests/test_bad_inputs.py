@@ -166,13 +166,13 @@ def tokenization(tokenizer):
 
 
 def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tokenization, tmp_path: Path) -> None:
-    """What TRL 1.16's SFTTrainer does with rows over ``max_length``, with the arguments stages/sft.py gives it
+    """What TRL 1.16's SFTTrainer does with rows over ``max_length``, with the arguments stages/sft/recipe.py gives it
     (``max_length=sft.max_length``, ``completion_only_loss=True``, default ``truncation_mode='keep_start'``),
     and that ``measure_lengths`` counts exactly those rows."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from stages.sft import tokenized_demos
+    from stages.sft.recipe import tokenized_demos
 
     demos = [
         {"prompt": "1+1=", "completion": "2"},  # 4 + 1 + EOS = 6 tokens: fits in 8
@@ -425,7 +425,7 @@ def test_manifest_write_failure_publishes_nothing(tmp_path: Path) -> None:
 
 def test_disk_full_while_publishing_a_stage_then_rerun_succeeds(tmp_path: Path) -> None:
     out = tmp_path / "reward"
-    command = [sys.executable, "-m", "stages.reward", "--out", str(out), *SETS, "--set", "tracking.backend=none"]
+    command = [sys.executable, "-m", "stages.training.entry", "reward", "--out", str(out), *SETS, "--set", "tracking.backend=none"]
     # The reward adapter's weights are ~330 kB: a 100 kB limit fails that write, inside the staging folder.
     full = subprocess.run(command, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size(100_000))
     assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]

@@ -164,7 +164,7 @@ def test_failing_stage_is_reported_failed_with_its_error(tmp_path: Path) -> None
 def test_stage_runs_alone_as_a_module(tmp_path: Path) -> None:
     out = tmp_path / "sft"
     result = subprocess.run(
-        [sys.executable, "-m", "stages.sft", "--out", str(out), *SETS, "--set", "adapter.kind=ptuning_v2"],
+        [sys.executable, "-m", "stages.training.entry", "sft", "--out", str(out), *SETS, "--set", "adapter.kind=ptuning_v2"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.dpo import POLICY, REFERENCE, build_dpo_trainer, train_dpo
+from stages.dpo.recipe import POLICY, REFERENCE, build_dpo_trainer, train_dpo
 from stages.io import artifacts
 from stages.io.config import load_config
 from stages.io.data import load_records, split_by_prompt
@@ -19,7 +19,7 @@ from stages.io.sections import needs_4bit
 from stages.model.adapters import load_adapter
 from stages.model.backbone import load_backbone, weights_digest
 from stages.model.tokenization import Tokenization
-from stages.sft import train_sft
+from stages.sft.recipe import train_sft
 from stages.training.distributed import LOCAL
 from stages.training.evaluation import evaluate_policy, task_score
 from stages.training.runner import execute
@@ -122,7 +122,7 @@ def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tmp_path:
             for room in (0, 1, 2)]  # no room; room for "7" alone (the same in both); room to differ
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in [*pairs, *long]))
-    result = subprocess.run([sys.executable, "-m", "stages.dpo", "--out", str(tmp_path / "dpo"), "--input",
+    result = subprocess.run([sys.executable, "-m", "stages.training.entry", "dpo", "--out", str(tmp_path / "dpo"), "--input",
                              f"sft={sft}", *(a for s in [*FAST, f"data.preferences={data}"] for a in ("--set", s))],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -86,7 +86,7 @@ def test_the_trainer_callback_saves_no_checkpoint_at_its_stop() -> None:
     after a resume); without one, a resume replays from the checkpoint before and stops at the same step."""
     from transformers import TrainerControl, TrainerState
 
-    from stages.training.early_stopping import stopping_callback
+    from stages.training.hf_trainer import stopping_callback
 
     stopper = EarlyStopper(EarlyStoppingSection(metric="eval_loss", patience=1, eval_every=5))
     callback = stopping_callback(stopper, lambda: {"eval_loss": 1.0})
@@ -102,8 +102,8 @@ def test_target_kl_stops_above_one_and_a_half_times_the_target_and_only_after_an
     """Spinning Up's and SB3's rule: stop the update's remaining epochs once approx-KL > 1.5 x target_kl."""
     import torch
 
-    from stages.io.config import PPOSection
-    from stages.ppo import _over_target_kl
+    from stages.ppo.recipe import _over_target_kl
+    from stages.ppo.spec import PPOSection
     from stages.training.distributed import LOCAL
     from stages.training.updater import Updater
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from stages.io import artifacts
 from stages.io.config import load_config
-from stages.ppo import train_ppo
-from stages.reward import train_reward
-from stages.sft import train_sft
+from stages.ppo.recipe import train_ppo
+from stages.reward.recipe import train_reward
+from stages.sft.recipe import train_sft
 from stages.training.runner import execute
 from tests.conftest import TINY, train_upstream
 
@@ -61,9 +61,9 @@ def test_ppo_target_kl_stops_the_remaining_epochs(tmp_path: Path) -> None:
 def test_every_rl_stage_stops_early(tmp_path: Path) -> None:
     """RRHF, PPO, GRPO (our loop) and DPO (TRL's Trainer): with ``min_delta`` larger than any change, the
     first evaluation is the best and the second, at step 2 of 3, ends the stage; ``mode`` follows the metric."""
-    from stages.dpo import train_dpo
-    from stages.grpo import train_grpo
-    from stages.rrhf import train_rrhf
+    from stages.dpo.recipe import train_dpo
+    from stages.grpo.recipe import train_grpo
+    from stages.rrhf.recipe import train_rrhf
 
     inputs = train_upstream(tmp_path / "up", SETS)
     stop = "{metric: %s, min_delta: 100, patience: 1, eval_every: 1}"

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.dpo import train_dpo
+from stages.dpo.recipe import train_dpo
 from stages.io.config import ConfigError, load_config
 from stages.io.sections import needs_4bit
 from stages.model.backbone import load_backbone
 from stages.model.reward_model import PROBES
-from stages.reward import train_reward
-from stages.sft import train_sft
+from stages.reward.recipe import train_reward
+from stages.sft.recipe import train_sft
 from stages.tools.export import EXPORT_FILE, ExportError, export_run
 from stages.tools.export import plan_export as _plan_export
 from stages.training.runner import execute

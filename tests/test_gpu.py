@@ -12,7 +12,7 @@ from stages.io.config import load_config
 from stages.model.backbone import load_backbone
 from stages.model.reward_model import attach_reward
 from stages.model.tokenization import Tokenization
-from stages.reward import train_reward
+from stages.reward.recipe import train_reward
 from stages.training.runner import execute
 from tests.conftest import TINY, chain_stages
 

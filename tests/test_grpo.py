@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.grpo import POLICY, REFERENCE, build_model, grpo_step, sample_groups, train_grpo
+from stages.grpo.recipe import POLICY, REFERENCE, build_model, grpo_step, sample_groups, train_grpo
 from stages.io import artifacts
 from stages.io.config import load_config
 from stages.model.backbone import load_backbone

@@ -21,7 +21,10 @@ def test_no_flows_module_imports_torch() -> None:
     assert len(modules) >= 10 and _heavy_after_importing(modules) == []
 
 
-def test_recipes_import_without_torch() -> None:
+def test_stage_specs_and_the_stage_entry_import_without_torch() -> None:
+    """``rlhf plan`` and the config read every stage's spec, and a stage process sets itself up in
+    ``stages.training.entry`` before its recipe loads torch."""
     from stages.registry import STAGES
 
-    assert _heavy_after_importing([stage.module for stage in STAGES]) == []
+    specs = [f"stages.{stage.name}.spec" for stage in STAGES]
+    assert _heavy_after_importing([*specs, "stages.training.entry", "stages.io.config"]) == []

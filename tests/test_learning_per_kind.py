@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.dpo import train_dpo
+from stages.dpo.recipe import train_dpo
 from stages.io.config import PipelineConfig, load_config
-from stages.ppo import build_models, collect_rollout, ppo_update, ppo_updater
-from stages.reward import train_reward
-from stages.rrhf import train_rrhf
-from stages.sft import train_sft
+from stages.ppo.recipe import build_models, collect_rollout, ppo_update, ppo_updater
+from stages.reward.recipe import train_reward
+from stages.rrhf.recipe import train_rrhf
+from stages.sft.recipe import train_sft
 from stages.training.runner import execute
 from tests.conftest import REPO, TINY
 

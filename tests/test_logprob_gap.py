@@ -9,9 +9,10 @@ import torch
 
 from stages.io.config import load_config
 from stages.model.adapters import active_adapter
-from stages.model.generation import generate, ignored_generation_settings
+from stages.model.backbone import ignored_generation_settings
+from stages.model.generation import generate
 from stages.model.sequences import sampled_batch, token_logprobs
-from stages.ppo import POLICY, build_models, collect_rollout, ppo_update, ppo_updater, train_ppo
+from stages.ppo.recipe import POLICY, build_models, collect_rollout, ppo_update, ppo_updater, train_ppo
 from stages.training.logprob_gap import GAP_LIMITS, gap_warning
 from stages.training.runner import execute
 from tests.conftest import TINY, train_upstream
@@ -82,7 +83,7 @@ def test_the_gap_counts_only_forwards_before_the_updates_first_step(inputs: dict
 def test_the_gap_is_in_the_history_of_ppo_and_grpo_and_in_rrhfs_metrics(inputs: dict[str, Path], tmp_path: Path) -> None:
     import json
 
-    from stages.grpo import train_grpo
+    from stages.grpo.recipe import train_grpo
 
     cfg = load_config(None, FAST)
     for stage, train in (("ppo", train_ppo), ("grpo", train_grpo)):
@@ -90,7 +91,7 @@ def test_the_gap_is_in_the_history_of_ppo_and_grpo_and_in_rrhfs_metrics(inputs: 
         history = json.loads((tmp_path / stage / "history.json").read_text())
         assert all(0 <= row["logprob_gap_max"] < GAP_LIMITS["float32"].largest for row in history), history
         assert not [w for w in manifest["metrics"]["warnings"] if "log-probs" in w]
-    from stages.rrhf import train_rrhf  # samples its candidates once: the gap of those, in its metrics
+    from stages.rrhf.recipe import train_rrhf  # samples its candidates once: the gap of those, in its metrics
 
     metrics = execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", inputs)["metrics"]
     assert 0 <= metrics["logprob_gap_mean"] <= metrics["logprob_gap_max"] < GAP_LIMITS["float32"].largest

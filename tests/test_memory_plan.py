@@ -55,9 +55,9 @@ def test_parameter_and_adapter_counts_match_the_real_models() -> None:
     from stages.model.backbone import resolve_backbone
 
     cfg = load_config()
+    folder = resolve_backbone(cfg.backbone)  # built first: reading its shape never builds it
     shape = read_model_shape(cfg)
     assert shape == dataclasses.replace(BUILTIN, vocab_size=shape.vocab_size)
-    folder = resolve_backbone(cfg.backbone)
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert shape.parameters == sum(p.numel() for p in model.parameters())  # tied embeddings count once
     for kind in ("lora", "dora", "adalora", "ptuning_v2"):

@@ -1,25 +1,31 @@
-"""A stage added from outside the package: one module and one entry point, no other edit.
+"""A new stage is one folder, or one module of another package: no other edit.
 
-The throwaway stage ``toy`` lives in a temporary folder with a ``.dist-info`` that declares it in the
+The throwaway stage ``toy`` is added twice: as ``stages/toy/`` in a copy of this repository (the way
+a built-in stage is added), and in a temporary folder with a ``.dist-info`` that declares it in the
 ``rlhf.stages`` entry-point group, exactly as an installed package would. Through the real CLI it
 appears in ``rlhf plan``, runs in a chain after SFT (reading SFT's artifact), is cached on a second
-run, and appears in ``rlhf report --json`` with its metrics and curve.
+run, is retrained when its section changes, and appears in ``rlhf report --json`` with its metrics and
+curve.
 """
 
+import filecmp
 import json
 import os
+import shutil
 import textwrap
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
-TOY_STAGE = '''
+# The stage's declaration, torch-free: its config section, its spec and its memory plan.
+TOY_SPEC = '''
 """A throwaway stage: reads SFT's manifest, "trains" a counter, publishes metrics and a history."""
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from stages.memory.plan import Phase, Workload
 from stages.registry import Curve, StageSpec
 
 
@@ -29,33 +35,25 @@ class ToySection(BaseModel):
     steps: int = 3
 
 
-SPEC = StageSpec("toy", ("toy",), inputs=("sft",), recipe="toy_stage", settings="toy_stage:ToySection",
-                 curves=(Curve("loss", "toy loss"),))
-
-
-def train_toy(cfg, ctx):
-    from stages.io.artifacts import read_manifest, write_json
-
-    history = [{"step": step, "loss": 1.0 / step} for step in range(1, cfg.toy.steps + 1)]
-    write_json(ctx.staging / "history.json", history)
-    return {"sft_task_score": read_manifest(ctx.inputs["sft"])["metrics"]["task_score"], "steps": cfg.toy.steps}
-
-
 def memory_workload(cfg, data, parallel):
-    from stages.memory.plan import Phase, Workload
-
     return Workload("toy", 0, 0, (Phase("reading", "forward", 1, 8, 8),))
 
 
-def main(argv=None):
-    from stages.training.runner import stage_main
-
-    stage_main("toy", train_toy, argv)
-
-
-if __name__ == "__main__":
-    main()
+SPEC = StageSpec("toy", ("toy",), inputs=("sft",), {where}curves=(Curve("loss", "toy loss"),),
+                 memory_workload=memory_workload)
 '''
+
+# Its recipe: the function the stage process runs (train_<name>).
+TOY_RECIPE = '''
+from stages.io.artifacts import read_manifest, write_json
+
+
+def train_toy(cfg, ctx):
+    history = [{"step": step, "loss": 1.0 / step} for step in range(1, cfg.toy.steps + 1)]
+    write_json(ctx.staging / "history.json", history)
+    return {"sft_task_score": read_manifest(ctx.inputs["sft"])["metrics"]["task_score"], "steps": cfg.toy.steps}
+'''
+TOY_STAGE = TOY_SPEC.replace("{where}", 'recipe="toy_stage", settings="toy_stage:ToySection",\n                 ') + TOY_RECIPE
 
 
 def _install_plugin(folder: Path) -> dict[str, str]:
@@ -73,7 +71,42 @@ def _install_plugin(folder: Path) -> dict[str, str]:
 
 
 def test_a_stage_registered_from_outside_runs_caches_plans_and_reports(tmp_path: Path) -> None:
-    env = _install_plugin(tmp_path / "plugin")
+    _runs_caches_plans_and_reports(tmp_path, _install_plugin(tmp_path / "plugin"))
+
+
+def _add_stage_folder(copy: Path) -> dict[str, str]:
+    """A copy of the repository's packages with ``stages/toy/`` added; the env that imports the copy."""
+    for package in ("stages", "flows", "configs", "infra"):
+        shutil.copytree(REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    folder = copy / "stages" / "toy"
+    folder.mkdir()
+    (folder / "__init__.py").write_text('"""The toy stage."""\n')
+    (folder / "spec.py").write_text(TOY_SPEC.replace("{where}", 'settings="stages.toy.spec:ToySection",\n                 '))
+    (folder / "recipe.py").write_text(TOY_RECIPE)
+    return {"PYTHONPATH": os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")])}
+
+
+def _changed_files(copy: Path) -> list[str]:
+    """The files of the copy that are new or differ from the repository's."""
+    changed = []
+    for path in sorted(copy.rglob("*.py")):
+        original = REPO / path.relative_to(copy)
+        if not original.is_file() or not filecmp.cmp(path, original, shallow=False):
+            changed.append(str(path.relative_to(copy)))
+    return changed
+
+
+def test_a_new_stage_is_one_folder(tmp_path: Path) -> None:
+    """Adding a stage to this package touches exactly one new folder, ``stages/toy/``, and the stage then
+    runs, caches, plans and reports like the built-in ones."""
+    env = _add_stage_folder(tmp_path / "repo")
+    assert _changed_files(tmp_path / "repo") == ["stages/toy/__init__.py", "stages/toy/recipe.py", "stages/toy/spec.py"]
+    work = tmp_path / "work"
+    work.mkdir()
+    _runs_caches_plans_and_reports(work, env)
+
+
+def _runs_caches_plans_and_reports(tmp_path: Path, env: dict[str, str]) -> None:
     chain = ["--set", "run.stages=[sft,toy]", "--set", "sft.max_steps=3", "--set", "eval.num_prompts=4",
              "--set", "tracking.backend=none", "--set", "toy.steps=4"]
 

@@ -10,7 +10,7 @@ import torch
 from stages.io import artifacts
 from stages.io.config import load_config
 from stages.model.backbone import base_parameters, load_backbone, weights_digest
-from stages.ppo import (
+from stages.ppo.recipe import (
     POLICY,
     REFERENCE,
     REWARD,
@@ -193,7 +193,7 @@ def test_a_shared_value_model_trains_the_policy_adapter_and_the_value_head(lora_
 def test_ppo_on_the_checker_holds_no_reward_model(tmp_path: Path) -> None:
     """ppo.reward=checker: no reward adapter or head; the value adapter starts as the SFT adapter and its
     head at zero; rollouts are scored by the built-in checker (1 for the exact sum, -1 for no stop)."""
-    from stages.sft import train_sft
+    from stages.sft.recipe import train_sft
 
     sets = [*FAST, "run.stages=[sft,ppo]", "ppo.reward=checker", "sft.max_steps=40"]
     cfg = load_config(None, sets)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.io.config import ConfigError, StageName, load_config
+from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.provenance import code_files, code_version
 from stages.registry import STAGE_ORDER, STAGES, missing_inputs, spec
 from tests.conftest import REPO
@@ -18,6 +18,7 @@ STAGE_LIST = re.compile(rf"""["']({_NAMES})["'](:[^,\n]+)?\s*,\s*["']({_NAMES})[
 # What may still name several stages outside the registry, and why.
 ALLOWED = {
     ("stages/io/sections.py", '["sft", "reward", "ppo"]'): "the default chain: a config value, not the stage list",
+    ("stages/io/config.py", '["sft", "reward", "ppo"]'): "the same default, on the registered stages' type",
 }
 
 
@@ -25,7 +26,7 @@ def test_no_other_module_spells_out_the_stage_list() -> None:
     found = []
     for path in sorted([*REPO.glob("stages/**/*.py"), *REPO.glob("flows/*.py")]):
         relative = str(path.relative_to(REPO))
-        if relative == "stages/registry.py":
+        if relative == "stages/registry.py" or relative.endswith("/spec.py"):  # the table and its entries
             continue
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if STAGE_LIST.search(line) and not any(relative == f and snippet in line for f, snippet in ALLOWED):
@@ -34,7 +35,8 @@ def test_no_other_module_spells_out_the_stage_list() -> None:
 
 
 def test_config_choices_order_and_dependencies_come_from_the_registry() -> None:
-    assert typing.get_args(StageName) == STAGE_ORDER == tuple(s.name for s in STAGES)
+    stage_name = typing.get_args(PipelineConfig.model_fields["run"].annotation.model_fields["stages"].annotation)[0]
+    assert typing.get_args(stage_name) == STAGE_ORDER == tuple(s.name for s in STAGES)
     cfg = load_config(None, ["run.stages=[sft,rrhf]", "data.ranked=builtin"])
     assert spec("rrhf").needed_inputs(cfg) == ("sft",) and spec("rrhf").needed_datasets(cfg) == ("sft", "eval", "ranked")
     assert missing_inputs(["ppo"], cfg) == ["ppo needs the sft stage (it reads its artifact)",
@@ -47,17 +49,59 @@ def test_config_choices_order_and_dependencies_come_from_the_registry() -> None:
     assert missing_inputs(["dpo"], cfg) == ["dpo needs the sft stage (it reads its artifact)"]
 
 
-def test_every_stage_has_a_recipe_module_and_a_config_section() -> None:
-    from stages.io.config import PipelineConfig
-
+def test_every_stage_is_one_folder_with_its_spec_recipe_and_config_section() -> None:
     for stage in STAGES:
-        assert (REPO / Path(*stage.module.split("."))).with_suffix(".py").is_file(), stage.module
+        folder = REPO / "stages" / stage.name
+        assert {p.name for p in folder.glob("*.py")} == {"__init__.py", "spec.py", "recipe.py"}, folder
+        assert stage.module == f"stages.{stage.name}.recipe" and stage.memory_workload is not None
         assert stage.name in PipelineConfig.model_fields and stage.name in stage.sections
 
 
+# The code each stage's result depends on (its code version hashes these files): the shared ground every
+# stage stands on, then what each one adds. Pinned, so that an import that widens a stage's cache key
+# (and retrains it when an unrelated file changes) is a decision, not an accident.
+SHARED_CODE = {
+    "__init__.py", "io/__init__.py", "io/arithmetic.py", "io/artifacts.py", "io/backbone_files.py",
+    "io/builtin_spec.py", "io/config.py", "io/data.py", "io/deepspeed_config.py", "io/devices.py", "io/formats.py",
+    "io/paths.py", "io/provenance.py", "io/sections.py", "model/__init__.py", "model/adapters.py",
+    "model/backbone.py", "model/builtin_backbone.py", "model/heads.py", "model/placement.py", "model/sequences.py",
+    "model/tokenization.py", "training/__init__.py", "training/checkpoints.py", "training/distributed.py",
+    "training/early_stopping.py", "training/learning_check.py", "training/runner.py", "training/updater.py",
+}
+_SAMPLING = {"model/generation.py", "model/probes.py", "training/evaluation.py"}
+_RL = {*_SAMPLING, "model/reward_model.py", "objectives/__init__.py", "objectives/losses.py", "training/logprob_gap.py",
+       "training/loop.py", "training/rewards.py"}
+OWN_CODE = {
+    "sft": {*_SAMPLING, "sft/__init__.py", "sft/recipe.py", "training/hf_trainer.py"},
+    "reward": {"model/reward_model.py", "objectives/__init__.py", "objectives/losses.py", "reward/__init__.py",
+               "reward/recipe.py", "reward/spec.py", "training/loop.py"},
+    "rrhf": {*_RL, "rrhf/__init__.py", "rrhf/recipe.py", "rrhf/spec.py"},
+    "ppo": {*_RL, "objectives/kl_control.py", "ppo/__init__.py", "ppo/recipe.py", "ppo/spec.py"},
+    "dpo": {*_SAMPLING, "dpo/__init__.py", "dpo/recipe.py", "training/hf_trainer.py"},
+    "grpo": {*_RL, "grpo/__init__.py", "grpo/recipe.py", "grpo/spec.py"},
+}
+
+
+def _code_sets(root: Path) -> dict[str, set[str]]:
+    return {stage.name: {str(f.relative_to(root)) for f in code_files(stage.module, {"stages": root}).values()}
+            for stage in STAGES}
+
+
+def test_each_stage_is_versioned_by_exactly_its_pinned_code_files() -> None:
+    """A stage's code version covers its recipe and what it imports when it runs: not another recipe,
+    not sampling for the reward model, not W&B tracking, the promotion gate, the memory plan or
+    progress output (they cannot change a result), not imports only for type checking."""
+    files = _code_sets(REPO / "stages")
+    assert files == {stage: SHARED_CODE | own for stage, own in OWN_CODE.items()}
+    assert not {"model/generation.py", "training/tracking.py", "io/gate.py", "training/hf_trainer.py"} & files["reward"]
+    recipes = {f"{stage.name}/recipe.py" for stage in STAGES}
+    assert all(len(recipes & own) == 1 for own in files.values())  # no recipe imports another
+
+
 def test_each_stage_is_versioned_by_its_own_code(tmp_path: Path) -> None:
-    """Editing RRHF's recipe leaves SFT, reward and PPO cached; editing a loss invalidates exactly the
-    stages that import it (SFT trains with TRL's loss, not ours)."""
+    """Editing RRHF's recipe leaves SFT, reward and PPO cached; editing the reward model's training loop
+    leaves PPO, RRHF and GRPO cached, while editing how rewards are scored invalidates all four; editing
+    a loss invalidates exactly the stages that import it (SFT trains with TRL's loss, not ours)."""
     copy = tmp_path / "stages"
     shutil.copytree(REPO / "stages", copy, ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -65,26 +109,21 @@ def test_each_stage_is_versioned_by_its_own_code(tmp_path: Path) -> None:
         code_version.cache_clear()
         return {stage.name: code_version(stage.name, copy) for stage in STAGES}
 
-    files = {stage.name: {str(f.relative_to(copy)) for f in code_files(stage.module, {"stages": copy}).values()}
-             for stage in STAGES}
-    assert "objectives/losses.py" not in files["sft"] and "registry.py" not in files["sft"]
-    assert {"model/reward_model.py", "objectives/losses.py", "training/loop.py", "model/adapters.py"} <= files["ppo"]
-    assert "reward.py" not in files["ppo"] | files["rrhf"] | files["grpo"]  # no recipe imports another
-    assert "rrhf.py" not in files["ppo"] | files["reward"] | files["sft"]
-    assert not any(f.startswith("memory/") or f == "io/progress.py" for f in files["ppo"])  # no effect on results
+    def changed_by(edit: str) -> set[str]:
+        before = versions()
+        with (copy / edit).open("a") as source:
+            source.write("\n# an edit\n")
+        after = versions()
+        return {s for s in before if before[s] != after[s]}
 
-    before = versions()
-    assert len(set(before.values())) == len(before)  # no two stages share a version
-    with (copy / "rrhf.py").open("a") as recipe:
-        recipe.write("\n# an edit\n")
-    after_recipe = versions()
-    assert {s for s in before if before[s] != after_recipe[s]} == {"rrhf"}
-    with (copy / "objectives" / "losses.py").open("a") as losses:
-        losses.write("\n# an edit\n")
-    after_loss = versions()
-    assert {s for s in before if after_recipe[s] != after_loss[s]} == {"reward", "rrhf", "ppo", "grpo"}
+    assert len(set(versions().values())) == len(STAGES)  # no two stages share a version
+    assert changed_by("rrhf/recipe.py") == {"rrhf"}
+    assert changed_by("reward/recipe.py") == {"reward"}  # the reward stage's training step
+    assert changed_by("model/reward_model.py") == {"reward", "rrhf", "ppo", "grpo"}  # how rewards are scored
+    assert changed_by("objectives/losses.py") == {"reward", "rrhf", "ppo", "grpo"}
+    assert changed_by("training/tracking.py") == set()  # records results, computes none
     code_version.cache_clear()
-    assert versions() == after_loss  # a digest of the files, not of when it was taken
+    assert versions() == versions()  # a digest of the files, not of when it was taken
 
 
 def test_code_files_follow_relative_imports_and_package_inits(tmp_path: Path) -> None:
@@ -107,7 +146,7 @@ def test_a_plugin_stage_cannot_shadow_a_config_section_or_lack_a_launcher(monkey
 
     monkeypatch.setattr(config, "STAGES", (StageSpec("eval", ("eval",), settings="stages.io.config:EvalSection"),))
     with pytest.raises(TypeError, match="the config already has a 'eval'"):
-        config._with_plugin_sections(config.PipelineConfig)
+        config._with_stage_sections(config.PipelineConfig)
     monkeypatch.setattr(config, "STAGES", (StageSpec("toy", ("toy",), settings="stages.io.config:EvalSection"),))
     with pytest.raises(TypeError, match="must name a pydantic model with a launcher field"):
-        config._with_plugin_sections(config.PipelineConfig)
+        config._with_stage_sections(config.PipelineConfig)

@@ -160,7 +160,7 @@ def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
     process.wait()
     time.sleep(2)
     assert artifacts.is_finished(run_dir / "sft") and not artifacts.is_finished(run_dir / "reward")
-    orphans = subprocess.run(["pgrep", "-f", f"stages.reward.*{run_dir}"], capture_output=True, text=True).stdout
+    orphans = subprocess.run(["pgrep", "-f", f"stages.reward.recipe.*{run_dir}"], capture_output=True, text=True).stdout
     assert not orphans.strip(), "the reward trainer outlived the flow that started it"
     assert len(server) == 1, "the flow's temporary Prefect server was not found"
     deadline = time.time() + 15  # issue 14, fault 5: the server's watchdog stops it within a few seconds

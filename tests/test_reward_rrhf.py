@@ -13,10 +13,10 @@ from stages.model.backbone import load_backbone
 from stages.model.heads import SCORE_HEAD, sequence_scores
 from stages.model.reward_model import PROBES, attach_reward
 from stages.model.tokenization import Tokenization
-from stages.ppo import train_ppo
-from stages.reward import train_reward
-from stages.rrhf import train_rrhf
-from stages.sft import train_sft
+from stages.ppo.recipe import train_ppo
+from stages.reward.recipe import train_reward
+from stages.rrhf.recipe import train_rrhf
+from stages.sft.recipe import train_sft
 from stages.training.runner import execute
 from tests.conftest import TINY
 
@@ -164,7 +164,7 @@ def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[s
     from stages.model.generation import generate
     from stages.model.reward_model import reward_of
     from stages.model.sequences import from_token_ids, token_logprobs
-    from stages.rrhf import POLICY, group_logprobs, sample_groups
+    from stages.rrhf.recipe import POLICY, group_logprobs, sample_groups
     from stages.training.rewards import reward_source
 
     cfg = load_config(None, [*FAST, "rrhf.temperature=2.0", "rrhf.num_candidates=4", "rrhf.max_new_tokens=12"])

@@ -70,7 +70,7 @@ def test_a_checker_without_trls_keywords_is_refused_before_training(user_module:
 
 def test_a_checker_beside_the_config_is_found_from_the_working_directory(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """As `python -m stages.grpo` imports it: the working directory first (the rlhf script has its bin/)."""
+    """As `python -m stages.training.entry grpo` imports it: the working directory first (the rlhf script has its bin/)."""
     (tmp_path / "beside_config.py").write_text("def score(prompts, completions):\n    return [0.0] * len(completions)\n")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["run.stages=[sft,grpo]", "grpo.reward=checker", "grpo.checker=beside_config:score"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from stages.dpo import tokenized_pairs
+from stages.dpo.recipe import tokenized_pairs
 from stages.io.builtin_spec import CHAT_TEMPLATE
 from stages.io.config import BackboneSection, load_config
 from stages.io.data import DataError, load_records, measure_lengths
@@ -18,8 +18,8 @@ from stages.model.backbone import load_backbone
 from stages.model.builtin_backbone import chat_messages, chat_stream
 from stages.model.generation import generate
 from stages.model.tokenization import Tokenization, TokenizationError
-from stages.reward import preference_batch
-from stages.sft import build_sft_trainer, tokenized_demos
+from stages.reward.recipe import preference_batch
+from stages.sft.recipe import build_sft_trainer, tokenized_demos
 from stages.training.distributed import LOCAL
 from tests.conftest import REPO
 from tests.families import FAMILIES, family_folder

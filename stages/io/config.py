@@ -1,8 +1,9 @@
 """Typed, validated pipeline configuration.
 
 A config is YAML (``configs/default.yaml`` is the embedded default) plus ``--set key.path=value``
-overrides, validated into frozen pydantic models (one per section, in ``stages.io.sections``, re-exported
-here). Any unknown key, wrong type or bad value becomes one
+overrides, validated into frozen pydantic models: one per section, the shared ones in
+``stages.io.sections`` (re-exported here), each stage's from its spec (``StageSpec.settings``), added to
+``PipelineConfig`` from the stage registry. Any unknown key, wrong type or bad value becomes one
 ``ConfigError`` that names the file and the dotted key, so the CLI can print it and exit non-zero.
 
 Heavy libraries are never imported here: the CLI loads configs before deciding to start torch.
@@ -14,39 +15,32 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from stages.io.sections import (  # noqa: F401  # re-exported: callers import the sections from here
     DATA_KINDS,
     DEEPSPEED_PRESETS,
     PLACEMENT_KEYS,
-    STOPPING_METRICS,
     AdapterSection,
     BackboneSection,
     DataRef,
     DataSection,
     DataSource,
     DistributedSection,
-    DPOSection,
     EarlyStoppingSection,
     EvalSection,
     GateSection,
-    GRPOSection,
     Launcher,
-    PPOSection,
-    RewardSection,
-    RRHFSection,
     RunSection,
-    SFTSection,
-    StageName,
+    StoppableSection,
     TaskSection,
     TrackingSection,
     _Section,
 )
-from stages.registry import STAGES, missing_inputs
+from stages.registry import STAGE_ORDER, STAGES, missing_inputs
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 
@@ -56,17 +50,14 @@ class ConfigError(ValueError):
 
 
 class PipelineConfig(_Section):
+    """The whole config: the shared sections below, plus one section per registered stage (its
+    ``StageSpec.settings`` model), added from the registry (``_with_stage_sections``)."""
+
     run: RunSection = RunSection()
     backbone: BackboneSection = BackboneSection()
     adapter: AdapterSection = AdapterSection()
     task: TaskSection = TaskSection()
     data: DataSection = DataSection()
-    sft: SFTSection = SFTSection()
-    reward: RewardSection = RewardSection()
-    rrhf: RRHFSection = RRHFSection()
-    ppo: PPOSection = PPOSection()
-    dpo: DPOSection = DPOSection()
-    grpo: GRPOSection = GRPOSection()
     eval: EvalSection = EvalSection()
     distributed: DistributedSection = DistributedSection()
     tracking: TrackingSection = TrackingSection()
@@ -80,15 +71,18 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _stopping_metrics_exist(self) -> PipelineConfig:
-        for stage, metrics in STOPPING_METRICS.items():
-            settings = getattr(self, stage).early_stopping
-            if settings is not None and settings.metric not in metrics:
-                raise ValueError(f"{stage}.early_stopping.metric: {stage} cannot evaluate {settings.metric!r} while "
-                                 f"it trains; choose one of {', '.join(metrics)}")
-        rrhf = self.rrhf.early_stopping
-        if rrhf is not None and rrhf.metric == "policy_reward" and self.data.ranked:
-            raise ValueError("rrhf.early_stopping.metric: with data.ranked, rrhf trains on given rankings and has "
-                             "no reward to measure policy_reward with; choose task_score or kl_to_reference")
+        for stage in STAGES:
+            settings = getattr(getattr(self, stage.name), "early_stopping", None)
+            if settings is not None and settings.metric not in stage.stopping_metrics:
+                raise ValueError(f"{stage.name}.early_stopping.metric: {stage.name} cannot evaluate {settings.metric!r} "
+                                 f"while it trains; choose one of {', '.join(stage.stopping_metrics)}")
+        return self
+
+    @model_validator(mode="after")
+    def _stage_checks(self) -> PipelineConfig:
+        for stage in STAGES:  # the rules across sections that only the stage knows
+            if stage.check is not None:
+                stage.check(self)
         return self
 
     @model_validator(mode="after")
@@ -108,10 +102,6 @@ class PipelineConfig(_Section):
         cannot do before anything launches."""
         if self.adapter.kind != "adalora":
             return self
-        if "ppo" in self.run.stages and self.ppo.value_model == "separate":
-            raise ValueError("adapter.kind=adalora: PPO with ppo.value_model: separate trains two adapters (policy "
-                             "and value) and PEFT's AdaLoRA trains one per model; set ppo.value_model: shared "
-                             "(the value head on the policy's states)")
         creating = [s.name for s in STAGES if not s.inputs]  # a new adapter, whose ranks AdaLoRA allocates
         if stopping := [s for s in creating if s in self.run.stages and getattr(getattr(self, s), "early_stopping", None)]:
             raise ValueError(f"adapter.kind=adalora: {', '.join(stopping)} allocate AdaLoRA's ranks on a schedule that "
@@ -121,6 +111,10 @@ class PipelineConfig(_Section):
             raise ValueError(f"adapter.kind=adalora: {', '.join(deepspeed)} launch on DeepSpeed, whose ZeRO partitions "
                              "the gradients AdaLoRA's rank allocator reads; use launcher: local for them")
         return self
+
+    if TYPE_CHECKING:  # the stages' sections are added from the registry: ``cfg.ppo`` and the like
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def launcher(self, stage: str) -> str:
         return getattr(self, stage).launcher
@@ -135,28 +129,44 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _with_plugin_sections(base: type[PipelineConfig]) -> type[PipelineConfig]:
-    """``base`` plus one section per plugin stage (its ``StageSpec.settings`` model, at its defaults)."""
+def _with_stage_sections(base: type[PipelineConfig]) -> type[PipelineConfig]:
+    """``base`` plus one section per registered stage (its ``StageSpec.settings`` model, at its defaults),
+    and ``run.stages`` narrowed to the registered names in pipeline order."""
     from importlib import import_module
 
-    from pydantic import create_model
-
-    sections: dict[str, Any] = {}
+    run = _run_section()
+    sections: dict[str, Any] = {"run": (run, run())}
     for stage in STAGES:
-        if stage.settings is None:
-            continue
         if stage.name in base.model_fields or hasattr(base, stage.name):
-            raise TypeError(f"plugin stage {stage.name!r}: the config already has a {stage.name!r}; choose another name")
-        module, _, name = stage.settings.partition(":")
+            raise TypeError(f"stage {stage.name!r}: the config already has a {stage.name!r}; choose another name")
+        module, _, name = (stage.settings or "").partition(":")
         model = getattr(import_module(module), name, None)
         if not (isinstance(model, type) and issubclass(model, BaseModel) and "launcher" in model.model_fields):
-            raise TypeError(f"plugin stage {stage.name!r}: settings {stage.settings!r} must name a pydantic model "
+            raise TypeError(f"stage {stage.name!r}: settings {stage.settings!r} must name a pydantic model "
                             "with a launcher field")
         sections[stage.name] = (model, model())
-    return create_model("PipelineConfig", __base__=base, **sections) if sections else base
+    return create_model("PipelineConfig", __base__=base, **sections)
 
 
-PipelineConfig = _with_plugin_sections(PipelineConfig)  # type: ignore[misc]
+def _run_section() -> type[RunSection]:
+    """``RunSection`` whose ``stages`` are the registered stages' names, unique and in pipeline order."""
+    order = STAGE_ORDER
+
+    class RegisteredRunSection(RunSection):
+        stages: list[Literal[order]] = Field(  # type: ignore[valid-type]
+            default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
+
+        @model_validator(mode="after")
+        def _stages_in_order(self) -> RegisteredRunSection:
+            positions = [order.index(s) for s in self.stages]
+            if positions != sorted(positions) or len(set(positions)) != len(positions):
+                raise ValueError(f"stages must be unique and in pipeline order {list(order)}, got {self.stages}")
+            return self
+
+    return RegisteredRunSection
+
+
+PipelineConfig = _with_stage_sections(PipelineConfig)  # type: ignore[misc]
 
 
 def default_config_text() -> str:

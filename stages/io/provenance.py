@@ -149,8 +149,9 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 # Modules that cannot change what a stage computes, left out of every code version: the registry (its
-# entry stands in), the memory plan (estimates only) and progress output.
-NOT_RESULTS = ("stages.registry", "stages.memory", "stages.io.progress")
+# entry stands in), the memory plan (estimates only), progress output, W&B tracking (it records what was
+# computed) and the promotion gate (it judges finished results; the config imports it to check its names).
+NOT_RESULTS = ("stages.registry", "stages.memory", "stages.io.progress", "stages.training.tracking", "stages.io.gate")
 
 
 def _left_out(name: str) -> bool:

@@ -1,8 +1,11 @@
-"""The sections of a pipeline config: one frozen pydantic model per top-level key of the YAML.
+"""The sections of a pipeline config that every stage shares, and the bases of the stages' own sections.
 
-``stages.io.config`` assembles them into ``PipelineConfig`` and loads, merges and validates the YAML;
-the cross-section rules (a stage's inputs, the gate's stages, AdaLoRA's limits) live there. Pure
-pydantic: no heavy library is imported here.
+A stage's section (``sft:``, ``ppo:``, ...) lives in its folder (``stages/<name>/spec.py``), built on a
+base here: ``StoppableSection`` (early stopping), ``TrainerSection`` (a stage an HF Trainer trains) or
+``RewardSourceSection`` (an RL stage's reward). ``stages.io.config`` assembles them all into
+``PipelineConfig`` and loads, merges and validates the YAML; the cross-section rules (a stage's inputs,
+the gate's stages, AdaLoRA's limits) live there and in each stage's ``check``. Pure pydantic: no heavy
+library is imported here, and not the stage registry either (the stages' specs import this module).
 """
 
 from __future__ import annotations
@@ -11,9 +14,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stages.registry import STAGE_ORDER
-
-StageName = Literal[STAGE_ORDER]  # type: ignore[valid-type]  # the registry's stages, in pipeline order
 Launcher = Literal["local", "accelerate"]  # in this process, or `accelerate launch` over distributed.*
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")  # infra/deepspeed/<name>.json
 DATA_KINDS = ("sft", "preferences", "eval", "prompts", "ranked")  # the data.* datasets
@@ -24,7 +24,8 @@ class _Section(BaseModel):
 
 
 class RunSection(_Section):
-    stages: list[StageName] = Field(default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
+    # Names of registered stages, in pipeline order (``stages.io.config`` narrows the type to them).
+    stages: list[str] = Field(default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
     seed: int = 0
     # Torch threads per local stage process. auto: the cores no other process is using when the stage starts
     # (stages.io.devices.stage_threads); more threads than free cores makes CPU training crawl.
@@ -36,14 +37,6 @@ class RunSection(_Section):
         if isinstance(value, int) and value < 1:
             raise ValueError(f"run.threads must be 'auto' or at least 1, got {value}")
         return value
-
-    @model_validator(mode="after")
-    def _stages_in_order(self) -> RunSection:
-        order = list(STAGE_ORDER)
-        positions = [order.index(s) for s in self.stages]
-        if positions != sorted(positions) or len(set(positions)) != len(positions):
-            raise ValueError(f"stages must be unique and in pipeline order {order}, got {self.stages}")
-        return self
 
 
 # Where a stage computes, not what: left out of the config digest. The device a stage resolves to enters
@@ -153,11 +146,6 @@ class DataSection(_Section):
 
 
 # What each built-in stage can evaluate while it trains (stages.training.early_stopping).
-STOPPING_METRICS: dict[str, tuple[str, ...]] = {
-    "sft": ("task_score", "eval_loss"), "reward": ("pair_accuracy", "reward_margin"),
-    "rrhf": ("task_score", "kl_to_reference", "policy_reward"), "ppo": ("task_score", "kl_to_reference", "policy_reward"),
-    "dpo": ("task_score", "kl_to_reference"), "grpo": ("task_score", "kl_to_reference", "policy_reward"),
-}
 
 
 class EarlyStoppingSection(_Section):
@@ -178,45 +166,31 @@ class EarlyStoppingSection(_Section):
         return data
 
 
-class _Stoppable(_Section):
+class StoppableSection(_Section):
+    """A stage that can stop early on a held-out metric (its spec's ``stopping_metrics``)."""
+
     early_stopping: EarlyStoppingSection | None = None  # null: off (the default)
 
 
-class _CheckpointsFollowLogs(_Stoppable):
+class TrainerSection(StoppableSection):
     """A stage trained by an HF Trainer (TRL) checks its loss for NaN at each log (``hf_trainer``)."""
 
     logging_steps: int = Field(default=10, ge=1)
     checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
 
     @model_validator(mode="after")
-    def _checkpoints_follow_logs(self) -> _CheckpointsFollowLogs:
+    def _checkpoints_follow_logs(self) -> TrainerSection:
         if self.checkpoint_every % self.logging_steps:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of logging_steps="
                              f"{self.logging_steps}, so a NaN loss is caught before a checkpoint saves its weights")
         return self
 
 
-class SFTSection(_CheckpointsFollowLogs):
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=150, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    learning_rate: float = Field(default=2e-3, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=10, ge=0)
-    max_length: int = Field(default=64, ge=8)
 
 
-class RewardSection(_Stoppable):
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=150, ge=1)
-    batch_size: int = Field(default=16, ge=1)  # preference pairs per step
-    learning_rate: float = Field(default=2e-3, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=10, ge=0)
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for pair_accuracy
-    logging_steps: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
 
 
-class _RewardSourceSection(_Stoppable):
+class RewardSourceSection(StoppableSection):
     """An RL stage's reward (``stages.training.rewards``): the reward model, a checker, or their weighted sum."""
 
     reward: Literal["model", "checker", "model+checker"] = "model"
@@ -235,102 +209,12 @@ class _RewardSourceSection(_Stoppable):
         return checker
 
 
-class RRHFSection(_RewardSourceSection):
-    launcher: Launcher = "local"
-    num_prompts: int = Field(default=128, ge=1)  # training prompts to sample candidates for
-    num_candidates: int = Field(default=4, ge=1)  # k responses sampled per prompt from the SFT policy
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=16, ge=1)
-    # Subtracted from the reward of a candidate that never emitted EOS (it did not answer).
-    missing_eos_penalty: float = Field(default=1.0, ge=0)
-    max_steps: int = Field(default=120, ge=1)
-    batch_size: int = Field(default=4, ge=1)  # prompts per step; each brings its k candidates
-    learning_rate: float = Field(default=1e-3, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=10, ge=0)
-    rank_weight: float = Field(default=1.0, ge=0)  # RRHF eq. 4: L = rank_weight * L_rank + L_ft
-    logging_steps: int = Field(default=10, ge=1)
-    checkpoint_every: int = Field(default=40, ge=1)  # steps between resumable checkpoints
 
 
-class PPOSection(_RewardSourceSection):
-    launcher: Launcher = "local"
-    updates: int = Field(default=40, ge=1)  # rollout + optimisation rounds
-    rollout_prompts: int = Field(default=32, ge=1)  # prompts sampled per update
-    ppo_epochs: int = Field(default=2, ge=1)  # passes over each rollout
-    minibatch_size: int = Field(default=16, ge=1)
-    gradient_accumulation: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=5e-4, ge=0)  # 0: warned about; policy and value adapters and the value head
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    clip_range: float = Field(default=0.2, gt=0)  # policy ratio clip (PPO eq. 7)
-    clip_range_value: float = Field(default=0.2, gt=0)
-    value_coef: float = Field(default=0.5, ge=0)
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    lam: float = Field(default=0.95, ge=0, le=1)
-    kl_controller: Literal["adaptive", "fixed"] = "adaptive"
-    kl_coef: float = Field(default=0.2, gt=0)  # initial (adaptive) or constant (fixed) KL coefficient
-    kl_target: float = Field(default=0.5, gt=0)  # adaptive: target KL per response (Ziegler et al. 2019)
-    kl_horizon: int = Field(default=200, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=16, ge=1)
-    missing_eos_penalty: float = Field(default=1.0, ge=0)
-    checkpoint_every: int = Field(default=5, ge=1)  # updates between resumable checkpoints
-    # Within an update, stop the remaining PPO epochs once a minibatch's approx-KL to the rollout policy
-    # exceeds 1.5 x target_kl (OpenAI Spinning Up, Stable-Baselines3). null: off. Not kl_target, which
-    # steers the adaptive KL penalty in the reward.
-    target_kl: float | None = Field(default=None, gt=0)
-    # separate: a value adapter (from the reward model) + value head. shared: the value head alone, from zero,
-    # on the policy adapter's hidden states (detached: the value loss never moves the policy): one forward and
-    # backward fewer per minibatch, but the value is a linear read-out of the policy's features.
-    value_model: Literal["separate", "shared"] = "separate"
 
 
-class DPOSection(_CheckpointsFollowLogs):
-    """Direct Preference Optimization (Rafailov et al. 2023) with TRL's DPOTrainer: the policy adapter
-    starts from SFT, the reference is a frozen copy of the SFT adapter on the same backbone."""
-
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=60, ge=1)
-    batch_size: int = Field(default=16, ge=1)  # preference pairs per step
-    # On the built-in task, 1e-3 drives the chosen responses' likelihood down with the rejected ones and
-    # task_score to 0 (the margin still grows): DPO's known failure when it over-optimises.
-    learning_rate: float = Field(default=2e-4, ge=0)  # 0 trains nothing: allowed, warned about
-    warmup_steps: int = Field(default=5, ge=0)
-    # sigmoid: the DPO paper's loss, beta = the KL penalty's strength. ipo: Azar et al. 2023's squared loss,
-    # beta = its regulariser tau.
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    beta: float = Field(default=0.1, gt=0)
-    # Weight of an NLL term on the chosen responses beside the preference loss (RPO: Pang et al. 2024,
-    # "Iterative Reasoning Preference Optimization"; Liu et al. 2024; TRL's loss_type "sft"). DPO's margin
-    # can grow while the chosen responses' own likelihood falls with the rejected ones (likelihood
-    # displacement, Razin et al. 2024): configs/sft-dpo.yaml measures it. 0: plain DPO.
-    sft_weight: float = Field(default=0.0, ge=0)
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)  # share of prompts held out for reward_accuracy
-    checkpoint_every: int = Field(default=30, ge=1)  # steps between resumable checkpoints
 
 
-class GRPOSection(_RewardSourceSection):
-    """GRPO (Shao et al. 2024): G responses per prompt from the policy adapter, group-relative advantages,
-    a clipped policy loss and a KL term to the frozen SFT adapter; no value model."""
-
-    launcher: Launcher = "local"
-    max_steps: int = Field(default=40, ge=1)  # sample + optimise rounds
-    prompts_per_step: int = Field(default=8, ge=1)
-    num_generations: int = Field(default=4, ge=2)  # G: responses per prompt (a group)
-    num_iterations: int = Field(default=1, ge=1)  # passes over each step's samples (the paper's mu)
-    minibatch_size: int = Field(default=16, ge=1)  # responses per optimizer update
-    learning_rate: float = Field(default=5e-4, ge=0)  # 0 trains nothing: allowed, warned about
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    clip_range: float = Field(default=0.2, gt=0)  # policy ratio clip (the paper's epsilon)
-    beta: float = Field(default=0.04, ge=0)  # weight of the KL to the SFT reference; 0 turns it off
-    # Divide advantages by the group's reward std (GRPO) or not (the default, Dr. GRPO's advantage; the loss
-    # stays a token mean over the batch, DAPO's aggregation, not Dr. GRPO's constant divisor): with a reward model, the
-    # std of a group whose responses all stop is RM noise (~0.002), and dividing by it made that noise the signal:
-    # task_score 0.750 -> 0.453 at KL 4.3 (false: 1.000 at KL 0.32; beta=0.2 with it: 0.938).
-    scale_rewards: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=16, ge=1)
-    missing_eos_penalty: float = Field(default=1.0, ge=0)  # subtracted from a response that never stopped
-    checkpoint_every: int = Field(default=10, ge=1)  # steps between resumable checkpoints
 
 
 class DistributedSection(_Section):

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from stages.io.config import AdapterSection, PipelineConfig
+from stages.io.sections import AdapterSection
 from stages.registry import spec
+
+if TYPE_CHECKING:  # the config imports the stage table, whose specs import this module
+    from stages.io.config import PipelineConfig
 
 MiB = 1 << 20
 Device = Literal["cpu", "cuda"]
@@ -74,6 +77,10 @@ LAUNCHER_PROCESS = 230 * MiB  # the `accelerate launch` parent, once per machine
 # The CUDA context of one process on its GPU (kernels, cuBLAS workspace). Not measured here (no GPU
 # was lent to the task that wrote this); torch 2.x typically takes 0.3 - 0.6 GB.
 CUDA_CONTEXT = 512 * MiB
+
+# TRL's trainers score tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): they never
+# hold more than a tile of 4096 tokens x 32768 vocabulary entries (the SFT and DPO plans' logits).
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 
 
 @dataclass(frozen=True)
@@ -308,11 +315,13 @@ def _adapter_state_bytes(workload: Workload, shape: ModelShape, adapter: Adapter
 
 def stage_workload(stage: str, cfg: PipelineConfig, data: DataShape, parallel: Parallel = Parallel()) -> Workload:
     """The phases of one rank of ``stage`` as its code runs them, sized from the config and the data's
-    lengths: the recipe's own ``memory_workload`` (beside the code it describes, so the two change
-    together). Batch sizes are per rank (each rank trains its share of a global batch of batch x ranks)."""
-    from importlib import import_module
-
-    return import_module(spec(stage).module).memory_workload(cfg, data, parallel)
+    lengths: the stage's own ``memory_workload`` (in its spec, beside its recipe, so the two change
+    together). Batch sizes are per rank (each rank trains its share of a global batch of batch x ranks).
+    Raises ``ValueError`` for a stage that declares none."""
+    workload = spec(stage).memory_workload
+    if workload is None:
+        raise ValueError(f"stage {stage}: its StageSpec declares no memory_workload, so rlhf plan cannot size it")
+    return workload(cfg, data, parallel)
 
 
 def evaluation_sampling(cfg: PipelineConfig, data: DataShape, max_new_tokens: int, knob: str) -> Phase:

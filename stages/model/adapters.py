@@ -26,6 +26,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from peft import (
+    AdaLoraConfig,
+    AdaLoraModel,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PeftType,
+    PrefixTuningConfig,
+    get_peft_model,
+)
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from stages.io import artifacts
 from stages.io.config import AdapterSection
 
@@ -35,8 +49,6 @@ if TYPE_CHECKING:
 
 
 def _lora(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
-    from peft import LoraConfig
-
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
         use_dora=cfg.kind == "dora", task_type="CAUSAL_LM",
@@ -46,8 +58,6 @@ def _lora(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
 def _adalora(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
     """AdaLoRA starting at rank ``r`` and pruned to an average of ``target_r``: the first and last fifth
     of the stage's updates keep the ranks fixed (PEFT's ``tinit``/``tfinal``), the middle prunes."""
-    from peft import AdaLoraConfig
-
     if total_steps is None:
         raise ValueError("adapter.kind=adalora: the stage must say how many updates it makes (total_steps)")
     return AdaLoraConfig(
@@ -70,9 +80,6 @@ def check_target_modules(cfg: AdapterSection, backbone_location: str, revision: 
 
     if cfg.kind == "ptuning_v2" or cfg.target_modules == "all-linear":
         return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         config = AutoConfig.from_pretrained(backbone_location, revision=revision, trust_remote_code=trust_remote_code)
     except OSError:  # a hub id not downloaded yet: the stage's own load says so
@@ -93,8 +100,6 @@ def check_target_modules(cfg: AdapterSection, backbone_location: str, revision: 
 
 
 def _prefix(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
-    from peft import PrefixTuningConfig
-
     return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
 
 
@@ -121,8 +126,6 @@ def attach_adapter(base: PreTrainedModel, cfg: AdapterSection, name: str,
     """Wrap the frozen base in a PeftModel with one new trainable adapter called ``name`` (a 4-bit base
     comes k-bit-prepared from ``load_backbone``, in every stage alike). ``total_steps``: the optimizer
     updates the stage makes (AdaLoRA's budget schedule needs it; ``ValueError`` without it)."""
-    from peft import get_peft_model
-
     build = _registered(cfg.kind)
     model = get_peft_model(base, build(cfg, total_steps), adapter_name=name)
     set_trainable(model, [name])
@@ -135,8 +138,6 @@ def load_adapter(
     """Load a published adapter artifact under ``name``, refusing one trained on another backbone and one
     whose ``adapter/`` files changed after publishing (a truncated or garbled file is named here, rather
     than failing as a safetensors traceback inside PEFT). Heads are checked by ``heads.load_head``."""
-    from peft import PeftModel
-
     manifest = artifacts.verify(folder, under="adapter")
     if manifest.get("backbone_fingerprint") != backbone_fingerprint:
         raise artifacts.ArtifactError(
@@ -159,15 +160,11 @@ def load_adapter(
 
 
 def _is_prompt_learning(path: str) -> bool:
-    from peft import PeftConfig
-
     return PeftConfig.from_pretrained(path).is_prompt_learning
 
 
 def save_adapter(model: PeftModel, name: str, dest: Path) -> None:
     """Save one adapter as a standard PEFT folder (``PeftModel.from_pretrained(base, dest)`` loads it)."""
-    from safetensors import SafetensorError
-
     with tempfile.TemporaryDirectory(dir=Path(dest).parent) as tmp:
         try:
             model.save_pretrained(tmp, selected_adapters=[name])
@@ -246,8 +243,6 @@ class RankAllocation:
     def of(cls, model: PeftModel) -> RankAllocation | None:
         """The allocation of a model whose trainable adapter is a fresh AdaLoRA one (no ranks allocated
         yet), else None: an adapter loaded from an earlier stage keeps the ranks that stage allocated."""
-        from peft import AdaLoraModel
-
         tuner = getattr(model, "base_model", None)
         if not isinstance(tuner, AdaLoraModel) or not hasattr(tuner, "rankallocator"):
             return None
@@ -275,8 +270,6 @@ def pop_rank_patterns(model: PeftModel) -> dict[str, dict]:
     should do), and its ``load_adapter`` resizes the modules by the pattern: a checkpoint saved that way
     loses the ranks the budget may bring back, and would be loaded into modules of the other shape.
     """
-    from peft import PeftType
-
     patterns = {}
     for name, config in model.peft_config.items():
         if config.peft_type == PeftType.ADALORA and config.rank_pattern is not None:

@@ -12,6 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+from peft import prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from stages.io.backbone_files import (
     BUILTIN_NAMES,
     BackboneError,
@@ -22,6 +26,7 @@ from stages.io.backbone_files import (
 from stages.io.config import BackboneSection
 from stages.model.builtin_backbone import ensure_builtin_backbone
 from stages.model.placement import stage_device
+from stages.model.tokenization import Tokenization, generation_end_ids
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +43,6 @@ class Backbone:
     def tokenization(self, chat_template: ChatTemplateUse = "auto") -> Tokenization:
         """The tokenization contract of this tokenizer, ending responses also at the end ids of the
         model's ``generation_config`` (``stages.model.tokenization``)."""
-        from stages.model.tokenization import Tokenization, generation_end_ids
-
         return Tokenization.of(self.tokenizer, chat_template, generation_end_ids(self.model.generation_config))
 
 
@@ -59,9 +62,6 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
         BackboneError: the model or tokenizer cannot be loaded, or has neither a pad nor an EOS token.
         ConfigError: ``backbone.device: cuda`` where no GPU is visible.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     location = resolve_backbone(cfg)
     device = stage_device(cfg)
     dtype = getattr(torch, cfg.dtype)
@@ -94,11 +94,33 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
     return Backbone(model=model, tokenizer=tokenizer, fingerprint=backbone_fingerprint(cfg, quantize_4bit))
 
 
+# What a model's generation_config can set that changes which token greedy/sampled decoding picks, with
+# the value that changes nothing (None: unset). Length limits and end ids are the stage's own.
+_NEUTRAL_SETTINGS: dict[str, Any] = {
+    "temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "top_h": None,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "guidance_scale": None, "num_beams": 1, "penalty_alpha": None, "diversity_penalty": 0.0,
+    "watermarking_config": None, "stop_strings": None,  # an end condition by text: the stop set holds ids only
+}
+
+
+def ignored_generation_settings(generation_config: Any) -> dict[str, Any]:
+    """The settings of a model's ``generation_config`` (a ``transformers.GenerationConfig``) that would
+    change sampling and that ``generate`` does not apply, with their values: {} for a neutral one."""
+    ignored = {}
+    for name, neutral in _NEUTRAL_SETTINGS.items():
+        value = getattr(generation_config, name, None)
+        if value is not None and value != neutral:
+            ignored[name] = value
+    return ignored
+
+
 def _say_ignored_generation_settings(model: PreTrainedModel, cfg: BackboneSection) -> None:
     """One line naming what the model's ``generation_config`` sets that the stages' sampling ignores
     (``stages.model.generation``), so a user who relied on a hub default learns it did not apply."""
-    from stages.model.generation import ignored_generation_settings
-
     ignored = ignored_generation_settings(model.generation_config)
     if ignored and os.environ.get("RANK", "0") == "0":
         settings = ", ".join(f"{name}={value}" for name, value in ignored.items())
@@ -115,8 +137,6 @@ def _prepare_for_kbit_training(model: torch.nn.Module) -> None:
     was trained, a reward model reloaded in PPO scored its probe texts 8.3e-3 off in bf16 (issue 14,
     fault 3). Gradient checkpointing stays off: it trades compute for memory, and our runs are small.
     """
-    from peft import prepare_model_for_kbit_training
-
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -153,8 +173,6 @@ def base_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of the base weights' bytes; a PEFT wrapper around the same weights gives the same digest."""
-    import torch
-
     digest = hashlib.sha256()
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, tensor in sorted(base_parameters(model).items()):

@@ -24,6 +24,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+from filelock import FileLock
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 from stages.io import artifacts
 from stages.io.arithmetic import EQUATION_SEPARATOR, pretraining_lines
 from stages.io.builtin_spec import (
@@ -49,7 +55,6 @@ def ensure_builtin_backbone(spec: TinySpec = TinySpec(), chat: bool = False) -> 
         return target
     if chat:
         return _package_chat_variant(ensure_builtin_backbone(spec), target)
-    from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # two first runs at once build it once
@@ -94,9 +99,6 @@ def _package_chat_variant(base: Path, target: Path) -> Path:
     import os
     import shutil
 
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
     with artifacts.staging(target) as tmp:
         for path in base.iterdir():
             if path.name in ("config.json", "generation_config.json") or path.suffix == ".safetensors":
@@ -115,9 +117,6 @@ def _package_chat_variant(base: Path, target: Path) -> Path:
 
 
 def _train_tokenizer(lines: list[str], spec: TinySpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=None))
     # Digits one by one: numbers stay compositional, which is what lets a tiny model learn to add.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -135,10 +134,6 @@ def _train_tokenizer(lines: list[str], spec: TinySpec):
 
 def _build(spec: TinySpec, out: Path) -> float:
     """Train the tokenizer and pretrain the model; save both into ``out``. Returns the final loss."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(spec.seed)
     # Each line ends in EOS (a chat line in END_OF_TURN), so the base knows the token (a real pretrained
     # model does), but never right after an answer: stopping there is what SFT has to teach.

@@ -14,7 +14,7 @@ and the tokenizer's own ``padding_side`` is never changed.
 The model's own ``generation_config`` (Qwen2.5-Instruct's ``repetition_penalty: 1.05``, ``top_k: 20``,
 ``temperature: 0.7``) does not apply: a stage samples from softmax(logits / its temperature), exactly the
 distribution whose log-probs it trains on (issue 28, fault 2: penalised samples were up to 0.64 nats off
-the training forward). ``ignored_generation_settings`` names what is ignored (``load_backbone`` prints
+the training forward). ``stages.model.backbone.ignored_generation_settings`` names what is ignored (``load_backbone`` prints
 it); its end ids do apply (``Tokenization.stop_ids``), and ``rlhf export`` keeps the rest for serving.
 """
 
@@ -23,7 +23,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import GenerationConfig
 
 from stages.io.progress import progress
 from stages.model.placement import model_device
@@ -54,8 +57,6 @@ def generate(
     ``synced``: every rank of a ZeRO-3 job runs the same generation, in lockstep (``synced_gpus``).
     Raises ``ValueError`` when ``keys`` and ``prompts`` differ in length.
     """
-    import torch
-
     keys = list(range(len(prompts))) if keys is None else list(keys)
     if len(keys) != len(prompts):
         raise ValueError(f"generate: {len(keys)} keys for {len(prompts)} prompts")
@@ -82,37 +83,11 @@ def generate(
     return responses
 
 
-# What a model's generation_config can set that changes which token greedy/sampled decoding picks, with
-# the value that changes nothing (None: unset). Length limits and end ids are the stage's own.
-_NEUTRAL_SETTINGS: dict[str, Any] = {
-    "temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "top_h": None,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
-    "guidance_scale": None, "num_beams": 1, "penalty_alpha": None, "diversity_penalty": 0.0,
-    "watermarking_config": None, "stop_strings": None,  # an end condition by text: the stop set holds ids only
-}
-
-
-def ignored_generation_settings(generation_config: Any) -> dict[str, Any]:
-    """The settings of a model's ``generation_config`` (a ``transformers.GenerationConfig``) that would
-    change sampling and that ``generate`` does not apply, with their values: {} for a neutral one."""
-    ignored = {}
-    for name, neutral in _NEUTRAL_SETTINGS.items():
-        value = getattr(generation_config, name, None)
-        if value is not None and value != neutral:
-            ignored[name] = value
-    return ignored
-
-
 @contextmanager
 def _model_defaults_off(model: torch.nn.Module) -> Iterator[None]:
     """Within it, every transformers model inside ``model`` (a PEFT wrapper, a DeepSpeed engine) has a
     blank ``generation_config``: transformers fills what ``generate`` is not passed from the model's own
     config, so its repetition penalty or ``min_new_tokens`` would otherwise run before ``GumbelSampler``."""
-    from transformers import GenerationConfig
-
     holders = [m for m in model.modules() if isinstance(m.__dict__.get("generation_config"), GenerationConfig)]
     saved = [m.generation_config for m in holders]
     try:
@@ -128,8 +103,6 @@ def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device | st
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) on ``device``, each (B, T): decoder-only batches must end where
     generation starts."""
-    import torch
-
     width = max(len(p) for p in prompts)
     input_ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
     attention_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
@@ -160,8 +133,6 @@ class GumbelSampler:
     """
 
     def __init__(self, temperature: float, seed: int, keys: Sequence[int], device: torch.device | str) -> None:
-        import torch
-
         self.temperature = temperature
         self.device = torch.device(device)
         self.generators = [torch.Generator(self.device).manual_seed(row_seed(seed, key)) for key in keys]
@@ -169,8 +140,6 @@ class GumbelSampler:
         self.steps: list[torch.Tensor] = []  # (B,) per completed step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        import torch
-
         self._take(input_ids[:, -1])
         self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
         vocab = scores.shape[-1]
@@ -185,8 +154,6 @@ class GumbelSampler:
     def of(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) log-probs of the ``new_tokens`` (B, N) that ``generate`` returned (after a row ended, the
         values belong to padding and are dropped with it)."""
-        import torch
-
         self._take(new_tokens[:, len(self.steps)])
         return torch.stack(self.steps, dim=1)
 

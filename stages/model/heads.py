@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
 from stages.io.artifacts import ArtifactError, storage_error
 from stages.model.sequences import SequenceBatch, last_hidden_states
 
@@ -22,8 +26,6 @@ SCORE_HEAD = "score_head.safetensors"
 def new_head(hidden_size: int, seed: int, device: torch.device | str) -> torch.nn.Linear:
     """A zero-bias fp32 linear head on ``device`` with small deterministic init (scores start near 0).
     The init is drawn on the CPU, so a seed gives the same head on every device."""
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(hidden_size, 1, device=device)
     with torch.no_grad():
@@ -33,9 +35,6 @@ def new_head(hidden_size: int, seed: int, device: torch.device | str) -> torch.n
 
 
 def save_head(head: torch.nn.Linear, path: Path, backbone_fingerprint: str) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     tensors = {"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()}
     try:
         save_file(tensors, str(path), metadata={"backbone_fingerprint": backbone_fingerprint})
@@ -46,9 +45,6 @@ def save_head(head: torch.nn.Linear, path: Path, backbone_fingerprint: str) -> N
 def load_head(path: Path, hidden_size: int, backbone_fingerprint: str, device: torch.device | str
               ) -> torch.nn.Linear:
     """Load a saved head onto ``device``; missing file, wrong shape or another backbone's head are errors."""
-    import torch
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: score/value head is missing; the artifact is incomplete, rerun its stage")

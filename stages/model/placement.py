@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import torch
+
 from stages.io.config import BackboneSection
 from stages.io.devices import cpu_model, device_type
 
@@ -28,8 +30,6 @@ if TYPE_CHECKING:
 
 def stage_device(cfg: BackboneSection) -> torch.device:
     """The device this process loads the backbone onto: ``cuda:<LOCAL_RANK>`` or ``cpu``."""
-    import torch
-
     if device_type(cfg) == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -44,6 +44,4 @@ def host_facts(threads: int) -> dict[str, str | int]:
     """The machine a stage computed on, for its manifest and the quality tier: the CPU model, the ISA level
     torch's CPU kernels dispatch to (``AVX2``, ``AVX512``, ...) and the torch threads. Learning outcomes of
     marginal settings differ between CPUs with the same seeds (issue 27): figures name their host."""
-    import torch
-
     return {"cpu": cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(), "threads": threads}

@@ -2,7 +2,7 @@
 plus a scalar score head (``stages.model.heads``), and the probe texts that prove a loaded copy scores
 exactly as the reward stage did.
 
-The reward stage (``stages.reward``) trains it and writes the probes; PPO, RRHF and GRPO load it with
+The reward stage (``stages.reward.recipe``) trains it and writes the probes; PPO, RRHF and GRPO load it with
 ``attach_reward`` and score their samples with ``reward_of``. It lives here, not in the reward recipe,
 so that an edit to the reward stage's training loop leaves the RL stages' code versions (and caches) as
 they are; an edit to how rewards are scored changes them all.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from stages.io.artifacts import ArtifactError
 from stages.io.data import Record
@@ -34,8 +36,6 @@ PROBE_TOLERANCE = 1e-4
 def probe_scores(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization,
                   pairs: list[Record]) -> list[dict[str, Any]]:
     """Held-out (prompt, response) texts with the ids they were scored on and their scores."""
-    import torch
-
     probes = [{"prompt": p["prompt"], "response": p[side]} for p in pairs for side in ("chosen", "rejected")]
     rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
     with torch.no_grad():
@@ -49,8 +49,6 @@ def attach_reward(model: PeftModel | torch.nn.Module, folder: Path, tokenization
     """Load a reward artifact onto the shared backbone as adapter ``reward`` plus its head, and prove it
     scores the reward stage's probe texts exactly as the reward stage did: the same token ids (the
     tokenization contract holds across the two stages), then the same scores."""
-    import torch
-
     model = load_adapter(model, folder, ADAPTER_NAME, backbone_fingerprint)
     head = load_head(Path(folder) / SCORE_HEAD, model.get_base_model().config.hidden_size, backbone_fingerprint,
                      model_device(model))
@@ -79,8 +77,6 @@ def reward_of(model: PeftModel, head: torch.nn.Linear, samples: list[Response], 
               missing_eos_penalty: float) -> list[float]:
     """Reward-model scores of sampled responses, on the ids that were sampled (reward adapter active),
     minus a penalty for responses that never stopped."""
-    import torch
-
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id, model_device(model))
     with active_adapter(model, ADAPTER_NAME), torch.no_grad():
         scores = sequence_scores(model, head, batch).tolist()

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
     import torch
 
@@ -40,8 +42,6 @@ class SequenceBatch:
 
 def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str) -> SequenceBatch:
     """Right-pad (prompt ids, response ids) rows into a batch on ``device`` (the model's: ``model_device``)."""
-    import torch
-
     width = max(len(p) + len(r) for p, r in rows)
     ids, attention, response = [], [], []
     for prompt, completion in rows:
@@ -59,8 +59,6 @@ def sampled_batch(samples: list[Response], pad_id: int, device: torch.device | s
                   ) -> tuple[SequenceBatch, torch.Tensor]:
     """The batch of sampled (prompt ids, response ids) and the log-probs the tokens were sampled with,
     (B, T) aligned with ``input_ids`` (0 off the response): what an RL stage scores and trains on."""
-    import torch
-
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id, device)
     logprobs = torch.zeros(batch.input_ids.shape, device=device)
     logprobs[batch.response_mask.bool()] = torch.tensor([lp for s in samples for lp in s.token_logprobs], device=device)
@@ -101,8 +99,6 @@ def token_logprobs_entropy_and_values(model: torch.nn.Module, head: torch.nn.Lin
 
 def _response_forward(model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_hidden: bool
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    import torch
-
     width = batch.input_ids.shape[1]
     first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
     keep = width - max(first - 1, 0)  # logits at positions first-1 .. T-1
@@ -164,8 +160,6 @@ def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def _align(shifted: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
     """(B, k) values for the last k tokens -> (B, T) aligned with input positions, zero off the response."""
-    import torch
-
     pad = batch.input_ids.shape[1] - shifted.shape[1]
     aligned = torch.cat([torch.zeros_like(shifted[:, :1]).expand(-1, pad), shifted], dim=1)
     return aligned * batch.response_mask
@@ -176,8 +170,6 @@ def last_hidden_states(model: torch.nn.Module, batch: SequenceBatch) -> torch.Te
 
     Goes through the full (PEFT) model forward, so LoRA and prefix adapters both apply.
     """
-    import torch
-
     hidden = final_hidden_states(model, batch)  # (B, T, H)
     last = batch.attention_mask.sum(dim=1) - 1  # (B,) right padding: the last real token
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

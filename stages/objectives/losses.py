@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
+
 if TYPE_CHECKING:  # torch is imported where it runs, so a recipe's import (and ``rlhf plan``) stays light
     from torch import Tensor
 
@@ -65,8 +68,6 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
     ``total`` sums a scalar over every rank of a distributed job (default: this process only), so each
     rank whitens its share of a global batch with the global batch's mean and variance.
     """
-    import torch
-
     total = total or (lambda t: t)
     mask = mask.to(values.dtype)
     count = total(mask.sum())
@@ -90,8 +91,6 @@ def pairwise_reward_loss(
     margin (Llama-2 style) demands a larger gap for more confident labels.
     Inputs are (B,) scalar rewards; returns a scalar.
     """
-    import torch.nn.functional as F
-
     diff = chosen_rewards - rejected_rewards  # (B,)
     if margin is not None:
         diff = diff - margin
@@ -101,8 +100,6 @@ def pairwise_reward_loss(
 
 def _last_valid_index(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Index of the last 1 in each row of a (B, T) mask, and whether one exists."""
-    import torch
-
     T = mask.shape[-1]
     positions = torch.arange(1, T + 1, device=mask.device)  # (T,)
     # Weighting by 1..T makes argmax land on the last valid token, which also
@@ -131,8 +128,6 @@ def kl_penalized_rewards(
     Args: scores (B,), logprobs / ref_logprobs / mask (B, T).
     Returns: ``(rewards, kl)``, both (B, T) and zero off-mask.
     """
-    import torch
-
     mask_f = mask.to(logprobs.dtype)
     kl = (logprobs - ref_logprobs) * mask_f  # (B, T), k1 estimator per token
     rewards = -kl_coef * kl  # (B, T)
@@ -160,8 +155,6 @@ def gae_advantages(
     Args: rewards, values, mask all (B, T).
     Returns: ``(advantages, returns)``, (B, T), zero off-mask.
     """
-    import torch
-
     mask_f = mask.to(values.dtype)
     values = values * mask_f  # (B, T) zero => bootstrap value 0 after the end
     rewards = rewards * mask_f  # (B, T)
@@ -197,8 +190,6 @@ def ppo_policy_loss(
         unbiased and always >= 0.
       * ``ratio_mean``: masked mean of rho.
     """
-    import torch
-
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     pg_unclipped = -advantages * ratio  # (B, T)
@@ -228,8 +219,6 @@ def ppo_value_loss(
     rollout-time estimate in one update. Inputs are (B, T).
     Stats: ``vf_clipfrac`` = fraction of tokens where the clipped error wins.
     """
-    import torch
-
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     err_unclipped = (values - returns) ** 2  # (B, T)
     err_clipped = (values_clipped - returns) ** 2  # (B, T)
@@ -260,8 +249,6 @@ def rrhf_loss(
       any finite or non-finite value; they are excluded via ``torch.where``.
     Returns: ``(loss, {"rank_loss", "sft_loss"})``.
     """
-    import torch
-
     valid = group_mask.to(torch.bool)  # (B, K)
     p_i = seq_logprobs.unsqueeze(2)  # (B, K, 1)
     p_j = seq_logprobs.unsqueeze(1)  # (B, 1, K)
@@ -329,8 +316,6 @@ def grpo_loss(
 
     Stats: ``clipfrac``, ``approx_kl`` (old vs new, as PPO), ``kl`` (mean k3 to the reference per token).
     """
-    import torch
-
     per_token_advantages = advantages[:, None].expand_as(logprobs)  # (N, T)
     surrogate, stats = ppo_policy_loss(logprobs, old_logprobs, per_token_advantages, mask, clip_eps)
     log_ref_ratio = ref_logprobs - logprobs  # (N, T)

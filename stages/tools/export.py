@@ -36,9 +36,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
 from stages.io import artifacts
 from stages.io.artifacts import ArtifactError
+from stages.io.backbone_files import backbone_fingerprint, hub_commit
 from stages.io.config import ConfigError, PipelineConfig, load_config
+from stages.io.sections import needs_4bit
+from stages.model.backbone import load_backbone, resolve_backbone
+from stages.model.heads import SCORE_HEAD, load_head
+from stages.model.probes import PROBE_FILE
+from stages.model.reward_model import PROBES
+from stages.model.tokenization import Tokenization, generation_end_ids
 
 EXPORT_FILE = "export.json"
 # How far an export's logits (or scores) may drift from what its stage computed. fp32: merging changes
@@ -111,8 +123,6 @@ def export_run(plan: ExportPlan, out: Path) -> dict[str, Any]:
 
 
 def _write(plan: ExportPlan, folder: Path) -> dict[str, Any]:
-    from stages.model.backbone import backbone_fingerprint, hub_commit, resolve_backbone
-
     cfg, manifest = plan.cfg, artifacts.read_manifest(plan.artifact)
     kind = cfg.adapter.kind
     quantized = kind == "qlora"
@@ -140,8 +150,6 @@ def _write(plan: ExportPlan, folder: Path) -> dict[str, Any]:
 
 
 def _write_adapter(plan: ExportPlan, folder: Path) -> None:
-    from stages.model.heads import SCORE_HEAD
-
     shutil.copytree(plan.artifact / "adapter", folder / "adapter")
     if plan.is_reward:
         shutil.copy2(plan.artifact / SCORE_HEAD, folder / SCORE_HEAD)
@@ -152,18 +160,12 @@ def _write_adapter(plan: ExportPlan, folder: Path) -> None:
 
 def _load_base(plan: ExportPlan) -> Any:
     """The backbone on the CPU as the stage loaded it (4-bit for QLoRA)."""
-    from stages.io.sections import needs_4bit
-    from stages.model.backbone import load_backbone
-
     cpu = plan.cfg.backbone.model_copy(update={"device": "cpu"})
     return load_backbone(cpu, quantize_4bit=needs_4bit(plan.cfg.adapter.kind))
 
 
 def _write_merged(plan: ExportPlan, folder: Path) -> None:
     """Merge the adapter into a (dequantised) base and save a plain transformers model."""
-    import torch
-    from peft import PeftModel
-
     backbone = _load_base(plan)
     base = backbone.model
     if plan.cfg.adapter.kind == "qlora":
@@ -184,8 +186,6 @@ def _stop_where_the_stages_stop(model: Any, tokenizer: Any, cfg: PipelineConfig)
     """The generation config ends a response where the pipeline's generation did (``Tokenization.stop_ids``:
     EOS, a chat template's end of turn and the model's own end ids), and pads as the stages padded; else a
     chat model served with plain ``generate`` would talk on past its turn. Its other settings stay."""
-    from stages.model.tokenization import Tokenization, generation_end_ids
-
     tokenization = Tokenization.of(tokenizer, cfg.data.chat_template, generation_end_ids(model.generation_config))
     stops = list(tokenization.stop_ids)
     model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
@@ -199,11 +199,6 @@ def _as_sequence_classifier(causal: Any, artifact: Path, tokenizer: Any) -> Any:
     is exactly 0 when trained on pairs alone (the pairwise loss is blind to a constant), else refused.
     Refused too when the tokenizer pads with its end token: transformers would then score the token
     before a response's end token, not the end token the stage scored."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from stages.model.heads import SCORE_HEAD, load_head
-
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ExportError(f"{artifact}: the tokenizer pads with its end token ({tokenizer.eos_token!r}), so "
                           "transformers' sequence classification would score the token before each response's end "
@@ -232,8 +227,6 @@ def _tolerance(plan: ExportPlan) -> float:
 
 def _check_merged_export(plan: ExportPlan, folder: Path) -> None:
     """Load the export with plain transformers and compare it with what the stage recorded."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if plan.is_reward:
         model = AutoModelForSequenceClassification.from_pretrained(folder)
         _compare_scores(plan, lambda ids: model(input_ids=ids).logits[:, 0])
@@ -244,10 +237,6 @@ def _check_merged_export(plan: ExportPlan, folder: Path) -> None:
 
 def _check_adapter_export(plan: ExportPlan, folder: Path, backbone: Any) -> None:
     """Load the exported adapter with plain PEFT on the base and compare it with the stage's record."""
-    from peft import PeftModel
-
-    from stages.model.heads import SCORE_HEAD, load_head
-
     model = PeftModel.from_pretrained(backbone.model, str(folder / "adapter"))
     if plan.is_reward:
         fingerprint = artifacts.read_manifest(plan.artifact)["backbone_fingerprint"]
@@ -259,11 +248,6 @@ def _check_adapter_export(plan: ExportPlan, folder: Path, backbone: Any) -> None
 
 
 def _compare_logits(plan: ExportPlan, logits_of: Any) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    from stages.model.probes import PROBE_FILE
-
     probe = load_file(str(plan.artifact / PROBE_FILE))
     with torch.no_grad():
         found = logits_of({"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}).float()
@@ -275,10 +259,6 @@ def _compare_logits(plan: ExportPlan, logits_of: Any) -> None:
 
 
 def _compare_scores(plan: ExportPlan, score_of: Any) -> None:
-    import torch
-
-    from stages.model.reward_model import PROBES
-
     probes = json.loads((plan.artifact / PROBES).read_text())
     with torch.no_grad():  # one sequence at a time: no padding, so the last token is the last real token
         found = [score_of(torch.tensor([p["ids"]])).item() for p in probes]

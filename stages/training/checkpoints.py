@@ -7,7 +7,7 @@ batch samplers, so batches and dropout masks replay exactly after a resume) and 
 history, ...). Each checkpoint is published atomically with a manifest naming the stage's cache key,
 so a rerun resumes only from a finished checkpoint of the *same* stage configuration, and a checkpoint
 cut short by a kill is ignored.
-SFT checkpoints are the HF Trainer's own (``.sft.checkpoints/checkpoint-N``), see ``stages.sft``.
+SFT checkpoints are the HF Trainer's own (``.sft.checkpoints/checkpoint-N``), see ``stages.sft.recipe``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from stages.io import artifacts
 from stages.model.adapters import checkpoint_shapes, save_adapter
@@ -54,8 +58,6 @@ class Checkpointer:
     def resume(self, samplers: dict[str, Sampler] | None = None) -> dict[str, Any] | None:
         """Restore the newest finished checkpoint of this cache key, ``samplers`` included (in place);
         return its JSON state (None: start fresh)."""
-        import torch
-
         folder = latest_checkpoint(self.root, self.cache_key)
         if folder is None:
             return None
@@ -82,8 +84,6 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any], samplers: dict[str, Sampler] | None = None) -> Path:
         """Write checkpoint ``step`` atomically (every rank takes part), then drop older ones."""
-        import torch
-
         final = self.root / f"{PREFIX}{step:06d}"
         tmp = self.root / f".{final.name}.partial"  # one name all ranks agree on
         if self.dist.is_main:
@@ -115,8 +115,6 @@ class Checkpointer:
 def _cuda_rng_state(model: torch.nn.Module) -> torch.Tensor | None:
     """The generator state of the GPU the model is on (None on the CPU): what its dropout draws from.
     Only that one: a resume may see another number of GPUs."""
-    import torch
-
     device = model_device(model)
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
@@ -132,9 +130,6 @@ def latest_checkpoint(root: Path, cache_key: str) -> Path | None:
 
 def load_adapter_weights(folder: Path, model: PeftModel, names: list[str]) -> None:
     """Load the checkpoint's copy of each named adapter into the model in place."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     with checkpoint_shapes(model):
         for name in names:
             set_peft_model_state_dict(model, load_file(str(Path(folder) / name / "adapter_model.safetensors")),
@@ -143,8 +138,6 @@ def load_adapter_weights(folder: Path, model: PeftModel, names: list[str]) -> No
 
 def sampler_state(sampler: Sampler) -> Any:
     """The state a sampler resumes from: torch.Generator and random.Random, or ``state_dict()``."""
-    import torch
-
     if isinstance(sampler, torch.Generator):
         return sampler.get_state()
     if isinstance(sampler, random.Random):
@@ -154,8 +147,6 @@ def sampler_state(sampler: Sampler) -> Any:
 
 def restore_sampler(sampler: Sampler, state: Any) -> None:
     """Put ``sampler`` back where ``sampler_state`` found it."""
-    import torch
-
     if isinstance(sampler, torch.Generator):
         sampler.set_state(state)
     elif isinstance(sampler, random.Random):

@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+import torch.distributed
+
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.deepspeed_config import deepspeed_config_path, is_distributed_process, load_deepspeed_config, zero_stage
 from stages.io.devices import device_type
@@ -77,7 +80,6 @@ class Distributed:
         """
         if self.world_size == 1:
             return
-        import torch.distributed
 
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -87,9 +89,6 @@ class Distributed:
         """The mean of ``value`` over the ranks."""
         if self.world_size == 1:
             return value
-        import torch
-        import torch.distributed
-
         tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(tensor)
         return tensor.item() / self.world_size
@@ -98,7 +97,6 @@ class Distributed:
         """The sum of ``tensor`` over the ranks, detached (``tensor`` itself is never modified)."""
         if self.world_size == 1:
             return tensor.detach()
-        import torch.distributed
 
         summed = tensor.detach().clone()
         torch.distributed.all_reduce(summed)
@@ -127,7 +125,6 @@ class Distributed:
         """Every rank's ``values`` concatenated in rank order, on every rank."""
         if self.world_size == 1:
             return list(values)
-        import torch.distributed
 
         gathered: list[list[T]] = [[] for _ in range(self.world_size)]
         torch.distributed.all_gather_object(gathered, list(values))
@@ -138,7 +135,6 @@ class Distributed:
         (item i came from rank i % world_size), so what follows sees the list a local run sees."""
         if self.world_size == 1:
             return list(share)
-        import torch.distributed
 
         gathered: list[list[T]] = [[] for _ in range(self.world_size)]
         torch.distributed.all_gather_object(gathered, list(share))

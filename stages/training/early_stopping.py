@@ -9,7 +9,7 @@ is cached like one; where and why it stopped go into its metrics (``stopped_at_s
 ``early_stopping``), hence its manifest, the report and W&B.
 
 The stopper's state is training state: our loops keep it in their checkpoints (``stages.training.loop``),
-the HF Trainer stages beside theirs (``stopping_callback``), so a resumed stage stops exactly where an
+the HF Trainer stages beside theirs (``stages.training.hf_trainer.stopping_callback``), so a resumed stage stops exactly where an
 uninterrupted one does.
 """
 
@@ -18,12 +18,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stages.io.config import EarlyStoppingSection
-
-if TYPE_CHECKING:
-    from transformers import TrainerCallback
 
 Evaluate = Callable[[], dict[str, float]]  # the stage's held-out metrics now
 
@@ -102,36 +99,3 @@ def stopper_for(settings: EarlyStoppingSection | None) -> EarlyStopper | None:
 def not_stopping() -> dict[str, Any]:
     """The metrics of a stage without early stopping (every stage reports the same keys)."""
     return {"stopped_at_step": None, "stop_reason": None, "early_stopping": None}
-
-
-def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> TrainerCallback | None:
-    """Early stopping for an HF Trainer stage (SFT, DPO): evaluates in ``on_step_end`` every
-    ``eval_every`` steps and sets ``should_training_stop`` (and no checkpoint at that step); the stopper's
-    state is a ``sidecar`` of each checkpoint (``early_stopping-<step>.json``), read back when the Trainer
-    resumes."""
-    if stopper is None:
-        return None
-    import json
-
-    from transformers import TrainerCallback
-
-    from stages.io.artifacts import write_json
-    from stages.training.hf_trainer import drop_orphan_sidecars, sidecar
-
-    class EarlyStopping(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step > 0:
-                stopper.load_state_dict(json.loads(sidecar(args, "early_stopping", state.global_step, ".json").read_text()))
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step % stopper.eval_every == 0 and stopper.update(
-                    state.global_step, evaluate()[stopper.settings.metric], last=state.global_step >= state.max_steps):
-                # No checkpoint at the stop step, as in our loops: the Trainer cannot be told to train no
-                # step on resume, so a stage killed before it publishes replays from the checkpoint before
-                # and stops here again, instead of training past the stop.
-                control.should_training_stop, control.should_save = True, False
-            if control.should_save and state.is_world_process_zero:  # set by the flow callback, which runs first
-                drop_orphan_sidecars(args, "early_stopping", ".json")
-                write_json(sidecar(args, "early_stopping", state.global_step, ".json"), stopper.state_dict())
-
-    return EarlyStopping()

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from stages.io.arithmetic import check
 from stages.io.config import EvalSection
 from stages.io.data import Record
 from stages.model.adapters import active_adapter
 from stages.model.generation import generate
 from stages.model.placement import model_device
-from stages.model.sequences import Response
+from stages.model.sequences import Response, from_token_ids, token_logprobs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,10 +56,6 @@ def evaluate_policy(
     The policy's log-probs are those generation sampled with; the reference's come from one forward of
     the sampled ids. The same samples, hence the same ``task_score``, as ``task_score`` with this seed.
     """
-    import torch
-
-    from stages.model.sequences import from_token_ids, token_logprobs
-
     records = records[: cfg.num_prompts]
     responses = _samples(model, tokenization, records, cfg, seed, desc, synced)
     kl = []
@@ -89,10 +87,6 @@ def held_out_loss(model: torch.nn.Module, tokenization: Tokenization, records: l
     """SFT's loss on held-out data: the mean negative log-likelihood (nats per token) of the reference
     answers of the first ``cfg.num_prompts`` held-out records, end token included, given their prompts
     (the ids ``Tokenization.pair`` gives SFT's own demonstrations)."""
-    import torch
-
-    from stages.model.sequences import from_token_ids, token_logprobs
-
     rows = [tokenization.pair(r["prompt"], r["answer"]) for r in records[: cfg.num_prompts]]
     total, tokens = 0.0, 0
     with torch.no_grad():

@@ -21,10 +21,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from peft import PeftType
+from transformers import TrainerCallback
+
+from stages.io.artifacts import write_json
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.progress import progress_mode
+from stages.model.adapters import pop_rank_patterns, put_rank_patterns
 from stages.model.placement import model_device
 from stages.training.distributed import Distributed, filled_deepspeed_config
+from stages.training.early_stopping import EarlyStopper, Evaluate
 from stages.training.updater import NonFiniteLoss
 
 if TYPE_CHECKING:
@@ -35,9 +42,6 @@ if TYPE_CHECKING:
     from stages.model.adapters import RankAllocation
 
 KEY_FILE = "cache_key"  # in .<stage>.checkpoints/: whose progress the Trainer checkpoints there are
-# TRL's trainers score tokens with a fused, chunked LM head (trl.kernels.chunked_logprob): they never
-# hold more than a tile of 4096 tokens x 32768 vocabulary entries (the memory plan's logits).
-TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
 
 
 def trainer_arguments(model: PeftModel, cfg: PipelineConfig, dist: Distributed, stage: str, *,
@@ -101,8 +105,6 @@ def stop_on_non_finite_loss(stage: str) -> TrainerCallback:
     (config validation), so a non-finite loss is seen before any checkpoint could save its weights."""
     import math
 
-    from transformers import TrainerCallback
-
     class StopOnNonFiniteLoss(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
             loss = (logs or {}).get("loss")
@@ -141,16 +143,9 @@ def adalora_callbacks(trainer: Trainer, model: PeftModel, allocation: RankAlloca
       ``on_step_end`` to ``on_save`` (``pop_rank_patterns``), and off for a resume's load (``train_from``)
       until ``on_train_begin``, which puts them back, a fresh adapter's from its saved allocation.
     """
-    from peft import PeftType
-
     configs = getattr(model, "peft_config", {})  # a plain model (tests of the data path) has none
     if not any(config.peft_type == PeftType.ADALORA for config in configs.values()):
         return
-    import torch
-    from transformers import TrainerCallback
-
-    from stages.model.adapters import pop_rank_patterns, put_rank_patterns
-
     loaded = {name: config.rank_pattern for name, config in model.peft_config.items()}  # an earlier stage's
 
     class AdaLoraCheckpoints(TrainerCallback):
@@ -235,3 +230,31 @@ def resumed_step(resume: str | None) -> int:
 def logged_history(trainer: Trainer) -> list[dict[str, Any]]:
     """The Trainer's training log: its rows with a loss (not the final summary or evaluation rows)."""
     return [row for row in trainer.state.log_history if "loss" in row]
+
+
+def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> TrainerCallback | None:
+    """Early stopping for an HF Trainer stage (SFT, DPO): evaluates in ``on_step_end`` every
+    ``eval_every`` steps and sets ``should_training_stop`` (and no checkpoint at that step); the stopper's
+    state is a ``sidecar`` of each checkpoint (``early_stopping-<step>.json``), read back when the Trainer
+    resumes."""
+    if stopper is None:
+        return None
+    import json
+
+    class EarlyStopping(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step > 0:
+                stopper.load_state_dict(json.loads(sidecar(args, "early_stopping", state.global_step, ".json").read_text()))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % stopper.eval_every == 0 and stopper.update(
+                    state.global_step, evaluate()[stopper.settings.metric], last=state.global_step >= state.max_steps):
+                # No checkpoint at the stop step, as in our loops: the Trainer cannot be told to train no
+                # step on resume, so a stage killed before it publishes replays from the checkpoint before
+                # and stops here again, instead of training past the stop.
+                control.should_training_stop, control.should_save = True, False
+            if control.should_save and state.is_world_process_zero:  # set by the flow callback, which runs first
+                drop_orphan_sidecars(args, "early_stopping", ".json")
+                write_json(sidecar(args, "early_stopping", state.global_step, ".json"), stopper.state_dict())
+
+    return EarlyStopping()

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from stages.registry import spec
 from stages.training.distributed import LOCAL, Distributed, gathered
 
@@ -58,8 +60,6 @@ class LearningCheck:
 
     def changed_parameters(self) -> int:
         """How many trainable tensors differ (in any bit) from their values at the start."""
-        import torch
-
         with self._whole():
             return sum(not torch.equal(p.detach().cpu(), self.initial[name]) for name, p in self._trainable())
 

@@ -25,6 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
+from stages.model.placement import model_device
+from stages.model.sequences import sampled_batch, token_logprobs
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,11 +69,6 @@ class LogprobGap:
         """Score ``samples`` (``generate``'s, with their sampling log-probs) with ``model`` as it is now, in
         eval mode and without gradients, at the temperature they were sampled at, and add the gap: for a
         stage that samples once and trains on other forwards (RRHF)."""
-        import torch
-
-        from stages.model.placement import model_device
-        from stages.model.sequences import sampled_batch, token_logprobs
-
         batch, sampled = sampled_batch(samples, pad_id, model_device(model))
         was_training = model.training
         model.eval()

@@ -14,7 +14,7 @@ A recipe gives one function, ``train_step(step, log) -> row | None``, and the lo
   ``evaluate`` runs, and the loop ends once the metric has stopped improving; the stopper's state is in
   every checkpoint.
 
-SFT is the exception: TRL's SFTTrainer brings its own loop and checkpoints (``stages.sft``).
+SFT is the exception: TRL's SFTTrainer brings its own loop and checkpoints (``stages.sft.recipe``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from stages.io.progress import progress
 from stages.training.checkpoints import Checkpointer, Sampler
-from stages.training.early_stopping import EarlyStopper, Evaluate
+from stages.training.early_stopping import EarlyStopper, Evaluate, not_stopping
 
 Row = dict[str, Any]
 TrainStep = Callable[[int, bool], "Row | None"]  # (1-based step, log this step?) -> history row
@@ -93,6 +93,4 @@ class TrainingLoop:
 
     def stopping_metrics(self) -> dict[str, Any]:
         """``EarlyStopper.metrics`` (or the same keys, empty, without early stopping)."""
-        from stages.training.early_stopping import not_stopping
-
         return self.stopper.metrics() if self.stopper is not None else not_stopping()

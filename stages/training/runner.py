@@ -1,6 +1,7 @@
-"""The shared entry point of every stage module: parse, set up, train into a staging folder, publish.
+"""What every stage shares around its recipe: train into a staging folder, add the provenance, publish.
 
-    python -m stages.sft --config runs/<id>/config.yaml --out runs/<id>/sft [--input reward=runs/<id>/reward]
+A stage process starts in ``stages.training.entry`` (``python -m stages.training.entry sft --out ...``),
+which sets the process up and calls ``stage_main`` here.
 
 A stage function receives the validated config and a ``StageContext`` (an empty staging folder, the
 final location, its input artifacts, its cache key), writes its files into the staging folder and
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from stages.io import artifacts
 from stages.io.config import ConfigError, PipelineConfig, load_config
@@ -70,8 +73,6 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
 
 def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path],
                        dist: Distributed) -> dict[str, Any] | None:
-    import torch
-
     threads = stage_threads(cfg.run.threads) if dist is LOCAL else cfg.distributed.threads_per_process
     torch.set_num_threads(threads)
     if cfg.run.threads == "auto" and dist is LOCAL:
@@ -106,74 +107,15 @@ def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, 
     return manifest
 
 
-def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m {spec(stage).module}", description=f"Run the {stage} stage alone.")
-    parser.add_argument("--config", type=Path, help="YAML config (default: the embedded default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    parser.add_argument("--out", type=Path, required=True, help="artifact folder to publish, e.g. runs/<id>/sft")
-    parser.add_argument("--input", dest="inputs", action="append", default=[], metavar="STAGE=FOLDER",
-                        help="an upstream artifact, e.g. sft=runs/<id>/sft")
-    return parser.parse_args(argv)
-
-
-def stage_main(stage: str, fn: StageFn, argv: list[str] | None = None) -> None:
-    """``main()`` of a stage module: user errors become one line on stderr and exit status 2."""
-    quiet_other_ranks()
-    args = parse_args(stage, argv)
+def stage_main(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path]) -> None:
+    """A stage process's run (``stages.training.entry``): ``execute``, its user errors as one line on stderr
+    and exit status 2, its result and warnings on stdout."""
     try:
-        cfg = load_config(args.config, args.overrides)
-        silence_known_noise(cfg)
-        inputs = dict(_parse_input(item) for item in args.inputs)
-        manifest = execute(stage, fn, cfg, args.out, inputs)
+        manifest = execute(stage, fn, cfg, out, inputs)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if manifest is not None:
-        print(f"{stage}: published {args.out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
+        print(f"{stage}: published {out} in {manifest['seconds']:.1f}s; metrics {manifest['metrics']}")
         for warning in manifest["metrics"].get("warnings", []):
             print(f"warning: {warning}", flush=True)
-
-
-# Library log lines known to be harmless where they print: (logger, message start, when it is harmless).
-_KNOWN_NOISE = (
-    # bitsandbytes, imported by PEFT on every run, looks for an optional CPU kernel package on AVX512-BF16
-    # hosts and falls back to its own 4-bit kernels; only a QLoRA run (4-bit weights) uses either.
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward", lambda cfg: cfg.adapter.kind != "qlora"),
-)
-
-
-def silence_known_noise(cfg: PipelineConfig) -> None:
-    """Drop exactly the library log lines of ``_KNOWN_NOISE`` that are harmless for ``cfg`` (the loggers
-    exist before their libraries are imported, so the filter is in place when they print)."""
-    for name, start, harmless in _KNOWN_NOISE:
-        logger = logging.getLogger(name)
-        if harmless(cfg) and not any(getattr(f, "noise", None) == start for f in logger.filters):
-            logger.addFilter(_NoiseFilter(start))
-
-
-class _NoiseFilter(logging.Filter):
-    """Drops the records whose message starts with ``noise``."""
-
-    def __init__(self, noise: str) -> None:
-        super().__init__()
-        self.noise = noise
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.noise)
-
-
-def quiet_other_ranks() -> None:
-    """On ranks other than the main one of an ``accelerate launch``, libraries' own tqdm bars (datasets,
-    weight loading) stay silent: one progress display per stage. Called first thing in a stage process,
-    before anything imports tqdm (which reads ``TQDM_DISABLE`` when it is imported)."""
-    import os
-
-    if os.environ.get("RANK", "0") != "0":
-        os.environ.setdefault("TQDM_DISABLE", "1")
-
-
-def _parse_input(item: str) -> tuple[str, Path]:
-    name, sep, folder = item.partition("=")
-    if not sep:
-        raise ConfigError(f"--input {item!r}: expected STAGE=FOLDER")
-    return name, Path(folder)

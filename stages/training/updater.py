@@ -18,6 +18,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
 from stages.training.distributed import LOCAL, Distributed, filled_deepspeed_config
 
 if TYPE_CHECKING:
@@ -49,9 +52,6 @@ class Updater:
                  max_grad_norm: float = 1.0, *, gradient_accumulation: int = 1, micro_batch_size: int = 1,
                  schedule: str = "cosine", dist: Distributed = LOCAL, bf16: bool = False,
                  rank_allocation: RankAllocation | None = None) -> None:
-        import torch
-        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm
@@ -105,8 +105,6 @@ class Updater:
 
     def finish_micro_step(self, boundary: bool = False) -> None:
         """End the micro-step; update after ``accumulation`` micro-steps (or at an explicit ``boundary``)."""
-        import torch
-
         self.micro_steps += 1
         update = boundary or self.micro_steps % self.accumulation == 0
         if self.engine is not None:
@@ -150,8 +148,6 @@ class Updater:
 
     def save(self, folder: Path) -> None:
         """Optimizer and schedule state (every rank writes its ZeRO partition under DeepSpeed)."""
-        import torch
-
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder), tag=ENGINE_TAG, exclude_frozen_parameters=True)
             if self.dist.is_main:
@@ -164,8 +160,6 @@ class Updater:
 
     def load(self, folder: Path) -> None:
         """Restore what ``save`` wrote (checkpoints are keyed by code version: never an older layout)."""
-        import torch
-
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_module_strict=False,
                                         load_lr_scheduler_states=False)

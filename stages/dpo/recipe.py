@@ -1,7 +1,7 @@
 """DPO (Rafailov et al. 2023): train the policy directly on preference pairs, with no reward model and no
 rollouts, using TRL's ``DPOTrainer``, on ONE copy of the frozen backbone.
 
-    python -m stages.dpo --out runs/manual/dpo --input sft=runs/x/sft
+    python -m stages.training.entry dpo --out runs/manual/dpo --input sft=runs/x/sft
 
 The SFT adapter is loaded twice on the backbone: as ``default``, the policy that trains, and as TRL's
 ``ref``, a frozen copy that DPOTrainer makes of it and switches to for the reference log-probs (no
@@ -28,11 +28,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from datasets import Dataset
+from peft import PeftType
+from trl import DPOConfig, DPOTrainer
+
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import DataError, Record, load_records, measure_lengths, source_name, split_by_prompt
 from stages.io.sections import needs_4bit
-from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
 from stages.model.probes import save_probe
@@ -40,11 +43,9 @@ from stages.model.tokenization import Tokenization
 from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
-from stages.training.early_stopping import evaluating, not_stopping, stopper_for, stopping_callback
+from stages.training.early_stopping import evaluating, not_stopping, stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.hf_trainer import (
-    TRL_TOKEN_CHUNK,
-    TRL_VOCAB_CHUNK,
     adalora_callbacks,
     adapter_dtype_kept,
     agreed_resume_point,
@@ -52,6 +53,7 @@ from stages.training.hf_trainer import (
     logged_history,
     refuse_data_parallel,
     resumed_step,
+    stopping_callback,
     train_from,
     trainer_arguments,
 )
@@ -96,8 +98,6 @@ def _reference_config_frozen(model: PeftModel) -> Iterator[None]:
     """DPOTrainer adds its reference with ``add_adapter("ref", <the policy's config>)``, and PEFT's AdaLoRA
     refuses a second adapter that is not in inference mode (it trains one per model). For AdaLoRA the
     policy's config is swapped, while TRL builds, for an inference-mode copy, which the reference keeps."""
-    from peft import PeftType
-
     config = getattr(model, "peft_config", {}).get(POLICY)
     if config is None or config.peft_type != PeftType.ADALORA:
         yield
@@ -113,9 +113,6 @@ def build_dpo_trainer(model: PeftModel, tokenization: Tokenization, train: list[
                       cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> DPOTrainer:
     """TRL's DPOTrainer on the contract's ids; ``model`` holds the SFT adapter as ``default`` (trainable),
     and the trainer adds its frozen copy ``ref`` on the same backbone."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
     class ContractDPOTrainer(DPOTrainer):
         """DPOTrainer fed rows that are already tokenized (its collator's own input format)."""
 
@@ -211,19 +208,3 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "resumed_from_step": resumed_step(resume),
         **(stopper.metrics() if stopper is not None else not_stopping()),
     }
-
-
-def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
-    rows = 2 * min(cfg.dpo.batch_size, data.pairs)  # chosen and rejected in one forward, policy and reference
-    train = Phase("train step", "train", rows, data.pair_tokens, min(rows * data.pair_tokens, TRL_TOKEN_CHUNK),
-                  TRL_VOCAB_CHUNK, knobs=("dpo.batch_size",))
-    return Workload("dpo", 1, 1, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens")))
-
-
-def main(argv: list[str] | None = None) -> None:
-    runner.stage_main("dpo", train_dpo, argv)
-
-
-if __name__ == "__main__":
-    main()

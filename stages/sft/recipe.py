@@ -1,6 +1,6 @@
 """Supervised fine-tuning: train the ``sft`` adapter on prompt/completion demonstrations with TRL.
 
-    python -m stages.sft --out runs/manual/sft [--config configs/default.yaml] [--set sft.max_steps=20]
+    python -m stages.training.entry sft --out runs/manual/sft [--config configs/default.yaml] [--set sft.max_steps=20]
 
 Reads the frozen backbone, attaches one adapter of the configured kind, measures ``task_score`` of the
 base, trains with TRL's ``SFTTrainer`` (loss on completion tokens only), measures ``task_score`` again and
@@ -21,11 +21,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import LengthReport, Record, load_records, measure_lengths, source_name
 from stages.io.sections import needs_4bit
-from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import RankAllocation, attach_adapter, count_trainable, save_adapter
 from stages.model.backbone import load_backbone
 from stages.model.probes import save_probe
@@ -33,11 +35,9 @@ from stages.model.tokenization import Tokenization
 from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
-from stages.training.early_stopping import evaluating, not_stopping, stopper_for, stopping_callback
+from stages.training.early_stopping import evaluating, not_stopping, stopper_for
 from stages.training.evaluation import held_out_loss, task_score
 from stages.training.hf_trainer import (
-    TRL_TOKEN_CHUNK,
-    TRL_VOCAB_CHUNK,
     adalora_callbacks,
     adapter_dtype_kept,
     agreed_resume_point,
@@ -45,6 +45,7 @@ from stages.training.hf_trainer import (
     logged_history,
     refuse_data_parallel,
     resumed_step,
+    stopping_callback,
     train_from,
     trainer_arguments,
 )
@@ -70,9 +71,6 @@ def tokenized_demos(demos: list[Record], tokenization: Tokenization) -> list[dic
 def build_sft_trainer(model: PeftModel, tokenization: Tokenization, demos: list[Record],
                       cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> SFTTrainer:
     """TRL's SFTTrainer on the contract's ids of the demonstrations; loss on completion tokens only."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     sft = cfg.sft
     args = SFTConfig(
         output_dir=str(checkpoints), max_steps=sft.max_steps, per_device_train_batch_size=sft.batch_size,
@@ -144,20 +142,3 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "resumed_from_step": resumed_step(resume),
         **(stopper.metrics() if stopper is not None else not_stopping()),
     }
-
-
-def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
-    rows = min(cfg.sft.batch_size, data.demos)  # the data loader's last batch is never larger than the data
-    tokens = min(cfg.sft.max_length, data.demo_tokens)  # TRL truncates at max_length, pads to the longest row
-    train = Phase("train step", "train", rows, tokens, min(rows * tokens, TRL_TOKEN_CHUNK), TRL_VOCAB_CHUNK,
-                  knobs=("sft.batch_size", "sft.max_length"))
-    return Workload("sft", 1, 0, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens")))
-
-
-def main(argv: list[str] | None = None) -> None:
-    runner.stage_main("sft", train_sft, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Reward modelling: a ``reward`` adapter plus a scalar score head, trained with the Bradley-Terry loss.
 
-    python -m stages.reward --out runs/manual/reward [--config ...] [--set reward.max_steps=50]
+    python -m stages.training.entry reward --out runs/manual/reward [--config ...] [--set reward.max_steps=50]
 
 Why not TRL's RewardTrainer: it needs an ``AutoModelForSequenceClassification``, a second object around
 the backbone. Our reward is the causal LM's own final hidden state at the last token (reward adapter
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import Record, load_records, measure_lengths, source_name, split_by_prompt
 from stages.io.sections import needs_4bit
-from stages.memory.plan import DataShape, Parallel, Phase, Workload
 from stages.model.adapters import (
     RankAllocation,
     attach_adapter,
@@ -33,6 +34,7 @@ from stages.model.placement import model_device
 from stages.model.reward_model import ADAPTER_NAME, PROBES, probe_scores
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import pairwise_reward_loss
+from stages.reward.spec import EVAL_PAIRS
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import gathered
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
 
     from stages.model.sequences import SequenceBatch
 
-EVAL_PAIRS = 64  # held-out pairs scored at once (a memory bound, not a hyper-parameter)
 
 
 def preference_batch(tokenization: Tokenization, pairs: list[Record], device: torch.device | str) -> SequenceBatch:
@@ -66,8 +67,6 @@ def score_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenizat
 
 def evaluate_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization,
                    pairs: list[Record], batch_size: int = EVAL_PAIRS) -> dict[str, float]:
-    import torch
-
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -79,8 +78,6 @@ def evaluate_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokeni
 
 
 def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    import torch
-
     out, dist, rm = ctx.staging, ctx.dist, cfg.reward
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenization = backbone.tokenization(cfg.data.chat_template)
@@ -151,15 +148,11 @@ class EpochBatches:
     may straddle two epochs. Its state (generator and the rest of the epoch) resumes exactly."""
 
     def __init__(self, count: int, batch_size: int, seed: int) -> None:
-        import torch
-
         self.count, self.batch_size = count, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
 
     def next(self) -> list[int]:
-        import torch
-
         if len(self.order) < self.batch_size:
             self.order += torch.randperm(self.count, generator=self.generator, device="cpu").tolist()
         batch, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
@@ -171,20 +164,3 @@ class EpochBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.order = list(state["order"])
-
-
-def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
-    rows = 2 * min(cfg.reward.batch_size, data.pairs)  # chosen and rejected in one forward
-    train = Phase("train step", "train", rows, data.pair_tokens, rows, knobs=("reward.batch_size",))
-    held = 2 * min(EVAL_PAIRS, data.pairs)
-    scoring = Phase("held-out scoring", "forward", held, data.pair_tokens, held)
-    return Workload("reward", 1, 0, (train, scoring), trainable_heads=1)
-
-
-def main(argv: list[str] | None = None) -> None:
-    runner.stage_main("reward", train_reward, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """RRHF (Yuan et al. 2023): rank sampled responses by reward; train with ranking loss + SFT loss.
 
-    python -m stages.rrhf --out runs/manual/rrhf --input sft=runs/x/sft --input reward=runs/x/reward
+    python -m stages.training.entry rrhf --out runs/manual/rrhf --input sft=runs/x/sft --input reward=runs/x/reward
 
 1. For each training prompt, sample k candidates from the SFT policy (or read offline ranked data
    ``{"query", "responses", "scores"}`` from ``data.ranked``, in which case no reward model is needed).
@@ -19,12 +19,13 @@ import random
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
 from stages.io.sections import needs_4bit
-from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
 from stages.model.generation import generate
@@ -34,6 +35,7 @@ from stages.model.reward_model import attach_reward, reward_of
 from stages.model.sequences import Response, from_token_ids, token_logprobs
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import rrhf_loss
+from stages.rrhf.spec import GENERATION_BATCH, RANKING_GROUPS
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.early_stopping import evaluating, stopper_for
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
 
 POLICY, REFERENCE = "policy", "reference"
 # Memory bounds, not hyper-parameters: prompts sampled at once, groups scored at once for ranking accuracy.
-GENERATION_BATCH, RANKING_GROUPS = 64, 16
 
 
 @dataclass
@@ -101,8 +102,6 @@ def offline_groups(records: list[dict[str, Any]], tokenization: Tokenization) ->
 def group_logprobs(model: PeftModel, tokenization: Tokenization,
                    groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Length-normalised response log-probs (B, K), rewards (B, K) and the mask of real candidates (B, K)."""
-    import torch
-
     rows = [(g.prompt_ids, ids) for g in groups for ids in g.response_ids]
     device = model_device(model)
     batch = from_token_ids(rows, tokenization.pad_id, device)
@@ -124,8 +123,6 @@ def group_logprobs(model: PeftModel, tokenization: Tokenization,
 def ranking_accuracy(model: PeftModel, tokenization: Tokenization, groups: list[Group]) -> float | None:
     """Share of differently-rewarded candidate pairs that the policy's log-probs order like the reward;
     None when every group's rewards are tied (no pair to order: the ranking loss is zero)."""
-    import torch
-
     agree = total = 0
     with torch.no_grad():
         for start in range(0, len(groups), RANKING_GROUPS):
@@ -137,8 +134,6 @@ def ranking_accuracy(model: PeftModel, tokenization: Tokenization, groups: list[
 
 
 def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    import torch
-
     out, inputs, dist, rr = ctx.staging, ctx.inputs, ctx.dist, cfg.rrhf
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     tokenization = backbone.tokenization(cfg.data.chat_template)
@@ -229,42 +224,3 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
             "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start,
             "reward_source": "data.ranked" if cfg.data.ranked else rr.reward, **sampling_gap, **loop.stopping_metrics()}
-
-
-def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
-    rrhf, online = cfg.rrhf, cfg.data.ranked is None
-    if online:  # each rank samples candidates for its share of the prompts
-        groups, k = -(-min(rrhf.num_prompts, data.prompts) // parallel.world_size), rrhf.num_candidates
-        tokens = data.prompt_tokens + rrhf.max_new_tokens
-        keep = min(tokens, rrhf.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
-    else:
-        groups, k, tokens = -(-data.ranked_groups // parallel.world_size), data.ranked_candidates, data.ranked_tokens
-        keep = tokens
-    rows, ranked = min(rrhf.batch_size, groups) * k, min(RANKING_GROUPS, groups) * k
-    phases = [
-        Phase("train step", "train", rows, tokens, rows * keep, knobs=("rrhf.batch_size", "rrhf.num_candidates")),
-        Phase("ranking accuracy", "forward", ranked, tokens, ranked * keep, knobs=("rrhf.num_candidates",)),
-        evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
-    ]
-    if online:  # k candidates per prompt, all scored in one forward (reward_of); the same for evaluation
-        candidates = groups * k
-        evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
-        phases += [
-            Phase("candidate sampling", "generate", min(GENERATION_BATCH, candidates), tokens,
-                  min(GENERATION_BATCH, candidates), knobs=("rrhf.num_candidates", "rrhf.max_new_tokens")),
-            Phase("candidate scoring", "forward", candidates, tokens, candidates,
-                  knobs=("rrhf.num_prompts", "rrhf.num_candidates")),
-            Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + cfg.eval.max_new_tokens,
-                  evaluated, knobs=("eval.num_prompts", "eval.max_new_tokens")),
-        ]
-    model_reward = online and "model" in rrhf.reward  # the reward adapter and head, frozen; and the reference
-    return Workload("rrhf", 1, 2 if model_reward else 1, tuple(phases), frozen_heads=1 if model_reward else 0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    runner.stage_main("rrhf", train_rrhf, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """GRPO (Shao et al. 2024, DeepSeekMath): group-relative policy optimisation, with no value model, on ONE
 copy of the frozen backbone.
 
-    python -m stages.grpo --out runs/x/grpo --input sft=runs/x/sft [--input reward=runs/x/reward]
+    python -m stages.training.entry grpo --out runs/x/grpo --input sft=runs/x/sft [--input reward=runs/x/reward]
 
 Adapters: ``reference`` (the SFT adapter, frozen), ``policy`` (starts from SFT, trained) and, when
 ``grpo.reward`` uses the model, ``reward`` (the reward stage's adapter + score head, frozen).
@@ -28,12 +28,14 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from stages.grpo.spec import GENERATION_BATCH
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
 from stages.io.sections import needs_4bit
-from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
 from stages.model.generation import generate
@@ -59,7 +61,6 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 REFERENCE, POLICY = "reference", "policy"
-GENERATION_BATCH = 64  # responses sampled at once (a memory bound, not a hyper-parameter)
 
 
 def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple[PeftModel, Tokenization, RewardSource, str]:
@@ -92,8 +93,6 @@ def sample_groups(model: PeftModel, tokenization: Tokenization, source: RewardSo
     Returns the batch of (prompt, response) ids (N = len(prompts) * G rows, grouped by prompt), the
     sampling log-probs of its tokens (N, T), the rewards (N,) and statistics of the step's samples.
     """
-    import torch
-
     grpo, g = cfg.grpo, cfg.grpo.num_generations
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     positions = list(range(len(prompts))) if positions is None else positions
@@ -119,8 +118,6 @@ def grpo_step(model: PeftModel, batch: SequenceBatch, old_logprobs: torch.Tensor
     """Group advantages, the reference's log-probs, then ``num_iterations`` passes of minibatch updates of
     ``grpo_loss``. Token means are over the global minibatch under DeepSpeed (each rank's share).
     The first minibatch, trained before any step, measures the log-prob gap (``stages.training.logprob_gap``)."""
-    import torch
-
     grpo = cfg.grpo
     advantages = group_advantages(rewards.view(-1, grpo.num_generations), grpo.scale_rewards).view(-1)  # (N,)
     with torch.no_grad(), active_adapter(model, REFERENCE):
@@ -148,8 +145,6 @@ def grpo_step(model: PeftModel, batch: SequenceBatch, old_logprobs: torch.Tensor
 
 
 def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    import torch
-
     out, dist, grpo = ctx.staging, ctx.dist, cfg.grpo
     model, tokenization, source, fingerprint = build_model(cfg, ctx.inputs)
     context = model.get_base_model().config.max_position_embeddings
@@ -200,32 +195,3 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": loop.last_step,
             "resumed_from_step": loop.start, "trainable_parameters": trainable, "adapter_kind": cfg.adapter.kind,
             **loop.stopping_metrics()}
-
-
-def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
-    grpo = cfg.grpo
-    responses = -(-min(grpo.prompts_per_step * parallel.world_size, data.prompts) // parallel.world_size) \
-        * grpo.num_generations
-    tokens = data.prompt_tokens + grpo.max_new_tokens
-    keep = min(tokens, grpo.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
-    minibatch = min(grpo.minibatch_size, responses)
-    model_reward = "model" in grpo.reward
-    phases = (
-        Phase("group sampling", "generate", min(GENERATION_BATCH, responses), tokens, min(GENERATION_BATCH, responses),
-              knobs=("grpo.prompts_per_step", "grpo.num_generations", "grpo.max_new_tokens")),
-        Phase("reference scoring", "forward", responses, tokens, responses * keep,
-              knobs=("grpo.prompts_per_step", "grpo.num_generations")),
-        Phase("train step", "train", minibatch, tokens, minibatch * keep, knobs=("grpo.minibatch_size",)),
-        evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
-    )
-    # policy trained; reference (and the reward model) frozen
-    return Workload("grpo", 1, 2 if model_reward else 1, phases, frozen_heads=1 if model_reward else 0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    runner.stage_main("grpo", train_grpo, argv)
-
-
-if __name__ == "__main__":
-    main()

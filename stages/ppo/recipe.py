@@ -1,6 +1,6 @@
 """PPO with policy, reference, reward and value as adapters on ONE copy of the frozen backbone.
 
-    python -m stages.ppo --out runs/x/ppo --input sft=runs/x/sft --input reward=runs/x/reward
+    python -m stages.training.entry ppo --out runs/x/ppo --input sft=runs/x/sft --input reward=runs/x/reward
 
 Adapters (all of the configured kind, on one PeftModel around one backbone):
     reference  the SFT adapter, frozen          policy  starts from SFT, trained
@@ -26,12 +26,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from stages.io.artifacts import read_manifest, write_json
-from stages.io.config import PipelineConfig, PPOSection
+from stages.io.config import PipelineConfig
 from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
 from stages.io.formats import Prompt
 from stages.io.sections import needs_4bit
-from stages.memory.plan import DataShape, Parallel, Phase, Workload, evaluation_sampling
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone
 from stages.model.generation import generate
@@ -58,6 +59,7 @@ from stages.objectives.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from stages.ppo.spec import GENERATION_BATCH, PPOSection
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
@@ -76,7 +78,6 @@ if TYPE_CHECKING:
 REFERENCE, POLICY, REWARD, VALUE = "reference", "policy", "reward", "value"
 TRAINABLE = [POLICY, VALUE]
 VALUE_HEAD = "value_head.safetensors"
-GENERATION_BATCH = 64  # rollout prompts sampled at once (a memory bound, not a hyper-parameter)
 
 
 @dataclass
@@ -123,8 +124,6 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     ``ppo.value_model: shared``: no value adapter, and the value head starts at zero on the policy's states.
     ``ppo.reward: checker``: no reward adapter; the value adapter starts from SFT, its head at zero."""
     import copy
-
-    import torch
 
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
     fp = backbone.fingerprint
@@ -173,8 +172,6 @@ def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: Pipeli
     """Sample one response per prompt (token ids) with the policy, then score the sampled ids
     (``score_rollout``); ``prompts`` (what the ids render) are what a checker reads.
     ``bench/ppo_vs_trl.py`` times this with ``ppo_update`` as one PPO update."""
-    import torch
-
     model, ppo, tokenization = models.model, cfg.ppo, models.tokenization
     with active_adapter(model, POLICY):
         samples = generate(model, tokenization, prompt_ids, max_new_tokens=ppo.max_new_tokens,
@@ -201,8 +198,6 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tenso
     ``scores`` (B,): each response's reward (``ppo.reward``); without them, the reward head's score
     minus ``ppo.missing_eos_penalty`` for a response that never stopped.
     """
-    import torch
-
     model, ppo = models.model, cfg.ppo
     with torch.no_grad():  # at the sampling temperature: the distributions the tokens came from
         if logprobs is None:
@@ -236,8 +231,6 @@ def shape_rollout(batch: SequenceBatch, finished: torch.Tensor, scores: torch.Te
 
 def ppo_updater(models: PPOModels, cfg: PipelineConfig, dist: Distributed = LOCAL) -> Updater:
     """AdamW (constant learning rate) over the trained adapters (``PPOModels.trainable``) and the value head."""
-    import torch
-
     ppo = cfg.ppo
     return Updater(torch.nn.ModuleDict({"model": models.model, "value_head": models.value_head}), ppo.learning_rate,
                      warmup_steps=0, total_steps=ppo.updates, max_grad_norm=ppo.max_grad_norm, schedule="constant",
@@ -257,8 +250,6 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     The minibatches before the update's first optimizer step also measure the log-prob gap
     (``stages.training.logprob_gap``): sampling's log-probs against the training forward's.
     """
-    import torch
-
     ppo = cfg.ppo
     totals: dict[str, float] = {}
     steps = 0
@@ -336,8 +327,6 @@ def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, shar
 
 
 def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
-    import torch
-
     out, inputs, dist = ctx.staging, ctx.inputs, ctx.dist
     models = build_models(cfg, inputs)
     model, ppo = models.model, cfg.ppo
@@ -406,41 +395,3 @@ def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig, desc: str 
     with active_adapter(models.model, POLICY):
         return evaluate_policy(models.model, models.tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
                                desc=desc, reward=models.reward)
-
-
-def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
-    """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
-    ppo = cfg.ppo
-    rollout = min(ppo.rollout_prompts, data.prompts)
-    tokens = data.prompt_tokens + ppo.max_new_tokens
-    # token_logprobs computes logits from the first response position of the batch on.
-    keep = min(tokens, ppo.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
-    minibatch = min(ppo.minibatch_size, rollout)
-    evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
-    shared = ppo.value_model == "shared"
-    phases = (
-        Phase("rollout sampling", "generate", min(GENERATION_BATCH, rollout), tokens, min(GENERATION_BATCH, rollout),
-              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
-        Phase("rollout scoring", "forward", rollout, tokens, rollout * keep,
-              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
-        # Locally the policy's graph is freed before the value forward; DeepSpeed takes both in one backward.
-        # A shared value model has one forward, so one graph, either way.
-        Phase("train step", "train", minibatch, tokens, minibatch * keep,
-              graphs=2 if parallel.launched and not shared else 1, knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
-        evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
-        Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + cfg.eval.max_new_tokens, evaluated,
-              knobs=("eval.num_prompts", "eval.max_new_tokens")),
-    )
-    # reference + reward frozen (a checker alone: no reward adapter), policy + value trained (shared: no value
-    # adapter); value head trained
-    model_reward = "model" in ppo.reward
-    return Workload("ppo", 1 if shared else 2, 2 if model_reward else 1, phases, trainable_heads=1,
-                    frozen_heads=1 if model_reward else 0)
-
-
-def main(argv: list[str] | None = None) -> None:
-    runner.stage_main("ppo", train_ppo, argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""The reward stage: ``spec.py`` declares it (torch-free), ``recipe.py`` trains it."""

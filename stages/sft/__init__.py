@@ -1,0 +1,1 @@
+"""The sft stage: ``spec.py`` declares it (torch-free), ``recipe.py`` trains it."""
