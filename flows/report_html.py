@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flows.report import describe
+from flows.run_dir import PROMOTED
 from stages.registry import STAGES
 
 # (stage, history key, title): the curves each stage declares in the registry, in pipeline order
@@ -39,8 +41,6 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
                         for stage, entry in report["stages"].items() if entry["metrics"].get("stopped_at_step") is not None)
     promotion = ""
     if "promotion" in report:
-        from flows.promotion import PROMOTED, describe
-
         status = (report["promotion"] or {}).get("status") if report["finished"] else "on hold"
         css = {PROMOTED: "promoted", None: "ungated"}.get(status, "not-promoted")  # not a stage's warning
         promotion = (f"<p class='{css}'>"

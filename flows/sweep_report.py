@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.report_html import CURVES, X_KEYS, _history, _png, figures_html, write_page
+from flows.run_dir import sweep_dir
 
 BEST_CURVES = 3  # trials whose curves are overlaid
 
@@ -17,8 +18,6 @@ def write_sweep_report(board: dict[str, Any], runs_dir: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
-    from flows.sweep import SWEEPS
-
     done = [row for row in board["trials"] if row["value"] is not None]
     figures = [_against(done, key, board["metric"]) for key in (done[0]["params"] if done else {})]
     stage = board["metric"].split(".")[0]
@@ -38,7 +37,7 @@ def write_sweep_report(board: dict[str, Any], runs_dir: Path) -> Path:
         "<table><tr><th>rank</th><th>trial</th><th>settings</th><th>metric</th><th>seconds</th><th>run</th></tr>"
         f"{rows}</table>{images}</body></html>"
     )
-    return write_page(Path(runs_dir) / SWEEPS / board["sweep"] / "report.html", page)
+    return write_page(sweep_dir(runs_dir, board["sweep"]) / "report.html", page)
 
 
 def _settings(params: dict[str, Any]) -> str:
