@@ -7,8 +7,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-from flows.report_html import CURVES, X_KEYS, _history, _png, figures_html, write_page
-from flows.run_dir import sweep_dir
+from flows.figures import CURVES, X_KEYS, figures_html, to_png, write_page
+from flows.run_dir import read_history, sweep_dir
 
 BEST_CURVES = 3  # trials whose curves are overlaid
 
@@ -58,7 +58,7 @@ def _against(rows: list[dict[str, Any]], key: str, metric: str) -> tuple[str, st
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
     ax.set_title(title)
-    return title, _png(fig)
+    return title, to_png(fig)
 
 
 def _overlaid(rows: list[dict[str, Any]], runs_dir: Path, stage: str, key: str, title: str) -> tuple[str, str | None]:
@@ -69,7 +69,7 @@ def _overlaid(rows: list[dict[str, Any]], runs_dir: Path, stage: str, key: str, 
     fig, ax = plt.subplots(figsize=(5, 3))
     drawn = False
     for row in rows:
-        points = [r for r in _history(runs_dir / row["run_id"], stage) if key in r]
+        points = [r for r in read_history(runs_dir / row["run_id"], stage) if key in r]
         if not points:
             continue
         x_key = next((k for k in X_KEYS if k in points[0]), None)
@@ -81,4 +81,4 @@ def _overlaid(rows: list[dict[str, Any]], runs_dir: Path, stage: str, key: str, 
         return title, None
     ax.set_title(title)
     ax.legend(fontsize=6)
-    return title, _png(fig)
+    return title, to_png(fig)
