@@ -225,8 +225,8 @@ def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path 
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=sweep, storage=study_storage(storage, wait_s), direction=spec.direction,
-                                load_if_exists=True)
+    rdb = study_storage(storage, wait_s)
+    study = optuna.create_study(study_name=sweep, storage=rdb, direction=spec.direction, load_if_exists=True)
     trials = study.get_trials(deepcopy=False)
     seed = spec.seed + len(trials)
     study.sampler = {"grid": lambda: optuna.samplers.GridSampler(spec.grid, seed=spec.seed),
@@ -240,13 +240,24 @@ def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path 
             if run_id and is_running(Path(runs_dir) / run_id):
                 continue  # another process is running it
             # dead: its process was killed (also one killed before it named its run folder)
-            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)  # before FAIL: then it is final
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            _fail_as_interrupted(rdb, sweep, trial.number)
         elif not (trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED)):
             continue
         if not _queued_again(trial, trials):
             study.enqueue_trial(trial.params, skip_if_exists=False)
     return study
+
+
+def _fail_as_interrupted(storage: "optuna.storages.RDBStorage", sweep: str, number: int) -> None:
+    """Mark a dead trial failed and ``interrupted`` (its settings run again), through the public methods of
+    the storage ``study_storage`` built. Not ``Study.tell``: it also runs the sampler's ``after_trial``, and
+    the grid sampler calls ``Study.stop`` there when the trial is its last unfinished combination, which
+    raises outside ``optimize``."""
+    from optuna.trial import TrialState
+
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(sweep), number)
+    storage.set_trial_user_attr(trial_id, INTERRUPTED, True)  # before FAIL: then the trial is final
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _queued_again(trial: "optuna.trial.FrozenTrial", trials: list["optuna.trial.FrozenTrial"]) -> bool:
