@@ -332,7 +332,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 def _cmd_promote(args: argparse.Namespace) -> int:
     import getpass
 
-    from flows.promotion import describe, promote
+    from flows.promotion import promote
+    from flows.report import describe
 
     record = promote(args.runs_dir / args.run_id, args.by or getpass.getuser(), args.reason)
     print(f"run {args.run_id}: {describe(record)}")

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import Failed, State
 
-from flows.run_dir import CONFIG
+from flows.run_dir import read_config
 from flows.stage_task import stage_task
 from stages.io.config import load_config
 from stages.io.provenance import stage_inputs
@@ -29,7 +29,7 @@ def _run_id() -> str:
 @flow(name="rlhf-pipeline", flow_run_name=_run_id)
 def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str, Any]] | State:
     """Run every configured stage of the run in ``run_dir``; return each stage's result."""
-    cfg = load_config(Path(run_dir) / CONFIG)
+    cfg = read_config(Path(run_dir))
     forced = set(force or [])
     results: dict[str, dict[str, Any]] = {}
     for stage in cfg.run.stages:
@@ -52,7 +52,8 @@ def decide_promotion(run_dir: Path, conditions: list[str]) -> None:
     is not a failed run: its artifacts stay, it is only marked ``not promoted``."""
     from prefect.artifacts import create_markdown_artifact
 
-    from flows.promotion import apply_gate, describe
+    from flows.promotion import apply_gate
+    from flows.report import describe
 
     record = apply_gate(run_dir, conditions)
     rows = "".join(f"| `{c['condition']}` | {c['value']} | {'pass' if c['passed'] else 'FAIL'} |\n"

@@ -13,25 +13,29 @@ fails its gate stops being the one named there.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flows.run_dir import (
+    NOT_PROMOTED,
+    PROMOTED,
+    PROMOTION,
+    read_config,
+    read_promotion,
+    read_stages,
+    run_finished,
+    write_promotion,
+)
 from stages.io import artifacts
 from stages.io.config import ConfigError
 from stages.io.gate import Condition
 
-PROMOTION = "promotion.json"
-LATEST = "promoted.json"
-PROMOTED, NOT_PROMOTED = "promoted", "not promoted"
+LATEST = "promoted.json"  # in the runs folder: the latest promoted run
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")  # orders two promotions in one second
-
-
-def read_promotion(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / PROMOTION
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
@@ -42,11 +46,9 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
     also by ``--force`` under the same cache key, or another configuration's from the cache) the approval
     is void and the gate decides, or, without a gate, the run is no longer promoted.
     """
-    from flows.report import run_report
-
     gate = None
     if conditions:
-        metrics = {stage: entry["metrics"] for stage, entry in run_report(run_dir)["stages"].items()}
+        metrics = {stage: entry["metrics"] for stage, entry in read_stages(run_dir).items()}
         checked = [Condition.parse(text).check(metrics) for text in conditions]
         failed = [c for c in checked if not c["passed"]]
         gate = {"status": NOT_PROMOTED if failed else PROMOTED, "by": "gate", "at": _now(), "conditions": checked,
@@ -71,15 +73,10 @@ def artifact_digests(run_dir: Path) -> dict[str, str]:
 def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[str, Any]:
     """A human approval of a finished run, kept with its gate's verdict (``ConfigError`` for a run that
     did not finish every stage)."""
-    from flows.report import run_report
-    from flows.run_dir import CONFIG
-    from stages.io.config import load_config
-
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise ConfigError(f"{run_dir}: no such run (see `rlhf runs`)")
-    stages = run_report(run_dir)["stages"]
-    unfinished = [s for s in load_config(run_dir / CONFIG).run.stages if not (stages.get(s) or {}).get("artifact")]
+    cfg = read_config(run_dir)
+    stages = read_stages(run_dir)
+    unfinished = [s for s in cfg.run.stages if not (stages.get(s) or {}).get("artifact")]
     if unfinished:
         raise ConfigError(f"run {run_dir.name}: {', '.join(unfinished)} did not finish; only a finished run can be "
                           f"promoted (`rlhf resume {run_dir.name}` finishes it)")
@@ -94,10 +91,7 @@ def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[
 def _record(run_dir: Path, record: dict[str, Any] | None) -> None:
     """Write (None: remove) the run's decision, then name the latest promoted run in ``promoted.json``."""
     with _latest_lock(Path(run_dir).parent):
-        if record is None:
-            (Path(run_dir) / PROMOTION).unlink(missing_ok=True)
-        else:
-            artifacts.write_json(Path(run_dir) / PROMOTION, record)
+        write_promotion(run_dir, record)
         _write_latest(Path(run_dir).parent)
 
 
@@ -122,39 +116,14 @@ def _write_latest(runs_dir: Path) -> None:
         artifacts.write_json(runs_dir / LATEST, latest)
 
 
-def run_finished(run_dir: Path) -> bool:
-    """Whether every stage of the run is finished (completed or cached): only then does its decision count."""
-    from flows.run_dir import read_status
-
-    status = read_status(run_dir)
-    return bool(status) and all(entry["status"] in ("completed", "cached") for entry in status.values())
-
-
 def promoted_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """Every promoted run in ``runs_dir`` whose stages are all finished (a failed rerun of a promoted run
     does not count until it finishes again), oldest promotion first: ``{run_id, at, by[, approved_by]}``."""
     rows = []
     for path in Path(runs_dir).glob(f"*/{PROMOTION}"):
-        record = json.loads(path.read_text())
-        if record["status"] == PROMOTED and run_finished(path.parent):
+        record = read_promotion(path.parent)
+        if record and record["status"] == PROMOTED and run_finished(path.parent):
             rows.append({"run_id": path.parent.name, "at": record["at"], "by": record["by"],
                          **({"approved_by": record["approved_by"]} if record["by"] == "manual" else {})})
     return sorted(rows, key=lambda row: row["at"])
 
-
-def describe(record: dict[str, Any] | None, finished: bool = True) -> str:
-    """One line for reports and ``rlhf runs``; a promotion of a run with an unfinished stage is on hold."""
-    if record is not None and record["status"] == PROMOTED and not finished:
-        return describe(record) + " - on hold: a stage has not finished (`rlhf resume` finishes it)"
-    if record is None:
-        return "no gate (not promoted)"
-    if record["by"] == "manual":
-        return f"promoted by {record['approved_by']} at {record['at']}" + (f": {record['reason']}" if record.get("reason") else "")
-    if record["status"] == PROMOTED:
-        return f"promoted by its gate (all {len(record['conditions'])} conditions passed)"
-    reasons = []
-    for c in record["conditions"]:
-        if not c["passed"]:
-            reasons.append(f"{c['condition']} (was {c['value']:.4g})" if c["value"] is not None
-                           else f"{c['condition']} ({c['reason']})")
-    return "not promoted: failed " + "; ".join(reasons)

@@ -1,12 +1,13 @@
-"""The machine-readable result of a run: status, seconds, metrics and artifact of every stage."""
+"""The result of a run, from its folder only: status, seconds, metrics and artifact of every stage, its
+promotion; as a dict (``run_report``), one row per run (``list_runs``) or lines for a person (``format_report``,
+``describe``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from flows.run_dir import read_status
+from flows.run_dir import CONFIG, PROMOTED, read_promotion, read_stages, read_status, read_trial, run_finished
 from stages.io import artifacts
 from stages.registry import STAGE_ORDER
 
@@ -16,36 +17,17 @@ HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_a
 
 def run_report(run_dir: Path) -> dict[str, Any]:
     """``{"run_id", "stages": {name: {"status", "seconds", "metrics", "artifact"}}, "finished", "promotion"}``
-    from disk only; ``finished``: every stage begun is completed or cached (``flows.promotion.run_finished``)."""
+    from disk only; ``finished``: every stage begun is completed or cached (``flows.run_dir.run_finished``)."""
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise artifacts.ArtifactError(f"{run_dir}: no such run")
-    stages: dict[str, Any] = {}
-    status = read_status(run_dir)
-    for stage in sorted(status, key=STAGE_ORDER.index):  # status.json is sorted by name
-        entry = status[stage]
-        folder = run_dir / stage
-        finished = artifacts.is_finished(folder) and entry["status"] in ("completed", "cached")
-        stages[stage] = {
-            "status": entry["status"],
-            "seconds": entry.get("seconds"),
-            "metrics": artifacts.read_manifest(folder)["metrics"] if finished else {},
-            "artifact": str(folder) if finished else None,
-        }
-        if "error" in entry:
-            stages[stage]["error"] = entry["error"]
-    from flows.promotion import read_promotion, run_finished
-
-    return {"run_id": run_dir.name, "stages": stages, "finished": run_finished(run_dir),
+    return {"run_id": run_dir.name, "stages": read_stages(run_dir), "finished": run_finished(run_dir),
             "promotion": read_promotion(run_dir)}
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """One row per run folder: id, overall status, stages, start time (UTC) and summed stage seconds."""
     from datetime import datetime, timezone
-
-    from flows.promotion import read_promotion
-    from flows.run_dir import CONFIG
 
     rows = []
     for run_dir in sorted(Path(runs_dir).glob(f"*/{CONFIG}")):
@@ -66,10 +48,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
 
 def _sweep_of(run_dir: Path) -> dict[str, Any]:
     """``{"sweep", "trial"}`` of a run started by ``rlhf sweep`` (None for others)."""
-    from flows.sweep import TRIAL_FILE
-
-    path = Path(run_dir) / TRIAL_FILE
-    trial = json.loads(path.read_text()) if path.is_file() else {}
+    trial = read_trial(run_dir)
     return {"sweep": trial.get("sweep"), "trial": trial.get("trial")}
 
 
@@ -92,7 +71,24 @@ def format_report(report: dict[str, Any]) -> str:
         if entry["artifact"]:
             lines.append(f"          artifact: {entry['artifact']}")
     if "promotion" in report:
-        from flows.promotion import describe
-
         lines.append(f"  promotion: {describe(report['promotion'], report['finished'])}")
     return "\n".join(lines)
+
+
+def describe(record: dict[str, Any] | None, finished: bool = True) -> str:
+    """A promotion record in one line, for reports, ``rlhf promote`` and Prefect's UI; a promotion of a run
+    with an unfinished stage is on hold."""
+    if record is not None and record["status"] == PROMOTED and not finished:
+        return describe(record) + " - on hold: a stage has not finished (`rlhf resume` finishes it)"
+    if record is None:
+        return "no gate (not promoted)"
+    if record["by"] == "manual":
+        return f"promoted by {record['approved_by']} at {record['at']}" + (f": {record['reason']}" if record.get("reason") else "")
+    if record["status"] == PROMOTED:
+        return f"promoted by its gate (all {len(record['conditions'])} conditions passed)"
+    reasons = []
+    for c in record["conditions"]:
+        if not c["passed"]:
+            reasons.append(f"{c['condition']} (was {c['value']:.4g})" if c["value"] is not None
+                           else f"{c['condition']} ({c['reason']})")
+    return "not promoted: failed " + "; ".join(reasons)

@@ -6,18 +6,14 @@ file can be mailed or attached to a Prefect artifact as is.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-from stages.registry import STAGES
-
-# (stage, history key, title): the curves each stage declares in the registry, in pipeline order
-CURVES = [(stage.name, curve.key, curve.title) for stage in STAGES for curve in stage.curves]
-X_KEYS = tuple(dict.fromkeys(stage.step_key for stage in STAGES))
+from flows.figures import CURVES, X_KEYS, figures_html, to_png, write_page
+from flows.report import describe
+from flows.run_dir import PROMOTED, read_history
 
 
 def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
@@ -39,8 +35,6 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
                         for stage, entry in report["stages"].items() if entry["metrics"].get("stopped_at_step") is not None)
     promotion = ""
     if "promotion" in report:
-        from flows.promotion import PROMOTED, describe
-
         status = (report["promotion"] or {}).get("status") if report["finished"] else "on hold"
         css = {PROMOTED: "promoted", None: "ungated"}.get(status, "not-promoted")  # not a stage's warning
         promotion = (f"<p class='{css}'>"
@@ -60,33 +54,8 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
     return write_page(Path(run_dir) / "report.html", page)
 
 
-def figures_html(figures: list[tuple[str, str | None]]) -> str:
-    """(title, base64 PNG or None) pairs as inline figures; a figure without data is left out."""
-    return "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
-                   f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
-
-
-def write_page(out: Path, page: str) -> Path:
-    """Write an HTML page atomically (a reader never sees half of it), also when several processes of one
-    sweep write its report at once (each through a temporary file of its own)."""
-    import uuid
-
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(page)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def _history(run_dir: Path, stage: str) -> list[dict[str, Any]]:
-    path = Path(run_dir) / stage / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 def _curve(run_dir: Path, stage: str, key: str, title: str) -> tuple[str, str | None]:
-    rows = [r for r in _history(run_dir, stage) if key in r]
+    rows = [r for r in read_history(run_dir, stage) if key in r]
     if not rows:
         return title, None
     x_key = next((k for k in X_KEYS if k in rows[0]), None)
@@ -97,7 +66,7 @@ def _curve(run_dir: Path, stage: str, key: str, title: str) -> tuple[str, str | 
     ax.plot(xs, [r[key] for r in rows], marker=".")
     ax.set_title(title)
     ax.set_xlabel(x_key or "logged step")
-    return title, _png(fig)
+    return title, to_png(fig)
 
 
 def _task_scores(report: dict[str, Any]) -> tuple[str, str | None]:
@@ -117,14 +86,4 @@ def _task_scores(report: dict[str, Any]) -> tuple[str, str | None]:
     ax.bar(list(bars), list(bars.values()), color="#4c72b0")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    return title, _png(fig)
-
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return title, to_png(fig)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flows.run_dir import is_running, prepare_run_dir, read_stages, run_lock, sweep_dir, write_trial
 from stages.io import artifacts
 from stages.io.config import ConfigError, load_config
 from stages.io.paths import rlhf_home
@@ -35,10 +36,7 @@ from stages.io.paths import rlhf_home
 if TYPE_CHECKING:
     import optuna
 
-SWEEPS = "sweeps"  # <runs-dir>/sweeps/<name>/: the sweep's definition, leaderboard and report
-TRIAL_FILE = "sweep.json"  # in each trial's run folder: which sweep and trial it belongs to
 INTERRUPTED = "interrupted"  # user attr of a trial killed or stopped by Ctrl-C: its settings run again
-RUN_LOCK = ".running.lock"  # in a run folder: held by the process running its pipeline
 DB_WAIT_S = 120.0  # --db-wait: how long a statement waits for another process's lock on a SQLite study
 
 
@@ -224,12 +222,11 @@ def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path 
     already in the study, so they do not draw the same settings again.
     """
     import optuna
-    from filelock import FileLock, Timeout
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=sweep, storage=study_storage(storage, wait_s), direction=spec.direction,
-                                load_if_exists=True)
+    rdb = study_storage(storage, wait_s)
+    study = optuna.create_study(study_name=sweep, storage=rdb, direction=spec.direction, load_if_exists=True)
     trials = study.get_trials(deepcopy=False)
     seed = spec.seed + len(trials)
     study.sampler = {"grid": lambda: optuna.samplers.GridSampler(spec.grid, seed=spec.seed),
@@ -240,18 +237,27 @@ def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path 
             run_id = trial.user_attrs.get("run_id")
             if run_id and not (Path(runs_dir) / run_id).is_dir():
                 continue  # another machine's trial, in its own runs folder
-            if run_id:  # (a trial killed before it named its run folder has none: it is dead too)
-                try:
-                    FileLock(str(Path(runs_dir) / run_id / RUN_LOCK)).acquire(timeout=0).lock.release()
-                except Timeout:
-                    continue  # another process is running it
-            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)  # before FAIL: then it is final
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if run_id and is_running(Path(runs_dir) / run_id):
+                continue  # another process is running it
+            # dead: its process was killed (also one killed before it named its run folder)
+            _fail_as_interrupted(rdb, sweep, trial.number)
         elif not (trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED)):
             continue
         if not _queued_again(trial, trials):
             study.enqueue_trial(trial.params, skip_if_exists=False)
     return study
+
+
+def _fail_as_interrupted(storage: "optuna.storages.RDBStorage", sweep: str, number: int) -> None:
+    """Mark a dead trial failed and ``interrupted`` (its settings run again), through the public methods of
+    the storage ``study_storage`` built. Not ``Study.tell``: it also runs the sampler's ``after_trial``, and
+    the grid sampler calls ``Study.stop`` there when the trial is its last unfinished combination, which
+    raises outside ``optimize``."""
+    from optuna.trial import TrialState
+
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(sweep), number)
+    storage.set_trial_user_attr(trial_id, INTERRUPTED, True)  # before FAIL: then the trial is final
+    storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _queued_again(trial: "optuna.trial.FrozenTrial", trials: list["optuna.trial.FrozenTrial"]) -> bool:
@@ -267,7 +273,7 @@ def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name:
     process for ``wait_s`` seconds (a trial that finished meanwhile is recorded by the next run: its
     settings are queued again, and its stages come from the cache of its run folder)."""
     sweep = name or spec.name(runs_dir)
-    folder = Path(runs_dir) / SWEEPS / sweep
+    folder = sweep_dir(runs_dir, sweep)
     folder.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(folder / "sweep.json", {
         "name": sweep, "config": str(spec.config) if spec.config else None, "overrides": list(spec.overrides),
@@ -311,11 +317,7 @@ def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None,
 
 
 def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float) -> None:
-    from filelock import FileLock
-
     from flows.pipeline import pipeline
-    from flows.report import run_report
-    from flows.run_dir import prepare_run_dir
 
     study = open_study(spec, sweep, storage, Path(runs_dir), wait_s)
     stage, _, metric = spec.metric.partition(".")
@@ -324,10 +326,10 @@ def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, w
         params = {key: trial.suggest_categorical(key, values) for key, values in spec.grid.items()}
         cfg = load_config(spec.config, trial_overrides(spec, params, sweep))
         run_dir = prepare_run_dir(Path(runs_dir), trial_run_id(sweep, params), cfg).resolve()
-        artifacts.write_json(run_dir / TRIAL_FILE, {"sweep": sweep, "trial": trial.number, "params": params})
+        write_trial(run_dir, sweep, trial.number, params)
         print(f"sweep {sweep}: trial {trial.number} {params} -> {run_dir.name}", flush=True)
         started = time.time()
-        with FileLock(str(run_dir / RUN_LOCK)):  # held while it runs: open_study tells live trials from dead ones
+        with run_lock(run_dir):  # held while it runs: open_study tells live trials from dead ones
             trial.set_user_attr("run_id", run_dir.name)
             try:
                 state = pipeline(str(run_dir), return_state=True)
@@ -338,7 +340,7 @@ def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, w
         if state.is_failed():
             trial.set_user_attr("error", state.message)
             raise TrialFailed(f"trial {trial.number}: {state.message}")
-        found = run_report(run_dir)["stages"][stage]["metrics"]
+        found = read_stages(run_dir)[stage]["metrics"]
         if not isinstance(found.get(metric), (int, float)):  # the same for every trial: stop the sweep now
             numeric = sorted(k for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
             raise ConfigError(f"--metric {spec.metric}: {stage} reports no numeric {metric!r}; it has "
@@ -376,8 +378,7 @@ def leaderboard(spec: SweepSpec, sweep: str, runs_dir: Path, storage: str | None
     sign = -1 if spec.direction == "maximize" else 1
     rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0.0), r["trial"]))
     board = {"sweep": sweep, "metric": spec.metric, "direction": spec.direction, "trials": rows}
-    folder = Path(runs_dir) / SWEEPS / sweep
-    artifacts.write_json(folder / "leaderboard.json", board)
+    artifacts.write_json(sweep_dir(runs_dir, sweep) / "leaderboard.json", board)
     from flows.sweep_report import write_sweep_report
 
     board["report"] = str(write_sweep_report(board, Path(runs_dir)))

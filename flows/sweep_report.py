@@ -7,7 +7,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-from flows.report_html import CURVES, X_KEYS, _history, _png, figures_html, write_page
+from flows.figures import CURVES, X_KEYS, figures_html, to_png, write_page
+from flows.run_dir import read_history, sweep_dir
 
 BEST_CURVES = 3  # trials whose curves are overlaid
 
@@ -17,8 +18,6 @@ def write_sweep_report(board: dict[str, Any], runs_dir: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
-    from flows.sweep import SWEEPS
-
     done = [row for row in board["trials"] if row["value"] is not None]
     figures = [_against(done, key, board["metric"]) for key in (done[0]["params"] if done else {})]
     stage = board["metric"].split(".")[0]
@@ -38,7 +37,7 @@ def write_sweep_report(board: dict[str, Any], runs_dir: Path) -> Path:
         "<table><tr><th>rank</th><th>trial</th><th>settings</th><th>metric</th><th>seconds</th><th>run</th></tr>"
         f"{rows}</table>{images}</body></html>"
     )
-    return write_page(Path(runs_dir) / SWEEPS / board["sweep"] / "report.html", page)
+    return write_page(sweep_dir(runs_dir, board["sweep"]) / "report.html", page)
 
 
 def _settings(params: dict[str, Any]) -> str:
@@ -59,7 +58,7 @@ def _against(rows: list[dict[str, Any]], key: str, metric: str) -> tuple[str, st
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
     ax.set_title(title)
-    return title, _png(fig)
+    return title, to_png(fig)
 
 
 def _overlaid(rows: list[dict[str, Any]], runs_dir: Path, stage: str, key: str, title: str) -> tuple[str, str | None]:
@@ -70,7 +69,7 @@ def _overlaid(rows: list[dict[str, Any]], runs_dir: Path, stage: str, key: str, 
     fig, ax = plt.subplots(figsize=(5, 3))
     drawn = False
     for row in rows:
-        points = [r for r in _history(runs_dir / row["run_id"], stage) if key in r]
+        points = [r for r in read_history(runs_dir / row["run_id"], stage) if key in r]
         if not points:
             continue
         x_key = next((k for k in X_KEYS if k in points[0]), None)
@@ -82,4 +81,4 @@ def _overlaid(rows: list[dict[str, Any]], runs_dir: Path, stage: str, key: str, 
         return title, None
     ax.set_title(title)
     ax.legend(fontsize=6)
-    return title, _png(fig)
+    return title, to_png(fig)

@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.promotion import (
-    LATEST,
-    PROMOTION,
-    apply_gate,
-    describe,
-    promote,
-    promoted_runs,
-    read_promotion,
-    refresh_latest,
-)
+from flows.promotion import LATEST, apply_gate, promote, promoted_runs, refresh_latest
+from flows.report import describe
+from flows.run_dir import PROMOTION, read_promotion
 from stages.io.config import ConfigError
 from stages.io.gate import Condition
 from tests.conftest import TINY, run_cli

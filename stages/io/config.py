@@ -38,7 +38,7 @@ from stages.io.sections import (  # noqa: F401  # re-exported: callers import th
     StoppableSection,
     TaskSection,
     TrackingSection,
-    _Section,
+    Section,
 )
 from stages.registry import STAGE_ORDER, STAGES, missing_inputs
 
@@ -49,7 +49,7 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     """The whole config: the shared sections below, plus one section per registered stage (its
     ``StageSpec.settings`` model), added from the registry (``_with_stage_sections``)."""
 

@@ -19,11 +19,13 @@ DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")  # infra/deepspeed/<name
 DATA_KINDS = ("sft", "preferences", "eval", "prompts", "ranked")  # the data.* datasets
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys are an error, and a loaded config never changes."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RunSection(_Section):
+class RunSection(Section):
     # Names of registered stages, in pipeline order (``stages.io.config`` narrows the type to them).
     stages: list[str] = Field(default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
     seed: int = 0
@@ -44,7 +46,7 @@ class RunSection(_Section):
 PLACEMENT_KEYS = {"backbone": {"device"}}
 
 
-class BackboneSection(_Section):
+class BackboneSection(Section):
     # "builtin:tiny" (built and cached on first use), a hub id ("meta-llama/Llama-3.2-1B") or a local folder.
     name: str = "builtin:tiny"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -62,7 +64,7 @@ def needs_4bit(kind: str) -> bool:
     return kind in QUANTIZED_KINDS
 
 
-class AdapterSection(_Section):
+class AdapterSection(Section):
     # stages.model.adapters: lora, qlora (4-bit backbone), dora (weight-decomposed LoRA), adalora (ranks
     # pruned while training; one trainable adapter per model), ptuning_v2 (prefix tuning).
     kind: Literal["lora", "qlora", "dora", "adalora", "ptuning_v2"] = "lora"
@@ -80,7 +82,7 @@ class AdapterSection(_Section):
         return self
 
 
-class TaskSection(_Section):
+class TaskSection(Section):
     """The built-in verifiable task: two-number addition, checked exactly."""
 
     seed: int = 1234
@@ -105,7 +107,7 @@ class TaskSection(_Section):
         return self
 
 
-class DataSource(_Section):
+class DataSource(Section):
     """A dataset whose columns have other names: ``{source: x.jsonl, columns: {prompt: question}}`` reads
     the file's ``question`` column as the format's ``prompt``."""
 
@@ -116,7 +118,7 @@ class DataSource(_Section):
 DataRef = str | DataSource  # "builtin", a .jsonl/.parquet path or "hf:NAME[:SPLIT]", or a DataSource
 
 
-class DataSection(_Section):
+class DataSection(Section):
     # Formats of each kind: stages/io/formats.py and README "Data formats".
     sft: DataRef = "builtin"
     preferences: DataRef = "builtin"
@@ -148,7 +150,7 @@ class DataSection(_Section):
 # What each built-in stage can evaluate while it trains (stages.training.early_stopping).
 
 
-class EarlyStoppingSection(_Section):
+class EarlyStoppingSection(Section):
     """Stop a stage when a held-out ``metric`` has not improved by more than ``min_delta`` (in the
     direction of ``mode``) for ``patience`` evaluations, one every ``eval_every`` steps."""
 
@@ -166,7 +168,7 @@ class EarlyStoppingSection(_Section):
         return data
 
 
-class StoppableSection(_Section):
+class StoppableSection(Section):
     """A stage that can stop early on a held-out metric (its spec's ``stopping_metrics``)."""
 
     early_stopping: EarlyStoppingSection | None = None  # null: off (the default)
@@ -217,7 +219,7 @@ class RewardSourceSection(StoppableSection):
 
 
 
-class DistributedSection(_Section):
+class DistributedSection(Section):
     """How stages with ``launcher: accelerate`` run: DeepSpeed ZeRO through ``accelerate launch``."""
 
     deepspeed: str = "zero2"  # a preset (zero2 | zero3 | zero3_offload) or the path of a DeepSpeed JSON
@@ -240,7 +242,7 @@ class DistributedSection(_Section):
         return self
 
 
-class EvalSection(_Section):
+class EvalSection(Section):
     num_prompts: int = Field(default=64, ge=1)
     max_new_tokens: int = Field(default=16, ge=1)
     # Sampled, not greedy: task_score measures the policy RLHF optimises, not its mode.
@@ -248,7 +250,7 @@ class EvalSection(_Section):
     batch_size: int = Field(default=64, ge=1)
 
 
-class TrackingSection(_Section):
+class TrackingSection(Section):
     backend: Literal["wandb", "none"] = "wandb"
     # Explicit, so nothing waits on a network: offline writes runs/<id>/wandb (upload with `wandb sync`).
     mode: Literal["offline", "online"] = "offline"
@@ -256,7 +258,7 @@ class TrackingSection(_Section):
     group: str | None = None  # W&B group of the run's stages; null: the run id (`rlhf sweep` sets the sweep's)
 
 
-class GateSection(_Section):
+class GateSection(Section):
     """Promotion gate (flows/promotion.py): conditions on the stages' final metrics, checked when the run
     finishes, e.g. ``ppo.task_score >= 0.8``. Empty: no gate, and the run is promoted only by hand."""
 
