@@ -85,14 +85,14 @@ def run_ours(size: str, updates: int) -> float:
     value_head = new_head(hidden, 1, DEVICE).requires_grad_(True)
     models = PPOModels(model, None, new_head(hidden, 0, DEVICE), value_head, "bench")  # type: ignore[arg-type]  # no tokenizer
     cfg = load_config(None, ["ppo.minibatch_size=4", "ppo.learning_rate=1e-5"])
-    updater = ppo_updater(models, cfg)
+    updater = ppo_updater(models, cfg.ppo)
     generator = torch.Generator().manual_seed(0)
 
     def one_update() -> None:
         with active_adapter(model, POLICY):
             batch, finished = _sample(model, base.config.vocab_size, generator)
-        rollout, _ = score_rollout(models, batch, finished, cfg, kl_coef=0.1)
-        ppo_update(models, rollout, updater, cfg, generator)
+        rollout, _ = score_rollout(models, batch, finished, cfg.ppo, kl_coef=0.1)
+        ppo_update(models, rollout, updater, cfg.ppo, generator)
 
     return _timed(one_update, updates)
 
@@ -130,7 +130,7 @@ def run_separate(size: str, updates: int) -> float:
                 ref_logprobs = token_logprobs(policy, batch)
             scores = sequence_scores(reward_model, reward_head, batch)
             values = token_values(value_model, value_head, batch)
-        rollout, _ = shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef=0.1)
+        rollout, _ = shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg.ppo, kl_coef=0.1)
         for _ in range(cfg.ppo.ppo_epochs):
             order = torch.randperm(BATCH, generator=generator)
             for start in range(0, BATCH, cfg.ppo.minibatch_size):

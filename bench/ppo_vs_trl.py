@@ -147,14 +147,14 @@ def run_ours(folder: Path, updates: int, device: str, clock: _Clock, value_model
                        new_head(hidden, 1, device_).requires_grad_(True), backbone.fingerprint,
                        value_adapter=POLICY if shared else VALUE)
     set_trainable(model, models.trainable)
-    updater = ppo_updater(models, cfg)
+    updater = ppo_updater(models, cfg.ppo)
     generator = torch.Generator().manual_seed(0)
     prompts = json.loads((folder / "prompts.json").read_text())
     lengths = []
     clock.mark()
     for update in range(updates + 1):
-        rollout, stats = rollout_from_ids(models, prompts[update * BATCH : (update + 1) * BATCH], cfg, KL_COEF, update)
-        ppo_update(models, rollout, updater, cfg, generator)
+        rollout, stats = rollout_from_ids(models, prompts[update * BATCH : (update + 1) * BATCH], cfg.ppo, KL_COEF, update)
+        ppo_update(models, rollout, updater, cfg.ppo, generator)
         lengths.append(stats["response_length"])
         clock.mark()
     return {"response_length": sum(lengths) / len(lengths)}

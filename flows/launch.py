@@ -11,8 +11,6 @@ from stages.io.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
 from stages.io.data import DataError
 from stages.io.deepspeed_config import INFRA, check_launch, deepspeed_config_path
 from stages.io.devices import visible_gpus_env
-from stages.registry import spec
-
 
 # The module a stage process starts in (``python -m stages.training.entry <stage> ...``): it sets the
 # process up, then imports the stage's recipe. A name, not an import: the flow never imports torch.

@@ -41,6 +41,7 @@ class MemoryPlan:
 def plan_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> MemoryPlan:
     """Estimates for ``stages`` (default: the run's), from the config, the backbone's config.json and the
     data's token lengths, and what this machine has available now."""
+    from stages.io.devices import device_type
     from stages.memory.inputs import (
         available_gpu_memory,
         available_host_memory,
@@ -48,7 +49,6 @@ def plan_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> MemoryP
         read_model_shape,
         read_parallel,
     )
-    from stages.io.devices import device_type
 
     shape, data, device = read_model_shape(cfg), read_data_shape(cfg), device_type(cfg.backbone)
     estimates = []

@@ -82,7 +82,7 @@ def start_server_early() -> Callable[[], None]:
     return ready
 
 
-def _create_database(server: "subprocess.Popen[bytes]", api_url: str, timeout: float, lock: "BaseFileLock",
+def _create_database(server: subprocess.Popen[bytes], api_url: str, timeout: float, lock: BaseFileLock,
                      failed: list[BaseException]) -> None:
     """Wait until ``server`` answers (its start-up has created and migrated the database), mark the database
     migrated, and release ``lock`` whatever happens; an error is appended to ``failed``."""
@@ -95,7 +95,7 @@ def _create_database(server: "subprocess.Popen[bytes]", api_url: str, timeout: f
         lock.release()
 
 
-def _lock_unless_migrated(timeout: float) -> "BaseFileLock | None":
+def _lock_unless_migrated(timeout: float) -> BaseFileLock | None:
     """The lock on creating Prefect's database, held from here until this process's server answers, or None
     when a server of this Prefect version has already created and migrated it (the usual case).
 
@@ -152,7 +152,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_until_healthy(server: "subprocess.Popen[bytes]", api_url: str, timeout: float) -> None:
+def _wait_until_healthy(server: subprocess.Popen[bytes], api_url: str, timeout: float) -> None:
     import time
     import urllib.error
     import urllib.request

@@ -13,7 +13,7 @@ fails its gate stops being the one named there.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ LATEST = "promoted.json"  # in the runs folder: the latest promoted run
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")  # orders two promotions in one second
+    return datetime.now(UTC).isoformat(timespec="microseconds")  # orders two promotions in one second
 
 
 def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:

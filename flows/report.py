@@ -4,6 +4,7 @@ promotion; as a dict (``run_report``), one row per run (``list_runs``) or lines 
 
 from __future__ import annotations
 
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def run_report(run_dir: Path) -> dict[str, Any]:
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """One row per run folder: id, overall status, stages, start time (UTC) and summed stage seconds."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     rows = []
     for run_dir in sorted(Path(runs_dir).glob(f"*/{CONFIG}")):
@@ -35,7 +36,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         status = read_status(run_dir)
         states = {entry["status"] for entry in status.values()}
         overall = next((s for s in ("failed", "running") if s in states), "completed" if status else "pending")
-        started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, timezone.utc)
+        started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, UTC)
         rows.append({
             "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=STAGE_ORDER.index),
             "promotion": (read_promotion(run_dir) or {}).get("status", "-") if overall == "completed" else "-",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +42,7 @@ FINISHED = ("completed", "cached")  # the statuses of a stage whose artifact is 
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
 def prepare_run_dir(runs_dir: Path, run_id: str, cfg: PipelineConfig) -> Path:
@@ -75,12 +75,13 @@ def update_run_config(run_dir: Path, cfg: PipelineConfig) -> None:
     tmp.replace(current)
 
 
-def read_config(run_dir: Path) -> PipelineConfig:
-    """The run's resolved config (``ConfigError`` for a folder that is no run)."""
+def read_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """The run's resolved config, with ``--set`` ``overrides`` on top (``ConfigError`` for a folder that
+    is no run, or a bad override)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no such run (see `rlhf runs`)")
-    return load_config(path)
+    return load_config(path, overrides)
 
 
 def read_status(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -91,7 +92,7 @@ def read_status(run_dir: Path) -> dict[str, dict[str, Any]]:
 def record_status(run_dir: Path, stage: str, **fields: Any) -> None:
     """Set one stage's entry in ``status.json`` (atomic rewrite; the flow runs stages one at a time)."""
     status = read_status(run_dir)
-    status[stage] = {**fields, "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    status[stage] = {**fields, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
     artifacts.write_json(Path(run_dir) / STATUS, status)
 
 

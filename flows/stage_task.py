@@ -29,7 +29,6 @@ from stages.io import artifacts
 from stages.io.config import PipelineConfig, load_config
 from stages.io.progress import PROGRESS_ENV
 from stages.io.provenance import stage_provenance
-from stages.registry import spec
 
 # The line that explains a failure: our own one-line errors, else the last exception of any rank.
 _ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?(error: |([\w.]+(Error|Exception|Interrupt)|NonFiniteLoss)(: |$))")

@@ -136,7 +136,7 @@ class StudyLocked(RuntimeError):
     """The study's SQLite database stayed locked by another process for longer than ``--db-wait``."""
 
 
-def study_storage(storage: str | None, wait_s: float = DB_WAIT_S) -> "optuna.storages.RDBStorage":
+def study_storage(storage: str | None, wait_s: float = DB_WAIT_S) -> optuna.storages.RDBStorage:
     """The Optuna storage of ``storage_url``. On SQLite every statement waits up to ``wait_s`` seconds for
     a lock another process holds (SQLite's busy timeout, 5 s by default), instead of failing at once:
     a backup, a second sweep or a ``sqlite3`` shell that writes for longer crashed the sweep with a
@@ -212,7 +212,7 @@ def shown_url(url: str) -> str:
 
 
 def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path | None = None,
-               wait_s: float = DB_WAIT_S) -> "optuna.Study":
+               wait_s: float = DB_WAIT_S) -> optuna.Study:
     """The sweep's Optuna study, created or continued, with its sampler.
 
     Continuing, a trial to run again has its settings queued first: one interrupted by Ctrl-C (marked
@@ -248,7 +248,7 @@ def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path 
     return study
 
 
-def _fail_as_interrupted(storage: "optuna.storages.RDBStorage", sweep: str, number: int) -> None:
+def _fail_as_interrupted(storage: optuna.storages.RDBStorage, sweep: str, number: int) -> None:
     """Mark a dead trial failed and ``interrupted`` (its settings run again), through the public methods of
     the storage ``study_storage`` built. Not ``Study.tell``: it also runs the sampler's ``after_trial``, and
     the grid sampler calls ``Study.stop`` there when the trial is its last unfinished combination, which
@@ -260,7 +260,7 @@ def _fail_as_interrupted(storage: "optuna.storages.RDBStorage", sweep: str, numb
     storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
-def _queued_again(trial: "optuna.trial.FrozenTrial", trials: list["optuna.trial.FrozenTrial"]) -> bool:
+def _queued_again(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> bool:
     """Whether a later trial has (or, still waiting, will have) this trial's settings."""
     return any(t.number > trial.number and (t.params or t.system_attrs.get("fixed_params")) == trial.params
                for t in trials)
@@ -296,7 +296,7 @@ class TrialFailed(RuntimeError):
     """A trial whose pipeline failed: recorded as failed, and the sweep goes on."""
 
 
-def remaining_trials(study: "optuna.Study", target: int) -> int:
+def remaining_trials(study: optuna.Study, target: int) -> int:
     """Trials still to run: the target less those finished, not counting interrupted ones."""
     from optuna.trial import TrialState
 
@@ -322,7 +322,7 @@ def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, w
     study = open_study(spec, sweep, storage, Path(runs_dir), wait_s)
     stage, _, metric = spec.metric.partition(".")
 
-    def objective(trial: "optuna.Trial") -> float:
+    def objective(trial: optuna.Trial) -> float:
         params = {key: trial.suggest_categorical(key, values) for key, values in spec.grid.items()}
         cfg = load_config(spec.config, trial_overrides(spec, params, sweep))
         run_dir = prepare_run_dir(Path(runs_dir), trial_run_id(sweep, params), cfg).resolve()

@@ -36,9 +36,9 @@ def test_grpo_trains_only_the_policy_on_one_backbone(kind: str, tmp_path: Path) 
     assert source.uses_model and set(model.peft_config) == {REFERENCE, POLICY, REWARD}
     before = {name: _adapter(model, name) for name in (REFERENCE, POLICY, REWARD)}
     updater = Updater(model, cfg.grpo.learning_rate, 0, 4, schedule="constant")
-    batch, old_logprobs, rewards, stats = sample_groups(model, tokenization, source, ["3+4=", "12+9=", "1+1="], cfg, 0)
+    batch, old_logprobs, rewards, stats = sample_groups(model, tokenization, source, ["3+4=", "12+9=", "1+1="], cfg.grpo, 0)
     assert batch.input_ids.shape[0] == rewards.shape[0] == 9 and stats["reward_std"] >= 0
-    grpo_step(model, batch, old_logprobs, rewards, updater, cfg, torch.Generator().manual_seed(0))
+    grpo_step(model, batch, old_logprobs, rewards, updater, cfg.grpo, torch.Generator().manual_seed(0))
 
     after = {name: _adapter(model, name) for name in before}
     assert all(torch.equal(after[n][k], before[n][k]) for n in (REFERENCE, REWARD) for k in before[n])
@@ -54,8 +54,8 @@ def test_the_first_pass_over_fresh_samples_is_on_policy(tmp_path: Path) -> None:
     inputs = train_upstream(tmp_path, sets)
     cfg = load_config(None, sets)
     model, tokenization, source, _ = build_model(cfg, inputs)
-    batch, old_logprobs, rewards, _ = sample_groups(model, tokenization, source, ["3+4=", "12+9=", "1+1="], cfg, 0)
-    stats = grpo_step(model, batch, old_logprobs, rewards, Updater(model, 0.0, 0, 1, schedule="constant"), cfg,
+    batch, old_logprobs, rewards, _ = sample_groups(model, tokenization, source, ["3+4=", "12+9=", "1+1="], cfg.grpo, 0)
+    stats = grpo_step(model, batch, old_logprobs, rewards, Updater(model, 0.0, 0, 1, schedule="constant"), cfg.grpo,
                       torch.Generator().manual_seed(0))
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["clipfrac"] == 0.0
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-5) and stats["kl"] == pytest.approx(0.0, abs=1e-5)
@@ -70,7 +70,7 @@ def test_model_plus_checker_is_the_weighted_sum_of_the_real_reward_model_and_the
         cfg = load_config(None, [*FAST, f"grpo.reward={reward}", "grpo.model_weight=2", "grpo.checker_weight=0.5",
                                  "grpo.missing_eos_penalty=0"])
         model, tokenization, source, _ = build_model(cfg, inputs)
-        found[reward] = sample_groups(model, tokenization, source, ["3+4=", "12+9="], cfg, seed=5)[2]
+        found[reward] = sample_groups(model, tokenization, source, ["3+4=", "12+9="], cfg.grpo, seed=5)[2]
     assert torch.allclose(found["model+checker"], 2 * found["model"] + 0.5 * found["checker"], atol=1e-4)
     assert set(found["checker"].tolist()) <= {0.0, 1.0}
 

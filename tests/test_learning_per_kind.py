@@ -89,9 +89,9 @@ def test_ppo_improves_its_objective_on_a_fixed_rollout(trained: tuple[PipelineCo
     models = build_models(cfg, {"sft": runs["root"] / "sft", "reward": runs["root"] / "reward"})
     rollout, _ = collect_rollout(models, [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10),
                                                                  (11, 12), (13, 4), (15, 6)]],
-                                 cfg, kl_coef=0.2, seed=0)
-    updater, generator = ppo_updater(models, cfg), torch.Generator().manual_seed(0)
-    stats = [ppo_update(models, rollout, updater, cfg, generator) for _ in range(8)]
+                                 cfg.ppo, kl_coef=0.2, seed=0)
+    updater, generator = ppo_updater(models, cfg.ppo), torch.Generator().manual_seed(0)
+    stats = [ppo_update(models, rollout, updater, cfg.ppo, generator) for _ in range(8)]
     policy, value = [s["policy_loss"] for s in stats], [s["value_loss"] for s in stats]
     # Frozen weights keep both exactly where they start (the surrogate at ~0, float noise ~1e-8): a move
     # of 0.005 (policy) and 1% (value) in 16 optimizer steps is learning, at every kind's preset rate.

@@ -52,14 +52,14 @@ def test_a_models_generation_config_does_not_change_what_is_sampled(inputs: dict
 def test_the_gap_of_a_clean_update_is_float_noise_and_a_mismatched_one_warns(inputs: dict[str, Path]) -> None:
     cfg = load_config(None, FAST)
     models = build_models(cfg, inputs)
-    rollout, _ = collect_rollout(models, PROMPTS, cfg, kl_coef=0.1, seed=0)
-    clean = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    rollout, _ = collect_rollout(models, PROMPTS, cfg.ppo, kl_coef=0.1, seed=0)
+    clean = ppo_update(models, rollout, ppo_updater(models, cfg.ppo), cfg.ppo, torch.Generator().manual_seed(0))
     assert 0 <= clean["logprob_gap_mean"] <= clean["logprob_gap_max"] < GAP_LIMITS["float32"].largest
     assert gap_warning([clean], "float32", "ppo") is None
     # Sampled at 0.5, trained at the configured 1.0: the distributions differ, as a penalty's did.
     colder = load_config(None, [*FAST, "ppo.temperature=0.5"])
-    rollout, _ = collect_rollout(models, PROMPTS, colder, kl_coef=0.1, seed=0)
-    mismatched = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    rollout, _ = collect_rollout(models, PROMPTS, colder.ppo, kl_coef=0.1, seed=0)
+    mismatched = ppo_update(models, rollout, ppo_updater(models, cfg.ppo), cfg.ppo, torch.Generator().manual_seed(0))
     assert mismatched["logprob_gap_max"] > 100 * GAP_LIMITS["float32"].largest
     assert "differ from the training forward's by up to" in gap_warning([clean, mismatched], "float32", "ppo")
 
@@ -72,8 +72,8 @@ def test_the_gap_counts_only_forwards_before_the_updates_first_step(inputs: dict
     cfg = load_config(None, [*FAST, f"ppo.temperature={temperature}", "ppo.minibatch_size=2",
                              "ppo.gradient_accumulation=2", "ppo.ppo_epochs=3", "ppo.learning_rate=0.05"])
     models = build_models(cfg, inputs)
-    rollout, _ = collect_rollout(models, PROMPTS, cfg, kl_coef=0.1, seed=0)
-    stats = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    rollout, _ = collect_rollout(models, PROMPTS, cfg.ppo, kl_coef=0.1, seed=0)
+    stats = ppo_update(models, rollout, ppo_updater(models, cfg.ppo), cfg.ppo, torch.Generator().manual_seed(0))
     assert stats["minibatches"] == 6 and stats["logprob_gap_max"] < GAP_LIMITS["float32"].largest, stats
     with torch.no_grad(), active_adapter(models.model, POLICY):  # a forward after a step would have shown a gap
         moved = token_logprobs(models.model, rollout.batch, temperature)

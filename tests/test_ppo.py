@@ -66,8 +66,8 @@ def test_update_trains_policy_and_value_only_on_one_backbone(lora_inputs: dict[s
     got_grad: set[int] = set()
     for p in params:
         p.register_post_accumulate_grad_hook(lambda t: got_grad.add(id(t)) if t.grad.abs().sum() > 0 else None)
-    rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
-    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"])), cfg,
+    rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg.ppo, kl_coef=0.1, seed=0)
+    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"]).ppo), cfg.ppo,
                torch.Generator().manual_seed(0))
 
     names = {id(p): n for n, p in model.named_parameters()}
@@ -104,7 +104,7 @@ def test_log_probs_are_those_of_the_sampling_distribution(lora_inputs: dict[str,
 
     cfg = load_config(None, [*FAST, f"ppo.temperature={temperature}", "ppo.ppo_epochs=1", "ppo.minibatch_size=4"])
     models = build_models(cfg, lora_inputs)
-    rollout, stats = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
+    rollout, stats = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg.ppo, kl_coef=0.1, seed=0)
     with torch.no_grad(), active_adapter(models.model, POLICY):
         logits = models.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits.float()
     expected = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, rollout.input_ids[:, 1:, None]).squeeze(-1)
@@ -113,7 +113,7 @@ def test_log_probs_are_those_of_the_sampling_distribution(lora_inputs: dict[str,
     assert (rollout.old_logprobs[:, 1:] * (1 - mask)).abs().sum() == 0  # nothing off the response
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)  # policy and reference are both the SFT adapter
 
-    update = ppo_update(models, rollout, ppo_updater(models, cfg), cfg, torch.Generator().manual_seed(0))
+    update = ppo_update(models, rollout, ppo_updater(models, cfg.ppo), cfg.ppo, torch.Generator().manual_seed(0))
     assert update["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and update["approx_kl"] == pytest.approx(0.0, abs=1e-7)
     assert update["clipfrac"] == 0.0
 
@@ -126,16 +126,16 @@ def _update_gradient(sets: list[str], inputs: dict[str, Path], rollout: "Rollout
     models = build_models(cfg, inputs)
     if rollout is None:
         prompts = ["3+4=", "12+9=", "5+5=", "7+1=", "19+19=", "0+0=", "11+2=", "6+13="]
-        rollout, _ = collect_rollout(models, prompts, cfg, kl_coef=0.1, seed=1)
+        rollout, _ = collect_rollout(models, prompts, cfg.ppo, kl_coef=0.1, seed=1)
         # Seven responses of 2 scored tokens and one of 8 (the tiny policy writes all 8 to the budget): the
         # micro-batch that draws the long one holds 14 tokens, the other 8, whatever the order.
         keep = rollout.response_mask.cumsum(-1) <= torch.tensor([2] * 7 + [8])[:, None]
         rollout = dataclasses.replace(rollout, response_mask=rollout.response_mask * keep)
-    updater = ppo_updater(models, cfg)
+    updater = ppo_updater(models, cfg.ppo)
     grads: list[torch.Tensor] = []
     updater.optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(torch.cat([
         (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for g in opt.param_groups for p in g["params"]])))
-    ppo_update(models, rollout, updater, cfg, torch.Generator().manual_seed(0))
+    ppo_update(models, rollout, updater, cfg.ppo, torch.Generator().manual_seed(0))
     return grads[0], rollout
 
 
@@ -177,9 +177,9 @@ def test_a_shared_value_model_trains_the_policy_adapter_and_the_value_head(lora_
     frozen = {name: _snapshot(model, name) for name in (REFERENCE, REWARD)}
     policy_before = _snapshot(model, POLICY)
 
-    rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
+    rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg.ppo, kl_coef=0.1, seed=0)
     assert rollout.old_values.abs().sum() == 0  # a zero head values every state at 0
-    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"])), cfg,
+    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"]).ppo), cfg.ppo,
                torch.Generator().manual_seed(0))
     assert models.value_head.weight.abs().sum() > 0
     assert any(not torch.equal(policy_before[k], v) for k, v in _snapshot(model, POLICY).items())
@@ -203,7 +203,7 @@ def test_ppo_on_the_checker_holds_no_reward_model(tmp_path: Path) -> None:
     policy, value = _snapshot(models.model, POLICY), _snapshot(models.model, VALUE)
     assert all(torch.equal(p, value[n.replace(f".{POLICY}.", f".{VALUE}.")]) for n, p in policy.items())
     assert models.value_head.weight.abs().sum() == 0 and models.value_head.bias.abs().sum() == 0
-    rollout, stats = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg, kl_coef=0.1, seed=0)
+    rollout, stats = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg.ppo, kl_coef=0.1, seed=0)
     assert -1.0 <= stats["score"] <= 1.0
     metrics = execute("ppo", train_ppo, cfg, tmp_path / "ppo", {"sft": tmp_path / "sft"})["metrics"]
     assert metrics["warnings"] == [] and -1.0 <= metrics["policy_reward"] <= 1.0

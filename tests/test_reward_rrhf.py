@@ -175,7 +175,7 @@ def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[s
     model.set_adapter(POLICY)
     prompts = ["3+4=", "12+9=", "5+5=", "7+1=", "18+17=", "0+0="]
     source = reward_source(cfg.rrhf, lambda samples: reward_of(model, head, samples, tokenization.pad_id, 0.0))
-    groups = sample_groups(model, source, tokenization, prompts, cfg)
+    groups = sample_groups(model, source, tokenization, prompts, cfg.rrhf, cfg.run.seed + 1)
     from stages.model.adapters import active_adapter
 
     with active_adapter(model, POLICY):

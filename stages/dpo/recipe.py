@@ -34,10 +34,9 @@ from trl import DPOConfig, DPOTrainer
 
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import DataError, Record, load_records, measure_lengths, source_name, split_by_prompt
-from stages.io.sections import needs_4bit
+from stages.io.data import DataError, Record, load_measured, source_name, split_by_prompt
 from stages.model.adapters import count_trainable, load_adapter, save_adapter, set_trainable
-from stages.model.backbone import load_backbone
+from stages.model.backbone import stage_backbone
 from stages.model.probes import save_probe
 from stages.model.tokenization import Tokenization
 from stages.training import runner
@@ -46,22 +45,17 @@ from stages.training.distributed import Distributed, gathered, synced_generation
 from stages.training.early_stopping import evaluating, not_stopping, stopper_for
 from stages.training.evaluation import evaluate_policy
 from stages.training.hf_trainer import (
-    adalora_callbacks,
-    adapter_dtype_kept,
     agreed_resume_point,
-    check_engine,
+    build_trainer,
     logged_history,
-    refuse_data_parallel,
     resumed_step,
     stopping_callback,
     train_from,
-    trainer_arguments,
 )
 from stages.training.learning_check import LearningCheck
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from trl import DPOTrainer
 
 # DPOTrainer's own names: it trains the adapter named "default" and copies it as "ref" for the reference.
 POLICY, REFERENCE = "default", "ref"
@@ -120,22 +114,16 @@ def build_dpo_trainer(model: PeftModel, tokenization: Tokenization, train: list[
             return dataset
 
     dpo = cfg.dpo
-    context = model.get_base_model().config.max_position_embeddings
-    args = DPOConfig(
-        output_dir=str(checkpoints), max_steps=dpo.max_steps, per_device_train_batch_size=dpo.batch_size,
-        per_device_eval_batch_size=dpo.batch_size, learning_rate=dpo.learning_rate, warmup_steps=dpo.warmup_steps,
-        lr_scheduler_type="cosine", logging_steps=dpo.logging_steps, save_steps=dpo.checkpoint_every,
-        beta=dpo.beta, loss_type=[dpo.loss_type, "sft"] if dpo.sft_weight else [dpo.loss_type],
-        loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight else None, max_length=context, eval_strategy="no",
-        **trainer_arguments(model, cfg, dist, "dpo", micro_batch_size=dpo.batch_size),
+    datasets = {"train_dataset": Dataset.from_list(tokenized_pairs(train, tokenization)),
+                "eval_dataset": Dataset.from_list(tokenized_pairs(held, tokenization))}
+    trainer = build_trainer(
+        ContractDPOTrainer, DPOConfig, model, tokenization.tokenizer, dpo, cfg, dist, "dpo", checkpoints, datasets,
+        None, _reference_config_frozen(model),  # the SFT adapter keeps the ranks SFT allocated
+        per_device_eval_batch_size=dpo.batch_size, beta=dpo.beta,
+        loss_type=[dpo.loss_type, "sft"] if dpo.sft_weight else [dpo.loss_type],
+        loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight else None,
+        max_length=model.get_base_model().config.max_position_embeddings, eval_strategy="no",
     )
-    refuse_data_parallel(args, "dpo")
-    with _reference_config_frozen(model), adapter_dtype_kept(model):
-        trainer = ContractDPOTrainer(model=model, args=args, processing_class=tokenization.tokenizer,
-                                     train_dataset=Dataset.from_list(tokenized_pairs(train, tokenization)),
-                                     eval_dataset=Dataset.from_list(tokenized_pairs(held, tokenization)))
-    check_engine(trainer, dist, "dpo")
-    adalora_callbacks(trainer, model, None)  # the SFT adapter keeps the ranks SFT allocated
     if sorted(model.peft_config) != sorted([POLICY, REFERENCE]):  # TRL copies the adapter only under these names
         raise RuntimeError(f"dpo: expected adapters {POLICY!r} and {REFERENCE!r}, found {sorted(model.peft_config)}")
     set_trainable(model, [POLICY])  # before train() builds the optimizer: PEFT adds a prompt-learning copy trainable
@@ -150,11 +138,9 @@ def held_out_rewards(trainer: DPOTrainer) -> dict[str, float]:
 
 def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, dist, dpo = ctx.staging, ctx.dist, cfg.dpo
-    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = backbone.tokenization(cfg.data.chat_template)
+    backbone, tokenization = stage_backbone(cfg)
     context = backbone.model.config.max_position_embeddings
-    pairs = load_records(cfg.data.preferences, "preferences", cfg.task)
-    lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)
+    pairs, lengths = load_measured(cfg.data, "preferences", cfg.task, tokenization, context)
     if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; DPOTrainer keeps the first {context} tokens of each pair", flush=True)
     pairs, dropped = distinct_after_truncation(pairs, tokenization, context)
@@ -167,8 +153,7 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         raise DataError(f"{source_name(cfg.data.preferences)}: no pair's chosen and rejected differ within the "
                         f"backbone's {context}-token context; shorten the prompts")
     train, held = split_by_prompt(pairs, dpo.eval_fraction, source_name(cfg.data.preferences), "dpo.eval_fraction")
-    held_out = load_records(cfg.data.eval, "eval", cfg.task)
-    measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
+    held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, context)
 
     model = load_adapter(backbone.model, ctx.inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
     trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
@@ -204,7 +189,6 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "eval_pairs": len(held),
         "dropped_pairs": len(dropped),  # chosen = rejected once truncated (distinct_after_truncation)
         "trainable_parameters": trainable,
-        "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": resumed_step(resume),
         **(stopper.metrics() if stopper is not None else not_stopping()),
     }

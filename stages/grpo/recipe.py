@@ -30,14 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stages.grpo.spec import GENERATION_BATCH
+from stages.grpo.spec import GENERATION_BATCH, GRPOSection
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
+from stages.io.data import load_measured, load_rollout_prompts
 from stages.io.formats import Prompt
-from stages.io.sections import needs_4bit
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
-from stages.model.backbone import load_backbone
+from stages.model.backbone import stage_backbone
 from stages.model.generation import generate
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
@@ -57,7 +56,6 @@ from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
 
 REFERENCE, POLICY = "reference", "policy"
@@ -66,8 +64,7 @@ REFERENCE, POLICY = "reference", "policy"
 def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple[PeftModel, Tokenization, RewardSource, str]:
     """One backbone with the reference and policy adapters (both from SFT) and, when the reward uses the
     model, the reward adapter and head; the policy active and the only trainable adapter."""
-    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = backbone.tokenization(cfg.data.chat_template)
+    backbone, tokenization = stage_backbone(cfg)
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, backbone.fingerprint)
     model = load_adapter(model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
     scores = None
@@ -84,7 +81,7 @@ def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple[PeftModel,
 
 
 def sample_groups(model: PeftModel, tokenization: Tokenization, source: RewardSource, prompts: list[Prompt],
-                  cfg: PipelineConfig, seed: int, positions: list[int] | None = None
+                  grpo: GRPOSection, seed: int, positions: list[int] | None = None
                   ) -> tuple[SequenceBatch, torch.Tensor, torch.Tensor, dict[str, float]]:
     """G responses to each prompt from the policy, and their rewards. ``positions``: each prompt's place in
     the global batch (default its index); sample j of the prompt at position p draws from the stream of key
@@ -93,7 +90,7 @@ def sample_groups(model: PeftModel, tokenization: Tokenization, source: RewardSo
     Returns the batch of (prompt, response) ids (N = len(prompts) * G rows, grouped by prompt), the
     sampling log-probs of its tokens (N, T), the rewards (N,) and statistics of the step's samples.
     """
-    grpo, g = cfg.grpo, cfg.grpo.num_generations
+    g = grpo.num_generations
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     positions = list(range(len(prompts))) if positions is None else positions
     with active_adapter(model, POLICY):
@@ -113,12 +110,11 @@ def sample_groups(model: PeftModel, tokenization: Tokenization, source: RewardSo
 
 
 def grpo_step(model: PeftModel, batch: SequenceBatch, old_logprobs: torch.Tensor, rewards: torch.Tensor,
-              updater: Updater, cfg: PipelineConfig, generator: torch.Generator, dist: Distributed = LOCAL
+              updater: Updater, grpo: GRPOSection, generator: torch.Generator, dist: Distributed = LOCAL
               ) -> dict[str, float]:
     """Group advantages, the reference's log-probs, then ``num_iterations`` passes of minibatch updates of
     ``grpo_loss``. Token means are over the global minibatch under DeepSpeed (each rank's share).
     The first minibatch, trained before any step, measures the log-prob gap (``stages.training.logprob_gap``)."""
-    grpo = cfg.grpo
     advantages = group_advantages(rewards.view(-1, grpo.num_generations), grpo.scale_rewards).view(-1)  # (N,)
     with torch.no_grad(), active_adapter(model, REFERENCE):
         ref_logprobs = token_logprobs(model, batch, grpo.temperature)  # (N, T)
@@ -149,8 +145,7 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     model, tokenization, source, fingerprint = build_model(cfg, ctx.inputs)
     context = model.get_base_model().config.max_position_embeddings
     prompts = load_rollout_prompts(cfg.data, cfg.task, tokenization, context)
-    held_out = load_records(cfg.data.eval, "eval", cfg.task)
-    measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
+    held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, context)
     trainable = count_trainable(model)
     learning = LearningCheck(model, dist, stage="grpo", adapter_kind=cfg.adapter.kind, learning_rate=grpo.learning_rate)
     count = dist.even_count(grpo.prompts_per_step, len(prompts), "grpo rollout prompts")
@@ -170,10 +165,10 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     def train_step(step: int, log: bool) -> dict[str, float]:
         # Every rank draws the same global sample of prompts and samples the groups of its own share.
         drawn = random.Random(cfg.run.seed + step).sample(prompts, count)
-        batch, old_logprobs, rewards, stats = sample_groups(model, tokenization, source, dist.shard(drawn), cfg,
+        batch, old_logprobs, rewards, stats = sample_groups(model, tokenization, source, dist.shard(drawn), cfg.grpo,
                                                             seed=cfg.run.seed + step,
                                                             positions=dist.shard(list(range(count))))
-        stats.update(grpo_step(model, batch, old_logprobs, rewards, updater, cfg, minibatch_order, dist))
+        stats.update(grpo_step(model, batch, old_logprobs, rewards, updater, cfg.grpo, minibatch_order, dist))
         return {key: round(dist.mean(value), 5) for key, value in stats.items()}
 
     model.eval()  # dropout off: the policy trained is the one that sampled (as PPO, issue 14 fault 2)
@@ -193,5 +188,5 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         warnings.append("grpo: every group's rewards were tied at every step, so every advantage was 0: the reward "
                         f"({grpo.reward}) cannot tell the policy's samples apart")
     return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": loop.last_step,
-            "resumed_from_step": loop.start, "trainable_parameters": trainable, "adapter_kind": cfg.adapter.kind,
+            "resumed_from_step": loop.start, "trainable_parameters": trainable,
             **loop.stopping_metrics()}

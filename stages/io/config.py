@@ -35,10 +35,10 @@ from stages.io.sections import (  # noqa: F401  # re-exported: callers import th
     GateSection,
     Launcher,
     RunSection,
+    Section,
     StoppableSection,
     TaskSection,
     TrackingSection,
-    Section,
 )
 from stages.registry import STAGE_ORDER, STAGES, missing_inputs
 

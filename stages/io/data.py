@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from stages.io import arithmetic
-from stages.io.config import DataRef, DataSource, TaskSection
+from stages.io.config import DataRef, DataSection, DataSource, TaskSection
 from stages.io.formats import RESPONSE_FIELDS, FormatError, Prompt, prompt_key, to_record
 
 
@@ -174,6 +174,15 @@ class LengthReport:
         return (f"{self.source}: {len(self.too_long)} of {self.total} {self.kind} records are longer than "
                 f"{self.max_tokens} tokens (records {shown}); "
                 f"{len(self.no_room)} of them have no room for the response")
+
+
+def load_measured(data: DataSection, kind: DataKind, task_cfg: TaskSection, tokenization: Tokenization,
+                  max_tokens: int) -> tuple[list[Record], LengthReport]:
+    """``data.<kind>``'s records (``load_records``) and their lengths under ``max_tokens``
+    (``measure_lengths``): how every stage opens a dataset. Raises ``DataError`` as those do."""
+    ref = getattr(data, kind)
+    records = load_records(ref, kind, task_cfg)
+    return records, measure_lengths(records, kind, source_name(ref), tokenization, max_tokens)
 
 
 def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenization: Tokenization,

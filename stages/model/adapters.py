@@ -44,7 +44,6 @@ from stages.io import artifacts
 from stages.io.config import AdapterSection
 
 if TYPE_CHECKING:
-    from peft import PeftConfig, PeftModel
     from transformers import PreTrainedModel
 
 

@@ -23,16 +23,16 @@ from stages.io.backbone_files import (
     backbone_location,
     is_builtin_chat,
 )
-from stages.io.config import BackboneSection
+from stages.io.config import BackboneSection, PipelineConfig
+from stages.io.sections import needs_4bit
 from stages.model.builtin_backbone import ensure_builtin_backbone
 from stages.model.placement import stage_device
 from stages.model.tokenization import Tokenization, generation_end_ids
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from stages.model.tokenization import ChatTemplateUse, Tokenization
+    from stages.model.tokenization import ChatTemplateUse
 
 @dataclass
 class Backbone:
@@ -52,6 +52,13 @@ def resolve_backbone(cfg: BackboneSection) -> str:
     if cfg.name in BUILTIN_NAMES:
         ensure_builtin_backbone(chat=is_builtin_chat(cfg))
     return backbone_location(cfg)
+
+
+def stage_backbone(cfg: PipelineConfig) -> tuple[Backbone, Tokenization]:
+    """How every stage opens: the backbone as ``cfg`` loads it (nf4 4-bit for QLoRA, ``load_backbone``)
+    and the tokenization contract of its tokenizer under ``data.chat_template``."""
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
+    return backbone, backbone.tokenization(cfg.data.chat_template)
 
 
 def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone:

@@ -33,8 +33,6 @@ from stages.model.placement import model_device
 from stages.model.sequences import Response
 
 if TYPE_CHECKING:
-    import torch
-
     from stages.model.tokenization import Tokenization
 
 

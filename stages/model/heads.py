@@ -8,7 +8,6 @@ error rather than a silently re-initialised one (TRL #1379, OpenRLHF #1342).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,9 +15,6 @@ from safetensors.torch import save_file
 
 from stages.io.artifacts import ArtifactError, storage_error
 from stages.model.sequences import SequenceBatch, last_hidden_states
-
-if TYPE_CHECKING:
-    import torch
 
 SCORE_HEAD = "score_head.safetensors"
 

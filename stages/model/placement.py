@@ -17,15 +17,11 @@ stage process may see, how many threads it takes) are ``stages.io.devices``: the
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
 from stages.io.config import BackboneSection
 from stages.io.devices import cpu_model, device_type
-
-if TYPE_CHECKING:
-    import torch
 
 
 def stage_device(cfg: BackboneSection) -> torch.device:

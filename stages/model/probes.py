@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from stages.model.placement import model_device
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
 PROBE_FILE = "probe_logits.safetensors"

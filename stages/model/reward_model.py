@@ -25,7 +25,6 @@ from stages.model.sequences import Response, from_token_ids
 from stages.model.tokenization import Tokenization
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
 
 ADAPTER_NAME = "reward"

@@ -29,12 +29,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stages.io.artifacts import read_manifest, write_json
-from stages.io.config import PipelineConfig
-from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
+from stages.io.config import EvalSection, PipelineConfig
+from stages.io.data import load_measured, load_rollout_prompts
 from stages.io.formats import Prompt
-from stages.io.sections import needs_4bit
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
-from stages.model.backbone import load_backbone
+from stages.model.backbone import stage_backbone
 from stages.model.generation import generate
 from stages.model.heads import new_head, save_head, sequence_scores
 from stages.model.placement import model_device
@@ -72,7 +71,6 @@ from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
 
 REFERENCE, POLICY, REWARD, VALUE = "reference", "policy", "reward", "value"
@@ -125,9 +123,8 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     ``ppo.reward: checker``: no reward adapter; the value adapter starts from SFT, its head at zero."""
     import copy
 
-    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
+    backbone, tokenization = stage_backbone(cfg)
     fp = backbone.fingerprint
-    tokenization = backbone.tokenization(cfg.data.chat_template)
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, fp)
     model = load_adapter(model, inputs["sft"], POLICY, fp, trainable=True)
     reward_head, scores = None, None
@@ -157,22 +154,22 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     return models
 
 
-def collect_rollout(models: PPOModels, prompts: list[Prompt], cfg: PipelineConfig, kl_coef: float,
+def collect_rollout(models: PPOModels, prompts: list[Prompt], ppo: PPOSection, kl_coef: float,
                     seed: int, dist: Distributed = LOCAL, keys: list[int] | None = None
                     ) -> tuple[Rollout, dict[str, float]]:
     """Sample with the policy, then score the sampled ids (``rollout_from_ids``); ``keys``: each prompt's
     sampling stream (``generate``), its position in the global batch."""
     prompt_ids = [models.tokenization.prompt_ids(p) for p in prompts]
-    return rollout_from_ids(models, prompt_ids, cfg, kl_coef, seed, dist, prompts=prompts, keys=keys)
+    return rollout_from_ids(models, prompt_ids, ppo, kl_coef, seed, dist, prompts=prompts, keys=keys)
 
 
-def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: PipelineConfig, kl_coef: float,
+def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], ppo: PPOSection, kl_coef: float,
                      seed: int, dist: Distributed = LOCAL, prompts: list[Prompt] | None = None,
                      keys: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample one response per prompt (token ids) with the policy, then score the sampled ids
     (``score_rollout``); ``prompts`` (what the ids render) are what a checker reads.
     ``bench/ppo_vs_trl.py`` times this with ``ppo_update`` as one PPO update."""
-    model, ppo, tokenization = models.model, cfg.ppo, models.tokenization
+    model, tokenization = models.model, models.tokenization
     with active_adapter(model, POLICY):
         samples = generate(model, tokenization, prompt_ids, max_new_tokens=ppo.max_new_tokens,
                            temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, keys=keys, desc="rollout")
@@ -184,10 +181,10 @@ def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], cfg: Pipeli
         if models.reward.checker is not None and prompts is None:
             raise ValueError("rollout_from_ids: a checker reads the prompts; pass them")
         scores = torch.tensor(models.reward(samples, prompts or [""] * len(samples)), device=device)
-    return score_rollout(models, batch, finished, cfg, kl_coef, dist, logprobs=logprobs, scores=scores)
+    return score_rollout(models, batch, finished, ppo, kl_coef, dist, logprobs=logprobs, scores=scores)
 
 
-def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tensor, cfg: PipelineConfig,
+def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tensor, ppo: PPOSection,
                   kl_coef: float, dist: Distributed = LOCAL, logprobs: torch.Tensor | None = None,
                   scores: torch.Tensor | None = None) -> tuple[Rollout, dict[str, float]]:
     """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``.
@@ -198,7 +195,7 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tenso
     ``scores`` (B,): each response's reward (``ppo.reward``); without them, the reward head's score
     minus ``ppo.missing_eos_penalty`` for a response that never stopped.
     """
-    model, ppo = models.model, cfg.ppo
+    model = models.model
     with torch.no_grad():  # at the sampling temperature: the distributions the tokens came from
         if logprobs is None:
             with active_adapter(model, POLICY):
@@ -210,15 +207,14 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tenso
                 scores = sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
         with active_adapter(model, models.value_adapter):
             values = token_values(model, models.value_head, batch)
-    return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, cfg, kl_coef, dist)
+    return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, ppo, kl_coef, dist)
 
 
 def shape_rollout(batch: SequenceBatch, finished: torch.Tensor, scores: torch.Tensor, logprobs: torch.Tensor,
-                  ref_logprobs: torch.Tensor, values: torch.Tensor, cfg: PipelineConfig,
+                  ref_logprobs: torch.Tensor, values: torch.Tensor, ppo: PPOSection,
                   kl_coef: float, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
     """KL-penalised per-token rewards (score on the last token), GAE and advantages whitened over the
     global batch (every rank's share of it under DeepSpeed)."""
-    ppo = cfg.ppo
     mask = batch.response_mask
     rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
@@ -229,16 +225,16 @@ def shape_rollout(batch: SequenceBatch, finished: torch.Tensor, scores: torch.Te
     return rollout, stats
 
 
-def ppo_updater(models: PPOModels, cfg: PipelineConfig, dist: Distributed = LOCAL) -> Updater:
-    """AdamW (constant learning rate) over the trained adapters (``PPOModels.trainable``) and the value head."""
-    ppo = cfg.ppo
+def ppo_updater(models: PPOModels, ppo: PPOSection, dist: Distributed = LOCAL, bf16: bool = False) -> Updater:
+    """AdamW (constant learning rate) over the trained adapters (``PPOModels.trainable``) and the value head;
+    ``bf16``: the backbone computes in bfloat16 (DeepSpeed's engine is told so)."""
     return Updater(torch.nn.ModuleDict({"model": models.model, "value_head": models.value_head}), ppo.learning_rate,
                      warmup_steps=0, total_steps=ppo.updates, max_grad_norm=ppo.max_grad_norm, schedule="constant",
                      gradient_accumulation=ppo.gradient_accumulation, micro_batch_size=ppo.minibatch_size, dist=dist,
-                     bf16=cfg.backbone.dtype == "bfloat16")
+                     bf16=bf16)
 
 
-def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: PipelineConfig,
+def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, ppo: PPOSection,
                generator: torch.Generator, dist: Distributed = LOCAL) -> dict[str, float]:
     """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping.
 
@@ -250,7 +246,6 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, cfg: Pipel
     The minibatches before the update's first optimizer step also measure the log-prob gap
     (``stages.training.logprob_gap``): sampling's log-probs against the training forward's.
     """
-    ppo = cfg.ppo
     totals: dict[str, float] = {}
     steps = 0
     stopped = False
@@ -333,12 +328,11 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     trainable = count_trainable(model)
     learning = LearningCheck(torch.nn.ModuleDict({"model": model, "value_head": models.value_head}), dist,
                              stage="ppo", adapter_kind=cfg.adapter.kind, learning_rate=ppo.learning_rate)
-    updater = ppo_updater(models, cfg, dist)
+    updater = ppo_updater(models, cfg.ppo, dist, bf16=cfg.backbone.dtype == "bfloat16")
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
     context = model.get_base_model().config.max_position_embeddings
     prompts = load_rollout_prompts(cfg.data, cfg.task, models.tokenization, context)
-    held_out = load_records(cfg.data.eval, "eval", cfg.task)
-    measure_lengths(held_out, "eval", source_name(cfg.data.eval), models.tokenization, context)
+    held_out, _ = load_measured(cfg.data, "eval", cfg.task, models.tokenization, context)
 
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, models.trainable,
                                 {"value_head": models.value_head}, models.fingerprint, dist)
@@ -346,7 +340,7 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     loop = TrainingLoop(checkpointer, desc="ppo", total=ppo.updates, log_every=1, checkpoint_every=ppo.checkpoint_every,
                         samplers={"minibatch_order": minibatch_order}, step_key="update",
                         stopper=stopper_for(ppo.early_stopping),  # dropout is off throughout: no mode switch
-                        evaluate=lambda: _evaluate(models, held_out, cfg, desc="early stopping"))
+                        evaluate=lambda: _evaluate(models, held_out, cfg.eval, cfg.run.seed, desc="early stopping"))
     if state := loop.resume():
         kl_ctl.load_state_dict(state["kl_controller"])
 
@@ -356,9 +350,9 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         # Every rank draws the same global sample of prompts and rolls out an equal share of it, each prompt
         # from the sampling stream of its global position: the rollout is the same on any number of ranks.
         drawn = random.Random(cfg.run.seed + update).sample(prompts, count)
-        rollout, stats = collect_rollout(models, dist.shard(drawn), cfg, kl_ctl.value, seed=cfg.run.seed + update,
+        rollout, stats = collect_rollout(models, dist.shard(drawn), cfg.ppo, kl_ctl.value, seed=cfg.run.seed + update,
                                          dist=dist, keys=dist.shard(list(range(count))))
-        stats.update(ppo_update(models, rollout, updater, cfg, minibatch_order, dist))
+        stats.update(ppo_update(models, rollout, updater, cfg.ppo, minibatch_order, dist))
         stats = {key: dist.mean(value) for key, value in stats.items()}  # one KL (and coefficient) on every rank
         kl_ctl.update(stats["kl"], n_steps=len(drawn))
         return {k: round(v, 5) for k, v in stats.items()}
@@ -368,7 +362,7 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     # penalty of a policy equal to its reference would not be 0 (issue 14, fault 2).
     model.eval()
     history = loop.run(train_step, lambda: {"kl_controller": kl_ctl.state_dict()})
-    metrics = _evaluate(models, held_out, cfg)
+    metrics = _evaluate(models, held_out, cfg.eval, cfg.run.seed)
     metrics["task_score_sft"] = read_manifest(inputs["sft"])["metrics"]["task_score"]
 
     with active_adapter(model, POLICY):
@@ -384,14 +378,14 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         warnings.append(gap)
     return {**metrics, "warnings": warnings, "reward_source": ppo.reward, "updates": loop.last_step,
             "resumed_from_update": loop.start, "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
-            "adapter_kind": cfg.adapter.kind, "updates_stopped_by_target_kl": sum(row.get("stopped_by_target_kl", 0)
+            "updates_stopped_by_target_kl": sum(row.get("stopped_by_target_kl", 0)
                                                                                     for row in history),
             **loop.stopping_metrics()}
 
 
-def _evaluate(models: PPOModels, held_out: list, cfg: PipelineConfig, desc: str = "task_score (ppo)"
+def _evaluate(models: PPOModels, held_out: list, evaluation: EvalSection, seed: int, desc: str = "task_score (ppo)"
               ) -> dict[str, float]:
     """Held-out task_score of the policy, its KL to the reference and the mean reward, on the same samples."""
     with active_adapter(models.model, POLICY):
-        return evaluate_policy(models.model, models.tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
+        return evaluate_policy(models.model, models.tokenization, held_out, evaluation, seed, reference=REFERENCE,
                                desc=desc, reward=models.reward)

@@ -20,15 +20,14 @@ import torch
 
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import Record, load_records, measure_lengths, source_name, split_by_prompt
-from stages.io.sections import needs_4bit
+from stages.io.data import Record, load_measured, source_name, split_by_prompt
 from stages.model.adapters import (
     RankAllocation,
     attach_adapter,
     count_trainable,
     save_adapter,
 )
-from stages.model.backbone import load_backbone
+from stages.model.backbone import stage_backbone
 from stages.model.heads import SCORE_HEAD, new_head, save_head, sequence_scores
 from stages.model.placement import model_device
 from stages.model.reward_model import ADAPTER_NAME, PROBES, probe_scores
@@ -44,7 +43,6 @@ from stages.training.loop import TrainingLoop
 from stages.training.updater import Updater
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
 
     from stages.model.sequences import SequenceBatch
@@ -79,11 +77,9 @@ def evaluate_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokeni
 
 def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, dist, rm = ctx.staging, ctx.dist, cfg.reward
-    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = backbone.tokenization(cfg.data.chat_template)
-    pairs = load_records(cfg.data.preferences, "preferences", cfg.task)
+    backbone, tokenization = stage_backbone(cfg)
     context = backbone.model.config.max_position_embeddings
-    lengths = measure_lengths(pairs, "preferences", source_name(cfg.data.preferences), tokenization, context)
+    pairs, lengths = load_measured(cfg.data, "preferences", cfg.task, tokenization, context)
     if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; pairs are scored whole, past the backbone's {context}-token context", flush=True)
     train, held = split_by_prompt(pairs, rm.eval_fraction, source_name(cfg.data.preferences))
@@ -137,7 +133,6 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         "train_pairs": len(train),
         "eval_pairs": len(held),
         "trainable_parameters": trainable,
-        "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": loop.start,
         **loop.stopping_metrics(),
     }

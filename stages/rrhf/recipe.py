@@ -23,11 +23,10 @@ import torch
 
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import ConfigError, PipelineConfig
-from stages.io.data import load_records, load_rollout_prompts, measure_lengths, source_name
+from stages.io.data import load_measured, load_rollout_prompts
 from stages.io.formats import Prompt
-from stages.io.sections import needs_4bit
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
-from stages.model.backbone import load_backbone
+from stages.model.backbone import stage_backbone
 from stages.model.generation import generate
 from stages.model.placement import model_device
 from stages.model.probes import save_probe
@@ -35,7 +34,7 @@ from stages.model.reward_model import attach_reward, reward_of
 from stages.model.sequences import Response, from_token_ids, token_logprobs
 from stages.model.tokenization import Tokenization
 from stages.objectives.losses import rrhf_loss
-from stages.rrhf.spec import GENERATION_BATCH, RANKING_GROUPS
+from stages.rrhf.spec import GENERATION_BATCH, RANKING_GROUPS, RRHFSection
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.early_stopping import evaluating, stopper_for
@@ -47,7 +46,6 @@ from stages.training.rewards import RewardSource, reward_source
 from stages.training.updater import Updater
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
 
 POLICY, REFERENCE = "policy", "reference"
@@ -67,22 +65,23 @@ class Group:
 
 
 def sample_groups(model: PeftModel, source: RewardSource, tokenization: Tokenization,
-                  prompts: list[Prompt], cfg: PipelineConfig, positions: list[int] | None = None,
+                  prompts: list[Prompt], rrhf: RRHFSection, seed: int, positions: list[int] | None = None,
                   gap: LogprobGap | None = None) -> list[Group]:
     """k policy samples per prompt, scored by ``rrhf.reward`` (the reward model scores the sampled ids).
     ``positions``: each prompt's place among all ranks' prompts (default its index); candidate j of the
     prompt at position p draws from the stream of key p * k + j (``generate``): the same on any number of ranks.
-    ``gap``: add the samples' sampling-versus-scoring log-prob gap to it (``stages.training.logprob_gap``)."""
-    k = cfg.rrhf.num_candidates
+    ``seed``: the sampling seed. ``gap``: add the samples' sampling-versus-scoring log-prob gap to it
+    (``stages.training.logprob_gap``)."""
+    k = rrhf.num_candidates
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     positions = list(range(len(prompts))) if positions is None else positions
     with active_adapter(model, POLICY):
         samples = generate(model, tokenization, [ids for ids in prompt_ids for _ in range(k)],
-                           max_new_tokens=cfg.rrhf.max_new_tokens, temperature=cfg.rrhf.temperature,
-                           batch_size=GENERATION_BATCH, seed=cfg.run.seed + 1,
+                           max_new_tokens=rrhf.max_new_tokens, temperature=rrhf.temperature,
+                           batch_size=GENERATION_BATCH, seed=seed,
                            keys=[p * k + j for p in positions for j in range(k)], desc="rrhf candidates")
         if gap is not None:
-            gap.add_scored(model, samples, tokenization.pad_id, cfg.rrhf.temperature)
+            gap.add_scored(model, samples, tokenization.pad_id, rrhf.temperature)
     rewards = source(samples, [p for p in prompts for _ in range(k)])
     groups = []
     for i, prompt in enumerate(prompts):
@@ -135,11 +134,9 @@ def ranking_accuracy(model: PeftModel, tokenization: Tokenization, groups: list[
 
 def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, inputs, dist, rr = ctx.staging, ctx.inputs, ctx.dist, cfg.rrhf
-    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
-    tokenization = backbone.tokenization(cfg.data.chat_template)
+    backbone, tokenization = stage_backbone(cfg)
     context = backbone.model.config.max_position_embeddings
-    held_out = load_records(cfg.data.eval, "eval", cfg.task)
-    measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, context)
+    held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, context)
     model = load_adapter(backbone.model, inputs["sft"], REFERENCE, backbone.fingerprint)  # for the final KL only
     model = load_adapter(model, inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
     source = None
@@ -170,15 +167,14 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         groups = [Group(**g) for g in state["groups"]]
         sampling_gap = state["sampling_gap"]
     elif cfg.data.ranked:
-        ranked = load_records(cfg.data.ranked, "ranked", cfg.task)
-        measure_lengths(ranked, "ranked", source_name(cfg.data.ranked), tokenization, context)
+        ranked, _ = load_measured(cfg.data, "ranked", cfg.task, tokenization, context)
         groups = offline_groups(ranked, tokenization)
     else:  # each rank samples candidates for its share of the prompts; then every rank holds all groups, in order
         prompts = load_rollout_prompts(cfg.data, cfg.task, tokenization, context)
         random.Random(cfg.run.seed).shuffle(prompts)
         chosen = prompts[: rr.num_prompts]
         gap = LogprobGap()
-        groups = dist.unshard(sample_groups(model, source, tokenization, dist.shard(chosen), cfg,
+        groups = dist.unshard(sample_groups(model, source, tokenization, dist.shard(chosen), rr, cfg.run.seed + 1,
                                             positions=dist.shard(list(range(len(chosen)))), gap=gap))
         sampling_gap = gap.row(dist)
     accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenization, groups)
@@ -222,5 +218,5 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         warnings.append("every candidate group's rewards are tied: the ranking loss is zero and only the SFT term "
                         "trained (ranking_accuracy is null)")
     return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
-            "adapter_kind": cfg.adapter.kind, "resumed_from_step": loop.start,
+            "resumed_from_step": loop.start,
             "reward_source": "data.ranked" if cfg.data.ranked else rr.reward, **sampling_gap, **loop.stopping_metrics()}

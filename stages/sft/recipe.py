@@ -26,10 +26,9 @@ from trl import SFTConfig, SFTTrainer
 
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import LengthReport, Record, load_records, measure_lengths, source_name
-from stages.io.sections import needs_4bit
+from stages.io.data import LengthReport, Record, load_measured
 from stages.model.adapters import RankAllocation, attach_adapter, count_trainable, save_adapter
-from stages.model.backbone import load_backbone
+from stages.model.backbone import stage_backbone
 from stages.model.probes import save_probe
 from stages.model.tokenization import Tokenization
 from stages.training import runner
@@ -38,22 +37,17 @@ from stages.training.distributed import Distributed, gathered, synced_generation
 from stages.training.early_stopping import evaluating, not_stopping, stopper_for
 from stages.training.evaluation import held_out_loss, task_score
 from stages.training.hf_trainer import (
-    adalora_callbacks,
-    adapter_dtype_kept,
     agreed_resume_point,
-    check_engine,
+    build_trainer,
     logged_history,
-    refuse_data_parallel,
     resumed_step,
     stopping_callback,
     train_from,
-    trainer_arguments,
 )
 from stages.training.learning_check import LearningCheck
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from trl import SFTTrainer
 
 ADAPTER_NAME = "sft"
 
@@ -71,20 +65,9 @@ def tokenized_demos(demos: list[Record], tokenization: Tokenization) -> list[dic
 def build_sft_trainer(model: PeftModel, tokenization: Tokenization, demos: list[Record],
                       cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> SFTTrainer:
     """TRL's SFTTrainer on the contract's ids of the demonstrations; loss on completion tokens only."""
-    sft = cfg.sft
-    args = SFTConfig(
-        output_dir=str(checkpoints), max_steps=sft.max_steps, per_device_train_batch_size=sft.batch_size,
-        learning_rate=sft.learning_rate, warmup_steps=sft.warmup_steps, lr_scheduler_type="cosine",
-        logging_steps=sft.logging_steps, max_length=sft.max_length, completion_only_loss=True,
-        save_steps=sft.checkpoint_every, **trainer_arguments(model, cfg, dist, "sft", micro_batch_size=sft.batch_size),
-    )
-    refuse_data_parallel(args, "sft")
-    with adapter_dtype_kept(model):
-        trainer = SFTTrainer(model=model, args=args, processing_class=tokenization.tokenizer,
-                             train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)))
-    check_engine(trainer, dist, "sft")
-    adalora_callbacks(trainer, model, RankAllocation.of(model))
-    return trainer
+    return build_trainer(SFTTrainer, SFTConfig, model, tokenization.tokenizer, cfg.sft, cfg, dist, "sft", checkpoints,
+                         {"train_dataset": Dataset.from_list(tokenized_demos(demos, tokenization))},
+                         RankAllocation.of(model), max_length=cfg.sft.max_length, completion_only_loss=True)
 
 
 def _warn_if_too_long(report: LengthReport, dist: Distributed) -> None:
@@ -95,13 +78,11 @@ def _warn_if_too_long(report: LengthReport, dist: Distributed) -> None:
 
 def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, dist = ctx.staging, ctx.dist
-    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(cfg.adapter.kind))
+    backbone, tokenization = stage_backbone(cfg)
     tokenizer = backbone.tokenizer
-    tokenization = backbone.tokenization(cfg.data.chat_template)
-    demos = load_records(cfg.data.sft, "sft", cfg.task)
-    _warn_if_too_long(measure_lengths(demos, "sft", source_name(cfg.data.sft), tokenization, cfg.sft.max_length), dist)
-    held_out = load_records(cfg.data.eval, "eval", cfg.task)
-    measure_lengths(held_out, "eval", source_name(cfg.data.eval), tokenization, backbone.model.config.max_position_embeddings)
+    demos, lengths = load_measured(cfg.data, "sft", cfg.task, tokenization, cfg.sft.max_length)
+    _warn_if_too_long(lengths, dist)
+    held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, backbone.model.config.max_position_embeddings)
 
     score_before = task_score(backbone.model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME, total_steps=cfg.sft.max_steps)
@@ -138,7 +119,6 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "train_seconds": round(result.metrics["train_runtime"], 2),
         "final_loss": history[-1]["loss"] if history else None,
         "trainable_parameters": trainable,
-        "adapter_kind": cfg.adapter.kind,
         "resumed_from_step": resumed_step(resume),
         **(stopper.metrics() if stopper is not None else not_stopping()),
     }

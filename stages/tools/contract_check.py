@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from stages.dpo.recipe import distinct_after_truncation
 from stages.io.artifacts import ArtifactError
-from stages.io.config import PipelineConfig, load_config
+from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import (
     DataError,
     DataKind,
@@ -216,7 +216,7 @@ def one_line_errors(cfg: PipelineConfig) -> Iterator[None]:
     except Exception as err:
         if os.environ.get("RLHF_TRACEBACK"):
             raise
-        known = isinstance(err, (DataError, TokenizationError, ArtifactError))
+        known = isinstance(err, (ConfigError, DataError, TokenizationError, ArtifactError))
         message = str(err) if known else f"backbone.name={cfg.backbone.name!r}: {type(err).__name__}: {first_line(err)}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

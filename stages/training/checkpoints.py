@@ -29,7 +29,6 @@ from stages.model.placement import model_device
 from stages.training.distributed import LOCAL, Distributed
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
 
     from stages.training.updater import Updater

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed
@@ -23,9 +23,6 @@ import torch.distributed
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.deepspeed_config import deepspeed_config_path, is_distributed_process, load_deepspeed_config, zero_stage
 from stages.io.devices import device_type
-
-if TYPE_CHECKING:
-    import torch
 
 T = TypeVar("T")
 

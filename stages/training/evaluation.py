@@ -19,7 +19,6 @@ from stages.model.sequences import Response, from_token_ids, token_logprobs
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import torch
     from peft import PeftModel
 
     from stages.io.formats import Prompt

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from peft import PeftType
@@ -35,13 +35,48 @@ from stages.training.early_stopping import EarlyStopper, Evaluate
 from stages.training.updater import NonFiniteLoss
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftModel
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
     from stages.model.adapters import RankAllocation
 
 KEY_FILE = "cache_key"  # in .<stage>.checkpoints/: whose progress the Trainer checkpoints there are
+
+
+class TrainerSettings(Protocol):
+    """What ``build_trainer`` reads of a stage's section (``SFTSection``, ``DPOSection``)."""
+
+    max_steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    logging_steps: int
+    checkpoint_every: int
+
+
+def build_trainer(trainer_class: type[Trainer], config_class: type[Any], model: PeftModel, tokenizer: Any,
+                  section: TrainerSettings, cfg: PipelineConfig, dist: Distributed, stage: str, checkpoints: Path,
+                  datasets: dict[str, Any], allocation: RankAllocation | None,
+                  constructing: AbstractContextManager[Any] | None = None, **options: Any) -> Trainer:
+    """The one way a stage builds its TRL trainer (``SFTTrainer``, ``DPOTrainer``), in checkpoint folder
+    ``checkpoints``: its config (``config_class``) from the stage's ``section`` (steps, batch, learning rate
+    on a cosine schedule after warmup, logging and checkpoint steps), the stage's own ``options`` and the
+    shared ``trainer_arguments``; refused when one process sees several GPUs; constructed on ``datasets``
+    with the adapters' dtype kept (inside ``constructing`` too, when given); checked to run on the
+    configured engine with the NaN stop; and with AdaLoRA's callbacks (``allocation``: a fresh adapter's).
+    """
+    args = config_class(
+        output_dir=str(checkpoints), max_steps=section.max_steps, per_device_train_batch_size=section.batch_size,
+        learning_rate=section.learning_rate, warmup_steps=section.warmup_steps, lr_scheduler_type="cosine",
+        logging_steps=section.logging_steps, save_steps=section.checkpoint_every, **options,
+        **trainer_arguments(model, cfg, dist, stage, micro_batch_size=section.batch_size),
+    )
+    refuse_data_parallel(args, stage)
+    with constructing or nullcontext(), adapter_dtype_kept(model):
+        trainer = trainer_class(model=model, args=args, processing_class=tokenizer, **datasets)
+    check_engine(trainer, dist, stage)
+    adalora_callbacks(trainer, model, allocation)
+    return trainer
 
 
 def trainer_arguments(model: PeftModel, cfg: PipelineConfig, dist: Distributed, stage: str, *,

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from stages.registry import spec
 from stages.training.distributed import LOCAL, Distributed, gathered
-
-if TYPE_CHECKING:
-    import torch
 
 # A loss "has not moved" when the mean of its last logged values is within this fraction of the mean of
 # its first ones (after warm-up). Real runs of every stage move their loss by >5% in a few dozen steps;

@@ -31,8 +31,6 @@ from stages.model.placement import model_device
 from stages.model.sequences import sampled_batch, token_logprobs
 
 if TYPE_CHECKING:
-    import torch
-
     from stages.model.sequences import Response
     from stages.training.distributed import Distributed
 

@@ -11,9 +11,7 @@ exception (or a kill) leaves no folder that a later run could mistake for a fini
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import shutil
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from typing import Any
 import torch
 
 from stages.io import artifacts
-from stages.io.config import ConfigError, PipelineConfig, load_config
+from stages.io.config import ConfigError, PipelineConfig
 from stages.io.data import DataError
 from stages.io.devices import available_cores, stage_threads
 from stages.io.provenance import stage_datasets, stage_provenance
@@ -85,7 +83,8 @@ def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, 
     tracker = start_tracking(cfg, stage, Path(out).resolve().parent, datasets) if dist.is_main else NoTracker()
     started = time.time()
     with artifacts.staging(out) if dist.is_main else tempfile.TemporaryDirectory() as tmp:
-        metrics = fn(cfg, StageContext(Path(tmp), Path(out), inputs, provenance["cache_key"], dist))
+        context = StageContext(Path(tmp), Path(out), inputs, provenance["cache_key"], dist)
+        metrics = {"adapter_kind": cfg.adapter.kind, **fn(cfg, context)}  # every stage reports its adapter kind
         if not dist.is_main:
             return None
         manifest = {

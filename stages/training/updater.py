@@ -24,8 +24,6 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from stages.training.distributed import LOCAL, Distributed, filled_deepspeed_config
 
 if TYPE_CHECKING:
-    import torch
-
     from stages.model.adapters import RankAllocation
 
 LOCAL_STATE = "optimizer.pt"
