@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/rlhf run
 
-test: $(STAMP)
+test: lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The habits CI holds the code to (config in pyproject.toml): ruff's lint and format, mypy on the torch-free
+# packages (stages/io, stages/objectives, the registry, flows).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The developer's inner loop: the unit tier only (pure tests, no training), under a minute.
 test-fast: $(STAMP)

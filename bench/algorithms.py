@@ -38,12 +38,22 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
 ]
 
 
-def run_stage(stage: str, out: Path, config: Path, sets: list[str], inputs: dict[str, Path],
-              env: dict[str, str]) -> tuple[dict, float, float]:
+def run_stage(
+    stage: str, out: Path, config: Path, sets: list[str], inputs: dict[str, Path], env: dict[str, str]
+) -> tuple[dict, float, float]:
     """One stage process: its metrics, wall seconds and peak RSS in MiB."""
-    command = [sys.executable, "-m", "stages.training.entry", stage, "--config", str(config), "--out", str(out),
-               *(f"--input={name}={path}" for name, path in inputs.items()),
-               *(a for item in ["tracking.backend=none", *sets] for a in ("--set", item))]
+    command = [
+        sys.executable,
+        "-m",
+        "stages.training.entry",
+        stage,
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        *(f"--input={name}={path}" for name, path in inputs.items()),
+        *(a for item in ["tracking.backend=none", *sets] for a in ("--set", item)),
+    ]
     log = out.with_suffix(".log")  # a file, not a pipe: nobody reads a pipe until wait4 returns
     started = time.perf_counter()
     with log.open("w") as sink:
@@ -61,14 +71,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--config", type=Path, default=REPO / "bench" / "task-hard.yaml")
     parser.add_argument("--only", action="append", help="run only these variants (by their label)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="a setting for every variant's stage (not SFT or the reward model)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="a setting for every variant's stage (not SFT or the reward model)",
+    )
     args = parser.parse_args()
     unknown = set(args.only or ()) - {label for label, _, _ in VARIANTS}
     if unknown:
         parser.error(f"--only {sorted(unknown)}: the variants are {[label for label, _, _ in VARIANTS]}")
-    subprocess.run([str(Path(sys.executable).parent / "rlhf"), "build-backbone"], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "RLHF_HOME": str(REPO / ".rlhf")})
+    subprocess.run(
+        [str(Path(sys.executable).parent / "rlhf"), "build-backbone"],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "RLHF_HOME": str(REPO / ".rlhf")},
+    )
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -77,8 +98,11 @@ def main() -> None:
         env = {**os.environ, "RLHF_HOME": str(root / "home")}
         sft, _, _ = run_stage("sft", root / "sft", args.config, [], {}, env)
         reward, _, _ = run_stage("reward", root / "reward", args.config, [], {}, env)
-        print(f"SFT task_score {sft['task_score']:.3f} (base {sft['task_score_before']:.3f}); "
-              f"reward model held-out pair_accuracy {reward['pair_accuracy']:.3f}", flush=True)
+        print(
+            f"SFT task_score {sft['task_score']:.3f} (base {sft['task_score_before']:.3f}); "
+            f"reward model held-out pair_accuracy {reward['pair_accuracy']:.3f}",
+            flush=True,
+        )
         rows = []
         for label, stage, sets in variants:
             runs = []
@@ -87,16 +111,29 @@ def main() -> None:
                 if stage != "dpo" and not any(s.endswith("reward=checker") for s in sets):
                     inputs["reward"] = root / "reward"
                 out = root / f"{stage}-{len(rows)}-{seed}"
-                runs.append(run_stage(stage, out, args.config, [*sets, *args.overrides, f"run.seed={seed}"], inputs,
-                                      env))
-                print(f"  {label} seed {seed}: task_score {runs[-1][0]['task_score']:.3f} "
-                      f"in {runs[-1][1]:.1f} s", flush=True)
+                runs.append(
+                    run_stage(stage, out, args.config, [*sets, *args.overrides, f"run.seed={seed}"], inputs, env)
+                )
+                print(
+                    f"  {label} seed {seed}: task_score {runs[-1][0]['task_score']:.3f} in {runs[-1][1]:.1f} s",
+                    flush=True,
+                )
             scores = [m["task_score"] for m, _, _ in runs]
-            rows.append((label, statistics.mean(scores), statistics.pstdev(scores),
-                         statistics.mean(scores) - sft["task_score"], statistics.mean(s for _, s, _ in runs),
-                         max(r for _, _, r in runs), statistics.mean(m["kl_to_reference"] for m, _, _ in runs)))
-    print(f"\nharder task ({args.config.name}), {args.seeds} seeds; SFT task_score {sft['task_score']:.3f}"
-          f"{'; with ' + ' '.join(args.overrides) if args.overrides else ''}\n")
+            rows.append(
+                (
+                    label,
+                    statistics.mean(scores),
+                    statistics.pstdev(scores),
+                    statistics.mean(scores) - sft["task_score"],
+                    statistics.mean(s for _, s, _ in runs),
+                    max(r for _, _, r in runs),
+                    statistics.mean(m["kl_to_reference"] for m, _, _ in runs),
+                )
+            )
+    print(
+        f"\nharder task ({args.config.name}), {args.seeds} seeds; SFT task_score {sft['task_score']:.3f}"
+        f"{'; with ' + ' '.join(args.overrides) if args.overrides else ''}\n"
+    )
     print("| variant | task_score (mean ± population std) | gain over SFT | wall s | peak RSS MiB | KL to reference |")
     print("|---|---|---|---|---|---|")
     for label, mean, spread, gain, seconds, rss, kl in rows:

@@ -35,7 +35,10 @@ def run(label: str, sets: list[str], work: Path, env: dict[str, str]) -> dict[st
     args = ["--out", str(out), *(a for s in sets for a in ("--set", s))]
     cfg = load_config(None, sets)
     if cfg.launcher("sft") == "accelerate":
-        command, env = accelerate_command("sft", cfg, args), {**launch_env(cfg, "sft"), **{k: env[k] for k in ("RLHF_HOME",)}}
+        command, env = (
+            accelerate_command("sft", cfg, args),
+            {**launch_env(cfg, "sft"), **{k: env[k] for k in ("RLHF_HOME",)}},
+        )
     else:
         command = [sys.executable, "-m", "stages.training.entry", "sft", *args]
     started = time.perf_counter()
@@ -56,11 +59,28 @@ def main() -> None:
         backbone = random_llama(work / "llama-50m", builtin, **SIZE)
         params = parameter_count(backbone)
         env = {**os.environ, "RLHF_HOME": os.environ.get("RLHF_HOME", str(REPO / ".rlhf"))}
-        common = [f"backbone.name={backbone}", f"sft.max_steps={STEPS}", "sft.logging_steps=10", "sft.checkpoint_every=1000",
-                  "sft.warmup_steps=0", "eval.num_prompts=8", "tracking.backend=none"]
+        common = [
+            f"backbone.name={backbone}",
+            f"sft.max_steps={STEPS}",
+            "sft.logging_steps=10",
+            "sft.checkpoint_every=1000",
+            "sft.warmup_steps=0",
+            "eval.num_prompts=8",
+            "tracking.backend=none",
+        ]
         local = run("local", [*common, f"sft.batch_size={GLOBAL_BATCH}", "run.threads=2"], work, env)
-        zero2 = run("zero2", [*common, f"sft.batch_size={GLOBAL_BATCH // 2}", "sft.launcher=accelerate",
-                              "distributed.deepspeed=zero2", "distributed.num_processes=2"], work, env)
+        zero2 = run(
+            "zero2",
+            [
+                *common,
+                f"sft.batch_size={GLOBAL_BATCH // 2}",
+                "sft.launcher=accelerate",
+                "distributed.deepspeed=zero2",
+                "distributed.num_processes=2",
+            ],
+            work,
+            env,
+        )
     print(f"SFT, {params / 1e6:.1f}M parameters, {STEPS} steps x global batch {GLOBAL_BATCH}, LoRA r=8 all-linear")
     print(f"{'launcher':<22} {'train s':>8} {'wall s':>8} {'final loss':>11}")
     for label, row in (("local (1 x 2 threads)", local), ("ZeRO-2 (2 x 1 thread)", zero2)):

@@ -29,8 +29,15 @@ from bench.random_backbone import random_llama  # noqa: E402
 
 INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "rrhf": ("sft", "reward")}
 # Few steps, everything that sizes memory left at the default.
-FEW_STEPS = ["sft.max_steps=3", "reward.max_steps=3", "ppo.updates=1", "rrhf.max_steps=3", "tracking.backend=none",
-             "run.stages=[sft,reward,rrhf,ppo]", "run.threads=1"]
+FEW_STEPS = [
+    "sft.max_steps=3",
+    "reward.max_steps=3",
+    "ppo.updates=1",
+    "rrhf.max_steps=3",
+    "tracking.backend=none",
+    "run.stages=[sft,reward,rrhf,ppo]",
+    "run.threads=1",
+]
 # (backbone, stage, overrides): the default chain on both backbones, RRHF on the built-in one, then the
 # larger Llama with the settings that move the estimate most: 4x batches, bf16, QLoRA, P-tuning v2.
 # RRHF trains on its candidates' sampled ids, and a random-init model samples max_new_tokens of byte soup
@@ -66,8 +73,9 @@ def run_stage(stage: str, config: Path, out: Path, inputs: Path, env: dict[str, 
     return usage.ru_maxrss * 1024, time.perf_counter() - started
 
 
-def bench_case(number: int, label: str, backbone: str, stage: str, overrides: tuple[str, ...], work: Path,
-               env: dict[str, str]) -> float:
+def bench_case(
+    number: int, label: str, backbone: str, stage: str, overrides: tuple[str, ...], work: Path, env: dict[str, str]
+) -> float:
     """Plan and run one stage; print its row and return estimate / measured."""
     from flows.memory_check import plan_memory
     from stages.io.config import load_config
@@ -81,8 +89,11 @@ def bench_case(number: int, label: str, backbone: str, stage: str, overrides: tu
     out = base / stage if not overrides else work / f"case-{number}"
     measured, seconds = run_stage(stage, config, out, base, env)
     ratio = est.total / measured
-    print(f"{label:<10} {stage:<7} {' '.join(overrides) or 'default':<42} {est.peak_phase:<20} "
-          f"{est.total / MiB:>8.0f} {measured / MiB:>8.0f} {ratio:>6.2f} {seconds:>5.0f}", flush=True)
+    print(
+        f"{label:<10} {stage:<7} {' '.join(overrides) or 'default':<42} {est.peak_phase:<20} "
+        f"{est.total / MiB:>8.0f} {measured / MiB:>8.0f} {ratio:>6.2f} {seconds:>5.0f}",
+        flush=True,
+    )
     return ratio
 
 
@@ -104,10 +115,16 @@ def main() -> None:
         backbones = {"builtin": "builtin:tiny"}
         if "llama-34m" in chosen:
             backbones["llama-34m"] = str(random_llama(work / "llama-34m-backbone", builtin, **LLAMA))
-        print(f"{'backbone':<10} {'stage':<7} {'settings':<42} {'peak phase (plan)':<20} {'plan MiB':>8} "
-              f"{'RSS MiB':>8} {'ratio':>6} {'s':>5}", flush=True)
-        ratios = [bench_case(n, label, backbones[label], stage, overrides, work, env)
-                  for n, (label, stage, overrides) in enumerate(CASES) if label in chosen]
+        print(
+            f"{'backbone':<10} {'stage':<7} {'settings':<42} {'peak phase (plan)':<20} {'plan MiB':>8} "
+            f"{'RSS MiB':>8} {'ratio':>6} {'s':>5}",
+            flush=True,
+        )
+        ratios = [
+            bench_case(n, label, backbones[label], stage, overrides, work, env)
+            for n, (label, stage, overrides) in enumerate(CASES)
+            if label in chosen
+        ]
     worst = max(abs(ratio - 1) for ratio in ratios)
     verdict = "met" if worst <= TARGET else "NOT met"
     print(f"worst |plan / measured - 1| = {worst:.2f} (target <= {TARGET:.2f}): {verdict}")

@@ -32,8 +32,17 @@ while True:
 
 
 def stage(name: str, out: Path, env: dict[str, str], inputs: dict[str, Path] | None = None) -> float:
-    command = [sys.executable, "-m", "stages.training.entry", name, "--out", str(out), "--set", "tracking.backend=none",
-               *(f"--input={k}={v}" for k, v in (inputs or {}).items())]
+    command = [
+        sys.executable,
+        "-m",
+        "stages.training.entry",
+        name,
+        "--out",
+        str(out),
+        "--set",
+        "tracking.backend=none",
+        *(f"--input={k}={v}" for k, v in (inputs or {}).items()),
+    ]
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     return time.perf_counter() - started
@@ -44,8 +53,11 @@ def main() -> None:
     from stages.io.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="default;OMP_WAIT_POLICY=PASSIVE;GOMP_SPINCOUNT=20000",
-                        help="';'-separated variants, each 'default' or comma-separated KEY=VALUE settings")
+    parser.add_argument(
+        "--variants",
+        default="default;OMP_WAIT_POLICY=PASSIVE;GOMP_SPINCOUNT=20000",
+        help="';'-separated variants, each 'default' or comma-separated KEY=VALUE settings",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -61,8 +73,9 @@ def main() -> None:
             settings = {} if variant == "default" else dict(kv.split("=", 1) for kv in variant.split(","))
             env = {**base, **settings}
             alone = stage("ppo", root / f"ppo-{n}-alone", env, upstream)
-            neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR],
-                                         env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})
+            neighbour = subprocess.Popen(
+                [sys.executable, "-c", NEIGHBOUR], env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+            )
             try:
                 time.sleep(3)  # let it reach its loop
                 beside = stage("ppo", root / f"ppo-{n}-beside", env, upstream)

@@ -22,14 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 def timed_run(run_id: str, cwd: Path, env: dict[str, str]) -> float:
     rlhf = Path(sys.executable).parent / "rlhf"
     started = time.perf_counter()
-    subprocess.run([str(rlhf), "run", "--run-id", run_id], cwd=cwd, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(rlhf), "run", "--run-id", run_id],
+        cwd=cwd,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - started
 
 
 def main() -> None:
-    subprocess.run([str(Path(sys.executable).parent / "rlhf"), "build-backbone"], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "rlhf"), "build-backbone"], cwd=REPO, check=True, stdout=subprocess.DEVNULL
+    )
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch) / "home"
         home.mkdir()

@@ -38,9 +38,19 @@ def _llama(size: str, seed: int):
 
     layers, hidden, inter, vocab = SIZES[size]
     torch.manual_seed(seed)  # every copy starts from identical weights, as copies of one checkpoint would
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=True,
-                         max_position_embeddings=PROMPT + RESPONSE, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=True,
+        max_position_embeddings=PROMPT + RESPONSE,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(config).eval().to(DEVICE)
 
 
@@ -58,8 +68,15 @@ def _sample(policy, vocab: int, generator):
 
     prompts = torch.randint(3, vocab, (BATCH, PROMPT), generator=generator, device="cpu").to(DEVICE)
     with torch.no_grad():
-        out = policy.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0,
-                              min_new_tokens=RESPONSE, max_new_tokens=RESPONSE, pad_token_id=0)
+        out = policy.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=True,
+            top_k=0,
+            min_new_tokens=RESPONSE,
+            max_new_tokens=RESPONSE,
+            pad_token_id=0,
+        )
     rows = [(p.tolist(), r.tolist()) for p, r in zip(prompts, out[:, PROMPT:])]
     return from_token_ids(rows, pad_id=0, device=DEVICE), torch.ones(BATCH, dtype=torch.bool, device=DEVICE)
 
@@ -189,15 +206,31 @@ def main() -> None:
     for size in args.sizes.split(","):
         results = {}
         for layout in ("ours", "separate"):
-            out = subprocess.run([sys.executable, __file__, "--child", layout, size, "--updates", str(args.updates),
-                                  "--device", args.device],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    layout,
+                    size,
+                    "--updates",
+                    str(args.updates),
+                    "--device",
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[layout] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[layout]
             print(f"{size:>6} {layout:>9} {r['peak_rss_mb']:>12.0f} {r['seconds_per_update']:>9.2f}", flush=True)
         ours, separate = results["ours"], results["separate"]
-        print(f"{size:>6} {'ratio':>9} {ours['peak_rss_mb'] / separate['peak_rss_mb']:>12.2f} "
-              f"{ours['seconds_per_update'] / separate['seconds_per_update']:>9.2f}   (ours / separate)", flush=True)
+        print(
+            f"{size:>6} {'ratio':>9} {ours['peak_rss_mb'] / separate['peak_rss_mb']:>12.2f} "
+            f"{ours['seconds_per_update'] / separate['seconds_per_update']:>9.2f}   (ours / separate)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -52,12 +52,23 @@ def build_assets(folder: Path, size: str, prompts: int) -> None:
     words = {token: i for i, token in enumerate(SPECIALS + [f"w{i}" for i in range(len(SPECIALS), vocab)])}
     tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, tie_word_embeddings=True,
-                         max_position_embeddings=PROMPT + RESPONSE, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=True,
+        max_position_embeddings=PROMPT + RESPONSE,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     ids = torch.randint(len(SPECIALS), vocab, (prompts, PROMPT), generator=torch.Generator().manual_seed(0))
     (folder / "prompts.json").write_text(json.dumps(ids.tolist()))
@@ -102,15 +113,36 @@ def run_trl(folder: Path, updates: int, device: str, clock: _Clock) -> dict:
     prompts = json.loads((folder / "prompts.json").read_text())
     with tempfile.TemporaryDirectory() as out:
         args = PPOConfig(
-            output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_mini_batches=1,
-            num_ppo_epochs=1, total_episodes=BATCH * (updates + 1), local_rollout_forward_batch_size=BATCH,
-            response_length=RESPONSE, temperature=1.0, stop_token=None, missing_eos_penalty=1.0,
-            learning_rate=LEARNING_RATE, kl_coef=KL_COEF, num_sample_generations=0, report_to=[], save_strategy="no",
-            logging_steps=10**6, disable_tqdm=True, seed=0, bf16=False, use_cpu=device == "cpu",
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            num_mini_batches=1,
+            num_ppo_epochs=1,
+            total_episodes=BATCH * (updates + 1),
+            local_rollout_forward_batch_size=BATCH,
+            response_length=RESPONSE,
+            temperature=1.0,
+            stop_token=None,
+            missing_eos_penalty=1.0,
+            learning_rate=LEARNING_RATE,
+            kl_coef=KL_COEF,
+            num_sample_generations=0,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10**6,
+            disable_tqdm=True,
+            seed=0,
+            bf16=False,
+            use_cpu=device == "cpu",
         )
         trainer = PPOTrainer(
-            args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
-            value_model=value, train_dataset=Dataset.from_dict({"input_ids": prompts}),
+            args=args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=None,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=Dataset.from_dict({"input_ids": prompts}),
             peft_config=LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM"),
         )
         trainer.add_callback(MarkUpdates())
@@ -131,10 +163,22 @@ def run_ours(folder: Path, updates: int, device: str, clock: _Clock, value_model
     from stages.model.tokenization import Tokenization
     from stages.ppo.recipe import POLICY, VALUE, PPOModels, ppo_update, ppo_updater, rollout_from_ids
 
-    cfg = load_config(None, [f"backbone.name={folder}", f"backbone.device={device}", "backbone.dtype=float32",
-                             f"ppo.rollout_prompts={BATCH}", f"ppo.minibatch_size={BATCH}", "ppo.ppo_epochs=1",
-                             f"ppo.max_new_tokens={RESPONSE}", "ppo.temperature=1.0", f"ppo.learning_rate={LEARNING_RATE}",
-                             f"ppo.updates={updates + 1}", f"ppo.value_model={value_model}"])
+    cfg = load_config(
+        None,
+        [
+            f"backbone.name={folder}",
+            f"backbone.device={device}",
+            "backbone.dtype=float32",
+            f"ppo.rollout_prompts={BATCH}",
+            f"ppo.minibatch_size={BATCH}",
+            "ppo.ppo_epochs=1",
+            f"ppo.max_new_tokens={RESPONSE}",
+            "ppo.temperature=1.0",
+            f"ppo.learning_rate={LEARNING_RATE}",
+            f"ppo.updates={updates + 1}",
+            f"ppo.value_model={value_model}",
+        ],
+    )
     backbone = load_backbone(cfg.backbone)
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(backbone.model, lora, adapter_name="reference")
@@ -143,9 +187,14 @@ def run_ours(folder: Path, updates: int, device: str, clock: _Clock, value_model
         model.add_adapter(name, lora)
     model.set_adapter(POLICY)
     hidden, device_ = backbone.model.config.hidden_size, backbone.model.device
-    models = PPOModels(model, Tokenization.of(backbone.tokenizer), new_head(hidden, 0, device_),
-                       new_head(hidden, 1, device_).requires_grad_(True), backbone.fingerprint,
-                       value_adapter=POLICY if shared else VALUE)
+    models = PPOModels(
+        model,
+        Tokenization.of(backbone.tokenizer),
+        new_head(hidden, 0, device_),
+        new_head(hidden, 1, device_).requires_grad_(True),
+        backbone.fingerprint,
+        value_adapter=POLICY if shared else VALUE,
+    )
     set_trainable(model, models.trainable)
     updater = ppo_updater(models, cfg.ppo)
     generator = torch.Generator().manual_seed(0)
@@ -153,7 +202,9 @@ def run_ours(folder: Path, updates: int, device: str, clock: _Clock, value_model
     lengths = []
     clock.mark()
     for update in range(updates + 1):
-        rollout, stats = rollout_from_ids(models, prompts[update * BATCH : (update + 1) * BATCH], cfg.ppo, KL_COEF, update)
+        rollout, stats = rollout_from_ids(
+            models, prompts[update * BATCH : (update + 1) * BATCH], cfg.ppo, KL_COEF, update
+        )
         ppo_update(models, rollout, updater, cfg.ppo, generator)
         lengths.append(stats["response_length"])
         clock.mark()
@@ -192,12 +243,30 @@ def trl_python() -> str:
 
 def run_child(python: str, side: str, folder: Path, args: argparse.Namespace) -> dict:
     paths = [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+    }
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # TRL's accelerator would take a visible GPU
-    command = [python, __file__, "--child", side, str(folder), "--updates", str(args.updates),
-               "--device", args.device, "--threads", str(args.threads), "--value-model", args.value_model]
+    command = [
+        python,
+        __file__,
+        "--child",
+        side,
+        str(folder),
+        "--updates",
+        str(args.updates),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--value-model",
+        args.value_model,
+    ]
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"{side} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
@@ -211,8 +280,12 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child")
     parser.add_argument("--trl-python", help="a Python with trl 1.11 (default: bench/.venv-trl, made on first use)")
-    parser.add_argument("--value-model", choices=("separate", "shared"), default="separate",
-                        help="ours: ppo.value_model (shared is not TRL's layout: a lever measured on its own)")
+    parser.add_argument(
+        "--value-model",
+        choices=("separate", "shared"),
+        default="separate",
+        help="ours: ppo.value_model (shared is not TRL's layout: a lever measured on its own)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -220,8 +293,10 @@ def main() -> None:
         return
     pythons = {"trl": args.trl_python or trl_python(), "ours": sys.executable}
     peak = "peak RSS MiB" if args.device == "cpu" else "peak GPU MiB"
-    print(f"{args.device}, {args.threads} thread(s), {args.updates} timed updates, ours with "
-          f"ppo.value_model={args.value_model}; ratio = ours / TRL")
+    print(
+        f"{args.device}, {args.threads} thread(s), {args.updates} timed updates, ours with "
+        f"ppo.value_model={args.value_model}; ratio = ours / TRL"
+    )
     print(f"{'size':>6} {'side':>6} {'wall s/update':>14} {'CPU s/update':>13} {peak:>13} {'resp. len':>9}")
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -229,11 +304,17 @@ def main() -> None:
             build_assets(folder, size, BATCH * (args.updates + 1))
             results = {side: run_child(python, side, folder, args) for side, python in pythons.items()}
         for side, r in results.items():
-            print(f"{size:>6} {side:>6} {r['wall_s']:>14.3f} {r['cpu_s']:>13.3f} {r['peak_mb']:>13.0f} "
-                  f"{r['response_length']:>9.1f}", flush=True)
+            print(
+                f"{size:>6} {side:>6} {r['wall_s']:>14.3f} {r['cpu_s']:>13.3f} {r['peak_mb']:>13.0f} "
+                f"{r['response_length']:>9.1f}",
+                flush=True,
+            )
         ours, trl = results["ours"], results["trl"]
-        print(f"{size:>6} {'ratio':>6} {ours['wall_s'] / trl['wall_s']:>14.2f} {ours['cpu_s'] / trl['cpu_s']:>13.2f} "
-              f"{ours['peak_mb'] / trl['peak_mb']:>13.2f}", flush=True)
+        print(
+            f"{size:>6} {'ratio':>6} {ours['wall_s'] / trl['wall_s']:>14.2f} {ours['cpu_s'] / trl['cpu_s']:>13.2f} "
+            f"{ours['peak_mb'] / trl['peak_mb']:>13.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,19 @@ def random_llama(folder: Path, builtin: Path, *, layers: int, hidden: int, inter
 
     torch.manual_seed(0)
     ref = LlamaConfig.from_pretrained(builtin)
-    config = LlamaConfig(vocab_size=ref.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=ref.max_position_embeddings, tie_word_embeddings=True,
-                         pad_token_id=ref.pad_token_id, bos_token_id=ref.bos_token_id, eos_token_id=ref.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=ref.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=ref.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=ref.pad_token_id,
+        bos_token_id=ref.bos_token_id,
+        eos_token_id=ref.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(builtin / name, folder / name)

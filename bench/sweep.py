@@ -23,8 +23,14 @@ GRID = {"ppo.learning_rate": ["1e-4", "5e-4"], "ppo.kl_coef": ["0.05", "0.2"]}
 
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:
     started = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "rlhf"), *args], cwd=cwd, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "rlhf"), *args],
+        cwd=cwd,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - started
 
 
@@ -32,8 +38,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=["tracking.backend=none"])
     sets = [arg for item in parser.parse_args().overrides for arg in ("--set", item)]
-    subprocess.run([str(Path(sys.executable).parent / "rlhf"), "build-backbone"], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "rlhf"), "build-backbone"], cwd=REPO, check=True, stdout=subprocess.DEVNULL
+    )
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch) / "home"
         home.mkdir()
@@ -43,8 +50,22 @@ def main() -> None:
         sweep = timed(["sweep", *sets, *grid, "--metric", "ppo.task_score", "--name", "bench"], Path(scratch), env)
         separate = 0.0
         for i, (lr, kl) in enumerate((lr, kl) for lr in GRID["ppo.learning_rate"] for kl in GRID["ppo.kl_coef"]):
-            separate += timed(["run", *sets, "--set", f"ppo.learning_rate={lr}", "--set", f"ppo.kl_coef={kl}",
-                               "--run-id", f"separate-{i}", "--force", "sft"], Path(scratch), env)
+            separate += timed(
+                [
+                    "run",
+                    *sets,
+                    "--set",
+                    f"ppo.learning_rate={lr}",
+                    "--set",
+                    f"ppo.kl_coef={kl}",
+                    "--run-id",
+                    f"separate-{i}",
+                    "--force",
+                    "sft",
+                ],
+                Path(scratch),
+                env,
+            )
     print(f"2x2 sweep (SFT and reward trained once):        {sweep:7.1f} s")
     print(f"the same 4 trials as separate uncached runs:    {separate:7.1f} s")
     print(f"sweep / separate:                               {sweep / separate:7.2f}")

@@ -36,24 +36,38 @@ def _assistant(text: str) -> list[dict[str, str]]:
 def datasets(task: TaskSection = TaskSection()) -> dict[str, list[dict[str, Any]]]:
     """File name (under examples/data/) -> rows."""
     sft, pairs = arithmetic.sft_records(task), arithmetic.preference_records(task)
-    evals, prompts, ranked = arithmetic.eval_records(task), arithmetic.prompt_records(task), arithmetic.ranked_records(task)
+    evals, prompts, ranked = (
+        arithmetic.eval_records(task),
+        arithmetic.prompt_records(task),
+        arithmetic.ranked_records(task),
+    )
     few_sft, few_pairs = sft[:SMALL], pairs[:SMALL]
     return {
         "sft-prompt-completion.jsonl": few_sft,
         "sft-prompt-completion-conversational.jsonl": [
-            {"prompt": _user(r["prompt"]), "completion": _assistant(r["completion"])} for r in few_sft],
+            {"prompt": _user(r["prompt"]), "completion": _assistant(r["completion"])} for r in few_sft
+        ],
         "sft-messages.jsonl": [{"messages": _user(r["prompt"]) + _assistant(r["completion"])} for r in few_sft],
         "sft-text.jsonl": [{"text": r["prompt"] + r["completion"]} for r in few_sft],
         "preferences-explicit.jsonl": few_pairs,
         "preferences-implicit-hh.jsonl": [
-            {"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['chosen']}",
-             "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['rejected']}"} for r in few_pairs],
+            {
+                "chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['chosen']}",
+                "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['rejected']}",
+            }
+            for r in few_pairs
+        ],
         "preferences-implicit-conversational.jsonl": [
-            {"chosen": _user(r["prompt"]) + _assistant(r["chosen"]),
-             "rejected": _user(r["prompt"]) + _assistant(r["rejected"])} for r in few_pairs],
+            {
+                "chosen": _user(r["prompt"]) + _assistant(r["chosen"]),
+                "rejected": _user(r["prompt"]) + _assistant(r["rejected"]),
+            }
+            for r in few_pairs
+        ],
         "preferences-ultrafeedback.jsonl": [_ultrafeedback(r) for r in few_pairs],
         "preferences-renamed-columns.jsonl": [
-            {"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in few_pairs],
+            {"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in few_pairs
+        ],
         "prompts.jsonl": prompts[:SMALL],
         "prompts-conversational.jsonl": [{"prompt": _user(r["prompt"])} for r in prompts[:SMALL]],
         "eval.jsonl": evals[:SMALL],
@@ -69,8 +83,13 @@ def datasets(task: TaskSection = TaskSection()) -> dict[str, list[dict[str, Any]
 
 def _ultrafeedback(pair: dict[str, str]) -> dict[str, Any]:
     """UltraFeedback-binarized's shape: the prompt, and message lists that repeat it, with ratings."""
-    return {"prompt": pair["prompt"], "chosen": _user(pair["prompt"]) + _assistant(pair["chosen"]),
-            "rejected": _user(pair["prompt"]) + _assistant(pair["rejected"]), "score_chosen": 9.0, "score_rejected": 3.0}
+    return {
+        "prompt": pair["prompt"],
+        "chosen": _user(pair["prompt"]) + _assistant(pair["chosen"]),
+        "rejected": _user(pair["prompt"]) + _assistant(pair["rejected"]),
+        "score_chosen": 9.0,
+        "score_rejected": 3.0,
+    }
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-
     pass
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -17,13 +16,22 @@ DEFAULT_RUNS_DIR = Path("runs")
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config on top of the embedded default")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one key, e.g. --set sft.max_steps=20 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one key, e.g. --set sft.max_steps=20 (repeatable)",
+    )
 
 
 def _add_skip_memory_check(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--skip-memory-check", action="store_true",
-                        help="run even if a stage's estimated peak memory exceeds what is available (see rlhf plan)")
+    parser.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="run even if a stage's estimated peak memory exceeds what is available (see rlhf plan)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--run-id", help="name of the run folder (default: a timestamp)")
     run.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="where run folders go (default: runs/)")
-    run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help="recompute STAGE (and everything after it) even if cached")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="recompute STAGE (and everything after it) even if cached",
+    )
     _add_skip_memory_check(run)
     run.set_defaults(handler="run_command")
 
@@ -51,8 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", choices=STAGE_ORDER)
     stage.add_argument("--run", dest="run_id", required=True, help="the run whose artifacts and config to use")
     stage.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
-    stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="change the run's config first (the previous config is kept as config.<n>.yaml)")
+    stage.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="change the run's config first (the previous config is kept as config.<n>.yaml)",
+    )
     stage.add_argument("--force", action="store_true", help="recompute the stage even if its cache key is unchanged")
     _add_skip_memory_check(stage)
     stage.set_defaults(handler="stage_command")
@@ -69,14 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print machine-readable JSON (sizes in bytes)")
     plan.set_defaults(handler="plan_command")
 
-    inspect = commands.add_parser("inspect", help="show the ids each stage trains on for one row of each dataset: "
-                                  "token boundaries, where the loss applies, where generation stops")
+    inspect = commands.add_parser(
+        "inspect",
+        help="show the ids each stage trains on for one row of each dataset: "
+        "token boundaries, where the loss applies, where generation stops",
+    )
     _add_config_args(inspect)
     inspect.add_argument("--row", type=_row_number, default=1, help="the record to show, from 1 (default: the first)")
     inspect.set_defaults(handler="inspect_command")
 
-    resume = commands.add_parser("resume", help="finish a killed or failed run: finished stages are kept, "
-                                                "an interrupted one resumes from its last checkpoint")
+    resume = commands.add_parser(
+        "resume",
+        help="finish a killed or failed run: finished stages are kept, "
+        "an interrupted one resumes from its last checkpoint",
+    )
     resume.add_argument("run_id")
     resume.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     _add_skip_memory_check(resume)
@@ -94,11 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     promote.set_defaults(handler="promote_command")
 
-    sweep = commands.add_parser("sweep", help="search settings over whole runs with Optuna; unchanged upstream "
-                                              "stages come from the cache")
+    sweep = commands.add_parser(
+        "sweep", help="search settings over whole runs with Optuna; unchanged upstream stages come from the cache"
+    )
     _add_config_args(sweep)
-    sweep.add_argument("--grid", action="append", default=[], metavar="KEY.PATH=[V1,V2,...]", required=True,
-                       help="values to search for one key, e.g. --grid ppo.learning_rate=[1e-4,5e-4] (repeatable)")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=[V1,V2,...]",
+        required=True,
+        help="values to search for one key, e.g. --grid ppo.learning_rate=[1e-4,5e-4] (repeatable)",
+    )
     sweep.add_argument("--metric", required=True, help="STAGE.METRIC to optimise, e.g. ppo.task_score")
     sweep.add_argument("--direction", choices=("max", "min"), default="max")
     sweep.add_argument("--sampler", choices=("grid", "random", "tpe"), default="grid")
@@ -106,9 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     sweep.add_argument("--name", help="the study's name (default: derived from the command, so rerunning it resumes)")
     sweep.add_argument("--storage", help="Optuna storage URL (default: sqlite under $RLHF_HOME/sweeps.db)")
-    sweep.add_argument("--db-wait", type=float, metavar="SECONDS",  # default: flows.sweep.DB_WAIT_S, read lazily
-                       help="how long to wait for another process's lock on a SQLite study before stopping "
-                            "(default 120)")
+    sweep.add_argument(
+        "--db-wait",
+        type=float,
+        metavar="SECONDS",  # default: flows.sweep.DB_WAIT_S, read lazily
+        help="how long to wait for another process's lock on a SQLite study before stopping (default 120)",
+    )
     sweep.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     _add_skip_memory_check(sweep)
     sweep.set_defaults(handler="sweep_command")
@@ -117,9 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_id")
     export.add_argument("--stage", choices=STAGE_ORDER, help="which stage's artifact (default: the run's last stage)")
     export.add_argument("--out", type=Path, required=True, help="a new folder to write the export to")
-    export.add_argument("--merge", action="store_true",
-                        help="merge the adapter into a copy of the base: a plain transformers model (the reward "
-                             "model as sequence classification); P-tuning v2 cannot be merged")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the adapter into a copy of the base: a plain transformers model (the reward "
+        "model as sequence classification); P-tuning v2 cannot be merged",
+    )
     export.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     export.set_defaults(handler="export_command")
 

@@ -48,7 +48,7 @@ def stage_command(args: argparse.Namespace) -> int:
     cfg = read_config(run_dir, args.overrides)
     if args.name not in cfg.run.stages:
         raise ConfigError(f"stage {args.name} is not in run {args.run_id}'s stages {cfg.run.stages}")
-    rerun = cfg.run.stages[cfg.run.stages.index(args.name):]  # the stage and everything after it
+    rerun = cfg.run.stages[cfg.run.stages.index(args.name) :]  # the stage and everything after it
     preflight(cfg, memory_stages=None if args.skip_memory_check else rerun)
     update_run_config(run_dir, cfg)
     return _run_flow(run_dir, cfg.run.stages, [args.name] if args.force else [], args.runs_dir, server_ready)
@@ -68,16 +68,18 @@ def _boot_prefect() -> Callable[[], None]:
     return start_server_early()
 
 
-def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path,
-              server_ready: Callable[[], None]) -> int:
+def _run_flow(
+    run_dir: Path, stages: list[str], force: list[str], runs_dir: Path, server_ready: Callable[[], None]
+) -> int:
     from flows.pipeline import pipeline
 
     lock = run_lock(run_dir)
     try:
         lock.acquire(timeout=0)  # released by the OS if this process dies, so a killed run can be rerun
     except Timeout:
-        raise ConfigError(f"run {run_dir.name} is already running in another process; "
-                           "wait for it or choose another --run-id") from None
+        raise ConfigError(
+            f"run {run_dir.name} is already running in another process; wait for it or choose another --run-id"
+        ) from None
     print(f"run {run_dir.name}: stages {stages} -> {run_dir}", flush=True)
     server_ready()
     try:
@@ -90,7 +92,9 @@ def _run_flow(run_dir: Path, stages: list[str], force: list[str], runs_dir: Path
     if any(entry["status"] != "cached" for entry in report["stages"].values()):
         print(f"report:  {write_report_html(report, run_dir)}")
     else:  # nothing new was trained: keep the all-cached path fast, render on demand
-        print(f"report:  every stage came from the cache; `rlhf report {run_dir.name} --runs-dir {runs_dir}` renders it")
+        print(
+            f"report:  every stage came from the cache; `rlhf report {run_dir.name} --runs-dir {runs_dir}` renders it"
+        )
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 1
@@ -101,16 +105,24 @@ def serve_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # fail now on a bad config, not at 03:00
     preflight(cfg)
     if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("rlhf serve needs a Prefect server: run `prefect server start` and export "
-                           "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Schedules)")
+        raise ConfigError(
+            "rlhf serve needs a Prefect server: run `prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (see README, Schedules)"
+        )
     from flows.pipeline import scheduled_run
     from flows.stage_task import ACCELERATOR_TAG
 
     _limit_concurrency(ACCELERATOR_TAG, 1)
-    parameters = {"config": str(args.config.resolve()) if args.config else None, "overrides": args.overrides,
-                  "runs_dir": str(args.runs_dir.resolve())}
-    print(f"serving deployment rlhf-scheduled/{args.name} on cron {args.cron!r}; trigger now with "
-          f"`prefect deployment run rlhf-scheduled/{args.name}`", flush=True)
+    parameters = {
+        "config": str(args.config.resolve()) if args.config else None,
+        "overrides": args.overrides,
+        "runs_dir": str(args.runs_dir.resolve()),
+    }
+    print(
+        f"serving deployment rlhf-scheduled/{args.name} on cron {args.cron!r}; trigger now with "
+        f"`prefect deployment run rlhf-scheduled/{args.name}`",
+        flush=True,
+    )
     scheduled_run.serve(name=args.name, cron=args.cron, parameters=parameters)
     return 0
 
@@ -165,16 +177,21 @@ def runs_command(args: argparse.Namespace) -> int:
         for row in promoted:
             by = f"{row['approved_by']} (by hand)" if row["by"] == "manual" else "its gate"
             print(f"{row['run_id']:<28} {row['at']:<34} {by}")
-        print(f"latest: {promoted[-1]['run_id']} ({args.runs_dir / LATEST})" if promoted
-              else f"(no promoted runs in {args.runs_dir})")
+        print(
+            f"latest: {promoted[-1]['run_id']} ({args.runs_dir / LATEST})"
+            if promoted
+            else f"(no promoted runs in {args.runs_dir})"
+        )
         return 0
     rows = list_runs(args.runs_dir)
     print(f"{'run':<28} {'status':<10} {'promotion':<13} {'sweep':<22} {'started':<20} {'seconds':>8}  stages")
     for row in rows:
         stages = ",".join(row["stages"])
         sweep = f"{row['sweep']}#{row['trial']}" if row["sweep"] else "-"
-        print(f"{row['run_id']:<28} {row['status']:<10} {row['promotion']:<13} {sweep:<22} {row['started']:<20} "
-              f"{row['seconds']:>8.1f}  {stages}")
+        print(
+            f"{row['run_id']:<28} {row['status']:<10} {row['promotion']:<13} {sweep:<22} {row['started']:<20} "
+            f"{row['seconds']:>8.1f}  {stages}"
+        )
     if not rows:
         print(f"(no runs in {args.runs_dir})")
     return 0
@@ -190,16 +207,28 @@ def promote_command(args: argparse.Namespace) -> int:
 
 def sweep_command(args: argparse.Namespace) -> int:
     server_ready = _boot_prefect()
-    spec = SweepSpec(config=args.config, overrides=tuple(args.overrides), grid=parse_grid(args.grid),
-                     metric=args.metric, direction="maximize" if args.direction == "max" else "minimize",
-                     sampler=args.sampler, trials=args.trials, seed=args.seed)
+    spec = SweepSpec(
+        config=args.config,
+        overrides=tuple(args.overrides),
+        grid=parse_grid(args.grid),
+        metric=args.metric,
+        direction="maximize" if args.direction == "max" else "minimize",
+        sampler=args.sampler,
+        trials=args.trials,
+        seed=args.seed,
+    )
     check_spec(spec)  # every trial's config loads, and the metric's stage runs, before anything trains
     cfg = load_config(args.config, args.overrides)
     preflight(cfg, memory_stages=None if args.skip_memory_check else cfg.run.stages)
     server_ready()
     try:
-        board = run_sweep(spec, args.runs_dir, storage=args.storage, name=args.name,
-                          wait_s=DB_WAIT_S if args.db_wait is None else args.db_wait)
+        board = run_sweep(
+            spec,
+            args.runs_dir,
+            storage=args.storage,
+            name=args.name,
+            wait_s=DB_WAIT_S if args.db_wait is None else args.db_wait,
+        )
     except StudyLocked as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -211,8 +240,9 @@ def sweep_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     run_dir = args.runs_dir / args.run_id
     options = [*(["--stage", args.stage] if args.stage else []), *(["--merge"] if args.merge else [])]
-    with ConfigProcess("stages.tools.export", read_config(run_dir), str(run_dir), "--out", str(args.out),
-                       *options, capture=False) as exporting:  # torch and the model load in their own process
+    with ConfigProcess(
+        "stages.tools.export", read_config(run_dir), str(run_dir), "--out", str(args.out), *options, capture=False
+    ) as exporting:  # torch and the model load in their own process
         return exporting.wait()[0]
 
 

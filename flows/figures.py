@@ -29,8 +29,12 @@ def to_png(fig: Any) -> str:
 
 def figures_html(figures: list[tuple[str, str | None]]) -> str:
     """(title, base64 PNG or None) pairs as inline figures; a figure without data is left out."""
-    return "".join(f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
-                   f"<figcaption>{html.escape(title)}</figcaption></figure>" for title, png in figures if png)
+    return "".join(
+        f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'
+        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        for title, png in figures
+        if png
+    )
 
 
 def write_page(out: Path, page: str) -> Path:

@@ -32,12 +32,23 @@ def accelerate_command(stage: str, cfg: PipelineConfig, stage_args: list[str], m
     check_launch(stage, cfg)  # fail before launching anything
     preset = dist.deepspeed if dist.deepspeed in DEEPSPEED_PRESETS else "zero2"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(INFRA / "accelerate" / f"{preset}.yaml"),
-        "--deepspeed_config_file", str(deepspeed_config_path(dist)),
-        "--num_processes", str(dist.num_processes), "--num_machines", str(dist.num_machines),
-        "--machine_rank", str(machine_rank), "--main_process_port", str(dist.main_process_port or _free_port()),
-        "--rdzv_conf", f"timeout={dist.join_timeout_s}",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(INFRA / "accelerate" / f"{preset}.yaml"),
+        "--deepspeed_config_file",
+        str(deepspeed_config_path(dist)),
+        "--num_processes",
+        str(dist.num_processes),
+        "--num_machines",
+        str(dist.num_machines),
+        "--machine_rank",
+        str(machine_rank),
+        "--main_process_port",
+        str(dist.main_process_port or _free_port()),
+        "--rdzv_conf",
+        f"timeout={dist.join_timeout_s}",
     ]
     if dist.main_process_ip:
         command += ["--main_process_ip", dist.main_process_ip]

@@ -71,10 +71,15 @@ def check_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> None:
 def refusal(cfg: PipelineConfig, plan: MemoryPlan, est: Estimate) -> str:
     """One line: what the stage needs, what is free, and what to change."""
     gpu = est.device == "cuda" and plan.available_gpu is not None and est.total > plan.available_gpu
-    need, free, where = (est.total, plan.available_gpu, "GPU memory per rank") if gpu else \
-        (est.host_total, plan.available_host, "host RAM")
-    return (f"stage {est.stage} needs about {_size(need)} of {where} at its {est.peak_phase} (estimate; "
-            f"{_size(free or 0)} available): {suggestion(cfg, est)}; or pass --skip-memory-check to run it anyway")
+    need, free, where = (
+        (est.total, plan.available_gpu, "GPU memory per rank")
+        if gpu
+        else (est.host_total, plan.available_host, "host RAM")
+    )
+    return (
+        f"stage {est.stage} needs about {_size(need)} of {where} at its {est.peak_phase} (estimate; "
+        f"{_size(free or 0)} available): {suggestion(cfg, est)}; or pass --skip-memory-check to run it anyway"
+    )
 
 
 def suggestion(cfg: PipelineConfig, est: Estimate) -> str:
@@ -87,7 +92,9 @@ def suggestion(cfg: PipelineConfig, est: Estimate) -> str:
     options = ["backbone.dtype=bfloat16"] if cfg.backbone.dtype == "float32" else []
     if est.device == "cuda" and cfg.adapter.kind != "qlora":  # on the CPU a 4-bit backbone saves no RAM
         options.append("adapter.kind=qlora (a 4-bit backbone)")
-    if not spec(est.stage).samples_while_training:  # ZeRO-3 is refused for stages that sample (stages.io.deepspeed_config)
+    if not spec(
+        est.stage
+    ).samples_while_training:  # ZeRO-3 is refused for stages that sample (stages.io.deepspeed_config)
         offload = "zero3_offload with more processes" if est.device == "cuda" else "zero3 over more machines"
         options.append(f"{est.stage}.launcher=accelerate with distributed.deepspeed={offload}")
     return "set " + ", or ".join(options) if options else "use a smaller backbone or a machine with more memory"
@@ -107,9 +114,15 @@ def plan_json(plan: MemoryPlan) -> dict[str, Any]:
     stages = {}
     for est in plan.estimates:
         stages[est.stage] = {
-            "device": est.device, "peak_phase": est.peak_phase, "ranks": est.ranks,
-            **{c: getattr(est, c) for c in COLUMNS}, "total": est.total, "host": est.host,
-            "launcher": est.launcher, "host_total": est.host_total, "available": plan.available(est),
+            "device": est.device,
+            "peak_phase": est.peak_phase,
+            "ranks": est.ranks,
+            **{c: getattr(est, c) for c in COLUMNS},
+            "total": est.total,
+            "host": est.host,
+            "launcher": est.launcher,
+            "host_total": est.host_total,
+            "available": plan.available(est),
             "fits": plan.fits(est),
         }
     return {"available_host": plan.available_host, "available_gpu": plan.available_gpu, "stages": stages}
@@ -118,18 +131,46 @@ def plan_json(plan: MemoryPlan) -> dict[str, Any]:
 def format_plan(plan: MemoryPlan) -> str:
     """A row per stage: the components of one rank's peak and its total on the stage's device, this
     machine's host RAM over its ranks, what is available, and the verdict."""
-    header = ("stage", "device", "peak at", "weights", "adapters+optim", "activations", "logits", "kv cache",
-              "overhead", "total/rank", "ranks", "host RAM", "available", "verdict")
-    rows = [header]
+    header = (
+        "stage",
+        "device",
+        "peak at",
+        "weights",
+        "adapters+optim",
+        "activations",
+        "logits",
+        "kv cache",
+        "overhead",
+        "total/rank",
+        "ranks",
+        "host RAM",
+        "available",
+        "verdict",
+    )
+    rows: list[tuple[str, ...]] = [header]
     for est in plan.estimates:
         fits, free = plan.fits(est), plan.available(est)
         verdict = "OK" if fits else ("unknown" if fits is None else "TOO BIG")
-        rows.append((est.stage, "GPU" if est.device == "cuda" else "CPU", est.peak_phase,
-                     *(_size(getattr(est, c)) for c in COLUMNS), _size(est.total), str(est.ranks),
-                     _size(est.host_total), _size(free) if free is not None else "unknown", verdict))
+        rows.append(
+            (
+                est.stage,
+                "GPU" if est.device == "cuda" else "CPU",
+                est.peak_phase,
+                *(_size(getattr(est, c)) for c in COLUMNS),
+                _size(est.total),
+                str(est.ranks),
+                _size(est.host_total),
+                _size(free) if free is not None else "unknown",
+                verdict,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.append("total/rank: peak on the stage's device (CPU: host RAM; GPU: its memory, the process itself in host "
-                 "RAM); host RAM: this machine's ranks together. An estimate: see docs/architecture.md, Memory plan.")
+    lines = [
+        "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    lines.append(
+        "total/rank: peak on the stage's device (CPU: host RAM; GPU: its memory, the process itself in host "
+        "RAM); host RAM: this machine's ranks together. An estimate: see docs/architecture.md, Memory plan."
+    )
     return "\n".join(lines)

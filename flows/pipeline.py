@@ -8,7 +8,7 @@ key (``stages.io.provenance``) covers what Prefect cannot see, such as the backb
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow
 from prefect.states import Failed, State
@@ -42,7 +42,7 @@ def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str
 
             refresh_latest(Path(run_dir).parent)  # a promoted run whose rerun failed is no longer the latest
             return Failed(message=state.message)
-        results[stage] = state.result()
+        results[stage] = cast(dict[str, Any], state.result())  # a completed task's result: its manifest
     decide_promotion(Path(run_dir), cfg.gate.conditions)
     return results
 
@@ -56,11 +56,15 @@ def decide_promotion(run_dir: Path, conditions: list[str]) -> None:
     from flows.report import describe
 
     record = apply_gate(run_dir, conditions)
-    rows = "".join(f"| `{c['condition']}` | {c['value']} | {'pass' if c['passed'] else 'FAIL'} |\n"
-                   for c in (record or {}).get("conditions", []))
-    create_markdown_artifact(key="promotion", description=f"run {run_dir.name}: {describe(record)}",
-                             markdown=f"**{describe(record)}**\n\n" + (f"| condition | value | |\n|---|---|---|\n{rows}"
-                                                                        if rows else ""))
+    rows = "".join(
+        f"| `{c['condition']}` | {c['value']} | {'pass' if c['passed'] else 'FAIL'} |\n"
+        for c in (record or {}).get("conditions", [])
+    )
+    create_markdown_artifact(
+        key="promotion",
+        description=f"run {run_dir.name}: {describe(record)}",
+        markdown=f"**{describe(record)}**\n\n" + (f"| condition | value | |\n|---|---|---|\n{rows}" if rows else ""),
+    )
 
 
 @flow(name="rlhf-scheduled")

@@ -54,9 +54,23 @@ def start_server_early() -> Callable[[], None]:
     assert spec is not None and spec.submodule_search_locations, "prefect is not installed"
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
-         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "error", "--lifespan", "on"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(spec.submodule_search_locations[0]).parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ],
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
         stdin=subprocess.DEVNULL,
     )
@@ -82,8 +96,9 @@ def start_server_early() -> Callable[[], None]:
     return ready
 
 
-def _create_database(server: subprocess.Popen[bytes], api_url: str, timeout: float, lock: BaseFileLock,
-                     failed: list[BaseException]) -> None:
+def _create_database(
+    server: subprocess.Popen[bytes], api_url: str, timeout: float, lock: BaseFileLock, failed: list[BaseException]
+) -> None:
     """Wait until ``server`` answers (its start-up has created and migrated the database), mark the database
     migrated, and release ``lock`` whatever happens; an error is appended to ``failed``."""
     try:
@@ -115,8 +130,10 @@ def _lock_unless_migrated(timeout: float) -> BaseFileLock | None:
     try:  # the holder gives up after ``timeout``: waiting twice that never gives up first
         lock.acquire(timeout=2 * timeout)
     except Timeout:
-        raise RuntimeError(f"another rlhf command has been creating Prefect's database in {os.environ['PREFECT_HOME']} "
-                           f"for {2 * timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS x 2)") from None
+        raise RuntimeError(
+            f"another rlhf command has been creating Prefect's database in {os.environ['PREFECT_HOME']} "
+            f"for {2 * timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS x 2)"
+        ) from None
     if _migrated():  # created while this process waited
         lock.release()
         return None
@@ -128,8 +145,11 @@ def _migrated() -> bool:
     the default database file exists, or the database lives elsewhere: PREFECT_API_DATABASE_CONNECTION_URL)."""
     marker = _migrated_marker()
     elsewhere = bool(os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"))
-    return (marker.is_file() and marker.read_text() == _prefect_version()
-            and (elsewhere or (marker.parent / "prefect.db").is_file()))
+    return (
+        marker.is_file()
+        and marker.read_text() == _prefect_version()
+        and (elsewhere or (marker.parent / "prefect.db").is_file())
+    )
 
 
 def _migrated_marker() -> Path:
@@ -168,8 +188,10 @@ def _wait_until_healthy(server: subprocess.Popen[bytes], api_url: str, timeout: 
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:.0f} s "
-                       "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+    raise RuntimeError(
+        f"Prefect's temporary server did not answer within {timeout:.0f} s "
+        "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+    )
 
 
 # Runs in its own small process: waits for the CLI process to end, however it ends, then stops the server.
@@ -207,5 +229,10 @@ def stop_with_this_process(pid: int) -> None:
     if not hasattr(os, "pidfd_open"):
         return
 
-    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )

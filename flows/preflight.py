@@ -35,8 +35,9 @@ class ConfigProcess:
         config = Path(self.folder.name) / "config.yaml"
         config.write_text(cfg.to_yaml())
         pipe = subprocess.PIPE if capture else None
-        self.process = subprocess.Popen([sys.executable, "-m", module, "--config", str(config), *args],
-                                        stdout=pipe, stderr=pipe, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, "--config", str(config), *args], stdout=pipe, stderr=pipe, text=True
+        )
 
     def wait(self, timeout: float | None = None) -> tuple[int, str, str]:
         """(exit status, stdout, stderr); raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
@@ -68,7 +69,9 @@ def budget_lines(check: ConfigProcess) -> list[dict[str, Any]]:
     try:
         status, out, err = check.wait(CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise DataError(f"the tokenization check took over {CHECK_TIMEOUT_S} s (a stalled tokenizer download?)") from None
+        raise DataError(
+            f"the tokenization check took over {CHECK_TIMEOUT_S} s (a stalled tokenizer download?)"
+        ) from None
     for line in err.splitlines():
         if line.startswith("note: "):
             print(line, file=sys.stderr, flush=True)
@@ -86,8 +89,10 @@ def build_backbone(cfg: BackboneSection) -> None:
     chat = ["--chat"] if is_builtin_chat(cfg) else []
     status = subprocess.run([sys.executable, "-m", "stages.model.builtin_backbone", *chat], stdout=subprocess.DEVNULL)
     if status.returncode != 0:
-        raise BackboneError(f"backbone.name={cfg.name}: building the built-in backbone failed (exit status "
-                            f"{status.returncode}; its output is above)")
+        raise BackboneError(
+            f"backbone.name={cfg.name}: building the built-in backbone failed (exit status "
+            f"{status.returncode}; its output is above)"
+        )
 
 
 def preflight(cfg: PipelineConfig, memory_stages: list[str] | None = None) -> None:

@@ -51,8 +51,14 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
         metrics = {stage: entry["metrics"] for stage, entry in read_stages(run_dir).items()}
         checked = [Condition.parse(text).check(metrics) for text in conditions]
         failed = [c for c in checked if not c["passed"]]
-        gate = {"status": NOT_PROMOTED if failed else PROMOTED, "by": "gate", "at": _now(), "conditions": checked,
-                "failed": [c["condition"] for c in failed], "artifact_digests": artifact_digests(run_dir)}
+        gate = {
+            "status": NOT_PROMOTED if failed else PROMOTED,
+            "by": "gate",
+            "at": _now(),
+            "conditions": checked,
+            "failed": [c["condition"] for c in failed],
+            "artifact_digests": artifact_digests(run_dir),
+        }
     previous = read_promotion(run_dir)
     if previous and previous["by"] == "manual" and previous.get("artifact_digests") == artifact_digests(run_dir):
         record: dict[str, Any] | None = {**previous, "gate": gate or previous.get("gate")}
@@ -66,8 +72,7 @@ def artifact_digests(run_dir: Path) -> dict[str, str]:
     """The content digest of each finished stage artifact of the run: which files a decision was about.
     Not the cache key: ``--force`` retrains under the same key, and on a GPU or over DeepSpeed ranks the
     new weights differ."""
-    return {m.parent.name: artifacts.artifact_digest(m.parent)
-            for m in sorted(Path(run_dir).glob("*/manifest.json"))}
+    return {m.parent.name: artifacts.artifact_digest(m.parent) for m in sorted(Path(run_dir).glob("*/manifest.json"))}
 
 
 def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[str, Any]:
@@ -78,12 +83,21 @@ def promote(run_dir: Path, approved_by: str, reason: str | None = None) -> dict[
     stages = read_stages(run_dir)
     unfinished = [s for s in cfg.run.stages if not (stages.get(s) or {}).get("artifact")]
     if unfinished:
-        raise ConfigError(f"run {run_dir.name}: {', '.join(unfinished)} did not finish; only a finished run can be "
-                          f"promoted (`rlhf resume {run_dir.name}` finishes it)")
+        raise ConfigError(
+            f"run {run_dir.name}: {', '.join(unfinished)} did not finish; only a finished run can be "
+            f"promoted (`rlhf resume {run_dir.name}` finishes it)"
+        )
     previous = read_promotion(run_dir) or {}
     gate = previous if previous.get("by") == "gate" else previous.get("gate")  # a second approval keeps it too
-    record = {"status": PROMOTED, "by": "manual", "approved_by": approved_by, "at": _now(), "reason": reason,
-              "gate": gate, "artifact_digests": artifact_digests(run_dir)}
+    record = {
+        "status": PROMOTED,
+        "by": "manual",
+        "approved_by": approved_by,
+        "at": _now(),
+        "reason": reason,
+        "gate": gate,
+        "artifact_digests": artifact_digests(run_dir),
+    }
     _record(run_dir, record)
     return record
 
@@ -123,7 +137,12 @@ def promoted_runs(runs_dir: Path) -> list[dict[str, Any]]:
     for path in Path(runs_dir).glob(f"*/{PROMOTION}"):
         record = read_promotion(path.parent)
         if record and record["status"] == PROMOTED and run_finished(path.parent):
-            rows.append({"run_id": path.parent.name, "at": record["at"], "by": record["by"],
-                         **({"approved_by": record["approved_by"]} if record["by"] == "manual" else {})})
+            rows.append(
+                {
+                    "run_id": path.parent.name,
+                    "at": record["at"],
+                    "by": record["by"],
+                    **({"approved_by": record["approved_by"]} if record["by"] == "manual" else {}),
+                }
+            )
     return sorted(rows, key=lambda row: row["at"])
-

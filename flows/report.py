@@ -12,8 +12,15 @@ from flows.run_dir import CONFIG, PROMOTED, read_promotion, read_stages, read_st
 from stages.io import artifacts
 from stages.registry import STAGE_ORDER
 
-HEADLINE_METRICS = ("task_score_before", "task_score_sft", "task_score", "pair_accuracy", "reward_margin",
-                    "policy_reward", "train_loss")
+HEADLINE_METRICS = (
+    "task_score_before",
+    "task_score_sft",
+    "task_score",
+    "pair_accuracy",
+    "reward_margin",
+    "policy_reward",
+    "train_loss",
+)
 
 
 def run_report(run_dir: Path) -> dict[str, Any]:
@@ -22,8 +29,12 @@ def run_report(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise artifacts.ArtifactError(f"{run_dir}: no such run")
-    return {"run_id": run_dir.name, "stages": read_stages(run_dir), "finished": run_finished(run_dir),
-            "promotion": read_promotion(run_dir)}
+    return {
+        "run_id": run_dir.name,
+        "stages": read_stages(run_dir),
+        "finished": run_finished(run_dir),
+        "promotion": read_promotion(run_dir),
+    }
 
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
@@ -37,13 +48,17 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         states = {entry["status"] for entry in status.values()}
         overall = next((s for s in ("failed", "running") if s in states), "completed" if status else "pending")
         started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, UTC)
-        rows.append({
-            "run_id": run_dir.name, "status": overall, "stages": sorted(status, key=STAGE_ORDER.index),
-            "promotion": (read_promotion(run_dir) or {}).get("status", "-") if overall == "completed" else "-",
-            **_sweep_of(run_dir),
-            "started": started.strftime("%Y-%m-%d %H:%M:%S"),
-            "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
-        })
+        rows.append(
+            {
+                "run_id": run_dir.name,
+                "status": overall,
+                "stages": sorted(status, key=STAGE_ORDER.index),
+                "promotion": (read_promotion(run_dir) or {}).get("status", "-") if overall == "completed" else "-",
+                **_sweep_of(run_dir),
+                "started": started.strftime("%Y-%m-%d %H:%M:%S"),
+                "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
+            }
+        )
     return sorted(rows, key=lambda row: row["started"])
 
 
@@ -59,9 +74,7 @@ def format_report(report: dict[str, Any]) -> str:
     for stage, entry in report["stages"].items():
         metrics = entry["metrics"]
         shown = ", ".join(
-            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in metrics.items()
-            if k in HEADLINE_METRICS
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k in HEADLINE_METRICS
         )
         seconds = f"{entry['seconds']:.1f}s" if entry["seconds"] is not None else "-"
         lines.append(f"  {stage:<7} {entry['status']:<10} {seconds:>8}  {shown or entry.get('error', '')}")
@@ -84,12 +97,17 @@ def describe(record: dict[str, Any] | None, finished: bool = True) -> str:
     if record is None:
         return "no gate (not promoted)"
     if record["by"] == "manual":
-        return f"promoted by {record['approved_by']} at {record['at']}" + (f": {record['reason']}" if record.get("reason") else "")
+        return f"promoted by {record['approved_by']} at {record['at']}" + (
+            f": {record['reason']}" if record.get("reason") else ""
+        )
     if record["status"] == PROMOTED:
         return f"promoted by its gate (all {len(record['conditions'])} conditions passed)"
     reasons = []
     for c in record["conditions"]:
         if not c["passed"]:
-            reasons.append(f"{c['condition']} (was {c['value']:.4g})" if c["value"] is not None
-                           else f"{c['condition']} ({c['reason']})")
+            reasons.append(
+                f"{c['condition']} (was {c['value']:.4g})"
+                if c["value"] is not None
+                else f"{c['condition']} ({c['reason']})"
+            )
     return "not promoted: failed " + "; ".join(reasons)

@@ -28,17 +28,22 @@ def write_report_html(report: dict[str, Any], run_dir: Path) -> Path:
         f"<td><code>{html.escape(json.dumps(entry['metrics']))}</code></td></tr>"
         for stage, entry in report["stages"].items()
     )
-    warnings = "".join(f"<p class='warning'>WARNING: {html.escape(w)}</p>"
-                       for entry in report["stages"].values() for w in entry["metrics"].get("warnings", []))
-    warnings += "".join(f"<p class='stopped'>{html.escape(stage)} stopped early at step {entry['metrics']['stopped_at_step']}: "
-                        f"{html.escape(entry['metrics']['stop_reason'])}</p>"
-                        for stage, entry in report["stages"].items() if entry["metrics"].get("stopped_at_step") is not None)
+    warnings = "".join(
+        f"<p class='warning'>WARNING: {html.escape(w)}</p>"
+        for entry in report["stages"].values()
+        for w in entry["metrics"].get("warnings", [])
+    )
+    warnings += "".join(
+        f"<p class='stopped'>{html.escape(stage)} stopped early at step {entry['metrics']['stopped_at_step']}: "
+        f"{html.escape(entry['metrics']['stop_reason'])}</p>"
+        for stage, entry in report["stages"].items()
+        if entry["metrics"].get("stopped_at_step") is not None
+    )
     promotion = ""
     if "promotion" in report:
         status = (report["promotion"] or {}).get("status") if report["finished"] else "on hold"
         css = {PROMOTED: "promoted", None: "ungated"}.get(status, "not-promoted")  # not a stage's warning
-        promotion = (f"<p class='{css}'>"
-                     f"{html.escape(describe(report['promotion'], report['finished']))}</p>")
+        promotion = f"<p class='{css}'>{html.escape(describe(report['promotion'], report['finished']))}</p>"
     images = figures_html(figures)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>run {html.escape(report['run_id'])}</title>"

@@ -51,9 +51,7 @@ def prepare_run_dir(runs_dir: Path, run_id: str, cfg: PipelineConfig) -> Path:
     config_text = cfg.to_yaml()
     existing = run_dir / CONFIG
     if existing.is_file() and existing.read_text() != config_text:
-        raise ConfigError(
-            f"{existing}: run {run_id!r} already exists with a different config; choose another --run-id"
-        )
+        raise ConfigError(f"{existing}: run {run_id!r} already exists with a different config; choose another --run-id")
     run_dir.mkdir(parents=True, exist_ok=True)
     if not existing.is_file():
         tmp = existing.with_name(f".{CONFIG}.tmp")

@@ -10,6 +10,7 @@ streamed to the terminal and the Prefect log (progress bars included) and kept i
 from __future__ import annotations
 
 import codecs
+import io
 import re
 import shlex
 import subprocess
@@ -57,8 +58,10 @@ def publish_stage_artifacts(stage: str, run_dir: Path, result: dict[str, Any]) -
     create_table_artifact(key=f"{stage}-metrics", table=rows, description=f"{stage}: {result['status']}")
     create_markdown_artifact(
         key=f"{stage}-artifact",
-        markdown=(f"**{stage}** {result['status']} in {result['seconds']:.1f}s\n\n"
-                  f"- artifact: `{result['artifact']}`\n- report: `{run_dir / 'report.html'}`\n"),
+        markdown=(
+            f"**{stage}** {result['status']} in {result['seconds']:.1f}s\n\n"
+            f"- artifact: `{result['artifact']}`\n- report: `{run_dir / 'report.html'}`\n"
+        ),
         description=f"where the {stage} adapter is",
     )
 
@@ -105,8 +108,13 @@ def _holds_intact(out: Path, key: str) -> bool:
 
 def stage_command(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: PipelineConfig) -> list[str]:
     """The command that runs one stage of this run: ``python -m`` or ``accelerate launch -m``."""
-    args = ["--config", str(run_dir / CONFIG), "--out", str(run_dir / stage),
-            *(f"--input={name}={path}" for name, path in inputs.items())]
+    args = [
+        "--config",
+        str(run_dir / CONFIG),
+        "--out",
+        str(run_dir / stage),
+        *(f"--input={name}={path}" for name, path in inputs.items()),
+    ]
     if cfg.launcher(stage) == "accelerate":
         return accelerate_command(stage, cfg, args)
     return [sys.executable, "-m", STAGE_ENTRY, stage, *args]
@@ -124,12 +132,14 @@ def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipeli
     to_prefect = PrefectLines()
     with log_path.open("wb") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())  # how to rerun (or join, on another machine) by hand
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=_terminate_with_parent)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=_terminate_with_parent
+        )
         try:
-            assert process.stdout is not None
+            stdout = process.stdout
+            assert isinstance(stdout, io.BufferedReader)  # stdout=PIPE, unbuffered text off
             # read1 returns whatever is available, so "\r" progress-bar updates show as they happen.
-            for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            for chunk in iter(lambda: stdout.read1(65536), b""):
                 log.write(chunk)
                 text = decoder.decode(chunk)
                 sys.stdout.write(text)

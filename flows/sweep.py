@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from flows.run_dir import is_running, prepare_run_dir, read_stages, run_lock, sweep_dir, write_trial
 from stages.io import artifacts
@@ -48,7 +48,7 @@ class SweepSpec:
     overrides: tuple[str, ...]
     grid: dict[str, list[Any]]
     metric: str  # stage.metric, e.g. ppo.task_score
-    direction: str  # maximize | minimize
+    direction: Literal["maximize", "minimize"]
     sampler: str = "grid"
     trials: int | None = None  # random/tpe: how many; grid: every combination
     seed: int = 0
@@ -64,8 +64,21 @@ class SweepSpec:
     def name(self, runs_dir: Path) -> str:
         """A stable name: the same command (over the same runs folder) continues the same study."""
         base = Path(self.config).read_text() if self.config else ""
-        payload = json.dumps([base, self.overrides, self.grid, self.metric, self.direction, self.sampler, self.trials,
-                              self.seed, str(Path(runs_dir).resolve())], sort_keys=True, default=str)
+        payload = json.dumps(
+            [
+                base,
+                self.overrides,
+                self.grid,
+                self.metric,
+                self.direction,
+                self.sampler,
+                self.trials,
+                self.seed,
+                str(Path(runs_dir).resolve()),
+            ],
+            sort_keys=True,
+            default=str,
+        )
         return "sweep-" + hashlib.sha256(payload.encode()).hexdigest()[:8]
 
 
@@ -81,7 +94,9 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         except yaml.YAMLError:
             values = None
         if not key.strip() or not isinstance(values, list) or not values:
-            raise ConfigError(f"--grid {item!r}: expected KEY.PATH=[VALUE,...], e.g. --grid ppo.learning_rate=[1e-4,5e-4]")
+            raise ConfigError(
+                f"--grid {item!r}: expected KEY.PATH=[VALUE,...], e.g. --grid ppo.learning_rate=[1e-4,5e-4]"
+            )
         if key in grid:
             raise ConfigError(f"--grid {key}: given twice")
         grid[key.strip()] = [_number(v) for v in values]
@@ -163,9 +178,11 @@ def locked_study_named(storage: str | None, wait_s: float) -> Iterator[None]:
             raise
         database = url.removeprefix("sqlite:///")
         holders = ", ".join(_processes_holding(Path(database))) or "no other process of this machine"
-        raise StudyLocked(f"{database}: the sweep database was locked by another process past --db-wait ({wait_s:g} s; "
-                          f"open in {holders}); finished trials are kept: run the same command again once it is "
-                          "free, or raise --db-wait") from None
+        raise StudyLocked(
+            f"{database}: the sweep database was locked by another process past --db-wait ({wait_s:g} s; "
+            f"open in {holders}); finished trials are kept: run the same command again once it is "
+            "free, or raise --db-wait"
+        ) from None
 
 
 def _caused_by_a_lock(err: BaseException | None) -> bool:
@@ -211,8 +228,9 @@ def shown_url(url: str) -> str:
         return f"{scheme}://..." if separator else "(a storage URL, not shown)"
 
 
-def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path | None = None,
-               wait_s: float = DB_WAIT_S) -> optuna.Study:
+def open_study(
+    spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path | None = None, wait_s: float = DB_WAIT_S
+) -> optuna.Study:
     """The sweep's Optuna study, created or continued, with its sampler.
 
     Continuing, a trial to run again has its settings queued first: one interrupted by Ctrl-C (marked
@@ -229,9 +247,11 @@ def open_study(spec: SweepSpec, sweep: str, storage: str | None, runs_dir: Path 
     study = optuna.create_study(study_name=sweep, storage=rdb, direction=spec.direction, load_if_exists=True)
     trials = study.get_trials(deepcopy=False)
     seed = spec.seed + len(trials)
-    study.sampler = {"grid": lambda: optuna.samplers.GridSampler(spec.grid, seed=spec.seed),
-                     "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                     "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}[spec.sampler]()
+    study.sampler = {
+        "grid": lambda: optuna.samplers.GridSampler(spec.grid, seed=spec.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+    }[spec.sampler]()
     for trial in trials:
         if trial.state == TrialState.RUNNING and runs_dir is not None:
             run_id = trial.user_attrs.get("run_id")
@@ -262,12 +282,14 @@ def _fail_as_interrupted(storage: optuna.storages.RDBStorage, sweep: str, number
 
 def _queued_again(trial: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> bool:
     """Whether a later trial has (or, still waiting, will have) this trial's settings."""
-    return any(t.number > trial.number and (t.params or t.system_attrs.get("fixed_params")) == trial.params
-               for t in trials)
+    return any(
+        t.number > trial.number and (t.params or t.system_attrs.get("fixed_params")) == trial.params for t in trials
+    )
 
 
-def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name: str | None = None,
-              wait_s: float = DB_WAIT_S) -> dict[str, Any]:
+def run_sweep(
+    spec: SweepSpec, runs_dir: Path, storage: str | None = None, name: str | None = None, wait_s: float = DB_WAIT_S
+) -> dict[str, Any]:
     """Run the sweep's remaining trials as Prefect subflows of one ``rlhf-sweep`` flow run; return its
     leaderboard (``leaderboard``). Raises ``StudyLocked`` when a SQLite study stays locked by another
     process for ``wait_s`` seconds (a trial that finished meanwhile is recorded by the next run: its
@@ -275,10 +297,20 @@ def run_sweep(spec: SweepSpec, runs_dir: Path, storage: str | None = None, name:
     sweep = name or spec.name(runs_dir)
     folder = sweep_dir(runs_dir, sweep)
     folder.mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(folder / "sweep.json", {
-        "name": sweep, "config": str(spec.config) if spec.config else None, "overrides": list(spec.overrides),
-        "grid": spec.grid, "metric": spec.metric, "direction": spec.direction, "sampler": spec.sampler,
-        "trials": spec.target, "storage": shown_url(storage_url(storage))})
+    artifacts.write_json(
+        folder / "sweep.json",
+        {
+            "name": sweep,
+            "config": str(spec.config) if spec.config else None,
+            "overrides": list(spec.overrides),
+            "grid": spec.grid,
+            "metric": spec.metric,
+            "direction": spec.direction,
+            "sampler": spec.sampler,
+            "trials": spec.target,
+            "storage": shown_url(storage_url(storage)),
+        },
+    )
     locked = sweep_flow(spec, sweep, str(Path(runs_dir).resolve()), storage, wait_s)
     if locked:
         raise StudyLocked(locked)
@@ -300,8 +332,11 @@ def remaining_trials(study: optuna.Study, target: int) -> int:
     """Trials still to run: the target less those finished, not counting interrupted ones."""
     from optuna.trial import TrialState
 
-    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-                if not t.user_attrs.get(INTERRUPTED)]
+    finished = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if not t.user_attrs.get(INTERRUPTED)
+    ]
     return max(target - len(finished), 0)
 
 
@@ -343,15 +378,17 @@ def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, w
         found = read_stages(run_dir)[stage]["metrics"]
         if not isinstance(found.get(metric), (int, float)):  # the same for every trial: stop the sweep now
             numeric = sorted(k for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-            raise ConfigError(f"--metric {spec.metric}: {stage} reports no numeric {metric!r}; it has "
-                              f"{', '.join(numeric)}")
+            raise ConfigError(
+                f"--metric {spec.metric}: {stage} reports no numeric {metric!r}; it has {', '.join(numeric)}"
+            )
         return float(found[metric])
 
     study.optimize(objective, n_trials=remaining_trials(study, spec.target), catch=(TrialFailed,))
 
 
-def sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float = DB_WAIT_S
-               ) -> str | None:
+def sweep_flow(
+    spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float = DB_WAIT_S
+) -> str | None:
     """``_sweep_flow`` as the ``rlhf-sweep`` flow run. The storage URL is not one of its parameters:
     Prefect keeps those in its database, and a URL may hold a password."""
     from prefect import flow
@@ -360,21 +397,32 @@ def sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, 
         return _sweep_flow(spec, sweep, runs_dir, storage, wait_s)
 
     return flow(name="rlhf-sweep", flow_run_name=_sweep_flow_run_name, validate_parameters=False)(rlhf_sweep)(
-        spec, sweep, runs_dir)
+        spec, sweep, runs_dir
+    )
 
 
-def leaderboard(spec: SweepSpec, sweep: str, runs_dir: Path, storage: str | None, wait_s: float = DB_WAIT_S
-                ) -> dict[str, Any]:
+def leaderboard(
+    spec: SweepSpec, sweep: str, runs_dir: Path, storage: str | None, wait_s: float = DB_WAIT_S
+) -> dict[str, Any]:
     """Every trial, best first (failed ones last): number, settings, metric, seconds, run id; written to
     ``<runs-dir>/sweeps/<name>/leaderboard.json`` with an HTML report beside it."""
     import optuna
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=sweep, storage=study_storage(storage, wait_s))
-    rows = [{"trial": t.number, "params": t.params, "value": t.value if t.state == TrialState.COMPLETE else None,
-             "state": INTERRUPTED if t.user_attrs.get(INTERRUPTED) else t.state.name.lower(),
-             "seconds": t.user_attrs.get("seconds"), "run_id": t.user_attrs.get("run_id"), "error": t.user_attrs.get("error")}
-            for t in study.get_trials(deepcopy=False) if t.state != TrialState.RUNNING]
+    rows: list[dict[str, Any]] = [
+        {
+            "trial": t.number,
+            "params": t.params,
+            "value": t.value if t.state == TrialState.COMPLETE else None,
+            "state": INTERRUPTED if t.user_attrs.get(INTERRUPTED) else t.state.name.lower(),
+            "seconds": t.user_attrs.get("seconds"),
+            "run_id": t.user_attrs.get("run_id"),
+            "error": t.user_attrs.get("error"),
+        }
+        for t in study.get_trials(deepcopy=False)
+        if t.state != TrialState.RUNNING
+    ]
     sign = -1 if spec.direction == "maximize" else 1
     rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0.0), r["trial"]))
     board = {"sweep": sweep, "metric": spec.metric, "direction": spec.direction, "trials": rows}
@@ -386,8 +434,10 @@ def leaderboard(spec: SweepSpec, sweep: str, runs_dir: Path, storage: str | None
 
 
 def format_leaderboard(board: dict[str, Any]) -> str:
-    lines = [f"sweep {board['sweep']}: {board['metric']} ({board['direction']})",
-             f"{'rank':>4} {'trial':>5}  {'metric':>9} {'seconds':>8}  {'run':<22} settings"]
+    lines = [
+        f"sweep {board['sweep']}: {board['metric']} ({board['direction']})",
+        f"{'rank':>4} {'trial':>5}  {'metric':>9} {'seconds':>8}  {'run':<22} settings",
+    ]
     for rank, row in enumerate(board["trials"], start=1):
         value = f"{row['value']:.4f}" if row["value"] is not None else row["state"]
         seconds = f"{row['seconds']:.1f}" if row["seconds"] is not None else "-"

@@ -21,13 +21,15 @@ def write_sweep_report(board: dict[str, Any], runs_dir: Path) -> Path:
     done = [row for row in board["trials"] if row["value"] is not None]
     figures = [_against(done, key, board["metric"]) for key in (done[0]["params"] if done else {})]
     stage = board["metric"].split(".")[0]
-    figures += [_overlaid(done[:BEST_CURVES], Path(runs_dir), stage, key, title)
-                for name, key, title in CURVES if name == stage]
+    figures += [
+        _overlaid(done[:BEST_CURVES], Path(runs_dir), stage, key, title) for name, key, title in CURVES if name == stage
+    ]
     rows = "".join(
         f"<tr><td>{rank}</td><td>{row['trial']}</td><td>{html.escape(_settings(row['params']))}</td>"
         f"<td>{row['value'] if row['value'] is not None else html.escape(row['state'])}</td>"
         f"<td>{row['seconds'] if row['seconds'] is not None else '-'}</td><td>{html.escape(row['run_id'] or '-')}</td></tr>"
-        for rank, row in enumerate(board["trials"], start=1))
+        for rank, row in enumerate(board["trials"], start=1)
+    )
     images = figures_html(figures)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(board['sweep'])}</title>"

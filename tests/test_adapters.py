@@ -131,7 +131,8 @@ def test_every_stage_trains_the_lora_variants(kind: str, tmp_path: Path) -> None
         published[stage] = tmp_path / stage
         saved = json.loads((published[stage] / "adapter" / "adapter_config.json").read_text())
         assert (saved["peft_type"], saved.get("use_dora", False)) == (
-            ("ADALORA", False) if kind == "adalora" else ("LORA", True)), stage
+            ("ADALORA", False) if kind == "adalora" else ("LORA", True)
+        ), stage
     sft = load_file(published["sft"] / "adapter" / "adapter_model.safetensors")
     for stage in ("ppo", "rrhf", "dpo", "grpo"):
         policy = load_file(published[stage] / "adapter" / "adapter_model.safetensors")

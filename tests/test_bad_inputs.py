@@ -59,8 +59,9 @@ def test_non_utf8_jsonl_names_file_line_and_byte(tmp_path: Path) -> None:
     path.write_bytes(good + '{"prompt": "café", "completion": "2"}\n'.encode("latin-1"))
     with pytest.raises(DataError) as err:
         load_records(str(path), "sft", TASK)
-    assert str(err.value) == (f"{path}: line 2: not valid UTF-8 (byte 0xe9 at byte 16 of the line); "
-                              "save the file as UTF-8")
+    assert str(err.value) == (
+        f"{path}: line 2: not valid UTF-8 (byte 0xe9 at byte 16 of the line); save the file as UTF-8"
+    )
     # the same through the CLI's preflight: a DataError, which the CLI prints as one line with exit 2
     cfg = load_config(None, [f"data.sft={path}"])
     with pytest.raises(DataError, match="line 2: not valid UTF-8"):
@@ -72,26 +73,46 @@ def test_cli_non_utf8_data_is_one_line_exit_2_and_no_run(tmp_path: Path) -> None
     path.write_text('{"prompt": "1+1=", "completion": "2"}\n', encoding="utf-16")  # a BOM, then 2 bytes a char
     result = run_cli("run", "--set", f"data.sft={path}", "--run-id", "utf16", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stderr.strip() == f"error: {path}: line 1: not valid UTF-8 (byte 0xff at byte 1 of the line); " \
-                                    "save the file as UTF-8"
+    assert (
+        result.stderr.strip() == f"error: {path}: line 1: not valid UTF-8 (byte 0xff at byte 1 of the line); "
+        "save the file as UTF-8"
+    )
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(("sets", "message"), [
-    (["data.sft=EXAMPLES/sft-messages.jsonl"], "data.sft hold conversational rows, but the tokenizer of "
-     "backbone.name='builtin:tiny' has no chat template; use a chat model (builtin:tiny-chat is the built-in one) "
-     "or plain-string data"),
-    (["data.chat_template=always"], "data.chat_template=always, but the tokenizer of backbone.name='builtin:tiny' "
-     "has no chat template; use a chat model (builtin:tiny-chat is the built-in one) or plain-string data"),
-    (["backbone.name=builtin:tiny-chat", "data.eval=EXAMPLES/eval-conversational.jsonl", "data.chat_template=never"],
-     "data.eval hold conversational rows, which need the chat template, but data.chat_template=never"),
-    (["backbone.name=builtin:tiny-chat", "data.preferences=EXAMPLES/preferences-ultrafeedback.jsonl"],
-     "data.preferences hold conversational prompts and data.eval, data.sft plain-string ones: under "
-     "data.chat_template=auto only the conversational ones go through the chat template, so the stages would see "
-     "the same task in two formats; set data.chat_template: always, or make the datasets agree"),
-])
-def test_conversational_data_without_a_chat_template_fails_before_the_run(tmp_path: Path, sets: list[str],
-                                                                         message: str) -> None:
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ["data.sft=EXAMPLES/sft-messages.jsonl"],
+            "data.sft hold conversational rows, but the tokenizer of "
+            "backbone.name='builtin:tiny' has no chat template; use a chat model (builtin:tiny-chat is the built-in one) "
+            "or plain-string data",
+        ),
+        (
+            ["data.chat_template=always"],
+            "data.chat_template=always, but the tokenizer of backbone.name='builtin:tiny' "
+            "has no chat template; use a chat model (builtin:tiny-chat is the built-in one) or plain-string data",
+        ),
+        (
+            [
+                "backbone.name=builtin:tiny-chat",
+                "data.eval=EXAMPLES/eval-conversational.jsonl",
+                "data.chat_template=never",
+            ],
+            "data.eval hold conversational rows, which need the chat template, but data.chat_template=never",
+        ),
+        (
+            ["backbone.name=builtin:tiny-chat", "data.preferences=EXAMPLES/preferences-ultrafeedback.jsonl"],
+            "data.preferences hold conversational prompts and data.eval, data.sft plain-string ones: under "
+            "data.chat_template=auto only the conversational ones go through the chat template, so the stages would see "
+            "the same task in two formats; set data.chat_template: always, or make the datasets agree",
+        ),
+    ],
+)
+def test_conversational_data_without_a_chat_template_fails_before_the_run(
+    tmp_path: Path, sets: list[str], message: str
+) -> None:
     examples = str(Path(__file__).resolve().parents[1] / "examples" / "data")
     args = [arg for s in sets for arg in ("--set", s.replace("EXAMPLES", examples))]
     result = run_cli("run", *args, "--run-id", "template", cwd=tmp_path)
@@ -104,8 +125,9 @@ def test_preferences_too_few_prompts_to_hold_out_fail_before_the_run(tmp_path: P
     """Issue 14, fault 9: the reward stage holds out whole prompts; 4 pairs on one prompt leave nothing to
     hold out (or nothing to train on). Refused in pre-flight, naming the file, not after SFT has trained."""
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": f"2;{n}+1={n + 1}"}) + "\n"
-                            for n in range(4)))
+    path.write_text(
+        "".join(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": f"2;{n}+1={n + 1}"}) + "\n" for n in range(4))
+    )
     result = run_cli("run", "--set", f"data.preferences={path}", "--run-id", "split", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stderr.strip().startswith(f"error: {path}: 4 preference pairs over 1 distinct prompt(s) leave ")
@@ -113,14 +135,18 @@ def test_preferences_too_few_prompts_to_hold_out_fail_before_the_run(tmp_path: P
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(("targets", "missing"), [("[query_key_value]", "query_key_value"),
-                                                 ("[q_proj, qkv]", "qkv"), ("'.*attn_qkv'", ".*attn_qkv")])
+@pytest.mark.parametrize(
+    ("targets", "missing"),
+    [("[query_key_value]", "query_key_value"), ("[q_proj, qkv]", "qkv"), ("'.*attn_qkv'", ".*attn_qkv")],
+)
 def test_lora_target_modules_that_match_nothing_fail_before_the_run(tmp_path: Path, targets: str, missing: str) -> None:
     """Issue 14, fault 4: named, with the layer names the backbone has, exit 2, no run folder."""
     result = run_cli("run", "--set", f"adapter.target_modules={targets}", "--run-id", "targets", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stderr.strip() == (f"error: adapter.target_modules: {missing} not found; the backbone has down_proj, "
-                                     "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or use all-linear)")
+    assert result.stderr.strip() == (
+        f"error: adapter.target_modules: {missing} not found; the backbone has down_proj, "
+        "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or use all-linear)"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -128,8 +154,10 @@ def test_lora_target_modules_that_match_nothing_fail_before_the_run(tmp_path: Pa
 def test_backbone_device_cuda_without_a_gpu_fails_before_the_run(tmp_path: Path) -> None:
     result = run_cli("run", "--set", "backbone.device=cuda", "--run-id", "gpu", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stderr.strip() == ("error: backbone.device: cuda, but no CUDA device is visible here (check the driver "
-                                     "and CUDA_VISIBLE_DEVICES), or set backbone.device: auto or cpu")
+    assert result.stderr.strip() == (
+        "error: backbone.device: cuda, but no CUDA device is visible here (check the driver "
+        "and CUDA_VISIBLE_DEVICES), or set backbone.device: auto or cpu"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -181,10 +209,21 @@ def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tokeniz
     ]
     max_length = 8
     model = load_backbone(BackboneSection()).model
-    args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, completion_only_loss=True, report_to="none",
-                     use_cpu=True, bf16=False, dataloader_num_workers=0)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
-                         processing_class=tokenizer)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_length=max_length,
+        completion_only_loss=True,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
+        processing_class=tokenizer,
+    )
     rows = [row["input_ids"] for row in trainer.train_dataset]
     assert len(rows) == 2, "TRL drops a row whose completion is truncated away entirely"
     assert sorted(len(r) for r in rows) == [6, max_length]
@@ -193,8 +232,10 @@ def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tokeniz
 
     report = measure_lengths(demos, "sft", "demos.jsonl", tokenization, max_length)
     assert (report.total, report.too_long, report.no_room) == (3, (2, 3), (3,))
-    assert report.warning() == ("demos.jsonl: 2 of 3 sft records are longer than 8 tokens (records 2, 3); "
-                                "1 of them have no room for the response")
+    assert report.warning() == (
+        "demos.jsonl: 2 of 3 sft records are longer than 8 tokens (records 2, 3); "
+        "1 of them have no room for the response"
+    )
     assert measure_lengths(demos[:1], "sft", "demos.jsonl", tokenization, max_length).warning() is None
 
 
@@ -223,9 +264,15 @@ def test_preference_pairs_are_never_truncated(tokenization) -> None:
     [
         ("/no/such/backbone", "backbone.name='/no/such/backbone': no such folder, and not a hub id (NAME or ORG/NAME)"),
         ("./models/mine", "backbone.name='./models/mine': no such folder, and not a hub id (NAME or ORG/NAME)"),
-        ("no-such-org/no-such-model", "backbone.name='no-such-org/no-such-model': not a local folder, and not in the "
-                                      "local HF cache while HF_HUB_OFFLINE=1; download it first"),
-        ("builtin:huge", "backbone.name: unknown built-in backbone 'builtin:huge'; choose one of ['builtin:tiny', 'builtin:tiny-chat']"),
+        (
+            "no-such-org/no-such-model",
+            "backbone.name='no-such-org/no-such-model': not a local folder, and not in the "
+            "local HF cache while HF_HUB_OFFLINE=1; download it first",
+        ),
+        (
+            "builtin:huge",
+            "backbone.name: unknown built-in backbone 'builtin:huge'; choose one of ['builtin:tiny', 'builtin:tiny-chat']",
+        ),
     ],
 )
 def test_missing_backbone_is_one_user_error(name: str, expected: str) -> None:
@@ -239,8 +286,9 @@ def test_missing_backbone_is_one_user_error(name: str, expected: str) -> None:
 def test_cli_missing_backbone_is_one_line_exit_2_and_no_run(tmp_path: Path) -> None:
     result = run_cli("run", "--set", "backbone.name=/no/such/backbone", "--run-id", "nobackbone", cwd=tmp_path)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stderr.strip() == ("error: backbone.name='/no/such/backbone': no such folder, "
-                                     "and not a hub id (NAME or ORG/NAME)")
+    assert result.stderr.strip() == (
+        "error: backbone.name='/no/such/backbone': no such folder, and not a hub id (NAME or ORG/NAME)"
+    )
     assert not (tmp_path / "runs").exists()
 
 
@@ -306,8 +354,9 @@ def test_adapter_from_another_backbone_is_refused(adapter_artifact: tuple[Path, 
     other = "0123456789abcdef"
     with pytest.raises(artifacts.ArtifactError) as err:
         load_adapter(load_backbone(BackboneSection()).model, folder, "sft", other)
-    assert str(err.value) == (f"{folder}: adapter was trained on backbone {fingerprint}, "
-                              f"but this run's backbone is {other}")
+    assert str(err.value) == (
+        f"{folder}: adapter was trained on backbone {fingerprint}, but this run's backbone is {other}"
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
@@ -327,7 +376,8 @@ def test_corrupted_adapter_file_is_named(adapter_artifact: tuple[Path, str], tmp
     else:
         weights.unlink()
     what = {"delete": "is missing"}.get(
-        damage, "is corrupted or changed since it was published (sha256 differs from the manifest)")
+        damage, "is corrupted or changed since it was published (sha256 differs from the manifest)"
+    )
     with pytest.raises(artifacts.ArtifactError) as err:
         load_adapter(load_backbone(BackboneSection()).model, copy, "sft", fingerprint)
     assert str(err.value) == f"{weights}: {what}; rerun the stage that produced {copy}"
@@ -393,6 +443,7 @@ def test_cache_does_not_restore_a_corrupted_entry(tmp_path: Path, capsys: pytest
 
 def _limit_file_size(max_bytes: int) -> Callable[[], None]:
     """preexec_fn: writes past ``max_bytes`` fail with EFBIG, as on a full disk (SIGXFSZ would kill instead)."""
+
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
@@ -417,15 +468,27 @@ def test_manifest_write_failure_publishes_nothing(tmp_path: Path) -> None:
     final = tmp_path / "sft"
     result = subprocess.run([sys.executable, "-c", script, str(final)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (f"error: {final}: not published: writing {final}/manifest.json failed "
-                                     "(File too large); nothing was kept, free space (or raise the file-size limit) "
-                                     "and rerun")
+    assert result.stderr.strip() == (
+        f"error: {final}: not published: writing {final}/manifest.json failed "
+        "(File too large); nothing was kept, free space (or raise the file-size limit) "
+        "and rerun"
+    )
     assert list(tmp_path.iterdir()) == [], "no manifest, no staging folder, no temp file may be left"
 
 
 def test_disk_full_while_publishing_a_stage_then_rerun_succeeds(tmp_path: Path) -> None:
     out = tmp_path / "reward"
-    command = [sys.executable, "-m", "stages.training.entry", "reward", "--out", str(out), *SETS, "--set", "tracking.backend=none"]
+    command = [
+        sys.executable,
+        "-m",
+        "stages.training.entry",
+        "reward",
+        "--out",
+        str(out),
+        *SETS,
+        "--set",
+        "tracking.backend=none",
+    ]
     # The reward adapter's weights are ~330 kB: a 100 kB limit fails that write, inside the staging folder.
     full = subprocess.run(command, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size(100_000))
     assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
@@ -486,14 +549,34 @@ def _pause_before_publishing(folder: Path) -> Path:
 def test_kill_during_publish_leaves_no_trusted_folder_and_rerun_finishes(tmp_path: Path) -> None:
     # A seed no other test uses, so the stage cannot come from the session's cache: it must really run.
     # TINY's reward.max_steps is below reward.checkpoint_every, so the artifact is the only thing published.
-    args = ["run", *SETS, "--set", "run.stages=[reward]", "--set", "run.seed=17", "--set", "tracking.backend=none",
-            "--run-id", "killed"]
+    args = [
+        "run",
+        *SETS,
+        "--set",
+        "run.stages=[reward]",
+        "--set",
+        "run.seed=17",
+        "--set",
+        "tracking.backend=none",
+        "--run-id",
+        "killed",
+    ]
     run_dir = tmp_path / "runs" / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_pause_before_publishing(tmp_path / "inject")),
-                                                         os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(_pause_before_publishing(tmp_path / "inject")), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     with (tmp_path / "first.log").open("w") as log:  # a file, not a pipe: a full pipe would stall the run
-        cli = subprocess.Popen([str(Path(sys.executable).parent / "rlhf"), *args], cwd=tmp_path, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, text=True)
+        cli = subprocess.Popen(
+            [str(Path(sys.executable).parent / "rlhf"), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             staged = _wait_for(lambda: next(run_dir.glob(".reward.tmp-*/manifest.json"), None), cli, timeout=400)
             os.kill(_pid_writing(run_dir / "reward"), signal.SIGKILL)  # inside publish, before the rename
@@ -511,7 +594,9 @@ def test_kill_during_publish_leaves_no_trusted_folder_and_rerun_finishes(tmp_pat
 
     rerun = run_cli(*args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert json.loads(run_cli("report", "killed", "--json", cwd=tmp_path).stdout)["stages"]["reward"]["status"] \
+    assert (
+        json.loads(run_cli("report", "killed", "--json", cwd=tmp_path).stdout)["stages"]["reward"]["status"]
         == "completed"
+    )
     assert artifacts.verify(run_dir / "reward")["stage"] == "reward"
     assert not list(run_dir.glob(".reward.tmp-*")), "the next run of the stage removes the killed attempt's leftover"

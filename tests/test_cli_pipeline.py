@@ -29,8 +29,16 @@ def test_run_twice_second_is_cached_and_report_is_machine_readable(tmp_path: Pat
     assert report["run_id"] == "first" and sft["status"] == "completed"
     manifest = artifacts.read_manifest(Path(sft["artifact"]))
     assert sft["metrics"] == manifest["metrics"] and "task_score_before" in sft["metrics"]  # the report's source
-    for field in ("config_digest", "input_digests", "backbone_fingerprint", "dataset_digest", "code_version",
-                  "cache_key", "metrics", "seconds"):
+    for field in (
+        "config_digest",
+        "input_digests",
+        "backbone_fingerprint",
+        "dataset_digest",
+        "code_version",
+        "cache_key",
+        "metrics",
+        "seconds",
+    ):
         assert field in manifest, field
     assert (Path(sft["artifact"]) / "adapter" / "adapter_config.json").is_file()
 
@@ -76,11 +84,18 @@ def _check_wandb_offline_runs(run_dir: Path, stages: set[str] | None = None) -> 
     wandb_cli = Path(sys.executable).parent / "wandb"
     seen = {}
     for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
-        records = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(folder)],
-                                 capture_output=True, text=True, check=True).stdout.splitlines()
+        records = subprocess.run(
+            [str(wandb_cli), "leet", "inspect", "--json", str(folder)], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         run = next(json.loads(line)["run"] for line in records if '"type":"run"' in line)
-        summary = json.loads(subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(folder)],
-                                            capture_output=True, text=True, check=True).stdout)
+        summary = json.loads(
+            subprocess.run(
+                [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(folder)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         assert run["run_group"] == run_dir.name and summary["state"] == "finished"
         assert run["job_type"] not in seen  # one run per stage
         seen[run["job_type"]] = summary
@@ -92,14 +107,25 @@ def _check_wandb_offline_runs(run_dir: Path, stages: set[str] | None = None) -> 
     assert "pair_accuracy" in seen["reward"]["summary"] and "reward/loss" in seen["reward"]["summary"]
     assert "ppo/score" in seen["ppo"]["summary"] and "task_score" in seen["ppo"]["summary"]
     lineage = seen["ppo"]["config"]["lineage"]
-    assert lineage["sft"] == f"{run_dir.name}-sft-adapter:latest" and lineage["reward"].endswith("-reward-adapter:latest")
+    assert lineage["sft"] == f"{run_dir.name}-sft-adapter:latest" and lineage["reward"].endswith(
+        "-reward-adapter:latest"
+    )
     return seen
 
 
 def test_ppo_only_change_reuses_upstream_and_stage_rerun(tmp_path: Path) -> None:
     assert run_cli("run", *SETS, "--run-id", "base", cwd=tmp_path).returncode == 0
-    changed = run_cli("run", *SETS, "--set", "ppo.learning_rate=0.0001", "--set", "tracking.backend=none",
-                      "--run-id", "lr", cwd=tmp_path)
+    changed = run_cli(
+        "run",
+        *SETS,
+        "--set",
+        "ppo.learning_rate=0.0001",
+        "--set",
+        "tracking.backend=none",
+        "--run-id",
+        "lr",
+        cwd=tmp_path,
+    )
     assert changed.returncode == 0, changed.stderr[-3000:]
     stages = json.loads(run_cli("report", "lr", "--json", cwd=tmp_path).stdout)["stages"]
     assert [stages[s]["status"] for s in ("sft", "reward", "ppo")] == ["cached", "cached", "completed"]
@@ -164,8 +190,20 @@ def test_failing_stage_is_reported_failed_with_its_error(tmp_path: Path) -> None
 def test_stage_runs_alone_as_a_module(tmp_path: Path) -> None:
     out = tmp_path / "sft"
     result = subprocess.run(
-        [sys.executable, "-m", "stages.training.entry", "sft", "--out", str(out), *SETS, "--set", "adapter.kind=ptuning_v2"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "stages.training.entry",
+            "sft",
+            "--out",
+            str(out),
+            *SETS,
+            "--set",
+            "adapter.kind=ptuning_v2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = artifacts.read_manifest(out)

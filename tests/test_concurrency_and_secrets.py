@@ -14,8 +14,14 @@ SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef", "HF_TOKEN": "hf_sec
 
 def _start(run_id: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     rlhf = Path(sys.executable).parent / "rlhf"
-    return subprocess.Popen([str(rlhf), "run", *SETS, "--run-id", run_id], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [str(rlhf), "run", *SETS, "--run-id", run_id],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_concurrent_runs_finish_and_a_running_id_is_refused(tmp_path: Path) -> None:
@@ -58,17 +64,28 @@ def test_runs_started_at_the_same_instant_on_a_fresh_home_all_finish(tmp_path: P
     home raced, and one died (`no such table: flow_run_alert_policy`) in one try of two. Four runs at the
     same instant, on three fresh homes in turn, must all finish."""
     backbones = Path(os.environ["RLHF_HOME"]) / "backbones"
-    sets = [arg for item in [*TINY, "tracking.backend=none", "run.stages=[sft]", "sft.max_steps=1",
-                             "eval.num_prompts=2"] for arg in ("--set", item)]
+    sets = [
+        arg
+        for item in [*TINY, "tracking.backend=none", "run.stages=[sft]", "sft.max_steps=1", "eval.num_prompts=2"]
+        for arg in ("--set", item)
+    ]
     rlhf = Path(sys.executable).parent / "rlhf"
     for attempt in range(3):
         home = tmp_path / f"home{attempt}"
         home.mkdir()
         (home / "backbones").symlink_to(backbones, target_is_directory=True)
         env = {**os.environ, "RLHF_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
-        runs = [subprocess.Popen([str(rlhf), "run", *sets, "--set", f"run.seed={n}", "--run-id", f"r{n}"],
-                                 cwd=tmp_path / f"home{attempt}", text=True, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, env=env) for n in range(4)]
+        runs = [
+            subprocess.Popen(
+                [str(rlhf), "run", *sets, "--set", f"run.seed={n}", "--run-id", f"r{n}"],
+                cwd=tmp_path / f"home{attempt}",
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+            for n in range(4)
+        ]
         for n, run in enumerate(runs):
             _, err = run.communicate(timeout=900)
             assert run.returncode == 0, (attempt, n, err[-3000:])

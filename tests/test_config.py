@@ -24,17 +24,27 @@ def test_file_and_overrides_apply_in_order(tmp_path: Path) -> None:
         ("sft:\n  max_stepz: 3\n", "sft.max_stepz: unknown key"),
         ("sft:\n  max_steps: many\n", "sft.max_steps: Input should be a valid integer"),
         ("adapter:\n  kind: ia3\n", "adapter.kind: Input should be 'lora', 'qlora', 'dora', 'adalora' or 'ptuning_v2'"),
-        ("adapter:\n  kind: adalora\n", "PPO with ppo.value_model: separate trains two adapters (policy and value) and "
-                                        "PEFT's AdaLoRA trains one per model; set ppo.value_model: shared"),
-        ("adapter:\n  kind: adalora\n  target_r: 9\nppo:\n  value_model: shared\n",
-         "adapter: Value error, target_r=9 is above r=8"),
-        ("adapter:\n  kind: adalora\nppo:\n  value_model: shared\nsft:\n  launcher: accelerate\n",
-         "adapter.kind=adalora: sft launch on DeepSpeed, whose ZeRO partitions the gradients"),
+        (
+            "adapter:\n  kind: adalora\n",
+            "PPO with ppo.value_model: separate trains two adapters (policy and value) and "
+            "PEFT's AdaLoRA trains one per model; set ppo.value_model: shared",
+        ),
+        (
+            "adapter:\n  kind: adalora\n  target_r: 9\nppo:\n  value_model: shared\n",
+            "adapter: Value error, target_r=9 is above r=8",
+        ),
+        (
+            "adapter:\n  kind: adalora\nppo:\n  value_model: shared\nsft:\n  launcher: accelerate\n",
+            "adapter.kind=adalora: sft launch on DeepSpeed, whose ZeRO partitions the gradients",
+        ),
         ("sft:\n  learning_rate: -1\n", "sft.learning_rate: Input should be greater than or equal to 0 (got -1)"),
         ("sft:\n  batch_size: 0\n", "sft.batch_size: Input should be greater than or equal to 1 (got 0)"),
         ("reward:\n  batch_size: -4\n", "reward.batch_size: Input should be greater than or equal to 1 (got -4)"),
         ("ppo:\n  learning_rate: -0.1\n", "ppo.learning_rate: Input should be greater than or equal to 0 (got -0.1)"),
-        ("run:\n  stages: [sft, kto]\n", "run.stages.1: Input should be 'sft', 'reward', 'rrhf', 'ppo', 'dpo' or 'grpo' (got 'kto')"),
+        (
+            "run:\n  stages: [sft, kto]\n",
+            "run.stages.1: Input should be 'sft', 'reward', 'rrhf', 'ppo', 'dpo' or 'grpo' (got 'kto')",
+        ),
         ("run:\n  stages: [ppo, sft]\n", "run: Value error, stages must be unique and in pipeline order"),
         ("- just\n- a list\n", "the top level must be a mapping"),
         ("sft: [unclosed\n", "not valid YAML"),

@@ -26,8 +26,13 @@ DS = [*TINY, "tracking.backend=none"]
 
 
 def _launch(stage: str, out: Path, sets: list[str], inputs: dict[str, Path] | None = None) -> None:
-    result = subprocess.run(stage_command(stage, out, sets, inputs), env=launch_env(load_config(None, sets), stage),
-                            capture_output=True, text=True, timeout=LIMIT_S)
+    result = subprocess.run(
+        stage_command(stage, out, sets, inputs),
+        env=launch_env(load_config(None, sets), stage),
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert artifacts.read_manifest(out)["engine"] == {"name": f"deepspeed-zero{_zero(sets)}", "world_size": 2}
 
@@ -67,8 +72,13 @@ def local_sft(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("preset", ["zero2", "zero3"])
 def test_sft_under_deepspeed_trains_exactly_as_locally(preset: str, local_sft: Path, tmp_path: Path) -> None:
-    sets = [*SFT_CURVE, "sft.batch_size=16", "sft.launcher=accelerate", f"distributed.deepspeed={preset}",
-            "tracking.backend=wandb"]
+    sets = [
+        *SFT_CURVE,
+        "sft.batch_size=16",
+        "sft.launcher=accelerate",
+        f"distributed.deepspeed={preset}",
+        "tracking.backend=wandb",
+    ]
     _launch("sft", tmp_path / "sft", sets)
     _assert_same_curve_and_learned(local_sft, tmp_path / "sft")
     _assert_reloads_with_plain_peft(tmp_path / "sft")
@@ -80,8 +90,14 @@ def _assert_one_wandb_run(folder: Path, stage: str, curve: str = "train/loss") -
     runs = sorted(folder.glob("offline-run-*"))
     assert len(runs) == 1, runs
     wandb_cli = Path(sys.executable).parent / "wandb"
-    summary = json.loads(subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
-                                        capture_output=True, text=True, check=True).stdout)
+    summary = json.loads(
+        subprocess.run(
+            [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert summary["state"] == "finished" and "task_score" in summary["summary"] and curve in summary["summary"]
 
 
@@ -100,8 +116,9 @@ def _run_local(stage: str, out: Path, sets: list[str], inputs: dict[str, Path] |
     return out
 
 
-def _assert_same_curve_and_learned(local: Path, launched: Path, key: str = "loss",
-                                   learned: Callable[[list[float]], bool] | None = None) -> None:
+def _assert_same_curve_and_learned(
+    local: Path, launched: Path, key: str = "loss", learned: Callable[[list[float]], bool] | None = None
+) -> None:
     """Same losses and applied learning rates at every logged step; the loss fell (``learned``, by default
     the last three logged losses below 0.9 x the first three); no warning."""
     ours = json.loads((launched / "history.json").read_text())
@@ -140,7 +157,9 @@ def test_reward_under_deepspeed_trains_exactly_as_locally(preset: str, local_rew
     _launch("reward", tmp_path / "reward", sets)
     _assert_same_curve_and_learned(local_reward, tmp_path / "reward")
     backbone = load_backbone(load_config(None, DS).backbone)
-    attach_reward(backbone.model, tmp_path / "reward", Tokenization.of(backbone.tokenizer), backbone.fingerprint)  # re-scores its probes
+    attach_reward(
+        backbone.model, tmp_path / "reward", Tokenization.of(backbone.tokenizer), backbone.fingerprint
+    )  # re-scores its probes
 
 
 def test_rrhf_under_zero2_trains_exactly_as_locally(upstream: dict[str, Path], tmp_path: Path) -> None:
@@ -155,11 +174,22 @@ def test_dpo_under_zero2_trains_exactly_as_locally(upstream: dict[str, Path], tm
     """TRL's DPOTrainer on the engine the stage set up: the same global batch of pairs both ways gives the
     same losses and learning rates; rank 0 alone tracks; the adapter gathered from ZeRO reloads whole.
     12 steps of 8 pairs stay in the first epoch (a short last batch would be split otherwise by 2 ranks)."""
-    curve = [*DS, "task.num_pairs=200", "dpo.max_steps=12", "dpo.warmup_steps=2", "dpo.logging_steps=1",
-             "dpo.checkpoint_every=12", "dpo.learning_rate=0.002"]
+    curve = [
+        *DS,
+        "task.num_pairs=200",
+        "dpo.max_steps=12",
+        "dpo.warmup_steps=2",
+        "dpo.logging_steps=1",
+        "dpo.checkpoint_every=12",
+        "dpo.learning_rate=0.002",
+    ]
     local = _run_local("dpo", tmp_path / "local", [*curve, "dpo.batch_size=8"], {"sft": upstream["sft"]})
-    _launch("dpo", tmp_path / "dpo", [*curve, "dpo.batch_size=4", "dpo.launcher=accelerate", "tracking.backend=wandb"],
-            {"sft": upstream["sft"]})
+    _launch(
+        "dpo",
+        tmp_path / "dpo",
+        [*curve, "dpo.batch_size=4", "dpo.launcher=accelerate", "tracking.backend=wandb"],
+        {"sft": upstream["sft"]},
+    )
     # With the policy equal to its reference, DPO's loss is exactly ln 2 on every batch, whatever the
     # batch: each of the last three steps 0.02 below it is learning (0.643-0.659 measured here), where a fall
     # of 10% in 12 steps at this learning rate depended on the CPU's kernels.
@@ -177,9 +207,21 @@ def test_grpo_under_zero2_samples_and_trains_as_locally(upstream: dict[str, Path
     from safetensors.torch import load_file
 
     curve = [*DS, "grpo.max_steps=3", "grpo.num_generations=3", "grpo.max_new_tokens=8", "grpo.learning_rate=0.01"]
-    local = _run_local("grpo", tmp_path / "local", [*curve, "grpo.prompts_per_step=4", "grpo.minibatch_size=12"], upstream)
-    _launch("grpo", tmp_path / "grpo", [*curve, "grpo.prompts_per_step=2", "grpo.minibatch_size=6",
-                                        "grpo.launcher=accelerate", "tracking.backend=wandb"], upstream)
+    local = _run_local(
+        "grpo", tmp_path / "local", [*curve, "grpo.prompts_per_step=4", "grpo.minibatch_size=12"], upstream
+    )
+    _launch(
+        "grpo",
+        tmp_path / "grpo",
+        [
+            *curve,
+            "grpo.prompts_per_step=2",
+            "grpo.minibatch_size=6",
+            "grpo.launcher=accelerate",
+            "tracking.backend=wandb",
+        ],
+        upstream,
+    )
     _assert_reloads_with_plain_peft(tmp_path / "grpo")
     _assert_one_wandb_run(tmp_path / "wandb", "grpo", curve="grpo/reward")
     ours, reference = (json.loads((f / "history.json").read_text()) for f in (tmp_path / "grpo", local))
@@ -189,7 +231,9 @@ def test_grpo_under_zero2_samples_and_trains_as_locally(upstream: dict[str, Path
             assert abs(mine[key] - theirs[key]) < CURVE_TOLERANCE, (key, mine, theirs)
         assert mine["learning_rate"] == theirs["learning_rate"] == 0.01
     assert artifacts.read_manifest(tmp_path / "grpo")["metrics"]["warnings"] == []
-    before, after = (load_file(str(f / "adapter" / "adapter_model.safetensors")) for f in (upstream["sft"], tmp_path / "grpo"))
+    before, after = (
+        load_file(str(f / "adapter" / "adapter_model.safetensors")) for f in (upstream["sft"], tmp_path / "grpo")
+    )
     assert any(not torch.equal(before[k], after[k]) for k in before), "GRPO's policy did not change"
 
 
@@ -205,8 +249,12 @@ def test_ppo_under_zero2_trains_exactly_as_locally(value_model: str, upstream: d
 
     curve = [*DS, "ppo.updates=3", "ppo.ppo_epochs=2", f"ppo.value_model={value_model}"]
     local = _run_local("ppo", tmp_path / "local", [*curve, "ppo.rollout_prompts=4", "ppo.minibatch_size=4"], upstream)
-    _launch("ppo", tmp_path / "ppo", [*curve, "ppo.rollout_prompts=2", "ppo.minibatch_size=2", "ppo.launcher=accelerate"],
-            upstream)
+    _launch(
+        "ppo",
+        tmp_path / "ppo",
+        [*curve, "ppo.rollout_prompts=2", "ppo.minibatch_size=2", "ppo.launcher=accelerate"],
+        upstream,
+    )
     _assert_reloads_with_plain_peft(tmp_path / "ppo")
     _assert_same_ppo_updates(local, tmp_path / "ppo")
     assert artifacts.read_manifest(tmp_path / "ppo")["metrics"]["warnings"] == []
@@ -232,21 +280,50 @@ def _assert_same_ppo_updates(local: Path, launched: Path) -> None:
 
 def test_a_config_deepspeed_rejects_fails_the_stage_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2, "bogus": 1}}))
-    result = run_cli("run", "--run-id", "bad-ds", "--set", "run.stages=[sft]", "--set", "sft.launcher=accelerate",
-                     "--set", f"distributed.deepspeed={bad}", *(a for s in DS for a in ("--set", s)),
-                     cwd=tmp_path, timeout=LIMIT_S)
+    bad.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2, "bogus": 1}})
+    )
+    result = run_cli(
+        "run",
+        "--run-id",
+        "bad-ds",
+        "--set",
+        "run.stages=[sft]",
+        "--set",
+        "sft.launcher=accelerate",
+        "--set",
+        f"distributed.deepspeed={bad}",
+        *(a for s in DS for a in ("--set", s)),
+        cwd=tmp_path,
+        timeout=LIMIT_S,
+    )
     assert result.returncode == 1, result.stdout[-3000:]
-    assert f"stage sft failed (exit status 1): error: distributed.deepspeed: {bad}: DeepSpeed rejects it: bogus" \
-        in result.stderr, result.stderr[-2000:]
+    assert (
+        f"stage sft failed (exit status 1): error: distributed.deepspeed: {bad}: DeepSpeed rejects it: bogus"
+        in result.stderr
+    ), result.stderr[-2000:]
     assert not artifacts.is_finished(tmp_path / "runs" / "bad-ds" / "sft")  # (run_cli's timeout is the time bound)
 
 
 def test_a_launch_whose_machines_never_join_fails_instead_of_hanging(tmp_path: Path) -> None:
-    sets = [*DS, "sft.launcher=accelerate", "distributed.num_machines=2", "distributed.main_process_ip=127.0.0.1",
-            "distributed.main_process_port=29731", "distributed.join_timeout_s=10"]
-    result = run_cli("run", "--run-id", "lonely", "--set", "run.stages=[sft]", *(a for s in sets for a in ("--set", s)),
-                     cwd=tmp_path, timeout=120)
+    sets = [
+        *DS,
+        "sft.launcher=accelerate",
+        "distributed.num_machines=2",
+        "distributed.main_process_ip=127.0.0.1",
+        "distributed.main_process_port=29731",
+        "distributed.join_timeout_s=10",
+    ]
+    result = run_cli(
+        "run",
+        "--run-id",
+        "lonely",
+        "--set",
+        "run.stages=[sft]",
+        *(a for s in sets for a in ("--set", s)),
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "waiting for clients. 1/2 clients joined" in result.stderr, result.stderr[-2000:]
 
@@ -262,8 +339,12 @@ def test_a_pinned_deepspeed_value_that_differs_from_the_stage_is_refused() -> No
     from stages.io.config import ConfigError
     from stages.training.distributed import Distributed, filled_deepspeed_config
 
-    dist = Distributed(rank=0, world_size=2, deepspeed={"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}})
-    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps is 4 in the DeepSpeed config, but the stage uses 1"):
+    dist = Distributed(
+        rank=0, world_size=2, deepspeed={"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"gradient_accumulation_steps is 4 in the DeepSpeed config, but the stage uses 1"
+    ):
         filled_deepspeed_config(dist, micro_batch_size=8, gradient_accumulation=1, max_grad_norm=1.0, bf16=False)
     filled = filled_deepspeed_config(dist, micro_batch_size=8, gradient_accumulation=4, max_grad_norm=1.0, bf16=False)
     assert filled["gradient_accumulation_steps"] == 4 and filled["train_micro_batch_size_per_gpu"] == 8
@@ -275,14 +356,33 @@ def test_the_updater_accumulates_and_schedules_on_the_engine_as_locally(tmp_path
     from flows.launch import INFRA, _free_port
 
     cfg = load_config(None, [*DS, "reward.launcher=accelerate"])  # the ranks' environment of an accelerate stage
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(INFRA / "accelerate" / "zero2.yaml"),
-               "--deepspeed_config_file", str(INFRA / "deepspeed" / "zero2.json"), "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(_free_port()), "-m", "tests.updater_probe",
-               str(tmp_path / "engine.json"), str(INFRA / "deepspeed" / "zero2.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(INFRA / "accelerate" / "zero2.yaml"),
+        "--deepspeed_config_file",
+        str(INFRA / "deepspeed" / "zero2.json"),
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "tests.updater_probe",
+        str(tmp_path / "engine.json"),
+        str(INFRA / "deepspeed" / "zero2.json"),
+    ]
     result = subprocess.run(command, env=launch_env(cfg, "reward"), capture_output=True, text=True, timeout=LIMIT_S)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    local = subprocess.run([sys.executable, "-m", "tests.updater_probe", str(tmp_path / "local.json")],
-                           capture_output=True, text=True, timeout=LIMIT_S)
+    local = subprocess.run(
+        [sys.executable, "-m", "tests.updater_probe", str(tmp_path / "local.json")],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+    )
     assert local.returncode == 0, local.stderr[-3000:]
     engine, reference = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("engine", "local"))
     assert [r["applied_lr"] for r in engine] == pytest.approx([r["applied_lr"] for r in reference], rel=1e-6)

@@ -77,8 +77,11 @@ def test_more_ranks_than_gpus_is_refused_before_the_launch(monkeypatch: pytest.M
     monkeypatch.setattr(devices, "cuda_available", lambda: True)
     monkeypatch.setattr(launch, "gpu_count", lambda: 1)
     cfg = load_config(None, ["reward.launcher=accelerate", "distributed.num_processes=2"])
-    with pytest.raises(ConfigError, match=r"^reward.launcher: accelerate starts 2 ranks on this machine, one per GPU, "
-                                          r"but it has 1 visible GPU\(s\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^reward.launcher: accelerate starts 2 ranks on this machine, one per GPU, "
+        r"but it has 1 visible GPU\(s\)",
+    ):
         launch.check_launch("reward", cfg)
     launch.check_launch("reward", load_config(None, ["reward.launcher=accelerate", "distributed.num_processes=1"]))
     launch.check_launch("reward", load_config(None, ["reward.launcher=accelerate", "backbone.device=cpu"]))
@@ -123,8 +126,9 @@ def test_busy_cores_sees_a_process_spinning_on_a_core() -> None:
         spinner.wait()
 
 
-def test_a_local_stage_runs_with_the_threads_auto_chose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-                                                        tmp_path: Path) -> None:
+def test_a_local_stage_runs_with_the_threads_auto_chose(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     """The runner applies ``auto``'s choice to torch and says so (busy cores stubbed: one core left free)."""
     monkeypatch.setattr(devices, "busy_cores", lambda window_s=0.1: devices.available_cores() - 1)
     seen: list[int] = []

@@ -25,8 +25,14 @@ from stages.training.evaluation import evaluate_policy, task_score
 from stages.training.runner import execute
 from tests.conftest import TINY, base_elements
 
-FAST = [*TINY, "tracking.backend=none", "dpo.max_steps=3", "dpo.batch_size=4", "dpo.logging_steps=1",
-        "dpo.checkpoint_every=3"]
+FAST = [
+    *TINY,
+    "tracking.backend=none",
+    "dpo.max_steps=3",
+    "dpo.batch_size=4",
+    "dpo.logging_steps=1",
+    "dpo.checkpoint_every=3",
+]
 
 
 def _sft(kind: str, root: Path) -> Path:
@@ -74,7 +80,8 @@ def test_the_dpo_stage_publishes_its_adapter_and_metrics(loss_type: str, tmp_pat
     # IPO's is (1 / (2 beta))^2. Without the reference in the loss these would be something else.
     first = json.loads((tmp_path / "dpo" / "history.json").read_text())[0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(
-        math.log(2) if loss_type == "sigmoid" else (1 / (2 * cfg.dpo.beta)) ** 2, rel=1e-5)
+        math.log(2) if loss_type == "sigmoid" else (1 / (2 * cfg.dpo.beta)) ** 2, rel=1e-5
+    )
     assert metrics["task_score_sft"] == artifacts.read_manifest(sft)["metrics"]["task_score"]
     assert 0.0 <= metrics["task_score"] <= 1.0 and 0.0 <= metrics["reward_accuracy"] <= 1.0
     assert metrics["kl_to_reference"] > -0.05  # a Monte-Carlo estimate of a KL: near 0 or above
@@ -118,17 +125,34 @@ def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tmp_path:
     tokenization = Tokenization.of(load_backbone(cfg.backbone).tokenizer)
     context = 128  # the built-in backbone's max_position_embeddings
     pairs = load_records("builtin", "preferences", cfg.task)
-    long = [{"prompt": _padded_prompt(tokenization, room, context), "chosen": "7", "rejected": "7;1+1=2"}
-            for room in (0, 1, 2)]  # no room; room for "7" alone (the same in both); room to differ
+    long = [
+        {"prompt": _padded_prompt(tokenization, room, context), "chosen": "7", "rejected": "7;1+1=2"}
+        for room in (0, 1, 2)
+    ]  # no room; room for "7" alone (the same in both); room to differ
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in [*pairs, *long]))
-    result = subprocess.run([sys.executable, "-m", "stages.training.entry", "dpo", "--out", str(tmp_path / "dpo"), "--input",
-                             f"sft={sft}", *(a for s in [*FAST, f"data.preferences={data}"] for a in ("--set", s))],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.training.entry",
+            "dpo",
+            "--out",
+            str(tmp_path / "dpo"),
+            "--input",
+            f"sft={sft}",
+            *(a for s in [*FAST, f"data.preferences={data}"] for a in ("--set", s)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     n = len(pairs)
-    assert (f"{data}: dropped 2 of {n + 3} pairs (records {n + 1}, {n + 2}): chosen and rejected are the same in "
-            f"their first {context} tokens") in result.stdout
+    assert (
+        f"{data}: dropped 2 of {n + 3} pairs (records {n + 1}, {n + 2}): chosen and rejected are the same in "
+        f"their first {context} tokens"
+    ) in result.stdout
     metrics = artifacts.read_manifest(tmp_path / "dpo")["metrics"]
     assert metrics["dropped_pairs"] == 2 and metrics["train_pairs"] + metrics["eval_pairs"] == n + 1
 
@@ -147,5 +171,6 @@ def test_the_pre_flight_counts_the_pairs_truncation_makes_identical(tmp_path: Pa
     tokenization, context = contract_tokenization(cfg)
     [dpo] = [count for count in budget_counts(cfg, tokenization, context) if count.stage == "dpo"]
     assert (dpo.rows, dpo.cut, dpo.dropped, dpo.estimated) == (10, 3, 3, False)
-    assert dpo.line() == (f"dpo: {data} (preferences): 3 of 10 rows over the backbone's context=128 (cut at the "
-                          "context), 3 dropped")
+    assert dpo.line() == (
+        f"dpo: {data} (preferences): 3 of 10 rows over the backbone's context=128 (cut at the context), 3 dropped"
+    )

@@ -20,21 +20,27 @@ def test_stops_after_patience_evaluations_without_improvement() -> None:
     stopper = EarlyStopper(EarlyStoppingSection(metric="task_score", patience=2, eval_every=5))
     assert _run(stopper, [0.5, 0.7, 0.7, 0.69, 0.9]) == 20  # best 0.7 at 10; 15 and 20 do not beat it
     assert (stopper.best, stopper.best_step, stopper.stopped_at_step) == (0.7, 10, 20)
-    assert stopper.reason() == ("task_score did not improve on its best, 0.7 at step 10 (by more than min_delta=0, "
-                                "mode max) in 2 evaluation(s), one every 5 steps")
+    assert stopper.reason() == (
+        "task_score did not improve on its best, 0.7 at step 10 (by more than min_delta=0, "
+        "mode max) in 2 evaluation(s), one every 5 steps"
+    )
     assert stopper.metrics()["early_stopping"]["evaluations"] == [[5, 0.5], [10, 0.7], [15, 0.7], [20, 0.69]]
 
 
 def test_min_mode_and_min_delta_count_only_real_improvements() -> None:
-    stopper = EarlyStopper(EarlyStoppingSection(metric="eval_loss", mode="min", min_delta=0.1, patience=2, eval_every=1))
+    stopper = EarlyStopper(
+        EarlyStoppingSection(metric="eval_loss", mode="min", min_delta=0.1, patience=2, eval_every=1)
+    )
     # 1.95 beats 2.0 by less than min_delta: not an improvement; 1.5 is; then two that are not.
     assert _run(stopper, [2.0, 1.95, 1.5, 1.45, 1.41, 1.0]) == 5
     assert (stopper.best, stopper.best_step) == (1.5, 3)
 
 
 def test_an_improving_metric_never_stops_and_nan_never_improves() -> None:
-    assert _run(EarlyStopper(EarlyStoppingSection(metric="task_score", patience=1, eval_every=1)),
-                [0.1, 0.2, 0.3, 0.4]) is None
+    assert (
+        _run(EarlyStopper(EarlyStoppingSection(metric="task_score", patience=1, eval_every=1)), [0.1, 0.2, 0.3, 0.4])
+        is None
+    )
     stopper = EarlyStopper(EarlyStoppingSection(metric="eval_loss", mode="min", patience=2, eval_every=1))
     assert _run(stopper, [math.nan, math.inf]) == 2 and stopper.best is None
     assert "no finite value" in stopper.reason()
@@ -57,16 +63,23 @@ def test_off_by_default_and_a_metric_the_stage_cannot_measure_is_refused() -> No
     cfg = load_config()
     assert all(getattr(cfg, s).early_stopping is None for s in ("sft", "reward", "rrhf", "ppo", "dpo", "grpo"))
     assert cfg.ppo.target_kl is None
-    with pytest.raises(ConfigError, match="reward.early_stopping.metric: reward cannot evaluate 'task_score' while it "
-                                          "trains; choose one of pair_accuracy, reward_margin"):
+    with pytest.raises(
+        ConfigError,
+        match="reward.early_stopping.metric: reward cannot evaluate 'task_score' while it "
+        "trains; choose one of pair_accuracy, reward_margin",
+    ):
         load_config(None, ["reward.early_stopping={metric: task_score}"])
     with pytest.raises(ConfigError, match="sft.early_stopping.patience: Input should be greater than or equal to 1"):
         load_config(None, ["sft.early_stopping={metric: eval_loss, patience: 0}"])
     with pytest.raises(ConfigError, match="with data.ranked, rrhf trains on given rankings and has no reward"):
-        load_config(None, ["run.stages=[sft,rrhf]", "data.ranked=builtin", "rrhf.early_stopping={metric: policy_reward}"])
+        load_config(
+            None, ["run.stages=[sft,rrhf]", "data.ranked=builtin", "rrhf.early_stopping={metric: policy_reward}"]
+        )
     load_config(None, ["run.stages=[sft,rrhf]", "data.ranked=builtin", "rrhf.early_stopping={metric: task_score}"])
     with pytest.raises(ConfigError, match="adapter.kind=adalora: reward allocate AdaLoRA's ranks on a schedule"):
-        load_config(None, ["adapter.kind=adalora", "ppo.value_model=shared", "reward.early_stopping={metric: pair_accuracy}"])
+        load_config(
+            None, ["adapter.kind=adalora", "ppo.value_model=shared", "reward.early_stopping={metric: pair_accuracy}"]
+        )
     load_config(None, ["adapter.kind=adalora", "ppo.value_model=shared", "ppo.early_stopping={metric: task_score}"])
 
 

@@ -17,8 +17,10 @@ SETS = [*TINY, "tracking.backend=none"]
 
 
 def test_reward_stops_when_pair_accuracy_plateaus(tmp_path: Path) -> None:
-    cfg = load_config(None, [*SETS, "reward.max_steps=200",
-                             "reward.early_stopping={metric: pair_accuracy, patience: 2, eval_every: 5}"])
+    cfg = load_config(
+        None,
+        [*SETS, "reward.max_steps=200", "reward.early_stopping={metric: pair_accuracy, patience: 2, eval_every: 5}"],
+    )
     metrics = execute("reward", train_reward, cfg, tmp_path / "reward", {})["metrics"]
     stop = metrics["stopped_at_step"]
     evaluations = metrics["early_stopping"]["evaluations"]
@@ -34,8 +36,14 @@ def test_reward_stops_when_pair_accuracy_plateaus(tmp_path: Path) -> None:
 
 def test_sft_trainer_stops_on_held_out_loss(tmp_path: Path) -> None:
     # min_delta larger than any change: the first evaluation is the best, the next two end the run.
-    cfg = load_config(None, [*SETS, "sft.max_steps=40",
-                             "sft.early_stopping={metric: eval_loss, mode: min, min_delta: 100, patience: 2, eval_every: 3}"])
+    cfg = load_config(
+        None,
+        [
+            *SETS,
+            "sft.max_steps=40",
+            "sft.early_stopping={metric: eval_loss, mode: min, min_delta: 100, patience: 2, eval_every: 3}",
+        ],
+    )
     metrics = execute("sft", train_sft, cfg, tmp_path / "sft", {})["metrics"]
     assert metrics["stopped_at_step"] == 9 and metrics["early_stopping"]["best_step"] == 3
     losses = [value for _, value in metrics["early_stopping"]["evaluations"]]
@@ -55,7 +63,9 @@ def test_ppo_target_kl_stops_the_remaining_epochs(tmp_path: Path) -> None:
     # sampling and training forwards, ~1e-9, where 1.5e-9 was crossed once the rollouts changed); the second
     # is measured after one update (3e-5 to 9e-5 here), above 1.5e-6, so the other two minibatches are skipped.
     assert [row["minibatches"] for row in rows["tight"]] == [2.0, 2.0]
-    assert tight["metrics"]["updates_stopped_by_target_kl"] == 2 and loose["metrics"]["updates_stopped_by_target_kl"] == 0
+    assert (
+        tight["metrics"]["updates_stopped_by_target_kl"] == 2 and loose["metrics"]["updates_stopped_by_target_kl"] == 0
+    )
 
 
 def test_every_rl_stage_stops_early(tmp_path: Path) -> None:
@@ -67,10 +77,12 @@ def test_every_rl_stage_stops_early(tmp_path: Path) -> None:
 
     inputs = train_upstream(tmp_path / "up", SETS)
     stop = "{metric: %s, min_delta: 100, patience: 1, eval_every: 1}"
-    for stage, train, metric, length in (("rrhf", train_rrhf, "kl_to_reference", "rrhf.max_steps=3"),
-                                         ("ppo", train_ppo, "kl_to_reference", "ppo.updates=3"),
-                                         ("grpo", train_grpo, "policy_reward", "grpo.max_steps=3"),
-                                         ("dpo", train_dpo, "task_score", "dpo.max_steps=3")):
+    for stage, train, metric, length in (
+        ("rrhf", train_rrhf, "kl_to_reference", "rrhf.max_steps=3"),
+        ("ppo", train_ppo, "kl_to_reference", "ppo.updates=3"),
+        ("grpo", train_grpo, "policy_reward", "grpo.max_steps=3"),
+        ("dpo", train_dpo, "task_score", "dpo.max_steps=3"),
+    ):
         cfg = load_config(None, [*SETS, length, f"{stage}.early_stopping={stop % metric}"])
         metrics = execute(stage, train, cfg, tmp_path / stage, inputs)["metrics"]
         assert metrics["stopped_at_step"] == 2 and metrics["early_stopping"]["best_step"] == 1, stage

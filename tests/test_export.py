@@ -22,9 +22,9 @@ from tests.conftest import TINY, run_cli
 TEXTS = ["3+4=", "12+19=31", "Hello, world"]
 
 
-
 def plan_export(run_dir: Path, stage: str | None, merge: bool):
     return _plan_export(run_dir, load_config(run_dir / "config.yaml"), stage, merge)
+
 
 def _run(root: Path, sets: list[str], stages: tuple[str, ...] = ("sft",)) -> Path:
     """A run folder as the flow leaves it: its config.yaml and one finished artifact per stage."""
@@ -34,7 +34,9 @@ def _run(root: Path, sets: list[str], stages: tuple[str, ...] = ("sft",)) -> Pat
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     for stage in stages:
         inputs = {"sft": run_dir / "sft"} if stage == "dpo" else {}
-        execute(stage, {"sft": train_sft, "reward": train_reward, "dpo": train_dpo}[stage], cfg, run_dir / stage, inputs)
+        execute(
+            stage, {"sft": train_sft, "reward": train_reward, "dpo": train_dpo}[stage], cfg, run_dir / stage, inputs
+        )
     return run_dir
 
 
@@ -49,14 +51,21 @@ def _unmerged_logits(run_dir: Path, stage: str, batch: dict[str, torch.Tensor]) 
         return model(**batch).logits.float()
 
 
-@pytest.mark.parametrize(("sets", "atol"), [
-    ([], 1e-4), (["adapter.kind=dora"], 1e-4), (["adapter.kind=adalora", "ppo.value_model=shared"], 1e-4),  # 1.1e-5 seen
-    (["adapter.kind=qlora"], 1e-3),  # merged into the dequantised nf4 weights, in float32
-    (["adapter.kind=qlora", "backbone.dtype=bfloat16"], 0.25),  # the merged weights round to bf16
-    (["backbone.name=builtin:tiny-chat"], 1e-4),  # BOS, no pad token, a chat template's end of turn
-], ids=["lora", "dora", "adalora", "qlora", "qlora-bf16", "chat-tokenizer"])
-def test_merged_policy_loads_with_plain_transformers_and_equals_base_plus_adapter(sets: list[str], atol: float,
-                                                                                  tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sets", "atol"),
+    [
+        ([], 1e-4),
+        (["adapter.kind=dora"], 1e-4),
+        (["adapter.kind=adalora", "ppo.value_model=shared"], 1e-4),  # 1.1e-5 seen
+        (["adapter.kind=qlora"], 1e-3),  # merged into the dequantised nf4 weights, in float32
+        (["adapter.kind=qlora", "backbone.dtype=bfloat16"], 0.25),  # the merged weights round to bf16
+        (["backbone.name=builtin:tiny-chat"], 1e-4),  # BOS, no pad token, a chat template's end of turn
+    ],
+    ids=["lora", "dora", "adalora", "qlora", "qlora-bf16", "chat-tokenizer"],
+)
+def test_merged_policy_loads_with_plain_transformers_and_equals_base_plus_adapter(
+    sets: list[str], atol: float, tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = _run(tmp_path, sets)
@@ -90,9 +99,17 @@ def test_a_qlora_sft_dpo_chain_of_the_shipped_length_exports_its_fp32_adapters(t
     from safetensors import safe_open
 
     shipped = load_config(None)
-    run_dir = _run(tmp_path, ["adapter.kind=qlora", f"sft.max_steps={shipped.sft.max_steps}",
-                              f"dpo.max_steps={shipped.dpo.max_steps}", "task.num_sft=512", "task.num_pairs=512"],
-                   stages=("sft", "dpo"))
+    run_dir = _run(
+        tmp_path,
+        [
+            "adapter.kind=qlora",
+            f"sft.max_steps={shipped.sft.max_steps}",
+            f"dpo.max_steps={shipped.dpo.max_steps}",
+            "task.num_sft=512",
+            "task.num_pairs=512",
+        ],
+        stages=("sft", "dpo"),
+    )
     for stage in ("sft", "dpo"):
         with safe_open(str(run_dir / stage / "adapter" / "adapter_model.safetensors"), "pt") as weights:
             assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F32"}, stage
@@ -120,8 +137,13 @@ def test_reward_model_exports_as_sequence_classification_with_its_stage_scores(t
 
     adapter = export_run(plan_export(run_dir, "reward", merge=False), tmp_path / "rm-adapter")
     assert adapter["format"] == "peft-adapter"
-    assert {p.name for p in (tmp_path / "rm-adapter").iterdir()} == {"adapter", "score_head.safetensors", "tokenizer",
-                                                                      EXPORT_FILE, "README.md"}
+    assert {p.name for p in (tmp_path / "rm-adapter").iterdir()} == {
+        "adapter",
+        "score_head.safetensors",
+        "tokenizer",
+        EXPORT_FILE,
+        "README.md",
+    }
 
 
 def test_adapter_export_names_the_exact_base_and_ptuning_refuses_to_merge(tmp_path: Path) -> None:
@@ -142,8 +164,9 @@ def test_adapter_export_names_the_exact_base_and_ptuning_refuses_to_merge(tmp_pa
     PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter"))
 
 
-def test_export_refuses_what_it_cannot_do_and_publishes_nothing_on_failure(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_refuses_what_it_cannot_do_and_publishes_nothing_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import stages.tools.export
 
     run_dir = _run(tmp_path, [])
@@ -160,7 +183,9 @@ def test_export_refuses_what_it_cannot_do_and_publishes_nothing_on_failure(tmp_p
 
 def test_rlhf_export_command(tmp_path: Path) -> None:
     run_dir = _run(tmp_path, [])
-    done = run_cli("export", "r", "--out", str(tmp_path / "m"), "--merge", "--runs-dir", str(run_dir.parent), cwd=tmp_path)
+    done = run_cli(
+        "export", "r", "--out", str(tmp_path / "m"), "--merge", "--runs-dir", str(run_dir.parent), cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "exported r/sft as causal-lm" in done.stdout
     again = run_cli("export", "r", "--out", str(tmp_path / "m"), "--runs-dir", str(run_dir.parent), cwd=tmp_path)
@@ -189,8 +214,15 @@ def test_a_hub_backbone_is_pinned_to_its_snapshot_commit(tmp_path: Path) -> None
     (repo / "snapshots" / commit / "config.json").write_text("{}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    code = ("from stages.io.config import BackboneSection\nfrom stages.io.backbone_files import hub_commit\n"
-            "print(hub_commit(BackboneSection(name='acme/tiny-chat')), hub_commit(BackboneSection(name='builtin:tiny')))")
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")}).stdout.split()
+    code = (
+        "from stages.io.config import BackboneSection\nfrom stages.io.backbone_files import hub_commit\n"
+        "print(hub_commit(BackboneSection(name='acme/tiny-chat')), hub_commit(BackboneSection(name='builtin:tiny')))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")},
+    ).stdout.split()
     assert found == [commit, "None"]

@@ -16,26 +16,39 @@ USER = [{"role": "user", "content": "3+4="}]
 RENDERED = {
     "mistral-v0.1": "<s>[INST] 3+4= [/INST]",
     "mistral-v0.3": "<s>[INST] 3+4=[/INST]",
-    "llama-3.1": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                  "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
-                  "<|start_header_id|>user<|end_header_id|>\n\n3+4=<|eot_id|>"
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "qwen2.5-instruct": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-                         "<|im_end|>\n<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"),
+    "llama-3.1": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n3+4=<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    "qwen2.5-instruct": (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\n<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
+    ),
     "deepseek-v3": "<｜begin▁of▁sentence｜><｜User｜>3+4=<｜Assistant｜>",
 }
 RENDERED["qwen2.5-base"] = RENDERED["qwen2.5-instruct"]  # the base model ships the Instruct template
 # Expected renderings of a longer chat that the template's public copies pin (mistral.rs chat-template tests;
 # llama.cpp tests/test-chat-template.cpp, there with an empty BOS): the templates are the hub's, byte for byte.
-CHAT = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there"},
-        {"role": "user", "content": "Who are you"}, {"role": "assistant", "content": "   I am an assistant   "},
-        {"role": "user", "content": "Another question"}]
+CHAT = [
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi there"},
+    {"role": "user", "content": "Who are you"},
+    {"role": "assistant", "content": "   I am an assistant   "},
+    {"role": "user", "content": "Another question"},
+]
 PINNED = {
-    "mistral-v0.1": ([], "<s>[INST] Hello [/INST]Hi there</s> [INST] Who are you [/INST]   I am an assistant   </s> "
-                         "[INST] Another question [/INST]"),
-    "mistral-v0.3": ([{"role": "system", "content": "You are a helpful assistant"}],
-                     "<s>[INST] Hello[/INST] Hi there</s>[INST] Who are you[/INST] I am an assistant</s>"
-                     "[INST] You are a helpful assistant\n\nAnother question[/INST]"),
+    "mistral-v0.1": (
+        [],
+        "<s>[INST] Hello [/INST]Hi there</s> [INST] Who are you [/INST]   I am an assistant   </s> "
+        "[INST] Another question [/INST]",
+    ),
+    "mistral-v0.3": (
+        [{"role": "system", "content": "You are a helpful assistant"}],
+        "<s>[INST] Hello[/INST] Hi there</s>[INST] Who are you[/INST] I am an assistant</s>"
+        "[INST] You are a helpful assistant\n\nAnother question[/INST]",
+    ),
 }
 
 
@@ -86,8 +99,9 @@ def test_special_token_ids_are_the_generation_configs(family) -> None:
         assert tokenizer.convert_ids_to_tokens(end_ids) == ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
         assert tokenizer("x").input_ids[0] == 128000 and tokenizer.pad_token is None  # BOS from the tokenizer
     if name.startswith("qwen"):
-        assert tokenizer.convert_ids_to_tokens(end_ids) == (["<|im_end|>", "<|endoftext|>"] if name.endswith("instruct")
-                                                            else ["<|endoftext|>"])
+        assert tokenizer.convert_ids_to_tokens(end_ids) == (
+            ["<|im_end|>", "<|endoftext|>"] if name.endswith("instruct") else ["<|endoftext|>"]
+        )
         assert tokenizer.bos_token is None and tokenizer.pad_token == "<|endoftext|>"
     if name == "deepseek-v3":
         assert tokenizer.pad_token_id == tokenizer.eos_token_id == 1 and tokenizer("x").input_ids[0] != 0

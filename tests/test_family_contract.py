@@ -21,14 +21,25 @@ from tests.families import FAMILIES, family_folder
 
 USER = [{"role": "user", "content": "3+4="}]
 # Each family's stop set, from its hub files (tokenizer EOS, the template's end of turn, generation_config).
-STOPS = {"mistral-v0.1": {"</s>"}, "mistral-v0.3": {"</s>"},
-         "llama-3.1": {"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"},
-         "qwen2.5-instruct": {"<|im_end|>", "<|endoftext|>"}, "qwen2.5-base": {"<|im_end|>", "<|endoftext|>"},
-         "deepseek-v3": {"<｜end▁of▁sentence｜>"}}
+STOPS = {
+    "mistral-v0.1": {"</s>"},
+    "mistral-v0.3": {"</s>"},
+    "llama-3.1": {"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"},
+    "qwen2.5-instruct": {"<|im_end|>", "<|endoftext|>"},
+    "qwen2.5-base": {"<|im_end|>", "<|endoftext|>"},
+    "deepseek-v3": {"<｜end▁of▁sentence｜>"},
+}
 SHARPEN = 200.0  # embedding scale that makes a random tiny model's logits of order 10
 # (prompt, response) rows of plain-string data, with boundaries that SentencePiece and BPE treat differently.
-PLAIN = [("3+4=", "7"), ("### Response:\n", "Paris"), ("Question: ", "Paris"), ("Q:", " Paris"), ("a", "b c"),
-         ("Translate: ", "¿Dónde está?"), ("x", "\n- item")]
+PLAIN = [
+    ("3+4=", "7"),
+    ("### Response:\n", "Paris"),
+    ("Question: ", "Paris"),
+    ("Q:", " Paris"),
+    ("a", "b c"),
+    ("Translate: ", "¿Dónde está?"),
+    ("x", "\n- item"),
+]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -44,7 +55,11 @@ def test_plain_rows_decode_to_the_data_and_keep_the_prompt_ids(family) -> None:
         assert prompt_ids == tok.prompt_ids(prompt)  # generation continues exactly these
         assert response_ids[-1] == tok.eos_id and tok.eos_id not in response_ids[:-1], (name, prompt)
         assert tok.text(prompt_ids + response_ids[:-1]) == tok.text(prompt_ids) + response, (name, prompt, response)
-        assert prompt_ids.count(tok.bos_id) == 1 if tok.bos_id is not None else tok.tokenizer.bos_token_id not in prompt_ids
+        assert (
+            prompt_ids.count(tok.bos_id) == 1
+            if tok.bos_id is not None
+            else tok.tokenizer.bos_token_id not in prompt_ids
+        )
     # Fault 1 where it was found: "3+4=" + "7" trained on "= ▁7", decoded "3+4= 7".
     if name.startswith("mistral"):
         assert tok.tokenizer.convert_ids_to_tokens(tok.response_ids("3+4=", "7")) == ["7", "</s>"]
@@ -68,7 +83,9 @@ def test_the_stop_set_holds_the_models_end_ids_and_the_export_keeps_them(family)
     tok = backbone.tokenization()
     assert set(backbone.tokenizer.convert_ids_to_tokens(list(tok.stop_ids))) == STOPS[name]
     cfg = load_config(None, [f"backbone.name={family_folder(name)}"])
-    exported = _ModelStub(backbone.model.generation_config.__class__.from_dict(backbone.model.generation_config.to_dict()))
+    exported = _ModelStub(
+        backbone.model.generation_config.__class__.from_dict(backbone.model.generation_config.to_dict())
+    )
     _stop_where_the_stages_stop(exported, backbone.tokenizer, cfg)
     ends = exported.generation_config.eos_token_id
     assert set([ends] if isinstance(ends, int) else ends) == set(tok.stop_ids), name
@@ -94,8 +111,9 @@ def test_a_sampled_end_id_of_the_generation_config_ends_the_response(name: str) 
             head.bias.zero_()
             head.bias[end] = 100.0  # the model all but always samples this end id first
         model.lm_head = head
-        [response] = generate(model, tok, [tok.prompt_ids(USER)], max_new_tokens=6, temperature=1.0, batch_size=1,
-                              seed=0)
+        [response] = generate(
+            model, tok, [tok.prompt_ids(USER)], max_new_tokens=6, temperature=1.0, batch_size=1, seed=0
+        )
         assert response.finished and response.token_ids == (end,), (name, end, response)
 
 
@@ -112,7 +130,11 @@ def test_sampling_logprobs_equal_the_training_forwards_under_each_generation_con
     model = backbone.model.to(getattr(torch, dtype))
     try:
         tok = backbone.tokenization()
-        prompts = [tok.prompt_ids(USER), tok.prompt_ids("3+4="), tok.prompt_ids([{"role": "user", "content": "Hi"}])] * 3
+        prompts = [
+            tok.prompt_ids(USER),
+            tok.prompt_ids("3+4="),
+            tok.prompt_ids([{"role": "user", "content": "Hi"}]),
+        ] * 3
         samples = generate(model, tok, prompts[:8], max_new_tokens=12, temperature=1.0, batch_size=8, seed=1)
         batch, sampled = sampled_batch(samples, tok.pad_id, "cpu")
         with torch.no_grad():

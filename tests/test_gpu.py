@@ -43,6 +43,7 @@ def test_a_reward_model_trained_on_the_gpu_scores_the_same_on_the_cpu(tmp_path: 
     """An artifact does not depend on where it was made: the CPU reload passes the probe check (1e-4)."""
     execute("reward", train_reward, load_config(None, CUDA), tmp_path / "reward", {})
     backbone = load_backbone(load_config(None, [*TINY, "backbone.device=cpu"]).backbone)
-    model, head = attach_reward(backbone.model, tmp_path / "reward", Tokenization.of(backbone.tokenizer),
-                                backbone.fingerprint)  # raises when a probe score moved by more than 1e-4
+    model, head = attach_reward(
+        backbone.model, tmp_path / "reward", Tokenization.of(backbone.tokenizer), backbone.fingerprint
+    )  # raises when a probe score moved by more than 1e-4
     assert head.weight.device.type == "cpu" and next(model.parameters()).device.type == "cpu"

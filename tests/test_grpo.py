@@ -19,8 +19,16 @@ from stages.training.runner import execute
 from stages.training.updater import Updater
 from tests.conftest import TINY, base_elements, stage_command, train_upstream
 
-FAST = [*TINY, "tracking.backend=none", "grpo.max_steps=2", "grpo.prompts_per_step=3", "grpo.num_generations=3",
-        "grpo.minibatch_size=4", "grpo.max_new_tokens=8", "grpo.checkpoint_every=1"]
+FAST = [
+    *TINY,
+    "tracking.backend=none",
+    "grpo.max_steps=2",
+    "grpo.prompts_per_step=3",
+    "grpo.num_generations=3",
+    "grpo.minibatch_size=4",
+    "grpo.max_new_tokens=8",
+    "grpo.checkpoint_every=1",
+]
 
 
 def _adapter(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -29,14 +37,22 @@ def _adapter(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["lora", "qlora", "ptuning_v2"])
 def test_grpo_trains_only_the_policy_on_one_backbone(kind: str, tmp_path: Path) -> None:
-    sets = [*FAST, f"adapter.kind={kind}", "grpo.learning_rate=0.01", "grpo.num_iterations=2", "grpo.scale_rewards=true"]
+    sets = [
+        *FAST,
+        f"adapter.kind={kind}",
+        "grpo.learning_rate=0.01",
+        "grpo.num_iterations=2",
+        "grpo.scale_rewards=true",
+    ]
     inputs = train_upstream(tmp_path, sets)
     cfg = load_config(None, sets)
     model, tokenization, source, _ = build_model(cfg, inputs)
     assert source.uses_model and set(model.peft_config) == {REFERENCE, POLICY, REWARD}
     before = {name: _adapter(model, name) for name in (REFERENCE, POLICY, REWARD)}
     updater = Updater(model, cfg.grpo.learning_rate, 0, 4, schedule="constant")
-    batch, old_logprobs, rewards, stats = sample_groups(model, tokenization, source, ["3+4=", "12+9=", "1+1="], cfg.grpo, 0)
+    batch, old_logprobs, rewards, stats = sample_groups(
+        model, tokenization, source, ["3+4=", "12+9=", "1+1="], cfg.grpo, 0
+    )
     assert batch.input_ids.shape[0] == rewards.shape[0] == 9 and stats["reward_std"] >= 0
     grpo_step(model, batch, old_logprobs, rewards, updater, cfg.grpo, torch.Generator().manual_seed(0))
 
@@ -55,8 +71,15 @@ def test_the_first_pass_over_fresh_samples_is_on_policy(tmp_path: Path) -> None:
     cfg = load_config(None, sets)
     model, tokenization, source, _ = build_model(cfg, inputs)
     batch, old_logprobs, rewards, _ = sample_groups(model, tokenization, source, ["3+4=", "12+9=", "1+1="], cfg.grpo, 0)
-    stats = grpo_step(model, batch, old_logprobs, rewards, Updater(model, 0.0, 0, 1, schedule="constant"), cfg.grpo,
-                      torch.Generator().manual_seed(0))
+    stats = grpo_step(
+        model,
+        batch,
+        old_logprobs,
+        rewards,
+        Updater(model, 0.0, 0, 1, schedule="constant"),
+        cfg.grpo,
+        torch.Generator().manual_seed(0),
+    )
     assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and stats["clipfrac"] == 0.0
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-5) and stats["kl"] == pytest.approx(0.0, abs=1e-5)
 
@@ -67,8 +90,16 @@ def test_model_plus_checker_is_the_weighted_sum_of_the_real_reward_model_and_the
     inputs = train_upstream(tmp_path, FAST)
     found = {}
     for reward in ("model", "checker", "model+checker"):
-        cfg = load_config(None, [*FAST, f"grpo.reward={reward}", "grpo.model_weight=2", "grpo.checker_weight=0.5",
-                                 "grpo.missing_eos_penalty=0"])
+        cfg = load_config(
+            None,
+            [
+                *FAST,
+                f"grpo.reward={reward}",
+                "grpo.model_weight=2",
+                "grpo.checker_weight=0.5",
+                "grpo.missing_eos_penalty=0",
+            ],
+        )
         model, tokenization, source, _ = build_model(cfg, inputs)
         found[reward] = sample_groups(model, tokenization, source, ["3+4=", "12+9="], cfg.grpo, seed=5)[2]
     assert torch.allclose(found["model+checker"], 2 * found["model"] + 0.5 * found["checker"], atol=1e-4)
@@ -89,14 +120,22 @@ def test_the_checker_chain_runs_without_a_reward_stage(tmp_path: Path) -> None:
 
 
 def test_a_checker_that_returns_the_wrong_length_stops_the_stage_in_one_line(tmp_path: Path) -> None:
-    (tmp_path / "bad_checker.py").write_text("def score(prompts, completions):\n    return [1.0] * (len(completions) - 1)\n")
+    (tmp_path / "bad_checker.py").write_text(
+        "def score(prompts, completions):\n    return [1.0] * (len(completions) - 1)\n"
+    )
     sets = [*FAST, "run.stages=[sft,grpo]", "grpo.reward=checker", "grpo.checker=bad_checker:score"]
     sft = train_upstream(tmp_path, sets)["sft"]
-    result = subprocess.run(stage_command("grpo", tmp_path / "grpo", sets, {"sft": sft}), capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    result = subprocess.run(
+        stage_command("grpo", tmp_path / "grpo", sets, {"sft": sft}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == ("error: checker 'bad_checker:score' returned 8 rewards for "
-                                                     "9 responses")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: checker 'bad_checker:score' returned 8 rewards for 9 responses"
+    )
     assert "Traceback" not in result.stderr and not artifacts.is_finished(tmp_path / "grpo")
 
 
@@ -104,5 +143,7 @@ def test_tied_rewards_at_every_step_are_reported(tmp_path: Path) -> None:
     """A base-like SFT answers nothing right: the checker gives every sample 0, so nothing can train."""
     sets = [*FAST, "run.stages=[sft,grpo]", "grpo.reward=checker", "sft.max_steps=1"]
     sft = train_upstream(tmp_path, sets)["sft"]
-    warnings = execute("grpo", train_grpo, load_config(None, sets), tmp_path / "grpo", {"sft": sft})["metrics"]["warnings"]
+    warnings = execute("grpo", train_grpo, load_config(None, sets), tmp_path / "grpo", {"sft": sft})["metrics"][
+        "warnings"
+    ]
     assert any("every group's rewards were tied at every step" in w for w in warnings), warnings

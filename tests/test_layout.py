@@ -104,14 +104,21 @@ def test_each_package_imports_only_the_packages_below_it() -> None:
 
 
 def test_no_module_imports_a_private_name_of_another_module() -> None:
-    private = [f"{module}: from {source} import {name}" for module, found in _imports().items()
-               for source, names in found for name in names if name.startswith("_") and not name.startswith("__")]
+    private = [
+        f"{module}: from {source} import {name}"
+        for module, found in _imports().items()
+        for source, names in found
+        for name in names
+        if name.startswith("_") and not name.startswith("__")
+    ]
     assert private == []
 
 
 def _heavy_after_importing(modules: list[str]) -> list[str]:
-    code = (f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
-            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     return [m for m in result.stdout.strip().split(",") if m]
 

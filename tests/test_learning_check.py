@@ -34,8 +34,9 @@ def test_a_loss_that_never_moves_after_warmup_is_reported() -> None:
     with torch.no_grad():
         module.weight.add_(1.0)  # weights moved, loss did not
     flat = [9.0, 5.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]  # two warm-up steps, then flat
-    assert check.warnings(_rows(flat), warmup_steps=2) == ["rrhf: the training loss has not moved after the "
-                                                            "warm-up (2 -> 2): nothing was learned"]
+    assert check.warnings(_rows(flat), warmup_steps=2) == [
+        "rrhf: the training loss has not moved after the warm-up (2 -> 2): nothing was learned"
+    ]
     assert check.warnings(_rows([2.0, 1.9, 1.7, 1.2, 0.9, 0.6])) == []
     assert check.warnings(_rows(flat[:7]), warmup_steps=2) == []  # too few values to judge
     assert check.warnings(_rows([0.0] * 8)) == []  # a loss already at 0 has nothing left to move

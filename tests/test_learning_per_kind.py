@@ -17,9 +17,21 @@ from stages.training.runner import execute
 from tests.conftest import REPO, TINY
 
 PRESET = {"lora": None, "qlora": REPO / "configs" / "qlora.yaml", "ptuning_v2": REPO / "configs" / "ptuning_v2.yaml"}
-LEARN = [*TINY, "tracking.backend=none", "sft.max_steps=60", "sft.logging_steps=2", "reward.max_steps=30",
-         "reward.logging_steps=2", "rrhf.max_steps=30", "rrhf.logging_steps=2", "data.ranked=builtin",
-         "task.num_pairs=128", "dpo.max_steps=30", "dpo.logging_steps=2", "dpo.checkpoint_every=30"]
+LEARN = [
+    *TINY,
+    "tracking.backend=none",
+    "sft.max_steps=60",
+    "sft.logging_steps=2",
+    "reward.max_steps=30",
+    "reward.logging_steps=2",
+    "rrhf.max_steps=30",
+    "rrhf.logging_steps=2",
+    "data.ranked=builtin",
+    "task.num_pairs=128",
+    "dpo.max_steps=30",
+    "dpo.logging_steps=2",
+    "dpo.checkpoint_every=30",
+]
 
 
 def _falls(losses: list[float], factor: float) -> bool:
@@ -32,8 +44,10 @@ def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """SFT and reward of one kind, with a few dozen steps each; their manifests by stage name."""
     root = tmp_path_factory.mktemp(request.param)
     cfg = load_config(PRESET[request.param], LEARN)
-    manifests = {"sft": execute("sft", train_sft, cfg, root / "sft", {}),
-                 "reward": execute("reward", train_reward, cfg, root / "reward", {})}
+    manifests = {
+        "sft": execute("sft", train_sft, cfg, root / "sft", {}),
+        "reward": execute("reward", train_reward, cfg, root / "reward", {}),
+    }
     return cfg, {"root": root, **manifests}
 
 
@@ -65,8 +79,13 @@ def test_rrhf_loss_falls(trained: tuple[PipelineConfig, dict], tmp_path: Path) -
     cfg, runs = trained
     preset, sets = PRESET[cfg.adapter.kind], [*LEARN, "rrhf.logging_steps=1"]
     manifest = execute("rrhf", train_rrhf, load_config(preset, sets), tmp_path / "rrhf", {"sft": runs["root"] / "sft"})
-    execute("rrhf", train_rrhf, load_config(preset, [*sets, "rrhf.learning_rate=0"]), tmp_path / "frozen",
-            {"sft": runs["root"] / "sft"})
+    execute(
+        "rrhf",
+        train_rrhf,
+        load_config(preset, [*sets, "rrhf.learning_rate=0"]),
+        tmp_path / "frozen",
+        {"sft": runs["root"] / "sft"},
+    )
     trained_losses, frozen = ([row["loss"] for row in _history(tmp_path / name)] for name in ("rrhf", "frozen"))
     third = len(frozen) // 3
     assert sum(trained_losses[-third:]) < 0.8 * sum(frozen[-third:]), (cfg.adapter.kind, trained_losses, frozen)
@@ -87,9 +106,13 @@ def test_ppo_improves_its_objective_on_a_fixed_rollout(trained: tuple[PipelineCo
     cfg, runs = trained
     cfg = load_config(PRESET[cfg.adapter.kind], [*LEARN, "ppo.rollout_prompts=8", "ppo.minibatch_size=8"])
     models = build_models(cfg, {"sft": runs["root"] / "sft", "reward": runs["root"] / "reward"})
-    rollout, _ = collect_rollout(models, [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10),
-                                                                 (11, 12), (13, 4), (15, 6)]],
-                                 cfg.ppo, kl_coef=0.2, seed=0)
+    rollout, _ = collect_rollout(
+        models,
+        [f"{a}+{b}=" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 4), (15, 6)]],
+        cfg.ppo,
+        kl_coef=0.2,
+        seed=0,
+    )
     updater, generator = ppo_updater(models, cfg.ppo), torch.Generator().manual_seed(0)
     stats = [ppo_update(models, rollout, updater, cfg.ppo, generator) for _ in range(8)]
     policy, value = [s["policy_loss"] for s in stats], [s["value_loss"] for s in stats]

@@ -29,8 +29,15 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _sampling_gap(models, temperature: float) -> float:
     """Largest |log-prob at sampling - log-prob in a training forward| over PROMPTS' sampled tokens."""
     tokenization = models.tokenization
-    samples = generate(models.model, tokenization, [tokenization.prompt_ids(p) for p in PROMPTS],
-                       max_new_tokens=8, temperature=temperature, batch_size=4, seed=0)
+    samples = generate(
+        models.model,
+        tokenization,
+        [tokenization.prompt_ids(p) for p in PROMPTS],
+        max_new_tokens=8,
+        temperature=temperature,
+        batch_size=4,
+        seed=0,
+    )
     batch, sampled = sampled_batch(samples, tokenization.pad_id, "cpu")
     with torch.no_grad():
         trained = token_logprobs(models.model, batch, temperature)
@@ -43,8 +50,13 @@ def test_a_models_generation_config_does_not_change_what_is_sampled(inputs: dict
     clean = _sampling_gap(models, 1.0)
     # Qwen2.5-Instruct's hub defaults, and a penalty strong enough to move every repeated digit.
     config.update(repetition_penalty=1.5, top_k=20, top_p=0.8, temperature=0.7, no_repeat_ngram_size=2)
-    assert ignored_generation_settings(config) == {"temperature": 0.7, "top_k": 20, "top_p": 0.8,
-                                                   "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    assert ignored_generation_settings(config) == {
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.8,
+        "repetition_penalty": 1.5,
+        "no_repeat_ngram_size": 2,
+    }
     assert _sampling_gap(models, 1.0) == pytest.approx(clean, abs=1e-6) and clean < GAP_LIMITS["float32"].largest
     assert config.repetition_penalty == 1.5  # restored after sampling (export keeps it)
 
@@ -65,12 +77,23 @@ def test_the_gap_of_a_clean_update_is_float_noise_and_a_mismatched_one_warns(inp
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_the_gap_counts_only_forwards_before_the_updates_first_step(inputs: dict[str, Path], temperature: float) -> None:
+def test_the_gap_counts_only_forwards_before_the_updates_first_step(
+    inputs: dict[str, Path], temperature: float
+) -> None:
     """With accumulation (2 minibatches per step), 3 epochs and a learning rate that moves the log-probs
     by far more than float noise after one step, the gap stays noise: only the forwards before the first
     optimizer step are measured. At T=0.7 both sides divide by the same temperature."""
-    cfg = load_config(None, [*FAST, f"ppo.temperature={temperature}", "ppo.minibatch_size=2",
-                             "ppo.gradient_accumulation=2", "ppo.ppo_epochs=3", "ppo.learning_rate=0.05"])
+    cfg = load_config(
+        None,
+        [
+            *FAST,
+            f"ppo.temperature={temperature}",
+            "ppo.minibatch_size=2",
+            "ppo.gradient_accumulation=2",
+            "ppo.ppo_epochs=3",
+            "ppo.learning_rate=0.05",
+        ],
+    )
     models = build_models(cfg, inputs)
     rollout, _ = collect_rollout(models, PROMPTS, cfg.ppo, kl_coef=0.1, seed=0)
     stats = ppo_update(models, rollout, ppo_updater(models, cfg.ppo), cfg.ppo, torch.Generator().manual_seed(0))
@@ -80,7 +103,9 @@ def test_the_gap_counts_only_forwards_before_the_updates_first_step(inputs: dict
     assert ((moved - rollout.old_logprobs).abs() * rollout.response_mask).max() > 10 * GAP_LIMITS["float32"].largest
 
 
-def test_the_gap_is_in_the_history_of_ppo_and_grpo_and_in_rrhfs_metrics(inputs: dict[str, Path], tmp_path: Path) -> None:
+def test_the_gap_is_in_the_history_of_ppo_and_grpo_and_in_rrhfs_metrics(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
     import json
 
     from stages.grpo.recipe import train_grpo

@@ -62,9 +62,7 @@ def test_masked_whiten_unbiased_and_shift_mean() -> None:
     # mean 4, unbiased var (4 + 0 + 4) / 2 = 4 -> std 2 (biased would give std 1.633).
     values = T([[2.0, 4.0, 6.0]])
     assert_close(masked_whiten(values, torch.ones_like(values)), T([[-1.0, 0.0, 1.0]]))
-    assert_close(
-        masked_whiten(values, torch.ones_like(values), shift_mean=False), T([[3.0, 4.0, 5.0]])
-    )
+    assert_close(masked_whiten(values, torch.ones_like(values), shift_mean=False), T([[3.0, 4.0, 5.0]]))
 
 
 # --------------------------------------------------------------------------- reward model
@@ -110,9 +108,7 @@ def test_kl_penalized_rewards_ragged_and_empty_rows() -> None:
     # row 1: kl = (-1, masked...);                 rewards = (0.1 + 3, 0, 0, 0)
     # row 2: no valid token -> no KL and no score.
     assert_close(kl, T([[0.5, -0.5, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
-    assert_close(
-        rewards, T([[-0.05, 0.05, 2.0, 0.0], [3.1, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    )
+    assert_close(rewards, T([[-0.05, 0.05, 2.0, 0.0], [3.1, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
 
 
 def test_kl_penalized_rewards_non_prefix_mask() -> None:
@@ -281,9 +277,7 @@ def test_rrhf_all_tied_group_has_only_sft() -> None:
 
 def test_rrhf_batch_with_padding_and_single_candidate() -> None:
     nan, inf = float("nan"), float("inf")
-    seq_logprobs = T(
-        [[-1.0, -2.0, -0.5], [-0.3, -inf, nan], [-1.0, -3.0, -2.0]], requires_grad=True
-    )
+    seq_logprobs = T([[-1.0, -2.0, -0.5], [-0.3, -inf, nan], [-1.0, -3.0, -2.0]], requires_grad=True)
     # Group 1 pads with huge rewards: they must neither rank nor be picked for SFT.
     rewards = T([[1.0, 2.0, 3.0], [0.0, 100.0, 50.0], [1.0, 1.0, 2.0]])
     mask = torch.tensor([[True, True, True], [True, False, False], [True, True, True]])
@@ -314,8 +308,10 @@ def test_rrhf_fully_padded_group_is_excluded_from_mean() -> None:
 def test_group_advantages_centre_and_scale_per_group() -> None:
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
     std = math.sqrt(4 * 0.25 / 3)  # unbiased, of [1, 0, 0, 1]
-    assert_close(group_advantages(rewards, scale=True),
-                 torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]) / torch.tensor([[std + 1e-4], [1e-4]]))
+    assert_close(
+        group_advantages(rewards, scale=True),
+        torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0]]) / torch.tensor([[std + 1e-4], [1e-4]]),
+    )
     assert_close(group_advantages(rewards, scale=False), torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0] * 4]))
 
 

@@ -24,25 +24,57 @@ from stages.memory.plan import (
 )
 from tests.conftest import run_cli
 
-BUILTIN = ModelShape(vocab_size=261, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                     num_kv_heads=4, head_dim=32, tie_word_embeddings=True)
+BUILTIN = ModelShape(
+    vocab_size=261,
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=32,
+    tie_word_embeddings=True,
+)
 # A Llama-2-7B-like shape: big enough that ZeRO's per-rank shares dominate its fixed terms.
-LARGE = ModelShape(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                   num_kv_heads=32, head_dim=128, tie_word_embeddings=False)
-DATA = DataShape(demos=512, demo_tokens=16, prompts=336, prompt_tokens=8, prompt_tokens_min=6, pairs=512,
-                 pair_tokens=16, eval_prompts=64, eval_prompt_tokens=8)
+LARGE = ModelShape(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=128,
+    tie_word_embeddings=False,
+)
+DATA = DataShape(
+    demos=512,
+    demo_tokens=16,
+    prompts=336,
+    prompt_tokens=8,
+    prompt_tokens_min=6,
+    pairs=512,
+    pair_tokens=16,
+    eval_prompts=64,
+    eval_prompt_tokens=8,
+)
 LORA = AdapterSection()
 ZERO2 = Parallel(launched=True, zero_stage=2, world_size=4, local_ranks=4)
 ZERO3 = dataclasses.replace(ZERO2, zero_stage=3)
 ZERO3_OFFLOAD = dataclasses.replace(ZERO3, offload_optimizer=True, offload_params=True)
 
 
-def plan(stage: str, overrides: list[str] | tuple[str, ...] = (), shape: ModelShape = BUILTIN,
-         parallel: Parallel = Parallel(), device: Device = "cpu", data: DataShape = DATA) -> Estimate:
+def plan(
+    stage: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    shape: ModelShape = BUILTIN,
+    parallel: Parallel = Parallel(),
+    device: Device = "cpu",
+    data: DataShape = DATA,
+) -> Estimate:
     """The estimate of one stage on the built-in task's data shape, with config overrides."""
     cfg = load_config(None, ["run.stages=[sft,reward,rrhf,ppo]", *overrides])
-    return estimate(stage_workload(stage, cfg, data, parallel), shape, cfg.backbone.dtype, cfg.adapter, parallel,
-                    device)
+    return estimate(
+        stage_workload(stage, cfg, data, parallel), shape, cfg.backbone.dtype, cfg.adapter, parallel, device
+    )
 
 
 def test_parameter_and_adapter_counts_match_the_real_models() -> None:
@@ -87,15 +119,18 @@ def test_trainable_state_is_sixteen_bytes_per_parameter() -> None:
     assert plan("ppo").adapters_optimizer == 16 * (2 * per_adapter + head) + 4 * (2 * per_adapter + head)
 
 
-@pytest.mark.parametrize("stage,key,low,high", [
-    ("sft", "sft.batch_size", 4, 64),
-    ("sft", "sft.max_length", 8, 16),  # the data's longest demo is 16 tokens: max_length caps it
-    ("reward", "reward.batch_size", 16, 256),
-    ("ppo", "ppo.minibatch_size", 16, 256),
-    ("ppo", "ppo.max_new_tokens", 16, 512),
-    ("rrhf", "rrhf.num_candidates", 4, 64),
-    ("rrhf", "rrhf.batch_size", 4, 64),
-])
+@pytest.mark.parametrize(
+    "stage,key,low,high",
+    [
+        ("sft", "sft.batch_size", 4, 64),
+        ("sft", "sft.max_length", 8, 16),  # the data's longest demo is 16 tokens: max_length caps it
+        ("reward", "reward.batch_size", 16, 256),
+        ("ppo", "ppo.minibatch_size", 16, 256),
+        ("ppo", "ppo.max_new_tokens", 16, 512),
+        ("rrhf", "rrhf.num_candidates", 4, 64),
+        ("rrhf", "rrhf.batch_size", 4, 64),
+    ],
+)
 def test_estimate_grows_with_batch_and_length(stage: str, key: str, low: int, high: int) -> None:
     small, big = plan(stage, [f"{key}={low}"], shape=LARGE), plan(stage, [f"{key}={high}"], shape=LARGE)
     assert big.total > small.total
@@ -146,8 +181,18 @@ def test_shape_errors_name_the_backbone() -> None:
     from stages.io.config import ConfigError
     from stages.memory.inputs import shape_from_config
 
-    gqa = shape_from_config({"vocab_size": 10, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                             "num_attention_heads": 4, "num_key_value_heads": 2, "dtype": "bfloat16"}, "x")
+    gqa = shape_from_config(
+        {
+            "vocab_size": 10,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "dtype": "bfloat16",
+        },
+        "x",
+    )
     assert gqa.kv_dim == 32 and gqa.head_dim == 16 and gqa.checkpoint_dtype == "bfloat16"
     with pytest.raises(ConfigError, match=r"backbone.name='odd'.*hidden_size"):
         shape_from_config({"vocab_size": 10}, "odd")
@@ -160,12 +205,15 @@ def test_plan_json_on_the_default_config_imports_no_torch(tmp_path: Path) -> Non
     assert list(plan_json["stages"]) == ["sft", "reward", "ppo"]
     for entry in plan_json["stages"].values():
         assert entry["device"] in ("cpu", "cuda") and entry["available"] > 0
-        parts = sum(entry[k] for k in ("weights", "adapters_optimizer", "activations", "logits", "kv_cache",
-                                       "overhead"))
+        parts = sum(
+            entry[k] for k in ("weights", "adapters_optimizer", "activations", "logits", "kv_cache", "overhead")
+        )
         assert entry["total"] == parts and entry["fits"] is True
     if not Path("/proc/driver/nvidia/version").exists():  # without a GPU the plan never starts torch
-        code = ("import sys\nfrom flows import cli\ncli.main(['plan'])\n"
-                "assert not [m for m in ('torch', 'transformers') if m in sys.modules]\n")
+        code = (
+            "import sys\nfrom flows import cli\ncli.main(['plan'])\n"
+            "assert not [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        )
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=tmp_path)
 
 
@@ -194,11 +242,11 @@ def test_skip_memory_check_gets_past_the_preflight(tmp_path: Path) -> None:
         refused = run_cli("stage", "rrhf", "--run", "big", "--set", "rrhf.num_candidates=2000000", cwd=tmp_path)
         assert refused.returncode == 2 and "error: stage rrhf needs about" in refused.stderr, refused.stderr[-2000:]
         assert "num_candidates: 1000000" in (run_dir / "config.yaml").read_text()  # unchanged when refused
-        skipped = run_cli("stage", "rrhf", "--run", "big", "--set", "rrhf.num_candidates=2000000",
-                          "--skip-memory-check", cwd=tmp_path)
+        skipped = run_cli(
+            "stage", "rrhf", "--run", "big", "--set", "rrhf.num_candidates=2000000", "--skip-memory-check", cwd=tmp_path
+        )
         assert skipped.returncode == 2 and "is already running" in skipped.stderr, skipped.stderr[-2000:]
     assert not (run_dir / "sft").exists() and not (run_dir / "rrhf").exists()
-
 
 
 def test_a_shared_value_model_plans_one_trainable_adapter_fewer() -> None:

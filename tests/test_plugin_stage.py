@@ -44,7 +44,7 @@ SPEC = StageSpec("toy", ("toy",), inputs=("sft",), {where}curves=(Curve("loss", 
 '''
 
 # Its recipe: the function the stage process runs (train_<name>).
-TOY_RECIPE = '''
+TOY_RECIPE = """
 from stages.io.artifacts import read_manifest, write_json
 
 
@@ -52,8 +52,10 @@ def train_toy(cfg, ctx):
     history = [{"step": step, "loss": 1.0 / step} for step in range(1, cfg.toy.steps + 1)]
     write_json(ctx.staging / "history.json", history)
     return {"sft_task_score": read_manifest(ctx.inputs["sft"])["metrics"]["task_score"], "steps": cfg.toy.steps}
-'''
-TOY_STAGE = TOY_SPEC.replace("{where}", 'recipe="toy_stage", settings="toy_stage:ToySection",\n                 ') + TOY_RECIPE
+"""
+TOY_STAGE = (
+    TOY_SPEC.replace("{where}", 'recipe="toy_stage", settings="toy_stage:ToySection",\n                 ') + TOY_RECIPE
+)
 
 
 def _install_plugin(folder: Path) -> dict[str, str]:
@@ -63,10 +65,12 @@ def _install_plugin(folder: Path) -> dict[str, str]:
     dist = folder / "toy_stage-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-stage\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent("""\
+    (dist / "entry_points.txt").write_text(
+        textwrap.dedent("""\
         [rlhf.stages]
         toy = toy_stage:SPEC
-    """))
+    """)
+    )
     return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -81,7 +85,9 @@ def _add_stage_folder(copy: Path) -> dict[str, str]:
     folder = copy / "stages" / "toy"
     folder.mkdir()
     (folder / "__init__.py").write_text('"""The toy stage."""\n')
-    (folder / "spec.py").write_text(TOY_SPEC.replace("{where}", 'settings="stages.toy.spec:ToySection",\n                 '))
+    (folder / "spec.py").write_text(
+        TOY_SPEC.replace("{where}", 'settings="stages.toy.spec:ToySection",\n                 ')
+    )
     (folder / "recipe.py").write_text(TOY_RECIPE)
     return {"PYTHONPATH": os.pathsep.join([str(copy), os.environ.get("PYTHONPATH", "")])}
 
@@ -107,8 +113,18 @@ def test_a_new_stage_is_one_folder(tmp_path: Path) -> None:
 
 
 def _runs_caches_plans_and_reports(tmp_path: Path, env: dict[str, str]) -> None:
-    chain = ["--set", "run.stages=[sft,toy]", "--set", "sft.max_steps=3", "--set", "eval.num_prompts=4",
-             "--set", "tracking.backend=none", "--set", "toy.steps=4"]
+    chain = [
+        "--set",
+        "run.stages=[sft,toy]",
+        "--set",
+        "sft.max_steps=3",
+        "--set",
+        "eval.num_prompts=4",
+        "--set",
+        "tracking.backend=none",
+        "--set",
+        "toy.steps=4",
+    ]
 
     plan = run_cli("plan", *chain, "--json", cwd=tmp_path, env=env)
     assert plan.returncode == 0, plan.stderr[-2000:]

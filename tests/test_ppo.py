@@ -67,8 +67,13 @@ def test_update_trains_policy_and_value_only_on_one_backbone(lora_inputs: dict[s
     for p in params:
         p.register_post_accumulate_grad_hook(lambda t: got_grad.add(id(t)) if t.grad.abs().sum() > 0 else None)
     rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg.ppo, kl_coef=0.1, seed=0)
-    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"]).ppo), cfg.ppo,
-               torch.Generator().manual_seed(0))
+    ppo_update(
+        models,
+        rollout,
+        ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"]).ppo),
+        cfg.ppo,
+        torch.Generator().manual_seed(0),
+    )
 
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(id(p), "value_head") for p in params if id(p) not in got_grad]
@@ -107,7 +112,9 @@ def test_log_probs_are_those_of_the_sampling_distribution(lora_inputs: dict[str,
     rollout, stats = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg.ppo, kl_coef=0.1, seed=0)
     with torch.no_grad(), active_adapter(models.model, POLICY):
         logits = models.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits.float()
-    expected = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, rollout.input_ids[:, 1:, None]).squeeze(-1)
+    expected = (
+        torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, rollout.input_ids[:, 1:, None]).squeeze(-1)
+    )
     mask = rollout.response_mask[:, 1:]
     torch.testing.assert_close(rollout.old_logprobs[:, 1:], expected * mask, rtol=0, atol=3e-5)
     assert (rollout.old_logprobs[:, 1:] * (1 - mask)).abs().sum() == 0  # nothing off the response
@@ -118,8 +125,9 @@ def test_log_probs_are_those_of_the_sampling_distribution(lora_inputs: dict[str,
     assert update["clipfrac"] == 0.0
 
 
-def _update_gradient(sets: list[str], inputs: dict[str, Path], rollout: "Rollout | None" = None
-                     ) -> tuple[torch.Tensor, "Rollout"]:
+def _update_gradient(
+    sets: list[str], inputs: dict[str, Path], rollout: "Rollout | None" = None
+) -> tuple[torch.Tensor, "Rollout"]:
     """The gradient the first update of ``ppo_update`` steps with (read in the optimizer's pre-step hook,
     clipping off), from fresh models: (every trained parameter's gradient, flattened), and the rollout."""
     cfg = load_config(None, [*FAST, "ppo.ppo_epochs=1", "ppo.max_grad_norm=1e9", *sets])
@@ -133,8 +141,17 @@ def _update_gradient(sets: list[str], inputs: dict[str, Path], rollout: "Rollout
         rollout = dataclasses.replace(rollout, response_mask=rollout.response_mask * keep)
     updater = ppo_updater(models, cfg.ppo)
     grads: list[torch.Tensor] = []
-    updater.optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for g in opt.param_groups for p in g["params"]])))
+    updater.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: grads.append(
+            torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                    for g in opt.param_groups
+                    for p in g["params"]
+                ]
+            )
+        )
+    )
     ppo_update(models, rollout, updater, cfg.ppo, torch.Generator().manual_seed(0))
     return grads[0], rollout
 
@@ -154,8 +171,14 @@ def test_gradient_accumulation_weighs_micro_batches_by_their_tokens(lora_inputs:
 def test_dropout_never_changes_the_policy_between_sampling_and_update(tmp_path: Path) -> None:
     """Issue 14, fault 2: adapters trained with dropout 0.1 (their saved configs keep it); PPO scores and
     trains with dropout off, so update 1 (policy = reference = the sampler) has ratio 1, approx-KL 0, KL 0."""
-    sets = [*FAST, "adapter.dropout=0.1", "ppo.updates=1", "ppo.ppo_epochs=1", "ppo.rollout_prompts=4",
-            "ppo.minibatch_size=4"]
+    sets = [
+        *FAST,
+        "adapter.dropout=0.1",
+        "ppo.updates=1",
+        "ppo.ppo_epochs=1",
+        "ppo.rollout_prompts=4",
+        "ppo.minibatch_size=4",
+    ]
     inputs = train_upstream(tmp_path, sets)
     execute("ppo", train_ppo, load_config(None, sets), tmp_path / "ppo", inputs)
     (update,) = __import__("json").loads((tmp_path / "ppo" / "history.json").read_text())
@@ -164,8 +187,9 @@ def test_dropout_never_changes_the_policy_between_sampling_and_update(tmp_path: 
     assert update["clipfrac"] == 0.0 and update["kl"] == pytest.approx(0.0, abs=1e-5), update
 
 
-def test_a_shared_value_model_trains_the_policy_adapter_and_the_value_head(lora_inputs: dict[str, Path],
-                                                                         tmp_path: Path) -> None:
+def test_a_shared_value_model_trains_the_policy_adapter_and_the_value_head(
+    lora_inputs: dict[str, Path], tmp_path: Path
+) -> None:
     """ppo.value_model=shared (issue 15): no value adapter; the value head starts at zero on the policy's
     hidden states, and one backward trains the policy adapter and the head; reference and reward stay."""
     cfg = load_config(None, [*FAST, "ppo.value_model=shared"])
@@ -179,8 +203,13 @@ def test_a_shared_value_model_trains_the_policy_adapter_and_the_value_head(lora_
 
     rollout, _ = collect_rollout(models, ["3+4=", "12+9=", "5+5=", "7+1="], cfg.ppo, kl_coef=0.1, seed=0)
     assert rollout.old_values.abs().sum() == 0  # a zero head values every state at 0
-    ppo_update(models, rollout, ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"]).ppo), cfg.ppo,
-               torch.Generator().manual_seed(0))
+    ppo_update(
+        models,
+        rollout,
+        ppo_updater(models, load_config(None, [*FAST, "ppo.learning_rate=0.01"]).ppo),
+        cfg.ppo,
+        torch.Generator().manual_seed(0),
+    )
     assert models.value_head.weight.abs().sum() > 0
     assert any(not torch.equal(policy_before[k], v) for k, v in _snapshot(model, POLICY).items())
     for name, before in frozen.items():

@@ -44,11 +44,21 @@ def _free_port() -> int:
 @pytest.fixture
 def prefect_server(tmp_path: Path):
     port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-server"), "PREFECT_SERVER_API_HOST": "127.0.0.1",
-           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-server"),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_ENABLED": "false",
+    }
     prefect = Path(sys.executable).parent / "prefect"
-    server = subprocess.Popen([str(prefect), "server", "start"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [str(prefect), "server", "start"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     api = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 180
     while True:
@@ -69,8 +79,9 @@ def test_runs_and_artifacts_are_readable_from_a_real_server(prefect_server: str,
     # a seed no other test uses: every stage runs (a cached stage has no process output to forward)
     result = run_cli("run", *SETS, "--set", "run.seed=11", "--run-id", "served", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    read = subprocess.run([sys.executable, "-c", READ_BACK], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    read = subprocess.run(
+        [sys.executable, "-c", READ_BACK], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
     assert read.returncode == 0, read.stderr[-2000:]
     seen = json.loads(read.stdout.strip().splitlines()[-1])
     assert seen["state"] == "COMPLETED"
@@ -85,9 +96,15 @@ def test_runs_and_artifacts_are_readable_from_a_real_server(prefect_server: str,
 def test_served_deployment_runs_when_triggered(prefect_server: str, tmp_path: Path) -> None:
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     rlhf = Path(sys.executable).parent / "rlhf"
-    serve = subprocess.Popen([str(rlhf), "serve", "--cron", "0 3 * * *", "--name", "nightly", *SETS,
-                              "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve = subprocess.Popen(
+        [str(rlhf), "serve", "--cron", "0 3 * * *", "--name", "nightly", *SETS, "--runs-dir", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         prefect = Path(sys.executable).parent / "prefect"
         deadline = time.time() + 180
@@ -97,8 +114,13 @@ def test_served_deployment_runs_when_triggered(prefect_server: str, tmp_path: Pa
                 break
             assert serve.poll() is None and time.time() < deadline, "rlhf serve did not register its deployment"
             time.sleep(2)
-        triggered = subprocess.run([str(prefect), "deployment", "run", "rlhf-scheduled/nightly", "--watch",
-                                    "--watch-timeout", "900"], env=env, capture_output=True, text=True, timeout=960)
+        triggered = subprocess.run(
+            [str(prefect), "deployment", "run", "rlhf-scheduled/nightly", "--watch", "--watch-timeout", "900"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=960,
+        )
         assert triggered.returncode == 0, triggered.stdout[-3000:] + triggered.stderr[-3000:]
         assert "Completed" in triggered.stdout + triggered.stderr
     finally:

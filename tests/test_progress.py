@@ -6,8 +6,9 @@ from stages.io import progress as progress_module
 from stages.io.progress import progress
 
 
-def test_a_log_gets_plain_lines_without_cursor_movements(monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_log_gets_plain_lines_without_cursor_movements(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("RLHF_PROGRESS", "lines")
     monkeypatch.setattr(progress_module, "LINE_EVERY_S", 0.0)  # a line at every step
     assert list(progress(range(3), desc="reward", unit="step", initial=2, total=5)) == [0, 1, 2]
@@ -37,8 +38,15 @@ def test_known_library_noise_is_silenced_exactly_where_it_is_harmless() -> None:
     from stages.training.runner import silence_known_noise
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    noise = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
-                              "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'", (), None)
+    noise = logger.makeRecord(
+        logger.name,
+        logging.WARNING,
+        __file__,
+        1,
+        "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'",
+        (),
+        None,
+    )
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", (), None)
     try:
         silence_known_noise(load_config(None, ["adapter.kind=qlora"]))  # 4-bit kernels in use: the hint stays

@@ -31,9 +31,18 @@ def _report(run_id: str, cwd: Path) -> dict:
 
 
 def test_every_config_in_configs_is_checked() -> None:
-    assert {p.name for p in CONFIGS} >= {"default.yaml", "ptuning_v2.yaml", "qlora.yaml", "deepspeed-zero2.yaml",
-                                         "sft-reward-rrhf.yaml", "sft-rrhf-offline.yaml", "sft-dpo.yaml",
-                                         "sft-reward-grpo.yaml", "sft-grpo-checker.yaml", "sft-ppo-checker.yaml"}
+    assert {p.name for p in CONFIGS} >= {
+        "default.yaml",
+        "ptuning_v2.yaml",
+        "qlora.yaml",
+        "deepspeed-zero2.yaml",
+        "sft-reward-rrhf.yaml",
+        "sft-rrhf-offline.yaml",
+        "sft-dpo.yaml",
+        "sft-reward-grpo.yaml",
+        "sft-grpo-checker.yaml",
+        "sft-ppo-checker.yaml",
+    }
     assert set(EXEMPT) <= {p.name for p in CONFIGS}
     for name, reason in EXEMPT.items():  # the config itself tells its user, in these words
         assert f"# exempt from the quality bar: {reason}" in (REPO / "configs" / name).read_text(), name
@@ -49,8 +58,10 @@ def test_shipped_config_meets_the_quality_bar(config: str, tmp_path: Path) -> No
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     stages = _report(run_id, tmp_path)
     metrics = {stage: entry["metrics"] for stage, entry in stages.items()}
-    figures = {stage: {k: v for k, v in m.items() if k in ("task_score_before", "task_score", "pair_accuracy")}
-               for stage, m in metrics.items()}
+    figures = {
+        stage: {k: v for k, v in m.items() if k in ("task_score_before", "task_score", "pair_accuracy")}
+        for stage, m in metrics.items()
+    }
     where = _host(stages)
     print(f"{config}: {figures} on {where}")  # the closing note's table: pytest -s shows it
     for stage, m in metrics.items():

@@ -38,11 +38,20 @@ def test_config_choices_order_and_dependencies_come_from_the_registry() -> None:
     stage_name = typing.get_args(PipelineConfig.model_fields["run"].annotation.model_fields["stages"].annotation)[0]
     assert typing.get_args(stage_name) == STAGE_ORDER == tuple(s.name for s in STAGES)
     cfg = load_config(None, ["run.stages=[sft,rrhf]", "data.ranked=builtin"])
-    assert spec("rrhf").needed_inputs(cfg) == ("sft",) and spec("rrhf").needed_datasets(cfg) == ("sft", "eval", "ranked")
-    assert missing_inputs(["ppo"], cfg) == ["ppo needs the sft stage (it reads its artifact)",
-                                            "ppo needs the reward stage (it reads its artifact), or ppo.reward=checker"]
-    with pytest.raises(ConfigError, match=r"rrhf needs the reward stage \(it reads its artifact\), or data.ranked, "
-                                          r"or rrhf.reward=checker"):
+    assert spec("rrhf").needed_inputs(cfg) == ("sft",) and spec("rrhf").needed_datasets(cfg) == (
+        "sft",
+        "eval",
+        "ranked",
+    )
+    assert missing_inputs(["ppo"], cfg) == [
+        "ppo needs the sft stage (it reads its artifact)",
+        "ppo needs the reward stage (it reads its artifact), or ppo.reward=checker",
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"rrhf needs the reward stage \(it reads its artifact\), or data.ranked, "
+        r"or rrhf.reward=checker",
+    ):
         load_config(None, ["run.stages=[sft,rrhf]"])
     with pytest.raises(KeyError, match="unknown stage 'kto'; known: sft, reward, rrhf, ppo, dpo, grpo"):
         spec("kto")
@@ -61,20 +70,57 @@ def test_every_stage_is_one_folder_with_its_spec_recipe_and_config_section() -> 
 # stage stands on, then what each one adds. Pinned, so that an import that widens a stage's cache key
 # (and retrains it when an unrelated file changes) is a decision, not an accident.
 SHARED_CODE = {
-    "__init__.py", "io/__init__.py", "io/arithmetic.py", "io/artifacts.py", "io/backbone_files.py",
-    "io/builtin_spec.py", "io/config.py", "io/data.py", "io/deepspeed_config.py", "io/devices.py", "io/formats.py",
-    "io/paths.py", "io/provenance.py", "io/sections.py", "model/__init__.py", "model/adapters.py",
-    "model/backbone.py", "model/builtin_backbone.py", "model/heads.py", "model/placement.py", "model/sequences.py",
-    "model/tokenization.py", "training/__init__.py", "training/checkpoints.py", "training/distributed.py",
-    "training/early_stopping.py", "training/learning_check.py", "training/runner.py", "training/updater.py",
+    "__init__.py",
+    "io/__init__.py",
+    "io/arithmetic.py",
+    "io/artifacts.py",
+    "io/backbone_files.py",
+    "io/builtin_spec.py",
+    "io/config.py",
+    "io/data.py",
+    "io/deepspeed_config.py",
+    "io/devices.py",
+    "io/formats.py",
+    "io/paths.py",
+    "io/provenance.py",
+    "io/sections.py",
+    "model/__init__.py",
+    "model/adapters.py",
+    "model/backbone.py",
+    "model/builtin_backbone.py",
+    "model/heads.py",
+    "model/placement.py",
+    "model/sequences.py",
+    "model/tokenization.py",
+    "training/__init__.py",
+    "training/checkpoints.py",
+    "training/distributed.py",
+    "training/early_stopping.py",
+    "training/learning_check.py",
+    "training/runner.py",
+    "training/updater.py",
 }
 _SAMPLING = {"model/generation.py", "model/probes.py", "training/evaluation.py"}
-_RL = {*_SAMPLING, "model/reward_model.py", "objectives/__init__.py", "objectives/losses.py", "training/logprob_gap.py",
-       "training/loop.py", "training/rewards.py"}
+_RL = {
+    *_SAMPLING,
+    "model/reward_model.py",
+    "objectives/__init__.py",
+    "objectives/losses.py",
+    "training/logprob_gap.py",
+    "training/loop.py",
+    "training/rewards.py",
+}
 OWN_CODE = {
     "sft": {*_SAMPLING, "sft/__init__.py", "sft/recipe.py", "training/hf_trainer.py"},
-    "reward": {"model/reward_model.py", "objectives/__init__.py", "objectives/losses.py", "reward/__init__.py",
-               "reward/recipe.py", "reward/spec.py", "training/loop.py"},
+    "reward": {
+        "model/reward_model.py",
+        "objectives/__init__.py",
+        "objectives/losses.py",
+        "reward/__init__.py",
+        "reward/recipe.py",
+        "reward/spec.py",
+        "training/loop.py",
+    },
     "rrhf": {*_RL, "rrhf/__init__.py", "rrhf/recipe.py", "rrhf/spec.py"},
     "ppo": {*_RL, "objectives/kl_control.py", "ppo/__init__.py", "ppo/recipe.py", "ppo/spec.py"},
     "dpo": {*_SAMPLING, "dpo/__init__.py", "dpo/recipe.py", "training/hf_trainer.py"},
@@ -83,8 +129,10 @@ OWN_CODE = {
 
 
 def _code_sets(root: Path) -> dict[str, set[str]]:
-    return {stage.name: {str(f.relative_to(root)) for f in code_files(stage.module, {"stages": root}).values()}
-            for stage in STAGES}
+    return {
+        stage.name: {str(f.relative_to(root)) for f in code_files(stage.module, {"stages": root}).values()}
+        for stage in STAGES
+    }
 
 
 def test_each_stage_is_versioned_by_exactly_its_pinned_code_files() -> None:
@@ -136,8 +184,16 @@ def test_code_files_follow_relative_imports_and_package_inits(tmp_path: Path) ->
     (package / "shared.py").write_text("VALUE = 1\n")
     (package / "inner" / "recipe.py").write_text("from .helper import x\nfrom stages.objectives import losses\n")
     files = code_files("plugin.inner.recipe", {"plugin": package, "stages": REPO / "stages"})
-    assert set(files) == {"plugin", "plugin.inner", "plugin.inner.recipe", "plugin.inner.helper", "plugin.shared",
-                          "stages", "stages.objectives", "stages.objectives.losses"}
+    assert set(files) == {
+        "plugin",
+        "plugin.inner",
+        "plugin.inner.recipe",
+        "plugin.inner.helper",
+        "plugin.shared",
+        "stages",
+        "stages.objectives",
+        "stages.objectives.losses",
+    }
 
 
 def test_a_plugin_stage_cannot_shadow_a_config_section_or_lack_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,33 +53,64 @@ def _finished_checkpoint(stage: str, out: Path) -> Path | None:
     return max(done, default=None)
 
 
-@pytest.mark.parametrize(("stage", "launch"), [
-    ("sft", []), ("reward", []), ("rrhf", []), ("ppo", []), ("dpo", []), ("grpo", []),
-    ("grpo", ["run.stages=[sft,grpo]", "grpo.reward=checker"]),  # no reward model
-    ("reward", ["reward.launcher=accelerate", "distributed.deepspeed=zero2"]),  # every rank's ZeRO partition
-    ("sft", ["adapter.dropout=0.1"]), ("reward", ["adapter.dropout=0.1"]),  # dropout masks replay too
-    ("ppo", ["ppo.value_model=shared"]),  # no value adapter: the policy and the value head are the state
-    ("ppo", ["run.stages=[sft,ppo]", "ppo.reward=checker"]),  # no reward model: the value adapter from SFT
-    # AdaLoRA's rank allocator keeps importance averages from the first update: they are training state
-    ("sft", ADALORA), ("reward", ADALORA),
-    ("rrhf", ADALORA), ("dpo", ADALORA),  # an SFT adapter at its allocated ranks, own loop and HF Trainer
-    # Early stopping's progress (best value, evaluations without improvement) is training state: killed
-    # after a checkpoint, the resumed stage must stop exactly where the uninterrupted one does.
-    ("reward", ["reward.early_stopping={metric: pair_accuracy, patience: 3, eval_every: 5}"]),
-    ("sft", ["sft.early_stopping={metric: eval_loss, mode: min, min_delta: 100, patience: 2, eval_every: 4}"]),
-], ids=["sft", "reward", "rrhf", "ppo", "dpo", "grpo", "grpo-checker", "reward-zero2", "sft-dropout", "reward-dropout", "ppo-shared-value",
-        "ppo-checker", "sft-adalora", "reward-adalora", "rrhf-adalora", "dpo-adalora", "reward-early-stop",
-        "sft-early-stop"])
-def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[str], request: pytest.FixtureRequest,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stage", "launch"),
+    [
+        ("sft", []),
+        ("reward", []),
+        ("rrhf", []),
+        ("ppo", []),
+        ("dpo", []),
+        ("grpo", []),
+        ("grpo", ["run.stages=[sft,grpo]", "grpo.reward=checker"]),  # no reward model
+        ("reward", ["reward.launcher=accelerate", "distributed.deepspeed=zero2"]),  # every rank's ZeRO partition
+        ("sft", ["adapter.dropout=0.1"]),
+        ("reward", ["adapter.dropout=0.1"]),  # dropout masks replay too
+        ("ppo", ["ppo.value_model=shared"]),  # no value adapter: the policy and the value head are the state
+        ("ppo", ["run.stages=[sft,ppo]", "ppo.reward=checker"]),  # no reward model: the value adapter from SFT
+        # AdaLoRA's rank allocator keeps importance averages from the first update: they are training state
+        ("sft", ADALORA),
+        ("reward", ADALORA),
+        ("rrhf", ADALORA),
+        ("dpo", ADALORA),  # an SFT adapter at its allocated ranks, own loop and HF Trainer
+        # Early stopping's progress (best value, evaluations without improvement) is training state: killed
+        # after a checkpoint, the resumed stage must stop exactly where the uninterrupted one does.
+        ("reward", ["reward.early_stopping={metric: pair_accuracy, patience: 3, eval_every: 5}"]),
+        ("sft", ["sft.early_stopping={metric: eval_loss, mode: min, min_delta: 100, patience: 2, eval_every: 4}"]),
+    ],
+    ids=[
+        "sft",
+        "reward",
+        "rrhf",
+        "ppo",
+        "dpo",
+        "grpo",
+        "grpo-checker",
+        "reward-zero2",
+        "sft-dropout",
+        "reward-dropout",
+        "ppo-shared-value",
+        "ppo-checker",
+        "sft-adalora",
+        "reward-adalora",
+        "rrhf-adalora",
+        "dpo-adalora",
+        "reward-early-stop",
+        "sft-early-stop",
+    ],
+)
+def test_killed_stage_resumes_from_its_last_checkpoint(
+    stage: str, launch: list[str], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     out = tmp_path / stage
     sets = [*TINY, "tracking.backend=none", *LONG[stage], *launch]
     upstream = request.getfixturevalue("upstream_adalora" if launch == ADALORA else "upstream")
     inputs = {name: upstream[name] for name in spec(stage).needed_inputs(load_config(None, sets))}
     command = stage_command(stage, out, sets, inputs)
     env = launch_env(load_config(None, sets), stage)
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env=env)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+    )
     deadline = time.time() + 300
     while _finished_checkpoint(stage, out) is None:
         assert process.poll() is None and time.time() < deadline, f"{stage} ended before its first checkpoint"
@@ -105,8 +136,9 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
         # Exact replay (issue 14, fault 5): the resumed run draws the batches and dropout masks an
         # uninterrupted one does, so its history and its weights are the same, byte for byte.
         straight = tmp_path / f"{stage}-uninterrupted"
-        run = subprocess.run(stage_command(stage, straight, sets, inputs), capture_output=True, text=True,
-                             timeout=600, env=env)
+        run = subprocess.run(
+            stage_command(stage, straight, sets, inputs), capture_output=True, text=True, timeout=600, env=env
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert json.loads((out / "history.json").read_text()) == json.loads((straight / "history.json").read_text())
         weights = sorted(path.relative_to(straight) for path in straight.rglob("*.safetensors"))
@@ -117,8 +149,9 @@ def test_killed_stage_resumes_from_its_last_checkpoint(stage: str, launch: list[
         for key in ("stopped_at_step", "stop_reason", "early_stopping"):
             assert manifest["metrics"].get(key) == uninterrupted.get(key), key
     if stage in ("reward", "rrhf"):  # the resumed schedule goes on where it stopped, on every launcher
-        _assert_follows_the_schedule(json.loads((out / "history.json").read_text()),
-                                     getattr(load_config(None, sets), stage))
+        _assert_follows_the_schedule(
+            json.loads((out / "history.json").read_text()), getattr(load_config(None, sets), stage)
+        )
 
 
 def _running(pid: int) -> bool:
@@ -147,15 +180,21 @@ def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
 
     rlhf = Path(sys.executable).parent / "rlhf"
     sets = [a for s in [*TINY, "tracking.backend=none", "reward.max_steps=400"] for a in ("--set", s)]
-    process = subprocess.Popen([str(rlhf), "run", "--run-id", "killed", *sets], cwd=tmp_path, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [str(rlhf), "run", "--run-id", "killed", *sets],
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     run_dir = tmp_path / "runs" / "killed"
     deadline = time.time() + 300
     while not (run_dir / "logs" / "reward.log").is_file():
         assert process.poll() is None and time.time() < deadline, "the run ended before its reward stage"
         time.sleep(0.05)
-    server = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "uvicorn.*prefect.server.api.server"],
-                            capture_output=True, text=True).stdout.split()
+    server = subprocess.run(
+        ["pgrep", "-P", str(process.pid), "-f", "uvicorn.*prefect.server.api.server"], capture_output=True, text=True
+    ).stdout.split()
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     time.sleep(2)
@@ -184,8 +223,13 @@ def test_nan_loss_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path: Path) 
     (1e8 ran all 30 steps with finite losses on an AVX-512/AMX CPU; Adam's steps are about the learning
     rate whatever the gradient, so 1e30 overflows float32 on any CPU.)"""
     out = tmp_path / "reward"
-    sets = [*TINY, "tracking.backend=none", "reward.max_steps=30", "reward.checkpoint_every=1",
-            "reward.learning_rate=1e30"]
+    sets = [
+        *TINY,
+        "tracking.backend=none",
+        "reward.max_steps=30",
+        "reward.checkpoint_every=1",
+        "reward.learning_rate=1e30",
+    ]
     result = subprocess.run(stage_command("reward", out, sets), capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]

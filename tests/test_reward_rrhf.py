@@ -49,8 +49,9 @@ def test_a_reward_model_reloads_as_trained_for_ppo_and_rrhf(kind: str, dtype: st
     model, head = attach_reward(backbone.model, tmp_path / "reward", tokenization, backbone.fingerprint)
     probes = json.loads((tmp_path / "reward" / PROBES).read_text())
     with torch.no_grad():
-        scores = sequence_scores(model, head, tokenization.batch([p["prompt"] for p in probes],
-                                                                 [p["response"] for p in probes], "cpu"))
+        scores = sequence_scores(
+            model, head, tokenization.batch([p["prompt"] for p in probes], [p["response"] for p in probes], "cpu")
+        )
     torch.testing.assert_close(scores, torch.tensor([p["score"] for p in probes]), rtol=0, atol=0)
     upstream = {"sft": tmp_path / "sft", "reward": tmp_path / "reward"}
     for stage, train in (("ppo", train_ppo), ("rrhf", train_rrhf)):
@@ -70,10 +71,15 @@ def test_missing_or_foreign_head_is_a_clear_error(trained: dict[str, Path], tmp_
     artifacts.copy_artifact(trained["reward"], swapped)
     from safetensors.torch import save_file
 
-    save_file({"weight": torch.randn(1, 128), "bias": torch.zeros(1)}, str(swapped / SCORE_HEAD),
-              metadata={"backbone_fingerprint": backbone.fingerprint})
+    save_file(
+        {"weight": torch.randn(1, 128), "bias": torch.zeros(1)},
+        str(swapped / SCORE_HEAD),
+        metadata={"backbone_fingerprint": backbone.fingerprint},
+    )
     with pytest.raises(artifacts.ArtifactError, match="does not match"):
-        attach_reward(load_backbone(cfg.backbone).model, swapped, Tokenization.of(backbone.tokenizer), backbone.fingerprint)
+        attach_reward(
+            load_backbone(cfg.backbone).model, swapped, Tokenization.of(backbone.tokenizer), backbone.fingerprint
+        )
 
 
 def test_reward_artifact_tokenized_differently_is_refused(trained: dict[str, Path]) -> None:
@@ -86,9 +92,12 @@ def test_reward_artifact_tokenized_differently_is_refused(trained: dict[str, Pat
     backbone = load_backbone(load_config(None, FAST).backbone)
     tokenizer = copy.deepcopy(backbone.tokenizer)
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
-    with pytest.raises(artifacts.ArtifactError, match="into other ids than the reward stage did; the tokenizer or "
-                                                      "data.chat_template differs"):
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    with pytest.raises(
+        artifacts.ArtifactError,
+        match="into other ids than the reward stage did; the tokenizer or data.chat_template differs",
+    ):
         attach_reward(backbone.model, trained["reward"], Tokenization.of(tokenizer), backbone.fingerprint)
 
 
@@ -143,8 +152,10 @@ def test_tied_ranked_scores_warn_and_report_null(trained: dict[str, Path], tmp_p
     """Issue 14, fault 7: all-tied candidates leave no pair to rank: a warning, and ranking_accuracy null in
     strict JSON (the manifest and `rlhf report --json`), not the bare token NaN."""
     ranked = tmp_path / "tied.jsonl"
-    rows = [{"query": "3+4=", "responses": ["7", "8"], "scores": [1.0, 1.0]},
-            {"query": "12+9=", "responses": ["21", "11", "2"], "scores": [0.0, 0.0, 0.0]}]
+    rows = [
+        {"query": "3+4=", "responses": ["7", "8"], "scores": [1.0, 1.0]},
+        {"query": "12+9=", "responses": ["21", "11", "2"], "scores": [0.0, 0.0, 0.0]},
+    ]
     ranked.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = load_config(None, [*FAST, "run.stages=[sft,rrhf]", f"data.ranked={ranked}"])
     execute("rrhf", train_rrhf, cfg, tmp_path / "rrhf", {"sft": trained["sft"]})
@@ -179,11 +190,20 @@ def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[s
     from stages.model.adapters import active_adapter
 
     with active_adapter(model, POLICY):
-        samples = generate(model, tokenization, [tokenization.prompt_ids(p) for p in prompts for _ in range(4)],
-                           max_new_tokens=12, temperature=2.0, batch_size=64, seed=cfg.run.seed + 1)
+        samples = generate(
+            model,
+            tokenization,
+            [tokenization.prompt_ids(p) for p in prompts for _ in range(4)],
+            max_new_tokens=12,
+            temperature=2.0,
+            batch_size=64,
+            seed=cfg.run.seed + 1,
+        )
     assert [ids for g in groups for ids in g.response_ids] == [list(s.token_ids) for s in samples]
-    changed = sum(tokenization.response_ids(p, s.text, s.finished) != list(s.token_ids)
-                  for p, s in zip([p for p in prompts for _ in range(4)], samples))
+    changed = sum(
+        tokenization.response_ids(p, s.text, s.finished) != list(s.token_ids)
+        for p, s in zip([p for p in prompts for _ in range(4)], samples)
+    )
     assert changed > 0, "at T=2 some candidates must re-encode differently, or this test shows nothing"
     with torch.no_grad():
         logprobs, _, _ = group_logprobs(model, tokenization, groups)

@@ -11,11 +11,15 @@ from stages.model.tokenization import Tokenization
 
 def test_trimmed_logprobs_match_full_computation() -> None:
     backbone = load_backbone(load_config().backbone)
-    batch = Tokenization.of(backbone.tokenizer).batch(["3+4=", "12+19=", "1+1="], ["7", "31;2+2=4", "2"], "cpu", [True, False, True])
+    batch = Tokenization.of(backbone.tokenizer).batch(
+        ["3+4=", "12+19=", "1+1="], ["7", "31;2+2=4", "2"], "cpu", [True, False, True]
+    )
     logprobs, entropy = token_logprobs_and_entropy(backbone.model, batch)
 
     with torch.no_grad():
-        full = torch.log_softmax(backbone.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
+        full = torch.log_softmax(
+            backbone.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, -1
+        )
     expected = torch.zeros_like(logprobs)
     expected_entropy = torch.zeros_like(entropy)
     for b in range(batch.input_ids.shape[0]):
@@ -59,8 +63,9 @@ def test_generation_log_probs_match_a_forward_pass(kind: str, dtype: str) -> Non
 
 @pytest.mark.parametrize("kind", ["lora", "ptuning_v2"])
 @pytest.mark.parametrize("hooked", [True, False])
-def test_final_hidden_states_are_the_last_of_all_hidden_states(kind: str, hooked: bool,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_final_hidden_states_are_the_last_of_all_hidden_states(
+    kind: str, hooked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Scoring hooks the final norm instead of asking for every layer's hidden states: the same tensor,
     bit for bit, through LoRA and through a prefix (P-tuning v2 feeds its prefix as past key values);
     an architecture without a final norm (``hooked=False``) falls back to ``output_hidden_states``."""
@@ -149,8 +154,15 @@ def test_a_response_samples_the_same_tokens_in_any_batch() -> None:
     model = attach_adapter(backbone.model, cfg.adapter, "policy")
     tokenization = Tokenization.of(backbone.tokenizer)
     prompts = [tokenization.prompt_ids(p) for p in ["3+4=", "12+19=", "1+1=", "10+5="]]
-    run = lambda ids, keys, seed=7: [s.token_ids for s in generate(  # noqa: E731
-        model, tokenization, ids, max_new_tokens=12, temperature=1.0, batch_size=4, seed=seed, keys=keys)]
+
+    def run(ids, keys, seed=7):
+        return [
+            s.token_ids
+            for s in generate(
+                model, tokenization, ids, max_new_tokens=12, temperature=1.0, batch_size=4, seed=seed, keys=keys
+            )
+        ]
+
     together = run(prompts, [0, 1, 2, 3])
     assert run([prompts[2]], [2]) == [together[2]]
     assert run([prompts[3], prompts[1]], [3, 1]) == [together[3], together[1]]

@@ -37,15 +37,31 @@ def _empty_cache(root: Path) -> dict[str, str]:
 
 def test_a_ppo_grid_trains_sft_and_reward_once_and_ranks_the_trials(tmp_path: Path) -> None:
     sets = _sets([*TINY, "tracking.backend=none"])
-    done = run_cli("sweep", *sets, "--grid", "ppo.learning_rate=[1e-4,1e-2]", "--grid", "ppo.kl_coef=[0.05,0.2]",
-                   "--metric", "ppo.kl_to_reference", "--direction", "min", "--name", "grid", cwd=tmp_path,
-                   env=_empty_cache(tmp_path))
+    done = run_cli(
+        "sweep",
+        *sets,
+        "--grid",
+        "ppo.learning_rate=[1e-4,1e-2]",
+        "--grid",
+        "ppo.kl_coef=[0.05,0.2]",
+        "--metric",
+        "ppo.kl_to_reference",
+        "--direction",
+        "min",
+        "--name",
+        "grid",
+        cwd=tmp_path,
+        env=_empty_cache(tmp_path),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     board = json.loads((tmp_path / "runs" / "sweeps" / "grid" / "leaderboard.json").read_text())
     trials = board["trials"]
     assert len(trials) == 4 and all(t["state"] == "complete" for t in trials)
     assert sorted(json.dumps(t["params"], sort_keys=True) for t in trials) == sorted(
-        json.dumps({"ppo.learning_rate": lr, "ppo.kl_coef": kl}, sort_keys=True) for lr in (1e-4, 1e-2) for kl in (0.05, 0.2))
+        json.dumps({"ppo.learning_rate": lr, "ppo.kl_coef": kl}, sort_keys=True)
+        for lr in (1e-4, 1e-2)
+        for kl in (0.05, 0.2)
+    )
     values = [t["value"] for t in trials]
     assert values == sorted(values)  # --direction min: best (lowest) first
     for t in trials:  # each value is its run's own metric
@@ -57,7 +73,7 @@ def test_a_ppo_grid_trains_sft_and_reward_once_and_ranks_the_trials(tmp_path: Pa
     assert all(s["ppo"] == "completed" for s in statuses)
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("rank"))
-    assert [line.split()[4] for line in lines[header + 1: header + 5]] == [t["run_id"] for t in trials]
+    assert [line.split()[4] for line in lines[header + 1 : header + 5]] == [t["run_id"] for t in trials]
     page = (tmp_path / "runs" / "sweeps" / "grid" / "report.html").read_text()
     assert "ppo.kl_to_reference against ppo.learning_rate" in page and "best 3 trial(s)" in page
     listed = run_cli("runs", cwd=tmp_path).stdout
@@ -78,12 +94,22 @@ def test_the_tracker_groups_a_runs_stages_under_the_configured_group(tmp_path: P
 
 
 def test_a_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
-    command = [str(Path(sys.executable).parent / "rlhf"), "sweep",
-               *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]", "reward.max_steps=30"]),
-               "--grid", "reward.learning_rate=[1e-3,2e-3]", "--grid", "reward.batch_size=[4,8]",
-               "--metric", "reward.pair_accuracy", "--name", "killed"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    command = [
+        str(Path(sys.executable).parent / "rlhf"),
+        "sweep",
+        *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]", "reward.max_steps=30"]),
+        "--grid",
+        "reward.learning_rate=[1e-3,2e-3]",
+        "--grid",
+        "reward.batch_size=[4,8]",
+        "--metric",
+        "reward.pair_accuracy",
+        "--name",
+        "killed",
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     storage = f"sqlite:///{os.environ['RLHF_HOME']}/sweeps.db"
     deadline = time.time() + 300
 
@@ -95,7 +121,10 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
         return len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
 
     while finished() < 1 or not any(
-            _statuses(d).get("reward") == "running" for d in (tmp_path / "runs").glob("killed-*") if (d / "status.json").is_file()):
+        _statuses(d).get("reward") == "running"
+        for d in (tmp_path / "runs").glob("killed-*")
+        if (d / "status.json").is_file()
+    ):
         assert process.poll() is None and time.time() < deadline, "the sweep ended before a second trial began"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
@@ -114,7 +143,10 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 def test_grid_flags_are_checked_before_anything_runs(tmp_path: Path) -> None:
     assert parse_grid(["ppo.kl_coef=[0.05, 0.2]", "adapter.kind=[lora,dora]", "ppo.learning_rate=[1e-4,5e-4]"]) == {
-        "ppo.kl_coef": [0.05, 0.2], "adapter.kind": ["lora", "dora"], "ppo.learning_rate": [1e-4, 5e-4]}
+        "ppo.kl_coef": [0.05, 0.2],
+        "adapter.kind": ["lora", "dora"],
+        "ppo.learning_rate": [1e-4, 5e-4],
+    }
     for bad in ("ppo.kl_coef=0.05", "ppo.kl_coef=[]", "=[1]"):
         with pytest.raises(ConfigError, match="expected KEY.PATH=\\[VALUE,...\\]"):
             parse_grid([bad])
@@ -134,14 +166,22 @@ def test_a_storage_password_never_reaches_disk() -> None:
     assert "s3cret" not in shown_url("redis://bob:s3cret@host") + shown_url("bob:s3cret")
 
 
-@pytest.mark.parametrize(("sampler", "kind"), [("grid", "GridSampler"), ("random", "RandomSampler"),
-                                               ("tpe", "TPESampler")])
+@pytest.mark.parametrize(
+    ("sampler", "kind"), [("grid", "GridSampler"), ("random", "RandomSampler"), ("tpe", "TPESampler")]
+)
 def test_each_sampler_draws_only_the_listed_values(sampler: str, kind: str, tmp_path: Path) -> None:
     from flows.sweep import SweepSpec, check_spec, open_study
 
     grid = {"ppo.kl_coef": [0.05, 0.2], "adapter.kind": ["lora", "dora"]}
-    spec = SweepSpec(config=None, overrides=("tracking.backend=none",), grid=grid, metric="ppo.task_score",
-                     direction="maximize", sampler=sampler, trials=None if sampler == "grid" else 3)
+    spec = SweepSpec(
+        config=None,
+        overrides=("tracking.backend=none",),
+        grid=grid,
+        metric="ppo.task_score",
+        direction="maximize",
+        sampler=sampler,
+        trials=None if sampler == "grid" else 3,
+    )
     check_spec(spec)
     assert spec.target == (4 if sampler == "grid" else 3)
     study = open_study(spec, f"s-{sampler}", f"sqlite:///{tmp_path / 'db.sqlite'}")
@@ -166,8 +206,13 @@ def test_a_restart_requeues_dead_and_interrupted_trials_only(tmp_path: Path) -> 
 
     from flows.sweep import SweepSpec, open_study
 
-    spec = SweepSpec(config=None, overrides=(), grid={"ppo.kl_coef": [0.1, 0.2, 0.3, 0.4]}, metric="ppo.task_score",
-                     direction="maximize")
+    spec = SweepSpec(
+        config=None,
+        overrides=(),
+        grid={"ppo.kl_coef": [0.1, 0.2, 0.3, 0.4]},
+        metric="ppo.task_score",
+        direction="maximize",
+    )
     storage, runs = f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "runs"
     study = open_study(spec, "s", storage, runs)
     for value in spec.grid["ppo.kl_coef"]:
@@ -206,7 +251,9 @@ def _lock(database: Path, seconds: float) -> subprocess.Popen:
     """Another process holding a write lock on ``database`` for ``seconds`` (as a backup or a sqlite3 shell
     would); returns once the lock is held."""
     database.parent.mkdir(parents=True, exist_ok=True)
-    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(database), str(seconds)], stdout=subprocess.PIPE, text=True)
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(database), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert locker.stdout.readline().strip() == "locked"
     return locker
 
@@ -217,11 +264,20 @@ def test_a_sweep_waits_out_a_database_locked_as_a_trial_finishes(tmp_path: Path)
     lost. Now statements wait up to --db-wait (120 s): locked for 10 s from the moment the first trial's
     stage is published, the sweep finishes with both trials recorded."""
     env = _empty_cache(tmp_path)
-    command = [str(Path(sys.executable).parent / "rlhf"), "sweep",
-               *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]", "reward.max_steps=8"]),
-               "--grid", "reward.learning_rate=[1e-3,2e-3]", "--metric", "reward.pair_accuracy", "--name", "locked"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **env})
+    command = [
+        str(Path(sys.executable).parent / "rlhf"),
+        "sweep",
+        *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]", "reward.max_steps=8"]),
+        "--grid",
+        "reward.learning_rate=[1e-3,2e-3]",
+        "--metric",
+        "reward.pair_accuracy",
+        "--name",
+        "locked",
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+    )
     deadline = time.time() + 300
     while not any((d / "reward" / "manifest.json").is_file() for d in (tmp_path / "runs").glob("locked-*")):
         assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
@@ -239,16 +295,27 @@ def test_a_database_locked_past_the_wait_stops_the_sweep_in_one_line(tmp_path: P
     database = Path(env["RLHF_HOME"]) / "sweeps.db"
     locker = _lock(database, 60)
     try:
-        done = run_cli("sweep", *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]"]), "--grid",
-                       "reward.learning_rate=[1e-3,2e-3]", "--metric", "reward.pair_accuracy", "--db-wait", "2",
-                       cwd=tmp_path, env=env, timeout=300)
+        done = run_cli(
+            "sweep",
+            *_sets([*TINY, "tracking.backend=none", "run.stages=[reward]"]),
+            "--grid",
+            "reward.learning_rate=[1e-3,2e-3]",
+            "--metric",
+            "reward.pair_accuracy",
+            "--db-wait",
+            "2",
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
     finally:
         locker.kill()
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {database}: the sweep database was locked by another process past --db-wait (2 s; "
-                           "open in ")
+    assert last.startswith(
+        f"error: {database}: the sweep database was locked by another process past --db-wait (2 s; open in "
+    )
     assert f"pid {locker.pid} ({sys.executable} -c import sqlite3" in last, last
     assert last.endswith("finished trials are kept: run the same command again once it is free, or raise --db-wait")
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*-*"))
@@ -259,6 +326,7 @@ def test_the_db_wait_help_names_the_default_the_sweep_uses() -> None:
     from flows.cli import build_parser
     from flows.sweep import DB_WAIT_S
 
-    sweep = next(a for a in build_parser()._subparsers._group_actions[0].choices["sweep"]._actions
-                 if a.dest == "db_wait")
+    sweep = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["sweep"]._actions if a.dest == "db_wait"
+    )
     assert sweep.default is None and f"(default {DB_WAIT_S:g})" in sweep.help

@@ -54,7 +54,9 @@ def test_the_harder_variant_adds_wrong_sums_and_label_noise_and_leaves_the_defau
 def test_eval_prompts_are_held_out_and_generation_is_deterministic() -> None:
     held_out = {r["prompt"] for r in arithmetic.eval_records(CFG)}
     assert len(held_out) == CFG.num_eval
-    seen = {r["prompt"] for r in arithmetic.sft_records(CFG)} | {r["prompt"] for r in arithmetic.preference_records(CFG)}
+    seen = {r["prompt"] for r in arithmetic.sft_records(CFG)} | {
+        r["prompt"] for r in arithmetic.preference_records(CFG)
+    }
     assert not held_out & seen
     assert arithmetic.sft_records(CFG) == arithmetic.sft_records(TaskSection())
     assert arithmetic.sft_records(CFG) != arithmetic.sft_records(TaskSection(seed=CFG.seed + 1))
@@ -97,7 +99,9 @@ def test_malformed_parquet_row_is_named(tmp_path: Path) -> None:
         load_records(str(path), "eval", CFG)
 
 
-@pytest.mark.parametrize(("source", "expected"), [("missing.jsonl", "no such file"), ("data.csv", "unsupported file type")])
+@pytest.mark.parametrize(
+    ("source", "expected"), [("missing.jsonl", "no such file"), ("data.csv", "unsupported file type")]
+)
 def test_unusable_sources(tmp_path: Path, source: str, expected: str) -> None:
     (tmp_path / "data.csv").write_text("prompt,completion\n")
     with pytest.raises(DataError, match=expected):
@@ -123,9 +127,21 @@ def test_dataset_digest_follows_content(tmp_path: Path) -> None:
     ("kind", "row", "expected"),
     [
         ("preferences", {"prompt": "1+1=", "rejected": "3"}, "row 1: fits no preferences format"),
-        ("preferences", {"prompt": "1+1=", "chosen": "2", "rejected": " 2"}, "row 1: 'chosen' and 'rejected' are the same"),
-        ("preferences", {"prompt": "1+1=", "chosen": "  ", "rejected": "3"}, "row 1: 'chosen' must be a non-empty string"),
-        ("ranked", {"query": "1+1=", "responses": ["2", "3"], "scores": [1.0]}, "'scores' has 1 entries but 'responses' has 2"),
+        (
+            "preferences",
+            {"prompt": "1+1=", "chosen": "2", "rejected": " 2"},
+            "row 1: 'chosen' and 'rejected' are the same",
+        ),
+        (
+            "preferences",
+            {"prompt": "1+1=", "chosen": "  ", "rejected": "3"},
+            "row 1: 'chosen' must be a non-empty string",
+        ),
+        (
+            "ranked",
+            {"query": "1+1=", "responses": ["2", "3"], "scores": [1.0]},
+            "'scores' has 1 entries but 'responses' has 2",
+        ),
         ("ranked", {"query": "1+1=", "responses": [], "scores": []}, "'responses' must be a non-empty list"),
         ("ranked", {"query": "1+1=", "responses": ["2"], "scores": ["high"]}, "'scores' must hold finite numbers"),
     ],
@@ -144,7 +160,9 @@ def test_ranked_jsonl_loads(tmp_path: Path) -> None:
     assert load_records(str(path), "ranked", CFG) == [{"query": "1+1=", "responses": ["2", "3"], "scores": [1, -1.5]}]
 
 
-def test_a_dataset_is_read_once_per_process_until_its_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dataset_is_read_once_per_process_until_its_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stages.io import data
 
     path = tmp_path / "demos.jsonl"

@@ -27,10 +27,14 @@ from tests.families import FAMILIES, family_folder
 EXAMPLES = REPO / "examples" / "data"
 USER = [{"role": "user", "content": "3+4="}]
 TOKENIZERS = ("builtin:tiny", "builtin:tiny-chat")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-          "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA2 = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
 
 
 class _Backbones(dict):
@@ -71,8 +75,18 @@ def test_the_chat_tokenizer_bos_once_template_and_end_of_turn(backbones) -> None
     tok = Tokenization.of(tokenizer)
     prompt, response = tok.pair(USER, "7")
     # The template writes {{ bos_token }} and the tokenizer adds BOS too: the classic double BOS, avoided.
-    assert _tokens(tok, prompt + response) == ["<s>", "<|user|>", "3", "+", "4", "=", "<|end|>", "<|assistant|>",
-                                                "7", "<|end|>"]
+    assert _tokens(tok, prompt + response) == [
+        "<s>",
+        "<|user|>",
+        "3",
+        "+",
+        "4",
+        "=",
+        "<|end|>",
+        "<|assistant|>",
+        "7",
+        "<|end|>",
+    ]
     assert tok.stop_ids == (tok.eos_id, tok.turn_end_id)
     # A response whose text already ends with the end token gets no second one.
     assert tok.response_ids(USER, "7<|end|>") == response
@@ -98,17 +112,25 @@ def test_the_chat_template_renders_what_the_backbone_was_pretrained_on(backbones
     assert tokenizer.apply_chat_template(messages, tokenize=False) == chat_stream(line)
 
 
-@pytest.mark.parametrize(("template", "prompt_end", "end"), [
-    (CHATML, "<|im_start|>assistant\n", "<|im_end|>"),
-    (CHATML.replace("{{ m['content'] }}<|im_end|>", "{{ m['content'] }}\n<|im_end|>"), "<|im_start|>assistant\n",
-     "<|im_end|>"),  # text between the content and the end token: the end token is still found
-    (LLAMA2, " [/INST]", "</s>"),
-])
-def test_hub_style_templates_end_turns_where_the_template_does(backbones, template: str, prompt_end: str,
-                                                               end: str) -> None:
+@pytest.mark.parametrize(
+    ("template", "prompt_end", "end"),
+    [
+        (CHATML, "<|im_start|>assistant\n", "<|im_end|>"),
+        (
+            CHATML.replace("{{ m['content'] }}<|im_end|>", "{{ m['content'] }}\n<|im_end|>"),
+            "<|im_start|>assistant\n",
+            "<|im_end|>",
+        ),  # text between the content and the end token: the end token is still found
+        (LLAMA2, " [/INST]", "</s>"),
+    ],
+)
+def test_hub_style_templates_end_turns_where_the_template_does(
+    backbones, template: str, prompt_end: str, end: str
+) -> None:
     """ChatML (Qwen) ends an assistant turn with a special token of its own; Llama-2 with EOS."""
     tokenizer = backbones["builtin:tiny"].tokenizer.__class__.from_pretrained(
-        backbones["builtin:tiny"].tokenizer.name_or_path)
+        backbones["builtin:tiny"].tokenizer.name_or_path
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = template
     tok = Tokenization.of(tokenizer)
@@ -120,8 +142,9 @@ def test_hub_style_templates_end_turns_where_the_template_does(backbones, templa
 
 @pytest.mark.parametrize("name", TOKENIZERS)
 @pytest.mark.parametrize(("prompt", "response"), [("Q: 3+4= ", "7"), ("You are the ass", "istant")])
-def test_the_boundary_prompt_then_response_ids_never_the_joined_string(backbones, name: str, prompt: str,
-                                                                       response: str) -> None:
+def test_the_boundary_prompt_then_response_ids_never_the_joined_string(
+    backbones, name: str, prompt: str, response: str
+) -> None:
     """A prompt ending in whitespace keeps it as its own token; a response that would merge with the
     prompt's last token ("ass" + "istant" is one token, "assistant", when joined) is tokenized on its own.
     SFT, the reward model, rollouts and evaluation all see exactly these ids (the parity test below)."""
@@ -140,10 +163,13 @@ def test_the_template_decides_bos_and_its_refusals_are_one_line_errors(backbones
     """The chat tokenizer adds BOS to plain text; a template that writes none gets none (as
     ``apply_chat_template(tokenize=True)`` and TRL do), and a template's raise_exception is a user error."""
     tokenizer = backbones["builtin:tiny-chat"].tokenizer.__class__.from_pretrained(
-        backbones["builtin:tiny-chat"].tokenizer.name_or_path)
+        backbones["builtin:tiny-chat"].tokenizer.name_or_path
+    )
     tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ bos_token }}", "").replace(
-        "{% for message in messages %}", "{% for message in messages %}{% if message['role'] == 'system' %}"
-        "{{ raise_exception('System role not supported') }}{% endif %}")
+        "{% for message in messages %}",
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}",
+    )
     tok = Tokenization.of(tokenizer)
     assert _tokens(tok, tok.prompt_ids(USER))[:2] == ["<|user|>", "3"]
     assert tok.prompt_ids("3+4=")[0] == tok.bos_id
@@ -173,11 +199,17 @@ def _force(model: torch.nn.Module, targets: list[int]):
     return model.lm_head.register_forward_hook(hook)
 
 
-FORMATS = [("sft-prompt-completion.jsonl", "sft"), ("sft-prompt-completion-conversational.jsonl", "sft"),
-           ("sft-messages.jsonl", "sft"), ("preferences-explicit.jsonl", "preferences"),
-           ("preferences-implicit-hh.jsonl", "preferences"), ("preferences-implicit-conversational.jsonl", "preferences"),
-           ("preferences-ultrafeedback.jsonl", "preferences"), ("eval.jsonl", "eval"),
-           ("eval-conversational.jsonl", "eval")]
+FORMATS = [
+    ("sft-prompt-completion.jsonl", "sft"),
+    ("sft-prompt-completion-conversational.jsonl", "sft"),
+    ("sft-messages.jsonl", "sft"),
+    ("preferences-explicit.jsonl", "preferences"),
+    ("preferences-implicit-hh.jsonl", "preferences"),
+    ("preferences-implicit-conversational.jsonl", "preferences"),
+    ("preferences-ultrafeedback.jsonl", "preferences"),
+    ("eval.jsonl", "eval"),
+    ("eval-conversational.jsonl", "eval"),
+]
 
 
 @pytest.mark.parametrize("name", TOKENIZERS + FAMILIES)
@@ -197,8 +229,9 @@ def test_every_stage_uses_the_same_ids(backbones, tmp_path: Path, name: str, fil
 
     # SFT: what TRL's SFTTrainer trains on, after its own preparation, and its loss mask.
     cfg = load_config(None, [f"backbone.name={_location(name)}", "sft.max_steps=1", "tracking.backend=none"])
-    trainer = build_sft_trainer(backbone.model, tok, [{"prompt": prompt, "completion": response}], cfg,
-                                tmp_path / "sft", LOCAL)
+    trainer = build_sft_trainer(
+        backbone.model, tok, [{"prompt": prompt, "completion": response}], cfg, tmp_path / "sft", LOCAL
+    )
     row = trainer.train_dataset[0]
     assert row["input_ids"] == expected
     assert row["labels"] == [-100] * len(prompt_ids) + response_ids
@@ -217,8 +250,15 @@ def test_every_stage_uses_the_same_ids(backbones, tmp_path: Path, name: str, fil
     # PPO rollout and evaluation: generation fed the contract's prompt ids, the model made to emit the response.
     handle = _force(backbone.model, response_ids)
     try:
-        sample = generate(backbone.model, tok, [tok.prompt_ids(prompt)], max_new_tokens=len(response_ids) + 3,
-                          temperature=1.0, batch_size=1, seed=0)[0]
+        sample = generate(
+            backbone.model,
+            tok,
+            [tok.prompt_ids(prompt)],
+            max_new_tokens=len(response_ids) + 3,
+            temperature=1.0,
+            batch_size=1,
+            seed=0,
+        )[0]
     finally:
         handle.remove()
     assert list(sample.prompt_ids) + list(sample.token_ids) == expected

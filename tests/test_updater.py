@@ -19,8 +19,9 @@ def _trace(two_losses: bool, accumulation: int, boundary_at: int | None = None) 
     """Weights after each micro-step of a fixed problem."""
     torch.manual_seed(0)
     module = torch.nn.Linear(3, 1)
-    updater = Updater(module, 0.1, warmup_steps=0, total_steps=10, gradient_accumulation=accumulation,
-                      schedule="constant")
+    updater = Updater(
+        module, 0.1, warmup_steps=0, total_steps=10, gradient_accumulation=accumulation, schedule="constant"
+    )
     trace = []
     for micro, x in enumerate(INPUTS):
         boundary = micro == boundary_at

@@ -26,8 +26,15 @@ def trace(dist: Distributed) -> list[dict]:
     module = torch.nn.Linear(4, 1)
     inputs = torch.randn(MICRO_STEPS, GLOBAL_BATCH, 4, generator=torch.Generator().manual_seed(1))
     targets = inputs.sum(-1, keepdim=True)
-    updater = Updater(module, 0.05, warmup_steps=1, total_steps=4, gradient_accumulation=2,
-                      micro_batch_size=GLOBAL_BATCH // dist.world_size, dist=dist)
+    updater = Updater(
+        module,
+        0.05,
+        warmup_steps=1,
+        total_steps=4,
+        gradient_accumulation=2,
+        micro_batch_size=GLOBAL_BATCH // dist.world_size,
+        dist=dist,
+    )
     rows = []
     for micro in range(MICRO_STEPS):
         mine = slice(dist.rank, None, dist.world_size)  # this rank's share of the global batch

@@ -64,13 +64,19 @@ POLICY, REFERENCE = "default", "ref"
 def tokenized_pairs(pairs: list[Record], tokenization: Tokenization) -> list[dict[str, list[int]]]:
     """Preference pairs as DPOTrainer's processed rows: the contract's ``prompt_ids`` and the ``chosen_ids``
     and ``rejected_ids`` of each response, with its end token (``Tokenization.response_ids``)."""
-    return [{"prompt_ids": tokenization.prompt_ids(p["prompt"]),
-             "chosen_ids": tokenization.response_ids(p["prompt"], p["chosen"]),
-             "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"])} for p in pairs]
+    return [
+        {
+            "prompt_ids": tokenization.prompt_ids(p["prompt"]),
+            "chosen_ids": tokenization.response_ids(p["prompt"], p["chosen"]),
+            "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"]),
+        }
+        for p in pairs
+    ]
 
 
-def distinct_after_truncation(pairs: list[Record], tokenization: Tokenization, max_length: int
-                              ) -> tuple[list[Record], list[int]]:
+def distinct_after_truncation(
+    pairs: list[Record], tokenization: Tokenization, max_length: int
+) -> tuple[list[Record], list[int]]:
     """(the pairs whose chosen and rejected still differ once DPOTrainer's collator keeps the first
     ``max_length`` ids of prompt + response, the record numbers (from 1) of those that do not).
 
@@ -103,10 +109,18 @@ def _reference_config_frozen(model: PeftModel) -> Iterator[None]:
         model.peft_config[POLICY] = config
 
 
-def build_dpo_trainer(model: PeftModel, tokenization: Tokenization, train: list[Record], held: list[Record],
-                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> DPOTrainer:
+def build_dpo_trainer(
+    model: PeftModel,
+    tokenization: Tokenization,
+    train: list[Record],
+    held: list[Record],
+    cfg: PipelineConfig,
+    checkpoints: Path,
+    dist: Distributed,
+) -> DPOTrainer:
     """TRL's DPOTrainer on the contract's ids; ``model`` holds the SFT adapter as ``default`` (trainable),
     and the trainer adds its frozen copy ``ref`` on the same backbone."""
+
     class ContractDPOTrainer(DPOTrainer):
         """DPOTrainer fed rows that are already tokenized (its collator's own input format)."""
 
@@ -114,15 +128,29 @@ def build_dpo_trainer(model: PeftModel, tokenization: Tokenization, train: list[
             return dataset
 
     dpo = cfg.dpo
-    datasets = {"train_dataset": Dataset.from_list(tokenized_pairs(train, tokenization)),
-                "eval_dataset": Dataset.from_list(tokenized_pairs(held, tokenization))}
+    datasets = {
+        "train_dataset": Dataset.from_list(tokenized_pairs(train, tokenization)),
+        "eval_dataset": Dataset.from_list(tokenized_pairs(held, tokenization)),
+    }
     trainer = build_trainer(
-        ContractDPOTrainer, DPOConfig, model, tokenization.tokenizer, dpo, cfg, dist, "dpo", checkpoints, datasets,
-        None, _reference_config_frozen(model),  # the SFT adapter keeps the ranks SFT allocated
-        per_device_eval_batch_size=dpo.batch_size, beta=dpo.beta,
+        ContractDPOTrainer,
+        DPOConfig,
+        model,
+        tokenization.tokenizer,
+        dpo,
+        cfg,
+        dist,
+        "dpo",
+        checkpoints,
+        datasets,
+        None,
+        _reference_config_frozen(model),  # the SFT adapter keeps the ranks SFT allocated
+        per_device_eval_batch_size=dpo.batch_size,
+        beta=dpo.beta,
         loss_type=[dpo.loss_type, "sft"] if dpo.sft_weight else [dpo.loss_type],
         loss_weights=[1.0, dpo.sft_weight] if dpo.sft_weight else None,
-        max_length=model.get_base_model().config.max_position_embeddings, eval_strategy="no",
+        max_length=model.get_base_model().config.max_position_embeddings,
+        eval_strategy="no",
     )
     if sorted(model.peft_config) != sorted([POLICY, REFERENCE]):  # TRL copies the adapter only under these names
         raise RuntimeError(f"dpo: expected adapters {POLICY!r} and {REFERENCE!r}, found {sorted(model.peft_config)}")
@@ -146,12 +174,17 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     pairs, dropped = distinct_after_truncation(pairs, tokenization, context)
     if dist.is_main and dropped:
         shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
-        print(f"warning: {source_name(cfg.data.preferences)}: dropped {len(dropped)} of {len(pairs) + len(dropped)} "
-              f"pairs (records {shown}): chosen and rejected are the same in their first {context} tokens, so DPO "
-              "cannot tell them apart", flush=True)
+        print(
+            f"warning: {source_name(cfg.data.preferences)}: dropped {len(dropped)} of {len(pairs) + len(dropped)} "
+            f"pairs (records {shown}): chosen and rejected are the same in their first {context} tokens, so DPO "
+            "cannot tell them apart",
+            flush=True,
+        )
     if not pairs:
-        raise DataError(f"{source_name(cfg.data.preferences)}: no pair's chosen and rejected differ within the "
-                        f"backbone's {context}-token context; shorten the prompts")
+        raise DataError(
+            f"{source_name(cfg.data.preferences)}: no pair's chosen and rejected differ within the "
+            f"backbone's {context}-token context; shorten the prompts"
+        )
     train, held = split_by_prompt(pairs, dpo.eval_fraction, source_name(cfg.data.preferences), "dpo.eval_fraction")
     held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, context)
 
@@ -163,16 +196,39 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     trainer = build_dpo_trainer(model, tokenization, train, held, cfg, root, dist)
     stopper = stopper_for(dpo.early_stopping)
     if stopper is not None:  # the policy samples (TRL switches to the reference only inside its loss)
-        trainer.add_callback(stopping_callback(stopper, evaluating(model, lambda: evaluate_policy(
-            model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE, desc="early stopping",
-            synced=synced_generation(dist)))))
+        trainer.add_callback(
+            stopping_callback(
+                stopper,
+                evaluating(
+                    model,
+                    lambda: evaluate_policy(
+                        model,
+                        tokenization,
+                        held_out,
+                        cfg.eval,
+                        cfg.run.seed,
+                        reference=REFERENCE,
+                        desc="early stopping",
+                        synced=synced_generation(dist),
+                    ),
+                ),
+            )
+        )
     result = train_from(trainer, resume)
     set_trainable(model, [POLICY])  # TRL's switches to the reference leave a prompt-learning copy trainable
     history = logged_history(trainer)
     rewards = held_out_rewards(trainer)
     model.set_adapter(POLICY)  # the policy samples; its reference is the frozen copy
-    metrics = evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
-                              desc="task_score (dpo)", synced=synced_generation(dist))
+    metrics = evaluate_policy(
+        model,
+        tokenization,
+        held_out,
+        cfg.eval,
+        cfg.run.seed,
+        reference=REFERENCE,
+        desc="task_score (dpo)",
+        synced=synced_generation(dist),
+    )
 
     save_probe(model, tokenization.tokenizer, out)  # every rank: a ZeRO-3 forward needs them all
     with gathered(dist, model):

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from stages.io.config import PipelineConfig
 
 
-
 class DPOSection(TrainerSection):
     """Direct Preference Optimization (Rafailov et al. 2023) with TRL's DPOTrainer: the policy adapter
     starts from SFT, the reference is a frozen copy of the SFT adapter on the same backbone."""
@@ -55,16 +54,35 @@ class DPOSection(TrainerSection):
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     rows = 2 * min(cfg.dpo.batch_size, data.pairs)  # chosen and rejected in one forward, policy and reference
-    train = Phase("train step", "train", rows, data.pair_tokens, min(rows * data.pair_tokens, TRL_TOKEN_CHUNK),
-                  TRL_VOCAB_CHUNK, knobs=("dpo.batch_size",))
-    return Workload("dpo", 1, 1, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens")))
+    train = Phase(
+        "train step",
+        "train",
+        rows,
+        data.pair_tokens,
+        min(rows * data.pair_tokens, TRL_TOKEN_CHUNK),
+        TRL_VOCAB_CHUNK,
+        knobs=("dpo.batch_size",),
+    )
+    return Workload(
+        "dpo", 1, 1, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"))
+    )
 
 
 SPEC = StageSpec(
-    "dpo", (*GENERATIVE, "dpo", "eval"), inputs=("sft",), datasets=("preferences", "eval"),
-    prefix_min_learning_rate=0.01, import_overhead_mib=520, hf_trainer=True,
-    curves=(Curve("loss", "DPO loss"), Curve("rewards/margins", "DPO reward margin (train batches)"),
-            Curve("rewards/accuracies", "DPO reward accuracy (train batches)")),
-    settings="stages.dpo.spec:DPOSection", order=50, stopping_metrics=("task_score", "kl_to_reference"),
+    "dpo",
+    (*GENERATIVE, "dpo", "eval"),
+    inputs=("sft",),
+    datasets=("preferences", "eval"),
+    prefix_min_learning_rate=0.01,
+    import_overhead_mib=520,
+    hf_trainer=True,
+    curves=(
+        Curve("loss", "DPO loss"),
+        Curve("rewards/margins", "DPO reward margin (train batches)"),
+        Curve("rewards/accuracies", "DPO reward accuracy (train batches)"),
+    ),
+    settings="stages.dpo.spec:DPOSection",
+    order=50,
+    stopping_metrics=("task_score", "kl_to_reference"),
     memory_workload=memory_workload,
 )

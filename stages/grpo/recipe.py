@@ -80,9 +80,15 @@ def build_model(cfg: PipelineConfig, inputs: dict[str, Any]) -> tuple[PeftModel,
     return model, tokenization, source, backbone.fingerprint
 
 
-def sample_groups(model: PeftModel, tokenization: Tokenization, source: RewardSource, prompts: list[Prompt],
-                  grpo: GRPOSection, seed: int, positions: list[int] | None = None
-                  ) -> tuple[SequenceBatch, torch.Tensor, torch.Tensor, dict[str, float]]:
+def sample_groups(
+    model: PeftModel,
+    tokenization: Tokenization,
+    source: RewardSource,
+    prompts: list[Prompt],
+    grpo: GRPOSection,
+    seed: int,
+    positions: list[int] | None = None,
+) -> tuple[SequenceBatch, torch.Tensor, torch.Tensor, dict[str, float]]:
     """G responses to each prompt from the policy, and their rewards. ``positions``: each prompt's place in
     the global batch (default its index); sample j of the prompt at position p draws from the stream of key
     p * G + j (``generate``), so a group is the same on any number of ranks.
@@ -94,24 +100,41 @@ def sample_groups(model: PeftModel, tokenization: Tokenization, source: RewardSo
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     positions = list(range(len(prompts))) if positions is None else positions
     with active_adapter(model, POLICY):
-        samples = generate(model, tokenization, [ids for ids in prompt_ids for _ in range(g)],
-                           max_new_tokens=grpo.max_new_tokens, temperature=grpo.temperature,
-                           batch_size=GENERATION_BATCH, seed=seed, keys=[p * g + j for p in positions for j in range(g)],
-                           desc="grpo samples")
+        samples = generate(
+            model,
+            tokenization,
+            [ids for ids in prompt_ids for _ in range(g)],
+            max_new_tokens=grpo.max_new_tokens,
+            temperature=grpo.temperature,
+            batch_size=GENERATION_BATCH,
+            seed=seed,
+            keys=[p * g + j for p in positions for j in range(g)],
+            desc="grpo samples",
+        )
     device = model_device(model)
     rewards = torch.tensor(source(samples, [p for p in prompts for _ in range(g)]), device=device)
     batch, logprobs = sampled_batch(samples, tokenization.pad_id, device)
     grouped = rewards.view(len(prompts), g)
-    stats = {"reward": rewards.mean().item(), "reward_std": grouped.std(dim=1).mean().item(),
-             "tied_groups": tied_groups(grouped).float().mean().item(),  # their advantages are 0
-             "finished": sum(s.finished for s in samples) / len(samples),
-             "response_length": batch.response_mask.sum(-1).float().mean().item()}
+    stats = {
+        "reward": rewards.mean().item(),
+        "reward_std": grouped.std(dim=1).mean().item(),
+        "tied_groups": tied_groups(grouped).float().mean().item(),  # their advantages are 0
+        "finished": sum(s.finished for s in samples) / len(samples),
+        "response_length": batch.response_mask.sum(-1).float().mean().item(),
+    }
     return batch, logprobs, rewards, stats
 
 
-def grpo_step(model: PeftModel, batch: SequenceBatch, old_logprobs: torch.Tensor, rewards: torch.Tensor,
-              updater: Updater, grpo: GRPOSection, generator: torch.Generator, dist: Distributed = LOCAL
-              ) -> dict[str, float]:
+def grpo_step(
+    model: PeftModel,
+    batch: SequenceBatch,
+    old_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    updater: Updater,
+    grpo: GRPOSection,
+    generator: torch.Generator,
+    dist: Distributed = LOCAL,
+) -> dict[str, float]:
     """Group advantages, the reference's log-probs, then ``num_iterations`` passes of minibatch updates of
     ``grpo_loss``. Token means are over the global minibatch under DeepSpeed (each rank's share).
     The first minibatch, trained before any step, measures the log-prob gap (``stages.training.logprob_gap``)."""
@@ -131,8 +154,15 @@ def grpo_step(model: PeftModel, batch: SequenceBatch, old_logprobs: torch.Tensor
                 logprobs = token_logprobs(model, mb, grpo.temperature)
             if steps == 0:
                 gap.add(old_logprobs[index], logprobs, mb.response_mask)
-            loss, stats = grpo_loss(logprobs, old_logprobs[index], ref_logprobs[index], advantages[index],
-                                    mb.response_mask, grpo.clip_range, grpo.beta)
+            loss, stats = grpo_loss(
+                logprobs,
+                old_logprobs[index],
+                ref_logprobs[index],
+                advantages[index],
+                mb.response_mask,
+                grpo.clip_range,
+                grpo.beta,
+            )
             updater.step(share * loss, what="grpo loss")
             for key, value in {"loss": share * loss.item(), **stats}.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -149,32 +179,70 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     trainable = count_trainable(model)
     learning = LearningCheck(model, dist, stage="grpo", adapter_kind=cfg.adapter.kind, learning_rate=grpo.learning_rate)
     count = dist.even_count(grpo.prompts_per_step, len(prompts), "grpo rollout prompts")
-    updates_per_step = grpo.num_iterations * -(-(count // dist.world_size * grpo.num_generations) // grpo.minibatch_size)
-    updater = Updater(model, grpo.learning_rate, warmup_steps=0, total_steps=grpo.max_steps * updates_per_step,
-                      max_grad_norm=grpo.max_grad_norm, schedule="constant", micro_batch_size=grpo.minibatch_size,
-                      dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
+    updates_per_step = grpo.num_iterations * -(
+        -(count // dist.world_size * grpo.num_generations) // grpo.minibatch_size
+    )
+    updater = Updater(
+        model,
+        grpo.learning_rate,
+        warmup_steps=0,
+        total_steps=grpo.max_steps * updates_per_step,
+        max_grad_norm=grpo.max_grad_norm,
+        schedule="constant",
+        micro_batch_size=grpo.minibatch_size,
+        dist=dist,
+        bf16=cfg.backbone.dtype == "bfloat16",
+    )
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [POLICY], {}, fingerprint, dist)
     minibatch_order = torch.Generator().manual_seed(cfg.run.seed + 1000 * dist.rank)
-    loop = TrainingLoop(checkpointer, desc="grpo", total=grpo.max_steps, log_every=1,
-                        checkpoint_every=grpo.checkpoint_every, samplers={"minibatch_order": minibatch_order},
-                        stopper=stopper_for(grpo.early_stopping),  # dropout is off throughout: no mode switch
-                        evaluate=lambda: evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed,
-                                                         reference=REFERENCE, desc="early stopping", reward=source))
+    loop = TrainingLoop(
+        checkpointer,
+        desc="grpo",
+        total=grpo.max_steps,
+        log_every=1,
+        checkpoint_every=grpo.checkpoint_every,
+        samplers={"minibatch_order": minibatch_order},
+        stopper=stopper_for(grpo.early_stopping),  # dropout is off throughout: no mode switch
+        evaluate=lambda: evaluate_policy(
+            model,
+            tokenization,
+            held_out,
+            cfg.eval,
+            cfg.run.seed,
+            reference=REFERENCE,
+            desc="early stopping",
+            reward=source,
+        ),
+    )
     loop.resume()
 
     def train_step(step: int, log: bool) -> dict[str, float]:
         # Every rank draws the same global sample of prompts and samples the groups of its own share.
         drawn = random.Random(cfg.run.seed + step).sample(prompts, count)
-        batch, old_logprobs, rewards, stats = sample_groups(model, tokenization, source, dist.shard(drawn), cfg.grpo,
-                                                            seed=cfg.run.seed + step,
-                                                            positions=dist.shard(list(range(count))))
+        batch, old_logprobs, rewards, stats = sample_groups(
+            model,
+            tokenization,
+            source,
+            dist.shard(drawn),
+            cfg.grpo,
+            seed=cfg.run.seed + step,
+            positions=dist.shard(list(range(count))),
+        )
         stats.update(grpo_step(model, batch, old_logprobs, rewards, updater, cfg.grpo, minibatch_order, dist))
         return {key: round(dist.mean(value), 5) for key, value in stats.items()}
 
     model.eval()  # dropout off: the policy trained is the one that sampled (as PPO, issue 14 fault 2)
     history = loop.run(train_step)
-    metrics = evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
-                              desc="task_score (grpo)", reward=source)
+    metrics = evaluate_policy(
+        model,
+        tokenization,
+        held_out,
+        cfg.eval,
+        cfg.run.seed,
+        reference=REFERENCE,
+        desc="task_score (grpo)",
+        reward=source,
+    )
     metrics["task_score_sft"] = read_manifest(ctx.inputs["sft"])["metrics"]["task_score"]
 
     save_probe(model, tokenization.tokenizer, out)
@@ -185,8 +253,16 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if gap := gap_warning(history, cfg.backbone.dtype, "grpo"):
         warnings.append(gap)
     if all(row["tied_groups"] == 1 for row in history):
-        warnings.append("grpo: every group's rewards were tied at every step, so every advantage was 0: the reward "
-                        f"({grpo.reward}) cannot tell the policy's samples apart")
-    return {**metrics, "warnings": warnings, "reward_source": grpo.reward, "steps": loop.last_step,
-            "resumed_from_step": loop.start, "trainable_parameters": trainable,
-            **loop.stopping_metrics()}
+        warnings.append(
+            "grpo: every group's rewards were tied at every step, so every advantage was 0: the reward "
+            f"({grpo.reward}) cannot tell the policy's samples apart"
+        )
+    return {
+        **metrics,
+        "warnings": warnings,
+        "reward_source": grpo.reward,
+        "steps": loop.last_step,
+        "resumed_from_step": loop.start,
+        "trainable_parameters": trainable,
+        **loop.stopping_metrics(),
+    }

@@ -49,17 +49,30 @@ class GRPOSection(RewardSourceSection):
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     grpo = cfg.grpo
-    responses = -(-min(grpo.prompts_per_step * parallel.world_size, data.prompts) // parallel.world_size) \
-        * grpo.num_generations
+    responses = (
+        -(-min(grpo.prompts_per_step * parallel.world_size, data.prompts) // parallel.world_size) * grpo.num_generations
+    )
     tokens = data.prompt_tokens + grpo.max_new_tokens
     keep = min(tokens, grpo.max_new_tokens + 1 + data.prompt_tokens - data.prompt_tokens_min)
     minibatch = min(grpo.minibatch_size, responses)
     model_reward = "model" in grpo.reward
     phases = (
-        Phase("group sampling", "generate", min(GENERATION_BATCH, responses), tokens, min(GENERATION_BATCH, responses),
-              knobs=("grpo.prompts_per_step", "grpo.num_generations", "grpo.max_new_tokens")),
-        Phase("reference scoring", "forward", responses, tokens, responses * keep,
-              knobs=("grpo.prompts_per_step", "grpo.num_generations")),
+        Phase(
+            "group sampling",
+            "generate",
+            min(GENERATION_BATCH, responses),
+            tokens,
+            min(GENERATION_BATCH, responses),
+            knobs=("grpo.prompts_per_step", "grpo.num_generations", "grpo.max_new_tokens"),
+        ),
+        Phase(
+            "reference scoring",
+            "forward",
+            responses,
+            tokens,
+            responses * keep,
+            knobs=("grpo.prompts_per_step", "grpo.num_generations"),
+        ),
         Phase("train step", "train", minibatch, tokens, minibatch * keep, knobs=("grpo.minibatch_size",)),
         evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
     )
@@ -68,12 +81,22 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
 
 
 SPEC = StageSpec(
-    "grpo", (*GENERATIVE, "grpo", "eval"), inputs=("sft", "reward"), reward_source=True,
-    datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
+    "grpo",
+    (*GENERATIVE, "grpo", "eval"),
+    inputs=("sft", "reward"),
+    reward_source=True,
+    datasets=("sft", "eval"),
+    optional_datasets=("prompts",),
+    samples_while_training=True,
     prefix_min_learning_rate=0.001,
-    curves=(Curve("reward", "GRPO reward (mean of the sampled groups)"),
-            Curve("kl", "GRPO KL to reference (k3, per token)"), Curve("reward_std", "GRPO reward std within groups"),
-            Curve("logprob_gap_max", "GRPO log-prob gap, sampling vs training (nats, largest)")),
-    settings="stages.grpo.spec:GRPOSection", order=60,
-    stopping_metrics=("task_score", "kl_to_reference", "policy_reward"), memory_workload=memory_workload,
+    curves=(
+        Curve("reward", "GRPO reward (mean of the sampled groups)"),
+        Curve("kl", "GRPO KL to reference (k3, per token)"),
+        Curve("reward_std", "GRPO reward std within groups"),
+        Curve("logprob_gap_max", "GRPO log-prob gap, sampling vs training (nats, largest)"),
+    ),
+    settings="stages.grpo.spec:GRPOSection",
+    order=60,
+    stopping_metrics=("task_score", "kl_to_reference", "policy_reward"),
+    memory_workload=memory_workload,
 )

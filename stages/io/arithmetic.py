@@ -130,7 +130,8 @@ def pretraining_lines(max_operand: int, seed: int, num_lines: int, equations_per
     rng = random.Random(seed)
     lines = []
     for _ in range(num_lines):
-        problems = [Problem(rng.randint(0, max_operand), rng.randint(0, max_operand))
-                    for _ in range(equations_per_line)]
+        problems = [
+            Problem(rng.randint(0, max_operand), rng.randint(0, max_operand)) for _ in range(equations_per_line)
+        ]
         lines.append(EQUATION_SEPARATOR.join(p.prompt + p.answer for p in problems) + EQUATION_SEPARATOR)
     return lines

@@ -60,16 +60,21 @@ def verify(folder: Path, under: str | None = None) -> dict[str, Any]:
     recorded = manifest.get("files")
     if recorded is None:
         if tree_digest(folder) != manifest.get("artifact_digest"):
-            raise ArtifactError(f"{folder}: its files changed after it was published (the digest in {MANIFEST} "
-                                "no longer matches); rerun the stage that produced it")
+            raise ArtifactError(
+                f"{folder}: its files changed after it was published (the digest in {MANIFEST} "
+                "no longer matches); rerun the stage that produced it"
+            )
         return manifest
     actual = file_digests(folder)
     if under is not None:
         recorded = {name: d for name, d in recorded.items() if name.startswith(f"{under}/")}
         actual = {name: d for name, d in actual.items() if name.startswith(f"{under}/")}
     problems = [(name, "is missing") for name in sorted(set(recorded) - set(actual))]
-    problems += [(name, "is corrupted or changed since it was published (sha256 differs from the manifest)")
-                 for name in sorted(set(recorded) & set(actual)) if recorded[name] != actual[name]]
+    problems += [
+        (name, "is corrupted or changed since it was published (sha256 differs from the manifest)")
+        for name in sorted(set(recorded) & set(actual))
+        if recorded[name] != actual[name]
+    ]
     problems += [(name, "was added after publishing") for name in sorted(set(actual) - set(recorded))]
     if problems:
         name, what = problems[0]
@@ -124,8 +129,10 @@ def staging(final: Path) -> Iterator[Path]:
             raise
         # Name the file as it would have been called once published, not by its staging-folder path.
         target = str(err.filename).replace(str(tmp), str(final)) if err.filename else f"into {final}"
-        raise ArtifactError(f"{final}: not published: writing {target} failed ({err.strerror}); nothing was kept, "
-                            "free space (or raise the file-size limit) and rerun") from err
+        raise ArtifactError(
+            f"{final}: not published: writing {target} failed ({err.strerror}); nothing was kept, "
+            "free space (or raise the file-size limit) and rerun"
+        ) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -163,8 +170,10 @@ def _artifact_files(folder: Path) -> list[Path]:
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of each file (relative POSIX path -> hex), every manifest excluded."""
     folder = Path(folder)
-    return {path.relative_to(folder).as_posix(): _feed(hashlib.sha256(), path).hexdigest()
-            for path in _artifact_files(folder)}
+    return {
+        path.relative_to(folder).as_posix(): _feed(hashlib.sha256(), path).hexdigest()
+        for path in _artifact_files(folder)
+    }
 
 
 def tree_digest(folder: Path) -> str:

@@ -37,7 +37,9 @@ def backbone_location(cfg: BackboneSection) -> str:
     that is neither a folder nor a valid hub id (or one not cached while ``HF_HUB_OFFLINE=1``)."""
     if cfg.name.startswith(BUILTIN_PREFIX):
         if cfg.name not in BUILTIN_NAMES:
-            raise BackboneError(f"backbone.name: unknown built-in backbone {cfg.name!r}; choose one of {list(BUILTIN_NAMES)}")
+            raise BackboneError(
+                f"backbone.name: unknown built-in backbone {cfg.name!r}; choose one of {list(BUILTIN_NAMES)}"
+            )
         return str(builtin_dir(chat=is_builtin_chat(cfg)))
     if Path(cfg.name).exists():
         return str(Path(cfg.name).resolve())
@@ -59,8 +61,10 @@ def built_location(cfg: BackboneSection) -> str:
     """``backbone_location``, refusing a built-in backbone that is not built yet (``BackboneError``): what
     reads the backbone's files never builds it."""
     if unbuilt_builtin(cfg):
-        raise BackboneError(f"backbone.name={cfg.name}: the built-in backbone is not built yet; `rlhf build-backbone` "
-                            "builds it (rlhf run, stage, resume, plan and sweep do in their pre-flight)")
+        raise BackboneError(
+            f"backbone.name={cfg.name}: the built-in backbone is not built yet; `rlhf build-backbone` "
+            "builds it (rlhf run, stage, resume, plan and sweep do in their pre-flight)"
+        )
     return backbone_location(cfg)
 
 

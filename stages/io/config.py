@@ -74,8 +74,10 @@ class PipelineConfig(Section):
         for stage in STAGES:
             settings = getattr(getattr(self, stage.name), "early_stopping", None)
             if settings is not None and settings.metric not in stage.stopping_metrics:
-                raise ValueError(f"{stage.name}.early_stopping.metric: {stage.name} cannot evaluate {settings.metric!r} "
-                                 f"while it trains; choose one of {', '.join(stage.stopping_metrics)}")
+                raise ValueError(
+                    f"{stage.name}.early_stopping.metric: {stage.name} cannot evaluate {settings.metric!r} "
+                    f"while it trains; choose one of {', '.join(stage.stopping_metrics)}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -91,8 +93,9 @@ class PipelineConfig(Section):
 
         for text in self.gate.conditions:
             if (stage := Condition.parse(text).stage) not in self.run.stages:
-                raise ValueError(f"gate.conditions: {text!r} names stage {stage!r}, which is not in run.stages "
-                                 f"{self.run.stages}")
+                raise ValueError(
+                    f"gate.conditions: {text!r} names stage {stage!r}, which is not in run.stages {self.run.stages}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -103,13 +106,21 @@ class PipelineConfig(Section):
         if self.adapter.kind != "adalora":
             return self
         creating = [s.name for s in STAGES if not s.inputs]  # a new adapter, whose ranks AdaLoRA allocates
-        if stopping := [s for s in creating if s in self.run.stages and getattr(getattr(self, s), "early_stopping", None)]:
-            raise ValueError(f"adapter.kind=adalora: {', '.join(stopping)} allocate AdaLoRA's ranks on a schedule that "
-                             "runs to max_steps; an early stop would publish ranks above adapter.target_r (or never "
-                             "pruned); set their early_stopping: null, or choose another adapter kind")
-        if deepspeed := [s for s in self.run.stages if getattr(getattr(self, s, None), "launcher", None) == "accelerate"]:
-            raise ValueError(f"adapter.kind=adalora: {', '.join(deepspeed)} launch on DeepSpeed, whose ZeRO partitions "
-                             "the gradients AdaLoRA's rank allocator reads; use launcher: local for them")
+        if stopping := [
+            s for s in creating if s in self.run.stages and getattr(getattr(self, s), "early_stopping", None)
+        ]:
+            raise ValueError(
+                f"adapter.kind=adalora: {', '.join(stopping)} allocate AdaLoRA's ranks on a schedule that "
+                "runs to max_steps; an early stop would publish ranks above adapter.target_r (or never "
+                "pruned); set their early_stopping: null, or choose another adapter kind"
+            )
+        if deepspeed := [
+            s for s in self.run.stages if getattr(getattr(self, s, None), "launcher", None) == "accelerate"
+        ]:
+            raise ValueError(
+                f"adapter.kind=adalora: {', '.join(deepspeed)} launch on DeepSpeed, whose ZeRO partitions "
+                "the gradients AdaLoRA's rank allocator reads; use launcher: local for them"
+            )
         return self
 
     if TYPE_CHECKING:  # the stages' sections are added from the registry: ``cfg.ppo`` and the like
@@ -122,7 +133,9 @@ class PipelineConfig(Section):
     def digest(self, *sections: str) -> str:
         """sha256 of the named top-level sections (all of them when none are named)."""
         names = sections or tuple(type(self).model_fields)
-        payload = {name: getattr(self, name).model_dump(mode="json", exclude=PLACEMENT_KEYS.get(name)) for name in names}
+        payload = {
+            name: getattr(self, name).model_dump(mode="json", exclude=PLACEMENT_KEYS.get(name)) for name in names
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -142,8 +155,9 @@ def _with_stage_sections(base: type[PipelineConfig]) -> type[PipelineConfig]:
         module, _, name = (stage.settings or "").partition(":")
         model = getattr(import_module(module), name, None)
         if not (isinstance(model, type) and issubclass(model, BaseModel) and "launcher" in model.model_fields):
-            raise TypeError(f"stage {stage.name!r}: settings {stage.settings!r} must name a pydantic model "
-                            "with a launcher field")
+            raise TypeError(
+                f"stage {stage.name!r}: settings {stage.settings!r} must name a pydantic model with a launcher field"
+            )
         sections[stage.name] = (model, model())
     return create_model("PipelineConfig", __base__=base, **sections)
 
@@ -154,7 +168,8 @@ def _run_section() -> type[RunSection]:
 
     class RegisteredRunSection(RunSection):
         stages: list[Literal[order]] = Field(  # type: ignore[valid-type]
-            default_factory=lambda: ["sft", "reward", "ppo"], min_length=1)
+            default_factory=lambda: ["sft", "reward", "ppo"], min_length=1
+        )
 
         @model_validator(mode="after")
         def _stages_in_order(self) -> RegisteredRunSection:

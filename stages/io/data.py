@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -76,8 +77,9 @@ def source_name(ref: DataRef) -> str:
     return ref.source if isinstance(ref, DataSource) else ref
 
 
-def load_rollout_prompts(data: Any, task_cfg: TaskSection, tokenization: Tokenization | None = None,
-                         max_tokens: int = 0) -> list[Prompt]:
+def load_rollout_prompts(
+    data: Any, task_cfg: TaskSection, tokenization: Tokenization | None = None, max_tokens: int = 0
+) -> list[Prompt]:
     """The distinct prompts PPO and RRHF roll out on, in a fixed order: ``data.prompts``, or by default
     the SFT demonstrations' prompts (``data`` is the config's ``data`` section). Given the stage's
     ``tokenization``, each is rendered once, so a prompt the tokenizer cannot render fails here
@@ -88,13 +90,20 @@ def load_rollout_prompts(data: Any, task_cfg: TaskSection, tokenization: Tokeniz
     else:
         records = [r for r in load_records(ref, "sft", task_cfg) if r["prompt"]]
         if not records:
-            raise DataError(f"data.sft: {source_name(ref)}: language-modeling rows have no prompts to roll out on; "
-                            "set data.prompts (prompt-only rows)")
+            raise DataError(
+                f"data.sft: {source_name(ref)}: language-modeling rows have no prompts to roll out on; "
+                "set data.prompts (prompt-only rows)"
+            )
     unique = {prompt_key(r["prompt"]): r["prompt"] for r in records}
     prompts = [unique[key] for key in sorted(unique)]
     if tokenization is not None:
-        measure_lengths([{"prompt": p} for p in prompts], "prompts", f"{source_name(ref)} (distinct prompts, sorted)",
-                        tokenization, max_tokens)
+        measure_lengths(
+            [{"prompt": p} for p in prompts],
+            "prompts",
+            f"{source_name(ref)} (distinct prompts, sorted)",
+            tokenization,
+            max_tokens,
+        )
     return prompts
 
 
@@ -108,16 +117,25 @@ def _file_stamp(source: str) -> tuple[int, int] | None:
 
 
 @lru_cache(maxsize=16)
-def _cached_records(source: str, columns: tuple[tuple[str, str], ...], kind: DataKind, task_cfg: TaskSection,
-                    stamp: tuple[int, int] | None) -> tuple[Record, ...]:
+def _cached_records(
+    source: str,
+    columns: tuple[tuple[str, str], ...],
+    kind: DataKind,
+    task_cfg: TaskSection,
+    stamp: tuple[int, int] | None,
+) -> tuple[Record, ...]:
     return tuple(_read_records(source, dict(columns), kind, task_cfg))
 
 
 def _read_records(source: str, columns: dict[str, str], kind: DataKind, task_cfg: TaskSection) -> list[Record]:
     if source == "builtin":
-        builders = {"sft": arithmetic.sft_records, "preferences": arithmetic.preference_records,
-                    "eval": arithmetic.eval_records, "prompts": arithmetic.prompt_records,
-                    "ranked": arithmetic.ranked_records}
+        builders: dict[str, Callable[[TaskSection], list[Record]]] = {
+            "sft": arithmetic.sft_records,
+            "preferences": arithmetic.preference_records,
+            "eval": arithmetic.eval_records,
+            "prompts": arithmetic.prompt_records,
+            "ranked": arithmetic.ranked_records,
+        }
         return builders[kind](task_cfg)
     if source.startswith("hf:"):
         return _validated(_hf_rows(source), kind, source, "row", columns)
@@ -131,11 +149,13 @@ def _read_records(source: str, columns: dict[str, str], kind: DataKind, task_cfg
     raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def split_by_prompt(pairs: list[Record], eval_fraction: float, source: str,
-                    setting: str = "reward.eval_fraction") -> tuple[list[Record], list[Record]]:
+def split_by_prompt(
+    pairs: list[Record], eval_fraction: float, source: str, setting: str = "reward.eval_fraction"
+) -> tuple[list[Record], list[Record]]:
     """(train, held-out) preference pairs: whole prompts are held out (by a hash of the prompt, so the split
     is stable as the file grows), so held-out accuracy measures generalisation to unseen prompts. Raises
     ``DataError`` naming the file and its number of distinct prompts when either part would be empty."""
+
     def held_out(prompt: Prompt) -> bool:
         return int(hashlib.sha256(prompt_key(prompt).encode()).hexdigest()[:8], 16) % 1000 < eval_fraction * 1000
 
@@ -143,9 +163,11 @@ def split_by_prompt(pairs: list[Record], eval_fraction: float, source: str,
     held = [p for p in pairs if held_out(p["prompt"])]
     if not train or not held:
         prompts = len({prompt_key(p["prompt"]) for p in pairs})
-        raise DataError(f"{source}: {len(pairs)} preference pairs over {prompts} distinct prompt(s) leave {len(train)} "
-                        f"train / {len(held)} held-out pairs at {setting}={eval_fraction} (whole prompts "
-                        f"are held out); add pairs with other prompts or change {setting}")
+        raise DataError(
+            f"{source}: {len(pairs)} preference pairs over {prompts} distinct prompt(s) leave {len(train)} "
+            f"train / {len(held)} held-out pairs at {setting}={eval_fraction} (whole prompts "
+            f"are held out); add pairs with other prompts or change {setting}"
+        )
     return train, held
 
 
@@ -171,13 +193,16 @@ class LengthReport:
         if not self.too_long:
             return None
         shown = ", ".join(str(n) for n in self.too_long[:5]) + (", ..." if len(self.too_long) > 5 else "")
-        return (f"{self.source}: {len(self.too_long)} of {self.total} {self.kind} records are longer than "
-                f"{self.max_tokens} tokens (records {shown}); "
-                f"{len(self.no_room)} of them have no room for the response")
+        return (
+            f"{self.source}: {len(self.too_long)} of {self.total} {self.kind} records are longer than "
+            f"{self.max_tokens} tokens (records {shown}); "
+            f"{len(self.no_room)} of them have no room for the response"
+        )
 
 
-def load_measured(data: DataSection, kind: DataKind, task_cfg: TaskSection, tokenization: Tokenization,
-                  max_tokens: int) -> tuple[list[Record], LengthReport]:
+def load_measured(
+    data: DataSection, kind: DataKind, task_cfg: TaskSection, tokenization: Tokenization, max_tokens: int
+) -> tuple[list[Record], LengthReport]:
     """``data.<kind>``'s records (``load_records``) and their lengths under ``max_tokens``
     (``measure_lengths``): how every stage opens a dataset. Raises ``DataError`` as those do."""
     ref = getattr(data, kind)
@@ -185,8 +210,9 @@ def load_measured(data: DataSection, kind: DataKind, task_cfg: TaskSection, toke
     return records, measure_lengths(records, kind, source_name(ref), tokenization, max_tokens)
 
 
-def measure_lengths(records: list[Record], kind: DataKind, source: str, tokenization: Tokenization,
-                    max_tokens: int) -> LengthReport:
+def measure_lengths(
+    records: list[Record], kind: DataKind, source: str, tokenization: Tokenization, max_tokens: int
+) -> LengthReport:
     """Count the records longer than ``max_tokens``, tokenized by the stage's contract (prompt ids, then
     the longest response's ids with its end token), which every stage trains and scores on.
 
@@ -206,8 +232,10 @@ def measure_lengths(records: list[Record], kind: DataKind, source: str, tokeniza
             no_room.append(number)
     report = LengthReport(source, kind, max_tokens, len(records), tuple(too_long), tuple(no_room))
     if records and len(no_room) == len(records):
-        raise DataError(f"{source}: every {kind} record's prompt is at least {max_tokens} tokens long, "
-                        "so no response token fits; shorten the prompts or raise the maximum length")
+        raise DataError(
+            f"{source}: every {kind} record's prompt is at least {max_tokens} tokens long, "
+            "so no response token fits; shorten the prompts or raise the maximum length"
+        )
     return report
 
 

@@ -69,8 +69,10 @@ def check_launch(stage: str, cfg: PipelineConfig) -> None:
             "gather the whole model over the network; use distributed.deepspeed=zero2 for this stage"
         )
     if stage_of_zero == 3 and needs_4bit(cfg.adapter.kind):
-        raise ConfigError("adapter.kind: qlora cannot run under ZeRO-3 (DeepSpeed cannot partition bitsandbytes "
-                          "4-bit weights); use zero2, or adapter.kind=lora with zero3")
+        raise ConfigError(
+            "adapter.kind: qlora cannot run under ZeRO-3 (DeepSpeed cannot partition bitsandbytes "
+            "4-bit weights); use zero2, or adapter.kind=lora with zero3"
+        )
 
 
 def launch_identity(stage: str, cfg: PipelineConfig) -> dict[str, Any]:
@@ -83,8 +85,12 @@ def launch_identity(stage: str, cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.launcher(stage) == "local":
         return {"launcher": "local", "device": device}
     config = json.dumps(load_deepspeed_config(cfg.distributed), sort_keys=True)
-    return {"launcher": "accelerate", "deepspeed": hashlib.sha256(config.encode()).hexdigest()[:16],
-            "world_size": cfg.distributed.num_processes, "device": device}
+    return {
+        "launcher": "accelerate",
+        "deepspeed": hashlib.sha256(config.encode()).hexdigest()[:16],
+        "world_size": cfg.distributed.num_processes,
+        "device": device,
+    }
 
 
 def is_distributed_process() -> bool:

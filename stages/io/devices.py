@@ -47,8 +47,10 @@ def device_type(cfg: BackboneSection, cuda: bool | None = None) -> DeviceType:
     """
     cuda = cuda_available() if cuda is None else cuda
     if cfg.device == "cuda" and not cuda:
-        raise ConfigError("backbone.device: cuda, but no CUDA device is visible here (check the driver and "
-                          "CUDA_VISIBLE_DEVICES), or set backbone.device: auto or cpu")
+        raise ConfigError(
+            "backbone.device: cuda, but no CUDA device is visible here (check the driver and "
+            "CUDA_VISIBLE_DEVICES), or set backbone.device: auto or cpu"
+        )
     return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
 
 

@@ -47,19 +47,34 @@ class Format:
 FORMATS: dict[str, tuple[Format, ...]] = {
     "sft": (
         Format("prompt-completion", ("prompt", "completion"), '{"prompt": "3+4=", "completion": "7"}'),
-        Format("language modeling (messages)", ("messages",),
-               '{"messages": [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "7"}]}'),
+        Format(
+            "language modeling (messages)",
+            ("messages",),
+            '{"messages": [{"role": "user", "content": "3+4="}, {"role": "assistant", "content": "7"}]}',
+        ),
         Format("language modeling (text)", ("text",), '{"text": "3+4=7"}'),
     ),
     "preferences": (
-        Format("explicit prompt", ("prompt", "chosen", "rejected"), '{"prompt": "3+4=", "chosen": "7", "rejected": "7;1+1=2"}'),
-        Format("implicit prompt", ("chosen", "rejected"),
-               '{"chosen": "\\n\\nHuman: 3+4=\\n\\nAssistant: 7", "rejected": "\\n\\nHuman: 3+4=\\n\\nAssistant: 8"}'),
+        Format(
+            "explicit prompt",
+            ("prompt", "chosen", "rejected"),
+            '{"prompt": "3+4=", "chosen": "7", "rejected": "7;1+1=2"}',
+        ),
+        Format(
+            "implicit prompt",
+            ("chosen", "rejected"),
+            '{"chosen": "\\n\\nHuman: 3+4=\\n\\nAssistant: 7", "rejected": "\\n\\nHuman: 3+4=\\n\\nAssistant: 8"}',
+        ),
     ),
     "eval": (Format("prompt-answer", ("prompt", "answer"), '{"prompt": "3+4=", "answer": "7"}'),),
     "prompts": (Format("prompt-only", ("prompt",), '{"prompt": [{"role": "user", "content": "3+4="}]}'),),
-    "ranked": (Format("ranked candidates", ("query", "responses", "scores"),
-                      '{"query": "3+4=", "responses": ["7", "7;1+1=2"], "scores": [1.0, 0.0]}'),),
+    "ranked": (
+        Format(
+            "ranked candidates",
+            ("query", "responses", "scores"),
+            '{"query": "3+4=", "responses": ["7", "7;1+1=2"], "scores": [1.0, 0.0]}',
+        ),
+    ),
 }
 SCORE_KEYS = ("score_chosen", "score_rejected")  # UltraFeedback-binarized's ratings, kept when present
 # The record fields that hold responses (what follows the prompt), per kind.
@@ -107,6 +122,7 @@ def prompt_text(prompt: Prompt) -> str:
 
 # Readers, one per (kind, format).
 
+
 def _prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
     prompt = _prompt(row["prompt"], "prompt")
     prompt, (completion,) = _responses(prompt, [row["completion"]], ["completion"])
@@ -116,8 +132,10 @@ def _prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
 def _messages(row: dict[str, Any]) -> dict[str, Any]:
     messages = _message_list(row["messages"], "messages")
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
-        raise FormatError("'messages' must end with an assistant message after at least one other message "
-                          "(SFT trains on the last assistant turn; the messages before it are the prompt)")
+        raise FormatError(
+            "'messages' must end with an assistant message after at least one other message "
+            "(SFT trains on the last assistant turn; the messages before it are the prompt)"
+        )
     return {"prompt": _prompt(messages[:-1], "messages"), "completion": messages[-1]["content"]}
 
 
@@ -132,22 +150,24 @@ def _explicit_preference(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _implicit_preference(row: dict[str, Any]) -> dict[str, Any]:
+    prompt: Prompt
     chosen, rejected = row["chosen"], row["rejected"]
     if isinstance(chosen, str) and isinstance(rejected, str):
         if chosen.strip() == rejected.strip():
             raise FormatError("'chosen' and 'rejected' are the same text, so the pair teaches nothing")
         prompt, chosen, rejected = _split_shared_text(_string(chosen, "chosen"), _string(rejected, "rejected"))
     elif isinstance(chosen, list) and isinstance(rejected, list):
-        chosen, rejected = _message_list(chosen, "chosen"), _message_list(rejected, "rejected")
-        if chosen == rejected:
+        chosen_turns, rejected_turns = _message_list(chosen, "chosen"), _message_list(rejected, "rejected")
+        if chosen_turns == rejected_turns:
             raise FormatError("'chosen' and 'rejected' are the same messages, so the pair teaches nothing")
         shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        while shared < min(len(chosen_turns), len(rejected_turns)) and chosen_turns[shared] == rejected_turns[shared]:
             shared += 1
         if shared == 0:
             raise FormatError("'chosen' and 'rejected' share no first message, so there is no implicit prompt")
-        prompt, (chosen, rejected) = _responses(_prompt(chosen[:shared], "chosen"), [chosen, rejected],
-                                                ["chosen", "rejected"])
+        prompt, (chosen, rejected) = _responses(
+            _prompt(chosen_turns[:shared], "chosen"), [chosen_turns, rejected_turns], ["chosen", "rejected"]
+        )
     else:
         raise FormatError("'chosen' and 'rejected' must both be strings or both be message lists")
     return _preference(prompt, chosen, rejected, row)
@@ -179,8 +199,11 @@ def _ranked(row: dict[str, Any]) -> dict[str, Any]:
         raise FormatError("'scores' must be a list of numbers")
     if len(scores) != len(responses):
         raise FormatError(f"'scores' has {len(scores)} entries but 'responses' has {len(responses)}")
-    return {"query": _prompt(row["query"], "query"), "responses": list(responses),
-            "scores": [_number(s, "scores") for s in scores]}
+    return {
+        "query": _prompt(row["query"], "query"),
+        "responses": list(responses),
+        "scores": [_number(s, "scores") for s in scores],
+    }
 
 
 _READERS = {
@@ -196,6 +219,7 @@ _READERS = {
 
 
 # Field checks.
+
 
 def _non_empty(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
@@ -219,8 +243,10 @@ def _message_list(value: Any, field: str) -> list[Message]:
     messages = []
     for n, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") not in ROLES or not _non_empty(message.get("content")):
-            raise FormatError(f"{field!r} message {n}: expected {{\"role\": one of {list(ROLES)}, \"content\": "
-                              f"a non-empty string}}, got {message!r}")
+            raise FormatError(
+                f'{field!r} message {n}: expected {{"role": one of {list(ROLES)}, "content": '
+                f"a non-empty string}}, got {message!r}"
+            )
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
 
@@ -244,7 +270,7 @@ def _responses(prompt: Prompt, values: list[Any], fields: list[str]) -> tuple[Pr
     for value, field in zip(values, fields):
         turns = _message_list(value, field)
         if turns[: len(messages)] == messages:
-            turns = turns[len(messages):]
+            turns = turns[len(messages) :]
         if len(turns) != 1 or turns[0]["role"] != "assistant":
             raise FormatError(f"{field!r} must hold exactly one assistant message after the prompt's messages")
         texts.append(turns[0]["content"])

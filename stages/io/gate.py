@@ -8,8 +8,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-_OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
-              "!=": operator.ne}
+_OPERATORS = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*$")
 
 
@@ -32,11 +38,15 @@ class Condition:
         except ValueError:
             threshold = None
         if match is None or threshold is None:
-            raise ValueError(f"{text!r}: expected STAGE.METRIC OP NUMBER with OP one of {' '.join(_OPERATORS)}, "
-                             "e.g. 'ppo.task_score >= 0.8'")
+            raise ValueError(
+                f"{text!r}: expected STAGE.METRIC OP NUMBER with OP one of {' '.join(_OPERATORS)}, "
+                "e.g. 'ppo.task_score >= 0.8'"
+            )
         if not math.isfinite(threshold):  # nan: every comparison but != is false; inf: >= and <= decide nothing
-            raise ValueError(f"{text!r}: the threshold {match.group(4)} is not a finite number, so the condition "
-                             "cannot tell a good run from a bad one; write a finite NUMBER")
+            raise ValueError(
+                f"{text!r}: the threshold {match.group(4)} is not a finite number, so the condition "
+                "cannot tell a good run from a bad one; write a finite NUMBER"
+            )
         return cls(match.group(1), match.group(2), match.group(3), threshold, match.group(4))
 
     def __str__(self) -> str:
@@ -48,10 +58,17 @@ class Condition:
         value = found.get(self.metric)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             numeric = sorted(k for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-            reason = (f"{self.stage} has no finished metrics" if not found else
-                      f"{self.stage} has no numeric metric {self.metric!r}; it has {', '.join(numeric)}")
+            reason = (
+                f"{self.stage} has no finished metrics"
+                if not found
+                else f"{self.stage} has no numeric metric {self.metric!r}; it has {', '.join(numeric)}"
+            )
             return {"condition": str(self), "value": None, "passed": False, "reason": reason}
         if not math.isfinite(value):  # a diverged metric passes no gate, not even a != condition
-            return {"condition": str(self), "value": None, "passed": False,
-                    "reason": f"{self.stage}.{self.metric} is {value}, not a finite number"}
+            return {
+                "condition": str(self),
+                "value": None,
+                "passed": False,
+                "reason": f"{self.stage}.{self.metric} is {value}, not a finite number",
+            }
         return {"condition": str(self), "value": value, "passed": bool(_OPERATORS[self.op](value, self.threshold))}

@@ -30,8 +30,9 @@ def progress_mode() -> str:
     return "bars" if sys.stderr.isatty() else "lines"
 
 
-def progress(iterable: Iterable[T], *, desc: str, unit: str, total: int | None = None, initial: int = 0,
-             leave: bool = True) -> Iterable[T]:
+def progress(
+    iterable: Iterable[T], *, desc: str, unit: str, total: int | None = None, initial: int = 0, leave: bool = True
+) -> Iterable[T]:
     """Iterate ``iterable`` and report progress on stderr. ``initial`` items were done before (a resumed
     loop); ``leave=False`` (an inner loop) keeps no final line."""
     mode = progress_mode()
@@ -46,8 +47,9 @@ def progress(iterable: Iterable[T], *, desc: str, unit: str, total: int | None =
     return _plain_lines(iterable, desc, unit, total, initial, leave)
 
 
-def _plain_lines(iterable: Iterable[T], desc: str, unit: str, total: int | None, initial: int,
-                 leave: bool) -> Iterator[T]:
+def _plain_lines(
+    iterable: Iterable[T], desc: str, unit: str, total: int | None, initial: int, leave: bool
+) -> Iterator[T]:
     started = last = time.monotonic()
     done = initial
     for item in iterable:

@@ -52,29 +52,39 @@ def check_datasets(cfg: PipelineConfig) -> None:
     for kind in sorted(kinds):
         dataset_digest(getattr(cfg.data, kind), kind, cfg.task)
         prompts = [r.get("prompt", r.get("query")) for r in load_records(getattr(cfg.data, kind), kind, cfg.task)]
-        if any(is_conversational(p) for p in prompts):
+        if any(p is not None and is_conversational(p) for p in prompts):
             conversational.append(f"data.{kind}")
         if any(p and not is_conversational(p) for p in prompts):  # "" is language-modeling text: no turns
             plain.append(f"data.{kind}")
     if (conversational or cfg.data.chat_template == "always") and has_chat_template(cfg.backbone) is False:
         why = f"{', '.join(conversational)} hold conversational rows" if conversational else "data.chat_template=always"
-        raise DataError(f"{why}, but the tokenizer of backbone.name={cfg.backbone.name!r} has no chat template; "
-                        "use a chat model (builtin:tiny-chat is the built-in one) or plain-string data")
+        raise DataError(
+            f"{why}, but the tokenizer of backbone.name={cfg.backbone.name!r} has no chat template; "
+            "use a chat model (builtin:tiny-chat is the built-in one) or plain-string data"
+        )
     if conversational and cfg.data.chat_template == "never":
-        raise DataError(f"{', '.join(conversational)} hold conversational rows, which need the chat template, "
-                        "but data.chat_template=never")
+        raise DataError(
+            f"{', '.join(conversational)} hold conversational rows, which need the chat template, "
+            "but data.chat_template=never"
+        )
     for stage in cfg.run.stages:  # the stages that hold out whole prompts of the preference pairs (reward, DPO)
         if "preferences" in spec(stage).datasets and hasattr(getattr(cfg, stage), "eval_fraction"):
             preferences = cfg.data.preferences
-            split_by_prompt(load_records(preferences, "preferences", cfg.task), getattr(cfg, stage).eval_fraction,
-                            source_name(preferences), f"{stage}.eval_fraction")
+            split_by_prompt(
+                load_records(preferences, "preferences", cfg.task),
+                getattr(cfg, stage).eval_fraction,
+                source_name(preferences),
+                f"{stage}.eval_fraction",
+            )
     for stage in cfg.run.stages:
         checker_digest(stage, cfg)  # a user's checker that cannot be found fails here, before the run
     if conversational and plain and cfg.data.chat_template == "auto":
-        raise DataError(f"{', '.join(conversational)} hold conversational prompts and {', '.join(plain)} plain-string "
-                        "ones: under data.chat_template=auto only the conversational ones go through the chat "
-                        "template, so the stages would see the same task in two formats; set data.chat_template: "
-                        "always, or make the datasets agree")
+        raise DataError(
+            f"{', '.join(conversational)} hold conversational prompts and {', '.join(plain)} plain-string "
+            "ones: under data.chat_template=auto only the conversational ones go through the chat "
+            "template, so the stages would see the same task in two formats; set data.chat_template: "
+            "always, or make the datasets agree"
+        )
 
 
 @cache
@@ -145,7 +155,8 @@ def runtime_imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 # Modules that cannot change what a stage computes, left out of every code version: the registry (its
@@ -173,6 +184,7 @@ def _source_root(top: str) -> Path:
         raise ModuleNotFoundError(f"{top}: not importable")
     if found.submodule_search_locations:
         return Path(list(found.submodule_search_locations)[0])
+    assert found.origin is not None  # checked above
     return Path(found.origin)
 
 
@@ -198,8 +210,9 @@ def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -
     datasets = {kind: dataset_digest(getattr(cfg.data, kind), kind, cfg.task) for kind in stage_datasets(stage, cfg)}
     provenance: dict[str, Any] = {
         "stage": stage,
-        "config_digest": _sha(cfg.digest(*spec(stage).sections) + f"seed={cfg.run.seed}"
-                              f";chat_template={cfg.data.chat_template}"),
+        "config_digest": _sha(
+            cfg.digest(*spec(stage).sections) + f"seed={cfg.run.seed};chat_template={cfg.data.chat_template}"
+        ),
         "launch": launch_identity(stage, cfg),
         "backbone_fingerprint": backbone_fingerprint(cfg.backbone, needs_4bit(cfg.adapter.kind)),
         "input_digests": {name: artifacts.artifact_digest(inputs[name]) for name in needed},
@@ -232,8 +245,10 @@ def checker_digest(stage: str, cfg: PipelineConfig) -> str | None:
     finally:
         sys.path.remove(os.getcwd())
     if found is None or not found.origin or not Path(found.origin).is_file():
-        raise ConfigError(f"{stage}.checker={section.checker!r}: cannot find module {module!r} ({why}); it must be "
-                          "importable where the stage runs (on PYTHONPATH or installed)")
+        raise ConfigError(
+            f"{stage}.checker={section.checker!r}: cannot find module {module!r} ({why}); it must be "
+            "importable where the stage runs (on PYTHONPATH or installed)"
+        )
     return _sha(Path(found.origin).read_text(errors="replace"))
 
 

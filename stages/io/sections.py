@@ -142,8 +142,10 @@ class DataSection(Section):
                 raise ValueError(f"{kind}.columns: the builtin dataset has no columns to map")
             unknown = sorted(set(ref.columns) - format_keys(kind))
             if unknown:
-                raise ValueError(f"{kind}.columns: {unknown} are not keys of any {kind} format; "
-                                 f"map these: {sorted(format_keys(kind))}")
+                raise ValueError(
+                    f"{kind}.columns: {unknown} are not keys of any {kind} format; "
+                    f"map these: {sorted(format_keys(kind))}"
+                )
         return self
 
 
@@ -183,13 +185,11 @@ class TrainerSection(StoppableSection):
     @model_validator(mode="after")
     def _checkpoints_follow_logs(self) -> TrainerSection:
         if self.checkpoint_every % self.logging_steps:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of logging_steps="
-                             f"{self.logging_steps}, so a NaN loss is caught before a checkpoint saves its weights")
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every} must be a multiple of logging_steps="
+                f"{self.logging_steps}, so a NaN loss is caught before a checkpoint saves its weights"
+            )
         return self
-
-
-
-
 
 
 class RewardSourceSection(StoppableSection):
@@ -211,14 +211,6 @@ class RewardSourceSection(StoppableSection):
         return checker
 
 
-
-
-
-
-
-
-
-
 class DistributedSection(Section):
     """How stages with ``launcher: accelerate`` run: DeepSpeed ZeRO through ``accelerate launch``."""
 
@@ -234,11 +226,15 @@ class DistributedSection(Section):
     @model_validator(mode="after")
     def _multi_node_needs_address(self) -> DistributedSection:
         if self.num_machines > 1 and not (self.main_process_ip and self.main_process_port):
-            raise ValueError("num_machines > 1 needs main_process_ip and main_process_port (the machine running the flow)")
+            raise ValueError(
+                "num_machines > 1 needs main_process_ip and main_process_port (the machine running the flow)"
+            )
         if self.num_processes < self.num_machines:
             raise ValueError(f"num_processes={self.num_processes} is fewer than num_machines={self.num_machines}")
         if self.deepspeed not in DEEPSPEED_PRESETS and not self.deepspeed.endswith(".json"):
-            raise ValueError(f"choose a preset {list(DEEPSPEED_PRESETS)} or the path of a .json file, got {self.deepspeed!r}")
+            raise ValueError(
+                f"choose a preset {list(DEEPSPEED_PRESETS)} or the path of a .json file, got {self.deepspeed!r}"
+            )
         return self
 
 

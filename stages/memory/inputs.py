@@ -46,8 +46,12 @@ def _hub_config(cfg: PipelineConfig) -> dict[str, Any]:
     from transformers import AutoConfig  # only for hub ids: it imports torch
 
     try:
-        config = AutoConfig.from_pretrained(cfg.backbone.name, revision=cfg.backbone.revision, local_files_only=True,
-                                            trust_remote_code=cfg.backbone.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            cfg.backbone.name,
+            revision=cfg.backbone.revision,
+            local_files_only=True,
+            trust_remote_code=cfg.backbone.trust_remote_code,
+        )
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"backbone.name={cfg.backbone.name!r}: no config.json in the local Hugging Face cache, so its memory "
@@ -59,11 +63,14 @@ def _hub_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def shape_from_config(config: dict[str, Any], name: str) -> ModelShape:
     """A ``ModelShape`` from a config.json dict, with transformers' defaults for the keys it may omit."""
+
     def first(*keys: str, default: Any = None) -> Any:
         found = next((config[k] for k in keys if config.get(k) is not None), default)
         if found is None:
-            raise ConfigError(f"backbone.name={name!r}: config.json has none of {list(keys)}; the memory plan "
-                              "knows decoder-only configs with Llama-style keys (use --skip-memory-check)")
+            raise ConfigError(
+                f"backbone.name={name!r}: config.json has none of {list(keys)}; the memory plan "
+                "knows decoder-only configs with Llama-style keys (use --skip-memory-check)"
+            )
         return found
 
     hidden = int(first("hidden_size", "n_embd", "d_model"))
@@ -108,8 +115,9 @@ def read_data_shape(cfg: PipelineConfig) -> DataShape:
     queries = _prompt_counts(count, always, [r["query"] for r in ranked])
     return DataShape(
         demos=len(demos),
-        demo_tokens=_longest(_sums(_prompt_counts(count, always, [r["prompt"] for r in demos]),
-                                   count([r["completion"] for r in demos]))),
+        demo_tokens=_longest(
+            _sums(_prompt_counts(count, always, [r["prompt"] for r in demos]), count([r["completion"] for r in demos]))
+        ),
         prompts=len(prompts),
         prompt_tokens=_longest(prompts),
         prompt_tokens_min=min(prompts, default=0) + SPECIAL_TOKENS,
@@ -168,8 +176,14 @@ def read_parallel(cfg: PipelineConfig, stage: str) -> Parallel:
         return Parallel()
     dist = cfg.distributed
     zero_stage, offload_optimizer, offload_params = read_zero_config(dist.deepspeed)
-    return Parallel(launched=True, zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_params=offload_params,
-                    world_size=dist.num_processes, local_ranks=-(-dist.num_processes // dist.num_machines))
+    return Parallel(
+        launched=True,
+        zero_stage=zero_stage,
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        world_size=dist.num_processes,
+        local_ranks=-(-dist.num_processes // dist.num_machines),
+    )
 
 
 def read_zero_config(deepspeed: str) -> tuple[int, bool, bool]:

@@ -47,7 +47,11 @@ ADAPTER_BYTES, GRADIENT_BYTES, MOMENTS_BYTES = 4, 4, 8
 # DoRA and AdaLoRA save what LoRA saves per token (their extra tensors are per layer: DoRA's weight norm,
 # AdaLoRA's singular values), so they take LoRA's figures; not measured on their own.
 TRAIN_ELEMENTS_PER_TOKEN: dict[str, tuple[float, float]] = {
-    "lora": (8.5, 4.0), "qlora": (8.5, 4.0), "dora": (8.5, 4.0), "adalora": (8.5, 4.0), "ptuning_v2": (6.4, 3.0),
+    "lora": (8.5, 4.0),
+    "qlora": (8.5, 4.0),
+    "dora": (8.5, 4.0),
+    "adalora": (8.5, 4.0),
+    "ptuning_v2": (6.4, 3.0),
 }
 # Bytes per activation element: bf16 saves 0.83 x fp32's bytes, not half (measured), because RMSNorm
 # computes in fp32 and PEFT casts every LoRA input to the adapter's fp32.
@@ -105,8 +109,14 @@ class ModelShape:
     def linear_layers(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer in one decoder layer, by its usual module name."""
         h, i, q = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim
-        layers = {"q_proj": (h, q), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim), "o_proj": (q, h),
-                  "up_proj": (h, i), "down_proj": (i, h)}
+        layers = {
+            "q_proj": (h, q),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (q, h),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
         if self.gated_mlp:
             layers["gate_proj"] = (h, i)
         return layers
@@ -240,8 +250,7 @@ def adapter_parameters(shape: ModelShape, adapter: AdapterSection) -> int:
     return shape.num_layers * sum(adapter.r * (i + o) + extra(i, o) for i, o in targets)
 
 
-def phase_bytes(shape: ModelShape, phase: Phase, dtype: str, adapter_kind: str,
-                device: Device) -> tuple[int, int, int]:
+def phase_bytes(shape: ModelShape, phase: Phase, dtype: str, adapter_kind: str, device: Device) -> tuple[int, int, int]:
     """(activations, logits, kv cache) a phase holds at its peak, for one rank."""
     h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers
     tokens, element = phase.rows * phase.tokens, ACTIVATION_BYTES[dtype]
@@ -258,8 +267,9 @@ def phase_bytes(shape: ModelShape, phase: Phase, dtype: str, adapter_kind: str,
     return int(activations * retained), int(logits * retained), int(kv * retained)
 
 
-def estimate(workload: Workload, shape: ModelShape, dtype: str, adapter: AdapterSection, parallel: Parallel,
-             device: Device) -> Estimate:
+def estimate(
+    workload: Workload, shape: ModelShape, dtype: str, adapter: AdapterSection, parallel: Parallel, device: Device
+) -> Estimate:
     """Peak memory of one rank of ``workload``: what it holds all along plus its largest phase."""
     nf4 = adapter.kind == "qlora"
     world, zero = parallel.world_size, parallel.zero_stage
@@ -287,14 +297,25 @@ def estimate(workload: Workload, shape: ModelShape, dtype: str, adapter: Adapter
     process = spec(workload.stage).import_overhead_mib * MiB + (DEEPSPEED_IMPORT if parallel.launched else 0)
     overhead, host = (process, 0) if device == "cpu" else (CUDA_CONTEXT, process + offloaded)
     return Estimate(
-        stage=workload.stage, device=device, peak_phase=peak.name, ranks=parallel.local_ranks, weights=weights,
-        adapters_optimizer=adapters_optimizer, activations=activations, logits=logits, kv_cache=kv,
-        overhead=overhead, host=host, launcher=LAUNCHER_PROCESS if parallel.launched else 0, knobs=peak.knobs,
+        stage=workload.stage,
+        device=device,
+        peak_phase=peak.name,
+        ranks=parallel.local_ranks,
+        weights=weights,
+        adapters_optimizer=adapters_optimizer,
+        activations=activations,
+        logits=logits,
+        kv_cache=kv,
+        overhead=overhead,
+        host=host,
+        launcher=LAUNCHER_PROCESS if parallel.launched else 0,
+        knobs=peak.knobs,
     )
 
 
-def _adapter_state_bytes(workload: Workload, shape: ModelShape, adapter: AdapterSection,
-                         parallel: Parallel) -> tuple[int, int]:
+def _adapter_state_bytes(
+    workload: Workload, shape: ModelShape, adapter: AdapterSection, parallel: Parallel
+) -> tuple[int, int]:
     """(resident, optimizer) bytes of one rank's adapters and heads: ``resident`` (their weights) stays on
     the device; ``optimizer`` (gradients and AdamW moments, partitioned by ZeRO) may be offloaded."""
     per_adapter = adapter_parameters(shape, adapter)
@@ -327,5 +348,11 @@ def stage_workload(stage: str, cfg: PipelineConfig, data: DataShape, parallel: P
 def evaluation_sampling(cfg: PipelineConfig, data: DataShape, max_new_tokens: int, knob: str) -> Phase:
     """Sampling held-out prompts (stages.model.generation.generate), ``eval.batch_size`` at a time."""
     rows = min(cfg.eval.batch_size, cfg.eval.num_prompts, data.eval_prompts)
-    return Phase("evaluation sampling", "generate", rows, data.eval_prompt_tokens + max_new_tokens, rows,
-                 knobs=("eval.batch_size", knob))
+    return Phase(
+        "evaluation sampling",
+        "generate",
+        rows,
+        data.eval_prompt_tokens + max_new_tokens,
+        rows,
+        knobs=("eval.batch_size", knob),
+    )

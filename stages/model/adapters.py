@@ -49,8 +49,12 @@ if TYPE_CHECKING:
 
 def _lora(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
     return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        use_dora=cfg.kind == "dora", task_type="CAUSAL_LM",
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.kind == "dora",
+        task_type="CAUSAL_LM",
     )
 
 
@@ -60,14 +64,21 @@ def _adalora(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
     if total_steps is None:
         raise ValueError("adapter.kind=adalora: the stage must say how many updates it makes (total_steps)")
     return AdaLoraConfig(
-        init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules, total_step=total_steps, tinit=total_steps // 5,
-        tfinal=total_steps // 5, task_type="CAUSAL_LM",
+        init_r=cfg.r,
+        target_r=cfg.target_r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        total_step=total_steps,
+        tinit=total_steps // 5,
+        tfinal=total_steps // 5,
+        task_type="CAUSAL_LM",
     )
 
 
-def check_target_modules(cfg: AdapterSection, backbone_location: str, revision: str | None = None,
-                         trust_remote_code: bool = False) -> None:
+def check_target_modules(
+    cfg: AdapterSection, backbone_location: str, revision: str | None = None, trust_remote_code: bool = False
+) -> None:
     """Refuse LoRA ``target_modules`` that name no module of the backbone, before anything trains.
 
     The backbone is built from its config.json on the meta device (no weights are read), and each listed
@@ -94,8 +105,10 @@ def check_target_modules(cfg: AdapterSection, backbone_location: str, revision: 
     if missing:
         from stages.io.config import ConfigError
 
-        raise ConfigError(f"adapter.target_modules: {', '.join(missing)} not found; the backbone has "
-                          f"{', '.join(linear)} (or use all-linear)")
+        raise ConfigError(
+            f"adapter.target_modules: {', '.join(missing)} not found; the backbone has "
+            f"{', '.join(linear)} (or use all-linear)"
+        )
 
 
 def _prefix(cfg: AdapterSection, total_steps: int | None) -> PeftConfig:
@@ -120,8 +133,7 @@ def _registered(kind: str) -> ConfigBuilder:
     return ADAPTER_KINDS[kind]
 
 
-def attach_adapter(base: PreTrainedModel, cfg: AdapterSection, name: str,
-                   total_steps: int | None = None) -> PeftModel:
+def attach_adapter(base: PreTrainedModel, cfg: AdapterSection, name: str, total_steps: int | None = None) -> PeftModel:
     """Wrap the frozen base in a PeftModel with one new trainable adapter called ``name`` (a 4-bit base
     comes k-bit-prepared from ``load_backbone``, in every stage alike). ``total_steps``: the optimizer
     updates the stage makes (AdaLoRA's budget schedule needs it; ``ValueError`` without it)."""
@@ -252,12 +264,20 @@ class RankAllocation:
 
     def state_dict(self) -> dict:
         allocator = self.tuner.rankallocator
-        return {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
-                "rank_pattern": self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern}
+        return {
+            "ipt": allocator.ipt,
+            "exp_avg_ipt": allocator.exp_avg_ipt,
+            "exp_avg_unc": allocator.exp_avg_unc,
+            "rank_pattern": self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         allocator = self.tuner.rankallocator
-        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
+            state["ipt"],
+            state["exp_avg_ipt"],
+            state["exp_avg_unc"],
+        )
         self.tuner.peft_config[self.tuner.trainable_adapter_name].rank_pattern = state["rank_pattern"]
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from stages.model.tokenization import ChatTemplateUse
 
+
 @dataclass
 class Backbone:
     model: PreTrainedModel
@@ -81,7 +82,9 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
         )
         kwargs["device_map"] = {"": device}  # quantized on loading, where it will compute
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as err:  # hub and file errors span several lines; the first one says what went wrong
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -104,13 +107,33 @@ def load_backbone(cfg: BackboneSection, quantize_4bit: bool = False) -> Backbone
 # What a model's generation_config can set that changes which token greedy/sampled decoding picks, with
 # the value that changes nothing (None: unset). Length limits and end ids are the stage's own.
 _NEUTRAL_SETTINGS: dict[str, Any] = {
-    "temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None, "typical_p": 1.0, "top_h": None,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0, "min_new_tokens": None,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-    "sequence_bias": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
-    "guidance_scale": None, "num_beams": 1, "penalty_alpha": None, "diversity_penalty": 0.0,
-    "watermarking_config": None, "stop_strings": None,  # an end condition by text: the stop set holds ids only
+    "temperature": 1.0,
+    "top_k": None,
+    "top_p": 1.0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "top_h": None,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "guidance_scale": None,
+    "num_beams": 1,
+    "penalty_alpha": None,
+    "diversity_penalty": 0.0,
+    "watermarking_config": None,
+    "stop_strings": None,  # an end condition by text: the stop set holds ids only
 }
 
 
@@ -131,9 +154,11 @@ def _say_ignored_generation_settings(model: PreTrainedModel, cfg: BackboneSectio
     ignored = ignored_generation_settings(model.generation_config)
     if ignored and os.environ.get("RANK", "0") == "0":
         settings = ", ".join(f"{name}={value}" for name, value in ignored.items())
-        print(f"backbone {cfg.name}: its generation_config sets {settings}; the stages ignore these and sample "
-              "at each stage's own temperature, from the distribution they train on (rlhf export keeps them)",
-              flush=True)
+        print(
+            f"backbone {cfg.name}: its generation_config sets {settings}; the stages ignore these and sample "
+            "at each stage's own temperature, from the distribution they train on (rlhf export keeps them)",
+            flush=True,
+        )
 
 
 def _prepare_for_kbit_training(model: torch.nn.Module) -> None:

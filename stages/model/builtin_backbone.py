@@ -64,8 +64,14 @@ def ensure_builtin_backbone(spec: TinySpec = TinySpec(), chat: bool = False) -> 
             with artifacts.staging(target) as tmp:
                 loss = _build(spec, tmp)
                 artifacts.publish(
-                    tmp, target, {"kind": "builtin-backbone", "spec": asdict(spec), "final_loss": loss,
-                                  "seconds": round(time.time() - started, 1)}
+                    tmp,
+                    target,
+                    {
+                        "kind": "builtin-backbone",
+                        "spec": asdict(spec),
+                        "final_loss": loss,
+                        "seconds": round(time.time() - started, 1),
+                    },
                 )
     return target
 
@@ -84,7 +90,10 @@ def chat_messages(line: str, equations_per_turn: int = 2) -> list[dict[str, str]
     for start in range(0, len(equations), equations_per_turn):
         turn = equations[start : start + equations_per_turn]
         prompt, _, answer = turn[0].partition("=")
-        messages += [{"role": "user", "content": prompt + "="}, {"role": "assistant", "content": answer + "".join(turn[1:])}]
+        messages += [
+            {"role": "user", "content": prompt + "="},
+            {"role": "assistant", "content": answer + "".join(turn[1:])},
+        ]
     return messages
 
 
@@ -108,7 +117,8 @@ def _package_chat_variant(base: Path, target: Path) -> Path:
                     shutil.copy2(path, tmp / path.name)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
         tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tokenizer.bos_token_id)])
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tokenizer.bos_token_id)]
+        )
         tokenizer.pad_token = None
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)
@@ -124,12 +134,19 @@ def _train_tokenizer(lines: list[str], spec: TinySpec):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size, special_tokens=[PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END_OF_TURN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=spec.vocab_size,
+        special_tokens=[PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END_OF_TURN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(lines, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                   extra_special_tokens=[SYSTEM, USER, ASSISTANT, END_OF_TURN])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        extra_special_tokens=[SYSTEM, USER, ASSISTANT, END_OF_TURN],
+    )
 
 
 def _build(spec: TinySpec, out: Path) -> float:
@@ -138,14 +155,23 @@ def _build(spec: TinySpec, out: Path) -> float:
     # Each line ends in EOS (a chat line in END_OF_TURN), so the base knows the token (a real pretrained
     # model does), but never right after an answer: stopping there is what SFT has to teach.
     streams = pretraining_lines(spec.max_operand, spec.seed, spec.steps * spec.batch_size, spec.equations_per_line)
-    lines = [chat_stream(line) if n % spec.chat_every == spec.chat_every - 1 else line + EOS
-             for n, line in enumerate(streams)]
+    lines = [
+        chat_stream(line) if n % spec.chat_every == spec.chat_every - 1 else line + EOS
+        for n, line in enumerate(streams)
+    ]
     tokenizer = _train_tokenizer(lines[:20000], spec)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
@@ -174,7 +200,9 @@ def _build(spec: TinySpec, out: Path) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--chat", action="store_true", help="also package the chat-tokenizer variant (builtin:tiny-chat)")
+    parser.add_argument(
+        "--chat", action="store_true", help="also package the chat-tokenizer variant (builtin:tiny-chat)"
+    )
     print(ensure_builtin_backbone(chat=parser.parse_args(argv).chat))
 
 

@@ -37,8 +37,16 @@ if TYPE_CHECKING:
 
 
 def generate(
-    model: torch.nn.Module, tokenization: Tokenization, prompts: list[list[int]], *, max_new_tokens: int,
-    temperature: float, batch_size: int, seed: int, keys: Sequence[int] | None = None, desc: str = "generating",
+    model: torch.nn.Module,
+    tokenization: Tokenization,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+    keys: Sequence[int] | None = None,
+    desc: str = "generating",
     synced: bool = False,
 ) -> list[Response]:
     """Sample one response per prompt (token ids, ``Tokenization.prompt_ids``) by temperature sampling
@@ -69,9 +77,15 @@ def generate(
             sampler = GumbelSampler(temperature, seed, keys[start : start + batch_size], device)
             with torch.no_grad(), _model_defaults_off(model):
                 out = model.generate(  # greedy over ``sampler``'s perturbed scores = sampling at ``temperature``
-                    input_ids=input_ids, attention_mask=attention_mask, logits_processor=[sampler],
-                    max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0,
-                    pad_token_id=tokenization.pad_id, eos_token_id=list(tokenization.stop_ids), synced_gpus=synced,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    logits_processor=[sampler],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=1.0,
+                    pad_token_id=tokenization.pad_id,
+                    eos_token_id=list(tokenization.stop_ids),
+                    synced_gpus=synced,
                 )
             new_tokens = out[:, input_ids.shape[1] :]
             logprobs = sampler.of(new_tokens).cpu()
@@ -97,15 +111,16 @@ def _model_defaults_off(model: torch.nn.Module) -> Iterator[None]:
             holder.generation_config = config
 
 
-def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device | str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) on ``device``, each (B, T): decoder-only batches must end where
     generation starts."""
     width = max(len(p) for p in prompts)
     input_ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
     attention_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    return (torch.tensor(input_ids, dtype=torch.long, device=device),
-            torch.tensor(attention_mask, dtype=torch.long, device=device))
+    return (
+        torch.tensor(input_ids, dtype=torch.long, device=device),
+        torch.tensor(attention_mask, dtype=torch.long, device=device),
+    )
 
 
 def row_seed(seed: int, key: int) -> int:
@@ -156,14 +171,21 @@ class GumbelSampler:
         return torch.stack(self.steps, dim=1)
 
 
-def _responses(prompts: list[list[int]], new_tokens: torch.Tensor, logprobs: torch.Tensor,
-               tokenization: Tokenization) -> list[Response]:
+def _responses(
+    prompts: list[list[int]], new_tokens: torch.Tensor, logprobs: torch.Tensor, tokenization: Tokenization
+) -> list[Response]:
     stops = set(tokenization.stop_ids)
     responses = []
     for prompt, row, row_logprobs in zip(prompts, new_tokens.tolist(), logprobs.tolist()):
         end = next((i for i, token in enumerate(row) if token in stops), None)
         kept = row if end is None else row[: end + 1]  # the end token is part of the response
-        responses.append(Response(text=tokenization.text(kept if end is None else kept[:-1]), finished=end is not None,
-                                  prompt_ids=tuple(prompt), token_ids=tuple(kept),
-                                  token_logprobs=tuple(row_logprobs[: len(kept)])))
+        responses.append(
+            Response(
+                text=tokenization.text(kept if end is None else kept[:-1]),
+                finished=end is not None,
+                prompt_ids=tuple(prompt),
+                token_ids=tuple(kept),
+                token_logprobs=tuple(row_logprobs[: len(kept)]),
+            )
+        )
     return responses

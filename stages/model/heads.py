@@ -38,8 +38,7 @@ def save_head(head: torch.nn.Linear, path: Path, backbone_fingerprint: str) -> N
         raise storage_error(err, path) from err
 
 
-def load_head(path: Path, hidden_size: int, backbone_fingerprint: str, device: torch.device | str
-              ) -> torch.nn.Linear:
+def load_head(path: Path, hidden_size: int, backbone_fingerprint: str, device: torch.device | str) -> torch.nn.Linear:
     """Load a saved head onto ``device``; missing file, wrong shape or another backbone's head are errors."""
     path = Path(path)
     if not path.is_file():

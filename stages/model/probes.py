@@ -25,8 +25,9 @@ PROBE_TEXTS = ("3+4=", "12+19=", "7+0=7", "Hello, world")
 def probe_inputs(tokenizer: PreTrainedTokenizerBase, device: torch.device | str) -> dict[str, torch.Tensor]:
     """The probe texts right-padded on ``device``: input_ids and attention_mask, (N, T) each."""
     batch = tokenizer(list(PROBE_TEXTS), padding=True, padding_side="right")
-    return {name: torch.tensor(batch[name], dtype=torch.long, device=device)
-            for name in ("input_ids", "attention_mask")}
+    return {
+        name: torch.tensor(batch[name], dtype=torch.long, device=device) for name in ("input_ids", "attention_mask")
+    }
 
 
 def probe_logits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -36,5 +37,7 @@ def probe_logits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def save_probe(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    save_file({"logits": probe_logits(model, tokenizer).contiguous(), **probe_inputs(tokenizer, "cpu")},
-              str(Path(folder) / PROBE_FILE))
+    save_file(
+        {"logits": probe_logits(model, tokenizer).contiguous(), **probe_inputs(tokenizer, "cpu")},
+        str(Path(folder) / PROBE_FILE),
+    )

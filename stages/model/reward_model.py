@@ -32,25 +32,30 @@ PROBES = "probe_scores.json"  # the probe texts, their ids and their scores, in 
 PROBE_TOLERANCE = 1e-4
 
 
-def probe_scores(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization,
-                  pairs: list[Record]) -> list[dict[str, Any]]:
+def probe_scores(
+    model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization, pairs: list[Record]
+) -> list[dict[str, Any]]:
     """Held-out (prompt, response) texts with the ids they were scored on and their scores."""
     probes = [{"prompt": p["prompt"], "response": p[side]} for p in pairs for side in ("chosen", "rejected")]
     rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
     with torch.no_grad():
         scores = sequence_scores(model, head, from_token_ids(rows, tokenization.pad_id, model_device(model)))
-    return [{**probe, "ids": prompt + response, "score": score}
-            for probe, (prompt, response), score in zip(probes, rows, scores.tolist())]
+    return [
+        {**probe, "ids": prompt + response, "score": score}
+        for probe, (prompt, response), score in zip(probes, rows, scores.tolist())
+    ]
 
 
-def attach_reward(model: PeftModel | torch.nn.Module, folder: Path, tokenization: Tokenization,
-                  backbone_fingerprint: str) -> tuple[PeftModel, torch.nn.Linear]:
+def attach_reward(
+    model: PeftModel | torch.nn.Module, folder: Path, tokenization: Tokenization, backbone_fingerprint: str
+) -> tuple[PeftModel, torch.nn.Linear]:
     """Load a reward artifact onto the shared backbone as adapter ``reward`` plus its head, and prove it
     scores the reward stage's probe texts exactly as the reward stage did: the same token ids (the
     tokenization contract holds across the two stages), then the same scores."""
     model = load_adapter(model, folder, ADAPTER_NAME, backbone_fingerprint)
-    head = load_head(Path(folder) / SCORE_HEAD, model.get_base_model().config.hidden_size, backbone_fingerprint,
-                     model_device(model))
+    head = load_head(
+        Path(folder) / SCORE_HEAD, model.get_base_model().config.hidden_size, backbone_fingerprint, model_device(model)
+    )
     probes = json.loads((Path(folder) / PROBES).read_text())
     rows = [tokenization.pair(p["prompt"], p["response"]) for p in probes]
     changed = [p for p, (prompt, response) in zip(probes, rows) if p["ids"] != prompt + response]
@@ -72,8 +77,9 @@ def attach_reward(model: PeftModel | torch.nn.Module, folder: Path, tokenization
     return model, head
 
 
-def reward_of(model: PeftModel, head: torch.nn.Linear, samples: list[Response], pad_id: int,
-              missing_eos_penalty: float) -> list[float]:
+def reward_of(
+    model: PeftModel, head: torch.nn.Linear, samples: list[Response], pad_id: int, missing_eos_penalty: float
+) -> list[float]:
     """Reward-model scores of sampled responses, on the ids that were sampled (reward adapter active),
     minus a penalty for responses that never stopped."""
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id, model_device(model))

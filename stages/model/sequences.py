@@ -45,14 +45,16 @@ def from_token_ids(rows: list[tuple[list[int], list[int]]], pad_id: int, device:
         ids.append(prompt + completion + [pad_id] * pad)
         attention.append([1] * (len(prompt) + len(completion)) + [0] * pad)
         response.append([0] * len(prompt) + [1] * len(completion) + [0] * pad)
+
     def tensor(values: list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return SequenceBatch(tensor(ids), tensor(attention), tensor(response))
 
 
-def sampled_batch(samples: list[Response], pad_id: int, device: torch.device | str
-                  ) -> tuple[SequenceBatch, torch.Tensor]:
+def sampled_batch(
+    samples: list[Response], pad_id: int, device: torch.device | str
+) -> tuple[SequenceBatch, torch.Tensor]:
     """The batch of sampled (prompt ids, response ids) and the log-probs the tokens were sampled with,
     (B, T) aligned with ``input_ids`` (0 off the response): what an RL stage scores and trains on."""
     batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], pad_id, device)
@@ -66,8 +68,9 @@ def token_logprobs(model: torch.nn.Module, batch: SequenceBatch, temperature: fl
     return token_logprobs_and_entropy(model, batch, temperature)[0]
 
 
-def token_logprobs_and_entropy(model: torch.nn.Module, batch: SequenceBatch, temperature: float = 1.0
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs_and_entropy(
+    model: torch.nn.Module, batch: SequenceBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the actual tokens and entropies of the predicted distributions: (B, T) each,
     aligned with ``input_ids`` (position t scores token t from the logits at t-1), 0 off the response.
 
@@ -81,9 +84,9 @@ def token_logprobs_and_entropy(model: torch.nn.Module, batch: SequenceBatch, tem
     return logprobs, entropy
 
 
-def token_logprobs_entropy_and_values(model: torch.nn.Module, head: torch.nn.Linear, batch: SequenceBatch,
-                                      temperature: float = 1.0
-                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_logprobs_entropy_and_values(
+    model: torch.nn.Module, head: torch.nn.Linear, batch: SequenceBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``token_logprobs_and_entropy`` and ``token_values`` of one adapter from one forward pass, for a value
     head on the policy's own hidden states (``ppo.value_model: shared``): (B, T) each, the same numbers
     as the two separate calls. The values read the hidden states detached: the value loss trains the head
@@ -93,14 +96,19 @@ def token_logprobs_entropy_and_values(model: torch.nn.Module, head: torch.nn.Lin
     return logprobs, entropy, _values(head, hidden.detach(), batch)
 
 
-def _response_forward(model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_hidden: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _response_forward(
+    model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_hidden: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     width = batch.input_ids.shape[1]
     first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
     keep = width - max(first - 1, 0)  # logits at positions first-1 .. T-1
     with _capture_final_hidden(model) if with_hidden else contextlib.nullcontext([]) as captured:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
-                    output_hidden_states=with_hidden and _final_norm(model) is None)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            logits_to_keep=keep,
+            output_hidden_states=with_hidden and _final_norm(model) is None,
+        )
     hidden = (captured[-1] if captured else out.hidden_states[-1]) if with_hidden else None
     logprobs = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)  # (B, keep-1, V): last keep-1 tokens
     picked = logprobs.gather(-1, batch.input_ids[:, width - keep + 1 :, None]).squeeze(-1)  # (B, keep-1)
@@ -129,8 +137,12 @@ def final_hidden_states(model: torch.nn.Module, batch: SequenceBatch) -> torch.T
     to ``output_hidden_states``. Both give the same tensor (``tests/test_sequences.py``).
     """
     with _capture_final_hidden(model) as captured:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1,
-                    output_hidden_states=_final_norm(model) is None)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            logits_to_keep=1,
+            output_hidden_states=_final_norm(model) is None,
+        )
     return captured[-1] if captured else out.hidden_states[-1]
 
 

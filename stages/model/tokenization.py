@@ -66,8 +66,12 @@ class Tokenization:
     model_end_ids: tuple[int, ...] = ()  # the end ids of the model's generation_config
 
     @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase, chat_template: ChatTemplateUse = "auto",
-           model_end_ids: Sequence[int] = ()) -> Tokenization:
+    def of(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        chat_template: ChatTemplateUse = "auto",
+        model_end_ids: Sequence[int] = (),
+    ) -> Tokenization:
         """Read the tokenizer's conventions; ``model_end_ids``: the ``eos_token_id`` (int or list) of the
         model's ``generation_config`` (``stages.model.backbone.Backbone.tokenization`` passes them).
         Raises ``TokenizationError`` for ``always`` without a template."""
@@ -78,8 +82,9 @@ class Tokenization:
             raise TokenizationError("data.chat_template=always, but the tokenizer has no chat template")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         turn_end = _turn_end(tokenizer) if has_template and chat_template != "never" else None
-        return cls(tokenizer, chat_template, _added_bos(tokenizer), tokenizer.eos_token_id, pad, turn_end,
-                   tuple(model_end_ids))
+        return cls(
+            tokenizer, chat_template, _added_bos(tokenizer), tokenizer.eos_token_id, pad, turn_end, tuple(model_end_ids)
+        )
 
     def templated(self, prompt: Prompt) -> bool:
         """Whether ``prompt`` (and its responses) go through the chat template."""
@@ -87,8 +92,10 @@ class Tokenization:
             if self.chat_template == "never":
                 raise TokenizationError("conversational data needs the chat template, but data.chat_template=never")
             if self.turn_end_id is None:
-                raise TokenizationError("conversational data needs a chat template, and the tokenizer has none; "
-                                        "use a chat model's tokenizer or plain-string data")
+                raise TokenizationError(
+                    "conversational data needs a chat template, and the tokenizer has none; "
+                    "use a chat model's tokenizer or plain-string data"
+                )
             return True
         return self.chat_template == "always" and prompt != ""  # language-modeling text has no turns
 
@@ -127,8 +134,13 @@ class Tokenization:
         """(prompt ids, response ids): the one encoding of a (prompt, response) in every stage."""
         return self.prompt_ids(prompt), self.response_ids(prompt, response, finished)
 
-    def batch(self, prompts: list[Prompt], responses: list[str], device: torch.device | str,
-              finished: list[bool] | None = None) -> SequenceBatch:
+    def batch(
+        self,
+        prompts: list[Prompt],
+        responses: list[str],
+        device: torch.device | str,
+        finished: list[bool] | None = None,
+    ) -> SequenceBatch:
         """A right-padded batch of (prompt, response) pairs on ``device`` (``stages.model.sequences.SequenceBatch``)."""
         finished = finished if finished is not None else [True] * len(prompts)
         rows = [self.pair(p, r, done) for p, r, done in zip(prompts, responses, finished, strict=True)]
@@ -154,10 +166,10 @@ class Tokenization:
         head = self._ids(prompt)
         joined = self._ids(prompt + response)
         if joined[: len(head)] == head and len(joined) > len(head):
-            return joined[len(head):]
+            return joined[len(head) :]
         newline = self._ids(_SENTINEL)
         after = self._ids(_SENTINEL + response)
-        tail = after[len(newline):]
+        tail = after[len(newline) :]
         if after[: len(newline)] == newline and self.text(head + tail) == self.text(head) + response:
             return tail
         return self._ids(response)
@@ -187,14 +199,18 @@ def _turn_end(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that ends an assistant turn in the chat template: the first special token written after
     a probe response (``<|im_end|>`` after ChatML's content, even behind a newline); EOS for a template
     that writes none there. Raises ``TokenizationError`` for a template that cannot render an exchange."""
-    messages: list[dict[str, Any]] = [{"role": "user", "content": _PROBE_PROMPT},
-                                      {"role": "assistant", "content": _PROBE_RESPONSE}]
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": _PROBE_PROMPT},
+        {"role": "assistant", "content": _PROBE_RESPONSE},
+    ]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as err:  # a template that refuses the probe conversation: say so in one line
-        raise TokenizationError(f"the tokenizer's chat template cannot render a user/assistant exchange ({err})") from None
+        raise TokenizationError(
+            f"the tokenizer's chat template cannot render a user/assistant exchange ({err})"
+        ) from None
     at = text.rfind(_PROBE_RESPONSE)
-    after = text[at + len(_PROBE_RESPONSE):] if at >= 0 else ""
+    after = text[at + len(_PROBE_RESPONSE) :] if at >= 0 else ""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids = tokenizer(after, add_special_tokens=False).input_ids if after else []
     return next((i for i in ids if i in special), tokenizer.eos_token_id)

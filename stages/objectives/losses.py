@@ -58,8 +58,9 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
-                  total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def masked_whiten(
+    values: Tensor, mask: Tensor, shift_mean: bool = True, total: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Normalise ``values`` to unit (unbiased, masked) variance.
 
     With ``shift_mean=False`` the original mean is kept, which is what PPO

@@ -146,33 +146,56 @@ def build_models(cfg: PipelineConfig, inputs: dict[str, Path]) -> PPOModels:
     if cfg.ppo.value_model == "shared":  # the reward head reads the RM adapter's states, not the policy's
         models = PPOModels(model, tokenization, reward_head, value_head, fp, value_adapter=POLICY, reward=rewards)
     else:
-        model = load_adapter(model, inputs["reward"] if reward_head is not None else inputs["sft"], VALUE, fp,
-                             trainable=True)
+        model = load_adapter(
+            model, inputs["reward"] if reward_head is not None else inputs["sft"], VALUE, fp, trainable=True
+        )
         models = PPOModels(model, tokenization, reward_head, value_head, fp, reward=rewards)
     model.set_adapter(POLICY)
     set_trainable(model, models.trainable)  # after set_adapter, which would silently freeze the value adapter
     return models
 
 
-def collect_rollout(models: PPOModels, prompts: list[Prompt], ppo: PPOSection, kl_coef: float,
-                    seed: int, dist: Distributed = LOCAL, keys: list[int] | None = None
-                    ) -> tuple[Rollout, dict[str, float]]:
+def collect_rollout(
+    models: PPOModels,
+    prompts: list[Prompt],
+    ppo: PPOSection,
+    kl_coef: float,
+    seed: int,
+    dist: Distributed = LOCAL,
+    keys: list[int] | None = None,
+) -> tuple[Rollout, dict[str, float]]:
     """Sample with the policy, then score the sampled ids (``rollout_from_ids``); ``keys``: each prompt's
     sampling stream (``generate``), its position in the global batch."""
     prompt_ids = [models.tokenization.prompt_ids(p) for p in prompts]
     return rollout_from_ids(models, prompt_ids, ppo, kl_coef, seed, dist, prompts=prompts, keys=keys)
 
 
-def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], ppo: PPOSection, kl_coef: float,
-                     seed: int, dist: Distributed = LOCAL, prompts: list[Prompt] | None = None,
-                     keys: list[int] | None = None) -> tuple[Rollout, dict[str, float]]:
+def rollout_from_ids(
+    models: PPOModels,
+    prompt_ids: list[list[int]],
+    ppo: PPOSection,
+    kl_coef: float,
+    seed: int,
+    dist: Distributed = LOCAL,
+    prompts: list[Prompt] | None = None,
+    keys: list[int] | None = None,
+) -> tuple[Rollout, dict[str, float]]:
     """Sample one response per prompt (token ids) with the policy, then score the sampled ids
     (``score_rollout``); ``prompts`` (what the ids render) are what a checker reads.
     ``bench/ppo_vs_trl.py`` times this with ``ppo_update`` as one PPO update."""
     model, tokenization = models.model, models.tokenization
     with active_adapter(model, POLICY):
-        samples = generate(model, tokenization, prompt_ids, max_new_tokens=ppo.max_new_tokens,
-                           temperature=ppo.temperature, batch_size=GENERATION_BATCH, seed=seed, keys=keys, desc="rollout")
+        samples = generate(
+            model,
+            tokenization,
+            prompt_ids,
+            max_new_tokens=ppo.max_new_tokens,
+            temperature=ppo.temperature,
+            batch_size=GENERATION_BATCH,
+            seed=seed,
+            keys=keys,
+            desc="rollout",
+        )
     device = model_device(model)
     batch, logprobs = sampled_batch(samples, tokenization.pad_id, device)
     finished = torch.tensor([s.finished for s in samples], device=device)
@@ -184,9 +207,16 @@ def rollout_from_ids(models: PPOModels, prompt_ids: list[list[int]], ppo: PPOSec
     return score_rollout(models, batch, finished, ppo, kl_coef, dist, logprobs=logprobs, scores=scores)
 
 
-def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tensor, ppo: PPOSection,
-                  kl_coef: float, dist: Distributed = LOCAL, logprobs: torch.Tensor | None = None,
-                  scores: torch.Tensor | None = None) -> tuple[Rollout, dict[str, float]]:
+def score_rollout(
+    models: PPOModels,
+    batch: SequenceBatch,
+    finished: torch.Tensor,
+    ppo: PPOSection,
+    kl_coef: float,
+    dist: Distributed = LOCAL,
+    logprobs: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+) -> tuple[Rollout, dict[str, float]]:
     """Policy and reference log-probs, reward and values, all without gradients, then ``shape_rollout``.
 
     ``logprobs`` (B, T): the policy's log-probs of the sampled tokens as generation computed them
@@ -204,38 +234,74 @@ def score_rollout(models: PPOModels, batch: SequenceBatch, finished: torch.Tenso
             ref_logprobs = token_logprobs(model, batch, ppo.temperature)
         if scores is None:
             with active_adapter(model, REWARD):
-                scores = sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
+                scores = (
+                    sequence_scores(model, models.reward_head, batch) - ppo.missing_eos_penalty * (~finished).float()
+                )
         with active_adapter(model, models.value_adapter):
             values = token_values(model, models.value_head, batch)
     return shape_rollout(batch, finished, scores, logprobs, ref_logprobs, values, ppo, kl_coef, dist)
 
 
-def shape_rollout(batch: SequenceBatch, finished: torch.Tensor, scores: torch.Tensor, logprobs: torch.Tensor,
-                  ref_logprobs: torch.Tensor, values: torch.Tensor, ppo: PPOSection,
-                  kl_coef: float, dist: Distributed = LOCAL) -> tuple[Rollout, dict[str, float]]:
+def shape_rollout(
+    batch: SequenceBatch,
+    finished: torch.Tensor,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    ppo: PPOSection,
+    kl_coef: float,
+    dist: Distributed = LOCAL,
+) -> tuple[Rollout, dict[str, float]]:
     """KL-penalised per-token rewards (score on the last token), GAE and advantages whitened over the
     global batch (every rank's share of it under DeepSpeed)."""
     mask = batch.response_mask
     rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     advantages, returns = gae_advantages(rewards, values, mask, ppo.gamma, ppo.lam)
-    rollout = Rollout(batch.input_ids, batch.attention_mask, mask, logprobs, values,
-                      masked_whiten(advantages, mask, total=dist.total), returns)
-    stats = {"score": scores.mean().item(), "kl": kl.sum(-1).mean().item(), "kl_coef": kl_coef,
-             "finished": finished.float().mean().item(), "response_length": mask.sum(-1).float().mean().item()}
+    rollout = Rollout(
+        batch.input_ids,
+        batch.attention_mask,
+        mask,
+        logprobs,
+        values,
+        masked_whiten(advantages, mask, total=dist.total),
+        returns,
+    )
+    stats = {
+        "score": scores.mean().item(),
+        "kl": kl.sum(-1).mean().item(),
+        "kl_coef": kl_coef,
+        "finished": finished.float().mean().item(),
+        "response_length": mask.sum(-1).float().mean().item(),
+    }
     return rollout, stats
 
 
 def ppo_updater(models: PPOModels, ppo: PPOSection, dist: Distributed = LOCAL, bf16: bool = False) -> Updater:
     """AdamW (constant learning rate) over the trained adapters (``PPOModels.trainable``) and the value head;
     ``bf16``: the backbone computes in bfloat16 (DeepSpeed's engine is told so)."""
-    return Updater(torch.nn.ModuleDict({"model": models.model, "value_head": models.value_head}), ppo.learning_rate,
-                     warmup_steps=0, total_steps=ppo.updates, max_grad_norm=ppo.max_grad_norm, schedule="constant",
-                     gradient_accumulation=ppo.gradient_accumulation, micro_batch_size=ppo.minibatch_size, dist=dist,
-                     bf16=bf16)
+    return Updater(
+        torch.nn.ModuleDict({"model": models.model, "value_head": models.value_head}),
+        ppo.learning_rate,
+        warmup_steps=0,
+        total_steps=ppo.updates,
+        max_grad_norm=ppo.max_grad_norm,
+        schedule="constant",
+        gradient_accumulation=ppo.gradient_accumulation,
+        micro_batch_size=ppo.minibatch_size,
+        dist=dist,
+        bf16=bf16,
+    )
 
 
-def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, ppo: PPOSection,
-               generator: torch.Generator, dist: Distributed = LOCAL) -> dict[str, float]:
+def ppo_update(
+    models: PPOModels,
+    rollout: Rollout,
+    updater: Updater,
+    ppo: PPOSection,
+    generator: torch.Generator,
+    dist: Distributed = LOCAL,
+) -> dict[str, float]:
     """PPO epochs x minibatches of clipped policy + value loss, with gradient accumulation and clipping.
 
     Each minibatch's token means are weighted by its share of the tokens of its update (every rank's,
@@ -261,11 +327,16 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, ppo: PPOSe
             window = sum(rollout.response_mask[r].sum() for r in minibatches[first : first + ppo.gradient_accumulation])
             share = dist.share_of_global_mean(mb.response_mask.sum(), window, ppo.gradient_accumulation)
             before_any_step = epoch == 0 and index < ppo.gradient_accumulation
-            policy_loss, value_loss, entropy, loss_stats = _add_minibatch_losses(models, mb, updater, share, ppo,
-                                                                                 gap if before_any_step else None)
+            policy_loss, value_loss, entropy, loss_stats = _add_minibatch_losses(
+                models, mb, updater, share, ppo, gap if before_any_step else None
+            )
             updater.finish_micro_step(boundary=index == len(minibatches) - 1)  # an epoch ends on an update
-            step_stats = {"policy_loss": share * policy_loss.item(), "value_loss": share * value_loss.item(),
-                          "entropy": masked_mean(entropy, mb.response_mask).item(), **loss_stats}
+            step_stats = {
+                "policy_loss": share * policy_loss.item(),
+                "value_loss": share * value_loss.item(),
+                "entropy": masked_mean(entropy, mb.response_mask).item(),
+                **loss_stats,
+            }
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
@@ -274,8 +345,12 @@ def ppo_update(models: PPOModels, rollout: Rollout, updater: Updater, ppo: PPOSe
                 break
         if stopped:
             break
-    return {**{key: value / steps for key, value in totals.items()}, "stopped_by_target_kl": float(stopped),
-            "minibatches": float(steps), **gap.row(dist)}
+    return {
+        **{key: value / steps for key, value in totals.items()},
+        "stopped_by_target_kl": float(stopped),
+        "minibatches": float(steps),
+        **gap.row(dist),
+    }
 
 
 def _over_target_kl(approx_kl: float, updater: Updater, ppo: PPOSection, dist: Distributed) -> bool:
@@ -288,31 +363,35 @@ def _over_target_kl(approx_kl: float, updater: Updater, ppo: PPOSection, dist: D
     return dist.mean(approx_kl) > 1.5 * ppo.target_kl
 
 
-def _add_minibatch_losses(models: PPOModels, mb: Rollout, updater: Updater, share: float, ppo: PPOSection,
-                          gap: LogprobGap | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+def _add_minibatch_losses(
+    models: PPOModels, mb: Rollout, updater: Updater, share: float, ppo: PPOSection, gap: LogprobGap | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """The clipped policy and value losses of one minibatch, handed to ``updater`` (each scaled by the
     rank's ``share``); returns them, the entropies (B, T) and their stats. ``gap``: add the minibatch's
     sampling-versus-training log-prob gap to it (only before the update's first step)."""
     model = models.model
     if models.value_adapter == POLICY:  # shared: one forward, one backward for both losses
         with active_adapter(model, POLICY):
-            logprobs, entropy, values = token_logprobs_entropy_and_values(model, models.value_head, mb.batch,
-                                                                         ppo.temperature)
+            logprobs, entropy, values = token_logprobs_entropy_and_values(
+                model, models.value_head, mb.batch, ppo.temperature
+            )
         if gap is not None:
             gap.add(mb.old_logprobs, logprobs, mb.response_mask)
-        policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
-                                                    ppo.clip_range)
-        value_loss, value_stats = ppo_value_loss(values, mb.old_values, mb.returns, mb.response_mask,
-                                                 ppo.clip_range_value)
+        policy_loss, policy_stats = ppo_policy_loss(
+            logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_range
+        )
+        value_loss, value_stats = ppo_value_loss(
+            values, mb.old_values, mb.returns, mb.response_mask, ppo.clip_range_value
+        )
         updater.add_loss(share * (policy_loss + ppo.value_coef * value_loss), "ppo policy + value loss")
         return policy_loss, value_loss, entropy, {**policy_stats, **value_stats}
     with active_adapter(model, POLICY):
         logprobs, entropy = token_logprobs_and_entropy(model, mb.batch, ppo.temperature)
     if gap is not None:
         gap.add(mb.old_logprobs, logprobs, mb.response_mask)
-    policy_loss, policy_stats = ppo_policy_loss(logprobs, mb.old_logprobs, mb.advantages, mb.response_mask,
-                                                ppo.clip_range)
+    policy_loss, policy_stats = ppo_policy_loss(
+        logprobs, mb.old_logprobs, mb.advantages, mb.response_mask, ppo.clip_range
+    )
     updater.add_loss(share * policy_loss, "ppo policy loss")  # locally its graph is freed here
     with active_adapter(model, VALUE):
         values = token_values(model, models.value_head, mb.batch)
@@ -326,21 +405,41 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     models = build_models(cfg, inputs)
     model, ppo = models.model, cfg.ppo
     trainable = count_trainable(model)
-    learning = LearningCheck(torch.nn.ModuleDict({"model": model, "value_head": models.value_head}), dist,
-                             stage="ppo", adapter_kind=cfg.adapter.kind, learning_rate=ppo.learning_rate)
+    learning = LearningCheck(
+        torch.nn.ModuleDict({"model": model, "value_head": models.value_head}),
+        dist,
+        stage="ppo",
+        adapter_kind=cfg.adapter.kind,
+        learning_rate=ppo.learning_rate,
+    )
     updater = ppo_updater(models, cfg.ppo, dist, bf16=cfg.backbone.dtype == "bfloat16")
     kl_ctl = build_kl_controller(ppo.kl_controller, kl_coef=ppo.kl_coef, target=ppo.kl_target, horizon=ppo.kl_horizon)
     context = model.get_base_model().config.max_position_embeddings
     prompts = load_rollout_prompts(cfg.data, cfg.task, models.tokenization, context)
     held_out, _ = load_measured(cfg.data, "eval", cfg.task, models.tokenization, context)
 
-    checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, models.trainable,
-                                {"value_head": models.value_head}, models.fingerprint, dist)
+    checkpointer = Checkpointer(
+        ctx.final,
+        ctx.cache_key,
+        updater,
+        model,
+        models.trainable,
+        {"value_head": models.value_head},
+        models.fingerprint,
+        dist,
+    )
     minibatch_order = torch.Generator().manual_seed(cfg.run.seed + 1000 * dist.rank)
-    loop = TrainingLoop(checkpointer, desc="ppo", total=ppo.updates, log_every=1, checkpoint_every=ppo.checkpoint_every,
-                        samplers={"minibatch_order": minibatch_order}, step_key="update",
-                        stopper=stopper_for(ppo.early_stopping),  # dropout is off throughout: no mode switch
-                        evaluate=lambda: _evaluate(models, held_out, cfg.eval, cfg.run.seed, desc="early stopping"))
+    loop = TrainingLoop(
+        checkpointer,
+        desc="ppo",
+        total=ppo.updates,
+        log_every=1,
+        checkpoint_every=ppo.checkpoint_every,
+        samplers={"minibatch_order": minibatch_order},
+        step_key="update",
+        stopper=stopper_for(ppo.early_stopping),  # dropout is off throughout: no mode switch
+        evaluate=lambda: _evaluate(models, held_out, cfg.eval, cfg.run.seed, desc="early stopping"),
+    )
     if state := loop.resume():
         kl_ctl.load_state_dict(state["kl_controller"])
 
@@ -350,8 +449,15 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         # Every rank draws the same global sample of prompts and rolls out an equal share of it, each prompt
         # from the sampling stream of its global position: the rollout is the same on any number of ranks.
         drawn = random.Random(cfg.run.seed + update).sample(prompts, count)
-        rollout, stats = collect_rollout(models, dist.shard(drawn), cfg.ppo, kl_ctl.value, seed=cfg.run.seed + update,
-                                         dist=dist, keys=dist.shard(list(range(count))))
+        rollout, stats = collect_rollout(
+            models,
+            dist.shard(drawn),
+            cfg.ppo,
+            kl_ctl.value,
+            seed=cfg.run.seed + update,
+            dist=dist,
+            keys=dist.shard(list(range(count))),
+        )
         stats.update(ppo_update(models, rollout, updater, cfg.ppo, minibatch_order, dist))
         stats = {key: dist.mean(value) for key, value in stats.items()}  # one KL (and coefficient) on every rank
         kl_ctl.update(stats["kl"], n_steps=len(drawn))
@@ -376,16 +482,31 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     warnings = learning.warnings([])
     if gap := gap_warning(history, cfg.backbone.dtype, "ppo"):
         warnings.append(gap)
-    return {**metrics, "warnings": warnings, "reward_source": ppo.reward, "updates": loop.last_step,
-            "resumed_from_update": loop.start, "final_kl_coef": kl_ctl.value, "trainable_parameters": trainable,
-            "updates_stopped_by_target_kl": sum(row.get("stopped_by_target_kl", 0)
-                                                                                    for row in history),
-            **loop.stopping_metrics()}
+    return {
+        **metrics,
+        "warnings": warnings,
+        "reward_source": ppo.reward,
+        "updates": loop.last_step,
+        "resumed_from_update": loop.start,
+        "final_kl_coef": kl_ctl.value,
+        "trainable_parameters": trainable,
+        "updates_stopped_by_target_kl": sum(row.get("stopped_by_target_kl", 0) for row in history),
+        **loop.stopping_metrics(),
+    }
 
 
-def _evaluate(models: PPOModels, held_out: list, evaluation: EvalSection, seed: int, desc: str = "task_score (ppo)"
-              ) -> dict[str, float]:
+def _evaluate(
+    models: PPOModels, held_out: list, evaluation: EvalSection, seed: int, desc: str = "task_score (ppo)"
+) -> dict[str, float]:
     """Held-out task_score of the policy, its KL to the reference and the mean reward, on the same samples."""
     with active_adapter(models.model, POLICY):
-        return evaluate_policy(models.model, models.tokenization, held_out, evaluation, seed, reference=REFERENCE,
-                               desc=desc, reward=models.reward)
+        return evaluate_policy(
+            models.model,
+            models.tokenization,
+            held_out,
+            evaluation,
+            seed,
+            reference=REFERENCE,
+            desc=desc,
+            reward=models.reward,
+        )

@@ -64,38 +64,85 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
     evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
     shared = ppo.value_model == "shared"
     phases = (
-        Phase("rollout sampling", "generate", min(GENERATION_BATCH, rollout), tokens, min(GENERATION_BATCH, rollout),
-              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
-        Phase("rollout scoring", "forward", rollout, tokens, rollout * keep,
-              knobs=("ppo.rollout_prompts", "ppo.max_new_tokens")),
+        Phase(
+            "rollout sampling",
+            "generate",
+            min(GENERATION_BATCH, rollout),
+            tokens,
+            min(GENERATION_BATCH, rollout),
+            knobs=("ppo.rollout_prompts", "ppo.max_new_tokens"),
+        ),
+        Phase(
+            "rollout scoring",
+            "forward",
+            rollout,
+            tokens,
+            rollout * keep,
+            knobs=("ppo.rollout_prompts", "ppo.max_new_tokens"),
+        ),
         # Locally the policy's graph is freed before the value forward; DeepSpeed takes both in one backward.
         # A shared value model has one forward, so one graph, either way.
-        Phase("train step", "train", minibatch, tokens, minibatch * keep,
-              graphs=2 if parallel.launched and not shared else 1, knobs=("ppo.minibatch_size", "ppo.max_new_tokens")),
+        Phase(
+            "train step",
+            "train",
+            minibatch,
+            tokens,
+            minibatch * keep,
+            graphs=2 if parallel.launched and not shared else 1,
+            knobs=("ppo.minibatch_size", "ppo.max_new_tokens"),
+        ),
         evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"),
-        Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + cfg.eval.max_new_tokens, evaluated,
-              knobs=("eval.num_prompts", "eval.max_new_tokens")),
+        Phase(
+            "evaluation scoring",
+            "forward",
+            evaluated,
+            data.eval_prompt_tokens + cfg.eval.max_new_tokens,
+            evaluated,
+            knobs=("eval.num_prompts", "eval.max_new_tokens"),
+        ),
     )
     # reference + reward frozen (a checker alone: no reward adapter), policy + value trained (shared: no value
     # adapter); value head trained
     model_reward = "model" in ppo.reward
-    return Workload("ppo", 1 if shared else 2, 2 if model_reward else 1, phases, trainable_heads=1,
-                    frozen_heads=1 if model_reward else 0)
+    return Workload(
+        "ppo",
+        1 if shared else 2,
+        2 if model_reward else 1,
+        phases,
+        trainable_heads=1,
+        frozen_heads=1 if model_reward else 0,
+    )
+
 
 def check(cfg: PipelineConfig) -> None:
     """PEFT's AdaLoRA trains one adapter per model: PPO's separate value adapter would be a second."""
     if cfg.adapter.kind == "adalora" and "ppo" in cfg.run.stages and cfg.ppo.value_model == "separate":
-        raise ValueError("adapter.kind=adalora: PPO with ppo.value_model: separate trains two adapters (policy "
-                         "and value) and PEFT's AdaLoRA trains one per model; set ppo.value_model: shared "
-                         "(the value head on the policy's states)")
+        raise ValueError(
+            "adapter.kind=adalora: PPO with ppo.value_model: separate trains two adapters (policy "
+            "and value) and PEFT's AdaLoRA trains one per model; set ppo.value_model: shared "
+            "(the value head on the policy's states)"
+        )
 
 
 SPEC = StageSpec(
-    "ppo", (*GENERATIVE, "ppo", "eval"), inputs=("sft", "reward"), reward_source=True, datasets=("sft", "eval"),
-    optional_datasets=("prompts",), step_key="update", samples_while_training=True, prefix_min_learning_rate=0.001,
-    curves=(Curve("score", "PPO reward (mean score of rollouts)"), Curve("kl", "PPO KL to reference (per response)"),
-            Curve("entropy", "PPO policy entropy"),
-            Curve("logprob_gap_max", "PPO log-prob gap, sampling vs training (nats, largest)")),
-    settings="stages.ppo.spec:PPOSection", order=40,
-    stopping_metrics=("task_score", "kl_to_reference", "policy_reward"), memory_workload=memory_workload, check=check,
+    "ppo",
+    (*GENERATIVE, "ppo", "eval"),
+    inputs=("sft", "reward"),
+    reward_source=True,
+    datasets=("sft", "eval"),
+    optional_datasets=("prompts",),
+    step_key="update",
+    samples_while_training=True,
+    prefix_min_learning_rate=0.001,
+    curves=(
+        Curve("score", "PPO reward (mean score of rollouts)"),
+        Curve("kl", "PPO KL to reference (per response)"),
+        Curve("entropy", "PPO policy entropy"),
+        Curve("logprob_gap_max", "PPO log-prob gap, sampling vs training (nats, largest)"),
+    ),
+    settings="stages.ppo.spec:PPOSection",
+    order=40,
+    stopping_metrics=("task_score", "kl_to_reference", "policy_reward"),
+    memory_workload=memory_workload,
+    check=check,
 )

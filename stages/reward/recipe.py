@@ -48,23 +48,28 @@ if TYPE_CHECKING:
     from stages.model.sequences import SequenceBatch
 
 
-
 def preference_batch(tokenization: Tokenization, pairs: list[Record], device: torch.device | str) -> SequenceBatch:
     """The B chosen rows, then the B rejected rows, of preference pairs, on ``device``: (2B, T)."""
     prompts = [p["prompt"] for p in pairs]
     return tokenization.batch(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)
 
 
-def score_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization,
-                pairs: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(
+    model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization, pairs: list[Record]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores, rejected scores), each (B,), in one forward over both sides."""
     batch = preference_batch(tokenization, pairs, model_device(model))
     scores = sequence_scores(model, head, batch)  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
-def evaluate_pairs(model: PeftModel, head: torch.nn.Linear, tokenization: Tokenization,
-                   pairs: list[Record], batch_size: int = EVAL_PAIRS) -> dict[str, float]:
+def evaluate_pairs(
+    model: PeftModel,
+    head: torch.nn.Linear,
+    tokenization: Tokenization,
+    pairs: list[Record],
+    batch_size: int = EVAL_PAIRS,
+) -> dict[str, float]:
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -91,18 +96,33 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     head.bias.requires_grad_(False)
     trainable = count_trainable(model) + sum(p.numel() for p in head.parameters() if p.requires_grad)
     trained = torch.nn.ModuleDict({"model": model, "head": head})
-    learning = LearningCheck(trained, dist, stage="reward", adapter_kind=cfg.adapter.kind,
-                             learning_rate=rm.learning_rate)
-    updater = Updater(trained, rm.learning_rate, rm.warmup_steps,
-                      rm.max_steps, micro_batch_size=rm.batch_size, dist=dist, bf16=cfg.backbone.dtype == "bfloat16",
-                      rank_allocation=RankAllocation.of(model))
-    checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [ADAPTER_NAME], {"score_head": head},
-                                backbone.fingerprint, dist)
+    learning = LearningCheck(
+        trained, dist, stage="reward", adapter_kind=cfg.adapter.kind, learning_rate=rm.learning_rate
+    )
+    updater = Updater(
+        trained,
+        rm.learning_rate,
+        rm.warmup_steps,
+        rm.max_steps,
+        micro_batch_size=rm.batch_size,
+        dist=dist,
+        bf16=cfg.backbone.dtype == "bfloat16",
+        rank_allocation=RankAllocation.of(model),
+    )
+    checkpointer = Checkpointer(
+        ctx.final, ctx.cache_key, updater, model, [ADAPTER_NAME], {"score_head": head}, backbone.fingerprint, dist
+    )
     batches = EpochBatches(len(train), rm.batch_size * dist.world_size, cfg.run.seed)
-    loop = TrainingLoop(checkpointer, desc="reward", total=rm.max_steps, log_every=rm.logging_steps,
-                        checkpoint_every=rm.checkpoint_every, samplers={"batches": batches},
-                        stopper=stopper_for(rm.early_stopping),
-                        evaluate=evaluating(model, lambda: evaluate_pairs(model, head, tokenization, held)))
+    loop = TrainingLoop(
+        checkpointer,
+        desc="reward",
+        total=rm.max_steps,
+        log_every=rm.logging_steps,
+        checkpoint_every=rm.checkpoint_every,
+        samplers={"batches": batches},
+        stopper=stopper_for(rm.early_stopping),
+        evaluate=evaluating(model, lambda: evaluate_pairs(model, head, tokenization, held)),
+    )
     loop.resume()
 
     def train_step(step: int, log: bool) -> dict[str, float] | None:

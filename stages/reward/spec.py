@@ -42,8 +42,13 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
 
 
 SPEC = StageSpec(
-    "reward", (*GENERATIVE, "reward"), datasets=("preferences",), prefix_min_learning_rate=0.01,
+    "reward",
+    (*GENERATIVE, "reward"),
+    datasets=("preferences",),
+    prefix_min_learning_rate=0.01,
     curves=(Curve("accuracy", "reward model accuracy (train batches)"), Curve("loss", "reward model loss")),
-    settings="stages.reward.spec:RewardSection", order=20, stopping_metrics=("pair_accuracy", "reward_margin"),
+    settings="stages.reward.spec:RewardSection",
+    order=20,
+    stopping_metrics=("pair_accuracy", "reward_margin"),
     memory_workload=memory_workload,
 )

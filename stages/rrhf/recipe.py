@@ -64,9 +64,16 @@ class Group:
     response_ids: list[list[int]]  # the sampled ids (end token included when finished), or the contract's
 
 
-def sample_groups(model: PeftModel, source: RewardSource, tokenization: Tokenization,
-                  prompts: list[Prompt], rrhf: RRHFSection, seed: int, positions: list[int] | None = None,
-                  gap: LogprobGap | None = None) -> list[Group]:
+def sample_groups(
+    model: PeftModel,
+    source: RewardSource,
+    tokenization: Tokenization,
+    prompts: list[Prompt],
+    rrhf: RRHFSection,
+    seed: int,
+    positions: list[int] | None = None,
+    gap: LogprobGap | None = None,
+) -> list[Group]:
     """k policy samples per prompt, scored by ``rrhf.reward`` (the reward model scores the sampled ids).
     ``positions``: each prompt's place among all ranks' prompts (default its index); candidate j of the
     prompt at position p draws from the stream of key p * k + j (``generate``): the same on any number of ranks.
@@ -76,30 +83,54 @@ def sample_groups(model: PeftModel, source: RewardSource, tokenization: Tokeniza
     prompt_ids = [tokenization.prompt_ids(p) for p in prompts]
     positions = list(range(len(prompts))) if positions is None else positions
     with active_adapter(model, POLICY):
-        samples = generate(model, tokenization, [ids for ids in prompt_ids for _ in range(k)],
-                           max_new_tokens=rrhf.max_new_tokens, temperature=rrhf.temperature,
-                           batch_size=GENERATION_BATCH, seed=seed,
-                           keys=[p * k + j for p in positions for j in range(k)], desc="rrhf candidates")
+        samples = generate(
+            model,
+            tokenization,
+            [ids for ids in prompt_ids for _ in range(k)],
+            max_new_tokens=rrhf.max_new_tokens,
+            temperature=rrhf.temperature,
+            batch_size=GENERATION_BATCH,
+            seed=seed,
+            keys=[p * k + j for p in positions for j in range(k)],
+            desc="rrhf candidates",
+        )
         if gap is not None:
             gap.add_scored(model, samples, tokenization.pad_id, rrhf.temperature)
     rewards = source(samples, [p for p in prompts for _ in range(k)])
     groups = []
     for i, prompt in enumerate(prompts):
         mine = samples[i * k : (i + 1) * k]
-        groups.append(Group(prompt, [s.text for s in mine], [s.finished for s in mine], rewards[i * k : (i + 1) * k],
-                            prompt_ids[i], [list(s.token_ids) for s in mine]))
+        groups.append(
+            Group(
+                prompt,
+                [s.text for s in mine],
+                [s.finished for s in mine],
+                rewards[i * k : (i + 1) * k],
+                prompt_ids[i],
+                [list(s.token_ids) for s in mine],
+            )
+        )
     return groups
 
 
 def offline_groups(records: list[dict[str, Any]], tokenization: Tokenization) -> list[Group]:
     """Groups of ``data.ranked`` rows, each response tokenized by the contract (all finished)."""
-    return [Group(r["query"], r["responses"], [True] * len(r["responses"]), [float(x) for x in r["scores"]],
-                  tokenization.prompt_ids(r["query"]), [tokenization.response_ids(r["query"], t) for t in r["responses"]])
-            for r in records]
+    return [
+        Group(
+            r["query"],
+            r["responses"],
+            [True] * len(r["responses"]),
+            [float(x) for x in r["scores"]],
+            tokenization.prompt_ids(r["query"]),
+            [tokenization.response_ids(r["query"], t) for t in r["responses"]],
+        )
+        for r in records
+    ]
 
 
-def group_logprobs(model: PeftModel, tokenization: Tokenization,
-                   groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_logprobs(
+    model: PeftModel, tokenization: Tokenization, groups: list[Group]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Length-normalised response log-probs (B, K), rewards (B, K) and the mask of real candidates (B, K)."""
     rows = [(g.prompt_ids, ids) for g in groups for ids in g.response_ids]
     device = model_device(model)
@@ -109,8 +140,9 @@ def group_logprobs(model: PeftModel, tokenization: Tokenization,
     width = max(len(g.responses) for g in groups)
     logprobs = torch.zeros(len(groups), width, device=device)
     rewards = torch.tensor([list(g.rewards) + [0.0] * (width - len(g.rewards)) for g in groups], device=device)
-    mask = torch.tensor([[True] * len(g.responses) + [False] * (width - len(g.responses)) for g in groups],
-                        device=device)
+    mask = torch.tensor(
+        [[True] * len(g.responses) + [False] * (width - len(g.responses)) for g in groups], device=device
+    )
     start = 0
     for i, g in enumerate(groups):  # ragged groups (offline data) -> padded (B, K)
         n = len(g.responses)
@@ -152,15 +184,40 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     model.set_adapter(POLICY)
     set_trainable(model, [POLICY])
     learning = LearningCheck(model, dist, stage="rrhf", adapter_kind=cfg.adapter.kind, learning_rate=rr.learning_rate)
-    updater = Updater(model, rr.learning_rate, rr.warmup_steps, rr.max_steps, micro_batch_size=rr.batch_size,
-                      dist=dist, bf16=cfg.backbone.dtype == "bfloat16")
+    updater = Updater(
+        model,
+        rr.learning_rate,
+        rr.warmup_steps,
+        rr.max_steps,
+        micro_batch_size=rr.batch_size,
+        dist=dist,
+        bf16=cfg.backbone.dtype == "bfloat16",
+    )
     checkpointer = Checkpointer(ctx.final, ctx.cache_key, updater, model, [POLICY], {}, backbone.fingerprint, dist)
     draws = random.Random(cfg.run.seed)  # every rank draws the same global batch and trains its share, as reward does
-    measure = evaluating(model, lambda: evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed,
-                                                        reference=REFERENCE, desc="early stopping", reward=source))
-    loop = TrainingLoop(checkpointer, desc="rrhf", total=rr.max_steps, log_every=rr.logging_steps,
-                        checkpoint_every=rr.checkpoint_every, samplers={"draws": draws},
-                        stopper=stopper_for(rr.early_stopping), evaluate=measure)
+    measure = evaluating(
+        model,
+        lambda: evaluate_policy(
+            model,
+            tokenization,
+            held_out,
+            cfg.eval,
+            cfg.run.seed,
+            reference=REFERENCE,
+            desc="early stopping",
+            reward=source,
+        ),
+    )
+    loop = TrainingLoop(
+        checkpointer,
+        desc="rrhf",
+        total=rr.max_steps,
+        log_every=rr.logging_steps,
+        checkpoint_every=rr.checkpoint_every,
+        samplers={"draws": draws},
+        stopper=stopper_for(rr.early_stopping),
+        evaluate=measure,
+    )
     state = loop.resume()
     sampling_gap: dict[str, float] = {}  # of the sampled candidates (none for data.ranked)
     if state is not None:  # the candidates are part of the state: resuming never resamples them
@@ -174,13 +231,25 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         random.Random(cfg.run.seed).shuffle(prompts)
         chosen = prompts[: rr.num_prompts]
         gap = LogprobGap()
-        groups = dist.unshard(sample_groups(model, source, tokenization, dist.shard(chosen), rr, cfg.run.seed + 1,
-                                            positions=dist.shard(list(range(len(chosen)))), gap=gap))
+        groups = dist.unshard(
+            sample_groups(
+                model,
+                source,
+                tokenization,
+                dist.shard(chosen),
+                rr,
+                cfg.run.seed + 1,
+                positions=dist.shard(list(range(len(chosen)))),
+                gap=gap,
+            )
+        )
         sampling_gap = gap.row(dist)
     accuracy_before = state["accuracy_before"] if state else ranking_accuracy(model, tokenization, groups)
     if len(groups) < dist.world_size:
-        raise ConfigError(f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "
-                          "raise rrhf.num_prompts (or add ranked rows) or lower distributed.num_processes")
+        raise ConfigError(
+            f"rrhf: {len(groups)} candidate groups cannot be shared by {dist.world_size} ranks; "
+            "raise rrhf.num_prompts (or add ranked rows) or lower distributed.num_processes"
+        )
     batch_size = min(rr.batch_size * dist.world_size, len(groups))
 
     def train_step(step: int, log: bool) -> dict[str, float] | None:
@@ -192,17 +261,33 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         updater.step(share * loss, what=f"rrhf loss at step {step}")
         if not log:
             return None
-        return {"loss": round(dist.mean(share * loss.item()), 5),
-                **{key: dist.mean(share * value) for key, value in stats.items()}}
+        return {
+            "loss": round(dist.mean(share * loss.item()), 5),
+            **{key: dist.mean(share * value) for key, value in stats.items()},
+        }
 
     model.train()
-    history = loop.run(train_step, lambda: {"accuracy_before": accuracy_before, "sampling_gap": sampling_gap,
-                                            "groups": [asdict(g) for g in groups]})
+    history = loop.run(
+        train_step,
+        lambda: {
+            "accuracy_before": accuracy_before,
+            "sampling_gap": sampling_gap,
+            "groups": [asdict(g) for g in groups],
+        },
+    )
     model.eval()
 
     metrics: dict[str, Any] = {
-        **evaluate_policy(model, tokenization, held_out, cfg.eval, cfg.run.seed, reference=REFERENCE,
-                          desc="task_score (rrhf)", reward=source),
+        **evaluate_policy(
+            model,
+            tokenization,
+            held_out,
+            cfg.eval,
+            cfg.run.seed,
+            reference=REFERENCE,
+            desc="task_score (rrhf)",
+            reward=source,
+        ),
         "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
         "ranking_accuracy_before": accuracy_before,
         "ranking_accuracy": ranking_accuracy(model, tokenization, groups),
@@ -215,8 +300,17 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if sampling_gap and (gap_warned := gap_warning([sampling_gap], cfg.backbone.dtype, "rrhf")):
         warnings.append(gap_warned)
     if accuracy_before is None:
-        warnings.append("every candidate group's rewards are tied: the ranking loss is zero and only the SFT term "
-                        "trained (ranking_accuracy is null)")
-    return {**metrics, "warnings": warnings, "trainable_parameters": count_trainable(model), "groups": len(groups),
-            "resumed_from_step": loop.start,
-            "reward_source": "data.ranked" if cfg.data.ranked else rr.reward, **sampling_gap, **loop.stopping_metrics()}
+        warnings.append(
+            "every candidate group's rewards are tied: the ranking loss is zero and only the SFT term "
+            "trained (ranking_accuracy is null)"
+        )
+    return {
+        **metrics,
+        "warnings": warnings,
+        "trainable_parameters": count_trainable(model),
+        "groups": len(groups),
+        "resumed_from_step": loop.start,
+        "reward_source": "data.ranked" if cfg.data.ranked else rr.reward,
+        **sampling_gap,
+        **loop.stopping_metrics(),
+    }

@@ -58,28 +58,59 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
         candidates = groups * k
         evaluated = min(cfg.eval.num_prompts, data.eval_prompts)
         phases += [
-            Phase("candidate sampling", "generate", min(GENERATION_BATCH, candidates), tokens,
-                  min(GENERATION_BATCH, candidates), knobs=("rrhf.num_candidates", "rrhf.max_new_tokens")),
-            Phase("candidate scoring", "forward", candidates, tokens, candidates,
-                  knobs=("rrhf.num_prompts", "rrhf.num_candidates")),
-            Phase("evaluation scoring", "forward", evaluated, data.eval_prompt_tokens + cfg.eval.max_new_tokens,
-                  evaluated, knobs=("eval.num_prompts", "eval.max_new_tokens")),
+            Phase(
+                "candidate sampling",
+                "generate",
+                min(GENERATION_BATCH, candidates),
+                tokens,
+                min(GENERATION_BATCH, candidates),
+                knobs=("rrhf.num_candidates", "rrhf.max_new_tokens"),
+            ),
+            Phase(
+                "candidate scoring",
+                "forward",
+                candidates,
+                tokens,
+                candidates,
+                knobs=("rrhf.num_prompts", "rrhf.num_candidates"),
+            ),
+            Phase(
+                "evaluation scoring",
+                "forward",
+                evaluated,
+                data.eval_prompt_tokens + cfg.eval.max_new_tokens,
+                evaluated,
+                knobs=("eval.num_prompts", "eval.max_new_tokens"),
+            ),
         ]
     model_reward = online and "model" in rrhf.reward  # the reward adapter and head, frozen; and the reference
     return Workload("rrhf", 1, 2 if model_reward else 1, tuple(phases), frozen_heads=1 if model_reward else 0)
+
 
 def check(cfg: PipelineConfig) -> None:
     """RRHF on given rankings (``data.ranked``) has no reward to measure ``policy_reward`` with."""
     stopping = cfg.rrhf.early_stopping
     if stopping is not None and stopping.metric == "policy_reward" and cfg.data.ranked:
-        raise ValueError("rrhf.early_stopping.metric: with data.ranked, rrhf trains on given rankings and has "
-                         "no reward to measure policy_reward with; choose task_score or kl_to_reference")
+        raise ValueError(
+            "rrhf.early_stopping.metric: with data.ranked, rrhf trains on given rankings and has "
+            "no reward to measure policy_reward with; choose task_score or kl_to_reference"
+        )
 
 
 SPEC = StageSpec(
-    "rrhf", (*GENERATIVE, "rrhf", "eval"), inputs=("sft", "reward"), unless_data={"reward": "ranked"},
-    reward_source=True, datasets=("sft", "eval"), optional_datasets=("prompts",), samples_while_training=True,
-    prefix_min_learning_rate=0.01, curves=(Curve("loss", "RRHF loss"),),
-    settings="stages.rrhf.spec:RRHFSection", order=30,
-    stopping_metrics=("task_score", "kl_to_reference", "policy_reward"), memory_workload=memory_workload, check=check,
+    "rrhf",
+    (*GENERATIVE, "rrhf", "eval"),
+    inputs=("sft", "reward"),
+    unless_data={"reward": "ranked"},
+    reward_source=True,
+    datasets=("sft", "eval"),
+    optional_datasets=("prompts",),
+    samples_while_training=True,
+    prefix_min_learning_rate=0.01,
+    curves=(Curve("loss", "RRHF loss"),),
+    settings="stages.rrhf.spec:RRHFSection",
+    order=30,
+    stopping_metrics=("task_score", "kl_to_reference", "policy_reward"),
+    memory_workload=memory_workload,
+    check=check,
 )

@@ -62,18 +62,39 @@ def tokenized_demos(demos: list[Record], tokenization: Tokenization) -> list[dic
     return rows
 
 
-def build_sft_trainer(model: PeftModel, tokenization: Tokenization, demos: list[Record],
-                      cfg: PipelineConfig, checkpoints: Path, dist: Distributed) -> SFTTrainer:
+def build_sft_trainer(
+    model: PeftModel,
+    tokenization: Tokenization,
+    demos: list[Record],
+    cfg: PipelineConfig,
+    checkpoints: Path,
+    dist: Distributed,
+) -> SFTTrainer:
     """TRL's SFTTrainer on the contract's ids of the demonstrations; loss on completion tokens only."""
-    return build_trainer(SFTTrainer, SFTConfig, model, tokenization.tokenizer, cfg.sft, cfg, dist, "sft", checkpoints,
-                         {"train_dataset": Dataset.from_list(tokenized_demos(demos, tokenization))},
-                         RankAllocation.of(model), max_length=cfg.sft.max_length, completion_only_loss=True)
+    return build_trainer(
+        SFTTrainer,
+        SFTConfig,
+        model,
+        tokenization.tokenizer,
+        cfg.sft,
+        cfg,
+        dist,
+        "sft",
+        checkpoints,
+        {"train_dataset": Dataset.from_list(tokenized_demos(demos, tokenization))},
+        RankAllocation.of(model),
+        max_length=cfg.sft.max_length,
+        completion_only_loss=True,
+    )
 
 
 def _warn_if_too_long(report: LengthReport, dist: Distributed) -> None:
     if dist.is_main and (warning := report.warning()):
-        print(f"warning: {warning}; TRL keeps the first sft.max_length tokens (a cut demo loses its EOS) and "
-              "drops a demo with no room for its completion", flush=True)
+        print(
+            f"warning: {warning}; TRL keeps the first sft.max_length tokens (a cut demo loses its EOS) and "
+            "drops a demo with no room for its completion",
+            flush=True,
+        )
 
 
 def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
@@ -87,7 +108,9 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     score_before = task_score(backbone.model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME, total_steps=cfg.sft.max_steps)
     trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
-    learning = LearningCheck(model, dist, stage="sft", adapter_kind=cfg.adapter.kind, learning_rate=cfg.sft.learning_rate)
+    learning = LearningCheck(
+        model, dist, stage="sft", adapter_kind=cfg.adapter.kind, learning_rate=cfg.sft.learning_rate
+    )
     root = checkpoint_root(ctx.final)
     resume = agreed_resume_point(root, ctx.cache_key, dist, "sft")
     trainer = build_sft_trainer(model, tokenization, demos, cfg, root, dist)
@@ -96,14 +119,24 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     def measure() -> dict[str, float]:  # only the metric early stopping watches: sampling is the slow one
         if stopper.settings.metric == "eval_loss":
             return {"eval_loss": held_out_loss(model, tokenization, held_out, cfg.eval)}
-        return {"task_score": task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="early stopping",
-                                         synced=synced_generation(dist))}
+        return {
+            "task_score": task_score(
+                model,
+                tokenization,
+                held_out,
+                cfg.eval,
+                cfg.run.seed,
+                desc="early stopping",
+                synced=synced_generation(dist),
+            )
+        }
 
     if stopper is not None:
         trainer.add_callback(stopping_callback(stopper, evaluating(model, measure)))
     result = train_from(trainer, resume)
-    score_after = task_score(model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)",
-                             synced=synced_generation(dist))
+    score_after = task_score(
+        model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)", synced=synced_generation(dist)
+    )
 
     save_probe(model, tokenizer, out)  # every rank: a ZeRO-3 forward needs them all
     with gathered(dist, model):

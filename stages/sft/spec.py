@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from stages.io.config import PipelineConfig
 
 
-
 class SFTSection(TrainerSection):
     launcher: Launcher = "local"
     max_steps: int = Field(default=150, ge=1)
@@ -41,14 +40,30 @@ def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) ->
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     rows = min(cfg.sft.batch_size, data.demos)  # the data loader's last batch is never larger than the data
     tokens = min(cfg.sft.max_length, data.demo_tokens)  # TRL truncates at max_length, pads to the longest row
-    train = Phase("train step", "train", rows, tokens, min(rows * tokens, TRL_TOKEN_CHUNK), TRL_VOCAB_CHUNK,
-                  knobs=("sft.batch_size", "sft.max_length"))
-    return Workload("sft", 1, 0, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens")))
+    train = Phase(
+        "train step",
+        "train",
+        rows,
+        tokens,
+        min(rows * tokens, TRL_TOKEN_CHUNK),
+        TRL_VOCAB_CHUNK,
+        knobs=("sft.batch_size", "sft.max_length"),
+    )
+    return Workload(
+        "sft", 1, 0, (train, evaluation_sampling(cfg, data, cfg.eval.max_new_tokens, "eval.max_new_tokens"))
+    )
 
 
 SPEC = StageSpec(
-    "sft", (*GENERATIVE, "sft", "eval"), datasets=("sft", "eval"), prefix_min_learning_rate=0.05,
-    import_overhead_mib=520, curves=(Curve("loss", "SFT loss"),), hf_trainer=True,
-    settings="stages.sft.spec:SFTSection", order=10, stopping_metrics=("task_score", "eval_loss"),
+    "sft",
+    (*GENERATIVE, "sft", "eval"),
+    datasets=("sft", "eval"),
+    prefix_min_learning_rate=0.05,
+    import_overhead_mib=520,
+    curves=(Curve("loss", "SFT loss"),),
+    hf_trainer=True,
+    settings="stages.sft.spec:SFTSection",
+    order=10,
+    stopping_metrics=("task_score", "eval_loss"),
     memory_workload=memory_workload,
 )

@@ -77,8 +77,10 @@ class BudgetCount:
 
     def line(self) -> str:
         about = "about " if self.estimated else ""
-        text = (f"{self.stage}: {self.dataset}: {about}{self.cut} of {self.rows} rows over {self.budget}"
-                f"{f' ({self.effect})' if self.cut else ''}, {about}{self.dropped} dropped")
+        text = (
+            f"{self.stage}: {self.dataset}: {about}{self.cut} of {self.rows} rows over {self.budget}"
+            f"{f' ({self.effect})' if self.cut else ''}, {about}{self.dropped} dropped"
+        )
         return f"WARNING: {text}: most rows are over it; {self.remedy}" if self.mostly_cut else text
 
     @property
@@ -119,8 +121,10 @@ def check_rendering(cfg: PipelineConfig, tokenization: Tokenization) -> None:
                 tokenization.prompt_ids(prompt)
             except TokenizationError as err:
                 roles = f"roles {list(shape)}" if shape != ("text",) else "a plain-text prompt"
-                raise DataError(f"{source_name(ref)}: {record_location(ref, index)}: a prompt with {roles}: {err} "
-                                f"(backbone.name={cfg.backbone.name})") from None
+                raise DataError(
+                    f"{source_name(ref)}: {record_location(ref, index)}: a prompt with {roles}: {err} "
+                    f"(backbone.name={cfg.backbone.name})"
+                ) from None
 
 
 def budget_counts(cfg: PipelineConfig, tokenization: Tokenization, context: int) -> list[BudgetCount]:
@@ -131,11 +135,32 @@ def budget_counts(cfg: PipelineConfig, tokenization: Tokenization, context: int)
         if rolls_out(stage, cfg):
             counts.append(_rollout_count(stage, cfg, tokenization, context))
         elif "sft" in datasets and "prompts" not in spec(stage).optional_datasets:
-            counts.append(_count(stage, cfg, "sft", tokenization, f"sft.max_length={cfg.sft.max_length}",
-                                 cfg.sft.max_length, "cut: the demo loses its end", "raise sft.max_length"))
+            counts.append(
+                _count(
+                    stage,
+                    cfg,
+                    "sft",
+                    tokenization,
+                    f"sft.max_length={cfg.sft.max_length}",
+                    cfg.sft.max_length,
+                    "cut: the demo loses its end",
+                    "raise sft.max_length",
+                )
+            )
         elif "preferences" in datasets:
-            counts.append(_count(stage, cfg, "preferences", tokenization, f"the backbone's context={context}", context,
-                                 "cut at the context", "shorten the pairs", dpo_pairs=stage == "dpo"))
+            counts.append(
+                _count(
+                    stage,
+                    cfg,
+                    "preferences",
+                    tokenization,
+                    f"the backbone's context={context}",
+                    context,
+                    "cut at the context",
+                    "shorten the pairs",
+                    dpo_pairs=stage == "dpo",
+                )
+            )
     return counts
 
 
@@ -148,8 +173,17 @@ def _even_sample(rows: list[Any]) -> list[Any]:
     return rows if len(rows) <= SAMPLE_ROWS else [rows[i * len(rows) // SAMPLE_ROWS] for i in range(SAMPLE_ROWS)]
 
 
-def _count(stage: str, cfg: PipelineConfig, kind: DataKind, tokenization: Tokenization, budget: str, limit: int,
-           effect: str, remedy: str, dpo_pairs: bool = False) -> BudgetCount:
+def _count(
+    stage: str,
+    cfg: PipelineConfig,
+    kind: DataKind,
+    tokenization: Tokenization,
+    budget: str,
+    limit: int,
+    effect: str,
+    remedy: str,
+    dpo_pairs: bool = False,
+) -> BudgetCount:
     ref = getattr(cfg.data, kind)
     rows = load_records(ref, kind, cfg.task)
     sample = _even_sample(rows)
@@ -158,8 +192,17 @@ def _count(stage: str, cfg: PipelineConfig, kind: DataKind, tokenization: Tokeni
     if dpo_pairs:
         dropped = len(distinct_after_truncation(sample, tokenization, limit)[1])
     scale = len(rows) / len(sample)
-    return BudgetCount(stage, f"{source_name(ref)} ({kind})", budget, len(rows), round(len(lengths.too_long) * scale),
-                       round(dropped * scale), len(sample) < len(rows), effect, remedy)
+    return BudgetCount(
+        stage,
+        f"{source_name(ref)} ({kind})",
+        budget,
+        len(rows),
+        round(len(lengths.too_long) * scale),
+        round(dropped * scale),
+        len(sample) < len(rows),
+        effect,
+        remedy,
+    )
 
 
 def _rollout_count(stage: str, cfg: PipelineConfig, tokenization: Tokenization, context: int) -> BudgetCount:
@@ -170,10 +213,17 @@ def _rollout_count(stage: str, cfg: PipelineConfig, tokenization: Tokenization, 
     sample = _even_sample(prompts)
     measure_lengths([{"prompt": p} for p in sample], "prompts", source_name(ref), tokenization, context)
     over = sum(len(tokenization.prompt_ids(p)) + new > context for p in sample)
-    return BudgetCount(stage, f"{source_name(ref)} (rollout prompts)", f"the context={context} with "
-                       f"{stage}.max_new_tokens={new}", len(prompts), round(over * len(prompts) / len(sample)), 0,
-                       len(sample) < len(prompts), "would generate past the context",
-                       f"lower {stage}.max_new_tokens or shorten the prompts")
+    return BudgetCount(
+        stage,
+        f"{source_name(ref)} (rollout prompts)",
+        f"the context={context} with {stage}.max_new_tokens={new}",
+        len(prompts),
+        round(over * len(prompts) / len(sample)),
+        0,
+        len(sample) < len(prompts),
+        "would generate past the context",
+        f"lower {stage}.max_new_tokens or shorten the prompts",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             tokenization, context = contract_tokenization(cfg)
         except OSError as err:  # not here (a hub id not downloaded, offline): the stages check when they load it
-            print(f"note: backbone.name={cfg.backbone.name!r}: its tokenizer is not readable here ({first_line(err)}); "
-                  "the data's tokenization is checked when each stage loads it", file=sys.stderr)
+            print(
+                f"note: backbone.name={cfg.backbone.name!r}: its tokenizer is not readable here ({first_line(err)}); "
+                "the data's tokenization is checked when each stage loads it",
+                file=sys.stderr,
+            )
             counts = []
         else:
             check_rendering(cfg, tokenization)

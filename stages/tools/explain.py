@@ -38,9 +38,11 @@ def _pair_lines(tokenization: Tokenization, prompt: Prompt, response: str, label
     prompt_ids, response_ids = tokenization.pair(prompt, response)
     total = len(prompt_ids) + len(response_ids)
     cut = f"; CUT at {budget}: the last {total - budget} ids are not trained on" if total > budget else ""
-    return [f"  prompt ({len(prompt_ids)} ids, no loss): {marked(tokenization, prompt_ids)}",
-            f"  {label} ({len(response_ids)} ids, loss): {marked(tokenization, response_ids)}{cut}",
-            f"  decoded: {tokenization.text(prompt_ids + response_ids)!r}"]
+    return [
+        f"  prompt ({len(prompt_ids)} ids, no loss): {marked(tokenization, prompt_ids)}",
+        f"  {label} ({len(response_ids)} ids, loss): {marked(tokenization, response_ids)}{cut}",
+        f"  decoded: {tokenization.text(prompt_ids + response_ids)!r}",
+    ]
 
 
 def explain(cfg: PipelineConfig, tokenization: Tokenization, context: int, row: int = 0) -> list[str]:
@@ -49,8 +51,10 @@ def explain(cfg: PipelineConfig, tokenization: Tokenization, context: int, row: 
     if row < 0:
         raise DataError(f"--row {row + 1}: rows count from 1")
     stops = ", ".join(marked(tokenization, [i]) for i in tokenization.stop_ids)
-    lines = [f"backbone {cfg.backbone.name}: BOS added to plain prompts: {tokenization.bos_id is not None}; "
-             f"pad {marked(tokenization, [tokenization.pad_id])}; a response ends at the first of: {stops}"]
+    lines = [
+        f"backbone {cfg.backbone.name}: BOS added to plain prompts: {tokenization.bos_id is not None}; "
+        f"pad {marked(tokenization, [tokenization.pad_id])}; a response ends at the first of: {stops}"
+    ]
     for stage in cfg.run.stages:
         for kind in stage_datasets(stage, cfg):
             if (kind == "eval" and stage != cfg.run.stages[0]) or (kind == "sft" and stage != "sft"):
@@ -62,19 +66,26 @@ def explain(cfg: PipelineConfig, tokenization: Tokenization, context: int, row: 
             record = records[row]
             where = f"{source_name(ref)} {record_location(ref, row)}"
             if kind == "sft":
-                lines += [f"{stage} trains on {where} (sft.max_length={cfg.sft.max_length}):",
-                          *_pair_lines(tokenization, record["prompt"], record["completion"], "completion",
-                                       cfg.sft.max_length)]
+                lines += [
+                    f"{stage} trains on {where} (sft.max_length={cfg.sft.max_length}):",
+                    *_pair_lines(
+                        tokenization, record["prompt"], record["completion"], "completion", cfg.sft.max_length
+                    ),
+                ]
             elif kind == "preferences":
-                lines.append(f"{stage} trains on {where} (context {context}; "
-                             f"{'the reward head reads the last id' if stage == 'reward' else 'log-ratio of each response'}):")
+                lines.append(
+                    f"{stage} trains on {where} (context {context}; "
+                    f"{'the reward head reads the last id' if stage == 'reward' else 'log-ratio of each response'}):"
+                )
                 for side in ("chosen", "rejected"):
                     lines += _pair_lines(tokenization, record["prompt"], record[side], side, context)
             elif kind == "eval":
                 prompt_ids = tokenization.prompt_ids(record["prompt"])
-                lines += [f"evaluation samples from {where} (eval.max_new_tokens={cfg.eval.max_new_tokens}; the "
-                          f"answer {record['answer']!r} must match the response up to its end id):",
-                          f"  prompt ({len(prompt_ids)} ids): {marked(tokenization, prompt_ids)}"]
+                lines += [
+                    f"evaluation samples from {where} (eval.max_new_tokens={cfg.eval.max_new_tokens}; the "
+                    f"answer {record['answer']!r} must match the response up to its end id):",
+                    f"  prompt ({len(prompt_ids)} ids): {marked(tokenization, prompt_ids)}",
+                ]
             elif kind == "ranked":
                 lines.append(f"{stage} ranks the candidates of {where}:")
                 for response in record["responses"]:
@@ -82,14 +93,18 @@ def explain(cfg: PipelineConfig, tokenization: Tokenization, context: int, row: 
         if rolls_out(stage, cfg):
             prompts = load_rollout_prompts(cfg.data, cfg.task)
             if row >= len(prompts):
-                raise DataError(f"{stage}'s rollout prompts: --row {row + 1}, but there are {len(prompts)} distinct ones")
+                raise DataError(
+                    f"{stage}'s rollout prompts: --row {row + 1}, but there are {len(prompts)} distinct ones"
+                )
             prompt = prompts[row]
             prompt_ids = tokenization.prompt_ids(prompt)
             new = getattr(cfg, stage).max_new_tokens
-            lines += [f"{stage} rolls out on its prompts ({source_name(cfg.data.prompts or cfg.data.sft)}, distinct prompt "
-                      f"{row + 1}; {stage}.max_new_tokens={new}, context {context}):",
-                      f"  prompt ({len(prompt_ids)} ids, no loss): {marked(tokenization, prompt_ids)}",
-                      f"  then up to {new} sampled ids (loss), ending at the first of: {stops}"]
+            lines += [
+                f"{stage} rolls out on its prompts ({source_name(cfg.data.prompts or cfg.data.sft)}, distinct prompt "
+                f"{row + 1}; {stage}.max_new_tokens={new}, context {context}):",
+                f"  prompt ({len(prompt_ids)} ids, no loss): {marked(tokenization, prompt_ids)}",
+                f"  then up to {new} sampled ids (loss), ending at the first of: {stops}",
+            ]
     return lines
 
 

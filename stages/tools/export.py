@@ -93,8 +93,9 @@ def plan_export(run_dir: Path, cfg: PipelineConfig, stage: str | None, merge: bo
         raise ConfigError(f"--stage {stage}: not among run {run_dir.name}'s stages {cfg.run.stages}")
     artifact = run_dir / stage
     if not artifacts.is_finished(artifact):
-        raise ConfigError(f"{artifact}: stage {stage} has no finished artifact in this run (see `rlhf report "
-                          f"{run_dir.name}`)")
+        raise ConfigError(
+            f"{artifact}: stage {stage} has no finished artifact in this run (see `rlhf report {run_dir.name}`)"
+        )
     artifacts.verify(artifact, under="adapter")
     return ExportPlan(run_dir, stage, artifact, cfg, merge)
 
@@ -127,25 +128,39 @@ def _write(plan: ExportPlan, folder: Path) -> dict[str, Any]:
     kind = cfg.adapter.kind
     quantized = kind == "qlora"
     if manifest["backbone_fingerprint"] != backbone_fingerprint(cfg.backbone, quantized):
-        raise ExportError(f"{plan.artifact}: trained on backbone {manifest['backbone_fingerprint']}, but "
-                          f"{cfg.backbone.name} is now {backbone_fingerprint(cfg.backbone, quantized)}")
+        raise ExportError(
+            f"{plan.artifact}: trained on backbone {manifest['backbone_fingerprint']}, but "
+            f"{cfg.backbone.name} is now {backbone_fingerprint(cfg.backbone, quantized)}"
+        )
     merged = plan.merge and kind != "ptuning_v2"
     notes: list[str] = []
     if plan.merge and not merged:
-        notes.append("adapter.kind=ptuning_v2 cannot be merged: a prefix is extra key/value states on every "
-                     "layer, not a weight delta; exported the adapter folder instead")
+        notes.append(
+            "adapter.kind=ptuning_v2 cannot be merged: a prefix is extra key/value states on every "
+            "layer, not a weight delta; exported the adapter folder instead"
+        )
         print(f"warning: {notes[-1]}", flush=True)
     if merged:
         _write_merged(plan, folder)
     else:
         _write_adapter(plan, folder)
     return {
-        "run_id": plan.run_dir.name, "stage": plan.stage, "merged": merged,
+        "run_id": plan.run_dir.name,
+        "stage": plan.stage,
+        "merged": merged,
         "format": ("sequence-classification" if plan.is_reward else "causal-lm") if merged else "peft-adapter",
-        "base_model": {"name": cfg.backbone.name, "revision": cfg.backbone.revision, "commit": hub_commit(cfg.backbone),
-                       "location": resolve_backbone(cfg.backbone), "dtype": cfg.backbone.dtype,
-                       "fingerprint": manifest["backbone_fingerprint"]},
-        "adapter_kind": kind, "cache_key": manifest["cache_key"], "metrics": manifest["metrics"], "notes": notes,
+        "base_model": {
+            "name": cfg.backbone.name,
+            "revision": cfg.backbone.revision,
+            "commit": hub_commit(cfg.backbone),
+            "location": resolve_backbone(cfg.backbone),
+            "dtype": cfg.backbone.dtype,
+            "fingerprint": manifest["backbone_fingerprint"],
+        },
+        "adapter_kind": kind,
+        "cache_key": manifest["cache_key"],
+        "metrics": manifest["metrics"],
+        "notes": notes,
     }
 
 
@@ -200,21 +215,26 @@ def _as_sequence_classifier(causal: Any, artifact: Path, tokenizer: Any) -> Any:
     Refused too when the tokenizer pads with its end token: transformers would then score the token
     before a response's end token, not the end token the stage scored."""
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ExportError(f"{artifact}: the tokenizer pads with its end token ({tokenizer.eos_token!r}), so "
-                          "transformers' sequence classification would score the token before each response's end "
-                          "token, not the end token the reward stage scored; export without --merge")
+        raise ExportError(
+            f"{artifact}: the tokenizer pads with its end token ({tokenizer.eos_token!r}), so "
+            "transformers' sequence classification would score the token before each response's end "
+            "token, not the end token the reward stage scored; export without --merge"
+        )
     manifest = artifacts.read_manifest(artifact)
     head = load_head(artifact / SCORE_HEAD, causal.config.hidden_size, manifest["backbone_fingerprint"], "cpu")
     if head.bias.item() != 0.0:
-        raise ExportError(f"{artifact / SCORE_HEAD}: the head has a bias ({head.bias.item():g}), which transformers' "
-                          "sequence-classification score layer cannot hold; export without --merge")
+        raise ExportError(
+            f"{artifact / SCORE_HEAD}: the head has a bias ({head.bias.item():g}), which transformers' "
+            "sequence-classification score layer cannot hold; export without --merge"
+        )
     config = copy.deepcopy(causal.config)
     config.num_labels, config.architectures, config.tie_word_embeddings = 1, None, False
     classifier = AutoModelForSequenceClassification.from_config(config).to(causal.dtype)
     missing, unexpected = classifier.load_state_dict(causal.state_dict(), strict=False)
     if set(missing) != {"score.weight"} or any(not k.startswith("lm_head") for k in unexpected):
-        raise ExportError(f"the merged backbone does not fit {type(classifier).__name__}: missing {missing}, "
-                          f"unexpected {unexpected}")
+        raise ExportError(
+            f"the merged backbone does not fit {type(classifier).__name__}: missing {missing}, unexpected {unexpected}"
+        )
     with torch.no_grad():
         classifier.score.weight.copy_(head.weight.to(classifier.score.weight.dtype))
     return classifier
@@ -241,8 +261,12 @@ def _check_adapter_export(plan: ExportPlan, folder: Path, backbone: Any) -> None
     if plan.is_reward:
         fingerprint = artifacts.read_manifest(plan.artifact)["backbone_fingerprint"]
         head = load_head(folder / SCORE_HEAD, model.config.hidden_size, fingerprint, "cpu")
-        _compare_scores(plan, lambda ids: head(model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, -1]
-                                               .to(head.weight.dtype))[:, 0])
+        _compare_scores(
+            plan,
+            lambda ids: head(
+                model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, -1].to(head.weight.dtype)
+            )[:, 0],
+        )
         return
     _compare_logits(plan, lambda batch: model(**batch).logits)
 
@@ -254,8 +278,10 @@ def _compare_logits(plan: ExportPlan, logits_of: Any) -> None:
     real = probe["attention_mask"].bool()
     drift = (found[real] - probe["logits"][real]).abs().max().item()
     if drift > _tolerance(plan):
-        raise ExportError(f"the exported {plan.stage} policy's logits differ from its stage's by {drift:.3g} "
-                          f"(tolerance {_tolerance(plan):g}); nothing was published")
+        raise ExportError(
+            f"the exported {plan.stage} policy's logits differ from its stage's by {drift:.3g} "
+            f"(tolerance {_tolerance(plan):g}); nothing was published"
+        )
 
 
 def _compare_scores(plan: ExportPlan, score_of: Any) -> None:
@@ -264,32 +290,41 @@ def _compare_scores(plan: ExportPlan, score_of: Any) -> None:
         found = [score_of(torch.tensor([p["ids"]])).item() for p in probes]
     drift = max(abs(f - p["score"]) for f, p in zip(found, probes, strict=True))
     if drift > _tolerance(plan):
-        raise ExportError(f"the exported reward model's scores differ from its stage's by {drift:.3g} "
-                          f"(tolerance {_tolerance(plan):g}); nothing was published")
+        raise ExportError(
+            f"the exported reward model's scores differ from its stage's by {drift:.3g} "
+            f"(tolerance {_tolerance(plan):g}); nothing was published"
+        )
 
 
 def _readme(record: dict[str, Any]) -> str:
     base = record["base_model"]
     if record["format"] == "causal-lm":
-        load = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{this folder}\")"
+        load = 'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{this folder}")'
     elif record["format"] == "sequence-classification":
-        load = ("from transformers import AutoModelForSequenceClassification\n"
-                "reward_model = AutoModelForSequenceClassification.from_pretrained(\"{this folder}\")  # logits[:, 0]")
+        load = (
+            "from transformers import AutoModelForSequenceClassification\n"
+            'reward_model = AutoModelForSequenceClassification.from_pretrained("{this folder}")  # logits[:, 0]'
+        )
     else:
-        load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-                f"base = AutoModelForCausalLM.from_pretrained(\"{base['location']}\", "
-                f"revision={base['commit'] or base['revision']!r})\n"
-                "model = PeftModel.from_pretrained(base, \"{this folder}/adapter\")")
+        load = (
+            "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base["location"]}", '
+            f"revision={base['commit'] or base['revision']!r})\n"
+            'model = PeftModel.from_pretrained(base, "{this folder}/adapter")'
+        )
     notes = "".join(f"\n- {note}" for note in record["notes"])
-    return (f"# {record['run_id']} / {record['stage']} ({record['format']})\n\n"
-            f"Exported by `rlhf export` from run `{record['run_id']}`, stage `{record['stage']}` "
-            f"(cache key `{record['cache_key']}`, adapter kind `{record['adapter_kind']}`).\n\n"
-            f"Base model: `{base['name']}` at revision `{base['revision'] or 'main'}`"
-            + (f" (commit `{base['commit']}`)" if base["commit"] else "") + ", loaded from "
-            f"`{base['location']}` in `{base['dtype']}`; weights fingerprint `{base['fingerprint']}`.\n\n"
-            f"```python\n{load}\n```\n"
-            + (f"\nNotes:{notes}\n" if notes else "")
-            + f"\nMetrics of the stage: `{json.dumps(record['metrics'], sort_keys=True)}`\n")
+    return (
+        f"# {record['run_id']} / {record['stage']} ({record['format']})\n\n"
+        f"Exported by `rlhf export` from run `{record['run_id']}`, stage `{record['stage']}` "
+        f"(cache key `{record['cache_key']}`, adapter kind `{record['adapter_kind']}`).\n\n"
+        f"Base model: `{base['name']}` at revision `{base['revision'] or 'main'}`"
+        + (f" (commit `{base['commit']}`)" if base["commit"] else "")
+        + ", loaded from "
+        f"`{base['location']}` in `{base['dtype']}`; weights fingerprint `{base['fingerprint']}`.\n\n"
+        f"```python\n{load}\n```\n"
+        + (f"\nNotes:{notes}\n" if notes else "")
+        + f"\nMetrics of the stage: `{json.dumps(record['metrics'], sort_keys=True)}`\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,8 +48,17 @@ class Checkpointer:
     """Saves and restores one stage's training state: its trainable adapters, heads and updater, and per
     rank torch's CPU and CUDA generators and the training loop's samplers (``save``/``resume`` take them)."""
 
-    def __init__(self, final: Path, cache_key: str, updater: Updater, model: PeftModel, adapters: list[str],
-                 heads: dict[str, torch.nn.Linear], fingerprint: str, dist: Distributed = LOCAL) -> None:
+    def __init__(
+        self,
+        final: Path,
+        cache_key: str,
+        updater: Updater,
+        model: PeftModel,
+        adapters: list[str],
+        heads: dict[str, torch.nn.Linear],
+        fingerprint: str,
+        dist: Distributed = LOCAL,
+    ) -> None:
         self.root = checkpoint_root(final)
         self.cache_key, self.updater, self.dist = cache_key, updater, dist
         self.model, self.adapters, self.heads, self.fingerprint = model, adapters, heads, fingerprint
@@ -65,7 +74,9 @@ class Checkpointer:
             load_adapter_weights(folder, self.model, self.adapters)
             for name, head in self.heads.items():
                 path = folder / f"{name}.safetensors"
-                head.load_state_dict(load_head(path, head.in_features, self.fingerprint, head.weight.device).state_dict())
+                head.load_state_dict(
+                    load_head(path, head.in_features, self.fingerprint, head.weight.device).state_dict()
+                )
         rng = torch.load(folder / f"rng-{self.dist.rank}.pt", weights_only=True)
         torch.random.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None:  # dropout on a GPU draws from that GPU's generator
@@ -75,8 +86,9 @@ class Checkpointer:
         print(f"resuming from {folder}", flush=True)
         return json.loads((folder / STATE).read_text())
 
-    def maybe_save(self, step: int, every: int, total: int, state: dict[str, Any],
-                   samplers: dict[str, Sampler] | None = None) -> None:
+    def maybe_save(
+        self, step: int, every: int, total: int, state: dict[str, Any], samplers: dict[str, Sampler] | None = None
+    ) -> None:
         """Checkpoint every ``every`` steps (not after the last: the artifact follows at once)."""
         if step % every == 0 and step < total:
             self.save(step, state, samplers)
@@ -90,9 +102,14 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.dist.barrier()
         self.updater.save(tmp)
-        torch.save({"torch": torch.random.get_rng_state(), "cuda": _cuda_rng_state(self.model),
-                    "samplers": {name: sampler_state(s) for name, s in (samplers or {}).items()}},
-                   tmp / f"rng-{self.dist.rank}.pt")
+        torch.save(
+            {
+                "torch": torch.random.get_rng_state(),
+                "cuda": _cuda_rng_state(self.model),
+                "samplers": {name: sampler_state(s) for name, s in (samplers or {}).items()},
+            },
+            tmp / f"rng-{self.dist.rank}.pt",
+        )
         if self.dist.is_main:
             if self.dist.deepspeed is None:  # DeepSpeed's own checkpoint already holds the trainable weights
                 with checkpoint_shapes(self.model):
@@ -121,7 +138,8 @@ def _cuda_rng_state(model: torch.nn.Module) -> torch.Tensor | None:
 def latest_checkpoint(root: Path, cache_key: str) -> Path | None:
     """The newest finished checkpoint written by a run with this cache key, if any."""
     found = [
-        folder for folder in Path(root).glob(f"{PREFIX}*")
+        folder
+        for folder in Path(root).glob(f"{PREFIX}*")
         if artifacts.is_finished(folder) and artifacts.read_manifest(folder).get("cache_key") == cache_key
     ]
     return max(found, key=lambda f: artifacts.read_manifest(f)["step"], default=None)
@@ -131,8 +149,9 @@ def load_adapter_weights(folder: Path, model: PeftModel, names: list[str]) -> No
     """Load the checkpoint's copy of each named adapter into the model in place."""
     with checkpoint_shapes(model):
         for name in names:
-            set_peft_model_state_dict(model, load_file(str(Path(folder) / name / "adapter_model.safetensors")),
-                                      adapter_name=name)
+            set_peft_model_state_dict(
+                model, load_file(str(Path(folder) / name / "adapter_model.safetensors")), adapter_name=name
+            )
 
 
 def sampler_state(sampler: Sampler) -> Any:

@@ -57,8 +57,10 @@ class Distributed:
         of times and hang. Raises ConfigError when there are fewer items than ranks."""
         count = self.world_size * min(per_rank, available // self.world_size)
         if count == 0:
-            raise ConfigError(f"{what}: {available} item(s) cannot be shared by {self.world_size} ranks; add data "
-                              "or lower distributed.num_processes")
+            raise ConfigError(
+                f"{what}: {available} item(s) cannot be shared by {self.world_size} ranks; add data "
+                "or lower distributed.num_processes"
+            )
         return count
 
     def barrier(self) -> None:
@@ -99,8 +101,9 @@ class Distributed:
         torch.distributed.all_reduce(summed)
         return summed
 
-    def share_of_global_mean(self, count: torch.Tensor, window: torch.Tensor | None = None,
-                             accumulation: int = 1) -> float:
+    def share_of_global_mean(
+        self, count: torch.Tensor, window: torch.Tensor | None = None, accumulation: int = 1
+    ) -> float:
         """Factor turning this rank's mean over its ``count`` items into its part of the global mean.
 
         DeepSpeed averages the ranks' gradients; a rank's mean over its own tokens, times this factor
@@ -155,8 +158,12 @@ def setup_distributed(cfg: PipelineConfig, stage: str) -> Distributed:
 
     cuda = device_type(cfg.backbone) == "cuda"
     state = PartialState(backend=None if cuda else "gloo")  # None: accelerate's own choice on GPUs (NCCL)
-    dist = Distributed(rank=state.process_index, world_size=state.num_processes,
-                       deepspeed=load_deepspeed_config(cfg.distributed), device=str(state.device))
+    dist = Distributed(
+        rank=state.process_index,
+        world_size=state.num_processes,
+        deepspeed=load_deepspeed_config(cfg.distributed),
+        device=str(state.device),
+    )
     _validate_deepspeed_config(dist, cfg)
     return dist
 
@@ -167,14 +174,20 @@ def _validate_deepspeed_config(dist: Distributed, cfg: PipelineConfig) -> None:
     from pydantic import ValidationError
 
     source = f"distributed.deepspeed: {deepspeed_config_path(cfg.distributed)}"
+
     def pinned_or(key: str, default: Any) -> Any:  # the stage's own values are checked when it builds its engine
         return default if dist.deepspeed.get(key, "auto") == "auto" else dist.deepspeed[key]
 
     try:
-        DeepSpeedConfig(filled_deepspeed_config(
-            dist, micro_batch_size=pinned_or("train_micro_batch_size_per_gpu", 1),
-            gradient_accumulation=pinned_or("gradient_accumulation_steps", 1),
-            max_grad_norm=pinned_or("gradient_clipping", 1.0), bf16=False))
+        DeepSpeedConfig(
+            filled_deepspeed_config(
+                dist,
+                micro_batch_size=pinned_or("train_micro_batch_size_per_gpu", 1),
+                gradient_accumulation=pinned_or("gradient_accumulation_steps", 1),
+                max_grad_norm=pinned_or("gradient_clipping", 1.0),
+                bf16=False,
+            )
+        )
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{source}: DeepSpeed rejects it: {problems}") from None
@@ -182,8 +195,9 @@ def _validate_deepspeed_config(dist: Distributed, cfg: PipelineConfig) -> None:
         raise ConfigError(f"{source}: DeepSpeed rejects it: {err}") from None
 
 
-def filled_deepspeed_config(dist: Distributed, *, micro_batch_size: int, gradient_accumulation: int,
-                            max_grad_norm: float, bf16: bool) -> dict[str, Any]:
+def filled_deepspeed_config(
+    dist: Distributed, *, micro_batch_size: int, gradient_accumulation: int, max_grad_norm: float, bf16: bool
+) -> dict[str, Any]:
     """The DeepSpeed config with its ``"auto"`` values resolved from the stage's own settings.
 
     A value the JSON pins must equal the stage's: our loops (and the HF Trainer) feed the engine their
@@ -195,13 +209,18 @@ def filled_deepspeed_config(dist: Distributed, *, micro_batch_size: int, gradien
     """
     assert dist.deepspeed is not None
     config = dict(dist.deepspeed)
-    resolved = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": gradient_accumulation,
-                "gradient_clipping": max_grad_norm}
+    resolved = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation,
+        "gradient_clipping": max_grad_norm,
+    }
     for key, value in resolved.items():
         pinned = config.get(key, "auto")
         if pinned != "auto" and pinned != value:
-            raise ConfigError(f"distributed.deepspeed: {key} is {pinned!r} in the DeepSpeed config, but the stage "
-                              f"uses {value!r}; set it to \"auto\" (the stage's own setting decides)")
+            raise ConfigError(
+                f"distributed.deepspeed: {key} is {pinned!r} in the DeepSpeed config, but the stage "
+                f'uses {value!r}; set it to "auto" (the stage\'s own setting decides)'
+            )
         config[key] = value
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
     for precision, enabled in (("bf16", bf16), ("fp16", False)):

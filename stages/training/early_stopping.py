@@ -45,8 +45,10 @@ class EarlyStopper:
         never improves. At the stage's ``last`` step nothing is left to skip: it is recorded, never a stop."""
         s = self.settings
         self.evaluations.append([step, value])
-        better = math.isfinite(value) and (self.best is None or (
-            value > self.best + s.min_delta if s.mode == "max" else value < self.best - s.min_delta))
+        better = math.isfinite(value) and (
+            self.best is None
+            or (value > self.best + s.min_delta if s.mode == "max" else value < self.best - s.min_delta)
+        )
         if better:
             self.best, self.best_step, self.bad_evaluations = value, step, 0
         else:
@@ -60,18 +62,33 @@ class EarlyStopper:
             return None
         s = self.settings
         best = "no finite value" if self.best is None else f"its best, {self.best:.4g} at step {self.best_step}"
-        return (f"{s.metric} did not improve on {best} (by more than min_delta={s.min_delta:g}, mode {s.mode}) "
-                f"in {s.patience} evaluation(s), one every {s.eval_every} steps")
+        return (
+            f"{s.metric} did not improve on {best} (by more than min_delta={s.min_delta:g}, mode {s.mode}) "
+            f"in {s.patience} evaluation(s), one every {s.eval_every} steps"
+        )
 
     def metrics(self) -> dict[str, Any]:
         """What the stage reports: where and why it stopped, and every evaluation."""
-        return {"stopped_at_step": self.stopped_at_step, "stop_reason": self.reason(),
-                "early_stopping": {"metric": self.settings.metric, "mode": self.settings.mode, "best": self.best,
-                                   "best_step": self.best_step, "evaluations": self.evaluations}}
+        return {
+            "stopped_at_step": self.stopped_at_step,
+            "stop_reason": self.reason(),
+            "early_stopping": {
+                "metric": self.settings.metric,
+                "mode": self.settings.mode,
+                "best": self.best,
+                "best_step": self.best_step,
+                "evaluations": self.evaluations,
+            },
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad_evaluations": self.bad_evaluations,
-                "evaluations": self.evaluations, "stopped_at_step": self.stopped_at_step}
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evaluations": self.bad_evaluations,
+            "evaluations": self.evaluations,
+            "stopped_at_step": self.stopped_at_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_step = state["best"], state["best_step"]

@@ -55,13 +55,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def parse_args(stage: str, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.training.entry {stage}",
-                                     description=f"Run the {stage} stage alone.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.training.entry {stage}", description=f"Run the {stage} stage alone."
+    )
     parser.add_argument("--config", type=Path, help="YAML config (default: the embedded default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", type=Path, required=True, help="artifact folder to publish, e.g. runs/<id>/sft")
-    parser.add_argument("--input", dest="inputs", action="append", default=[], metavar="STAGE=FOLDER",
-                        help="an upstream artifact, e.g. sft=runs/<id>/sft")
+    parser.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="STAGE=FOLDER",
+        help="an upstream artifact, e.g. sft=runs/<id>/sft",
+    )
     return parser.parse_args(argv)
 
 

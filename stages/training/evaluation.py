@@ -32,19 +32,33 @@ def score_responses(responses: list[Response], answers: list[str]) -> float:
 
 
 def task_score(
-    model: torch.nn.Module, tokenization: Tokenization, records: list[Record], cfg: EvalSection,
-    seed: int, desc: str = "task_score", synced: bool = False,
+    model: torch.nn.Module,
+    tokenization: Tokenization,
+    records: list[Record],
+    cfg: EvalSection,
+    seed: int,
+    desc: str = "task_score",
+    synced: bool = False,
 ) -> float:
     """Sample on the first ``cfg.num_prompts`` held-out prompts (rendered by the tokenization contract,
     with the chat template's generation prompt where it applies) and apply the checker to the text
     before each response's end token."""
     records = records[: cfg.num_prompts]
-    return score_responses(_samples(model, tokenization, records, cfg, seed, desc, synced), [r["answer"] for r in records])
+    return score_responses(
+        _samples(model, tokenization, records, cfg, seed, desc, synced), [r["answer"] for r in records]
+    )
 
 
 def evaluate_policy(
-    model: PeftModel, tokenization: Tokenization, records: list[Record], cfg: EvalSection, seed: int, *,
-    reference: str, desc: str = "task_score", synced: bool = False,
+    model: PeftModel,
+    tokenization: Tokenization,
+    records: list[Record],
+    cfg: EvalSection,
+    seed: int,
+    *,
+    reference: str,
+    desc: str = "task_score",
+    synced: bool = False,
     reward: Callable[[list[Response], list[Prompt]], list[float]] | None = None,
 ) -> dict[str, float]:
     """``task_score`` of the active adapter (the policy) and, on the same samples, its KL to the adapter
@@ -61,28 +75,44 @@ def evaluate_policy(
     with active_adapter(model, reference), torch.no_grad():
         for start in range(0, len(responses), cfg.batch_size):
             chunk = responses[start : start + cfg.batch_size]
-            batch = from_token_ids([(list(r.prompt_ids), list(r.token_ids)) for r in chunk], tokenization.pad_id,
-                                   model_device(model))
+            batch = from_token_ids(
+                [(list(r.prompt_ids), list(r.token_ids)) for r in chunk], tokenization.pad_id, model_device(model)
+            )
             reference_logprobs = token_logprobs(model, batch, cfg.temperature).sum(-1)  # (B,)
             kl += [sum(r.token_logprobs) - ref for r, ref in zip(chunk, reference_logprobs.tolist(), strict=True)]
-    found = {"task_score": score_responses(responses, [r["answer"] for r in records]),
-             "kl_to_reference": sum(kl) / len(kl)}
+    found = {
+        "task_score": score_responses(responses, [r["answer"] for r in records]),
+        "kl_to_reference": sum(kl) / len(kl),
+    }
     if reward is not None:
         rewards = reward(responses, [r["prompt"] for r in records])
         found["policy_reward"] = sum(rewards) / len(rewards)
     return found
 
 
-def _samples(model: torch.nn.Module, tokenization: Tokenization, records: list[Record], cfg: EvalSection,
-             seed: int, desc: str, synced: bool) -> list[Response]:
+def _samples(
+    model: torch.nn.Module,
+    tokenization: Tokenization,
+    records: list[Record],
+    cfg: EvalSection,
+    seed: int,
+    desc: str,
+    synced: bool,
+) -> list[Response]:
     return generate(
-        model, tokenization, [tokenization.prompt_ids(r["prompt"]) for r in records], max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, batch_size=cfg.batch_size, seed=seed, desc=desc, synced=synced,
+        model,
+        tokenization,
+        [tokenization.prompt_ids(r["prompt"]) for r in records],
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=cfg.batch_size,
+        seed=seed,
+        desc=desc,
+        synced=synced,
     )
 
 
-def held_out_loss(model: torch.nn.Module, tokenization: Tokenization, records: list[Record], cfg: EvalSection
-                  ) -> float:
+def held_out_loss(model: torch.nn.Module, tokenization: Tokenization, records: list[Record], cfg: EvalSection) -> float:
     """SFT's loss on held-out data: the mean negative log-likelihood (nats per token) of the reference
     answers of the first ``cfg.num_prompts`` held-out records, end token included, given their prompts
     (the ids ``Tokenization.pair`` gives SFT's own demonstrations)."""

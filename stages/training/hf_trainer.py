@@ -54,10 +54,21 @@ class TrainerSettings(Protocol):
     checkpoint_every: int
 
 
-def build_trainer(trainer_class: type[Trainer], config_class: type[Any], model: PeftModel, tokenizer: Any,
-                  section: TrainerSettings, cfg: PipelineConfig, dist: Distributed, stage: str, checkpoints: Path,
-                  datasets: dict[str, Any], allocation: RankAllocation | None,
-                  constructing: AbstractContextManager[Any] | None = None, **options: Any) -> Trainer:
+def build_trainer(
+    trainer_class: type[Trainer],
+    config_class: type[Any],
+    model: PeftModel,
+    tokenizer: Any,
+    section: TrainerSettings,
+    cfg: PipelineConfig,
+    dist: Distributed,
+    stage: str,
+    checkpoints: Path,
+    datasets: dict[str, Any],
+    allocation: RankAllocation | None,
+    constructing: AbstractContextManager[Any] | None = None,
+    **options: Any,
+) -> Trainer:
     """The one way a stage builds its TRL trainer (``SFTTrainer``, ``DPOTrainer``), in checkpoint folder
     ``checkpoints``: its config (``config_class``) from the stage's ``section`` (steps, batch, learning rate
     on a cosine schedule after warmup, logging and checkpoint steps), the stage's own ``options`` and the
@@ -66,9 +77,15 @@ def build_trainer(trainer_class: type[Trainer], config_class: type[Any], model: 
     configured engine with the NaN stop; and with AdaLoRA's callbacks (``allocation``: a fresh adapter's).
     """
     args = config_class(
-        output_dir=str(checkpoints), max_steps=section.max_steps, per_device_train_batch_size=section.batch_size,
-        learning_rate=section.learning_rate, warmup_steps=section.warmup_steps, lr_scheduler_type="cosine",
-        logging_steps=section.logging_steps, save_steps=section.checkpoint_every, **options,
+        output_dir=str(checkpoints),
+        max_steps=section.max_steps,
+        per_device_train_batch_size=section.batch_size,
+        learning_rate=section.learning_rate,
+        warmup_steps=section.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_steps=section.logging_steps,
+        save_steps=section.checkpoint_every,
+        **options,
         **trainer_arguments(model, cfg, dist, stage, micro_batch_size=section.batch_size),
     )
     refuse_data_parallel(args, stage)
@@ -79,25 +96,45 @@ def build_trainer(trainer_class: type[Trainer], config_class: type[Any], model: 
     return trainer
 
 
-def trainer_arguments(model: PeftModel, cfg: PipelineConfig, dist: Distributed, stage: str, *,
-                      micro_batch_size: int, max_grad_norm: float = 1.0) -> dict[str, Any]:
+def trainer_arguments(
+    model: PeftModel,
+    cfg: PipelineConfig,
+    dist: Distributed,
+    stage: str,
+    *,
+    micro_batch_size: int,
+    max_grad_norm: float = 1.0,
+) -> dict[str, Any]:
     """Keyword arguments that every TRL config of a stage shares (``SFTConfig``, ``DPOConfig``): the
     engine or device, W&B on the main rank, the seed, progress bars, and no autocast or checkpointing."""
     if dist.deepspeed is not None:  # the Trainer joins the gloo/DeepSpeed state stages.training.distributed set up
         launch: dict[str, Any] = {
-            "deepspeed": filled_deepspeed_config(dist, micro_batch_size=micro_batch_size, gradient_accumulation=1,
-                                                 max_grad_norm=max_grad_norm, bf16=cfg.backbone.dtype == "bfloat16"),
-            "use_cpu": False, "accelerator_config": {"use_configured_state": True},
+            "deepspeed": filled_deepspeed_config(
+                dist,
+                micro_batch_size=micro_batch_size,
+                gradient_accumulation=1,
+                max_grad_norm=max_grad_norm,
+                bf16=cfg.backbone.dtype == "bfloat16",
+            ),
+            "use_cpu": False,
+            "accelerator_config": {"use_configured_state": True},
         }
     else:  # the Trainer computes where the backbone was loaded (backbone.device)
         launch = {"use_cpu": model_device(model).type == "cpu"}
     return {
         "report_to": "wandb" if cfg.tracking.backend == "wandb" and dist.is_main else "none",
-        "seed": cfg.run.seed, "dataloader_num_workers": 0, "disable_tqdm": progress_mode() != "bars",
-        "max_grad_norm": max_grad_norm, "save_strategy": "steps", "save_total_limit": 1,
+        "seed": cfg.run.seed,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": progress_mode() != "bars",
+        "max_grad_norm": max_grad_norm,
+        "save_strategy": "steps",
+        "save_total_limit": 1,
         # TRL defaults to bf16 autocast, and accelerate leaves the autocast wrapper on model.forward after
         # training: evaluation and saved adapters would then disagree. The backbone's dtype is the dtype.
-        "bf16": False, "fp16": False, "gradient_checkpointing": False, **launch,
+        "bf16": False,
+        "fp16": False,
+        "gradient_checkpointing": False,
+        **launch,
     }
 
 
@@ -123,8 +160,10 @@ def refuse_data_parallel(args: Any, stage: str) -> None:
     """A Trainer that sees several GPUs in one process wraps the model in DataParallel and multiplies the
     batch: refused (``rlhf`` shows a local stage one GPU)."""
     if args.n_gpu > 1:
-        raise ConfigError(f"{stage}: a local stage sees {args.n_gpu} GPUs; run it through `rlhf` (which shows it one) "
-                          "or set CUDA_VISIBLE_DEVICES to one GPU")
+        raise ConfigError(
+            f"{stage}: a local stage sees {args.n_gpu} GPUs; run it through `rlhf` (which shows it one) "
+            "or set CUDA_VISIBLE_DEVICES to one GPU"
+        )
 
 
 def check_engine(trainer: Trainer, dist: Distributed, stage: str) -> None:
@@ -141,11 +180,15 @@ def stop_on_non_finite_loss(stage: str) -> TrainerCallback:
     import math
 
     class StopOnNonFiniteLoss(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+        ) -> None:
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
-                raise NonFiniteLoss(f"{stage} loss is {loss} at step {state.global_step}: stopped; the last checkpoint "
-                                    f"is kept (lower {stage}.learning_rate, or check the data)")
+                raise NonFiniteLoss(
+                    f"{stage} loss is {loss} at step {state.global_step}: stopped; the last checkpoint "
+                    f"is kept (lower {stage}.learning_rate, or check the data)"
+                )
 
     return StopOnNonFiniteLoss()
 
@@ -192,8 +235,9 @@ def adalora_callbacks(trainer: Trainer, model: PeftModel, allocation: RankAlloca
             if allocation is None:
                 put_rank_patterns(model, {name: p for name, p in loaded.items() if p is not None})
             else:
-                allocation.load_state_dict(torch.load(sidecar(args, "rank_allocation", state.global_step, ".pt"),
-                                                      weights_only=False))
+                allocation.load_state_dict(
+                    torch.load(sidecar(args, "rank_allocation", state.global_step, ".pt"), weights_only=False)
+                )
 
         def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if allocation is not None:
@@ -279,11 +323,14 @@ def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> Train
     class EarlyStopping(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step > 0:
-                stopper.load_state_dict(json.loads(sidecar(args, "early_stopping", state.global_step, ".json").read_text()))
+                stopper.load_state_dict(
+                    json.loads(sidecar(args, "early_stopping", state.global_step, ".json").read_text())
+                )
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % stopper.eval_every == 0 and stopper.update(
-                    state.global_step, evaluate()[stopper.settings.metric], last=state.global_step >= state.max_steps):
+                state.global_step, evaluate()[stopper.settings.metric], last=state.global_step >= state.max_steps
+            ):
                 # No checkpoint at the stop step, as in our loops: the Trainer cannot be told to train no
                 # step on resume, so a stage killed before it publishes replays from the checkpoint before
                 # and stops here again, instead of training past the stop.

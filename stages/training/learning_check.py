@@ -38,8 +38,15 @@ class LearningCheck:
     A learning rate too low for the adapter kind is reported at once (printed) and again at the end.
     """
 
-    def __init__(self, module: torch.nn.Module, dist: Distributed = LOCAL, *, stage: str,
-                 adapter_kind: str = "lora", learning_rate: float | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        dist: Distributed = LOCAL,
+        *,
+        stage: str,
+        adapter_kind: str = "lora",
+        learning_rate: float | None = None,
+    ) -> None:
         self.module, self.dist, self.stage = module, dist, stage
         self.rate_warning = _prefix_rate_warning(stage, adapter_kind, learning_rate)
         if self.rate_warning and dist.is_main:
@@ -70,11 +77,14 @@ class LearningCheck:
         if not self.initial:
             found.append(f"{self.stage}: no trainable parameters: the adapter is frozen, nothing was trained")
         elif self.changed_parameters() == 0:
-            found.append(f"{self.stage}: the trainable parameters are bit-identical to their initial values after "
-                         "training (learning rate 0, or the optimizer never stepped them): nothing was learned")
+            found.append(
+                f"{self.stage}: the trainable parameters are bit-identical to their initial values after "
+                "training (learning rate 0, or the optimizer never stepped them): nothing was learned"
+            )
         if flat := _flat_loss([row["loss"] for row in history if row["step"] > warmup_steps]):
-            found.append(f"{self.stage}: the training loss has not moved after the warm-up ({flat}): "
-                         "nothing was learned")
+            found.append(
+                f"{self.stage}: the training loss has not moved after the warm-up ({flat}): nothing was learned"
+            )
         if self.dist.is_main:
             for warning in found[1 if self.rate_warning else 0 :]:  # the rate warning was printed at the start
                 print(f"WARNING: {warning}; the stage still publishes its artifact", flush=True)
@@ -82,7 +92,7 @@ class LearningCheck:
 
 
 def _flat_loss(losses: list[float]) -> str | None:
-    """"first -> last" window means when the loss has not moved, else None (also when too few to judge)."""
+    """ "first -> last" window means when the loss has not moved, else None (also when too few to judge)."""
     if len(losses) < 2 * WINDOW:
         return None
     first, last = sum(losses[:WINDOW]) / WINDOW, sum(losses[-WINDOW:]) / WINDOW
@@ -95,5 +105,7 @@ def _prefix_rate_warning(stage: str, adapter_kind: str, learning_rate: float | N
     floor = spec(stage).prefix_min_learning_rate  # on the built-in task SFT at 0.002 or 0.02 ended at 0.0
     if adapter_kind != "ptuning_v2" or learning_rate is None or not 0 < learning_rate < floor:
         return None
-    return (f"{stage}: adapter.kind=ptuning_v2 at {stage}.learning_rate={learning_rate:g}: a prefix needs about "
-            f"{floor:g} or more to learn (configs/ptuning_v2.yaml has rates that work)")
+    return (
+        f"{stage}: adapter.kind=ptuning_v2 at {stage}.learning_rate={learning_rate:g}: a prefix needs about "
+        f"{floor:g} or more to learn (configs/ptuning_v2.yaml has rates that work)"
+    )

@@ -86,13 +86,18 @@ class LogprobGap:
 def gap_warning(history: list[dict[str, float]], dtype: str, stage: str) -> str | None:
     """A warning when an update's gap, largest or mean, exceeds float noise for ``dtype``; None otherwise."""
     limit = GAP_LIMITS[dtype]
-    over = [row for row in history if row.get("logprob_gap_max", 0.0) > limit.largest
-            or row.get("logprob_gap_mean", 0.0) > limit.mean]
+    over = [
+        row
+        for row in history
+        if row.get("logprob_gap_max", 0.0) > limit.largest or row.get("logprob_gap_mean", 0.0) > limit.mean
+    ]
     if not over:
         return None
     worst = max(over, key=lambda row: row["logprob_gap_max"])
-    return (f"{stage}: the log-probs tokens were sampled with differ from the training forward's by up to "
-            f"{worst['logprob_gap_max']:.3g} nats, {worst['logprob_gap_mean']:.3g} on average ({len(over)} of "
-            f"{len(history)} updates over {dtype}'s float noise, {limit.largest:g} largest or {limit.mean:g} on average): "
-            "the stage trains on a distribution it did not sample from; check the model's generation settings and "
-            "`rlhf inspect`")
+    return (
+        f"{stage}: the log-probs tokens were sampled with differ from the training forward's by up to "
+        f"{worst['logprob_gap_max']:.3g} nats, {worst['logprob_gap_mean']:.3g} on average ({len(over)} of "
+        f"{len(history)} updates over {dtype}'s float noise, {limit.largest:g} largest or {limit.mean:g} on average): "
+        "the stage trains on a distribution it did not sample from; check the model's generation settings and "
+        "`rlhf inspect`"
+    )

@@ -37,9 +37,19 @@ class TrainingLoop:
     they are restored by ``resume`` and saved, per rank, with every checkpoint.
     """
 
-    def __init__(self, checkpointer: Checkpointer, *, desc: str, total: int, log_every: int, checkpoint_every: int,
-                 samplers: dict[str, Sampler] | None = None, step_key: str = "step",
-                 stopper: EarlyStopper | None = None, evaluate: Evaluate | None = None) -> None:
+    def __init__(
+        self,
+        checkpointer: Checkpointer,
+        *,
+        desc: str,
+        total: int,
+        log_every: int,
+        checkpoint_every: int,
+        samplers: dict[str, Sampler] | None = None,
+        step_key: str = "step",
+        stopper: EarlyStopper | None = None,
+        evaluate: Evaluate | None = None,
+    ) -> None:
         self.checkpointer, self.desc, self.total = checkpointer, desc, total
         self.log_every, self.checkpoint_every, self.step_key = log_every, checkpoint_every, step_key
         self.samplers = samplers or {}
@@ -66,8 +76,13 @@ class TrainingLoop:
         ``saved_state()`` is what the recipe keeps in each checkpoint besides the history (JSON).
         """
         updater = self.checkpointer.updater
-        for step in progress(range(self.start + 1, self.total + 1), desc=self.desc, unit=self.step_key,
-                             initial=self.start, total=self.total):
+        for step in progress(
+            range(self.start + 1, self.total + 1),
+            desc=self.desc,
+            unit=self.step_key,
+            initial=self.start,
+            total=self.total,
+        ):
             log = step % self.log_every == 0 or step == self.total
             row = train_step(step, log)
             if log and row is not None:
@@ -76,8 +91,13 @@ class TrainingLoop:
             if self._should_stop(step):
                 break  # the artifact follows at once: no checkpoint
             stopping = {"early_stopping": self.stopper.state_dict()} if self.stopper is not None else {}
-            self.checkpointer.maybe_save(step, self.checkpoint_every, self.total,
-                                         {"history": self.history, **stopping, **saved_state()}, self.samplers)
+            self.checkpointer.maybe_save(
+                step,
+                self.checkpoint_every,
+                self.total,
+                {"history": self.history, **stopping, **saved_state()},
+                self.samplers,
+            )
         return self.history
 
     def _should_stop(self, step: int) -> bool:

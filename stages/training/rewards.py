@@ -46,8 +46,10 @@ def builtin_checker(prompts: list[Prompt], completions: list[str], **kwargs: Any
         text = prompt_text(prompt).strip()
         left, plus, right = text.removesuffix("=").rpartition("\n")[2].partition("+")
         if not (plus and text.endswith("=") and left.strip().isdigit() and right.strip().isdigit()):
-            raise CheckerError(f"the builtin checker reads prompts like '17+5=', not {text!r}; name your own "
-                               "checker as module:function")
+            raise CheckerError(
+                f"the builtin checker reads prompts like '17+5=', not {text!r}; name your own "
+                "checker as module:function"
+            )
         rewards.append(1.0 if check(response, str(int(left) + int(right))) else 0.0)
     return rewards
 
@@ -67,8 +69,10 @@ def load_checker(name: str) -> Checker:
     try:
         inspect.signature(found).bind(prompts=[], completions=[])
     except TypeError as err:
-        raise ConfigError(f"checker {name!r} must accept the keywords prompts= and completions= (TRL's reward-"
-                          f"function names; **kwargs takes what it does not need): {err}") from None
+        raise ConfigError(
+            f"checker {name!r} must accept the keywords prompts= and completions= (TRL's reward-"
+            f"function names; **kwargs takes what it does not need): {err}"
+        ) from None
     except ValueError:  # no signature to read (a builtin): the call itself will tell
         pass
     return found
@@ -111,14 +115,18 @@ class RewardSource:
         try:
             rewards = [float(x) for x in found]
         except (TypeError, ValueError):
-            raise CheckerError(f"checker {self.checker_name!r} must return a list of numbers, "
-                               f"got {type(found).__name__}") from None
+            raise CheckerError(
+                f"checker {self.checker_name!r} must return a list of numbers, got {type(found).__name__}"
+            ) from None
         if len(rewards) != len(texts):
-            raise CheckerError(f"checker {self.checker_name!r} returned {len(rewards)} rewards for "
-                               f"{len(texts)} responses")
+            raise CheckerError(
+                f"checker {self.checker_name!r} returned {len(rewards)} rewards for {len(texts)} responses"
+            )
         if bad := [i for i, x in enumerate(rewards) if not math.isfinite(x)]:
-            raise CheckerError(f"checker {self.checker_name!r} returned {rewards[bad[0]]} for response "
-                               f"{bad[0]} ({texts[bad[0]]!r}); rewards must be finite")
+            raise CheckerError(
+                f"checker {self.checker_name!r} returned {rewards[bad[0]]} for response "
+                f"{bad[0]} ({texts[bad[0]]!r}); rewards must be finite"
+            )
         return rewards
 
 
@@ -130,5 +138,12 @@ def reward_source(section: Any, model_scores: ModelScores | None) -> RewardSourc
         raise ConfigError(f"reward={section.reward!r} needs the reward model's scores exactly when it names the model")
     checker = load_checker(section.checker) if "checker" in section.reward else None
     both = section.reward == "model+checker"  # the weights mix two sources; one source alone is not rescaled
-    return RewardSource(section.reward, section.checker, checker, model_scores, section.model_weight if both else 1.0,
-                        section.checker_weight if both else 1.0, section.missing_eos_penalty)
+    return RewardSource(
+        section.reward,
+        section.checker,
+        checker,
+        model_scores,
+        section.model_weight if both else 1.0,
+        section.checker_weight if both else 1.0,
+        section.missing_eos_penalty,
+    )

@@ -69,13 +69,17 @@ def execute(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dic
     return manifest
 
 
-def _train_and_publish(stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path],
-                       dist: Distributed) -> dict[str, Any] | None:
+def _train_and_publish(
+    stage: str, fn: StageFn, cfg: PipelineConfig, out: Path, inputs: dict[str, Path], dist: Distributed
+) -> dict[str, Any] | None:
     threads = stage_threads(cfg.run.threads) if dist is LOCAL else cfg.distributed.threads_per_process
     torch.set_num_threads(threads)
     if cfg.run.threads == "auto" and dist is LOCAL:
-        print(f"{stage}: {threads} torch thread(s) of {available_cores()} core(s) (run.threads=auto: "
-              "the cores other processes leave free)", file=sys.stderr)
+        print(
+            f"{stage}: {threads} torch thread(s) of {available_cores()} core(s) (run.threads=auto: "
+            "the cores other processes leave free)",
+            file=sys.stderr,
+        )
     torch.manual_seed(cfg.run.seed)
     resolve_backbone(cfg.backbone)  # a built-in backbone is built first, explicitly: its files enter the key
     provenance = stage_provenance(stage, cfg, inputs)

@@ -47,9 +47,14 @@ class WandbTracker:
         self._datasets = datasets
         self._online = cfg.tracking.mode == "online"
         self.run = wandb.init(
-            project=cfg.tracking.project, group=cfg.tracking.group or self._group, job_type=stage,
+            project=cfg.tracking.project,
+            group=cfg.tracking.group or self._group,
+            job_type=stage,
             name=f"{self._group}-{stage}",
-            dir=str(run_dir), mode=cfg.tracking.mode, config=cfg.model_dump(mode="json"), reinit="finish_previous",
+            dir=str(run_dir),
+            mode=cfg.tracking.mode,
+            config=cfg.model_dump(mode="json"),
+            reinit="finish_previous",
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
 
@@ -64,8 +69,9 @@ class WandbTracker:
             self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
             self.run.summary["warnings"] = "; ".join(metrics.get("warnings", []))
             for warning in metrics.get("warnings", []):  # W&B shows alerts on the run page, offline too after sync
-                self.run.alert(title=f"{self._stage}: training warning", text=warning,
-                               level=self._wandb.AlertLevel.WARN)
+                self.run.alert(
+                    title=f"{self._stage}: training warning", text=warning, level=self._wandb.AlertLevel.WARN
+                )
         except Exception as err:  # tracking must never fail a finished stage
             print(f"warning: W&B logging failed for {self._stage}: {err}", flush=True)
         finally:

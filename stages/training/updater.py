@@ -46,10 +46,21 @@ class Updater:
     before the gradients it reads are zeroed, and is saved with the optimizer.
     """
 
-    def __init__(self, module: torch.nn.Module, learning_rate: float, warmup_steps: int, total_steps: int,
-                 max_grad_norm: float = 1.0, *, gradient_accumulation: int = 1, micro_batch_size: int = 1,
-                 schedule: str = "cosine", dist: Distributed = LOCAL, bf16: bool = False,
-                 rank_allocation: RankAllocation | None = None) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        learning_rate: float,
+        warmup_steps: int,
+        total_steps: int,
+        max_grad_norm: float = 1.0,
+        *,
+        gradient_accumulation: int = 1,
+        micro_batch_size: int = 1,
+        schedule: str = "cosine",
+        dist: Distributed = LOCAL,
+        bf16: bool = False,
+        rank_allocation: RankAllocation | None = None,
+    ) -> None:
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.max_grad_norm = max_grad_norm
@@ -58,22 +69,31 @@ class Updater:
         self.applied_lr = 0.0
         self.dist = dist
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
-        self.schedule = (get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
-                         if schedule == "cosine" else get_constant_schedule_with_warmup(self.optimizer, warmup_steps))
+        self.schedule = (
+            get_cosine_schedule_with_warmup(self.optimizer, warmup_steps, total_steps)
+            if schedule == "cosine"
+            else get_constant_schedule_with_warmup(self.optimizer, warmup_steps)
+        )
         self.rank_allocation = rank_allocation
         self.engine = None
         self._pending: torch.Tensor | None = None  # DeepSpeed: this micro-step's losses, summed
         if dist.deepspeed is not None:
             from accelerate import Accelerator, DeepSpeedPlugin
 
-            config = filled_deepspeed_config(dist, micro_batch_size=micro_batch_size,
-                                             gradient_accumulation=gradient_accumulation,
-                                             max_grad_norm=max_grad_norm, bf16=bf16)
+            config = filled_deepspeed_config(
+                dist,
+                micro_batch_size=micro_batch_size,
+                gradient_accumulation=gradient_accumulation,
+                max_grad_norm=max_grad_norm,
+                bf16=bf16,
+            )
             accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
             # Only the module and the optimizer go to the engine; the schedule stays ours (module docstring).
             self.engine, _ = accelerator.prepare(module, self.optimizer)
             if type(self.engine).__name__ != "DeepSpeedEngine":  # never train on something else by accident
-                raise RuntimeError(f"accelerate prepared a {type(self.engine).__name__}, not the configured {dist.engine}")
+                raise RuntimeError(
+                    f"accelerate prepared a {type(self.engine).__name__}, not the configured {dist.engine}"
+                )
             if rank_allocation is not None:  # config validation refuses it first; this guards direct use
                 raise RuntimeError("AdaLoRA's rank allocation reads full gradients, which DeepSpeed partitions")
 
@@ -141,26 +161,38 @@ class Updater:
     def check_finite(self, loss: torch.Tensor, what: str) -> None:
         value = loss.detach().float().item()
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"{what} is {value} at micro-step {self.micro_steps + 1}: stopped before the update "
-                                "(lower the learning rate, or check the data); the last checkpoint is kept")
+            raise NonFiniteLoss(
+                f"{what} is {value} at micro-step {self.micro_steps + 1}: stopped before the update "
+                "(lower the learning rate, or check the data); the last checkpoint is kept"
+            )
 
     def save(self, folder: Path) -> None:
         """Optimizer and schedule state (every rank writes its ZeRO partition under DeepSpeed)."""
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder), tag=ENGINE_TAG, exclude_frozen_parameters=True)
             if self.dist.is_main:
-                torch.save({"schedule": self.schedule.state_dict(), "applied_lr": self.applied_lr},
-                           Path(folder) / SCHEDULE_STATE)
+                torch.save(
+                    {"schedule": self.schedule.state_dict(), "applied_lr": self.applied_lr},
+                    Path(folder) / SCHEDULE_STATE,
+                )
         else:
             allocation = self.rank_allocation.state_dict() if self.rank_allocation is not None else None
-            torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                        "applied_lr": self.applied_lr, "rank_allocation": allocation}, Path(folder) / LOCAL_STATE)
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "schedule": self.schedule.state_dict(),
+                    "applied_lr": self.applied_lr,
+                    "rank_allocation": allocation,
+                },
+                Path(folder) / LOCAL_STATE,
+            )
 
     def load(self, folder: Path) -> None:
         """Restore what ``save`` wrote (checkpoints are keyed by code version: never an older layout)."""
         if self.engine is not None:
-            self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_module_strict=False,
-                                        load_lr_scheduler_states=False)
+            self.engine.load_checkpoint(
+                str(folder), tag=ENGINE_TAG, load_module_strict=False, load_lr_scheduler_states=False
+            )
             state = torch.load(Path(folder) / SCHEDULE_STATE, weights_only=True)
         else:
             state = torch.load(Path(folder) / LOCAL_STATE, weights_only=True)
