@@ -165,8 +165,11 @@ def budget_counts(cfg: PipelineConfig, tokenization: Tokenization, context: int)
 
 
 def rolls_out(stage: str, cfg: PipelineConfig) -> bool:
-    """Whether ``stage`` samples responses to rollout prompts in this run (RRHF on ``data.ranked`` does not)."""
-    return "prompts" in spec(stage).optional_datasets and not (stage == "rrhf" and cfg.data.ranked)
+    """Whether ``stage`` samples responses to rollout prompts in this run: a stage that samples while it
+    trains, unless a dataset replaces what it would sample (RRHF on ``data.ranked``)."""
+    entry = spec(stage)
+    replaced = any(kind in entry.needed_datasets(cfg) for kind in entry.unless_data.values())
+    return entry.samples_while_training and not replaced
 
 
 def _even_sample(rows: list[Any]) -> list[Any]:

@@ -78,7 +78,8 @@ class ExportPlan:
 
     @property
     def is_reward(self) -> bool:
-        return self.stage == "reward"
+        """A reward model: its artifact holds a score head (and the probe scores to check it with)."""
+        return (self.artifact / SCORE_HEAD).is_file()
 
 
 def plan_export(run_dir: Path, cfg: PipelineConfig, stage: str | None, merge: bool) -> ExportPlan:

@@ -1,6 +1,6 @@
 """Early stopping: end a stage once a held-out metric stops improving (``<stage>.early_stopping``).
 
-Every ``eval_every`` steps the stage evaluates (``STOPPING_METRICS`` lists what each built-in stage can
+Every ``eval_every`` steps the stage evaluates (its spec's ``stopping_metrics`` list what it can
 measure then), and ``EarlyStopper`` keeps the best value: an evaluation improves on it when it is better
 by more than ``min_delta`` in the direction of ``mode``; after ``patience`` evaluations in a row without
 an improvement the stage stops, as Keras' and the HF Trainer's ``EarlyStoppingCallback`` do. A stopped
