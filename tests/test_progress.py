@@ -35,7 +35,7 @@ def test_known_library_noise_is_silenced_exactly_where_it_is_harmless() -> None:
     import logging
 
     from stages.io.config import load_config
-    from stages.training.runner import silence_known_noise
+    from stages.training.entry import silence_known_noise
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     noise = logger.makeRecord(
