@@ -4,6 +4,7 @@ import pytest
 
 from flows.cache import ArtifactCache
 from stages.io import artifacts
+from tests.conftest import REPO
 
 
 def _publish(final: Path, content: str, key: str = "k1") -> Path:
@@ -83,3 +84,33 @@ def test_json_files_are_strict_json(tmp_path: Path) -> None:
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert __import__("json").loads(text) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+
+
+def test_a_cache_key_never_builds_the_builtin_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Computing a key reads the backbone's files and refuses, in one line, a built-in backbone not built
+    yet (the CLI's pre-flight builds it in a process of its own); it never trains one as a side effect."""
+    from stages.io.backbone_files import BackboneError, unbuilt_builtin
+    from stages.io.config import load_config
+    from stages.io.provenance import stage_provenance
+
+    monkeypatch.setenv("RLHF_HOME", str(tmp_path / "empty-home"))
+    cfg = load_config(None, [])
+    assert unbuilt_builtin(cfg.backbone)
+    with pytest.raises(
+        BackboneError,
+        match=r"^backbone.name=builtin:tiny: the built-in backbone is not built yet; "
+        r"`rlhf build-backbone` builds it",
+    ):
+        stage_provenance("sft", cfg, {})
+    assert not (tmp_path / "empty-home").exists()  # nothing was built, not even a folder
+
+
+def test_a_stage_process_names_an_unknown_stage_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.training.entry", "kto", "--out", "x"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown stage 'kto'; known: sft, reward, rrhf, ppo, dpo, grpo"
