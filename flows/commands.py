@@ -22,11 +22,12 @@ from filelock import Timeout
 from flows.memory_check import format_plan, plan_json, plan_memory
 from flows.prefect_env import configure_prefect, start_server_early
 from flows.preflight import ConfigProcess, budget_lines, build_backbone, preflight, start_check
-from flows.promotion import promote
+from flows.promotion import LATEST, promote, promoted_runs
 from flows.report import describe, format_report, list_runs, run_report
 from flows.report_html import write_report_html
 from flows.run_dir import new_run_id, prepare_run_dir, read_config, run_lock, update_run_config
 from flows.sweep import DB_WAIT_S, StudyLocked, SweepSpec, check_spec, format_leaderboard, parse_grid, run_sweep
+from stages.io.artifacts import strict_json
 from stages.io.config import ConfigError, load_config
 
 
@@ -137,8 +138,6 @@ def _limit_concurrency(tag: str, limit: int) -> None:
 def report_command(args: argparse.Namespace) -> int:
     report = run_report(args.runs_dir / args.run_id)
     if args.json:
-        from stages.io.artifacts import strict_json
-
         print(json.dumps(strict_json(report), indent=2, allow_nan=False))
         return 0
     print(format_report(report))
@@ -170,8 +169,6 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 def runs_command(args: argparse.Namespace) -> int:
     if args.promoted:
-        from flows.promotion import LATEST, promoted_runs
-
         promoted = promoted_runs(args.runs_dir)
         print(f"{'run':<28} {'promoted at':<34} by")
         for row in promoted:

@@ -10,6 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from stages.io.config import ConfigError, PipelineConfig
+from stages.io.devices import device_type
+from stages.memory.inputs import (
+    available_gpu_memory,
+    available_host_memory,
+    read_data_shape,
+    read_model_shape,
+    read_parallel,
+)
 from stages.memory.plan import Estimate, estimate, stage_workload
 from stages.registry import spec
 
@@ -41,15 +49,6 @@ class MemoryPlan:
 def plan_memory(cfg: PipelineConfig, stages: list[str] | None = None) -> MemoryPlan:
     """Estimates for ``stages`` (default: the run's), from the config, the backbone's config.json and the
     data's token lengths, and what this machine has available now."""
-    from stages.io.devices import device_type
-    from stages.memory.inputs import (
-        available_gpu_memory,
-        available_host_memory,
-        read_data_shape,
-        read_model_shape,
-        read_parallel,
-    )
-
     shape, data, device = read_model_shape(cfg), read_data_shape(cfg), device_type(cfg.backbone)
     estimates = []
     for stage in stages or cfg.run.stages:

@@ -13,7 +13,9 @@ from typing import Any, cast
 from prefect import flow
 from prefect.states import Failed, State
 
-from flows.run_dir import read_config
+from flows.promotion import apply_gate, refresh_latest
+from flows.report import describe
+from flows.run_dir import new_run_id, prepare_run_dir, read_config
 from flows.stage_task import stage_task
 from stages.io.config import load_config
 from stages.io.provenance import stage_inputs
@@ -38,8 +40,6 @@ def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str
             forced.update(cfg.run.stages)  # a forced rerun recomputes everything downstream of it
         state = stage_task(stage, run_dir, inputs, force=stage in forced, return_state=True)
         if state.is_failed():
-            from flows.promotion import refresh_latest
-
             refresh_latest(Path(run_dir).parent)  # a promoted run whose rerun failed is no longer the latest
             return Failed(message=state.message)
         results[stage] = cast(dict[str, Any], state.result())  # a completed task's result: its manifest
@@ -51,9 +51,6 @@ def decide_promotion(run_dir: Path, conditions: list[str]) -> None:
     """Check a finished run's gate (``flows.promotion``) and show the verdict in Prefect's UI. A failed gate
     is not a failed run: its artifacts stay, it is only marked ``not promoted``."""
     from prefect.artifacts import create_markdown_artifact
-
-    from flows.promotion import apply_gate
-    from flows.report import describe
 
     record = apply_gate(run_dir, conditions)
     rows = "".join(
@@ -70,8 +67,6 @@ def decide_promotion(run_dir: Path, conditions: list[str]) -> None:
 @flow(name="rlhf-scheduled")
 def scheduled_run(config: str | None = None, overrides: list[str] | None = None, runs_dir: str = "runs") -> str:
     """What a schedule triggers: a fresh run id, the resolved config written, then the pipeline."""
-    from flows.run_dir import new_run_id, prepare_run_dir
-
     cfg = load_config(config, overrides or [])
     run_dir = prepare_run_dir(Path(runs_dir), new_run_id(), cfg).resolve()
     state = pipeline(str(run_dir), return_state=True)

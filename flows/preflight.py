@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from flows.memory_check import check_memory
 from stages.io.backbone_files import BackboneError, is_builtin_chat, unbuilt_builtin
 from stages.io.config import BackboneSection, PipelineConfig
 from stages.io.data import DataError
@@ -100,8 +101,6 @@ def preflight(cfg: PipelineConfig, memory_stages: list[str] | None = None) -> No
     target or token budget the backbone and data cannot serve, and (for ``memory_stages``) a stage whose
     estimated peak memory exceeds what is available. Prints the budgets that cut or drop rows (loudly
     where most rows are cut). Raises ``ConfigError``, ``DataError`` or ``BackboneError``."""
-    from flows.memory_check import check_memory
-
     device_type(cfg.backbone)  # backbone.device: cuda where no GPU is visible fails here, not in a stage
     for stage in cfg.run.stages:
         check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from flows.run_dir import is_running, prepare_run_dir, read_stages, run_lock, sweep_dir, write_trial
+from flows.sweep_report import write_sweep_report
 from stages.io import artifacts
 from stages.io.config import ConfigError, load_config
 from stages.io.paths import rlhf_home
@@ -427,8 +428,6 @@ def leaderboard(
     rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0.0), r["trial"]))
     board = {"sweep": sweep, "metric": spec.metric, "direction": spec.direction, "trials": rows}
     artifacts.write_json(sweep_dir(runs_dir, sweep) / "leaderboard.json", board)
-    from flows.sweep_report import write_sweep_report
-
     board["report"] = str(write_sweep_report(board, Path(runs_dir)))
     return board
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+from stages.io.gate import Condition
 from stages.io.sections import (  # noqa: F401  # re-exported: callers import the sections from here
     DATA_KINDS,
     DEEPSPEED_PRESETS,
@@ -89,8 +90,6 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _gate_names_run_stages(self) -> PipelineConfig:
-        from stages.io.gate import Condition
-
         for text in self.gate.conditions:
             if (stage := Condition.parse(text).stage) not in self.run.stages:
                 raise ValueError(

@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stages.io.formats import format_keys
+from stages.io.gate import Condition
+
 Launcher = Literal["local", "accelerate"]  # in this process, or `accelerate launch` over distributed.*
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")  # infra/deepspeed/<name>.json
 DATA_KINDS = ("sft", "preferences", "eval", "prompts", "ranked")  # the data.* datasets
@@ -132,8 +135,6 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _columns_name_format_keys(self) -> DataSection:
-        from stages.io.formats import format_keys
-
         for kind in DATA_KINDS:
             ref = getattr(self, kind)
             if not isinstance(ref, DataSource) or not ref.columns:
@@ -263,8 +264,6 @@ class GateSection(Section):
     @field_validator("conditions")
     @classmethod
     def _parse(cls, conditions: list[str]) -> list[str]:
-        from stages.io.gate import Condition
-
         for text in conditions:
             Condition.parse(text)
         return conditions

@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from stages.io import artifacts
-from stages.io.config import AdapterSection
+from stages.io.config import AdapterSection, ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -103,8 +103,6 @@ def check_target_modules(
     else:
         missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        from stages.io.config import ConfigError
-
         raise ConfigError(
             f"adapter.target_modules: {', '.join(missing)} not found; the backbone has "
             f"{', '.join(linear)} (or use all-linear)"

@@ -290,8 +290,6 @@ def train_from(trainer: Trainer, resume: str | None) -> Any:
     import json
 
     if resume:
-        from stages.model.adapters import pop_rank_patterns
-
         pop_rank_patterns(trainer.model)  # load at the checkpoint's shapes; adalora_callbacks puts them back
     if resume and hasattr(trainer, "_total_train_tokens"):
         rows = json.loads((Path(resume) / "trainer_state.json").read_text())["log_history"]
