@@ -28,6 +28,7 @@ from flows.launch import STAGE_ENTRY, USER_ERRORS, StageFailed, accelerate_comma
 from flows.run_dir import CONFIG, record_status
 from stages.io import artifacts
 from stages.io.config import PipelineConfig, load_config
+from stages.io.lifetime import die_with_parent
 from stages.io.progress import PROGRESS_ENV
 from stages.io.provenance import stage_provenance
 
@@ -133,7 +134,7 @@ def launch_stage(stage: str, run_dir: Path, inputs: dict[str, Path], cfg: Pipeli
     with log_path.open("wb") as log:
         log.write(f"$ {shlex.join(command)}\n".encode())  # how to rerun (or join, on another machine) by hand
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=_terminate_with_parent
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
         )
         try:
             stdout = process.stdout
@@ -198,18 +199,6 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def _terminate_with_parent() -> None:
-    """In the child: get SIGTERM when the flow process dies, even by ``kill -9``, so no trainer is orphaned
-    (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere a no-op)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def failure_line(log_path: Path) -> str:

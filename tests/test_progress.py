@@ -34,8 +34,7 @@ def test_other_ranks_report_nothing_and_a_terminal_gets_a_bar(monkeypatch: pytes
 def test_known_library_noise_is_silenced_exactly_where_it_is_harmless() -> None:
     import logging
 
-    from stages.io.config import load_config
-    from stages.training.entry import silence_known_noise
+    from stages.io.noise import silence_known_noise
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     noise = logger.makeRecord(
@@ -49,9 +48,9 @@ def test_known_library_noise_is_silenced_exactly_where_it_is_harmless() -> None:
     )
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "something else", (), None)
     try:
-        silence_known_noise(load_config(None, ["adapter.kind=qlora"]))  # 4-bit kernels in use: the hint stays
+        silence_known_noise(quantized=True)  # 4-bit kernels in use: the hint stays
         assert logger.filter(noise)
-        silence_known_noise(load_config(None, ["adapter.kind=lora"]))
+        silence_known_noise(quantized=False)
         assert not logger.filter(noise) and logger.filter(other)
     finally:
         logger.filters.clear()

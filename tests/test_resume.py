@@ -192,6 +192,10 @@ def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
     while not (run_dir / "logs" / "reward.log").is_file():
         assert process.poll() is None and time.time() < deadline, "the run ended before its reward stage"
         time.sleep(0.05)
+    trainer = ["pgrep", "-f", f"stages.training.entry reward .*{run_dir}"]  # the reward stage's process
+    while not subprocess.run(trainer, capture_output=True, text=True).stdout.strip():
+        assert process.poll() is None and time.time() < deadline, "the reward stage's process never started"
+        time.sleep(0.05)
     server = subprocess.run(
         ["pgrep", "-P", str(process.pid), "-f", "uvicorn.*prefect.server.api.server"], capture_output=True, text=True
     ).stdout.split()
@@ -199,7 +203,7 @@ def test_killed_run_finishes_with_rlhf_resume(tmp_path: Path) -> None:
     process.wait()
     time.sleep(2)
     assert artifacts.is_finished(run_dir / "sft") and not artifacts.is_finished(run_dir / "reward")
-    orphans = subprocess.run(["pgrep", "-f", f"stages.reward.recipe.*{run_dir}"], capture_output=True, text=True).stdout
+    orphans = subprocess.run(trainer, capture_output=True, text=True).stdout
     assert not orphans.strip(), "the reward trainer outlived the flow that started it"
     assert len(server) == 1, "the flow's temporary Prefect server was not found"
     deadline = time.time() + 15  # issue 14, fault 5: the server's watchdog stops it within a few seconds

@@ -10,7 +10,7 @@ import pytest
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from stages.dpo.recipe import tokenized_pairs
+from stages.dpo.pairs import tokenized_pairs
 from stages.io.builtin_spec import CHAT_TEMPLATE
 from stages.io.config import BackboneSection, load_config
 from stages.io.data import DataError, load_records, measure_lengths

@@ -32,6 +32,7 @@ from datasets import Dataset
 from peft import PeftType
 from trl import DPOConfig, DPOTrainer
 
+from stages.dpo.pairs import distinct_after_truncation, tokenized_pairs
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import DataError, Record, load_measured, source_name, split_by_prompt
@@ -59,38 +60,6 @@ if TYPE_CHECKING:
 
 # DPOTrainer's own names: it trains the adapter named "default" and copies it as "ref" for the reference.
 POLICY, REFERENCE = "default", "ref"
-
-
-def tokenized_pairs(pairs: list[Record], tokenization: Tokenization) -> list[dict[str, list[int]]]:
-    """Preference pairs as DPOTrainer's processed rows: the contract's ``prompt_ids`` and the ``chosen_ids``
-    and ``rejected_ids`` of each response, with its end token (``Tokenization.response_ids``)."""
-    return [
-        {
-            "prompt_ids": tokenization.prompt_ids(p["prompt"]),
-            "chosen_ids": tokenization.response_ids(p["prompt"], p["chosen"]),
-            "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"]),
-        }
-        for p in pairs
-    ]
-
-
-def distinct_after_truncation(
-    pairs: list[Record], tokenization: Tokenization, max_length: int
-) -> tuple[list[Record], list[int]]:
-    """(the pairs whose chosen and rejected still differ once DPOTrainer's collator keeps the first
-    ``max_length`` ids of prompt + response, the record numbers (from 1) of those that do not).
-
-    A pair whose prompt fills the budget, or whose responses agree up to it, has a log-ratio margin of 0
-    whatever the policy: loss ln 2, no gradient, and a wrong pair in ``reward_accuracy``. TRL drops the
-    first kind in the dataset preparation this stage replaces (TRL #3382 / PR #3398); both go here."""
-    kept, dropped = [], []
-    for number, (pair, row) in enumerate(zip(pairs, tokenized_pairs(pairs, tokenization), strict=True), start=1):
-        chosen, rejected = (row["prompt_ids"] + row[side][:max_length] for side in ("chosen_ids", "rejected_ids"))
-        if chosen[:max_length] != rejected[:max_length]:
-            kept.append(pair)
-        else:
-            dropped.append(number)
-    return kept, dropped
 
 
 @contextmanager

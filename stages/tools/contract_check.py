@@ -10,7 +10,7 @@ With the backbone's real tokenizer (no weights loaded) and the contract every st
 * **Budgets.** Per stage, how many rows its token budgets cut or drop, counted with the exact ids the
   stage trains on (templates add tens of ids: Llama 3.1's date header makes the chat prompt ``3+4=`` 44-45 ids): SFT's
   ``sft.max_length``, the context for the reward model and DPO (with DPO's pairs that truncation makes
-  identical, ``stages.dpo.recipe.distinct_after_truncation``), and the rollout prompts that would generate past
+  identical, ``stages.dpo.pairs.distinct_after_truncation``), and the rollout prompts that would generate past
   the context with the stage's ``max_new_tokens``. A dataset of more than ``SAMPLE_ROWS`` rows is counted
   on an even sample of them and the counts are scaled (said as "about").
 
@@ -38,7 +38,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from stages.dpo.recipe import distinct_after_truncation
+from stages.dpo.pairs import distinct_after_truncation
 from stages.io.artifacts import ArtifactError
 from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import (

@@ -3,7 +3,8 @@
     python -m stages.training.entry sft --out runs/<id>/sft [--config runs/<id>/config.yaml]
                                         [--set sft.max_steps=20] [--input reward=runs/<id>/reward]
 
-It prepares the process before any heavy library loads, which its recipe's imports would do: ranks other
+A rank of ``accelerate launch`` dies with its launcher (``stages.io.lifetime``). It prepares the process
+before any heavy library loads, which its recipe's imports would do: ranks other
 than the main one keep their libraries' progress bars off (tqdm reads ``TQDM_DISABLE`` when it is
 imported), and the library lines known to be harmless for this config are filtered (their loggers exist
 before the libraries print). Then it imports the stage's recipe (``StageSpec.module``; its top imports
@@ -14,26 +15,24 @@ itself: only argparse, the config and the registry load before the setup.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import signal
 import sys
 from importlib import import_module
 from pathlib import Path
 
-from stages.io.config import ConfigError, PipelineConfig, load_config
+from stages.io.config import ConfigError, load_config
+from stages.io.lifetime import die_with_parent
+from stages.io.noise import silence_known_noise
+from stages.io.sections import needs_4bit
 from stages.registry import spec
-
-# Library log lines known to be harmless where they print: (logger, message start, when it is harmless).
-_KNOWN_NOISE = (
-    # bitsandbytes, imported by PEFT on every run, looks for an optional CPU kernel package on AVX512-BF16
-    # hosts and falls back to its own 4-bit kernels; only a QLoRA run (4-bit weights) uses either.
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward", lambda cfg: cfg.adapter.kind != "qlora"),
-)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run one stage in this process; a bad stage name, argument or config is one line and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "LOCAL_RANK" in os.environ:  # a rank of `accelerate launch`: its agent put it in a session of its own
+        die_with_parent(signal.SIGKILL)
     quiet_other_ranks()
     try:
         stage = spec(argv[0] if argv else "").name
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    silence_known_noise(cfg)
+    silence_known_noise(needs_4bit(cfg.adapter.kind))
     recipe = import_module(spec(stage).module)
     from stages.training.runner import stage_main  # torch: after the setup above
 
@@ -84,25 +83,6 @@ def quiet_other_ranks() -> None:
     weight loading) stay silent: one progress display per stage."""
     if os.environ.get("RANK", "0") != "0":
         os.environ.setdefault("TQDM_DISABLE", "1")
-
-
-def silence_known_noise(cfg: PipelineConfig) -> None:
-    """Drop exactly the library log lines of ``_KNOWN_NOISE`` that are harmless for ``cfg``."""
-    for name, start, harmless in _KNOWN_NOISE:
-        logger = logging.getLogger(name)
-        if harmless(cfg) and not any(getattr(f, "noise", None) == start for f in logger.filters):
-            logger.addFilter(_NoiseFilter(start))
-
-
-class _NoiseFilter(logging.Filter):
-    """Drops the records whose message starts with ``noise``."""
-
-    def __init__(self, noise: str) -> None:
-        super().__init__()
-        self.noise = noise
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.noise)
 
 
 if __name__ == "__main__":
