@@ -13,8 +13,9 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from flows.memory_check import check_memory
 from stages.io.backbone_files import BackboneError, is_builtin_chat, unbuilt_builtin
@@ -41,9 +42,23 @@ class ConfigProcess:
         )
 
     def wait(self, timeout: float | None = None) -> tuple[int, str, str]:
-        """(exit status, stdout, stderr); raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
-        out, err = self.process.communicate(timeout=timeout)
-        return self.process.returncode, out or "", err or ""
+        """(exit status, stdout, stderr); the dataset store's progress lines (``PROGRESS_PREFIXES``) are
+        shown on stderr as they come. Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+        stdout, stderr = self.process.stdout, self.process.stderr
+        if stdout is None or stderr is None:  # not captured: nothing to read
+            return self.process.wait(timeout=timeout), "", ""
+        errors: list[str] = []
+        output: list[str] = []
+        readers = [
+            threading.Thread(target=_relay_progress, args=(stderr, errors), daemon=True),
+            threading.Thread(target=lambda: output.append(stdout.read()), daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+        self.process.wait(timeout=timeout)
+        for reader in readers:
+            reader.join()
+        return self.process.returncode, "".join(output), "".join(errors)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -58,10 +73,22 @@ class ConfigProcess:
         self.close()
 
 
-def start_check(cfg: PipelineConfig) -> ConfigProcess:
-    """Start the contract check (``stages.tools.contract_check``) on ``cfg`` in its own process;
-    ``budget_lines`` waits for it, ``close`` ends it."""
-    return ConfigProcess("stages.tools.contract_check", cfg, "--json")
+PROGRESS_PREFIXES = ("read ", "reading ", "tokenizing ", "tokenized ")  # stages.io.dataset_store's lines
+
+
+def _relay_progress(stream: IO[str], lines: list[str]) -> None:
+    """Keep every line of ``stream``; show the progress lines among them as they come."""
+    for line in stream:
+        lines.append(line)
+        if line.startswith(PROGRESS_PREFIXES):
+            print(line, end="", file=sys.stderr, flush=True)
+
+
+def start_check(cfg: PipelineConfig, tokenize: bool = False) -> ConfigProcess:
+    """Start the contract check (``stages.tools.contract_check``) on ``cfg`` in its own process; with
+    ``tokenize``, it also tokenizes every dataset into the dataset store for the stages (a run's
+    pre-flight; ``rlhf plan`` samples). ``budget_lines`` waits for it, ``close`` ends it."""
+    return ConfigProcess("stages.tools.contract_check", cfg, "--json", *(["--tokenize"] if tokenize else []))
 
 
 def budget_lines(check: ConfigProcess) -> list[dict[str, Any]]:
@@ -106,7 +133,7 @@ def preflight(cfg: PipelineConfig, memory_stages: list[str] | None = None) -> No
         check_launch(stage, cfg)  # an impossible launch (e.g. PPO under ZeRO-3) fails before anything starts
     build_backbone(cfg.backbone)  # an explicit step: nothing else builds it (a cache key never trains a model)
     check_datasets(cfg)  # bad data fails here, in one line, before any run folder or process exists
-    with start_check(cfg) as check:  # the template, the LoRA targets and the budgets: in its own process
+    with start_check(cfg, tokenize=True) as check:  # the template, LoRA targets, budgets, token ids: its own process
         if memory_stages:  # and a stage that would run out of memory is refused now, not minutes into the run
             check_memory(cfg, memory_stages)
         for count in budget_lines(check):

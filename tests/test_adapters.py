@@ -12,7 +12,7 @@ from stages.io.sections import needs_4bit
 from stages.model.adapters import active_adapter, attach_adapter, save_adapter, set_trainable
 from stages.model.backbone import load_backbone, weights_digest
 from stages.model.tokenization import Tokenization
-from stages.sft.recipe import build_sft_trainer
+from stages.sft.recipe import build_sft_trainer, sft_dataset
 from stages.training.distributed import LOCAL
 from tests.conftest import TINY
 
@@ -40,7 +40,9 @@ def test_sft_trains_only_the_adapter_and_reloads_exactly(kind: str, tmp_path: Pa
     assert not [n for n in initial if ".ranknum." in n], "AdaLoRA's rank count is a constant, never trained"
 
     demos = load_records("builtin", "sft", cfg.task)
-    build_sft_trainer(model, Tokenization.of(backbone.tokenizer), demos, cfg, tmp_path / "checkpoints", LOCAL).train()
+    tok = Tokenization.of(backbone.tokenizer)
+    rows = sft_dataset(demos, tok, cfg.sft.max_length)
+    build_sft_trainer(model, tok, rows, cfg, tmp_path / "checkpoints", LOCAL).train()
 
     after = dict(model.named_parameters())
     changed = [n for n, p in initial.items() if not torch.equal(p, after[n].detach())]

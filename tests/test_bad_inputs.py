@@ -194,18 +194,20 @@ def tokenization(tokenizer):
 
 
 def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tokenization, tmp_path: Path) -> None:
-    """What TRL 1.16's SFTTrainer does with rows over ``max_length``, with the arguments stages/sft/recipe.py gives it
-    (``max_length=sft.max_length``, ``completion_only_loss=True``, default ``truncation_mode='keep_start'``),
-    and that ``measure_lengths`` counts exactly those rows."""
+    """What TRL 1.16's SFTTrainer prepares from rows over ``max_length`` (``input_ids`` + ``completion_mask``,
+    ``completion_only_loss=True``, default ``truncation_mode='keep_start'``) is exactly what the stage's own
+    ``training_rows`` hands it; and ``measure_lengths`` counts exactly those rows."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from stages.sft.recipe import tokenized_demos
+    from stages.sft.recipe import sft_dataset
 
     demos = [
         {"prompt": "1+1=", "completion": "2"},  # 4 + 1 + EOS = 6 tokens: fits in 8
         {"prompt": "12+13=", "completion": "25;3+4=7"},  # 6 + 8 + EOS = 15: cut to 8, losing its EOS
         {"prompt": "1+2+3+4+5=", "completion": "15"},  # the prompt alone is 10 tokens: no completion left
+        {"prompt": "1+2+3=", "completion": "6;1+1=2"},  # 6 + 7 + EOS: cut to 8, two completion ids left
+        {"prompt": "", "completion": "3+4=7;1+1=2"},  # language modelling: loss on all of it, cut at 8
     ]
     max_length = 8
     model = load_backbone(BackboneSection()).model
@@ -218,22 +220,27 @@ def test_sft_over_length_rows_are_truncated_or_dropped_by_trl(tokenizer, tokeniz
         bf16=False,
         dataloader_num_workers=0,
     )
+    pretokenized = []
+    for demo in demos:
+        prompt, completion = tokenization.pair(demo["prompt"], demo["completion"])
+        pretokenized.append(
+            {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+        )
     trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(tokenized_demos(demos, tokenization)),
-        processing_class=tokenizer,
+        model=model, args=args, train_dataset=Dataset.from_list(pretokenized), processing_class=tokenizer
     )
     rows = [row["input_ids"] for row in trainer.train_dataset]
-    assert len(rows) == 2, "TRL drops a row whose completion is truncated away entirely"
-    assert sorted(len(r) for r in rows) == [6, max_length]
-    cut = next(r for r in rows if len(r) == max_length)
+    assert len(rows) == 4, "TRL drops a row whose completion is truncated away entirely"
+    assert sorted(len(r) for r in rows) == [6, max_length, max_length, max_length]
+    cut = rows[1]
     assert tokenizer.eos_token_id not in cut, "a truncated demonstration no longer ends with EOS"
+    ours = sft_dataset(demos, tokenization, max_length)
+    assert ours.to_list() == [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in trainer.train_dataset]
 
     report = measure_lengths(demos, "sft", "demos.jsonl", tokenization, max_length)
-    assert (report.total, report.too_long, report.no_room) == (3, (2, 3), (3,))
+    assert (report.total, report.too_long, report.no_room) == (5, (2, 3, 4, 5), (3,))
     assert report.warning() == (
-        "demos.jsonl: 2 of 3 sft records are longer than 8 tokens (records 2, 3); "
+        "demos.jsonl: 4 of 5 sft records are longer than 8 tokens (records 2, 3, 4, 5); "
         "1 of them have no room for the response"
     )
     assert measure_lengths(demos[:1], "sft", "demos.jsonl", tokenization, max_length).warning() is None

@@ -1,6 +1,7 @@
 """End to end through the real ``rlhf`` CLI: Prefect flow, stage processes, cache, report."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,17 @@ def test_help_does_not_import_heavy_libraries() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
+def _token_tables(home: Path) -> dict[str, tuple[int, int]]:
+    """Every token table in the dataset store: its path and (inode, modification time)."""
+    return {str(p.relative_to(home)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in home.glob("datasets/*/tokens-*")}
+
+
 def test_run_twice_second_is_cached_and_report_is_machine_readable(tmp_path: Path) -> None:
-    first = run_cli("run", *SETS, "--run-id", "first", "--runs-dir", "runs", cwd=tmp_path)
+    home = tmp_path / "home"  # a dataset store of its own, sharing only the backbone build
+    home.mkdir()
+    (home / "backbones").symlink_to(Path(os.environ["RLHF_HOME"]) / "backbones", target_is_directory=True)
+    env = {"RLHF_HOME": str(home)}
+    first = run_cli("run", *SETS, "--run-id", "first", "--runs-dir", "runs", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads(run_cli("report", "first", "--json", cwd=tmp_path).stdout)
     sft = report["stages"]["sft"]
@@ -44,7 +54,12 @@ def test_run_twice_second_is_cached_and_report_is_machine_readable(tmp_path: Pat
 
     _check_wandb_offline_runs(tmp_path / "runs" / "first")
 
-    second = run_cli("run", *SETS, "--run-id", "second", "--runs-dir", "runs", cwd=tmp_path)
+    # Each dataset was tokenized once, by the first stage that read it: SFT's demonstrations, the eval prompts,
+    # the reward model's pairs; PPO read them from the store.
+    tokenized = _token_tables(home)
+    assert len(tokenized) == 3, tokenized
+
+    second = run_cli("run", *SETS, "--run-id", "second", "--runs-dir", "runs", cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     cached = json.loads(run_cli("report", "second", "--json", cwd=tmp_path).stdout)["stages"]["sft"]
     assert cached["status"] == "cached"
@@ -52,11 +67,14 @@ def test_run_twice_second_is_cached_and_report_is_machine_readable(tmp_path: Pat
     assert artifacts.artifact_digest(Path(cached["artifact"])) == manifest["artifact_digest"]
     assert cached["metrics"] == sft["metrics"]
 
-    forced = run_cli("run", *SETS, "--run-id", "third", "--runs-dir", "runs", "--force", "reward", cwd=tmp_path)
+    forced = run_cli(
+        "run", *SETS, "--run-id", "third", "--runs-dir", "runs", "--force", "reward", cwd=tmp_path, env=env
+    )
     assert forced.returncode == 0, forced.stderr[-3000:]
     stages = json.loads(run_cli("report", "third", "--json", cwd=tmp_path).stdout)["stages"]
     # a forced stage recomputes what follows it, and nothing before it
     assert [stages[s]["status"] for s in ("sft", "reward", "ppo")] == ["cached", "completed", "completed"]
+    assert _token_tables(home) == tokenized, "a stage tokenized a dataset the store already held"
 
 
 def test_dpo_and_grpo_have_the_entries_of_every_stage(tmp_path: Path) -> None:

@@ -144,3 +144,15 @@ def test_sampling_logprobs_equal_the_training_forwards_under_each_generation_con
         assert gap < GAP_LIMITS[dtype].largest, (name, dtype, gap)
     finally:
         backbone.model.float().load_state_dict(original)
+
+
+def test_batched_pairs_equal_one_by_one_pairs(family) -> None:
+    """``Tokenization.pairs`` (what the dataset store keeps) gives every row exactly ``pair``'s ids: plain rows
+    with their boundary cases, chat rows, a response that already ends with an end token, empty text."""
+    name, backbone = family
+    for chat_template in ("auto", "always"):
+        tok = backbone.tokenization(chat_template)
+        end = tok.text([tok.stop_id(USER)])
+        rows = [*PLAIN, ("", "3+4=7"), (USER, "7"), (USER, "7" + end), (USER, " Paris"), ("3+4=", "7;1+1=2")]
+        prompts, responses = [p for p, _ in rows], [r for _, r in rows]
+        assert tok.pairs(prompts, responses) == [tok.pair(p, r) for p, r in rows], (name, chat_template)

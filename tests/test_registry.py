@@ -78,6 +78,7 @@ SHARED_CODE = {
     "io/builtin_spec.py",
     "io/config.py",
     "io/data.py",
+    "io/dataset_store.py",
     "io/deepspeed_config.py",
     "io/devices.py",
     "io/formats.py",

@@ -211,3 +211,12 @@ def test_rrhf_trains_on_the_ids_it_sampled_at_a_high_temperature(trained: dict[s
         direct = token_logprobs(model, batch)
     expected = (direct.sum(-1) / batch.response_mask.sum(-1)).reshape(len(prompts), 4)
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
+
+
+def test_held_out_accuracy_is_measured_on_a_bounded_sample_and_says_how_many(tmp_path: Path) -> None:
+    """``reward.eval_max_pairs`` bounds the held-out pairs scored (a 200k-pair file holds out 20k); the metrics
+    name the number evaluated and the number held out, so 2 pairs are not mistaken for all of them."""
+    cfg = load_config(None, [*FAST, "reward.max_steps=2", "reward.eval_max_pairs=2", "tracking.backend=none"])
+    metrics = execute("reward", train_reward, cfg, tmp_path / "reward", {})["metrics"]
+    assert metrics["eval_pairs"] == 2 and metrics["held_out_pairs"] > 2
+    assert metrics["pair_accuracy"] in {0.0, 0.5, 1.0}  # measured on exactly 2 pairs

@@ -160,20 +160,51 @@ def test_ranked_jsonl_loads(tmp_path: Path) -> None:
     assert load_records(str(path), "ranked", CFG) == [{"query": "1+1=", "responses": ["2", "3"], "scores": [1, -1.5]}]
 
 
-def test_a_dataset_is_read_once_per_process_until_its_file_changes(
+def test_a_dataset_is_read_once_per_content_until_its_file_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stages.io import data
+    """The dataset store validates a file once per content, for every later process (a new process finds
+    it by content, not by this process's memory), and an edited file is read again."""
+    from stages.io import dataset_store
 
     path = tmp_path / "demos.jsonl"
-    path.write_text('{"prompt": "1+1=", "completion": "2"}\n')
-    reads = []
-    read = data._read_records
-    monkeypatch.setattr(data, "_read_records", lambda *args: reads.append(args) or read(*args))
+    path.write_text('{"prompt": "store 1+1=", "completion": "2"}\n')
+    builds = []
+    build = dataset_store._build
+    monkeypatch.setattr(dataset_store, "_build", lambda *args: builds.append(args) or build(*args))
     mine = load_records(str(path), "sft", CFG)
     dataset_digest(str(path), "sft", CFG)  # the cache key reads the same records
-    assert load_records(str(path), "sft", CFG) == mine and len(reads) == 1
+    assert load_records(str(path), "sft", CFG) == mine and len(builds) == 1
     mine[0]["prompt"] = "changed"  # each caller gets its own records
-    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "1+1="
-    path.write_text('{"prompt": "10+10=", "completion": "20"}\n')  # an edited file is read again
-    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "10+10=" and len(reads) == 2
+    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "store 1+1="
+    dataset_store._stored.cache_clear()  # as a new process: found in the store by content
+    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "store 1+1=" and len(builds) == 1
+    path.write_text('{"prompt": "store 10+10=", "completion": "20"}\n')  # an edited file is read again
+    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "store 10+10=" and len(builds) == 2
+    path.write_text('{"prompt": "store 1+1=", "completion": "2"}\n')  # the old content is still in the store
+    assert load_records(str(path), "sft", CFG)[0]["prompt"] == "store 1+1=" and len(builds) == 2
+
+
+def test_a_bad_row_leaves_nothing_in_the_dataset_store(tmp_path: Path) -> None:
+    """Validation streams into a temporary folder that a bad row removes: no table, no staging leftovers."""
+    from stages.io.paths import rlhf_home
+
+    store = rlhf_home() / "datasets"
+    before = set(store.iterdir()) if store.is_dir() else set()
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "store bad 1+1=", "completion": "2"})
+    path.write_text("\n".join([good] * 20_000 + ['{"prompt": "1+1="}']) + "\n")  # past the first written batch
+    with pytest.raises(DataError, match=r"bad.jsonl: line 20001: fits no sft format"):
+        load_records(str(path), "sft", CFG)
+    assert (set(store.iterdir()) if store.is_dir() else set()) == before
+
+
+def test_the_evaluation_sample_is_bounded_reproducible_and_in_file_order() -> None:
+    from stages.io.data import evaluation_sample
+
+    held = [{"prompt": f"{i}+0=", "chosen": str(i), "rejected": f"{i};"} for i in range(1000)]
+    sample = evaluation_sample(held, 64, seed=0)
+    assert len(sample) == 64 and sample == evaluation_sample(held, 64, seed=0)
+    assert [held.index(r) for r in sample] == sorted(held.index(r) for r in sample)
+    assert sample != evaluation_sample(held, 64, seed=1)
+    assert evaluation_sample(held, 0, seed=0) == held and evaluation_sample(held[:10], 64, seed=0) == held[:10]

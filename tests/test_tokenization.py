@@ -19,7 +19,7 @@ from stages.model.builtin_backbone import chat_messages, chat_stream
 from stages.model.generation import generate
 from stages.model.tokenization import Tokenization, TokenizationError
 from stages.reward.recipe import preference_batch
-from stages.sft.recipe import build_sft_trainer, tokenized_demos
+from stages.sft.recipe import build_sft_trainer, sft_dataset
 from stages.training.distributed import LOCAL
 from tests.conftest import REPO
 from tests.families import FAMILIES, family_folder
@@ -230,12 +230,16 @@ def test_every_stage_uses_the_same_ids(backbones, tmp_path: Path, name: str, fil
     # SFT: what TRL's SFTTrainer trains on, after its own preparation, and its loss mask.
     cfg = load_config(None, [f"backbone.name={_location(name)}", "sft.max_steps=1", "tracking.backend=none"])
     trainer = build_sft_trainer(
-        backbone.model, tok, [{"prompt": prompt, "completion": response}], cfg, tmp_path / "sft", LOCAL
+        backbone.model,
+        tok,
+        sft_dataset([{"prompt": prompt, "completion": response}], tok, cfg.sft.max_length),
+        cfg,
+        tmp_path / "sft",
+        LOCAL,
     )
     row = trainer.train_dataset[0]
     assert row["input_ids"] == expected
     assert row["labels"] == [-100] * len(prompt_ids) + response_ids
-    assert tokenized_demos([{"prompt": prompt, "completion": response}], tok)[0]["input_ids"] == expected
 
     # Reward model: the rows it scores (chosen, then rejected).
     pair = {"prompt": prompt, "chosen": response, "rejected": response + " no"}
@@ -274,7 +278,9 @@ def test_sft_keeps_the_real_eos_in_the_labels_when_pad_is_eos(backbones, tmp_pat
     assert tok.pad_id == tok.eos_id
     cfg = load_config(None, ["backbone.name=builtin:tiny-chat", "sft.max_steps=1", "tracking.backend=none"])
     demos = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "12+13=", "completion": "25;3+4=7"}]
-    trainer = build_sft_trainer(backbone.model, tok, demos, cfg, tmp_path / "sft", LOCAL)
+    trainer = build_sft_trainer(
+        backbone.model, tok, sft_dataset(demos, tok, cfg.sft.max_length), cfg, tmp_path / "sft", LOCAL
+    )
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     short = batch["labels"][0].tolist()
     length = len(tok.prompt_ids("1+1=")) + 2

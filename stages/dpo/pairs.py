@@ -12,14 +12,13 @@ from stages.model.tokenization import Tokenization
 
 def tokenized_pairs(pairs: list[Record], tokenization: Tokenization) -> list[dict[str, list[int]]]:
     """Preference pairs as DPOTrainer's processed rows: the contract's ``prompt_ids`` and the ``chosen_ids``
-    and ``rejected_ids`` of each response, with its end token (``Tokenization.response_ids``)."""
+    and ``rejected_ids`` of each response, with its end token (``Tokenization.response_ids``), encoded in
+    batches (``Tokenization.pairs``)."""
+    prompts = [p["prompt"] for p in pairs]
+    encoded = tokenization.pairs(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
     return [
-        {
-            "prompt_ids": tokenization.prompt_ids(p["prompt"]),
-            "chosen_ids": tokenization.response_ids(p["prompt"], p["chosen"]),
-            "rejected_ids": tokenization.response_ids(p["prompt"], p["rejected"]),
-        }
-        for p in pairs
+        {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected[1]}
+        for (prompt_ids, chosen_ids), rejected in zip(encoded[: len(pairs)], encoded[len(pairs) :])
     ]
 
 

@@ -35,7 +35,7 @@ from trl import DPOConfig, DPOTrainer
 from stages.dpo.pairs import distinct_after_truncation, tokenized_pairs
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import DataError, Record, load_measured, source_name, split_by_prompt
+from stages.io.data import DataError, Record, evaluation_sample, load_measured, source_name, split_by_prompt
 from stages.model.adapters import count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import stage_backbone
 from stages.model.probes import save_probe
@@ -154,7 +154,10 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
             f"{source_name(cfg.data.preferences)}: no pair's chosen and rejected differ within the "
             f"backbone's {context}-token context; shorten the prompts"
         )
-    train, held = split_by_prompt(pairs, dpo.eval_fraction, source_name(cfg.data.preferences), "dpo.eval_fraction")
+    train, held_out_pairs = split_by_prompt(
+        pairs, dpo.eval_fraction, source_name(cfg.data.preferences), "dpo.eval_fraction"
+    )
+    held = evaluation_sample(held_out_pairs, dpo.eval_max_pairs, cfg.run.seed)
     held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, context)
 
     model = load_adapter(backbone.model, ctx.inputs["sft"], POLICY, backbone.fingerprint, trainable=True)
@@ -211,7 +214,8 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         "train_loss": round(result.training_loss, 4),
         "final_loss": history[-1]["loss"] if history else None,
         "train_pairs": len(train),
-        "eval_pairs": len(held),
+        "eval_pairs": len(held),  # the pairs reward_accuracy is measured on
+        "held_out_pairs": len(held_out_pairs),  # of these held-out ones (dpo.eval_max_pairs)
         "dropped_pairs": len(dropped),  # chosen = rejected once truncated (distinct_after_truncation)
         "trainable_parameters": trainable,
         "resumed_from_step": resumed_step(resume),

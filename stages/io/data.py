@@ -15,60 +15,47 @@ with a column mapping (``DataSource``). A malformed row raises ``DataError`` nam
 (JSONL) or row (Parquet, HF) and the formats it could have been; so do bytes that are not UTF-8 and a
 dataset without records. ``measure_lengths`` counts records over a token budget, tokenized by the
 stage's ``stages.model.tokenization.Tokenization`` (docs/errors.md says what each stage does with them).
+
+Every dataset is read, validated and tokenized once per content and tokenization, into the dataset
+store (``stages.io.dataset_store``: memory-mapped Arrow under ``$RLHF_HOME/datasets``), which the CLI's
+checks, every stage process and every later run read again.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
-from collections.abc import Callable
+import random
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from stages.io import arithmetic
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from stages.io.config import DataRef, DataSection, DataSource, TaskSection
-from stages.io.formats import RESPONSE_FIELDS, FormatError, Prompt, prompt_key, to_record
-
-
-class Tokenization(Protocol):
-    """What this module asks of ``stages.model.tokenization.Tokenization``: the ids of a prompt and of a
-    response to it (a protocol, so the torch-free data layer never imports the model layer)."""
-
-    def prompt_ids(self, prompt: Prompt) -> list[int]: ...
-
-    def response_ids(self, prompt: Prompt, response: str) -> list[int]: ...
-
+from stages.io.dataset_store import TOKENS_SCHEMA, DataError, StoredDataset, Tokenization, stored, tokenized_batch
+from stages.io.formats import RESPONSE_FIELDS, Prompt, prompt_key
 
 DataKind = Literal["sft", "preferences", "eval", "prompts", "ranked"]
 Record = dict[str, Any]
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file and the line or row."""
+def stored_dataset(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> StoredDataset:
+    """``ref`` read as ``kind`` into the dataset store (once per content; then found there). Raises
+    ``DataError`` naming the file and the line or row of a bad record."""
+    columns = dict(ref.columns) if isinstance(ref, DataSource) else {}
+    return stored(source_name(ref), columns, kind, task_cfg)
 
 
 def load_records(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> list[Record]:
-    """Load and validate every record of ``ref`` for ``kind`` (fresh dicts, the caller's to change).
-
-    Once per process while the file is unchanged: the CLI's checks, the memory plan, each cache key and
-    the stage's own training all read the same datasets.
-    """
-    source = source_name(ref)
-    columns = tuple(sorted(ref.columns.items())) if isinstance(ref, DataSource) else ()
-    return copy.deepcopy(list(_cached_records(source, columns, kind, task_cfg, _file_stamp(source))))
+    """Every validated record of ``ref`` for ``kind``, in file order (fresh dicts, the caller's to change)."""
+    return stored_dataset(ref, kind, task_cfg).records()
 
 
-def record_location(ref: DataRef, index: int) -> str:
+def record_location(ref: DataRef, index: int, kind: DataKind, task_cfg: TaskSection) -> str:
     """Where record ``index`` (from 0, as ``load_records`` lists them) is in its file: ``line N`` of a
     JSONL file (blank lines hold no record), ``row N`` of Parquet or an HF dataset, else ``record N``."""
-    source = source_name(ref)
-    if source.endswith(".jsonl"):
-        lines = (number for number, _ in _jsonl_rows(Path(source)))
-        return f"line {next(n for i, n in enumerate(lines) if i == index)}"
-    return f"row {index + 1}" if source.endswith(".parquet") or source.startswith("hf:") else f"record {index + 1}"
+    return stored_dataset(ref, kind, task_cfg).location(index)
 
 
 def source_name(ref: DataRef) -> str:
@@ -107,74 +94,57 @@ def load_rollout_prompts(
     return prompts
 
 
-def _file_stamp(source: str) -> tuple[int, int] | None:
-    """(modification time, size) of a dataset file, so an edited file is read again; None otherwise."""
-    try:
-        stat = Path(source).stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
-@lru_cache(maxsize=16)
-def _cached_records(
-    source: str,
-    columns: tuple[tuple[str, str], ...],
-    kind: DataKind,
-    task_cfg: TaskSection,
-    stamp: tuple[int, int] | None,
-) -> tuple[Record, ...]:
-    return tuple(_read_records(source, dict(columns), kind, task_cfg))
-
-
-def _read_records(source: str, columns: dict[str, str], kind: DataKind, task_cfg: TaskSection) -> list[Record]:
-    if source == "builtin":
-        builders: dict[str, Callable[[TaskSection], list[Record]]] = {
-            "sft": arithmetic.sft_records,
-            "preferences": arithmetic.preference_records,
-            "eval": arithmetic.eval_records,
-            "prompts": arithmetic.prompt_records,
-            "ranked": arithmetic.ranked_records,
-        }
-        return builders[kind](task_cfg)
-    if source.startswith("hf:"):
-        return _validated(_hf_rows(source), kind, source, "row", columns)
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"data.{kind}: {source}: no such file (expected builtin, a .jsonl/.parquet file or hf:NAME)")
-    if path.suffix == ".jsonl":
-        return _validated(_jsonl_rows(path), kind, source, "line", columns)
-    if path.suffix == ".parquet":
-        return _validated(_parquet_rows(path), kind, source, "row", columns)
-    raise DataError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
-
-
 def split_by_prompt(
     pairs: list[Record], eval_fraction: float, source: str, setting: str = "reward.eval_fraction"
 ) -> tuple[list[Record], list[Record]]:
     """(train, held-out) preference pairs: whole prompts are held out (by a hash of the prompt, so the split
     is stable as the file grows), so held-out accuracy measures generalisation to unseen prompts. Raises
     ``DataError`` naming the file and its number of distinct prompts when either part would be empty."""
+    keys = [prompt_key(p["prompt"]) for p in pairs]
+    flags = held_out_flags(keys, eval_fraction)
+    _check_split(keys, flags, eval_fraction, source, setting)
+    return [p for p, held in zip(pairs, flags) if not held], [p for p, held in zip(pairs, flags) if held]
 
-    def held_out(prompt: Prompt) -> bool:
-        return int(hashlib.sha256(prompt_key(prompt).encode()).hexdigest()[:8], 16) % 1000 < eval_fraction * 1000
 
-    train = [p for p in pairs if not held_out(p["prompt"])]
-    held = [p for p in pairs if held_out(p["prompt"])]
-    if not train or not held:
-        prompts = len({prompt_key(p["prompt"]) for p in pairs})
+def check_split(dataset: StoredDataset, eval_fraction: float, setting: str) -> None:
+    """``split_by_prompt``'s check on a stored dataset, from its prompt keys alone (no record is parsed)."""
+    keys = dataset.table().column("prompt_key").to_pylist()
+    _check_split(keys, held_out_flags(keys, eval_fraction), eval_fraction, dataset.source, setting)
+
+
+def held_out_flags(prompt_keys: list[str], eval_fraction: float) -> list[bool]:
+    """Whether each prompt (by ``formats.prompt_key``) is held out: its sha256 bucket below the fraction;
+    hashed once per distinct prompt."""
+    verdicts: dict[str, bool] = {}
+    for key in prompt_keys:
+        if key not in verdicts:
+            verdicts[key] = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 1000 < eval_fraction * 1000
+    return [verdicts[key] for key in prompt_keys]
+
+
+def _check_split(keys: list[str], flags: list[bool], eval_fraction: float, source: str, setting: str) -> None:
+    held = sum(flags)
+    if held == 0 or held == len(flags):
         raise DataError(
-            f"{source}: {len(pairs)} preference pairs over {prompts} distinct prompt(s) leave {len(train)} "
-            f"train / {len(held)} held-out pairs at {setting}={eval_fraction} (whole prompts "
+            f"{source}: {len(flags)} preference pairs over {len(set(keys))} distinct prompt(s) leave "
+            f"{len(flags) - held} train / {held} held-out pairs at {setting}={eval_fraction} (whole prompts "
             f"are held out); add pairs with other prompts or change {setting}"
         )
-    return train, held
+
+
+def evaluation_sample(held: list[Record], budget: int, seed: int) -> list[Record]:
+    """At most ``budget`` held-out records (0: all), drawn without replacement by ``random.Random(seed)``
+    and kept in file order, so an evaluation costs the same whatever the dataset's size and is the same
+    rows in every run with the same seed and data."""
+    if budget <= 0 or len(held) <= budget:
+        return held
+    return [held[i] for i in sorted(random.Random(seed).sample(range(len(held)), budget))]
 
 
 def dataset_digest(ref: DataRef, kind: DataKind, task_cfg: TaskSection) -> str:
-    """Content digest of a dataset (what the cache key uses): its validated records, in order."""
-    records = load_records(ref, kind, task_cfg)
-    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
+    """Content digest of a dataset (what the cache key uses): its validated records, in order (the store
+    computes it as it writes them)."""
+    return stored_dataset(ref, kind, task_cfg).digest
 
 
 @dataclass(frozen=True)
@@ -203,11 +173,39 @@ class LengthReport:
 def load_measured(
     data: DataSection, kind: DataKind, task_cfg: TaskSection, tokenization: Tokenization, max_tokens: int
 ) -> tuple[list[Record], LengthReport]:
-    """``data.<kind>``'s records (``load_records``) and their lengths under ``max_tokens``
-    (``measure_lengths``): how every stage opens a dataset. Raises ``DataError`` as those do."""
-    ref = getattr(data, kind)
-    records = load_records(ref, kind, task_cfg)
-    return records, measure_lengths(records, kind, source_name(ref), tokenization, max_tokens)
+    """``data.<kind>``'s records (``load_records``) and their lengths under ``max_tokens``, from the token
+    ids the dataset store keeps for this tokenization (tokenized here only the first time): how every
+    stage opens a dataset. Raises ``DataError`` as ``measure_lengths`` does."""
+    dataset = stored_dataset(getattr(data, kind), kind, task_cfg)
+    return dataset.records(), measured(dataset, tokenization, max_tokens)
+
+
+def measured(dataset: StoredDataset, tokenization: Tokenization, max_tokens: int) -> LengthReport:
+    """``measure_lengths`` of a stored dataset, from its token table (built the first time)."""
+    prompt_lengths, total_lengths = token_lengths(dataset.tokens(tokenization))
+    return _report(dataset.source, dataset.kind, max_tokens, prompt_lengths, total_lengths)  # type: ignore[arg-type]
+
+
+def token_lengths(tokens: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt tokens, prompt + longest response tokens) of each row of a store's token table, (N,) each."""
+    prompts, totals = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for batch in tokens.to_batches():  # a batch at a time: only the lengths of a large table are in memory
+        prompt = _list_lengths(batch.column("prompt_ids"))
+        responses = batch.column("response_ids")
+        per_response = _list_lengths(pc.list_flatten(responses))
+        counts = _list_lengths(responses)
+        longest = np.zeros(len(counts), dtype=np.int64)
+        has = counts > 0
+        if has.any():
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            longest[has] = np.maximum.reduceat(per_response, starts[has])
+        prompts.append(prompt)
+        totals.append(prompt + longest)
+    return np.concatenate(prompts), np.concatenate(totals)
+
+
+def _list_lengths(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def measure_lengths(
@@ -220,94 +218,20 @@ def measure_lengths(
     A dataset in which no record has room for a response is a ``DataError``; so is conversational data
     (or ``data.chat_template: always``) with a tokenizer that has no chat template.
     """
-    too_long, no_room = [], []
-    for number, record in enumerate(records, start=1):
-        try:
-            prompt_len, total_len = _token_lengths(record, kind, tokenization)
-        except ValueError as err:  # TokenizationError: the template cannot render this record
-            raise DataError(f"{source}: record {number}: {err}") from None
-        if total_len > max_tokens:
-            too_long.append(number)
-        if prompt_len >= max_tokens:
-            no_room.append(number)
-    report = LengthReport(source, kind, max_tokens, len(records), tuple(too_long), tuple(no_room))
-    if records and len(no_room) == len(records):
+    batch = tokenized_batch(records, RESPONSE_FIELDS.get(kind), tokenization, source=source)
+    prompt_lengths, total_lengths = token_lengths(pa.table(batch, schema=TOKENS_SCHEMA))
+    return _report(source, kind, max_tokens, prompt_lengths, total_lengths)
+
+
+def _report(
+    source: str, kind: DataKind, max_tokens: int, prompt_lengths: np.ndarray, total_lengths: np.ndarray
+) -> LengthReport:
+    too_long = tuple(int(i) + 1 for i in np.flatnonzero(total_lengths > max_tokens))
+    no_room = tuple(int(i) + 1 for i in np.flatnonzero(prompt_lengths >= max_tokens))
+    report = LengthReport(source, kind, max_tokens, len(prompt_lengths), too_long, no_room)
+    if len(prompt_lengths) and len(no_room) == len(prompt_lengths):
         raise DataError(
             f"{source}: every {kind} record's prompt is at least {max_tokens} tokens long, "
             "so no response token fits; shorten the prompts or raise the maximum length"
         )
     return report
-
-
-def _token_lengths(record: Record, kind: DataKind, tokenization: Tokenization) -> tuple[int, int]:
-    """(prompt tokens, prompt + longest response + end token) of one record."""
-    if kind == "ranked":
-        prompt, responses = record["query"], list(record["responses"])
-    else:
-        prompt, responses = record["prompt"], [record[field] for field in RESPONSE_FIELDS[kind]]
-    prompt_len = len(tokenization.prompt_ids(prompt))
-    longest = max((len(tokenization.response_ids(prompt, r)) for r in responses), default=0)
-    return prompt_len, prompt_len + longest
-
-
-def _jsonl_rows(path: Path):
-    # Bytes, decoded line by line: a file that is not UTF-8 (Latin-1, UTF-16 from an editor) then fails on
-    # the line that holds the bad byte, instead of a UnicodeDecodeError from deep inside the file reader.
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                bad = f"byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line"
-                raise DataError(f"{path}: line {number}: not valid UTF-8 ({bad}); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
-
-
-def _parquet_rows(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"{path}: cannot read Parquet file ({err})") from None
-    yield from enumerate(table.to_pylist(), start=1)
-
-
-def _hf_rows(source: str):
-    import datasets
-
-    name, _, split = source.removeprefix("hf:").partition(":")
-    try:
-        dataset = datasets.load_dataset(name, split=split or "train")
-    except Exception as err:  # offline, unknown name, unknown split: all one actionable message
-        raise DataError(f"{source}: cannot load HF dataset {name!r} split {split or 'train'!r} ({err})") from None
-    yield from enumerate(dataset, start=1)
-
-
-def _validated(rows, kind: DataKind, source: str, unit: str, columns: dict[str, str]) -> list[Record]:
-    records = []
-    for number, row in rows:
-        try:
-            records.append(to_record(_renamed(row, columns), kind))
-        except FormatError as err:
-            raise DataError(f"{source}: {unit} {number}: {err}") from None
-    if not records:
-        raise DataError(f"{source}: no {kind} records")
-    return records
-
-
-def _renamed(row: Any, columns: dict[str, str]) -> Any:
-    """The row with each mapped column under the format's key (``DataSource.columns``)."""
-    if not columns or not isinstance(row, dict):
-        return row
-    missing = [column for column in columns.values() if column not in row]
-    if missing:
-        raise FormatError(f"no column(s) {missing} (data.*.columns maps them); the row has keys {sorted(row)}")
-    renamed = {key: value for key, value in row.items() if key not in columns.values()}
-    renamed.update({key: row[column] for key, column in columns.items()})
-    return renamed

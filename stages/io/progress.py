@@ -17,7 +17,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 PROGRESS_ENV = "RLHF_PROGRESS"
-LINE_EVERY_S = 30.0  # a plain line at most this often (and at the end of a loop that is kept)
+LINE_EVERY_S = (
+    10.0  # a plain line at most this often (and at the end of a loop that is kept): logs never go quiet for long
+)
 
 
 def progress_mode() -> str:

@@ -21,9 +21,8 @@ from typing import Any
 from stages.io import artifacts
 from stages.io.backbone_files import backbone_fingerprint, has_chat_template
 from stages.io.config import ConfigError, PipelineConfig
-from stages.io.data import DataError, DataKind, dataset_digest, load_records, source_name, split_by_prompt
+from stages.io.data import DataError, DataKind, check_split, dataset_digest, stored_dataset
 from stages.io.deepspeed_config import launch_identity
-from stages.io.formats import is_conversational
 from stages.io.sections import needs_4bit
 from stages.registry import spec
 
@@ -50,11 +49,10 @@ def check_datasets(cfg: PipelineConfig) -> None:
     kinds = {kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)}
     conversational, plain = [], []
     for kind in sorted(kinds):
-        dataset_digest(getattr(cfg.data, kind), kind, cfg.task)
-        prompts = [r.get("prompt", r.get("query")) for r in load_records(getattr(cfg.data, kind), kind, cfg.task)]
-        if any(p is not None and is_conversational(p) for p in prompts):
+        has_conversational, has_plain = stored_dataset(getattr(cfg.data, kind), kind, cfg.task).prompt_styles()
+        if has_conversational:
             conversational.append(f"data.{kind}")
-        if any(p and not is_conversational(p) for p in prompts):  # "" is language-modeling text: no turns
+        if has_plain:
             plain.append(f"data.{kind}")
     if (conversational or cfg.data.chat_template == "always") and has_chat_template(cfg.backbone) is False:
         why = f"{', '.join(conversational)} hold conversational rows" if conversational else "data.chat_template=always"
@@ -69,11 +67,9 @@ def check_datasets(cfg: PipelineConfig) -> None:
         )
     for stage in cfg.run.stages:  # the stages that hold out whole prompts of the preference pairs (reward, DPO)
         if "preferences" in spec(stage).datasets and hasattr(getattr(cfg, stage), "eval_fraction"):
-            preferences = cfg.data.preferences
-            split_by_prompt(
-                load_records(preferences, "preferences", cfg.task),
+            check_split(
+                stored_dataset(cfg.data.preferences, "preferences", cfg.task),
                 getattr(cfg, stage).eval_fraction,
-                source_name(preferences),
                 f"{stage}.eval_fraction",
             )
     for stage in cfg.run.stages:

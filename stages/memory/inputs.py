@@ -10,11 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stages.io.backbone_files import built_location
 from stages.io.config import DEEPSPEED_PRESETS, ConfigError, PipelineConfig
-from stages.io.data import load_records, load_rollout_prompts
+from stages.io.data import load_rollout_prompts, stored_dataset
+from stages.io.dataset_store import StoredDataset
 from stages.io.deepspeed_config import INFRA
-from stages.io.formats import Prompt, prompt_text
+from stages.io.formats import RESPONSE_FIELDS, Prompt, prompt_text
 from stages.memory.plan import DTYPE_BYTES, DataShape, ModelShape, Parallel
 from stages.registry import spec
 
@@ -99,36 +102,91 @@ def _checkpoint_dtype(config: dict[str, Any]) -> str:
 def read_data_shape(cfg: PipelineConfig) -> DataShape:
     """Token counts of the datasets the configured stages read, with the backbone's tokenizer (its
     tokenizer.json, without transformers) or, if it has none here, UTF-8 bytes: an upper bound for
-    byte-level BPE and byte-fallback tokenizers. Each length counts BOS and EOS on top."""
+    byte-level BPE and byte-fallback tokenizers. Each length counts BOS and EOS on top.
+
+    Row counts come from the dataset store (``stages.io.dataset_store``); the longest row is found
+    exactly without tokenizing every row: rows are tokenized in order of their UTF-8 size, which bounds
+    their token count, until no untokenized row can be longer than the longest found (``_longest_row``).
+    """
     count = _token_counter(cfg)
     stages = set(cfg.run.stages)
-    generative = bool(stages - {"reward"})  # sft, rrhf and ppo read the demonstrations' prompts and eval
-    demos = load_records(cfg.data.sft, "sft", cfg.task) if generative else []
     always = cfg.data.chat_template == "always"
+    generative = bool(stages - {"reward"})  # sft, rrhf and ppo read the demonstrations' prompts and eval
+    demos = stored_dataset(cfg.data.sft, "sft", cfg.task) if generative else None
     rolls_out = any("prompts" in spec(stage).optional_datasets for stage in stages)  # the registry's RL stages
-    rolled_out = rolls_out and (cfg.data.prompts is not None or any(r["prompt"] for r in demos))
-    prompts = _prompt_counts(count, always, load_rollout_prompts(cfg.data, cfg.task) if rolled_out else [])
-    pairs = load_records(cfg.data.preferences, "preferences", cfg.task) if "reward" in stages else []
-    responses = [max(c, r) for c, r in zip(count([p["chosen"] for p in pairs]), count([p["rejected"] for p in pairs]))]
-    evals = load_records(cfg.data.eval, "eval", cfg.task) if generative else []
-    ranked = load_records(cfg.data.ranked, "ranked", cfg.task) if cfg.data.ranked and "rrhf" in stages else []
-    queries = _prompt_counts(count, always, [r["query"] for r in ranked])
+    prompts = _rollout_prompts(cfg, demos) if rolls_out else []
+    prompt_counts = _prompt_counts(count, always, prompts)
+    pairs = stored_dataset(cfg.data.preferences, "preferences", cfg.task) if "reward" in stages else None
+    evals = stored_dataset(cfg.data.eval, "eval", cfg.task) if generative else None
+    ranked = stored_dataset(cfg.data.ranked, "ranked", cfg.task) if cfg.data.ranked and "rrhf" in stages else None
+    candidates = max((len(r["responses"]) for r in ranked.records()), default=0) if ranked else 0
     return DataShape(
-        demos=len(demos),
-        demo_tokens=_longest(
-            _sums(_prompt_counts(count, always, [r["prompt"] for r in demos]), count([r["completion"] for r in demos]))
-        ),
+        demos=demos.rows if demos else 0,
+        demo_tokens=_longest_row(demos, count, always, responses=True),
         prompts=len(prompts),
-        prompt_tokens=_longest(prompts),
-        prompt_tokens_min=min(prompts, default=0) + SPECIAL_TOKENS,
-        pairs=len(pairs),
-        pair_tokens=_longest(_sums(_prompt_counts(count, always, [p["prompt"] for p in pairs]), responses)),
-        eval_prompts=len(evals),
-        eval_prompt_tokens=_longest(_prompt_counts(count, always, [r["prompt"] for r in evals])),
-        ranked_groups=len(ranked),
-        ranked_candidates=max((len(r["responses"]) for r in ranked), default=0),
-        ranked_tokens=_longest([q + max(count(r["responses"])) for q, r in zip(queries, ranked)]),
+        prompt_tokens=_longest(prompt_counts),
+        prompt_tokens_min=min(prompt_counts, default=0) + SPECIAL_TOKENS,
+        pairs=pairs.rows if pairs else 0,
+        pair_tokens=_longest_row(pairs, count, always, responses=True),
+        eval_prompts=evals.rows if evals else 0,
+        eval_prompt_tokens=_longest_row(evals, count, always, responses=False),
+        ranked_groups=ranked.rows if ranked else 0,
+        ranked_candidates=candidates,
+        ranked_tokens=_longest_row(ranked, count, always, responses=True),
     )
+
+
+ROWS_AT_ONCE = 512  # rows tokenized at a time while the longest is searched for
+SHORTEST_SAMPLE = 512  # shortest prompts (by UTF-8 size) tokenized for the shortest prompt's length
+
+
+def _longest_row(
+    dataset: StoredDataset | None, count: Callable[[list[str]], list[int]], always: bool, responses: bool
+) -> int:
+    """The longest row's tokens (prompt + template allowance, + its longest response when ``responses``) +
+    ``SPECIAL_TOKENS``, exactly as tokenizing every row would find it: rows in order of an upper bound of
+    their tokens (UTF-8 bytes + 1 per text), stopping once no bound left exceeds the longest found."""
+    if dataset is None:
+        return 0
+    table = dataset.table()
+    messages = _messages(table, always)
+    bound = table.column("prompt_bytes").to_numpy() + 1 + TEMPLATE_TOKENS_PER_MESSAGE * messages
+    if responses:
+        bound = bound + table.column("response_bytes").to_numpy() + 1
+    order = np.argsort(-bound, kind="stable")
+    longest = 0
+    for start in range(0, len(order), ROWS_AT_ONCE):
+        chunk = order[start : start + ROWS_AT_ONCE]
+        if bound[chunk[0]] <= longest:
+            break
+        records = dataset.records(chunk.tolist())
+        prompts = [r["query"] if "query" in r else r["prompt"] for r in records]
+        lengths = _prompt_counts(count, always, prompts)
+        if responses:
+            texts = [
+                r["responses"] if "responses" in r else [r[f] for f in RESPONSE_FIELDS[dataset.kind]] for r in records
+            ]
+            flat = count([t for group in texts for t in group])
+            ends = np.cumsum([len(group) for group in texts])
+            lengths = [n + max(flat[end - len(group) : end]) for n, group, end in zip(lengths, texts, ends)]
+        longest = max(longest, *lengths)
+    return longest + SPECIAL_TOKENS
+
+
+def _messages(table: Any, always: bool) -> np.ndarray:
+    """Messages per row's prompt: a string prompt is one under ``data.chat_template: always`` ("" none)."""
+    messages = table.column("messages").to_numpy()
+    if always:
+        nonempty = np.array([key != "" for key in table.column("prompt_key").to_pylist()])
+        messages = np.where(messages > 0, messages, nonempty.astype(messages.dtype))
+    return messages
+
+
+def _rollout_prompts(cfg: PipelineConfig, demos: StoredDataset | None) -> list[Prompt]:
+    """The distinct prompts PPO and RRHF roll out on (``load_rollout_prompts``), where there are any."""
+    if cfg.data.prompts is None and not (demos is not None and any(demos.prompt_styles())):
+        return []  # language-modelling demonstrations only: no prompt to roll out on
+    return load_rollout_prompts(cfg.data, cfg.task)
 
 
 def _prompt_counts(count: Callable[[list[str]], list[int]], always: bool, prompts: list[Prompt]) -> list[int]:
@@ -137,10 +195,6 @@ def _prompt_counts(count: Callable[[list[str]], list[int]], always: bool, prompt
     texts = count([prompt_text(p) for p in prompts])
     messages = [len(p) if isinstance(p, list) else int(always and bool(p)) for p in prompts]
     return [n + TEMPLATE_TOKENS_PER_MESSAGE * m for n, m in zip(texts, messages)]
-
-
-def _sums(a: list[int], b: list[int]) -> list[int]:
-    return [x + y for x, y in zip(a, b)]
 
 
 def _longest(lengths: list[int]) -> int:

@@ -33,11 +33,15 @@ The rules:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from stages.io.formats import Prompt, is_conversational
+from stages.io.formats import Prompt, is_conversational, prompt_key
 from stages.model.sequences import SequenceBatch, from_token_ids
 
 if TYPE_CHECKING:
@@ -114,14 +118,8 @@ class Tokenization:
         """Token ids of a prompt: the template's rendering, or the text with BOS where the tokenizer adds one.
         Raises ``TokenizationError`` when the template refuses the messages (roles that do not alternate)."""
         if not self.templated(prompt):
-            ids = self._ids(prompt)  # type: ignore[arg-type]
-            return [self.bos_id] + ids if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # jinja2's raise_exception: not a ValueError, and a one-line user error here
-            raise TokenizationError(f"the chat template refuses these messages ({err})") from None
-        return self._ids(text)
+            return self._with_bos(self._ids(prompt))  # type: ignore[arg-type]
+        return self._ids(self._rendered(prompt))
 
     def response_ids(self, prompt: Prompt, response: str, finished: bool = True) -> list[int]:
         """Token ids of a response to ``prompt``, with its end token when ``finished``; a text that already
@@ -133,6 +131,52 @@ class Tokenization:
     def pair(self, prompt: Prompt, response: str, finished: bool = True) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids): the one encoding of a (prompt, response) in every stage."""
         return self.prompt_ids(prompt), self.response_ids(prompt, response, finished)
+
+    def pairs(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """``pair(prompt, response)`` of many rows at once, with the same ids: one batch encoding (Rust,
+        every core) of the distinct prompts and one of the responses or joined texts, and
+        ``continuation_ids`` one by one only where a joined text's tokens do not start with its prompt's.
+        What the dataset store (``stages.io.dataset_store``) keeps for every later stage. Raises
+        ``TokenizationError`` as ``prompt_ids`` does."""
+        distinct = {prompt_key(p): p for p in prompts}
+        templated = {key: self.templated(p) for key, p in distinct.items()}
+        texts = [self._rendered(p) if templated[key] else p for key, p in distinct.items()]
+        heads = dict(zip(distinct, self._ids_many(texts)))  # a plain prompt's own ids, or the rendering's
+        keys = [prompt_key(p) for p in prompts]
+        chat = [i for i, key in enumerate(keys) if templated[key]]
+        plain = [i for i, key in enumerate(keys) if not templated[key] and responses[i]]
+        ids_of = dict(zip(chat, self._ids_many([responses[i] for i in chat])))
+        for i, joined in zip(plain, self._ids_many([prompts[i] + responses[i] for i in plain])):  # type: ignore[operator]
+            head = heads[keys[i]]
+            continues = joined[: len(head)] == head and len(joined) > len(head)
+            ids_of[i] = joined[len(head) :] if continues else self.continuation_ids(prompts[i], responses[i])  # type: ignore[arg-type]
+        stops = set(self.stop_ids)
+        rows = []
+        for i, (prompt, key) in enumerate(zip(prompts, keys)):
+            head = heads[key] if templated[key] else self._with_bos(heads[key])
+            ids = ids_of.get(i, [])
+            rows.append((list(head), ids if ids and ids[-1] in stops else ids + [self.stop_id(prompt)]))
+        return rows
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Digest of everything the ids depend on: the tokenizer's vocabulary, merges and normalizer, its
+        chat template, this contract's settings and end ids, and this module's code (16 hex chars)."""
+        encoder = self._encoder  # without the padding a pad token's setting leaves on the shared backend
+        vocabulary = encoder.to_str() if encoder is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        settings = [
+            self.chat_template,
+            getattr(self.tokenizer, "chat_template", None),
+            self.bos_id,
+            self.eos_id,
+            self.pad_id,
+            self.turn_end_id,
+            list(self.model_end_ids),
+        ]
+        digest = hashlib.sha256(vocabulary.encode())
+        digest.update(json.dumps(settings, default=str).encode())
+        digest.update(Path(__file__).read_bytes())
+        return digest.hexdigest()[:16]
 
     def batch(
         self,
@@ -173,6 +217,42 @@ class Tokenization:
         if after[: len(newline)] == newline and self.text(head + tail) == self.text(head) + response:
             return tail
         return self._ids(response)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        """A standard prompt's ids with BOS in front where the tokenizer adds one (and it is not there)."""
+        return [self.bos_id] + ids if self.bos_id is not None and ids[:1] != [self.bos_id] else ids
+
+    def _rendered(self, prompt: Prompt) -> str:
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # jinja2's raise_exception: not a ValueError, and a one-line user error here
+            raise TokenizationError(f"the chat template refuses these messages ({err})") from None
+
+    def _ids_many(self, texts: list[str]) -> list[list[int]]:
+        """``_ids`` of each text, in one batch call of the Rust tokenizer (``_encoder``) where there is one."""
+        if not texts:
+            return []
+        if self._encoder is None:
+            encoded = self.tokenizer(texts, add_special_tokens=False).input_ids
+        else:
+            encoded = [e.ids for e in self._encoder.encode_batch(texts, add_special_tokens=False)]
+        return [list(ids) if text else [] for text, ids in zip(texts, encoded)]
+
+    @cached_property
+    def _encoder(self) -> Any:
+        """A private copy of a fast tokenizer's Rust backend with padding and truncation off, as
+        transformers turns them off for each call of its own (the shared backend keeps a tokenizer.json's
+        padding, which would pad a batch), without transformers' per-row conversion; None for a slow one."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer
+
+        encoder = Tokenizer.from_str(backend.to_str())
+        encoder.no_padding()
+        encoder.no_truncation()
+        return encoder
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []

@@ -20,7 +20,8 @@ import torch
 
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import Record, load_measured, source_name, split_by_prompt
+from stages.io.data import Record, evaluation_sample, load_measured, source_name, split_by_prompt
+from stages.io.progress import progress
 from stages.model.adapters import (
     RankAllocation,
     attach_adapter,
@@ -71,8 +72,9 @@ def evaluate_pairs(
     batch_size: int = EVAL_PAIRS,
 ) -> dict[str, float]:
     chosen, rejected = [], []
+    starts = progress(range(0, len(pairs), batch_size), desc="held-out pairs", unit="batch", leave=False)
     with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
+        for start in starts:
             c, r = score_pairs(model, head, tokenization, pairs[start : start + batch_size])
             chosen.append(c)
             rejected.append(r)
@@ -87,7 +89,8 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
     pairs, lengths = load_measured(cfg.data, "preferences", cfg.task, tokenization, context)
     if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; pairs are scored whole, past the backbone's {context}-token context", flush=True)
-    train, held = split_by_prompt(pairs, rm.eval_fraction, source_name(cfg.data.preferences))
+    train, held_out = split_by_prompt(pairs, rm.eval_fraction, source_name(cfg.data.preferences))
+    held = evaluation_sample(held_out, rm.eval_max_pairs, cfg.run.seed)
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME, total_steps=rm.max_steps)
     head = new_head(backbone.model.config.hidden_size, cfg.run.seed, model_device(model))
     # The pairwise loss sees only score differences, so the bias's gradient is rounding noise, which Adam
@@ -151,7 +154,8 @@ def train_reward(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any
         "warnings": learning.warnings(history, rm.warmup_steps),
         "train_loss": history[-1]["loss"],
         "train_pairs": len(train),
-        "eval_pairs": len(held),
+        "eval_pairs": len(held),  # the pairs pair_accuracy is measured on
+        "held_out_pairs": len(held_out),  # of these held-out ones (reward.eval_max_pairs)
         "trainable_parameters": trainable,
         "resumed_from_step": loop.start,
         **loop.stopping_metrics(),

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from stages.dpo.pairs import distinct_after_truncation
@@ -44,13 +46,14 @@ from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import (
     DataError,
     DataKind,
-    load_records,
     load_rollout_prompts,
     measure_lengths,
+    measured,
     record_location,
     source_name,
+    stored_dataset,
 )
-from stages.io.formats import is_conversational
+from stages.io.dataset_store import StoredDataset
 from stages.io.provenance import stage_datasets
 from stages.model.adapters import check_target_modules
 from stages.model.backbone import resolve_backbone
@@ -110,21 +113,42 @@ def check_rendering(cfg: PipelineConfig, tokenization: Tokenization) -> None:
     kinds = sorted({kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)})
     for kind in kinds:
         ref = getattr(cfg.data, kind)
-        seen: set[tuple[str, ...]] = set()
-        for index, record in enumerate(load_records(ref, kind, cfg.task)):
+        for index, shape in _first_of_each_shape(stored_dataset(ref, kind, cfg.task)).items():
+            (record,) = stored_dataset(ref, kind, cfg.task).records([index])
             prompt = record.get("prompt", record.get("query"))
-            shape = tuple(m["role"] for m in prompt) if is_conversational(prompt) else ("text",)
-            if shape in seen:
-                continue
-            seen.add(shape)
             try:
                 tokenization.prompt_ids(prompt)
             except TokenizationError as err:
                 roles = f"roles {list(shape)}" if shape != ("text",) else "a plain-text prompt"
                 raise DataError(
-                    f"{source_name(ref)}: {record_location(ref, index)}: a prompt with {roles}: {err} "
+                    f"{source_name(ref)}: {record_location(ref, index, kind, cfg.task)}: a prompt with {roles}: {err} "
                     f"(backbone.name={cfg.backbone.name})"
                 ) from None
+
+
+def _first_of_each_shape(dataset: StoredDataset) -> dict[int, tuple[str, ...]]:
+    """{index of the first record of each prompt shape: the shape}: the roles of a conversational prompt's
+    messages, or ``("text",)``, in file order; read from the store's prompt keys, not the records."""
+    table = dataset.table()
+    first: dict[tuple[str, ...], int] = {}
+    messages = table.column("messages").to_numpy()
+    plain = np.flatnonzero(messages == 0)
+    if len(plain):
+        first[("text",)] = int(plain[0])
+    conversational = np.flatnonzero(messages > 0)
+    keys = table.column("prompt_key").take(pa.array(conversational)).to_pylist() if len(conversational) else []
+    for index, key in zip(conversational.tolist(), keys):
+        first.setdefault(tuple(m["role"] for m in json.loads(key)), index)
+    return {index: shape for shape, index in sorted(first.items(), key=lambda item: item[1])}
+
+
+def tokenize_datasets(cfg: PipelineConfig, tokenization: Tokenization) -> None:
+    """Tokenize every dataset the configured stages read into the dataset store (once per content and
+    tokenization; ``stages.io.dataset_store``), so that each stage process reads its ids: the run's
+    pre-flight (``--tokenize``), with progress lines on stderr. Raises ``DataError`` for a record the
+    tokenizer cannot render."""
+    for kind in sorted({kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)}):
+        stored_dataset(getattr(cfg.data, kind), kind, cfg.task).tokens(tokenization)
 
 
 def budget_counts(cfg: PipelineConfig, tokenization: Tokenization, context: int) -> list[BudgetCount]:
@@ -176,6 +200,10 @@ def _even_sample(rows: list[Any]) -> list[Any]:
     return rows if len(rows) <= SAMPLE_ROWS else [rows[i * len(rows) // SAMPLE_ROWS] for i in range(SAMPLE_ROWS)]
 
 
+def _even_indices(count: int) -> list[int]:
+    return _even_sample(list(range(count)))
+
+
 def _count(
     stage: str,
     cfg: PipelineConfig,
@@ -188,21 +216,24 @@ def _count(
     dpo_pairs: bool = False,
 ) -> BudgetCount:
     ref = getattr(cfg.data, kind)
-    rows = load_records(ref, kind, cfg.task)
-    sample = _even_sample(rows)
-    lengths = measure_lengths(sample, kind, source_name(ref), tokenization, limit)
+    dataset = stored_dataset(ref, kind, cfg.task)
+    if dataset.has_tokens(tokenization) and not dpo_pairs:  # every row, exactly: the run's pre-flight tokenized it
+        lengths, sampled = measured(dataset, tokenization, limit), dataset.rows
+    else:
+        sample = dataset.records(_even_indices(dataset.rows))
+        lengths, sampled = measure_lengths(sample, kind, source_name(ref), tokenization, limit), len(sample)
     dropped = len(lengths.no_room)
     if dpo_pairs:
         dropped = len(distinct_after_truncation(sample, tokenization, limit)[1])
-    scale = len(rows) / len(sample)
+    scale = dataset.rows / sampled
     return BudgetCount(
         stage,
         f"{source_name(ref)} ({kind})",
         budget,
-        len(rows),
+        dataset.rows,
         round(len(lengths.too_long) * scale),
         round(dropped * scale),
-        len(sample) < len(rows),
+        sampled < dataset.rows,
         effect,
         remedy,
     )
@@ -233,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.tools.contract_check", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--json", action="store_true", help="print the budget counts as JSON")
+    parser.add_argument("--tokenize", action="store_true", help="tokenize every dataset into the dataset store")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [])
     with one_line_errors(cfg):
@@ -249,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
             counts = []
         else:
             check_rendering(cfg, tokenization)
+            if args.tokenize:
+                tokenize_datasets(cfg, tokenization)
             counts = budget_counts(cfg, tokenization, context)
     if args.json:
         print(json.dumps([asdict(c) | {"line": c.line(), "mostly_cut": c.mostly_cut} for c in counts]))

@@ -64,7 +64,7 @@ def explain(cfg: PipelineConfig, tokenization: Tokenization, context: int, row: 
             if row >= len(records):
                 raise DataError(f"{source_name(ref)}: --row {row + 1}, but it holds {len(records)} records")
             record = records[row]
-            where = f"{source_name(ref)} {record_location(ref, row)}"
+            where = f"{source_name(ref)} {record_location(ref, row, kind, cfg.task)}"
             if kind == "sft":
                 lines += [
                     f"{stage} trains on {where} (sft.max_length={cfg.sft.max_length}):",
