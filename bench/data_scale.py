@@ -13,7 +13,9 @@ reading, validating and tokenizing its data once. Reported per size:
 - `run s`, `run MiB`: wall time of `rlhf run` (pre-flight, which tokenizes each dataset once into the
   store, Prefect, both stages) and the peak RSS of its largest process; `sft s` / `reward s` each stage's
   own seconds (its manifest); `quiet s` the longest time the run's output stayed silent (every stage's
-  progress lines stream through it; the target is under 30 s).
+  progress lines stream through it; the target is under 30 s); `tokenized` the token tables written over
+  that run and a second one that retrains the last stage (a dataset tokenized twice would count twice:
+  one per dataset, sft + eval + preferences, is the target).
 """
 
 from __future__ import annotations
@@ -90,9 +92,17 @@ def measure(name: str, config: dict, root: Path, limit: float) -> dict[str, obje
     run = [str(RLHF), "run", "--config", cfg, "--run-id", "bench", *STEPS]
     run_wall, run_rss, quiet, finished = timed(run, folder, env, limit)
     stages = {}
+    tokenized = None
     if finished:
         report = subprocess.run([str(RLHF), "report", "bench", "--json"], cwd=folder, env=env, capture_output=True)
         stages = {s: v.get("seconds") for s, v in json.loads(report.stdout)["stages"].items()}
+        # A second run that retrains the last stage: the tables it finds are the first run's, never rewritten.
+        written = _token_tables(Path(env["RLHF_HOME"]))
+        last = config["run"]["stages"][-1]
+        again = [str(RLHF), "run", "--config", cfg, "--run-id", "again", *STEPS, "--set", f"{last}.max_steps=6"]
+        timed(again, folder, env, limit)
+        written |= _token_tables(Path(env["RLHF_HOME"]))
+        tokenized = len(written)
     return {
         "name": name,
         "plan_s": plan_wall if planned else None,
@@ -101,7 +111,14 @@ def measure(name: str, config: dict, root: Path, limit: float) -> dict[str, obje
         "run_mib": run_rss,
         "quiet_s": quiet,
         **{f"{s}_s": seconds for s, seconds in stages.items()},
+        "tokenized": tokenized,
     }
+
+
+def _token_tables(home: Path) -> set[tuple[str, int, int]]:
+    """Each token table the dataset store holds, as (path, inode, modification time): a table written again
+    would count twice."""
+    return {(str(p), p.stat().st_ino, p.stat().st_mtime_ns) for p in home.glob("datasets/*/tokens-*")}
 
 
 def main() -> None:
@@ -134,10 +151,12 @@ def print_table(results: list[dict[str, object]]) -> None:
         value = row.get(key)
         if value is None:
             return "killed" if key in ("run_s", "plan_s") else "-"
+        if key in ("quiet_s", "tokenized"):
+            return f"{value:.1f}" if key == "quiet_s" else str(value)
         ratio = f" ({value / base[key]:.1f}x)" if isinstance(base.get(key), float) and base[key] else ""  # type: ignore[operator]
         return f"{value:.1f}{ratio}"  # type: ignore[str-format]
 
-    keys = ("plan_s", "plan_mib", "run_s", "run_mib", "sft_s", "reward_s", "quiet_s")
+    keys = ("plan_s", "plan_mib", "run_s", "run_mib", "sft_s", "reward_s", "quiet_s", "tokenized")
     print("\n| rows | " + " | ".join(k.replace("_", " ") for k in keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for row in results:

@@ -81,6 +81,7 @@ TIERS = {
         "test_grpo",
         "test_deepspeed",
         "test_tokenization",
+        "test_packing",
         "test_family_contract",
         "test_logprob_gap",
         "test_devices",

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 from datasets.table import InMemoryTable
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig, SFTTrainer, pack_dataset
 
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
@@ -109,10 +109,21 @@ def _lengths(column: pa.Array) -> np.ndarray:
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def sft_dataset(demos: list[Record], tokenization: Tokenization, max_length: int) -> Dataset:
-    """``training_rows`` of demonstrations held in memory (a stage reads them from the dataset store)."""
+def sft_dataset(demos: list[Record], tokenization: Tokenization, max_length: int, packing: bool = False) -> Dataset:
+    """``training_rows`` of demonstrations held in memory (a stage reads them from the dataset store),
+    ``packed`` when ``packing``."""
     tokens = pa.table(tokenized_batch(demos, ("completion",), tokenization), schema=TOKENS_SCHEMA)
-    return Dataset(InMemoryTable(training_rows(tokens, max_length)))
+    rows = Dataset(InMemoryTable(training_rows(tokens, max_length)))
+    return packed(rows, max_length) if packing else rows
+
+
+def packed(rows: Dataset, max_length: int) -> Dataset:
+    """TRL's best-fit-decreasing packing of training rows (``trl.pack_dataset``, strategy ``bfd``): whole
+    rows, longest first, into rows of at most ``max_length`` ids, with their ``seq_lengths``, from which
+    TRL's padding-free collator gives each row its own positions (0, 1, ...) and masks the label at each
+    row's start, so no loss crosses a boundary and attention stays within each row (transformers builds
+    the block-diagonal mask from the positions). Deterministic: the same rows pack the same way."""
+    return pack_dataset(rows, max_length, strategy="bfd")
 
 
 def build_sft_trainer(
@@ -139,6 +150,8 @@ def build_sft_trainer(
         RankAllocation.of(model),
         max_length=cfg.sft.max_length,
         dataset_kwargs={"skip_prepare_dataset": True},
+        packing=cfg.sft.packing,  # with the rows ``packed``: TRL's padding-free collator
+        padding_free=cfg.sft.packing,
     )
 
 
@@ -171,7 +184,10 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     )
     root = checkpoint_root(ctx.final)
     resume = agreed_resume_point(root, ctx.cache_key, dist, "sft")
-    trainer = build_sft_trainer(model, tokenization, Dataset.from_file(str(rows)), cfg, root, dist)
+    dataset = Dataset.from_file(str(rows))
+    trainer = build_sft_trainer(
+        model, tokenization, packed(dataset, cfg.sft.max_length) if cfg.sft.packing else dataset, cfg, root, dist
+    )
     stopper = stopper_for(cfg.sft.early_stopping)
 
     def measure() -> dict[str, float]:  # only the metric early stopping watches: sampling is the slow one

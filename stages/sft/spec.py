@@ -34,12 +34,18 @@ class SFTSection(TrainerSection):
     learning_rate: float = Field(default=2e-3, ge=0)  # 0 trains nothing: allowed, warned about
     warmup_steps: int = Field(default=10, ge=0)
     max_length: int = Field(default=64, ge=8)
+    # TRL's best-fit-decreasing packing: whole demonstrations packed into rows of at most max_length ids and
+    # trained padding-free (each keeps its own positions and attention, no loss across a boundary). README,
+    # "Packing": what it does to the loss mask, the batches and resume.
+    packing: bool = False
 
 
 def memory_workload(cfg: PipelineConfig, data: DataShape, parallel: Parallel) -> Workload:
     """What this stage holds and its phases, for ``rlhf plan`` (``stages.memory.plan``)."""
     rows = min(cfg.sft.batch_size, data.demos)  # the data loader's last batch is never larger than the data
     tokens = min(cfg.sft.max_length, data.demo_tokens)  # TRL truncates at max_length, pads to the longest row
+    if cfg.sft.packing:  # padding-free: the batch's packed rows are one sequence of up to batch x max_length ids
+        rows, tokens = 1, rows * cfg.sft.max_length
     train = Phase(
         "train step",
         "train",
