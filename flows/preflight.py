@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +26,7 @@ from stages.io.deepspeed_config import check_launch
 from stages.io.devices import device_type
 from stages.io.provenance import check_datasets
 
-CHECK_TIMEOUT_S = 900  # a tokenizer download that stalls ends the check, not the command
+CHECK_TIMEOUT_S = 900  # a check silent this long (a stalled tokenizer download) ends, not the command
 
 
 class ConfigProcess:
@@ -43,7 +44,8 @@ class ConfigProcess:
 
     def wait(self, timeout: float | None = None) -> tuple[int, str, str]:
         """(exit status, stdout, stderr); the dataset store's progress lines (``PROGRESS_PREFIXES``) are
-        shown on stderr as they come. Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+        shown on stderr as they come. Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds without
+        a line on stderr."""
         stdout, stderr = self.process.stdout, self.process.stderr
         if stdout is None or stderr is None:  # not captured: nothing to read
             return self.process.wait(timeout=timeout), "", ""
@@ -55,7 +57,13 @@ class ConfigProcess:
         ]
         for reader in readers:
             reader.start()
-        self.process.wait(timeout=timeout)
+        heard = (0, time.monotonic())  # (lines so far, when the last one came)
+        while self.process.poll() is None:  # the timeout counts silence: a long tokenization reports progress
+            time.sleep(0.2)
+            if len(errors) != heard[0]:
+                heard = (len(errors), time.monotonic())
+            elif timeout is not None and time.monotonic() - heard[1] > timeout:
+                raise subprocess.TimeoutExpired(self.process.args, timeout)
         for reader in readers:
             reader.join()
         return self.process.returncode, "".join(output), "".join(errors)
@@ -98,14 +106,15 @@ def budget_lines(check: ConfigProcess) -> list[dict[str, Any]]:
         status, out, err = check.wait(CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DataError(
-            f"the tokenization check took over {CHECK_TIMEOUT_S} s (a stalled tokenizer download?)"
+            f"the tokenization check was silent for over {CHECK_TIMEOUT_S} s (a stalled tokenizer download?)"
         ) from None
     for line in err.splitlines():
         if line.startswith("note: "):
             print(line, file=sys.stderr, flush=True)
     if status != 0:
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
-        raise DataError(lines[-1].removeprefix("error: ") if lines else f"the tokenization check failed:\n{err}")
+        output = "".join(line for line in err.splitlines(keepends=True) if not line.startswith(PROGRESS_PREFIXES))
+        raise DataError(lines[-1].removeprefix("error: ") if lines else f"the tokenization check failed:\n{output}")
     return json.loads(out.strip().splitlines()[-1])
 
 

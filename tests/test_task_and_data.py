@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -208,3 +209,28 @@ def test_the_evaluation_sample_is_bounded_reproducible_and_in_file_order() -> No
     assert [held.index(r) for r in sample] == sorted(held.index(r) for r in sample)
     assert sample != evaluation_sample(held, 64, seed=1)
     assert evaluation_sample(held, 0, seed=0) == held and evaluation_sample(held[:10], 64, seed=0) == held[:10]
+
+
+def test_a_killed_writers_leftovers_are_swept_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A process killed while it wrote the store leaves a temporary file; the next build on this host removes
+    it when its process is gone, and never touches one a running process is still writing."""
+    import socket
+    import subprocess
+    import sys
+
+    from stages.io.paths import rlhf_home
+
+    store = rlhf_home() / "datasets"
+    store.mkdir(parents=True, exist_ok=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = socket.gethostname()
+    dead = store / f".abc.{host}.{gone.pid}.tmp"
+    dead.mkdir()
+    live = store / f".abc.{host}.{os.getppid()}.tmp"
+    live.write_text("being written")
+    path = tmp_path / "demos.jsonl"
+    path.write_text(json.dumps({"prompt": "sweep 1+1=", "completion": "2"}) + "\n")
+    load_records(str(path), "sft", CFG)
+    assert not dead.exists() and live.exists()
+    live.unlink()

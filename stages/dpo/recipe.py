@@ -28,14 +28,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 from datasets import Dataset
 from peft import PeftType
 from trl import DPOConfig, DPOTrainer
 
-from stages.dpo.pairs import distinct_after_truncation, tokenized_pairs
+from stages.dpo.pairs import distinct_after_truncation, stored_pair_rows
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import DataError, Record, evaluation_sample, load_measured, source_name, split_by_prompt
+from stages.io.data import DataError, evaluation_sample, load_measured, measured, split_indices, stored_dataset
 from stages.model.adapters import count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import stage_backbone
 from stages.model.probes import save_probe
@@ -81,8 +82,8 @@ def _reference_config_frozen(model: PeftModel) -> Iterator[None]:
 def build_dpo_trainer(
     model: PeftModel,
     tokenization: Tokenization,
-    train: list[Record],
-    held: list[Record],
+    train: list[dict[str, list[int]]],
+    held: list[dict[str, list[int]]],
     cfg: PipelineConfig,
     checkpoints: Path,
     dist: Distributed,
@@ -98,8 +99,8 @@ def build_dpo_trainer(
 
     dpo = cfg.dpo
     datasets = {
-        "train_dataset": Dataset.from_list(tokenized_pairs(train, tokenization)),
-        "eval_dataset": Dataset.from_list(tokenized_pairs(held, tokenization)),
+        "train_dataset": Dataset.from_list(train),
+        "eval_dataset": Dataset.from_list(held),
     }
     trainer = build_trainer(
         ContractDPOTrainer,
@@ -137,26 +138,28 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     out, dist, dpo = ctx.staging, ctx.dist, cfg.dpo
     backbone, tokenization = stage_backbone(cfg)
     context = backbone.model.config.max_position_embeddings
-    pairs, lengths = load_measured(cfg.data, "preferences", cfg.task, tokenization, context)
+    dataset = stored_dataset(cfg.data.preferences, "preferences", cfg.task)
+    lengths = measured(dataset, tokenization, context)
     if dist.is_main and (warning := lengths.warning()):
         print(f"warning: {warning}; DPOTrainer keeps the first {context} tokens of each pair", flush=True)
-    pairs, dropped = distinct_after_truncation(pairs, tokenization, context)
+    rows = stored_pair_rows(dataset.tokens(tokenization))  # the ids the run's pre-flight stored
+    kept, dropped = distinct_after_truncation(rows, context)
     if dist.is_main and dropped:
         shown = ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else "")
         print(
-            f"warning: {source_name(cfg.data.preferences)}: dropped {len(dropped)} of {len(pairs) + len(dropped)} "
-            f"pairs (records {shown}): chosen and rejected are the same in their first {context} tokens, so DPO "
-            "cannot tell them apart",
+            f"warning: {dataset.source}: dropped {len(dropped)} of {len(rows)} pairs (records {shown}): chosen "
+            f"and rejected are the same in their first {context} tokens, so DPO cannot tell them apart",
             flush=True,
         )
-    if not pairs:
+    if not kept:
         raise DataError(
-            f"{source_name(cfg.data.preferences)}: no pair's chosen and rejected differ within the "
+            f"{dataset.source}: no pair's chosen and rejected differ within the "
             f"backbone's {context}-token context; shorten the prompts"
         )
-    train, held_out_pairs = split_by_prompt(
-        pairs, dpo.eval_fraction, source_name(cfg.data.preferences), "dpo.eval_fraction"
-    )
+    keys = dataset.table().column("prompt_key").take(pa.array(kept, type=pa.int64())).to_pylist()
+    train_at, held_at = split_indices(keys, dpo.eval_fraction, dataset.source, "dpo.eval_fraction")
+    train = [rows[kept[i]] for i in train_at]
+    held_out_pairs = [rows[kept[i]] for i in held_at]
     held = evaluation_sample(held_out_pairs, dpo.eval_max_pairs, cfg.run.seed)
     held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, context)
 

@@ -100,10 +100,18 @@ def split_by_prompt(
     """(train, held-out) preference pairs: whole prompts are held out (by a hash of the prompt, so the split
     is stable as the file grows), so held-out accuracy measures generalisation to unseen prompts. Raises
     ``DataError`` naming the file and its number of distinct prompts when either part would be empty."""
-    keys = [prompt_key(p["prompt"]) for p in pairs]
-    flags = held_out_flags(keys, eval_fraction)
-    _check_split(keys, flags, eval_fraction, source, setting)
-    return [p for p, held in zip(pairs, flags) if not held], [p for p, held in zip(pairs, flags) if held]
+    train, held = split_indices([prompt_key(p["prompt"]) for p in pairs], eval_fraction, source, setting)
+    return [pairs[i] for i in train], [pairs[i] for i in held]
+
+
+def split_indices(
+    prompt_keys: list[str], eval_fraction: float, source: str, setting: str
+) -> tuple[list[int], list[int]]:
+    """``split_by_prompt`` of pairs given by their prompts' keys (``formats.prompt_key``): (train indices,
+    held-out indices). Raises ``DataError`` as ``split_by_prompt`` does."""
+    flags = held_out_flags(prompt_keys, eval_fraction)
+    _check_split(prompt_keys, flags, eval_fraction, source, setting)
+    return [i for i, held in enumerate(flags) if not held], [i for i, held in enumerate(flags) if held]
 
 
 def check_split(dataset: StoredDataset, eval_fraction: float, setting: str) -> None:

@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -132,9 +133,11 @@ class StoredDataset:
         path = self.folder / f"{name}.arrow"
         if not path.is_file():
             parts = iter(build())
-            first = next(parts)
+            first = next(parts, None)
+            if first is None:
+                raise DataError(f"{self.source}: {name}: no rows")
             batches = (batch for part in itertools.chain([first], parts) for batch in part.to_batches())
-            _write_arrow(path, first.schema, batches, self.rows, name)
+            _write_arrow(path, first.schema, batches, None, name)
         return path
 
     def _token_batches(self, tokenization: Tokenization) -> Iterator[dict[str, list[Any]]]:
@@ -142,7 +145,7 @@ class StoredDataset:
         first = 0
         for batch in self.table().select(["record"]).to_batches(BATCH_ROWS):
             records = [json.loads(text) for text in batch.column(0).to_pylist()]
-            yield tokenized_batch(records, fields, tokenization, first, self.source)
+            yield tokenized_batch(records, fields, tokenization, first, self.source, self.location)
             first += len(records)
 
 
@@ -152,10 +155,12 @@ def tokenized_batch(
     tokenization: Tokenization,
     first: int = 0,
     source: str = "",
+    where: Callable[[int], str] | None = None,
 ) -> dict[str, list[Any]]:
     """``{"prompt_ids": [...], "response_ids": [[...], ...]}`` of ``records``, one entry per record, with
     one response per field of ``fields`` (``formats.RESPONSE_FIELDS``; None: a ranked record's
-    candidates). A record the tokenizer cannot render raises ``DataError``: ``record first + i + 1``."""
+    candidates). A record the tokenizer cannot render raises ``DataError`` naming it: ``where(first + i)``
+    (a stored dataset's ``location``: the file's line or row), else ``record first + i + 1``."""
     prompts, responses, owner = [], [], []
     for i, record in enumerate(records):
         record_prompts, record_responses = _rows_of(record, fields)  # prompt-only: its prompt and ""
@@ -169,7 +174,8 @@ def tokenized_batch(
             try:
                 tokenization.pairs(*_rows_of(record, fields))
             except ValueError as err:
-                raise DataError(f"{source}: record {first + i + 1}: {err}") from None
+                place = where(first + i) if where is not None else f"record {first + i + 1}"
+                raise DataError(f"{source}: {place}: {err}") from None
         raise
     prompt_ids: list[list[int]] = [[] for _ in records]
     response_ids: list[list[list[int]]] = [[] for _ in records]
@@ -213,7 +219,7 @@ def _stored(
     key = hashlib.sha256(json.dumps([STORE_VERSION, _code_digest(), kind, columns, identity]).encode()).hexdigest()
     folder = rlhf_home() / "datasets" / key[:24]
     if not (folder / "meta.json").is_file():
-        _build(folder, rows, source, kind, dict(columns))
+        _build(folder, rows, source, kind, dict(columns), lambda: _open(source, dict(columns), kind, task_cfg)[2])
     meta = json.loads((folder / "meta.json").read_text())
     return StoredDataset(folder, source, kind, meta["digest"], meta["rows"], unit)
 
@@ -237,8 +243,17 @@ def _open(
     return lambda: reader(path), "line" if path.suffix == ".jsonl" else "row", [_file_digest(path)]
 
 
-def _build(folder: Path, rows: Callable[[], Iterable[tuple[int, Any]]], source: str, kind: str, columns: dict) -> None:
-    """Validate every row of ``source`` into ``folder`` (records.arrow, then meta.json), atomically."""
+def _build(
+    folder: Path,
+    rows: Callable[[], Iterable[tuple[int, Any]]],
+    source: str,
+    kind: str,
+    columns: dict,
+    identity: Callable[[], Any],
+) -> None:
+    """Validate every row of ``source`` into ``folder`` (records.arrow, then meta.json), atomically; a
+    file that changed while it was read (``identity`` differs after) is refused, not stored."""
+    before = identity()
     started = time.monotonic()
     digest = hashlib.sha256(b"[")
     count = 0
@@ -263,20 +278,23 @@ def _build(folder: Path, rows: Callable[[], Iterable[tuple[int, Any]]], source: 
             yield batch
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    _sweep(folder.parent)
+    staging = folder.parent / _temporary_name(folder.name)
     staging.mkdir()
     try:
         _write_arrow(staging / "records.arrow", RECORDS_SCHEMA, batches(), None, f"reading {source}")
         if count == 0:
             raise DataError(f"{source}: no {kind} records")
+        if identity() != before:
+            raise DataError(f"{source}: the file changed while it was read; run again once it is written")
         digest.update(b"]")
         meta = {"source": source, "kind": kind, "rows": count, "digest": digest.hexdigest()[:16]}
         (staging / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             staging.rename(folder)
-        except OSError:  # another process published the same content first: theirs is identical
-            pass
+        except OSError:
+            if not (folder / "meta.json").is_file():  # not another process publishing the same content first
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _finished(started, f"read {source}: {count} valid {kind} records (kept for every stage and run)")
@@ -301,7 +319,8 @@ def _write_arrow(
     what: str,
 ) -> None:
     """Write record batches to ``path`` through a temporary file renamed into place, with progress lines."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _sweep(path.parent)
+    partial = path.with_name(_temporary_name(path.name))
     started = last = time.monotonic()
     done = 0
     try:
@@ -314,9 +333,39 @@ def _write_arrow(
                     last = time.monotonic()
                     of = f"/{total}" if total else ""
                     _announce(f"{what}: {done}{of} records ({done / (last - started):.0f}/s, {last - started:.0f}s)")
+        with partial.open("rb") as written:  # on disk before it has its final name: a crash leaves no torn table
+            os.fsync(written.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _temporary_name(name: str) -> str:
+    """A name no other process writes: this host's and this process's (ranks on several machines may share
+    ``$RLHF_HOME``), hidden, ending in ``.tmp``."""
+    return f".{name}.{socket.gethostname()}.{os.getpid()}.tmp"
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the temporary files and folders that processes of this host left when they were killed."""
+    host = socket.gethostname()
+    for leftover in folder.glob(f".*.{host}.*.tmp"):
+        pid = leftover.name.removesuffix(".tmp").rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_arrow(path: Path) -> pa.Table:

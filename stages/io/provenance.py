@@ -203,6 +203,7 @@ def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -
     missing = [name for name in needed if name not in inputs]
     if missing:
         raise artifacts.ArtifactError(f"stage {stage} needs the artifacts of {missing} (--input NAME=FOLDER)")
+    backbone = backbone_fingerprint(cfg.backbone, needs_4bit(cfg.adapter.kind))  # first: an unbuilt one writes nothing
     datasets = {kind: dataset_digest(getattr(cfg.data, kind), kind, cfg.task) for kind in stage_datasets(stage, cfg)}
     provenance: dict[str, Any] = {
         "stage": stage,
@@ -210,7 +211,7 @@ def stage_provenance(stage: str, cfg: PipelineConfig, inputs: dict[str, Path]) -
             cfg.digest(*spec(stage).sections) + f"seed={cfg.run.seed};chat_template={cfg.data.chat_template}"
         ),
         "launch": launch_identity(stage, cfg),
-        "backbone_fingerprint": backbone_fingerprint(cfg.backbone, needs_4bit(cfg.adapter.kind)),
+        "backbone_fingerprint": backbone,
         "input_digests": {name: artifacts.artifact_digest(inputs[name]) for name in needed},
         "dataset_digest": _sha(json.dumps(datasets, sort_keys=True)),
         "code_version": code_version(stage),

@@ -104,9 +104,9 @@ def read_data_shape(cfg: PipelineConfig) -> DataShape:
     tokenizer.json, without transformers) or, if it has none here, UTF-8 bytes: an upper bound for
     byte-level BPE and byte-fallback tokenizers. Each length counts BOS and EOS on top.
 
-    Row counts come from the dataset store (``stages.io.dataset_store``); the longest row is found
-    exactly without tokenizing every row: rows are tokenized in order of their UTF-8 size, which bounds
-    their token count, until no untokenized row can be longer than the longest found (``_longest_row``).
+    Row counts come from the dataset store (``stages.io.dataset_store``); the longest row is found without
+    tokenizing every row: rows are tokenized in order of their UTF-8 size, which bounds their token count,
+    until no untokenized row can be longer than the longest found (``_longest_row``).
     """
     count = _token_counter(cfg)
     stages = set(cfg.run.stages)
@@ -137,15 +137,16 @@ def read_data_shape(cfg: PipelineConfig) -> DataShape:
 
 
 ROWS_AT_ONCE = 512  # rows tokenized at a time while the longest is searched for
-SHORTEST_SAMPLE = 512  # shortest prompts (by UTF-8 size) tokenized for the shortest prompt's length
 
 
 def _longest_row(
     dataset: StoredDataset | None, count: Callable[[list[str]], list[int]], always: bool, responses: bool
 ) -> int:
     """The longest row's tokens (prompt + template allowance, + its longest response when ``responses``) +
-    ``SPECIAL_TOKENS``, exactly as tokenizing every row would find it: rows in order of an upper bound of
-    their tokens (UTF-8 bytes + 1 per text), stopping once no bound left exceeds the longest found."""
+    ``SPECIAL_TOKENS``: rows in order of an upper bound of their tokens (UTF-8 bytes + 1 per text), stopping
+    once no bound left exceeds the longest found. The bound holds for byte-level BPE and byte-fallback
+    tokenizers (a token covers at least a byte); a normalizer that expands text (NFKC's ligatures) can
+    exceed it, so for those the figure is, like the rest of the plan, an estimate."""
     if dataset is None:
         return 0
     table = dataset.table()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -138,11 +139,11 @@ class Tokenization:
         ``continuation_ids`` one by one only where a joined text's tokens do not start with its prompt's.
         What the dataset store (``stages.io.dataset_store``) keeps for every later stage. Raises
         ``TokenizationError`` as ``prompt_ids`` does."""
-        distinct = {prompt_key(p): p for p in prompts}
+        keys = [(is_conversational(p), prompt_key(p)) for p in prompts]  # a string never equals a message list
+        distinct = dict(zip(keys, prompts))
         templated = {key: self.templated(p) for key, p in distinct.items()}
         texts = [self._rendered(p) if templated[key] else p for key, p in distinct.items()]
         heads = dict(zip(distinct, self._ids_many(texts)))  # a plain prompt's own ids, or the rendering's
-        keys = [prompt_key(p) for p in prompts]
         chat = [i for i, key in enumerate(keys) if templated[key]]
         plain = [i for i, key in enumerate(keys) if not templated[key] and responses[i]]
         ids_of = dict(zip(chat, self._ids_many([responses[i] for i in chat])))
@@ -160,23 +161,44 @@ class Tokenization:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Digest of everything the ids depend on: the tokenizer's vocabulary, merges and normalizer, its
-        chat template, this contract's settings and end ids, and this module's code (16 hex chars)."""
-        encoder = self._encoder  # without the padding a pad token's setting leaves on the shared backend
-        vocabulary = encoder.to_str() if encoder is not None else json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        """Digest of everything the ids depend on (16 hex chars): the tokenizer's vocabulary, merges and
+        normalizer, its chat template (and today's date where the template writes it, as Llama 3.2's does),
+        this contract's setting, BOS, EOS, end of turn and stop ids, the tokenizers and transformers
+        versions, and this module's code. The dataset store keeps token ids under it."""
+        import tokenizers
+        import transformers
+
+        template = getattr(self.tokenizer, "chat_template", None)
         settings = [
             self.chat_template,
-            getattr(self.tokenizer, "chat_template", None),
+            template,
+            time.strftime("%Y-%m-%d") if template and "strftime_now" in str(template) else None,
             self.bos_id,
             self.eos_id,
-            self.pad_id,
             self.turn_end_id,
-            list(self.model_end_ids),
+            list(self.stop_ids),
+            getattr(self.tokenizer, "split_special_tokens", False),
+            tokenizers.__version__,
+            transformers.__version__,
         ]
-        digest = hashlib.sha256(vocabulary.encode())
+        digest = hashlib.sha256(self._vocabulary().encode())
         digest.update(json.dumps(settings, default=str).encode())
         digest.update(Path(__file__).read_bytes())
         return digest.hexdigest()[:16]
+
+    def _vocabulary(self) -> str:
+        """The tokenizer's whole definition as text: the Rust backend's JSON without its padding and
+        truncation (a pad token's setting leaves them on the shared backend), else the vocabulary."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        try:
+            definition = json.loads(backend.to_str()) if backend is not None else None
+        except Exception:  # a backend with Python components cannot be serialised
+            definition = None
+        if definition is None:
+            return json.dumps(self.tokenizer.get_vocab(), sort_keys=True)
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+        return json.dumps(definition, sort_keys=True)
 
     def batch(
         self,
@@ -243,13 +265,21 @@ class Tokenization:
     def _encoder(self) -> Any:
         """A private copy of a fast tokenizer's Rust backend with padding and truncation off, as
         transformers turns them off for each call of its own (the shared backend keeps a tokenizer.json's
-        padding, which would pad a batch), without transformers' per-row conversion; None for a slow one."""
+        padding, which would pad a batch), without transformers' per-row conversion. None where the
+        tokenizer's own call does more than the backend: a slow tokenizer, ``split_special_tokens``, a
+        class with its own encoding (CodeLlama's infilling), a backend that cannot be serialised."""
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:
+        own_encoding = type(self.tokenizer)._encode_plus is not TokenizersBackend._encode_plus
+        if backend is None or own_encoding or getattr(self.tokenizer, "split_special_tokens", False):
             return None
         from tokenizers import Tokenizer
 
-        encoder = Tokenizer.from_str(backend.to_str())
+        try:
+            encoder = Tokenizer.from_str(backend.to_str())
+        except Exception:  # Python components: transformers' own call path, batch by batch
+            return None
         encoder.no_padding()
         encoder.no_truncation()
         return encoder

@@ -19,6 +19,8 @@ both through ``stages.training.hf_trainer``, which DPO shares.
 
 from __future__ import annotations
 
+import hashlib
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +107,15 @@ def training_rows(tokens: pa.Table | pa.RecordBatch, max_length: int) -> pa.Tabl
     )
 
 
+@cache
+def _rows_version() -> str:
+    """What ``training_rows`` depends on besides the ids: this file's code and TRL's version (whose
+    preparation it reproduces), so a fix to either builds the rows again."""
+    import trl
+
+    return hashlib.sha256(Path(__file__).read_bytes() + trl.__version__.encode()).hexdigest()[:12]
+
+
 def _lengths(column: pa.Array) -> np.ndarray:
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
@@ -171,7 +182,7 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     demos = stored_dataset(cfg.data.sft, "sft", cfg.task)
     _warn_if_too_long(measured(demos, tokenization, cfg.sft.max_length), dist)
     rows = demos.derived(  # a record batch at a time: a file larger than memory never is in memory
-        f"sft-rows-{tokenization.fingerprint}-{cfg.sft.max_length}",
+        f"sft-rows-{tokenization.fingerprint}-{cfg.sft.max_length}-{_rows_version()}",
         lambda: (training_rows(batch, cfg.sft.max_length) for batch in demos.tokens(tokenization).to_batches()),
     )
     held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, backbone.model.config.max_position_embeddings)

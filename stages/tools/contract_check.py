@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from stages.dpo.pairs import distinct_after_truncation
+from stages.dpo.pairs import distinct_after_truncation, tokenized_pairs
 from stages.io.artifacts import ArtifactError
 from stages.io.config import ConfigError, PipelineConfig, load_config
 from stages.io.data import (
@@ -224,7 +224,7 @@ def _count(
         lengths, sampled = measure_lengths(sample, kind, source_name(ref), tokenization, limit), len(sample)
     dropped = len(lengths.no_room)
     if dpo_pairs:
-        dropped = len(distinct_after_truncation(sample, tokenization, limit)[1])
+        dropped = len(distinct_after_truncation(tokenized_pairs(sample, tokenization), limit)[1])
     scale = dataset.rows / sampled
     return BudgetCount(
         stage,
