@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.dpo.pairs import tokenized_pairs
 from stages.dpo.recipe import POLICY, REFERENCE, build_dpo_trainer, train_dpo
 from stages.io import artifacts
 from stages.io.config import load_config
@@ -55,7 +56,8 @@ def test_dpo_trains_the_policy_against_a_frozen_sft_copy_on_one_backbone(kind: s
     model = load_adapter(backbone.model, sft, POLICY, backbone.fingerprint, trainable=True)
     sft_weights = _adapter(model, POLICY)
 
-    trainer = build_dpo_trainer(model, tokenization, train, held, cfg, tmp_path / "checkpoints", LOCAL)
+    rows = (tokenized_pairs(train, tokenization), tokenized_pairs(held, tokenization))
+    trainer = build_dpo_trainer(model, tokenization, *rows, cfg, tmp_path / "checkpoints", LOCAL)
     assert set(model.peft_config) == {POLICY, REFERENCE}
     assert not any(p.requires_grad for n, p in model.named_parameters() if f".{REFERENCE}." in n)
     trainer.train()

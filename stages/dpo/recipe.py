@@ -88,8 +88,9 @@ def build_dpo_trainer(
     checkpoints: Path,
     dist: Distributed,
 ) -> DPOTrainer:
-    """TRL's DPOTrainer on the contract's ids; ``model`` holds the SFT adapter as ``default`` (trainable),
-    and the trainer adds its frozen copy ``ref`` on the same backbone."""
+    """TRL's DPOTrainer on the contract's ids of the ``train`` and ``held`` pairs (``tokenized_pairs`` rows);
+    ``model`` holds the SFT adapter as ``default`` (trainable), and the trainer adds its frozen copy ``ref``
+    on the same backbone."""
 
     class ContractDPOTrainer(DPOTrainer):
         """DPOTrainer fed rows that are already tokenized (its collator's own input format)."""
