@@ -5,7 +5,7 @@
     python bench/ppo_memory.py --device cuda         # on a GPU: peak GPU memory instead of peak RSS
 
 ours      one frozen Llama + four LoRA adapters (reference, policy, reward, value) + two small heads;
-          the real ``stages.ppo.recipe.score_rollout`` and ``stages.ppo.recipe.ppo_update``.
+          the real ``stages.ppo.rollout.score_rollout`` and ``stages.ppo.recipe.ppo_update``.
 separate  the layout of TRL's last PPO: a LoRA policy whose reference is the adapter disabled, a
           separate frozen reward model, and a separate value model trained in full (+ heads).
 
@@ -89,7 +89,8 @@ def run_ours(size: str, updates: int) -> float:
     from stages.model.adapters import active_adapter, set_trainable
     from stages.model.backbone import freeze
     from stages.model.heads import new_head
-    from stages.ppo.recipe import POLICY, PPOModels, ppo_update, ppo_updater, score_rollout
+    from stages.ppo.recipe import ppo_update, ppo_updater
+    from stages.ppo.rollout import POLICY, PPOModels, score_rollout
 
     base = _llama(size, seed=0)
     freeze(base)
@@ -123,7 +124,7 @@ def run_separate(size: str, updates: int) -> float:
     from stages.model.heads import new_head, sequence_scores
     from stages.model.sequences import token_logprobs, token_logprobs_and_entropy, token_values
     from stages.objectives.losses import ppo_policy_loss, ppo_value_loss
-    from stages.ppo.recipe import shape_rollout
+    from stages.ppo.rollout import shape_rollout
 
     policy_base = _llama(size, seed=0)
     freeze(policy_base)

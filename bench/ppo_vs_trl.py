@@ -11,7 +11,7 @@ TRL    ``trl.experimental.ppo.PPOTrainer`` of trl 1.11.0, the last release that 
        a LoRA policy whose reference is the adapter disabled, a separate reward model and a separate value
        model trained in full, as TRL lays PPO out.
 ours   one frozen backbone with four LoRA adapters (reference, policy, reward, value) and two heads; the
-       stage's own ``stages.ppo.recipe.rollout_from_ids`` (sampling, then four scoring passes) and ``ppo_update``.
+       stage's own ``stages.ppo.rollout.rollout_from_ids`` (sampling, then four scoring passes) and ``ppo_update``.
 
 The same work on both sides: the same random-init Llama (saved once per size, loaded by both), batch 8,
 16 prompt + 32 sampled response tokens at temperature 1, LoRA r=16 on all seven projections, 1 PPO epoch
@@ -152,7 +152,7 @@ def run_trl(folder: Path, updates: int, device: str, clock: _Clock) -> dict:
 
 
 def run_ours(folder: Path, updates: int, device: str, clock: _Clock, value_model: str = "separate") -> dict:
-    """Our stage's code: the models as ``stages.ppo.recipe.build_models`` lays them out (fresh LoRA adapters)."""
+    """Our stage's code: the models as ``stages.ppo.rollout.build_models`` lays them out (fresh LoRA adapters)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -161,7 +161,8 @@ def run_ours(folder: Path, updates: int, device: str, clock: _Clock, value_model
     from stages.model.backbone import load_backbone
     from stages.model.heads import new_head
     from stages.model.tokenization import Tokenization
-    from stages.ppo.recipe import POLICY, VALUE, PPOModels, ppo_update, ppo_updater, rollout_from_ids
+    from stages.ppo.recipe import ppo_update, ppo_updater
+    from stages.ppo.rollout import POLICY, VALUE, PPOModels, rollout_from_ids
 
     cfg = load_config(
         None,

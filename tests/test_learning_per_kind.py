@@ -9,7 +9,8 @@ import torch
 
 from stages.dpo.recipe import train_dpo
 from stages.io.config import PipelineConfig, load_config
-from stages.ppo.recipe import build_models, collect_rollout, ppo_update, ppo_updater
+from stages.ppo.recipe import ppo_update, ppo_updater
+from stages.ppo.rollout import build_models, collect_rollout
 from stages.reward.recipe import train_reward
 from stages.rrhf.recipe import train_rrhf
 from stages.sft.recipe import train_sft

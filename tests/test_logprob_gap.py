@@ -12,7 +12,8 @@ from stages.model.adapters import active_adapter
 from stages.model.backbone import ignored_generation_settings
 from stages.model.generation import generate
 from stages.model.sequences import sampled_batch, token_logprobs
-from stages.ppo.recipe import POLICY, build_models, collect_rollout, ppo_update, ppo_updater, train_ppo
+from stages.ppo.recipe import ppo_update, ppo_updater, train_ppo
+from stages.ppo.rollout import POLICY, build_models, collect_rollout
 from stages.training.logprob_gap import GAP_LIMITS, gap_warning
 from stages.training.runner import execute
 from tests.conftest import TINY, train_upstream

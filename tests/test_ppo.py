@@ -10,18 +10,8 @@ import torch
 from stages.io import artifacts
 from stages.io.config import load_config
 from stages.model.backbone import base_parameters, load_backbone, weights_digest
-from stages.ppo.recipe import (
-    POLICY,
-    REFERENCE,
-    REWARD,
-    VALUE,
-    Rollout,
-    build_models,
-    collect_rollout,
-    ppo_update,
-    ppo_updater,
-    train_ppo,
-)
+from stages.ppo.recipe import ppo_update, ppo_updater, train_ppo
+from stages.ppo.rollout import POLICY, REFERENCE, REWARD, VALUE, Rollout, build_models, collect_rollout
 from stages.training.runner import execute
 from tests.conftest import TINY, train_upstream
 

@@ -123,7 +123,7 @@ OWN_CODE = {
         "training/loop.py",
     },
     "rrhf": {*_RL, "rrhf/__init__.py", "rrhf/recipe.py", "rrhf/spec.py"},
-    "ppo": {*_RL, "objectives/kl_control.py", "ppo/__init__.py", "ppo/recipe.py", "ppo/spec.py"},
+    "ppo": {*_RL, "objectives/kl_control.py", "ppo/__init__.py", "ppo/recipe.py", "ppo/rollout.py", "ppo/spec.py"},
     "dpo": {*_SAMPLING, "dpo/__init__.py", "dpo/pairs.py", "dpo/recipe.py", "training/hf_trainer.py"},
     "grpo": {*_RL, "grpo/__init__.py", "grpo/recipe.py", "grpo/spec.py"},
 }
