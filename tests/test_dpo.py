@@ -143,7 +143,7 @@ def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tmp_path:
             str(tmp_path / "dpo"),
             "--input",
             f"sft={sft}",
-            *(a for s in [*FAST, f"data.preferences={data}"] for a in ("--set", s)),
+            *(a for s in [*FAST, f"data.preferences={data}", "dpo.eval_max_pairs=2"] for a in ("--set", s)),
         ],
         capture_output=True,
         text=True,
@@ -156,7 +156,9 @@ def test_pairs_that_truncation_makes_identical_are_dropped_and_counted(tmp_path:
         f"their first {context} tokens"
     ) in result.stdout
     metrics = artifacts.read_manifest(tmp_path / "dpo")["metrics"]
-    assert metrics["dropped_pairs"] == 2 and metrics["train_pairs"] + metrics["eval_pairs"] == n + 1
+    assert metrics["dropped_pairs"] == 2 and metrics["train_pairs"] + metrics["held_out_pairs"] == n + 1
+    # dpo.eval_max_pairs bounds the held-out pairs reward_accuracy is measured on, and the metrics say so
+    assert metrics["eval_pairs"] == 2 < metrics["held_out_pairs"] and metrics["reward_accuracy"] in {0.0, 0.5, 1.0}
 
 
 def test_the_pre_flight_counts_the_pairs_truncation_makes_identical(tmp_path: Path) -> None:

@@ -198,10 +198,10 @@ def token_lengths(tokens: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(prompt tokens, prompt + longest response tokens) of each row of a store's token table, (N,) each."""
     prompts, totals = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
     for batch in tokens.to_batches():  # a batch at a time: only the lengths of a large table are in memory
-        prompt = _list_lengths(batch.column("prompt_ids"))
+        prompt = list_lengths(batch.column("prompt_ids"))
         responses = batch.column("response_ids")
-        per_response = _list_lengths(pc.list_flatten(responses))
-        counts = _list_lengths(responses)
+        per_response = list_lengths(pc.list_flatten(responses))
+        counts = list_lengths(responses)
         longest = np.zeros(len(counts), dtype=np.int64)
         has = counts > 0
         if has.any():
@@ -212,7 +212,8 @@ def token_lengths(tokens: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(prompts), np.concatenate(totals)
 
 
-def _list_lengths(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def list_lengths(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The length of each list in an Arrow list column, as int64 numpy (N,)."""
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 

@@ -33,7 +33,7 @@ from trl import SFTConfig, SFTTrainer, pack_dataset
 
 from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
-from stages.io.data import LengthReport, Record, load_measured, measured, stored_dataset
+from stages.io.data import LengthReport, Record, list_lengths, load_measured, measured, stored_dataset
 from stages.io.dataset_store import TOKENS_SCHEMA, tokenized_batch
 from stages.model.adapters import RankAllocation, attach_adapter, count_trainable, save_adapter
 from stages.model.backbone import stage_backbone
@@ -78,7 +78,7 @@ def training_rows(tokens: pa.Table | pa.RecordBatch, max_length: int) -> pa.Tabl
         )
     prompt = tokens.column("prompt_ids")
     completion = pc.list_flatten(tokens.column("response_ids"))
-    prompt_len, completion_len = _lengths(prompt), _lengths(completion)
+    prompt_len, completion_len = list_lengths(prompt), list_lengths(completion)
     keep_prompt = np.minimum(prompt_len, max_length)
     keep_completion = np.minimum(completion_len, max_length - keep_prompt)
     kept = keep_completion > 0
@@ -91,7 +91,7 @@ def training_rows(tokens: pa.Table | pa.RecordBatch, max_length: int) -> pa.Tabl
         (completion, keep_completion, keep_prompt, False),
     ):
         values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-        lengths = _lengths(column)
+        lengths = list_lengths(column)
         row = np.repeat(np.arange(len(lengths)), lengths)
         position = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         take = (position < keep[row]) & kept[row]
@@ -114,10 +114,6 @@ def _rows_version() -> str:
     import trl
 
     return hashlib.sha256(Path(__file__).read_bytes() + trl.__version__.encode()).hexdigest()[:12]
-
-
-def _lengths(column: pa.Array) -> np.ndarray:
-    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def sft_dataset(demos: list[Record], tokenization: Tokenization, max_length: int, packing: bool = False) -> Dataset:

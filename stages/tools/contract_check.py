@@ -49,7 +49,6 @@ from stages.io.data import (
     load_rollout_prompts,
     measure_lengths,
     measured,
-    record_location,
     source_name,
     stored_dataset,
 )
@@ -113,15 +112,16 @@ def check_rendering(cfg: PipelineConfig, tokenization: Tokenization) -> None:
     kinds = sorted({kind for stage in cfg.run.stages for kind in stage_datasets(stage, cfg)})
     for kind in kinds:
         ref = getattr(cfg.data, kind)
-        for index, shape in _first_of_each_shape(stored_dataset(ref, kind, cfg.task)).items():
-            (record,) = stored_dataset(ref, kind, cfg.task).records([index])
+        dataset = stored_dataset(ref, kind, cfg.task)
+        for index, shape in _first_of_each_shape(dataset).items():
+            (record,) = dataset.records([index])
             prompt = record.get("prompt", record.get("query"))
             try:
                 tokenization.prompt_ids(prompt)
             except TokenizationError as err:
                 roles = f"roles {list(shape)}" if shape != ("text",) else "a plain-text prompt"
                 raise DataError(
-                    f"{source_name(ref)}: {record_location(ref, index, kind, cfg.task)}: a prompt with {roles}: {err} "
+                    f"{source_name(ref)}: {dataset.location(index)}: a prompt with {roles}: {err} "
                     f"(backbone.name={cfg.backbone.name})"
                 ) from None
 
