@@ -54,14 +54,25 @@ def decide_promotion(run_dir: Path, conditions: list[str]) -> None:
 
     record = apply_gate(run_dir, conditions)
     rows = "".join(
-        f"| `{c['condition']}` | {c['value']} | {'pass' if c['passed'] else 'FAIL'} |\n"
+        f"| `{c['condition']}` | {c['value']} | {_champion_cell(c)} | {VERDICTS[c['passed']]} |\n"
         for c in (record or {}).get("conditions", [])
     )
     create_markdown_artifact(
         key="promotion",
         description=f"run {run_dir.name}: {describe(record)}",
-        markdown=f"**{describe(record)}**\n\n" + (f"| condition | value | |\n|---|---|---|\n{rows}" if rows else ""),
+        markdown=f"**{describe(record)}**\n\n"
+        + (f"| condition | value | champion | |\n|---|---|---|---|\n{rows}" if rows else ""),
     )
+
+
+VERDICTS = {True: "pass", False: "FAIL", None: "not checked"}  # None: a champion condition with no champion
+
+
+def _champion_cell(checked: dict[str, Any]) -> str:
+    champion = checked.get("champion")
+    if champion is None:
+        return checked.get("reason", "") if checked["passed"] is None else ""
+    return f"{champion['value']} ({champion['run_id']})"
 
 
 @flow(name="rlhf-scheduled")

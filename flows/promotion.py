@@ -1,7 +1,11 @@
 """Promotion: whether a finished run is good enough to ship, decided by its gate or by a person.
 
 A run's ``gate.conditions`` (``"ppo.task_score >= 0.8"``: a stage, one of its final metrics, a comparison,
-a number) are checked when the pipeline finishes. A run that fails its gate still finishes and keeps its
+a number or the champion's value, ``stages.io.gate``) are checked when the pipeline finishes. The champion
+of a stage is the latest promoted run, other than the one decided, that finished that stage
+(``find_champion``); a condition on a champion that does not exist yet is not checked, and the gate decides
+by the rest (so the first run of a nightly schedule whose gate names only the champion is promoted, and
+becomes the champion). A run that fails its gate still finishes and keeps its
 artifacts; it is marked ``not promoted`` with the conditions that failed. ``rlhf promote RUN_ID`` records
 a human approval (who, when, why), also over a failed gate. A run without a gate is never promoted
 automatically, so a scheduled run ships only through its gate.
@@ -29,7 +33,7 @@ from flows.run_dir import (
 )
 from stages.io import artifacts
 from stages.io.config import ConfigError
-from stages.io.gate import Condition
+from stages.io.gate import Champion, Condition
 
 LATEST = "promoted.json"  # in the runs folder: the latest promoted run
 
@@ -49,14 +53,21 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
     gate = None
     if conditions:
         metrics = {stage: entry["metrics"] for stage, entry in read_stages(run_dir).items()}
-        checked = [Condition.parse(text).check(metrics) for text in conditions]
-        failed = [c for c in checked if not c["passed"]]
+        parsed = [Condition.parse(text) for text in conditions]
+        champions = {
+            c.champion.stage: find_champion(Path(run_dir).parent, c.champion.stage, exclude=Path(run_dir).name)
+            for c in parsed
+            if c.champion is not None
+        }
+        checked = [c.check(metrics, champions[c.champion.stage] if c.champion else None) for c in parsed]
+        failed = [c for c in checked if c["passed"] is False]  # None: a champion condition with no champion
         gate = {
             "status": NOT_PROMOTED if failed else PROMOTED,
             "by": "gate",
             "at": _now(),
             "conditions": checked,
             "failed": [c["condition"] for c in failed],
+            **({"champions": {stage: c.run_id if c else None for stage, c in champions.items()}} if champions else {}),
             "artifact_digests": artifact_digests(run_dir),
         }
     previous = read_promotion(run_dir)
@@ -66,6 +77,18 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
         record = gate
     _record(run_dir, record)
     return record
+
+
+def find_champion(runs_dir: Path, stage: str, exclude: str) -> Champion | None:
+    """The champion of ``stage``: the latest promoted run (by promotion time, ``promoted_runs``) other than
+    ``exclude`` that finished ``stage``, with every finished stage's final metrics; None if there is none."""
+    for row in reversed(promoted_runs(runs_dir)):
+        if row["run_id"] == exclude:
+            continue
+        stages = read_stages(Path(runs_dir) / row["run_id"])
+        if (stages.get(stage) or {}).get("artifact"):
+            return Champion(row["run_id"], {name: entry["metrics"] for name, entry in stages.items()})
+    return None
 
 
 def artifact_digests(run_dir: Path) -> dict[str, str]:

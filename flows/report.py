@@ -100,14 +100,21 @@ def describe(record: dict[str, Any] | None, finished: bool = True) -> str:
         return f"promoted by {record['approved_by']} at {record['at']}" + (
             f": {record['reason']}" if record.get("reason") else ""
         )
+    unchecked = [c for c in record["conditions"] if c["passed"] is None]
+    skipped = "; not checked: " + "; ".join(f"{c['condition']} ({c['reason']})" for c in unchecked) if unchecked else ""
     if record["status"] == PROMOTED:
-        return f"promoted by its gate (all {len(record['conditions'])} conditions passed)"
-    reasons = []
-    for c in record["conditions"]:
-        if not c["passed"]:
-            reasons.append(
-                f"{c['condition']} (was {c['value']:.4g})"
-                if c["value"] is not None
-                else f"{c['condition']} ({c['reason']})"
-            )
-    return "not promoted: failed " + "; ".join(reasons)
+        total = len(record["conditions"])
+        passed = f"all {total} conditions passed" if not unchecked else f"{total - len(unchecked)} of {total} passed"
+        return f"promoted by its gate ({passed}{skipped})"
+    failed = "; ".join(condition_outcome(c) for c in record["conditions"] if c["passed"] is False)
+    return f"not promoted: failed {failed}{skipped}"
+
+
+def condition_outcome(checked: dict[str, Any]) -> str:
+    """One checked gate condition with its values: ``ppo.task_score >= champion - 0.02 (was 0.61; champion
+    RUN had 0.7)``, or with the reason it could not be compared."""
+    if checked["value"] is None or ("champion" in checked and "threshold" not in checked):
+        return f"{checked['condition']} ({checked['reason']})"
+    champion = checked.get("champion")
+    theirs = f"; champion {champion['run_id']} had {champion['value']:.4g}" if champion else ""
+    return f"{checked['condition']} (was {checked['value']:.4g}{theirs})"

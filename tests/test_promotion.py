@@ -215,3 +215,148 @@ def test_a_scheduled_run_promotes_only_through_its_gate(tmp_path: Path) -> None:
             return next(a.description for a in found if a.key == "promotion")
 
     assert asyncio.run(latest_verdict()) == f"run {gated.name}: promoted by its gate (all 1 conditions passed)"
+
+
+def test_champion_conditions_parse_and_compare_with_the_champions_value() -> None:
+    from stages.io.gate import Champion, ChampionRef
+
+    ours = {"ppo": {"task_score": 0.69}, "reward": {"pair_accuracy": 0.9}}
+    champion = Champion("night-1", {"ppo": {"task_score": 0.7}, "reward": {"pair_accuracy": 0.95}})
+    margin = Condition.parse("ppo.task_score >= champion - 0.02")
+    assert (
+        margin.champion == ChampionRef("ppo", "task_score", -0.02)
+        and str(margin) == "ppo.task_score >= champion - 0.02"
+    )
+    assert margin.check(ours, champion) == {
+        "condition": "ppo.task_score >= champion - 0.02",
+        "value": 0.69,
+        "passed": True,
+        "champion": {"run_id": "night-1", "value": 0.7},
+        "threshold": 0.68,
+    }
+    assert not Condition.parse("reward.pair_accuracy >= champion").check(ours, champion)["passed"]
+    named = Condition.parse("ppo.task_score>=champion.reward.pair_accuracy+0.1")
+    assert named.champion == ChampionRef("reward", "pair_accuracy", 0.1)
+    assert named.check(ours, champion)["threshold"] == 1.05
+    # No champion: not checked (None), with the reason; a champion without the metric: failed, with why.
+    assert margin.check(ours) == {
+        "condition": "ppo.task_score >= champion - 0.02",
+        "value": 0.69,
+        "passed": None,
+        "reason": "no champion: no promoted run has finished stage ppo, so this is not checked",
+    }
+    lacking = Condition.parse("ppo.kl_to_reference <= champion").check(
+        {"ppo": {"kl_to_reference": 1.0}}, Champion("night-1", {"ppo": {"task_score": 0.7}})
+    )
+    assert lacking["passed"] is False
+    assert lacking["reason"] == "champion night-1: ppo has no numeric metric 'kl_to_reference'; it has task_score"
+    for bad in ("ppo.task_score >= champ", "ppo.task_score >= champion * 2", "ppo.task_score >= champion.ppo"):
+        with pytest.raises(ValueError, match="expected STAGE.METRIC OP NUMBER or STAGE.METRIC OP champion"):
+            Condition.parse(bad)
+    with pytest.raises(ValueError, match="the threshold nan is not a finite number"):
+        Condition.parse("ppo.task_score >= champion - nan")
+    from stages.io.config import load_config
+
+    with pytest.raises(ConfigError, match="names stage 'reward', which is not in run.stages"):
+        load_config(None, ["run.stages=[sft]", 'gate.conditions=["sft.task_score >= champion.reward.pair_accuracy"]'])
+
+
+def _finished_run(runs: Path, run_id: str, metrics: dict[str, dict[str, float]], promoted: bool | None) -> Path:
+    """A run folder as the flow leaves it: config, finished stages with these final metrics, status, and
+    (promoted True/False) a gate's decision."""
+    from flows.run_dir import record_status, write_promotion
+    from stages.io import artifacts
+    from stages.io.config import load_config
+
+    run_dir = runs / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(load_config(None, [f"run.stages=[{','.join(metrics)}]"]).to_yaml())
+    for stage, values in metrics.items():
+        with artifacts.staging(run_dir / stage) as tmp:
+            artifacts.publish(tmp, run_dir / stage, {"cache_key": "k" * 64, "metrics": values})
+        record_status(run_dir, stage, status="completed")
+    if promoted is not None:
+        status = "promoted" if promoted else "not promoted"
+        write_promotion(
+            run_dir, {"status": status, "by": "gate", "at": f"2026-12-0{len(list(runs.iterdir()))}", "conditions": []}
+        )
+    return run_dir
+
+
+def test_the_champion_is_the_latest_promoted_run_that_finished_the_stage(tmp_path: Path) -> None:
+    from flows.promotion import find_champion
+
+    runs = tmp_path / "runs"
+    _finished_run(runs, "old", {"sft": {"task_score": 0.5}, "reward": {"pair_accuracy": 0.9}}, promoted=True)
+    _finished_run(runs, "sft-only", {"sft": {"task_score": 0.6}}, promoted=True)
+    _finished_run(runs, "rejected", {"sft": {"task_score": 0.9}, "reward": {"pair_accuracy": 0.99}}, promoted=False)
+    assert find_champion(runs, "sft", exclude="tonight").run_id == "sft-only"
+    assert find_champion(runs, "reward", exclude="tonight").run_id == "old"  # the latest one with that stage
+    assert find_champion(runs, "sft", exclude="sft-only").run_id == "old"  # never the run being decided
+    assert find_champion(runs, "ppo", exclude="tonight") is None
+
+    tonight = _finished_run(runs, "tonight", {"sft": {"task_score": 0.55}, "reward": {"pair_accuracy": 0.95}}, None)
+    record = apply_gate(
+        tonight, ["sft.task_score >= champion - 0.02", "reward.pair_accuracy >= champion", "sft.task_score >= 0"]
+    )
+    assert record["status"] == "not promoted" and record["failed"] == ["sft.task_score >= champion - 0.02"]
+    assert record["champions"] == {"sft": "sft-only", "reward": "old"}
+    assert record["conditions"][0]["champion"] == {"run_id": "sft-only", "value": 0.6}
+    assert describe(record) == (
+        "not promoted: failed sft.task_score >= champion - 0.02 (was 0.55; champion sft-only had 0.6)"
+    )
+    assert json.loads((runs / LATEST).read_text())["run_id"] == "sft-only"  # tonight did not replace it
+
+    # A stage no promoted run has: its condition is not checked, and the gate decides by the rest.
+    first = _finished_run(runs, "first-dpo", {"sft": {"task_score": 0.7}, "dpo": {"reward_accuracy": 0.4}}, None)
+    record = apply_gate(first, ["dpo.reward_accuracy >= champion", "sft.task_score >= champion"])
+    assert record["status"] == "promoted" and record["champions"] == {"dpo": None, "sft": "sft-only"}
+    assert describe(record) == (
+        "promoted by its gate (1 of 2 passed; not checked: dpo.reward_accuracy >= champion "
+        "(no champion: no promoted run has finished stage dpo, so this is not checked))"
+    )
+    assert find_champion(runs, "dpo", exclude="tonight").run_id == "first-dpo"  # now it is the champion
+
+
+def test_a_scheduled_run_that_regresses_against_the_champion_is_not_promoted(tmp_path: Path) -> None:
+    """A promoted run, then what the nightly schedule triggers with a champion-relative gate: a run whose
+    SFT barely trained (learning rate 1e-7) ends with a higher final loss than the champion's, so it is not
+    promoted, the champion stays the latest promoted run, and its report and Prefect artifact say why."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import scheduled_run
+
+    runs = tmp_path / "runs"
+    champion = run_cli(
+        "run", "--run-id", "champion", "--runs-dir", str(runs),
+        *_sets(*SFT_ONLY, 'gate.conditions=["sft.final_loss <= champion", "sft.task_score >= 0"]'),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert champion.returncode == 0, champion.stderr[-2000:]
+    assert (
+        "promoted by its gate (1 of 2 passed; not checked: sft.final_loss <= champion (no champion" in champion.stdout
+    )
+
+    gate = 'gate.conditions=["sft.final_loss <= champion + 0.001", "sft.task_score >= 0"]'
+    tonight = Path(scheduled_run(overrides=[*SFT_ONLY, "sft.learning_rate=1e-7", gate], runs_dir=str(runs)))
+    record = json.loads((tonight / PROMOTION).read_text())
+    theirs = json.loads((runs / "champion" / "sft" / "manifest.json").read_text())["metrics"]["final_loss"]
+    ours = json.loads((tonight / "sft" / "manifest.json").read_text())["metrics"]["final_loss"]
+    assert ours > theirs + 0.001, (ours, theirs)
+    assert record["status"] == "not promoted" and record["champions"] == {"sft": "champion"}
+    assert record["conditions"][0]["champion"] == {"run_id": "champion", "value": theirs}
+    assert json.loads((runs / LATEST).read_text())["run_id"] == "champion"
+    why = (
+        f"not promoted: failed sft.final_loss <= champion + 0.001 (was {ours:.4g}; champion champion had {theirs:.4g})"
+    )
+    assert why in run_cli("report", tonight.name, "--runs-dir", str(runs), cwd=tmp_path).stdout
+    assert why.replace(">", "&gt;").replace("<", "&lt;") in (tonight / "report.html").read_text()
+
+    async def latest_verdict() -> str:
+        async with get_client() as client:
+            found = await client.read_latest_artifacts()
+            return next(a.description for a in found if a.key == "promotion")
+
+    assert asyncio.run(latest_verdict()) == f"run {tonight.name}: {why}"

@@ -91,10 +91,13 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _gate_names_run_stages(self) -> PipelineConfig:
         for text in self.gate.conditions:
-            if (stage := Condition.parse(text).stage) not in self.run.stages:
-                raise ValueError(
-                    f"gate.conditions: {text!r} names stage {stage!r}, which is not in run.stages {self.run.stages}"
-                )
+            condition = Condition.parse(text)
+            named = [condition.stage] + ([condition.champion.stage] if condition.champion else [])
+            for stage in named:
+                if stage not in self.run.stages:
+                    raise ValueError(
+                        f"gate.conditions: {text!r} names stage {stage!r}, which is not in run.stages {self.run.stages}"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -257,7 +257,8 @@ class TrackingSection(Section):
 
 class GateSection(Section):
     """Promotion gate (flows/promotion.py): conditions on the stages' final metrics, checked when the run
-    finishes, e.g. ``ppo.task_score >= 0.8``. Empty: no gate, and the run is promoted only by hand."""
+    finishes, e.g. ``ppo.task_score >= 0.8``, or on the champion's (``ppo.task_score >= champion - 0.02``,
+    ``stages.io.gate``). Empty: no gate, and the run is promoted only by hand."""
 
     conditions: list[str] = Field(default_factory=list)
 
