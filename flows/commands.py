@@ -19,6 +19,7 @@ from pathlib import Path
 
 from filelock import Timeout
 
+from flows.liveness import reconcile, reconcile_all
 from flows.memory_check import format_plan, plan_json, plan_memory
 from flows.prefect_env import configure_prefect, start_server_early
 from flows.preflight import ConfigProcess, budget_lines, build_backbone, preflight, start_check
@@ -29,6 +30,8 @@ from flows.run_dir import new_run_id, prepare_run_dir, read_config, run_lock, up
 from flows.sweep import DB_WAIT_S, StudyLocked, SweepSpec, check_spec, format_leaderboard, parse_grid, run_sweep
 from stages.io.artifacts import strict_json
 from stages.io.config import ConfigError, load_config
+
+LOCK_WAIT_S = 2.0
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -74,9 +77,12 @@ def _run_flow(
 ) -> int:
     from flows.pipeline import pipeline
 
+    reconcile(run_dir)  # a stage left running by a killed process is crashed, here and in Prefect
     lock = run_lock(run_dir)
     try:
-        lock.acquire(timeout=0)  # released by the OS if this process dies, so a killed run can be rerun
+        # Released by the OS if this process dies, so a killed run can be rerun. A second: `rlhf runs` in
+        # another process holds it for a moment to tell whether the run lives.
+        lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
         raise ConfigError(
             f"run {run_dir.name} is already running in another process; wait for it or choose another --run-id"
@@ -136,6 +142,7 @@ def _limit_concurrency(tag: str, limit: int) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    reconcile(args.runs_dir / args.run_id)
     report = run_report(args.runs_dir / args.run_id)
     if args.json:
         print(json.dumps(strict_json(report), indent=2, allow_nan=False))
@@ -180,6 +187,7 @@ def runs_command(args: argparse.Namespace) -> int:
             else f"(no promoted runs in {args.runs_dir})"
         )
         return 0
+    reconcile_all(args.runs_dir)  # a run whose process died shows crashed, not running
     rows = list_runs(args.runs_dir)
     print(f"{'run':<28} {'status':<10} {'promotion':<13} {'sweep':<22} {'started':<20} {'seconds':>8}  stages")
     for row in rows:

@@ -13,9 +13,10 @@ from typing import Any, cast
 from prefect import flow
 from prefect.states import Failed, State
 
+from flows.liveness import record_flow_run
 from flows.promotion import apply_gate, refresh_latest
 from flows.report import describe
-from flows.run_dir import new_run_id, prepare_run_dir, read_config
+from flows.run_dir import new_run_id, prepare_run_dir, read_config, run_lock
 from flows.stage_task import stage_task
 from stages.io.config import load_config
 from stages.io.provenance import stage_inputs
@@ -31,6 +32,9 @@ def _run_id() -> str:
 @flow(name="rlhf-pipeline", flow_run_name=_run_id)
 def pipeline(run_dir: str, force: list[str] | None = None) -> dict[str, dict[str, Any]] | State:
     """Run every configured stage of the run in ``run_dir``; return each stage's result."""
+    from prefect.runtime import flow_run
+
+    record_flow_run(Path(run_dir), str(flow_run.id), flow_run.name)  # and a crashed earlier one names this one
     cfg = read_config(Path(run_dir))
     forced = set(force or [])
     results: dict[str, dict[str, Any]] = {}
@@ -80,7 +84,8 @@ def scheduled_run(config: str | None = None, overrides: list[str] | None = None,
     """What a schedule triggers: a fresh run id, the resolved config written, then the pipeline."""
     cfg = load_config(config, overrides or [])
     run_dir = prepare_run_dir(Path(runs_dir), new_run_id(), cfg).resolve()
-    state = pipeline(str(run_dir), return_state=True)
+    with run_lock(run_dir):  # held while it runs: a run whose process died is told from a live one
+        state = pipeline(str(run_dir), return_state=True)
     if state.is_failed():
         raise RuntimeError(f"run {run_dir.name} failed: {state.message}")
     return str(run_dir)

@@ -8,7 +8,17 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from flows.run_dir import CONFIG, PROMOTED, read_promotion, read_stages, read_status, read_trial, run_finished
+from flows.run_dir import (
+    CONFIG,
+    CRASHED,
+    PROMOTED,
+    RUNNING,
+    read_promotion,
+    read_stages,
+    read_status,
+    read_trial,
+    run_finished,
+)
 from stages.io import artifacts
 from stages.registry import STAGE_ORDER
 
@@ -46,7 +56,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         run_dir = run_dir.parent
         status = read_status(run_dir)
         states = {entry["status"] for entry in status.values()}
-        overall = next((s for s in ("failed", "running") if s in states), "completed" if status else "pending")
+        overall = next((s for s in ("failed", CRASHED, RUNNING) if s in states), "completed" if status else "pending")
         started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, UTC)
         rows.append(
             {

@@ -3,7 +3,8 @@
     <runs-dir>/
       <run-id>/
         config.yaml       the resolved config (config.<n>.yaml: the ones `rlhf stage --set` replaced)
-        status.json       what the flow did with each stage: running, completed, cached, failed
+        status.json       what the flow did with each stage: running, completed, cached, failed, crashed
+        flow_runs.json    the Prefect flow run of each invocation, and which ones crashed (``flows.liveness``)
         <stage>/          the stage's artifact: manifest.json (with its metrics), history.json, ...
         promotion.json    the run's promotion decision (decided in ``flows.promotion``)
         sweep.json        the sweep and trial a run started by ``rlhf sweep`` belongs to
@@ -39,6 +40,8 @@ TRIAL_FILE = "sweep.json"  # which sweep and trial the run belongs to
 RUN_LOCK = ".running.lock"
 SWEEPS = "sweeps"
 FINISHED = ("completed", "cached")  # the statuses of a stage whose artifact is the run's
+RUNNING, CRASHED = "running", "crashed"  # crashed: it was running when the process running it died
+FLOW_RUNS = "flow_runs.json"
 
 
 def new_run_id() -> str:
@@ -92,6 +95,18 @@ def record_status(run_dir: Path, stage: str, **fields: Any) -> None:
     status = read_status(run_dir)
     status[stage] = {**fields, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
     artifacts.write_json(Path(run_dir) / STATUS, status)
+
+
+def read_flow_runs(run_dir: Path) -> list[dict[str, Any]]:
+    """Each invocation's Prefect flow run, oldest first: ``{"id", "name", "started_at", "pid", "host"}``, with
+    ``crashed_at`` once its process was found dead, ``in_prefect`` once Prefect shows it crashed too, and
+    ``resumed_by`` (the id of the flow run that went on with the run)."""
+    path = Path(run_dir) / FLOW_RUNS
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_flow_runs(run_dir: Path, flow_runs: list[dict[str, Any]]) -> None:
+    artifacts.write_json(Path(run_dir) / FLOW_RUNS, flow_runs)
 
 
 def run_finished(run_dir: Path) -> bool:

@@ -128,3 +128,96 @@ def test_served_deployment_runs_when_triggered(prefect_server: str, tmp_path: Pa
         serve.wait(timeout=60)
     runs = [p for p in (tmp_path / "runs").iterdir() if (p / "ppo" / "manifest.json").is_file()]
     assert len(runs) == 1, "the triggered run should have finished every stage"
+
+
+FLOW_RUN = """
+import asyncio, json, sys
+from uuid import UUID
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter
+
+async def main():
+    async with get_client() as client:
+        found = {}
+        for flow_run_id in sys.argv[1:]:
+            run = await client.read_flow_run(UUID(flow_run_id))
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [run.id]}))
+            found[flow_run_id] = {"state": run.state.type.value, "message": run.state.message,
+                                  "artifacts": {a.key: a.description for a in artifacts if a.key}}
+        print(json.dumps(found))
+asyncio.run(main())
+"""
+
+
+def _flow_runs(ids: list[str], env: dict[str, str]) -> dict[str, dict]:
+    read = subprocess.run(
+        [sys.executable, "-c", FLOW_RUN, *ids], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+    assert read.returncode == 0, read.stderr[-2000:]
+    return json.loads(read.stdout.strip().splitlines()[-1])
+
+
+def _stage_processes(out: Path) -> list[int]:
+    """The pids of processes whose command line names the stage folder ``out`` (a stage and its ranks)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(out) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_run_shows_crashed_and_resume_finishes_it(prefect_server: str, tmp_path: Path) -> None:
+    """Issue 32, item 5, as measured with a persistent server: `rlhf run` killed with `kill -9` during the
+    reward stage stayed `running` in `rlhf runs`, its status.json and Prefect. Now the next command finds
+    its lock free and says `crashed` in all three; `rlhf resume` finishes the run, and the crashed flow run
+    names the flow run that resumed it."""
+    env = {"PREFECT_API_URL": prefect_server}
+    runs = tmp_path / "runs"
+    sets = [*SETS, "--set", "run.stages=[sft,reward]", "--set", "run.seed=12", "--set", "tracking.backend=none"]
+    rlhf = Path(sys.executable).parent / "rlhf"
+    running = subprocess.Popen(
+        [str(rlhf), "run", "--run-id", "killed", "--runs-dir", str(runs), *sets],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    status = runs / "killed" / "status.json"
+    deadline = time.time() + 300
+    while not (status.is_file() and json.loads(status.read_text()).get("reward", {}).get("status") == "running"):
+        assert running.poll() is None and time.time() < deadline, "the run never reached its reward stage"
+        time.sleep(0.2)
+    os.kill(running.pid, signal.SIGKILL)
+    running.wait()
+    deadline = time.time() + 60
+    while _stage_processes(runs / "killed" / "reward"):  # the stage dies with its parent
+        assert time.time() < deadline, "the reward stage outlived the killed run"
+        time.sleep(0.5)
+    assert json.loads(status.read_text())["reward"]["status"] == "running"  # what nothing had corrected
+    killed_flow_run = json.loads((runs / "killed" / "flow_runs.json").read_text())[-1]["id"]
+    assert _flow_runs([killed_flow_run], env)[killed_flow_run]["state"] == "RUNNING"
+
+    listed = run_cli("runs", "--runs-dir", str(runs), cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert next(line for line in listed.stdout.splitlines() if line.startswith("killed")).split()[1] == "crashed"
+    reward = json.loads(status.read_text())["reward"]
+    assert reward["status"] == "crashed" and "`rlhf resume killed` finishes it" in reward["error"]
+    crashed = _flow_runs([killed_flow_run], env)[killed_flow_run]
+    assert crashed["state"] == "CRASHED" and "was gone at" in crashed["message"], crashed
+
+    resumed = run_cli("resume", "killed", "--runs-dir", str(runs), cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert {entry["status"] for entry in json.loads(status.read_text()).values()} <= {"completed", "cached"}
+    flow_runs = json.loads((runs / "killed" / "flow_runs.json").read_text())
+    first, second = flow_runs[-2], flow_runs[-1]
+    assert first["id"] == killed_flow_run and first["resumed_by"] == f"{second['name']} ({second['id']})"
+    seen = _flow_runs([first["id"], second["id"]], env)
+    assert seen[second["id"]]["state"] == "COMPLETED"
+    old = seen[first["id"]]
+    assert old["state"] == "CRASHED" and f"resumed by flow run {second['name']} ({second['id']})" in old["message"]
+    assert old["artifacts"]["resumed-by"] == f"run killed was resumed by flow run {second['name']} ({second['id']})"
+    listed = run_cli("runs", "--runs-dir", str(runs), cwd=tmp_path, env=env).stdout
+    assert next(line for line in listed.splitlines() if line.startswith("killed")).split()[1] == "completed"
