@@ -82,6 +82,7 @@ TIERS = {
         "test_deepspeed",
         "test_tokenization",
         "test_packing",
+        "test_samples",
         "test_family_contract",
         "test_logprob_gap",
         "test_devices",

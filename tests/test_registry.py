@@ -101,7 +101,7 @@ SHARED_CODE = {
     "training/runner.py",
     "training/updater.py",
 }
-_SAMPLING = {"model/generation.py", "model/probes.py", "training/evaluation.py"}
+_SAMPLING = {"io/samples.py", "model/generation.py", "model/probes.py", "training/evaluation.py"}
 _RL = {
     *_SAMPLING,
     "model/reward_model.py",

@@ -15,6 +15,7 @@ import pytest
 from flows.launch import launch_env
 from stages.io import artifacts
 from stages.io.config import load_config
+from stages.io.samples import read_samples
 from stages.registry import spec
 from stages.training.checkpoints import checkpoint_root
 from tests.conftest import TINY, stage_command, train_upstream
@@ -141,6 +142,8 @@ def test_killed_stage_resumes_from_its_last_checkpoint(
         )
         assert run.returncode == 0, run.stderr[-3000:]
         assert json.loads((out / "history.json").read_text()) == json.loads((straight / "history.json").read_text())
+        # The sample tables of the steps before the kill came back from the checkpoint (issue 32).
+        assert read_samples(out) == read_samples(straight) and (stage == "reward") != bool(read_samples(out))
         weights = sorted(path.relative_to(straight) for path in straight.rglob("*.safetensors"))
         assert weights and weights == sorted(path.relative_to(out) for path in out.rglob("*.safetensors"))
         for path in weights:

@@ -37,6 +37,7 @@ from stages.dpo.pairs import distinct_after_truncation, stored_pair_rows
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import DataError, evaluation_sample, load_measured, measured, split_indices, stored_dataset
+from stages.io.samples import write_samples
 from stages.model.adapters import count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import stage_backbone
 from stages.model.probes import save_probe
@@ -45,8 +46,9 @@ from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
 from stages.training.early_stopping import evaluating, not_stopping, stopper_for
-from stages.training.evaluation import evaluate_policy
+from stages.training.evaluation import evaluate_policy, final_evaluation, step_samples
 from stages.training.hf_trainer import (
+    SampleTables,
     agreed_resume_point,
     build_trainer,
     logged_history,
@@ -190,21 +192,30 @@ def train_dpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
                 ),
             )
         )
+    tables = SampleTables(
+        lambda step: step_samples(
+            model, tokenization, held_out, cfg.eval, cfg.run.seed, step=step, synced=synced_generation(dist)
+        ),
+        cfg.eval.samples_every,
+    )
+    trainer.add_callback(tables)
     result = train_from(trainer, resume)
     set_trainable(model, [POLICY])  # TRL's switches to the reference leave a prompt-learning copy trainable
     history = logged_history(trainer)
     rewards = held_out_rewards(trainer)
     model.set_adapter(POLICY)  # the policy samples; its reference is the frozen copy
-    metrics = evaluate_policy(
+    metrics, final_samples = final_evaluation(
         model,
         tokenization,
         held_out,
         cfg.eval,
         cfg.run.seed,
         reference=REFERENCE,
+        step=trainer.state.global_step,
         desc="task_score (dpo)",
         synced=synced_generation(dist),
     )
+    write_samples(out, tables.rows + final_samples)
 
     save_probe(model, tokenization.tokenizer, out)  # every rank: a ZeRO-3 forward needs them all
     with gathered(dist, model):

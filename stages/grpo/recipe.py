@@ -35,6 +35,7 @@ from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import load_measured, load_rollout_prompts
 from stages.io.formats import Prompt
+from stages.io.samples import write_samples
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import stage_backbone
 from stages.model.generation import generate
@@ -48,7 +49,7 @@ from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
 from stages.training.early_stopping import stopper_for
-from stages.training.evaluation import evaluate_policy
+from stages.training.evaluation import evaluate_policy, final_evaluation, step_samples
 from stages.training.learning_check import LearningCheck
 from stages.training.logprob_gap import LogprobGap, gap_warning
 from stages.training.loop import TrainingLoop
@@ -213,6 +214,10 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
             desc="early stopping",
             reward=source,
         ),
+        samples=lambda step: step_samples(
+            model, tokenization, held_out, cfg.eval, cfg.run.seed, step=step, reward=source
+        ),
+        samples_every=cfg.eval.samples_every,
     )
     loop.resume()
 
@@ -233,16 +238,18 @@ def train_grpo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
 
     model.eval()  # dropout off: the policy trained is the one that sampled (as PPO, issue 14 fault 2)
     history = loop.run(train_step)
-    metrics = evaluate_policy(
+    metrics, final_samples = final_evaluation(
         model,
         tokenization,
         held_out,
         cfg.eval,
         cfg.run.seed,
         reference=REFERENCE,
+        step=loop.last_step,
         desc="task_score (grpo)",
         reward=source,
     )
+    write_samples(out, loop.samples + final_samples)
     metrics["task_score_sft"] = read_manifest(ctx.inputs["sft"])["metrics"]["task_score"]
 
     save_probe(model, tokenization.tokenizer, out)

@@ -245,6 +245,11 @@ class EvalSection(Section):
     # Sampled, not greedy: task_score measures the policy RLHF optimises, not its mode.
     temperature: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=64, ge=1)
+    # The sample tables (stages/io/samples.py): the first `samples` held-out prompts with the policy's response,
+    # its reward and, at the end, the reference's; every `samples_every` logged steps and at the final
+    # evaluation. 0: none.
+    samples: int = Field(default=4, ge=0)
+    samples_every: int = Field(default=1, ge=1)
 
 
 class TrackingSection(Section):

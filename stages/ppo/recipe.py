@@ -29,6 +29,7 @@ import torch
 from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import EvalSection, PipelineConfig
 from stages.io.data import load_measured, load_rollout_prompts
+from stages.io.samples import Row, write_samples
 from stages.model.adapters import active_adapter, count_trainable, save_adapter
 from stages.model.heads import save_head
 from stages.model.probes import save_probe
@@ -49,7 +50,7 @@ from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.distributed import LOCAL, Distributed
 from stages.training.early_stopping import stopper_for
-from stages.training.evaluation import evaluate_policy
+from stages.training.evaluation import evaluate_policy, final_evaluation, step_samples
 from stages.training.learning_check import LearningCheck
 from stages.training.logprob_gap import LogprobGap, gap_warning
 from stages.training.loop import TrainingLoop
@@ -218,6 +219,8 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         step_key="update",
         stopper=stopper_for(ppo.early_stopping),  # dropout is off throughout: no mode switch
         evaluate=lambda: _evaluate(models, held_out, cfg.eval, cfg.run.seed, desc="early stopping"),
+        samples=lambda update: _step_samples(models, held_out, cfg.eval, cfg.run.seed, update),
+        samples_every=cfg.eval.samples_every,
     )
     if state := loop.resume():
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -247,7 +250,19 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     # penalty of a policy equal to its reference would not be 0 (issue 14, fault 2).
     model.eval()
     history = loop.run(train_step, lambda: {"kl_controller": kl_ctl.state_dict()})
-    metrics = _evaluate(models, held_out, cfg.eval, cfg.run.seed)
+    with active_adapter(model, POLICY):
+        metrics, final_samples = final_evaluation(
+            model,
+            models.tokenization,
+            held_out,
+            cfg.eval,
+            cfg.run.seed,
+            reference=REFERENCE,
+            step=loop.last_step,
+            desc="task_score (ppo)",
+            reward=models.reward,
+        )
+    write_samples(out, loop.samples + final_samples)
     metrics["task_score_sft"] = read_manifest(inputs["sft"])["metrics"]["task_score"]
 
     with active_adapter(model, POLICY):
@@ -274,9 +289,15 @@ def train_ppo(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     }
 
 
-def _evaluate(
-    models: PPOModels, held_out: list, evaluation: EvalSection, seed: int, desc: str = "task_score (ppo)"
-) -> dict[str, float]:
+def _step_samples(models: PPOModels, held_out: list, evaluation: EvalSection, seed: int, update: int) -> list[Row]:
+    """The policy's sample table after ``update`` (``stages.training.evaluation.step_samples``)."""
+    with active_adapter(models.model, POLICY):
+        return step_samples(
+            models.model, models.tokenization, held_out, evaluation, seed, step=update, reward=models.reward
+        )
+
+
+def _evaluate(models: PPOModels, held_out: list, evaluation: EvalSection, seed: int, desc: str) -> dict[str, float]:
     """Held-out task_score of the policy, its KL to the reference and the mean reward, on the same samples."""
     with active_adapter(models.model, POLICY):
         return evaluate_policy(

@@ -25,6 +25,7 @@ from stages.io.artifacts import read_manifest, write_json
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.data import load_measured, load_rollout_prompts
 from stages.io.formats import Prompt
+from stages.io.samples import write_samples
 from stages.model.adapters import active_adapter, count_trainable, load_adapter, save_adapter, set_trainable
 from stages.model.backbone import stage_backbone
 from stages.model.generation import generate
@@ -38,7 +39,7 @@ from stages.rrhf.spec import GENERATION_BATCH, RANKING_GROUPS, RRHFSection
 from stages.training import runner
 from stages.training.checkpoints import Checkpointer
 from stages.training.early_stopping import evaluating, stopper_for
-from stages.training.evaluation import evaluate_policy
+from stages.training.evaluation import evaluate_policy, final_evaluation, step_samples
 from stages.training.learning_check import LearningCheck
 from stages.training.logprob_gap import LogprobGap, gap_warning
 from stages.training.loop import TrainingLoop
@@ -217,6 +218,10 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
         samplers={"draws": draws},
         stopper=stopper_for(rr.early_stopping),
         evaluate=measure,
+        samples=lambda step: step_samples(
+            model, tokenization, held_out, cfg.eval, cfg.run.seed, step=step, reward=source
+        ),
+        samples_every=cfg.eval.samples_every,
     )
     state = loop.resume()
     sampling_gap: dict[str, float] = {}  # of the sampled candidates (none for data.ranked)
@@ -277,17 +282,20 @@ def train_rrhf(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     )
     model.eval()
 
+    evaluated, final_samples = final_evaluation(
+        model,
+        tokenization,
+        held_out,
+        cfg.eval,
+        cfg.run.seed,
+        reference=REFERENCE,
+        step=loop.last_step,
+        desc="task_score (rrhf)",
+        reward=source,
+    )
+    write_samples(out, loop.samples + final_samples)
     metrics: dict[str, Any] = {
-        **evaluate_policy(
-            model,
-            tokenization,
-            held_out,
-            cfg.eval,
-            cfg.run.seed,
-            reference=REFERENCE,
-            desc="task_score (rrhf)",
-            reward=source,
-        ),
+        **evaluated,
         "task_score_sft": read_manifest(inputs["sft"])["metrics"]["task_score"],
         "ranking_accuracy_before": accuracy_before,
         "ranking_accuracy": ranking_accuracy(model, tokenization, groups),

@@ -35,6 +35,7 @@ from stages.io.artifacts import write_json
 from stages.io.config import PipelineConfig
 from stages.io.data import LengthReport, Record, list_lengths, load_measured, measured, stored_dataset
 from stages.io.dataset_store import TOKENS_SCHEMA, tokenized_batch
+from stages.io.samples import write_samples
 from stages.model.adapters import RankAllocation, attach_adapter, count_trainable, save_adapter
 from stages.model.backbone import stage_backbone
 from stages.model.probes import save_probe
@@ -43,7 +44,7 @@ from stages.training import runner
 from stages.training.checkpoints import checkpoint_root
 from stages.training.distributed import Distributed, gathered, synced_generation
 from stages.training.early_stopping import evaluating, not_stopping, stopper_for
-from stages.training.evaluation import held_out_loss, task_score
+from stages.training.evaluation import held_out_loss, scored_samples, task_score
 from stages.training.hf_trainer import (
     agreed_resume_point,
     build_trainer,
@@ -183,7 +184,9 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     )
     held_out, _ = load_measured(cfg.data, "eval", cfg.task, tokenization, backbone.model.config.max_position_embeddings)
 
-    score_before = task_score(backbone.model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (base)")
+    score_before, samples_before = scored_samples(
+        backbone.model, tokenization, held_out, cfg.eval, cfg.run.seed, phase="before", step=0, desc="task_score (base)"
+    )
     model = attach_adapter(backbone.model, cfg.adapter, ADAPTER_NAME, total_steps=cfg.sft.max_steps)
     trainable = count_trainable(model)  # before ZeRO-3 partitions the parameters
     learning = LearningCheck(
@@ -215,9 +218,18 @@ def train_sft(cfg: PipelineConfig, ctx: runner.StageContext) -> dict[str, Any]:
     if stopper is not None:
         trainer.add_callback(stopping_callback(stopper, evaluating(model, measure)))
     result = train_from(trainer, resume)
-    score_after = task_score(
-        model, tokenization, held_out, cfg.eval, cfg.run.seed, desc="task_score (sft)", synced=synced_generation(dist)
+    score_after, samples_after = scored_samples(
+        model,
+        tokenization,
+        held_out,
+        cfg.eval,
+        cfg.run.seed,
+        phase="final",
+        step=trainer.state.global_step,
+        desc="task_score (sft)",
+        synced=synced_generation(dist),
     )
+    write_samples(out, samples_before + samples_after)
 
     save_probe(model, tokenizer, out)  # every rank: a ZeRO-3 forward needs them all
     with gathered(dist, model):

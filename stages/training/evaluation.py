@@ -1,9 +1,11 @@
 """How well a policy does the task: sample held-out prompts and apply the task's checker
 (``task_score``, the share of exact answers); for a policy trained against a reference, also how far
-it moved from it on those samples (``evaluate_policy``)."""
+it moved from it on those samples (``evaluate_policy``); and what it says, as sample tables
+(``final_evaluation``, ``step_samples``: ``stages.io.samples``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,18 +13,17 @@ import torch
 from stages.io.arithmetic import check
 from stages.io.config import EvalSection
 from stages.io.data import Record
+from stages.io.samples import Row, sample_rows
 from stages.model.adapters import active_adapter
 from stages.model.generation import generate
 from stages.model.placement import model_device
 from stages.model.sequences import Response, from_token_ids, token_logprobs
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from peft import PeftModel
 
-    from stages.io.formats import Prompt
     from stages.model.tokenization import Tokenization
+    from stages.training.rewards import RewardSource
 
 
 def score_responses(responses: list[Response], answers: list[str]) -> float:
@@ -43,10 +44,26 @@ def task_score(
     """Sample on the first ``cfg.num_prompts`` held-out prompts (rendered by the tokenization contract,
     with the chat template's generation prompt where it applies) and apply the checker to the text
     before each response's end token."""
+    return scored_samples(model, tokenization, records, cfg, seed, phase="final", step=0, desc=desc, synced=synced)[0]
+
+
+def scored_samples(
+    model: torch.nn.Module,
+    tokenization: Tokenization,
+    records: list[Record],
+    cfg: EvalSection,
+    seed: int,
+    *,
+    phase: str,
+    step: int,
+    desc: str = "task_score",
+    synced: bool = False,
+) -> tuple[float, list[Row]]:
+    """``task_score``, and the sample table of its first ``cfg.samples`` responses (``phase`` after ``step``)."""
     records = records[: cfg.num_prompts]
-    return score_responses(
-        _samples(model, tokenization, records, cfg, seed, desc, synced), [r["answer"] for r in records]
-    )
+    responses = _samples(model, tokenization, records, cfg, seed, desc, synced)
+    score = score_responses(responses, [r["answer"] for r in records])
+    return score, sample_rows(phase, step, records[: cfg.samples], responses)
 
 
 def evaluate_policy(
@@ -59,7 +76,7 @@ def evaluate_policy(
     reference: str,
     desc: str = "task_score",
     synced: bool = False,
-    reward: Callable[[list[Response], list[Prompt]], list[float]] | None = None,
+    reward: RewardSource | None = None,
 ) -> dict[str, float]:
     """``task_score`` of the active adapter (the policy) and, on the same samples, its KL to the adapter
     ``reference``: the Monte-Carlo estimate of KL(policy || reference) per response, the mean over samples
@@ -69,6 +86,27 @@ def evaluate_policy(
     The policy's log-probs are those generation sampled with; the reference's come from one forward of
     the sampled ids. The same samples, hence the same ``task_score``, as ``task_score`` with this seed.
     """
+    return _policy_evaluation(model, tokenization, records, cfg, seed, reference, desc, synced, reward).metrics
+
+
+@dataclass
+class _PolicyEvaluation:
+    metrics: dict[str, float]
+    responses: list[Response]  # one per evaluated record, in order
+    rewards: dict[str, list[float]] | None  # RewardSource.parts of the responses
+
+
+def _policy_evaluation(
+    model: PeftModel,
+    tokenization: Tokenization,
+    records: list[Record],
+    cfg: EvalSection,
+    seed: int,
+    reference: str,
+    desc: str,
+    synced: bool,
+    reward: RewardSource | None,
+) -> _PolicyEvaluation:
     records = records[: cfg.num_prompts]
     responses = _samples(model, tokenization, records, cfg, seed, desc, synced)
     kl = []
@@ -84,10 +122,60 @@ def evaluate_policy(
         "task_score": score_responses(responses, [r["answer"] for r in records]),
         "kl_to_reference": sum(kl) / len(kl),
     }
+    parts = None
     if reward is not None:
-        rewards = reward(responses, [r["prompt"] for r in records])
-        found["policy_reward"] = sum(rewards) / len(rewards)
-    return found
+        parts = reward.parts(responses, [r["prompt"] for r in records])
+        found["policy_reward"] = sum(parts["reward"]) / len(parts["reward"])
+    return _PolicyEvaluation(found, responses, parts)
+
+
+def final_evaluation(
+    model: PeftModel,
+    tokenization: Tokenization,
+    records: list[Record],
+    cfg: EvalSection,
+    seed: int,
+    *,
+    reference: str,
+    step: int,
+    desc: str = "task_score",
+    synced: bool = False,
+    reward: RewardSource | None = None,
+) -> tuple[dict[str, float], list[Row]]:
+    """``evaluate_policy``'s metrics, and the final sample table: the first ``cfg.samples`` of its responses
+    with their rewards, beside the ``reference`` adapter's responses to the same prompts from the same
+    random streams (one more generation, of ``cfg.samples`` prompts). ``step``: the stage's last step."""
+    found = _policy_evaluation(model, tokenization, records, cfg, seed, reference, desc, synced, reward)
+    shown = records[: min(cfg.samples, cfg.num_prompts)]
+    if not shown:
+        return found.metrics, []
+    with active_adapter(model, reference):
+        references = _samples(model, tokenization, shown, cfg, seed, "reference samples", synced)
+    rewards = {name: values[: len(shown)] for name, values in found.rewards.items()} if found.rewards else None
+    return found.metrics, sample_rows("final", step, shown, found.responses, rewards, references)
+
+
+def step_samples(
+    model: torch.nn.Module,
+    tokenization: Tokenization,
+    records: list[Record],
+    cfg: EvalSection,
+    seed: int,
+    *,
+    step: int,
+    phase: str = "step",
+    reward: RewardSource | None = None,
+    synced: bool = False,
+) -> list[Row]:
+    """The sample table of the active adapter after ``step``: its responses to the first ``cfg.samples``
+    held-out prompts (the streams of the final evaluation's, so rows of two steps differ by the training
+    between them) with their rewards; empty when ``cfg.samples`` is 0."""
+    shown = records[: min(cfg.samples, cfg.num_prompts)]
+    if not shown:
+        return []
+    responses = _samples(model, tokenization, shown, cfg, seed, "samples", synced)
+    rewards = reward.parts(responses, [r["prompt"] for r in shown]) if reward is not None else None
+    return sample_rows(phase, step, shown, responses, rewards)
 
 
 def _samples(

@@ -9,6 +9,7 @@ share instead, here:
 * resumable checkpoints: the HF Trainer's own (``.<stage>.checkpoints/checkpoint-N``), tagged with the
   stage's cache key, so a rerun resumes only a run of the same configuration;
 * a stop at the first logged NaN/inf loss, before a checkpoint could save its weights;
+* the sample tables at logged steps (``SampleTables``), kept with each checkpoint;
 * AdaLoRA's rank allocation and checkpoints (``adalora_callbacks``);
 * the adapters' own dtype, which TRL casts to bf16 on a 4-bit backbone (``adapter_dtype_kept``).
 """
@@ -16,7 +17,7 @@ share instead, here:
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,6 +29,7 @@ from transformers import TrainerCallback
 from stages.io.artifacts import write_json
 from stages.io.config import ConfigError, PipelineConfig
 from stages.io.progress import progress_mode
+from stages.io.samples import Row
 from stages.model.adapters import pop_rank_patterns, put_rank_patterns
 from stages.model.placement import model_device
 from stages.training.distributed import Distributed, filled_deepspeed_config
@@ -338,3 +340,28 @@ def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> Train
                 write_json(sidecar(args, "early_stopping", state.global_step, ".json"), stopper.state_dict())
 
     return EarlyStopping()
+
+
+class SampleTables(TrainerCallback):
+    """The sample tables of an HF Trainer stage (``stages.io.samples``), as ``TrainingLoop`` keeps them for
+    our loops: ``samples(step)`` at every ``every``-th step the Trainer logs (``control.should_log``, set by
+    its flow callback, which runs first), not after the last step (the final evaluation's table is that
+    one). ``rows`` holds them all; they are a ``sidecar`` of each checkpoint, read back on resume."""
+
+    def __init__(self, samples: Callable[[int], list[Row]], every: int) -> None:
+        self.samples, self.every = samples, every
+        self.rows: list[Row] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import json
+
+        if state.global_step > 0:
+            self.rows = json.loads(sidecar(args, "samples", state.global_step, ".json").read_text())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        if control.should_log and step % self.every == 0 and step < state.max_steps:
+            self.rows += self.samples(step)
+        if control.should_save and state.is_world_process_zero:
+            drop_orphan_sidecars(args, "samples", ".json")
+            write_json(sidecar(args, "samples", step, ".json"), self.rows)

@@ -9,7 +9,10 @@ A recipe gives one function, ``train_step(step, log) -> row | None``, and the lo
 * the history: at every ``log_every`` steps and at the last, ``train_step`` returns a row of metrics
   (every rank computes it: its values may be reduced over ranks), and the loop adds the step and the
   learning rate the update really used;
-* a checkpoint every ``checkpoint_every`` steps, with the history and the recipe's own state;
+* the sample tables (``stages.io.samples``): at every ``samples_every``-th step that is logged, the
+  recipe's ``samples(step)`` rows (held-out prompts and what the policy says to them), kept with the
+  history; not after the last step, whose table is the final evaluation's;
+* a checkpoint every ``checkpoint_every`` steps, with the history, the samples and the recipe's own state;
 * early stopping (``stages.training.early_stopping``): every ``eval_every`` steps the recipe's
   ``evaluate`` runs, and the loop ends once the metric has stopped improving; the stopper's state is in
   every checkpoint.
@@ -28,6 +31,7 @@ from stages.training.early_stopping import EarlyStopper, Evaluate, not_stopping
 
 Row = dict[str, Any]
 TrainStep = Callable[[int, bool], "Row | None"]  # (1-based step, log this step?) -> history row
+Samples = Callable[[int], list[Row]]  # step -> the sample table's rows after it
 
 
 class TrainingLoop:
@@ -49,6 +53,8 @@ class TrainingLoop:
         step_key: str = "step",
         stopper: EarlyStopper | None = None,
         evaluate: Evaluate | None = None,
+        samples: Samples | None = None,
+        samples_every: int = 1,
     ) -> None:
         self.checkpointer, self.desc, self.total = checkpointer, desc, total
         self.log_every, self.checkpoint_every, self.step_key = log_every, checkpoint_every, step_key
@@ -59,12 +65,15 @@ class TrainingLoop:
         self.start = 0  # steps done before this process: the resumed checkpoint's
         self.last_step = 0  # the last step trained (below total after an early stop)
         self.history: list[Row] = []
+        self.sample_fn, self.samples_every = samples, samples_every
+        self.samples: list[Row] = []  # every step table's rows, oldest first
 
     def resume(self) -> dict[str, Any] | None:
         """Restore the newest checkpoint, if any; return the recipe's saved state (None: a fresh start)."""
         state = self.checkpointer.resume(self.samplers)
         if state is not None:
             self.start, self.history = state["step"], state["history"]
+            self.samples = state.get("samples", [])
             self.last_step = self.start
             if self.stopper is not None:
                 self.stopper.load_state_dict(state["early_stopping"])
@@ -90,12 +99,14 @@ class TrainingLoop:
             self.last_step = step
             if self._should_stop(step):
                 break  # the artifact follows at once: no checkpoint
+            if log and self.sample_fn is not None and step % self.samples_every == 0 and step < self.total:
+                self.samples += self.sample_fn(step)
             stopping = {"early_stopping": self.stopper.state_dict()} if self.stopper is not None else {}
             self.checkpointer.maybe_save(
                 step,
                 self.checkpoint_every,
                 self.total,
-                {"history": self.history, **stopping, **saved_state()},
+                {"history": self.history, "samples": self.samples, **stopping, **saved_state()},
                 self.samplers,
             )
         return self.history

@@ -97,13 +97,21 @@ class RewardSource:
     def __call__(self, samples: list[Response], prompts: list[Prompt]) -> list[float]:
         """One reward per sample, (N,) floats; ``prompts``: the prompt of each sample. A checker reads the
         prompts and the response texts; the reward model scores the sampled ids."""
+        return self.parts(samples, prompts)["reward"]
+
+    def parts(self, samples: list[Response], prompts: list[Prompt]) -> dict[str, list[float]]:
+        """The reward of each sample (``reward``, what ``__call__`` returns) and the unweighted parts it is made
+        of: ``reward_model`` (the reward model's score) and ``checker``, each where this source has it."""
         total = [0.0] * len(samples)
+        found: dict[str, list[float]] = {}
         if self.model_scores is not None:
-            total = [t + self.model_weight * s for t, s in zip(total, self.model_scores(samples), strict=True)]
+            found["reward_model"] = self.model_scores(samples)
+            total = [t + self.model_weight * s for t, s in zip(total, found["reward_model"], strict=True)]
         if self.checker is not None:
-            checked = self._checked(prompts, [s.text for s in samples])
-            total = [t + self.checker_weight * c for t, c in zip(total, checked)]
-        return [t - (0.0 if s.finished else self.missing_eos_penalty) for t, s in zip(total, samples)]
+            found["checker"] = self._checked(prompts, [s.text for s in samples])
+            total = [t + self.checker_weight * c for t, c in zip(total, found["checker"])]
+        found["reward"] = [t - (0.0 if s.finished else self.missing_eos_penalty) for t, s in zip(total, samples)]
+        return found
 
     def _checked(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
         try:

@@ -1,7 +1,9 @@
 """Experiment tracking behind one small interface: Weights & Biases (offline by default) or nothing.
 
 One W&B run per stage: ``group`` = the pipeline run id, ``job_type`` = the stage, the resolved config
-(secrets removed) as its config, the stage's history and final metrics as its metrics. Each stage
+(secrets removed) as its config, the stage's history and final metrics as its metrics, and its sample
+tables (``stages.io.samples``) as W&B Tables, one per moment under its own key (``<stage>/samples/step-
+000040``, ``<stage>/samples/final``), so a later table never replaces an earlier one. Each stage
 logs its adapter as a W&B artifact whose inputs are its datasets and upstream adapters, giving the
 lineage dataset -> SFT adapter -> PPO policy (and preferences -> reward adapter -> PPO policy).
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from stages.io.config import PipelineConfig
+from stages.io.samples import COLUMNS, read_samples
 
 
 class Tracker(Protocol):
@@ -65,6 +68,8 @@ class WandbTracker:
 
     def finish(self, metrics: dict[str, Any], artifact: Path | None, inputs: dict[str, Path]) -> None:
         try:
+            if artifact is not None:
+                self._log_samples(read_samples(artifact))
             self._log_lineage(artifact, inputs)
             self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
             self.run.summary["warnings"] = "; ".join(metrics.get("warnings", []))
@@ -76,6 +81,15 @@ class WandbTracker:
             print(f"warning: W&B logging failed for {self._stage}: {err}", flush=True)
         finally:
             self.run.finish()
+
+    def _log_samples(self, rows: list[dict[str, Any]]) -> None:
+        """One W&B Table per (phase, step) of the sample rows, each under a key of its own."""
+        tables: dict[str, list[list[Any]]] = {}
+        for row in rows:
+            name = "final" if row["phase"] == "final" else f"{row['phase']}-{row['step']:06d}"
+            tables.setdefault(name, []).append([row.get(column) for column in COLUMNS])
+        for name, data in tables.items():
+            self.run.log({f"{self._stage}/samples/{name}": self._wandb.Table(columns=list(COLUMNS), data=data)})
 
     def _log_lineage(self, artifact: Path | None, inputs: dict[str, Path]) -> None:
         """Datasets and upstream adapters feed this stage's adapter artifact. Online, that is real W&B
