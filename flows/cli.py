@@ -112,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--promoted", action="store_true", help="only promoted runs, with who or what promoted them")
     runs.set_defaults(handler="runs_command")
 
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="write <runs-dir>/dashboard.html: key metrics of every run over time, the champion, a run picker",
+    )
+    dashboard.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    dashboard.set_defaults(handler="dashboard_command")
+
+    diff = commands.add_parser(
+        "diff", help="compare two runs: metrics, config, data and backbone digests, final samples"
+    )
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    diff.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    diff.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    diff.set_defaults(handler="diff_command")
+
     promote = commands.add_parser("promote", help="promote a finished run by hand (a recorded human approval)")
     promote.add_argument("run_id")
     promote.add_argument("--by", help="who approves (default: the current user)")

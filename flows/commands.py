@@ -102,6 +102,9 @@ def _run_flow(
         print(
             f"report:  every stage came from the cache; `rlhf report {run_dir.name} --runs-dir {runs_dir}` renders it"
         )
+    from flows.dashboard import rebuild_dashboard
+
+    print(f"runs:    {rebuild_dashboard(runs_dir)}")
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 1
@@ -199,6 +202,28 @@ def runs_command(args: argparse.Namespace) -> int:
         )
     if not rows:
         print(f"(no runs in {args.runs_dir})")
+    return 0
+
+
+def dashboard_command(args: argparse.Namespace) -> int:
+    from flows.dashboard import write_dashboard
+
+    reconcile_all(args.runs_dir)  # a run whose process died shows crashed, not running
+    print(f"dashboard: {write_dashboard(args.runs_dir)}")
+    return 0
+
+
+def diff_command(args: argparse.Namespace) -> int:
+    from flows.compare import compare, format_diff, run_summary
+
+    summaries = []
+    for run_id in (args.run_a, args.run_b):
+        run_dir = args.runs_dir / run_id
+        read_config(run_dir)  # ConfigError naming a folder that is no run
+        reconcile(run_dir)
+        summaries.append(run_summary(run_dir))
+    diff = compare(*summaries)
+    print(json.dumps(strict_json(diff), indent=2, allow_nan=False) if args.json else format_diff(diff))
     return 0
 
 

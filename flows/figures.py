@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def to_png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def figures_html(figures: list[tuple[str, str | None]]) -> str:
+def figures_html(figures: Sequence[tuple[str, str | None]]) -> str:
     """(title, base64 PNG or None) pairs as inline figures; a figure without data is left out."""
     return "".join(
         f'<figure><img src="data:image/png;base64,{png}" alt="{html.escape(title)}">'

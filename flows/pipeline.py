@@ -13,9 +13,11 @@ from typing import Any, cast
 from prefect import flow
 from prefect.states import Failed, State
 
+from flows.dashboard import rebuild_dashboard
 from flows.liveness import record_flow_run
 from flows.promotion import apply_gate, refresh_latest
-from flows.report import describe
+from flows.report import describe, run_report
+from flows.report_html import write_report_html
 from flows.run_dir import new_run_id, prepare_run_dir, read_config, run_lock
 from flows.stage_task import stage_task
 from stages.io.config import load_config
@@ -86,6 +88,8 @@ def scheduled_run(config: str | None = None, overrides: list[str] | None = None,
     run_dir = prepare_run_dir(Path(runs_dir), new_run_id(), cfg).resolve()
     with run_lock(run_dir):  # held while it runs: a run whose process died is told from a live one
         state = pipeline(str(run_dir), return_state=True)
+    write_report_html(run_report(run_dir), run_dir)
+    print(f"runs: {rebuild_dashboard(Path(runs_dir))}", flush=True)
     if state.is_failed():
         raise RuntimeError(f"run {run_dir.name} failed: {state.message}")
     return str(run_dir)

@@ -4,7 +4,6 @@ promotion; as a dict (``run_report``), one row per run (``list_runs``) or lines 
 
 from __future__ import annotations
 
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from flows.run_dir import (
     read_status,
     read_trial,
     run_finished,
+    run_started,
 )
 from stages.io import artifacts
 from stages.registry import STAGE_ORDER
@@ -49,7 +49,6 @@ def run_report(run_dir: Path) -> dict[str, Any]:
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """One row per run folder: id, overall status, stages, start time (UTC) and summed stage seconds."""
-    from datetime import datetime
 
     rows = []
     for run_dir in sorted(Path(runs_dir).glob(f"*/{CONFIG}")):
@@ -57,7 +56,6 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
         status = read_status(run_dir)
         states = {entry["status"] for entry in status.values()}
         overall = next((s for s in ("failed", CRASHED, RUNNING) if s in states), "completed" if status else "pending")
-        started = datetime.fromtimestamp((run_dir / CONFIG).stat().st_mtime, UTC)
         rows.append(
             {
                 "run_id": run_dir.name,
@@ -65,7 +63,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
                 "stages": sorted(status, key=STAGE_ORDER.index),
                 "promotion": (read_promotion(run_dir) or {}).get("status", "-") if overall == "completed" else "-",
                 **_sweep_of(run_dir),
-                "started": started.strftime("%Y-%m-%d %H:%M:%S"),
+                "started": run_started(run_dir),
                 "seconds": sum(entry.get("seconds") or 0.0 for entry in status.values()),
             }
         )

@@ -85,6 +85,11 @@ def read_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> P
     return load_config(path, overrides)
 
 
+def run_started(run_dir: Path) -> str:
+    """When the run was created (its config was first written), UTC, ``YYYY-MM-DD HH:MM:SS``."""
+    return datetime.fromtimestamp((Path(run_dir) / CONFIG).stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def read_status(run_dir: Path) -> dict[str, dict[str, Any]]:
     path = Path(run_dir) / STATUS
     return json.loads(path.read_text()) if path.is_file() else {}

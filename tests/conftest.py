@@ -99,6 +99,7 @@ TIERS = {
         "test_family_runs",
         "test_plugin_stage",
         "test_promotion",
+        "test_dashboard",
         "test_sweep",
     ),
     "quality": ("test_quality",),

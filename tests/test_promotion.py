@@ -27,6 +27,7 @@ def test_conditions_check_final_metrics_and_name_what_is_missing() -> None:
         "condition": "ppo.task_score >= 0.8",
         "value": 0.75,
         "passed": False,
+        "threshold": 0.8,
     }
     assert Condition.parse("ppo.kl_to_reference<=2").check(metrics)["passed"]
     missing = Condition.parse("ppo.final_kl <= 2.0").check(metrics)
@@ -61,6 +62,7 @@ def test_a_threshold_or_metric_that_is_not_finite_decides_nothing() -> None:
         "condition": "sft.train_loss != 1.0",
         "value": None,
         "passed": False,
+        "threshold": 1.0,
         "reason": "sft.train_loss is nan, not a finite number",
     }
 

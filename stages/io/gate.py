@@ -83,13 +83,15 @@ class Condition:
         return f"{self.stage}.{self.metric} {self.op} {self.written or format(self.threshold, 'g')}"
 
     def check(self, metrics: dict[str, dict[str, Any]], champion: Champion | None = None) -> dict[str, Any]:
-        """The condition against each stage's final metrics: ``{condition, value, passed[, reason]}``; a
-        champion condition adds ``champion: {run_id, value}`` and the ``threshold`` it compared with, or,
-        with no ``champion``, ``passed`` None and the reason (it is not checked)."""
+        """The condition against each stage's final metrics: ``{condition, value, passed, threshold[, reason]}``;
+        a champion condition has ``champion: {run_id, value}`` and the ``threshold`` it compared with (the
+        champion's value, shifted), or, with no ``champion``, ``passed`` None and the reason (not checked)."""
         value, reason = _metric(metrics, self.stage, self.metric, "")
         result: dict[str, Any] = {"condition": str(self), "value": value, "passed": False}
         threshold = self.threshold
-        if self.champion is not None:
+        if self.champion is None:
+            result["threshold"] = threshold
+        else:
             ref = self.champion
             if champion is None:
                 reason = f"no champion: no promoted run has finished stage {ref.stage}, so this is not checked"
