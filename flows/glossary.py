@@ -1,5 +1,5 @@
 """What each final metric of a stage means and its unit, for the pages and the terminal (``report.html``,
-the dashboard, ``rlhf diff``). ``tests/test_dashboard.py`` checks that every metric a stage reports has
+the dashboard, ``rlhf diff``). ``tests/test_samples.py`` checks that every metric each stage reports has
 an entry, so a new metric cannot reach a page without its meaning."""
 
 from __future__ import annotations

@@ -353,6 +353,7 @@ def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None,
 
 
 def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float) -> None:
+    from flows.dashboard import rebuild_dashboard
     from flows.pipeline import pipeline
 
     study = open_study(spec, sweep, storage, Path(runs_dir), wait_s)
@@ -373,6 +374,7 @@ def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, w
                 trial.set_user_attr(INTERRUPTED, True)  # Optuna records it failed: its settings run again
                 raise
         trial.set_user_attr("seconds", round(time.time() - started, 2))
+        print(f"runs: {rebuild_dashboard(Path(runs_dir))}", flush=True)  # a trial is a run like any other
         if state.is_failed():
             trial.set_user_attr("error", state.message)
             raise TrialFailed(f"trial {trial.number}: {state.message}")

@@ -48,6 +48,7 @@ def test_each_rl_stage_keeps_step_and_final_tables(
     """A table of the 3 first held-out prompts after each logged step but the last, and the final one with the
     reference's responses; rewards where the stage has a reward source (DPO has none)."""
     manifest = _train(stage, tmp_path / stage, upstream)
+    _assert_every_metric_has_a_meaning(stage, manifest["metrics"])
     rows = read_samples(tmp_path / stage)
     moments = _by_moment(rows)
     assert list(moments) == [*(("step", s) for s in range(1, last)), ("final", last)]
@@ -65,9 +66,20 @@ def test_each_rl_stage_keeps_step_and_final_tables(
         assert len({row["reward"] for row in rows}) > 1
 
 
+def _assert_every_metric_has_a_meaning(stage: str, metrics: dict) -> None:
+    """The pages show each final metric with its unit and meaning (flows.glossary): none may lack one."""
+    from flows.glossary import meaning
+
+    assert not [name for name in metrics if meaning(stage, name) is None], stage
+
+
 def test_sft_keeps_the_base_models_and_its_own_responses(upstream: dict[str, Path]) -> None:
     rows = read_samples(upstream["sft"])
     manifest = json.loads((upstream["sft"] / "manifest.json").read_text())
+    for stage in ("sft", "reward"):
+        _assert_every_metric_has_a_meaning(
+            stage, json.loads((upstream[stage] / "manifest.json").read_text())["metrics"]
+        )
     assert [(row["phase"], row["step"]) for row in rows] == [("before", 0)] * 3 + [("final", 3)] * 3
     before, after = rows[:3], rows[3:]
     assert [row["prompt"] for row in before] == [row["prompt"] for row in after]
