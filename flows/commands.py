@@ -19,7 +19,7 @@ from pathlib import Path
 
 from filelock import Timeout
 
-from flows.liveness import reconcile, reconcile_all
+from flows.liveness import reconcile, reconcile_all, sync_prefect_all
 from flows.memory_check import format_plan, plan_json, plan_memory
 from flows.prefect_env import configure_prefect, start_server_early
 from flows.preflight import ConfigProcess, budget_lines, build_backbone, preflight, start_check
@@ -77,7 +77,8 @@ def _run_flow(
 ) -> int:
     from flows.pipeline import pipeline
 
-    reconcile(run_dir)  # a stage left running by a killed process is crashed, here and in Prefect
+    reconcile(run_dir, tell_prefect=False)  # a stage left running by a killed process is crashed; Prefect is
+    # told once its server answers, by the flow (``record_flow_run``) and for the other runs below
     lock = run_lock(run_dir)
     try:
         # Released by the OS if this process dies, so a killed run can be rerun. A second: `rlhf runs` in
@@ -89,6 +90,7 @@ def _run_flow(
         ) from None
     print(f"run {run_dir.name}: stages {stages} -> {run_dir}", flush=True)
     server_ready()
+    sync_prefect_all(runs_dir)  # crashes found by commands that had no Prefect server at hand
     try:
         state = pipeline(str(run_dir), force=force, return_state=True)
     finally:

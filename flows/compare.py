@@ -33,6 +33,7 @@ def run_summary(run_dir: Path, status: str | None = None) -> dict[str, Any]:
         manifest = artifacts.read_manifest(run_dir / stage) if entry["artifact"] else {}
         stages[stage] = {
             "status": entry["status"],
+            "error": entry.get("error"),
             "metrics": {k: v for k, v in entry["metrics"].items() if _numeric(v)},
             "digests": {name: manifest[name] for name in DIGESTS if name in manifest},
             "samples": [row for row in read_samples(run_dir / stage) if row["phase"] == "final"]
@@ -116,7 +117,7 @@ def _stages(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def _stage(run: dict[str, Any], stage: str) -> dict[str, Any]:
-    return run["stages"].get(stage) or {"status": "absent", "metrics": {}, "digests": {}, "samples": []}
+    return run["stages"].get(stage) or {"status": "absent", "error": None, "metrics": {}, "digests": {}, "samples": []}
 
 
 def _headline(run: dict[str, Any]) -> dict[str, Any]:

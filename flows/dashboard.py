@@ -16,6 +16,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from flows.compare import run_summary
 from flows.figures import figures_html, to_png, write_page
@@ -23,6 +24,8 @@ from flows.glossary import meaning
 from flows.page_parts import STYLE, cell
 from flows.promotion import promoted_runs
 from flows.report import describe, list_runs
+from stages.io.artifacts import ArtifactError, strict_json
+from stages.io.config import ConfigError
 from stages.registry import STAGE_ORDER
 
 DASHBOARD = "dashboard.html"
@@ -35,18 +38,23 @@ def write_dashboard(runs_dir: Path) -> Path:
 
     matplotlib.use("Agg")
     runs_dir = Path(runs_dir)
-    rows = list_runs(runs_dir)
-    summaries = [run_summary(runs_dir / row["run_id"], row["status"]) for row in rows]
+    summaries, unreadable = [], []
+    for row in list_runs(runs_dir):
+        try:
+            summaries.append(run_summary(runs_dir / row["run_id"], row["status"]))
+        except (ConfigError, ArtifactError, OSError, ValueError) as err:  # one bad folder must not hide the rest
+            unreadable.append(f"{row['run_id']}: {err}")
     promoted = promoted_runs(runs_dir)
     champion = max(promoted, key=lambda row: row["at"])["run_id"] if promoted else None
     series = _key_series(summaries)
     figures = [_trend(summaries, stage, metric, champion) for stage, metric in series]
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
     head = (
-        f"<h1>runs in {html.escape(str(runs_dir.resolve()))}</h1><p class='sub'>{len(rows)} runs - "
+        f"<h1>runs in {html.escape(str(runs_dir.resolve()))}</h1><p class='sub'>{len(summaries)} runs - "
         f"generated {generated} UTC - champion: "
-        + (f"<a href='{champion}/report.html'>{html.escape(champion)}</a>" if champion else "none yet")
+        + (_report_link(champion) if champion else "none yet")
         + "</p>"
+        + "".join(f"<p class='warning'>not shown, unreadable: {html.escape(text)}</p>" for text in unreadable)
     )
     body = [
         head,
@@ -158,9 +166,9 @@ def _runs_table(summaries: list[dict[str, Any]], series: list[tuple[str, str]], 
     for run in reversed(summaries):  # newest first
         run_id = run["run_id"]
         star = " <b title='the champion'>&#9733; champion</b>" if run_id == champion else ""
-        link = f"<a href='{run_id}/report.html'>{html.escape(run_id)}</a>"
+        link = _report_link(run_id)
         values = "".join(cell(_value(run, s, m)) for s, m in series)
-        decision = describe(run["promotion"], run["finished"]) if run["status"] not in FAILED else ""
+        decision = describe(run["promotion"], run["finished"]) if run["status"] not in FAILED else _failure(run)
         rows.append(
             f"<tr><td>{link}{star}</td><td>{run['started']}</td><td class='{run['status']}'>{run['status']}</td>"
             f"<td class='meaning decision'>{html.escape(decision)}</td>{values}</tr>"
@@ -171,11 +179,25 @@ def _runs_table(summaries: list[dict[str, Any]], series: list[tuple[str, str]], 
     )
 
 
+def _report_link(run_id: str) -> str:
+    """A link to the run's report, relative to the runs folder (the id quoted: it may hold ', # or %)."""
+    return f"<a href='{html.escape(quote(run_id))}/report.html'>{html.escape(run_id)}</a>"
+
+
+def _failure(run: dict[str, Any]) -> str:
+    """Why a failed or crashed run stopped: its first such stage and that stage's error."""
+    stage, entry = next((s, e) for s, e in run["stages"].items() if e["status"] in FAILED)
+    return f"{stage} {entry['status']}: {entry['error'] or ''}"
+
+
 def _picker(summaries: list[dict[str, Any]]) -> str:
     """Two selects and the comparison of the runs chosen, drawn by the script from the embedded runs (the
     URL ``#a=RUN&b=RUN`` chooses them, so a comparison can be linked)."""
     options = "".join(f"<option>{html.escape(run['run_id'])}</option>" for run in reversed(summaries))
-    data = json.dumps({run["run_id"]: _for_page(run) for run in summaries}).replace("</", "<\\/")
+    # Strict JSON (NaN -> null, which JSON.parse reads) with every "<" escaped: no text in it can end the
+    # script element or open a comment that hides its end.
+    runs = {run["run_id"]: _for_page(run) for run in summaries}
+    data = json.dumps(strict_json(runs), allow_nan=False).replace("<", "\\u003c")
     return (
         f"<p>A <select id='run-a'>{options}</select> B <select id='run-b'>{options}</select></p>"
         f"<div id='comparison'></div><script id='runs' type='application/json'>{data}</script>"

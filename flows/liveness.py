@@ -27,6 +27,7 @@ from filelock import Timeout
 from flows.run_dir import (
     CONFIG,
     CRASHED,
+    FLOW_RUNS,
     RUNNING,
     read_flow_runs,
     read_status,
@@ -40,9 +41,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def reconcile(run_dir: Path) -> list[str]:
+def reconcile(run_dir: Path, tell_prefect: bool = True) -> list[str]:
     """Mark the run's ``running`` stages ``crashed`` when no live process holds its lock; return them (empty
-    for a live run or one with nothing running). With ``PREFECT_API_URL`` set, Prefect is told at once."""
+    for a live run or one with nothing running). With ``tell_prefect`` and ``PREFECT_API_URL`` set (a server a
+    person runs), Prefect is told at once; a command that starts its own server tells it once it answers."""
     run_dir = Path(run_dir)
     if not any(entry["status"] == RUNNING for entry in read_status(run_dir).values()):
         return []
@@ -68,23 +70,43 @@ def reconcile(run_dir: Path) -> list[str]:
             write_flow_runs(run_dir, flow_runs)
     finally:
         lock.release()
-    if running and os.environ.get("PREFECT_API_URL"):
+    if running and tell_prefect and os.environ.get("PREFECT_API_URL"):
         sync_prefect(run_dir)
     return running
 
 
 def reconcile_all(runs_dir: Path) -> list[str]:
-    """``reconcile`` every run of ``runs_dir``; return the ids of the runs found crashed now."""
-    return [run.parent.name for run in sorted(Path(runs_dir).glob(f"*/{CONFIG}")) if reconcile(run.parent)]
+    """``reconcile`` every run of ``runs_dir``; return the ids of the runs found crashed now. With
+    ``PREFECT_API_URL`` set, Prefect also learns the crashes found earlier that it has not been told."""
+    runs = [run.parent for run in sorted(Path(runs_dir).glob(f"*/{CONFIG}"))]
+    crashed = [run.name for run in runs if reconcile(run, tell_prefect=False)]
+    if os.environ.get("PREFECT_API_URL"):
+        sync_prefect_all(runs_dir)
+    return crashed
+
+
+def sync_prefect_all(runs_dir: Path) -> None:
+    """``sync_prefect`` for every run of ``runs_dir`` that has a crashed flow run Prefect was not told of."""
+    for run in sorted(Path(runs_dir).glob(f"*/{FLOW_RUNS}")):
+        if _pending(read_flow_runs(run.parent)):
+            sync_prefect(run.parent)
+
+
+def _pending(flow_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in flow_runs if "crashed_at" in entry and not entry.get("in_prefect")]
 
 
 def sync_prefect(run_dir: Path) -> None:
     """Set each crashed flow run of the run ``Crashed`` in Prefect (``PREFECT_API_URL``), once; a server that
-    does not answer leaves it for the next command (a warning, never an error)."""
-    flow_runs = read_flow_runs(run_dir)
-    pending = [entry for entry in flow_runs if "crashed_at" in entry and not entry.get("in_prefect")]
+    does not answer leaves it for the next command (a warning, never an error).
+
+    The requests run without the run's lock (a slow server must not keep a run from starting); the file is
+    read again after them and only the entries told are marked, so an entry another process added meanwhile
+    (a resume's own flow run) is kept."""
+    pending = _pending(read_flow_runs(run_dir))
     if not pending:
         return
+    told = set()
     try:
         from prefect.client.orchestration import get_client
         from prefect.states import Crashed
@@ -92,10 +114,15 @@ def sync_prefect(run_dir: Path) -> None:
         with get_client(sync_client=True) as client:
             for entry in pending:
                 client.set_flow_run_state(entry["id"], Crashed(message=_crash_message(run_dir, entry)), force=True)
-                entry["in_prefect"] = True
+                told.add(entry["id"])
     except Exception as err:  # a server that is down must not stop `rlhf runs`
         print(f"warning: could not mark run {Path(run_dir).name}'s flow run crashed in Prefect: {err}", flush=True)
-    write_flow_runs(run_dir, flow_runs)
+    if told:
+        flow_runs = read_flow_runs(run_dir)
+        for entry in flow_runs:
+            if entry["id"] in told:
+                entry["in_prefect"] = True
+        write_flow_runs(run_dir, flow_runs)
 
 
 def _crash_message(run_dir: Path, entry: dict[str, Any]) -> str:

@@ -71,12 +71,20 @@ def apply_gate(run_dir: Path, conditions: list[str]) -> dict[str, Any] | None:
             "artifact_digests": artifact_digests(run_dir),
         }
     previous = read_promotion(run_dir)
+    if gate and previous and previous["by"] == "gate" and _same_verdict(previous, gate):
+        # A rerun that changed neither the files nor the verdict (`rlhf resume`, a cached rerun) keeps the time of
+        # the decision: re-stamping it would make an old promoted run the latest, hence the champion.
+        gate["at"] = previous["at"]
     if previous and previous["by"] == "manual" and previous.get("artifact_digests") == artifact_digests(run_dir):
         record: dict[str, Any] | None = {**previous, "gate": gate or previous.get("gate")}
     else:
         record = gate
     _record(run_dir, record)
     return record
+
+
+def _same_verdict(previous: dict[str, Any], gate: dict[str, Any]) -> bool:
+    return previous["status"] == gate["status"] and previous.get("artifact_digests") == gate["artifact_digests"]
 
 
 def find_champion(runs_dir: Path, stage: str, exclude: str) -> Champion | None:

@@ -86,8 +86,10 @@ def read_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> P
 
 
 def run_started(run_dir: Path) -> str:
-    """When the run was created (its config was first written), UTC, ``YYYY-MM-DD HH:MM:SS``."""
-    return datetime.fromtimestamp((Path(run_dir) / CONFIG).stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    """When the run was created, UTC, ``YYYY-MM-DD HH:MM:SS``: when its first config was written (``rlhf stage
+    --set`` keeps a replaced config as ``config.<n>.yaml``, renamed with its time, and writes a new one)."""
+    first = min(path.stat().st_mtime for path in Path(run_dir).glob("config*.yaml"))
+    return datetime.fromtimestamp(first, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def read_status(run_dir: Path) -> dict[str, dict[str, Any]]:

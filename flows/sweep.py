@@ -354,6 +354,7 @@ def _sweep_flow(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None,
 
 def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, wait_s: float) -> None:
     from flows.dashboard import rebuild_dashboard
+    from flows.liveness import reconcile
     from flows.pipeline import pipeline
 
     study = open_study(spec, sweep, storage, Path(runs_dir), wait_s)
@@ -364,6 +365,7 @@ def _optimize(spec: SweepSpec, sweep: str, runs_dir: str, storage: str | None, w
         cfg = load_config(spec.config, trial_overrides(spec, params, sweep))
         run_dir = prepare_run_dir(Path(runs_dir), trial_run_id(sweep, params), cfg).resolve()
         write_trial(run_dir, sweep, trial.number, params)
+        reconcile(run_dir, tell_prefect=False)  # a trial a killed sweep left running: crashed, then run again
         print(f"sweep {sweep}: trial {trial.number} {params} -> {run_dir.name}", flush=True)
         started = time.time()
         with run_lock(run_dir):  # held while it runs: open_study tells live trials from dead ones

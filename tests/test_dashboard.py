@@ -96,7 +96,9 @@ def test_dashboard_diff_and_report_over_a_champion_a_regressing_and_a_failed_run
     assert "champion: champion" in seen and "champion ★ champion" in seen
     rows = seen[seen.index("runs run started (UTC)") :]
     assert rows.index("failed") < rows.index(tonight) < rows.index("champion ★")  # newest first
-    assert f"{tonight} " in rows and why in rows and re.search(r"failed \S+ \S+ failed", rows)
+    assert (
+        f"{tonight} " in rows and why in rows and re.search(r"failed \S+ \S+ failed sft failed: stage sft failed", rows)
+    )
     assert dom.count("<img") >= 2 and "sft.final_loss" in seen  # the trends: the gate's metric first
     picked = seen[seen.index("compare two runs") :]
     assert "A champion (completed, promoted by its gate" in picked and f"B {tonight} (completed, {why})" in picked
@@ -136,3 +138,26 @@ def test_dashboard_diff_and_report_over_a_champion_a_regressing_and_a_failed_run
     assert all(p in seen for p in prompts)
     assert 'href="logs/sft.log"' in dom and 'href="sft/samples.jsonl"' in dom
     assert (runs / tonight / "logs" / "sft.log").is_file()
+
+
+def test_one_unreadable_run_folder_does_not_hide_the_others_and_no_text_escapes_its_place(tmp_path: Path) -> None:
+    """A run folder whose config no longer loads is named on the page, the others are drawn; a run id with a
+    quote or a hash is quoted in its link; a response holding '<!--<script' or '</script>' stays inside the
+    embedded JSON (every '<' escaped), which still parses back to the same text."""
+    from flows.dashboard import _picker, _report_link, write_dashboard
+    from tests.test_promotion import _finished_run
+
+    runs = tmp_path / "runs"
+    _finished_run(runs, "good", {"sft": {"task_score": 0.5}}, promoted=True)
+    (runs / "stale").mkdir()
+    (runs / "stale" / "config.yaml").write_text("sft: {no_such_key: 1}\n")
+    page = write_dashboard(runs).read_text()
+    assert "not shown, unreadable: stale: " in page and "no_such_key" in page
+    assert "<a href='good/report.html'>good</a> <b title='the champion'>" in page
+
+    assert _report_link("it's#1") == "<a href='it%27s%231/report.html'>it&#x27;s#1</a>"
+    said = "<!--<script>alert(1)</script>"
+    summary = {"run_id": "r", "promotion": None, "finished": True, "stages": {"sft": {"samples": [{"response": said}]}}}
+    picker = _picker([summary])
+    data = picker[picker.index("application/json'>") + len("application/json'>") : picker.index("</script>")]
+    assert "<" not in data and json.loads(data)["r"]["stages"]["sft"]["samples"][0]["response"] == said

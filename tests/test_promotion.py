@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.promotion import LATEST, apply_gate, promote, promoted_runs, refresh_latest
+from flows.promotion import LATEST, apply_gate, artifact_digests, promote, promoted_runs, refresh_latest
 from flows.report import describe
 from flows.run_dir import PROMOTION, read_promotion
 from stages.io.config import ConfigError
@@ -252,6 +252,13 @@ def test_champion_conditions_parse_and_compare_with_the_champions_value() -> Non
     )
     assert lacking["passed"] is False
     assert lacking["reason"] == "champion night-1: ppo has no numeric metric 'kl_to_reference'; it has task_score"
+    # A run equal to its champion passes a condition with no margin (thirds are not exact in binary).
+    for op in (">=", "<=", "=="):
+        assert Condition.parse(f"ppo.task_score {op} champion").check(
+            {"ppo": {"task_score": 2 / 3}}, Champion("night-1", {"ppo": {"task_score": 2 / 3}})
+        )["passed"]
+    with pytest.raises(ValueError, match="write the margin as an unsigned number"):
+        Condition.parse("ppo.task_score >= champion - -0.02")
     for bad in ("ppo.task_score >= champ", "ppo.task_score >= champion * 2", "ppo.task_score >= champion.ppo"):
         with pytest.raises(ValueError, match="expected STAGE.METRIC OP NUMBER or STAGE.METRIC OP champion"):
             Condition.parse(bad)
@@ -318,6 +325,14 @@ def test_the_champion_is_the_latest_promoted_run_that_finished_the_stage(tmp_pat
         "(no champion: no promoted run has finished stage dpo, so this is not checked))"
     )
     assert find_champion(runs, "dpo", exclude="tonight").run_id == "first-dpo"  # now it is the champion
+
+    # Deciding an old promoted run again with the same files and verdict (`rlhf resume`) keeps the time it
+    # was promoted: it does not become the latest promoted run, so not the champion.
+    old = runs / "sft-only"
+    at = read_promotion(old)["at"]
+    (old / PROMOTION).write_text(json.dumps({**read_promotion(old), "artifact_digests": artifact_digests(old)}))
+    assert apply_gate(old, ["sft.task_score >= 0"])["at"] == at
+    assert json.loads((runs / LATEST).read_text())["run_id"] == "first-dpo"
 
 
 def test_a_scheduled_run_that_regresses_against_the_champion_is_not_promoted(tmp_path: Path) -> None:

@@ -114,3 +114,19 @@ def test_tables_reach_wandb_one_per_step_and_read_back_offline(upstream: dict[st
         assert table["columns"] == list(COLUMNS)
         expected = [[row[c] for c in COLUMNS] for row in rows if (row["phase"], row["step"]) == moment]
         assert table["data"] == expected
+
+
+def test_a_table_reads_back_whatever_the_model_said(tmp_path: Path) -> None:
+    """Line and paragraph separators (U+2028, U+0085) are text to JSON but line ends to str.splitlines."""
+    from stages.io.samples import write_samples
+
+    rows = [{"phase": "final", "step": 1, "response": "a\u2028b\u0085c\u2029d\re"}, {"phase": "final", "step": 1}]
+    write_samples(tmp_path, rows)
+    assert read_samples(tmp_path) == rows
+
+
+def test_samples_every_counts_logged_steps(upstream: dict[str, Path], tmp_path: Path) -> None:
+    """RRHF of 7 steps logs steps 2, 4 and 6 (and the last); a table every 2nd logged step is one after step 4,
+    then the final evaluation's after step 7."""
+    _train("rrhf", tmp_path / "rrhf", upstream, ["rrhf.max_steps=7", "rrhf.logging_steps=2", "eval.samples_every=2"])
+    assert list(_by_moment(read_samples(tmp_path / "rrhf"))) == [("step", 4), ("final", 7)]

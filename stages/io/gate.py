@@ -100,8 +100,8 @@ class Condition:
             result["champion"] = {"run_id": champion.run_id, "value": theirs}
             if theirs is None:
                 return {**result, "reason": their_reason}
-            threshold = round(theirs + ref.offset, 12)  # 0.7 - 0.02, not 0.6799999999999999
-            result["threshold"] = threshold
+            threshold = theirs + ref.offset  # compared as is: with no margin, a run equal to its champion passes
+            result["threshold"] = round(threshold, 12)  # shown as 0.68, not 0.6799999999999999
         if value is None:
             return {**result, "reason": reason}
         return {**result, "passed": bool(_OPERATORS[self.op](value, threshold))}
@@ -142,5 +142,7 @@ def _champion_side(text: str, right: str, stage: str, metric: str) -> ChampionRe
     if match is None:
         raise ValueError(f"{text!r}: {_FORM}")
     their_stage, their_metric, sign, margin = match.groups()
+    if margin is not None and margin[0] in "+-":  # 'champion - -0.02' would silently mean + 0.02
+        raise ValueError(f"{text!r}: write the margin as an unsigned number after + or -, e.g. 'champion - 0.02'")
     offset = _finite(text, margin) if margin is not None else 0.0
     return ChampionRef(their_stage or stage, their_metric or metric, -offset if sign == "-" else offset)

@@ -102,7 +102,7 @@ def _part(rewards: dict[str, list[float]] | None, name: str, index: int) -> floa
 def write_samples(out: Path, rows: list[Row]) -> Path:
     """``out/samples.jsonl``: the rows, one JSON object per line, in the order they were sampled."""
     path = Path(out) / SAMPLES_FILE
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
 
 
@@ -112,4 +112,5 @@ def read_samples(artifact: Path) -> list[Row]:
     path = Path(artifact) / SAMPLES_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # "\n" only: a response may hold U+2028 or U+0085, which str.splitlines() also splits on
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]

@@ -345,8 +345,8 @@ def stopping_callback(stopper: EarlyStopper | None, evaluate: Evaluate) -> Train
 class SampleTables(TrainerCallback):
     """The sample tables of an HF Trainer stage (``stages.io.samples``), as ``TrainingLoop`` keeps them for
     our loops: ``samples(step)`` at every ``every``-th step the Trainer logs (``control.should_log``, set by
-    its flow callback, which runs first), not after the last step (the final evaluation's table is that
-    one). ``rows`` holds them all; they are a ``sidecar`` of each checkpoint, read back on resume."""
+    its flow callback, which runs first), not after the step training ends at (the final evaluation's table
+    is that one); added after the early-stopping callback, which decides that. ``rows`` holds them all; they are a ``sidecar`` of each checkpoint, read back on resume."""
 
     def __init__(self, samples: Callable[[int], list[Row]], every: int) -> None:
         self.samples, self.every = samples, every
@@ -360,7 +360,10 @@ class SampleTables(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
-        if control.should_log and step % self.every == 0 and step < state.max_steps:
+        logged = step // args.logging_steps  # the logged steps so far: tables come every ``every`` of them
+        # Not at the last step, nor where early stopping ends training (a callback before this one): the final
+        # evaluation's table is that step's.
+        if control.should_log and logged % self.every == 0 and not control.should_training_stop:
             self.rows += self.samples(step)
         if control.should_save and state.is_world_process_zero:
             drop_orphan_sidecars(args, "samples", ".json")

@@ -99,7 +99,8 @@ class TrainingLoop:
             self.last_step = step
             if self._should_stop(step):
                 break  # the artifact follows at once: no checkpoint
-            if log and self.sample_fn is not None and step % self.samples_every == 0 and step < self.total:
+            logged = step // self.log_every  # the logged steps so far: tables come every samples_every of them
+            if log and self.sample_fn is not None and logged % self.samples_every == 0 and step < self.total:
                 self.samples += self.sample_fn(step)
             stopping = {"early_stopping": self.stopper.state_dict()} if self.stopper is not None else {}
             self.checkpointer.maybe_save(

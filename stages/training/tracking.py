@@ -70,6 +70,9 @@ class WandbTracker:
         try:
             if artifact is not None:
                 self._log_samples(read_samples(artifact))
+        except Exception as err:  # tracking must never fail a finished stage, nor lose what follows
+            print(f"warning: W&B sample tables failed for {self._stage}: {err}", flush=True)
+        try:
             self._log_lineage(artifact, inputs)
             self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
             self.run.summary["warnings"] = "; ".join(metrics.get("warnings", []))
