@@ -15,8 +15,9 @@ per size and loaded by both), 4 prompts of 16 words x G=8 completions of 32 toke
 (TRL: ``min_new_tokens`` keeps it from stopping early; ours: the random model's end token is one of 26,000,
 and the mean response length is printed), one reference pass, one training pass and one AdamW step over the
 32 completions (one iteration, beta 0.04, DAPO's token-mean loss, no std scaling), LoRA r=16 on all seven
-projections, the same reward function of the text (a share of distinct words), fp32 with one torch thread
-on the CPU (bf16 on a GPU).
+projections, the same reward function of the text (a share of distinct words), no gradient checkpointing
+(TRL's GRPOConfig turns it on by default: a recomputed forward in every backward), fp32 with one torch
+thread on the CPU (bf16 on a GPU).
 
 The phases: ``generation`` is the time inside transformers' ``generate`` (both sides call it), ``scoring`` the
 time in the side's log-prob function without gradients (the reference's log-probs: TRL's
@@ -171,6 +172,7 @@ def run_trl(folder: Path, steps: int, device: str, phases: Phases) -> dict[str, 
             scale_rewards="none",
             learning_rate=LEARNING_RATE,
             lr_scheduler_type="constant",
+            gradient_checkpointing=False,  # TRL's GRPO default is on: a second forward ours does not do
             max_steps=steps + 1,
             shuffle_dataset=False,
             logging_steps=10**6,
