@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_vs_trl import SIZES, build_assets  # noqa: E402  (bench/ is no package)
+from ppo_vs_trl import SIZES, build_assets, child_env  # noqa: E402  (bench/ is no package)
 
 PROMPTS, GROUP, RESPONSE, RANK, LEARNING_RATE, BETA = 4, 8, 32, 16, 1e-5, 0.04
 
@@ -280,16 +279,7 @@ def child(side: str, folder: Path, steps: int, device: str, threads: int) -> Non
 
 
 def run_child(side: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:
-    paths = [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(paths),
-        "TOKENIZERS_PARALLELISM": "false",
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-    }
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # TRL's accelerator would take a visible GPU
+    env = child_env(args.device)
     command = [sys.executable, __file__, "--child", side, str(folder), "--steps", str(args.steps)]
     command += ["--device", args.device, "--threads", str(args.threads)]
     out = subprocess.run(command, capture_output=True, text=True, env=env)

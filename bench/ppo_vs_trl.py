@@ -242,7 +242,9 @@ def trl_python() -> str:
     return str(python)
 
 
-def run_child(python: str, side: str, folder: Path, args: argparse.Namespace) -> dict:
+def child_env(device: str) -> dict[str, str]:
+    """The environment of a bench child: the repository importable, no network, no W&B, and on the CPU no
+    visible GPU (TRL's accelerator would take one)."""
     paths = [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {
         **os.environ,
@@ -251,8 +253,13 @@ def run_child(python: str, side: str, folder: Path, args: argparse.Namespace) ->
         "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
     }
-    if args.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # TRL's accelerator would take a visible GPU
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_child(python: str, side: str, folder: Path, args: argparse.Namespace) -> dict:
+    env = child_env(args.device)
     command = [
         python,
         __file__,

@@ -26,15 +26,27 @@ random stream at every step, so a table shows one prompt's answer change as trai
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from stages.io.arithmetic import check
 from stages.io.formats import Prompt
 
 if TYPE_CHECKING:
     from stages.io.data import Record
-    from stages.model.sequences import Response
+
+
+class Sampled(Protocol):
+    """What a row reads of a sampled response (``stages.model.sequences.Response`` has it): this floor
+    names no class of the floors above it."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def finished(self) -> bool: ...
+
 
 SAMPLES_FILE = "samples.jsonl"
 REWARD_PARTS = ("reward", "reward_model", "checker")  # RewardSource.parts: the total, then its sources
@@ -64,9 +76,9 @@ def sample_rows(
     phase: str,
     step: int,
     records: list[Record],
-    responses: list[Response],
+    responses: Sequence[Sampled],
     rewards: dict[str, list[float]] | None = None,
-    references: list[Response] | None = None,
+    references: Sequence[Sampled] | None = None,
 ) -> list[Row]:
     """One row per (held-out record, response), in order (the shorter of the two lists).
 
