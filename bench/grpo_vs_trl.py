@@ -261,7 +261,22 @@ def run_ours(folder: Path, steps: int, device: str, phases: Phases) -> dict[str,
     return {"response_length": sum(lengths) / len(lengths)}
 
 
-SIDES: dict[str, Callable[[Path, int, str, Phases], dict[str, float]]] = {"trl": run_trl, "ours": run_ours}
+def run_ours_unshared(folder: Path, steps: int, device: str, phases: Phases) -> dict[str, float]:
+    """Ours without issue 33's prompt sharing (``stages.model.prompt_sharing``): every one of a group's G
+    rows computes its prompt again, in generation and in scoring; the lever's gain, in the same run."""
+    from stages.model import generation
+    from stages.model.prompt_sharing import PromptGroups
+
+    generation.shared_prompt_cache = lambda *args: None  # type: ignore[assignment]
+    PromptGroups.of = staticmethod(lambda *args: None)  # type: ignore[method-assign]
+    return run_ours(folder, steps, device, phases)
+
+
+SIDES: dict[str, Callable[[Path, int, str, Phases], dict[str, float]]] = {
+    "trl": run_trl,
+    "ours": run_ours,
+    "ours-unshared": run_ours_unshared,
+}
 
 
 def child(side: str, folder: Path, steps: int, device: str, threads: int) -> None:
@@ -298,6 +313,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="child processes per side and size (medians)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child")
+    parser.add_argument("--sides", default="trl,ours", help=f"of {', '.join(SIDES)}; ratios need trl and ours")
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -309,27 +325,29 @@ def main() -> None:
         f"{args.steps} timed steps; medians of {args.repeats} repeats; ratio = ours / TRL"
     )
     print(
-        f"{'size':>6} {'side':>6} {'s/step':>8} {'generate':>9} {'score':>7} {'optimise':>9} {'CPU s':>7} "
+        f"{'size':>6} {'side':>13} {'s/step':>8} {'generate':>9} {'score':>7} {'optimise':>9} {'CPU s':>7} "
         f"{peak:>13} {'resp. len':>9}"
     )
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             build_assets(folder, size, PROMPTS * (args.steps + 1))
-            runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
+            runs: dict[str, list[dict[str, float]]] = {side: [] for side in args.sides.split(",")}
             for _ in range(args.repeats):  # alternated, so a slow spell of the machine hits both sides
-                for side in SIDES:
+                for side in runs:
                     runs[side].append(run_child(side, folder, args))
         medians = {side: {k: statistics.median(r[k] for r in rs) for k in FIGURES} for side, rs in runs.items()}
         for side, m in medians.items():
             print(
-                f"{size:>6} {side:>6} {m['wall_s']:>8.3f} {m['generation_s']:>9.3f} {m['scoring_s']:>7.3f} "
+                f"{size:>6} {side:>13} {m['wall_s']:>8.3f} {m['generation_s']:>9.3f} {m['scoring_s']:>7.3f} "
                 f"{m['optimisation_s']:>9.3f} {m['cpu_s']:>7.3f} {m['peak_mb']:>13.0f} {m['response_length']:>9.1f}",
                 flush=True,
             )
+        if not {"ours", "trl"} <= medians.keys():
+            continue
         ours, trl = medians["ours"], medians["trl"]
         print(
-            f"{size:>6} {'ratio':>6} {ours['wall_s'] / trl['wall_s']:>8.2f} "
+            f"{size:>6} {'ratio':>13} {ours['wall_s'] / trl['wall_s']:>8.2f} "
             f"{ours['generation_s'] / trl['generation_s']:>9.2f} {ours['scoring_s'] / max(trl['scoring_s'], 1e-9):>7.2f} "
             f"{ours['optimisation_s'] / trl['optimisation_s']:>9.2f} {ours['cpu_s'] / trl['cpu_s']:>7.2f} "
             f"{ours['peak_mb'] / trl['peak_mb']:>13.2f}",

@@ -171,3 +171,142 @@ def test_a_response_samples_the_same_tokens_in_any_batch() -> None:
     assert run(many, range(16)) != run(many, range(16), seed=8)
     with pytest.raises(ValueError, match="2 keys for 4 prompts"):
         run(prompts, [0, 1])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_has_the_numbers_and_gradients_of_log_softmax(temperature: float) -> None:
+    """Issue 33's lever: ``token_logprobs`` takes logit - logsumexp instead of gathering from a (B, T, V)
+    log-softmax. Log-probs, a loss over them and its gradients on a LoRA adapter must be those of the
+    full log-softmax computation, within float rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.model.sequences import token_logprobs
+
+    backbone = load_backbone(load_config().backbone)
+    torch.manual_seed(0)
+    model = get_peft_model(backbone.model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    batch = Tokenization.of(backbone.tokenizer).batch(
+        ["3+4=", "12+19=", "1+1="], ["7", "31;2+2=4", "2"], "cpu", [True, False, True]
+    )
+    weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(logprobs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = (logprobs * weights * batch.response_mask).sum()
+        return loss, list(torch.autograd.grad(loss, trained))
+
+    ours = token_logprobs(model, batch, temperature)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    full = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    reference = torch.nn.functional.pad(full, (1, 0)) * batch.response_mask
+    torch.testing.assert_close(ours, reference, rtol=0, atol=2e-6)
+    (loss, grads), (expected_loss, expected_grads) = loss_and_grads(ours), loss_and_grads(reference)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["lora", "qlora", "ptuning_v2"])
+def test_a_prompt_shared_by_a_group_is_prefilled_once_with_the_same_numbers(
+    kind: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 33's lever: G samples of one prompt (GRPO's groups, RRHF's candidates) continue from one prefill
+    of the prompt (``shared_prompt_cache``). The responses must be those of G separate prefills: the same
+    tokens, and sampling log-probs within float rounding of both the unshared generation and a training
+    forward over the sampled ids. Prompts of different lengths make the left padding (positions) matter.
+    P-tuning v2 keeps its prefix in the cache, so it is never shared there."""
+    from stages.io.sections import needs_4bit
+    from stages.model import generation
+    from stages.model.adapters import attach_adapter
+    from stages.model.sequences import from_token_ids, token_logprobs
+
+    cfg = load_config(None, [f"adapter.kind={kind}", f"backbone.dtype={dtype}", "backbone.device=cpu"])
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind))
+    torch.manual_seed(0)
+    model = attach_adapter(backbone.model, cfg.adapter, "policy")
+    tokenization = Tokenization.of(backbone.tokenizer)
+    prompts = [tokenization.prompt_ids(p) for p in ["3+4=", "112+19=", "1+1="] for _ in range(4)]
+    input_ids, attention_mask = generation.left_padded(prompts, tokenization.pad_id, "cpu")
+    with torch.no_grad():
+        cache = generation.shared_prompt_cache(model, input_ids, attention_mask)
+        distinct = generation.shared_prompt_cache(model, input_ids[::4], attention_mask[::4])
+    assert distinct is None
+    assert (cache is None) == (kind == "ptuning_v2")
+
+    def sample() -> list:
+        return generation.generate(
+            model, tokenization, prompts, max_new_tokens=12, temperature=0.7, batch_size=12, seed=3, keys=range(12)
+        )
+
+    def error_against_a_forward(samples: list) -> float:
+        """The largest |sampling log-prob - training-forward log-prob| over the sampled tokens."""
+        batch = from_token_ids([(list(s.prompt_ids), list(s.token_ids)) for s in samples], tokenization.pad_id, "cpu")
+        with torch.no_grad():
+            forward = token_logprobs(model, batch, temperature=0.7)[batch.response_mask.bool()].float()
+        return (torch.tensor([lp for s in samples for lp in s.token_logprobs]) - forward).abs().max().item()
+
+    shared = sample()
+    monkeypatch.setattr(generation, "shared_prompt_cache", lambda *args: None)
+    unshared = sample()
+    assert len({s.token_ids for s in shared[:4]}) > 1  # distinct streams within a group
+    if dtype == "float32":
+        assert [s.token_ids for s in shared] == [s.token_ids for s in unshared]
+        torch.testing.assert_close(
+            torch.tensor([lp for s in shared for lp in s.token_logprobs]),
+            torch.tensor([lp for s in unshared for lp in s.token_logprobs]),
+            rtol=0,
+            atol=1e-5,
+        )
+        assert error_against_a_forward(shared) <= 5e-5
+    else:  # bf16 rounding differs between one prefill and G (a near-tie draw may flip): no worse than unshared
+        assert error_against_a_forward(shared) <= 1.5 * error_against_a_forward(unshared) + 1e-3
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora", "ptuning_v2"])
+def test_a_prompt_shared_by_rows_is_scored_once_with_the_same_numbers_and_gradients(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 33's lever on the scoring side: rows that repeat a prompt (GRPO's groups, RRHF's candidates)
+    read it from one shared pass (``PromptGroups``). Log-probs, entropies, a loss over them and its
+    gradients on the trained adapter must be those of one forward per whole row, within float rounding.
+    Prompts and responses of different lengths make the positions and both paddings matter; P-tuning v2
+    never shares (its prefix is its cache) and must still give its own numbers."""
+    from stages.io.sections import needs_4bit
+    from stages.model import sequences
+    from stages.model.adapters import attach_adapter
+    from stages.model.prompt_sharing import PromptGroups
+
+    cfg = load_config(None, [f"adapter.kind={kind}", "backbone.device=cpu"])
+    backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind))
+    torch.manual_seed(0)
+    model = attach_adapter(backbone.model, cfg.adapter, "policy")
+    with torch.no_grad():  # a trained adapter, not the identity it starts as
+        for name, param in model.named_parameters():
+            if param.requires_grad and "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.eval()
+    tokenization = Tokenization.of(backbone.tokenizer)
+    prompts = ["3+4=", "112+19=", "3+4=", "1+1=", "112+19=", "3+4="]
+    batch = tokenization.batch(
+        prompts, ["7", "131;2+2=4", "8;", "2", "1", "7;"], "cpu", [True, False, True, True, False, True]
+    )
+    groups = PromptGroups.of(model, batch.input_ids, batch.attention_mask, batch.response_mask)
+    assert (groups is None) == (kind == "ptuning_v2")
+    assert groups is None or len(groups.prefix_ids) == 3
+    weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def scored() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        logprobs, entropy = sequences.token_logprobs_and_entropy(model, batch, temperature=0.7)
+        loss = (logprobs * weights).sum()
+        return logprobs, entropy, list(torch.autograd.grad(loss, trained))
+
+    shared = scored()
+    monkeypatch.setattr(PromptGroups, "of", staticmethod(lambda *args: None))
+    whole = scored()
+    torch.testing.assert_close(shared[0], whole[0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(shared[1], whole[1], rtol=0, atol=1e-4)
+    assert (shared[0][batch.response_mask == 0] == 0).all()
+    for grad, expected in zip(shared[2], whole[2], strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-5)

@@ -30,6 +30,7 @@ from transformers import GenerationConfig
 
 from stages.io.progress import progress
 from stages.model.placement import model_device
+from stages.model.prompt_sharing import shared_prompt_cache
 from stages.model.sequences import Response
 
 if TYPE_CHECKING:
@@ -76,9 +77,11 @@ def generate(
             input_ids, attention_mask = left_padded(chunk, tokenization.pad_id, device)
             sampler = GumbelSampler(temperature, seed, keys[start : start + batch_size], device)
             with torch.no_grad(), _model_defaults_off(model):
+                cache = None if synced else shared_prompt_cache(model, input_ids, attention_mask)
                 out = model.generate(  # greedy over ``sampler``'s perturbed scores = sampling at ``temperature``
                     input_ids=input_ids,
                     attention_mask=attention_mask,
+                    past_key_values=cache,
                     logits_processor=[sampler],
                     max_new_tokens=max_new_tokens,
                     do_sample=False,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.model.prompt_sharing import PromptGroups
+
 
 @dataclass(frozen=True)
 class Response:
@@ -64,8 +66,10 @@ def sampled_batch(
 
 
 def token_logprobs(model: torch.nn.Module, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
-    """log p(token_t | tokens_<t) at every position, 0 at position 0 and off the response: (B, T)."""
-    return token_logprobs_and_entropy(model, batch, temperature)[0]
+    """log p(token_t | tokens_<t) at every position, 0 at position 0 and off the response: (B, T). No
+    entropy: the (B, T, V) tensors it takes are the largest of a step, and GRPO, RRHF and the reference's
+    scoring never read it."""
+    return _response_forward(model, batch, temperature, with_hidden=False, with_entropy=False)[0]
 
 
 def token_logprobs_and_entropy(
@@ -80,7 +84,8 @@ def token_logprobs_and_entropy(
     Only the positions that can predict a response token get logits (``logits_to_keep``), and the
     entropy is computed without gradients: the (B, T, V) tensors are the largest in a PPO step.
     """
-    logprobs, entropy, _ = _response_forward(model, batch, temperature, with_hidden=False)
+    logprobs, entropy, _ = _response_forward(model, batch, temperature, with_hidden=False, with_entropy=True)
+    assert entropy is not None
     return logprobs, entropy
 
 
@@ -92,29 +97,58 @@ def token_logprobs_entropy_and_values(
     as the two separate calls. The values read the hidden states detached: the value loss trains the head
     alone, never the policy adapter (letting it through, as LLaMA-Factory does, took the default chain's
     PPO task_score from the SFT's 0.75 down to 0.28; detached it reached 0.94, separate 0.97)."""
-    logprobs, entropy, hidden = _response_forward(model, batch, temperature, with_hidden=True)
+    logprobs, entropy, hidden = _response_forward(model, batch, temperature, with_hidden=True, with_entropy=True)
+    assert entropy is not None and hidden is not None
     return logprobs, entropy, _values(head, hidden.detach(), batch)
 
 
 def _response_forward(
-    model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_hidden: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    model: torch.nn.Module, batch: SequenceBatch, temperature: float, with_hidden: bool, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The log-probs of the response tokens (B, T), their entropies (B, T; None without ``with_entropy``) and
+    the final hidden states (``with_hidden``).
+
+    The log-prob of token t is ``logit_t - logsumexp(logits)``, the "selective log-softmax" of TRL's
+    ``selective_log_softmax``: the same numbers as gathering from ``log_softmax`` (within float rounding, and
+    the same gradient, one-hot minus softmax), without keeping a (B, T, V) log-softmax for the backward
+    pass; the logits are neither copied (fp32) nor divided at temperature 1."""
     width = batch.input_ids.shape[1]
-    first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
-    keep = width - max(first - 1, 0)  # logits at positions first-1 .. T-1
-    with _capture_final_hidden(model) if with_hidden else contextlib.nullcontext([]) as captured:
-        out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            logits_to_keep=keep,
-            output_hidden_states=with_hidden and _final_norm(model) is None,
-        )
-    hidden = (captured[-1] if captured else out.hidden_states[-1]) if with_hidden else None
-    logprobs = torch.log_softmax(out.logits[:, :-1].float() / temperature, dim=-1)  # (B, keep-1, V): last keep-1 tokens
-    picked = logprobs.gather(-1, batch.input_ids[:, width - keep + 1 :, None]).squeeze(-1)  # (B, keep-1)
-    with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, keep-1), logged only
-    return _align(picked, batch), _align(entropy, batch), hidden
+    groups = None if with_hidden else PromptGroups.of(model, batch.input_ids, batch.attention_mask, batch.response_mask)
+    hidden = None
+    if groups is not None:  # a prompt shared by several rows is computed once (stages.model.prompt_sharing)
+        logits = groups.tail_logits(model)[:, :-1]  # (B, C-1, V): column j predicts response token j
+        targets = groups.tail_ids[:, 1:, None]
+
+        def place(values: torch.Tensor) -> torch.Tensor:
+            return groups.place(values, width) * batch.response_mask
+
+    else:
+        first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
+        keep = width - max(first - 1, 0)  # logits at positions first-1 .. T-1
+        with _capture_final_hidden(model) if with_hidden else contextlib.nullcontext([]) as captured:
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                logits_to_keep=keep,
+                output_hidden_states=with_hidden and _final_norm(model) is None,
+            )
+        hidden = (captured[-1] if captured else out.hidden_states[-1]) if with_hidden else None
+        logits = out.logits[:, :-1]  # (B, keep-1, V): predicting the last keep-1 tokens
+        targets = batch.input_ids[:, width - keep + 1 :, None]
+
+        def place(values: torch.Tensor) -> torch.Tensor:
+            return _align(values, batch)
+
+    logits = logits.float()  # no copy in fp32
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # logged only
+            logprobs = torch.log_softmax(logits, dim=-1)
+            entropy = place(-(logprobs.exp() * logprobs).sum(-1))
+    return place(picked), entropy, hidden
 
 
 def token_values(model: torch.nn.Module, head: torch.nn.Linear, batch: SequenceBatch) -> torch.Tensor:
