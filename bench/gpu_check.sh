@@ -7,12 +7,13 @@
 #   5. the chain [sft, reward, rrhf, ppo, dpo, grpo] at Qwen2.5-0.5B's shape (random weights, the real Qwen2.5
 #      tokenizer and chat template), bf16 on CUDA: seconds and peak GPU memory per stage, generation tokens/s
 #      (bench/shape_chain.py; through the CLI where Prefect is installed, else the stage processes in order;
-#      QWEN_TOKENIZER: a qwen2.5-instruct folder of tests/families.py, where that cannot be built);
+#      CHAIN_LAUNCHER=processes: those even where Prefect is; QWEN_TOKENIZER: a qwen2.5-instruct folder of
+#      tests/families.py, where that cannot be built);
 #   6. our GRPO against TRL 1.16's GRPOTrainer at that shape (bench/grpo_vs_trl.py --sizes 0.5b).
 # Usage: [STEPS="4 3 1"] [TRL_PYTHON=...] [QWEN_TOKENIZER=...] bench/gpu_check.sh [PYTHON]
 #        (PYTHON default: .venv/bin/python, else python3). Steps run in the order above.
 #        DRY_RUN=1 bench/gpu_check.sh: steps 5 and 6 on the CPU at a tiny shape (float32), no CUDA needed:
-#        the script's own check, about 5 minutes on 2 cores.
+#        the script's own check, about 3 minutes on 2 cores.
 # Every chosen step runs even when an earlier one fails; the exit status says whether all passed.
 # Logs go to $OUT/gpu_check, or /tmp/gpu_check (step 5's figures also as step5.json).
 #
@@ -74,7 +75,7 @@ step 4 "PPO: ours vs TRL 1.11's PPOTrainer, on the GPU" \
   "$PY" bench/ppo_vs_trl.py --device cuda --updates 5 ${TRL_PYTHON:+--trl-python "$TRL_PYTHON"}
 step 5 "the chain at the $SHAPE shape on $DEVICE: seconds, peak memory, generation tokens/s" \
   "$PY" bench/shape_chain.py --shape "$SHAPE" --device "$DEVICE" --json "$LOGS/step5.json" \
-  ${QWEN_TOKENIZER:+--tokenizer "$QWEN_TOKENIZER"}
+  --launcher "${CHAIN_LAUNCHER:-auto}" ${QWEN_TOKENIZER:+--tokenizer "$QWEN_TOKENIZER"}
 step 6 "GRPO: ours vs TRL 1.16's GRPOTrainer at $GRPO_SIZE on $DEVICE" \
   "$PY" bench/grpo_vs_trl.py --device "$DEVICE" --sizes "$GRPO_SIZE" --steps 2 --repeats 1
 

@@ -40,8 +40,9 @@ from stages.training.entry import PEAKS_ENV  # noqa: E402  (torch-free)
 CHAT = REPO / "configs" / "chat.yaml"
 STAGES = "[sft,reward,rrhf,ppo,dpo,grpo]"
 COMMON = [f"run.stages={STAGES}", "tracking.backend=none", "sft.max_length=96"]
-# Few steps, the stages' own batch sizes where they are cheap. 0.5b: about 4 minutes on an H100, most of it
-# the six stage processes' start and load; tiny: the dry run's sizes (tests/conftest.py's TINY, 2-core CPU).
+# Few steps, the stages' own batch sizes where they are cheap. 0.5b: the chain in about 3.5 minutes on an H100
+# (an estimate: most of it the six stage processes' start and load); tiny: the dry run's, as tests/conftest.py's
+# TINY (the chain in about 2 minutes on 2 CPU cores).
 SETTINGS = {
     "0.5b": [
         *("sft.max_steps=20", "sft.logging_steps=10", "sft.checkpoint_every=20"),
@@ -86,20 +87,20 @@ def work_env(work: Path) -> dict[str, str]:
 
 
 def run_chain(items: list[str], work: Path, launcher: str) -> dict[str, float]:
-    """Run the chain into ``work/runs/shape``; return each stage process's wall seconds."""
-    runs = work / "runs"
-    if launcher == "cli":
-        command = [sys.executable, "-m", "flows.cli", "run", "--config", str(CHAT), *sets(items)]
-        env = {**os.environ, **work_env(work)}
-        subprocess.run([*command, "--run-id", "shape", "--runs-dir", str(runs)], env=env, check=True)
-        status = json.loads((runs / "shape" / "status.json").read_text())
-        return {stage: entry["seconds"] for stage, entry in status.items()}
+    """Run the chain into ``work/runs/shape``; return each stage process's wall seconds, in the chain's order."""
     from flows.launch import launch_env  # torch-free, Prefect-free: the flow's environment for a stage
     from stages.io.config import load_config
     from stages.io.progress import PROGRESS_ENV
     from stages.io.provenance import stage_inputs
 
     cfg = load_config(CHAT, items)
+    runs = work / "runs"
+    if launcher == "cli":
+        command = [sys.executable, "-m", "flows.cli", "run", "--config", str(CHAT), *sets(items)]
+        env = {**os.environ, **work_env(work)}
+        subprocess.run([*command, "--run-id", "shape", "--runs-dir", str(runs)], env=env, check=True)
+        status = json.loads((runs / "shape" / "status.json").read_text())
+        return {stage: status[stage]["seconds"] for stage in cfg.run.stages}
     seconds = {}
     for stage in cfg.run.stages:
         out = runs / "shape" / stage
@@ -131,6 +132,9 @@ def generation_workloads(cfg: Any) -> list[tuple[str, int, int, int]]:
 
 def time_generation(items: list[str], sft: Path) -> list[dict[str, Any]]:
     """Tokens/s of ``generate`` with the SFT adapter active, per workload (in this process: run it in a child)."""
+    from stages.io.noise import silence_known_noise
+
+    silence_known_noise(quantized=False)  # before PEFT loads bitsandbytes, as a stage process of this LoRA chain
     import torch
 
     from stages.io.config import load_config
@@ -143,7 +147,7 @@ def time_generation(items: list[str], sft: Path) -> list[dict[str, Any]]:
     backbone, tokenization = stage_backbone(cfg)
     model = load_adapter(backbone.model, sft, "policy", backbone.fingerprint)
     model.set_adapter("policy")
-    prompts = [tokenization.prompt_ids(p) for p in load_rollout_prompts(cfg.data, cfg.task, tokenization)]
+    prompts = [tokenization.prompt_ids(p) for p in load_rollout_prompts(cfg.data, cfg.task)]  # PPO's and RRHF's
 
     def sample(rows: int, batch: int, tokens: int) -> tuple[int, float]:
         ids = (prompts * math.ceil(rows / len(prompts)))[:rows]
