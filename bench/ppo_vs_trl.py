@@ -36,6 +36,10 @@ SIZES = {  # name: (layers, hidden, intermediate, vocab) -> about 1.6M, 31M and 
     "31m": (8, 512, 1376, 11264),
     "105m": (12, 768, 2048, 26000),
 }
+# Named with --sizes only, never a default (a GPU's size: bench/gpu_check.sh step 6). Qwen2.5-0.5B's shape as a
+# Llama: 14 query heads of 64 and 2 KV heads, no q/k/v biases (27,648 parameters fewer than its 494,032,768).
+GPU_SIZES = {"0.5b": (24, 896, 4864, 151936)}
+KV_HEADS = {"0.5b": 2}  # the other sizes: one KV head per query head
 BATCH, PROMPT, RESPONSE, RANK, LEARNING_RATE, KL_COEF = 8, 16, 32, 16, 1e-5, 0.05
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3; prompts draw from the other ids
 TRL_VENV = Path(__file__).resolve().parent / ".venv-trl"
@@ -48,7 +52,7 @@ def build_assets(folder: Path, size: str, prompts: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    layers, hidden, inter, vocab = SIZES[size]
+    layers, hidden, inter, vocab = {**SIZES, **GPU_SIZES}[size]
     words = {token: i for i, token in enumerate(SPECIALS + [f"w{i}" for i in range(len(SPECIALS), vocab)])}
     tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -62,7 +66,7 @@ def build_assets(folder: Path, size: str, prompts: int) -> None:
         intermediate_size=inter,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
+        num_key_value_heads=KV_HEADS.get(size, hidden // 64),
         tie_word_embeddings=True,
         max_position_embeddings=PROMPT + RESPONSE,
         pad_token_id=0,

@@ -70,6 +70,7 @@ TIERS = {
         "test_updater",
         "test_formats",
         "test_early_stopping",
+        "test_shape_chain",
     ),
     "stage": (
         "test_adapters",

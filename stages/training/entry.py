@@ -10,12 +10,17 @@ imported), and the library lines known to be harmless for this config are filter
 before the libraries print). Then it imports the stage's recipe (``StageSpec.module``; its top imports
 torch) and runs the recipe's ``train_<stage>(cfg, ctx)`` through ``stages.training.runner``. Torch-free
 itself: only argparse, the config and the registry load before the setup.
+
+Where ``$RLHF_STAGE_PEAKS`` names a file, the process appends its peak memory to it when the stage has
+published (``record_peaks``): what ``bench/shape_chain.py`` reports per stage. Nothing in a run reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import signal
 import sys
 from importlib import import_module
@@ -26,6 +31,9 @@ from stages.io.lifetime import die_with_parent
 from stages.io.noise import silence_known_noise
 from stages.io.sections import needs_4bit
 from stages.registry import spec
+
+# A JSON-lines file each stage process appends its peak memory to (``record_peaks``); unset: nothing is written.
+PEAKS_ENV = "RLHF_STAGE_PEAKS"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.training.runner import stage_main  # torch: after the setup above
 
     stage_main(stage, getattr(recipe, f"train_{stage}"), cfg, args.out, inputs)
+    record_peaks(stage, os.environ.get(PEAKS_ENV))
 
 
 def parse_args(stage: str, argv: list[str]) -> argparse.Namespace:
@@ -76,6 +85,26 @@ def _parse_input(item: str) -> tuple[str, Path]:
     if not sep:
         raise ConfigError(f"--input {item!r}: expected STAGE=FOLDER")
     return name, Path(folder)
+
+
+def record_peaks(stage: str, path: str | None) -> None:
+    """Append this process's peak memory, in MiB, to ``path`` as one JSON line (nothing when ``path`` is
+    empty): its peak RSS and, where it computed on a GPU, torch's peak allocated and reserved GPU memory
+    (``torch.cuda.max_memory_allocated``: the tensors' bytes; ``max_memory_reserved``: the caching allocator's,
+    nearer what ``nvidia-smi`` shows). Reads torch only if the stage loaded it."""
+    if not path:
+        return
+    row: dict[str, str | int | float] = {
+        "stage": stage,
+        "rank": int(os.environ.get("RANK", "0")),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        row["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        row["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    with open(path, "a") as peaks:  # one short line per process: ranks of a launch append whole lines
+        peaks.write(json.dumps(row) + "\n")
 
 
 def quiet_other_ranks() -> None:
