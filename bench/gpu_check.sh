@@ -9,15 +9,17 @@
 #      (bench/shape_chain.py; through the CLI where Prefect is installed, else the stage processes in order;
 #      CHAIN_LAUNCHER=processes: those even where Prefect is; QWEN_TOKENIZER: a qwen2.5-instruct folder of
 #      tests/families.py, where that cannot be built);
-#   6. our GRPO against TRL 1.16's GRPOTrainer at that shape (bench/grpo_vs_trl.py --sizes 0.5b).
+#   6. our GRPO against TRL 1.16's GRPOTrainer at that shape (bench/grpo_vs_trl.py --sizes 0.5b);
+#   7. every stage's matmul FLOPs per second against the GPU's measured bf16 peak, on a random Llama with
+#      Qwen2.5-0.5B's decoder (24 x 896, MLP 4864) and the built-in tokenizer (bench/utilisation.py).
 # Usage: [STEPS="4 3 1"] [TRL_PYTHON=...] [QWEN_TOKENIZER=...] bench/gpu_check.sh [PYTHON]
 #        (PYTHON default: .venv/bin/python, else python3). Steps run in the order above.
-#        DRY_RUN=1 bench/gpu_check.sh: steps 5 and 6 on the CPU at a tiny shape (float32), no CUDA needed:
-#        the script's own check, about 3 minutes on 2 cores.
+#        DRY_RUN=1 bench/gpu_check.sh: steps 5, 6 and 7 on the CPU at a tiny shape (float32), no CUDA needed:
+#        the script's own check, about 4 minutes on 2 cores.
 # Every chosen step runs even when an earlier one fails; the exit status says whether all passed.
 # Logs go to $OUT/gpu_check, or /tmp/gpu_check (step 5's figures also as step5.json).
 #
-# A lent device with 15 minutes, machine start (2-3 min) included: STEPS="5 6" first (about 4.5 + 2 min),
+# A lent device with 15 minutes, machine start (2-3 min) included: STEPS="5 6 7" first (about 4.5 + 2 + 1.5 min),
 # then STEPS=1 (about 1.5 min) if the time is left; 2 and 3 are a few minutes each, 4 needs a network to make
 # TRL 1.11's virtual environment. Estimates from the H200 run of 2026-12-01 (step 1: 69 s); see bench/README.md.
 set -uo pipefail
@@ -29,10 +31,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 RLHF_HOME=$
 
 DRY_RUN=${DRY_RUN:-}
 if [ -n "$DRY_RUN" ]; then
-  DEVICE=cpu SHAPE=tiny GRPO_SIZE=1.6m DEFAULT_STEPS="5 6"
+  DEVICE=cpu SHAPE=tiny GRPO_SIZE=1.6m DEFAULT_STEPS="5 6 7"
+  UTILISATION_SHAPE="--layers 2 --hidden 128 --intermediate 384 --heads 4"
   "$PY" -c 'from stages.io.devices import cpu_model; import torch; print("dry run on the CPU:", cpu_model(), "| torch", torch.__version__)'
 else
-  DEVICE=cuda SHAPE=0.5b GRPO_SIZE=0.5b DEFAULT_STEPS="1 2 3 4 5 6"
+  DEVICE=cuda SHAPE=0.5b GRPO_SIZE=0.5b DEFAULT_STEPS="1 2 3 4 5 6 7"
+  UTILISATION_SHAPE="--layers 24 --hidden 896 --intermediate 4864 --heads 14"  # Qwen2.5-0.5B's decoder
   "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device is visible: nothing to check")' || exit 1
   "$PY" -c 'import torch; print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)'
 fi
@@ -78,6 +82,8 @@ step 5 "the chain at the $SHAPE shape on $DEVICE: seconds, peak memory, generati
   --launcher "${CHAIN_LAUNCHER:-auto}" ${QWEN_TOKENIZER:+--tokenizer "$QWEN_TOKENIZER"}
 step 6 "GRPO: ours vs TRL 1.16's GRPOTrainer at $GRPO_SIZE on $DEVICE" \
   "$PY" bench/grpo_vs_trl.py --device "$DEVICE" --sizes "$GRPO_SIZE" --steps 2 --repeats 1
+step 7 "every stage's matmul FLOPs against the measured peak, on $DEVICE" \
+  "$PY" bench/utilisation.py --device "$DEVICE" $UTILISATION_SHAPE
 
 [ ${#failed[@]} -eq 0 ] || { echo "failed steps: ${failed[*]}"; exit 1; }
 echo "all chosen steps passed"
