@@ -41,6 +41,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.grpo_vs_trl import Phases  # noqa: E402
 from bench.random_backbone import parameter_count, random_llama  # noqa: E402
 
 # A few steps of each stage; the eval section's 16 prompts make SFT's and the RL stages' task_score
@@ -66,41 +67,20 @@ INPUTS = {
 
 class MatmulCounter:
     """FLOPs of every ``nn.Linear`` call in the process, and the wall-clock window they fall in, split into
-    generation and the rest (module docstring)."""
+    generation and the rest (module docstring). Every stage ends with an evaluation forward, so the window
+    holds its last backward and optimizer step."""
 
     def __init__(self, device: str) -> None:
-        self.device = device
+        self.phases = Phases(device)  # time inside ``generate``, as grpo_vs_trl measures it
         self.flops = {"generation": 0.0, "other": 0.0}
-        self.seconds = {"generation": 0.0}
         self.first: float | None = None
         self.last = 0.0
-        self.generating = False
 
     def install(self) -> None:
         import torch
-        from transformers.generation.utils import GenerationMixin
 
         torch.nn.modules.module.register_module_forward_hook(self._count)
-        generate = GenerationMixin.generate
-
-        def timed_generate(model: Any, *args: Any, **kwargs: Any) -> Any:
-            self._sync()
-            started, self.generating = time.perf_counter(), True
-            try:
-                return generate(model, *args, **kwargs)
-            finally:
-                self._sync()
-                self.generating = False
-                self.seconds["generation"] += time.perf_counter() - started
-                self.last = time.perf_counter()
-
-        GenerationMixin.generate = timed_generate  # type: ignore[method-assign]
-
-    def _sync(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
+        self.phases.install()
 
     def _count(self, module: Any, inputs: tuple[Any, ...], output: Any) -> None:
         import torch
@@ -112,17 +92,16 @@ class MatmulCounter:
         flops = forward
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             flops += forward * (int(x.requires_grad) + int(module.weight.requires_grad))
-        self.flops["generation" if self.generating else "other"] += flops
+        self.flops["generation" if self.phases.generating else "other"] += flops
         now = time.perf_counter()
         self.first = now if self.first is None else self.first
         self.last = now
 
     def summary(self) -> dict[str, float]:
-        self._sync()
-        window = self.last - (self.first or self.last)
+        self.phases.sync()
         return {
-            "seconds": window,
-            "generation_s": self.seconds["generation"],
+            "seconds": self.last - (self.first or self.last),
+            "generation_s": self.phases.generation,
             "generation_flops": self.flops["generation"],
             "other_flops": self.flops["other"],
         }
@@ -219,7 +198,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=2048)
     parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--stages", default=",".join(STAGE_SETTINGS))
+    parser.add_argument(
+        "--stages", default=",".join(STAGE_SETTINGS), help="in order; a stage needs those it reads (INPUTS) before it"
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
