@@ -91,6 +91,7 @@ SHARED_CODE = {
     "model/builtin_backbone.py",
     "model/heads.py",
     "model/placement.py",
+    "model/prompt_sharing.py",
     "model/sequences.py",
     "model/tokenization.py",
     "training/__init__.py",
