@@ -294,6 +294,8 @@ def test_a_prompt_shared_by_rows_is_scored_once_with_the_same_numbers_and_gradie
     groups = PromptGroups.of(model, batch.input_ids, batch.attention_mask, batch.response_mask)
     assert (groups is None) == (kind == "ptuning_v2")
     assert groups is None or len(groups.prefix_ids) == 3
+    # any other layout (here: padding on the left) is scored one forward per row
+    assert PromptGroups.of(model, batch.input_ids, batch.attention_mask.flip(1), batch.response_mask) is None
     weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
     trained = [p for p in model.parameters() if p.requires_grad]
 

@@ -66,7 +66,12 @@ class PromptGroups:
         lengths = attention_mask.sum(1)  # (B,)
         responses = response_mask.sum(1)
         starts = lengths - responses
-        if bool((responses == 0).any() or (starts < 2).any()):
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        laid_out = bool(
+            (attention_mask.bool() == (columns < lengths[:, None])).all()
+            and (response_mask.bool() == ((columns >= starts[:, None]) & (columns < lengths[:, None]))).all()
+        )  # each row: its prompt, its response, then padding
+        if not laid_out or bool((responses == 0).any() or (starts < 2).any()):
             return None
         prompts = [tuple(row[:start]) for row, start in zip(input_ids.tolist(), starts.tolist(), strict=True)]
         distinct = list(dict.fromkeys(prompts))
