@@ -246,7 +246,13 @@ def test_a_prompt_shared_by_a_group_is_prefilled_once_with_the_same_numbers(
             forward = token_logprobs(model, batch, temperature=0.7)[batch.response_mask.bool()].float()
         return (torch.tensor([lp for s in samples for lp in s.token_logprobs]) - forward).abs().max().item()
 
+    caches = []
+    shared_prompt_cache = generation.shared_prompt_cache
+    monkeypatch.setattr(
+        generation, "shared_prompt_cache", lambda *args: caches.append(shared_prompt_cache(*args)) or caches[-1]
+    )
     shared = sample()
+    assert (caches[0] is None) == (kind == "ptuning_v2")  # generate continued from the shared cache
     monkeypatch.setattr(generation, "shared_prompt_cache", lambda *args: None)
     unshared = sample()
     assert len({s.token_ids for s in shared[:4]}) > 1  # distinct streams within a group
@@ -296,6 +302,11 @@ def test_a_prompt_shared_by_rows_is_scored_once_with_the_same_numbers_and_gradie
     assert groups is None or len(groups.prefix_ids) == 3
     # any other layout (here: padding on the left) is scored one forward per row
     assert PromptGroups.of(model, batch.input_ids, batch.attention_mask.flip(1), batch.response_mask) is None
+    model.train()  # with a dropout active, G passes draw G masks: nothing is shared
+    model.add_module("probe_dropout", torch.nn.Dropout(0.1))
+    assert PromptGroups.of(model, batch.input_ids, batch.attention_mask, batch.response_mask) is None
+    del model.probe_dropout
+    model.eval()
     weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(1))
     trained = [p for p in model.parameters() if p.requires_grad]
 
@@ -304,7 +315,11 @@ def test_a_prompt_shared_by_rows_is_scored_once_with_the_same_numbers_and_gradie
         loss = (logprobs * weights).sum()
         return logprobs, entropy, list(torch.autograd.grad(loss, trained))
 
+    tails = []
+    tail_logits = PromptGroups.tail_logits
+    monkeypatch.setattr(PromptGroups, "tail_logits", lambda self, m: tails.append(1) or tail_logits(self, m))
     shared = scored()
+    assert len(tails) == (kind != "ptuning_v2")  # token_logprobs took the shared path
     monkeypatch.setattr(PromptGroups, "of", staticmethod(lambda *args: None))
     whole = scored()
     torch.testing.assert_close(shared[0], whole[0], rtol=0, atol=2e-5)

@@ -90,6 +90,7 @@ def generate(
                     eos_token_id=list(tokenization.stop_ids),
                     synced_gpus=synced,
                 )
+            del cache  # the chunk's whole KV cache: not alive beside the next chunk's
             new_tokens = out[:, input_ids.shape[1] :]
             logprobs = sampler.of(new_tokens).cpu()
             responses.extend(_responses(chunk, new_tokens.cpu(), logprobs, tokenization))

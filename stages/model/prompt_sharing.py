@@ -10,7 +10,10 @@ into the one prompt pass, summed over the rows that share it (``tests/test_seque
 
 Nothing is shared where the active adapter keeps a cache of its own (prompt learning: P-tuning v2's
 prefix is its past key values), where gradient checkpointing is on (transformers drops the cache in
-training then), or where every prompt is distinct or one token long.
+training then), where a dropout is active (G passes draw G masks, one pass would draw one), where every
+prompt is distinct, or (scoring) where a row is not its prompt, then its response, then padding, has no
+response or a one-token prompt. RoPE variants that rescale by the longest position in a pass (dynamic
+NTK, LongRoPE) see the prompt and the tail as two passes, as in transformers' own ``generate``.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ class PromptGroups:
         out = model(
             input_ids=self.tail_ids,
             attention_mask=torch.cat([self.prefix_mask[self.rows], self.tail_mask], dim=1),
-            position_ids=self.starts[:, None] - 1 + columns,  # the last prompt token sits at its prompt length - 1
+            # the last prompt token sits at its prompt length - 1; padding at 0, never past the batch's width
+            position_ids=(self.starts[:, None] - 1 + columns).masked_fill(self.tail_mask == 0, 0),
             past_key_values=cache,
             use_cache=True,
         )
@@ -137,4 +141,9 @@ def _can_share(model: torch.nn.Module) -> bool:
     if getattr(config, "is_prompt_learning", False):
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return not getattr(base, "is_activation_checkpointing", False)
+    if getattr(base, "is_activation_checkpointing", False):
+        return False
+    # with dropout on, G passes over a prompt draw G masks; one shared pass would draw one for all G rows
+    return not (
+        model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+    )
