@@ -269,9 +269,19 @@ def test_a_prompt_shared_by_a_group_is_prefilled_once_with_the_same_numbers(
         assert error_against_a_forward(shared) <= 1.5 * error_against_a_forward(unshared) + 1e-3
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "qlora", "ptuning_v2"])
+@pytest.mark.parametrize(
+    ("kind", "dtype"),
+    [
+        ("lora", "float32"),
+        ("dora", "float32"),
+        ("adalora", "float32"),
+        ("qlora", "float32"),
+        ("ptuning_v2", "float32"),
+        ("lora", "bfloat16"),
+    ],
+)
 def test_a_prompt_shared_by_rows_is_scored_once_with_the_same_numbers_and_gradients(
-    kind: str, monkeypatch: pytest.MonkeyPatch
+    kind: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 33's lever on the scoring side: rows that repeat a prompt (GRPO's groups, RRHF's candidates)
     read it from one shared pass (``PromptGroups``). Log-probs, entropies, a loss over them and its
@@ -283,13 +293,14 @@ def test_a_prompt_shared_by_rows_is_scored_once_with_the_same_numbers_and_gradie
     from stages.model.adapters import attach_adapter
     from stages.model.prompt_sharing import PromptGroups
 
-    cfg = load_config(None, [f"adapter.kind={kind}", "backbone.device=cpu"])
+    sets = [f"adapter.kind={kind}", f"backbone.dtype={dtype}", "backbone.device=cpu"]
+    cfg = load_config(None, sets + ["ppo.value_model=shared"] * (kind == "adalora"))  # AdaLoRA: one adapter
     backbone = load_backbone(cfg.backbone, quantize_4bit=needs_4bit(kind))
     torch.manual_seed(0)
-    model = attach_adapter(backbone.model, cfg.adapter, "policy")
+    model = attach_adapter(backbone.model, cfg.adapter, "policy", total_steps=10)
     with torch.no_grad():  # a trained adapter, not the identity it starts as
         for name, param in model.named_parameters():
-            if param.requires_grad and "lora_B" in name:
+            if param.requires_grad and ("lora_B" in name or "lora_E" in name):  # AdaLoRA: B E A
                 param.normal_(0, 0.05)
     model.eval()
     tokenization = Tokenization.of(backbone.tokenizer)
@@ -322,8 +333,14 @@ def test_a_prompt_shared_by_rows_is_scored_once_with_the_same_numbers_and_gradie
     assert len(tails) == (kind != "ptuning_v2")  # token_logprobs took the shared path
     monkeypatch.setattr(PromptGroups, "of", staticmethod(lambda *args: None))
     whole = scored()
-    torch.testing.assert_close(shared[0], whole[0], rtol=0, atol=2e-5)
-    torch.testing.assert_close(shared[1], whole[1], rtol=0, atol=1e-4)
     assert (shared[0][batch.response_mask == 0] == 0).all()
-    for grad, expected in zip(shared[2], whole[2], strict=True):
-        torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-5)
+    if dtype == "float32":
+        torch.testing.assert_close(shared[0], whole[0], rtol=0, atol=2e-5)
+        torch.testing.assert_close(shared[1], whole[1], rtol=0, atol=1e-4)
+        for grad, expected in zip(shared[2], whole[2], strict=True):
+            torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-5)
+    else:  # bf16 rounds the prompt's keys in another batch: seen 0.043 on a log-prob, 5% on a gradient
+        torch.testing.assert_close(shared[0], whole[0], rtol=0, atol=6e-2)  # test_generation_log_probs_...'s bound
+        torch.testing.assert_close(shared[1], whole[1], rtol=0, atol=2e-2)
+        for grad, expected in zip(shared[2], whole[2], strict=True):
+            assert (grad - expected).abs().max() <= 0.1 * expected.abs().max()

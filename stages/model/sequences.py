@@ -120,7 +120,7 @@ def _response_forward(
         targets = groups.tail_ids[:, 1:, None]
 
         def place(values: torch.Tensor) -> torch.Tensor:
-            return groups.place(values, width) * batch.response_mask
+            return groups.place(values, width)  # zero off the response (PromptGroups.of checks the layout)
 
     else:
         first = int(batch.response_mask.float().argmax(dim=1).min()) if batch.response_mask.any() else width - 1
